@@ -1,0 +1,116 @@
+"""``Cache`` subclasses for the HF path.
+
+``SparseCache`` holds one :class:`SlotLayer` per decoder layer and a method object (from
+``sparse_hf.methods``) that decides what to keep. ``EvictionCache`` serves the eviction family
+(StreamingLLM, SnapKV, PyramidKV): full attention during the prompt, then each layer keeps the slots
+its method selects, right after that layer's attention, so only one layer at a time is ever full size.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..config import SparseConfig
+from ..methods import get_method
+from ..models import check_supported
+from .attention import masked_attention
+from .layer import SlotLayer
+
+
+class SparseCache(Cache):
+    """Base of every sparse-hf cache.
+
+    Args:
+        config: the model's ``PretrainedConfig`` (Llama, Qwen2 or Qwen3 family).
+        sparse_config: a :class:`SparseConfig`; or pass its knobs as keyword arguments.
+    """
+
+    method_name: ClassVar[str] = ""
+    layer_class: ClassVar[type] = SlotLayer
+
+    def __init__(self, config, sparse_config: SparseConfig | None = None, **knobs):
+        check_supported(config)
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        if sparse_config is not None and knobs:
+            raise ValueError("pass either sparse_config or keyword knobs, not both")
+        self.sparse_config = sparse_config if sparse_config is not None else SparseConfig.from_dict(knobs)
+        self.num_layers = text_config.num_hidden_layers
+        self.model_config = text_config
+        self.method = get_method(self.method_name)(self.sparse_config, self.num_layers)
+        super().__init__(layers=[self.make_layer(i) for i in range(self.num_layers)])
+        self.prefill_target: int | None = None   # logical length at which the prompt is complete
+        self.hooked = False                      # set by the attention pre-hook; checked in update
+
+    def make_layer(self, layer_idx: int):
+        return self.layer_class()
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.hooked:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the sparse-hf attention function. Use model.generate(...), which sets "
+                "it up, or call sparse_hf.prepare_model(model) once before calling the model directly.")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def set_reserve(self, tokens: int) -> None:
+        """Preallocate room for ``tokens`` more slots after the prompt (e.g. ``max_new_tokens``)."""
+        for layer in self.layers:
+            layer.reserve = max(0, int(tokens))
+
+    def prompt_complete(self, layer) -> bool:
+        return self.prefill_target is None or layer.seen >= self.prefill_target
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # Every layer reports the full logical length, so one mask serves layers of any physical size.
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}(method={self.method_name!r}, layers={self.num_layers})"
+
+
+def query_validity(attention_mask: torch.Tensor | None, q_len: int, seen: int, batch: int, device) -> torch.Tensor:
+    """``[B, q]`` bool: whether each query of this forward is a real token (padding queries see nothing of
+    their own column)."""
+    if attention_mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    rows = torch.arange(q_len, device=m.device)
+    return m[:, 0, rows, seen - q_len + rows].expand(batch, q_len)
+
+
+class EvictionCache(SparseCache):
+    """Physical eviction: StreamingLLM, SnapKV, PyramidKV."""
+
+    def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        layer = self.layers[module.layer_idx]
+        q_len = query.shape[2]
+        if not layer.compacted:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, **kwargs)
+        else:
+            out = masked_attention(query, key, value, layer.slot_mask(attention_mask, q_len), scaling)
+
+        window = self.method.query_window
+        if q_len > 1 and window:
+            qv = query_validity(attention_mask, q_len, layer.seen, query.shape[0], query.device)
+            layer.remember_queries(query, qv, window)
+        if q_len > 1 and self.prompt_complete(layer):
+            # Slot validity as seen by the last query: drops padding columns.
+            valid = layer.slot_mask(attention_mask[:, :, -1:] if attention_mask is not None else None, 1)[:, :, 0]
+            plan = self.method.prefill_keep(module.layer_idx, layer.keys, valid, layer.query_window,
+                                            layer.query_valid, scaling)
+            layer.query_window = layer.query_valid = None
+            layer.drop_invalid(valid)
+            if plan is not None:
+                layer.keep(*plan)
+        elif q_len == 1:
+            plan = self.method.decode_keep(module.layer_idx, layer.valid())
+            if plan is not None:
+                layer.keep(*plan)
+        return out, None

@@ -1,0 +1,122 @@
+"""Wiring into Transformers ``generate`` (5.17 up to the latest 5.x).
+
+1. Our method names are added to ``ALL_CACHE_IMPLEMENTATIONS`` so ``GenerationConfig`` validates them.
+2. ``GenerationMixin._prepare_cache_for_generation`` is wrapped: for our names it builds our cache from
+   ``cache_config`` instead of a ``DynamicCache``; for a user-passed sparse cache it prepares the model.
+3. ``GenerationMixin._prefill`` is wrapped to tell the cache where the prompt ends (chunked prefill
+   evicts once, after the last chunk) and how many tokens will follow (preallocation).
+4. ``prepare_model`` switches the model to the ``sparse_hf`` attention function and installs a forward
+   pre-hook on every attention module that hands our cache to that function.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from transformers.generation import configuration_utils as gen_config_utils
+from transformers.generation.utils import GenerationMixin
+
+from ..models import check_supported
+from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention
+from .cache import SparseCache
+
+CACHE_CLASSES: dict[str, type[SparseCache]] = {}
+_CACHE_KEYS = ("cache", "past_key_values")   # 5.24 name first, then 5.17
+
+
+def register_cache_class(name: str, cls: type[SparseCache]) -> None:
+    CACHE_CLASSES[name] = cls
+    if name not in gen_config_utils.ALL_CACHE_IMPLEMENTATIONS:
+        gen_config_utils.ALL_CACHE_IMPLEMENTATIONS = tuple(gen_config_utils.ALL_CACHE_IMPLEMENTATIONS) + (name,)
+
+
+def build_cache(name: str, model_config, cache_config=None) -> SparseCache:
+    """The cache for method ``name`` (unknown names raise ``ValueError`` listing the valid ones)."""
+    if name not in CACHE_CLASSES:
+        raise ValueError(f"unknown sparse-hf method {name!r}; valid methods are: {', '.join(sorted(CACHE_CLASSES))}")
+    cache_config = dict(cache_config or {})
+    return CACHE_CLASSES[name](model_config, **cache_config)
+
+
+def _attention_pre_hook(module, args, kwargs):
+    for key in _CACHE_KEYS:
+        cache = kwargs.get(key)
+        if isinstance(cache, SparseCache):
+            cache.hooked = True
+            kwargs[CACHE_KWARG] = cache
+            break
+    return args, kwargs
+
+
+def prepare_model(model) -> None:
+    """Make ``model`` run sparse-hf caches: check the architecture, select the ``sparse_hf`` attention
+    function (plain SDPA for other caches) and hook every attention module. Idempotent."""
+    check_supported(model.config)
+    register_attention()
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention"):
+            if not getattr(module, "_sparse_hf_hooked", False):
+                module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
+                module._sparse_hf_hooked = True
+
+
+def _find_cache(model_kwargs):
+    for key in _CACHE_KEYS:
+        if model_kwargs.get(key) is not None:
+            return key, model_kwargs[key]
+    return None, None
+
+
+def _wrap_prepare_cache(original):
+    @functools.wraps(original)
+    def wrapper(self, generation_config, model_kwargs, *args, **kwargs):
+        name = generation_config.cache_implementation
+        if name in CACHE_CLASSES:
+            _, user_cache = _find_cache(model_kwargs)
+            if user_cache is not None:
+                raise ValueError("pass either cache_implementation or a cache object (past_key_values=...), not both")
+            cache_config = generation_config.cache_config
+            generation_config.cache_implementation = None
+            try:
+                result = original(self, generation_config, model_kwargs, *args, **kwargs)
+            finally:
+                generation_config.cache_implementation = name
+            key, _ = _find_cache(model_kwargs)
+            if key is None:
+                raise ValueError(f"cache_implementation={name!r} needs use_cache=True")
+            model_kwargs[key] = build_cache(name, self.config, cache_config)
+            prepare_model(self)
+            return result
+        result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        _, cache = _find_cache(model_kwargs)
+        if isinstance(cache, SparseCache):
+            prepare_model(self)
+        return result
+
+    wrapper._sparse_hf_wrapped = True
+    return wrapper
+
+
+def _wrap_prefill(original):
+    @functools.wraps(original)
+    def wrapper(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        _, cache = _find_cache(model_kwargs)
+        if isinstance(cache, SparseCache):
+            mask = model_kwargs.get("attention_mask")
+            cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
+            cache.set_reserve(generation_config.max_new_tokens or 0)
+        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    wrapper._sparse_hf_wrapped = True
+    return wrapper
+
+
+def install() -> None:
+    """Patch ``generate`` (idempotent). Called on ``import sparse_hf``."""
+    register_attention()
+    if not getattr(GenerationMixin._prepare_cache_for_generation, "_sparse_hf_wrapped", False):
+        GenerationMixin._prepare_cache_for_generation = _wrap_prepare_cache(GenerationMixin._prepare_cache_for_generation)
+    if not getattr(GenerationMixin._prefill, "_sparse_hf_wrapped", False):
+        GenerationMixin._prefill = _wrap_prefill(GenerationMixin._prefill)

@@ -1,0 +1,180 @@
+"""A cache layer whose slots are a subset of the logical sequence.
+
+Each slot stores a post-RoPE key/value and the *logical column* it came from (its index in the
+full, padded sequence that Hugging Face builds masks for). Buffers are preallocated and grow in
+chunks, so a decode step writes one slot instead of concatenating the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    """Physical K/V slots plus their logical positions.
+
+    Attributes:
+        keys, values: ``[B, Hkv, n, D]`` views of the live slots (``n = num_slots``).
+        positions: ``[B, Hkv, n]`` long, logical column of each slot; ``-1`` marks an empty slot.
+        seen: logical length (tokens the layer has been given, padding columns included).
+        compacted: ``True`` once slots are no longer the identity ``0..seen-1``.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self._k = self._v = self._pos = None
+        self.num_slots = 0
+        self.seen = 0
+        self.compacted = False
+        self.reserve = 0           # extra slots to allocate on growth (e.g. max_new_tokens)
+        self.query_window = None   # [B, H, W, D] last prompt queries, for scoring methods
+        self.query_valid = None    # [B, W] bool
+
+    # -- storage ---------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    def _refresh_views(self) -> None:
+        n = self.num_slots
+        self.keys, self.values, self.positions = self._k[:, :, :n], self._v[:, :, :n], self._pos[:, :, :n]
+
+    def _allocate(self, batch, kv_heads, head_dim, v_dim, capacity):
+        k = torch.empty(batch, kv_heads, capacity, head_dim, dtype=self.dtype, device=self.device)
+        v = torch.empty(batch, kv_heads, capacity, v_dim, dtype=self.dtype, device=self.device)
+        pos = torch.full((batch, kv_heads, capacity), -1, dtype=torch.long, device=self.device)
+        return k, v, pos
+
+    def _ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        if needed <= self.capacity:
+            return
+        growth = max(self.reserve, 64, needed // 8)
+        B, Hkv, _, D = like_k.shape
+        k, v, pos = self._allocate(B, Hkv, D, like_v.shape[-1], needed + growth)
+        if self._k is not None and self.num_slots:
+            n = self.num_slots
+            k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n], self._pos[:, :, :n]
+        self._k, self._v, self._pos = k, v, pos
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, q, D]`` new keys/values at logical columns ``seen .. seen+q-1``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        n = self.num_slots
+        self._ensure_capacity(n + q, key_states, value_states)
+        self._k[:, :, n:n + q] = key_states
+        self._v[:, :, n:n + q] = value_states
+        cols = torch.arange(self.seen, self.seen + q, device=self.device)
+        self._pos[:, :, n:n + q] = cols
+        self.num_slots += q
+        self.seen += q
+        self._refresh_views()
+        return self.keys, self.values
+
+    def keep(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep only slots ``idx`` (``[B, Hkv, K]``); entries with ``ok == False`` become empty slots.
+
+        The old buffers are released, so the memory really shrinks to ``K + reserve`` slots.
+        """
+        B, Hkv, K = idx.shape
+        D, Dv = self.keys.shape[-1], self.values.shape[-1]
+        k, v, pos = self._allocate(B, Hkv, D, Dv, K + self.reserve)
+        k[:, :, :K] = self.keys.gather(2, idx.unsqueeze(-1).expand(B, Hkv, K, D))
+        v[:, :, :K] = self.values.gather(2, idx.unsqueeze(-1).expand(B, Hkv, K, Dv))
+        pos[:, :, :K] = torch.where(ok, self.positions.gather(2, idx), torch.full_like(idx, -1))
+        self._k, self._v, self._pos = k, v, pos
+        self.num_slots = K
+        self.compacted = True
+        self._refresh_views()
+
+    def drop_invalid(self, valid: torch.Tensor) -> None:
+        """Mark slots where ``valid`` (``[B, Hkv, n]``) is False (padding) as empty, without moving data."""
+        self._pos[:, :, :self.num_slots].masked_fill_(~valid, -1)
+
+    def valid(self) -> torch.Tensor:
+        """``[B, Hkv, n]`` bool: slots holding a token (padding columns still count; see ``slot_mask``)."""
+        return self.positions >= 0
+
+    # -- masks ---------------------------------------------------------------------------------------------
+    def slot_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
+        """The attention mask over the live slots, ``[B, Hkv, q, n]`` bool (True = attend).
+
+        ``attention_mask`` is the mask Hugging Face built for the full logical length (``[B, 1, q, seen]``,
+        bool or additive float) or ``None``; we pick the column of each slot and drop empty slots.
+        """
+        pos = self.positions
+        B, Hkv, n = pos.shape
+        safe = pos.clamp_min(0)
+        if attention_mask is None:
+            q_cols = torch.arange(self.seen - q_len, self.seen, device=pos.device).view(1, 1, q_len, 1)
+            allowed = safe.unsqueeze(2) <= q_cols
+        else:
+            m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            m = m.expand(B, Hkv, q_len, m.shape[-1])
+            allowed = m.gather(3, safe.unsqueeze(2).expand(B, Hkv, q_len, n))
+        return allowed & (pos >= 0).unsqueeze(2)
+
+    def remember_queries(self, queries: torch.Tensor, query_valid: torch.Tensor, window: int) -> None:
+        """Keep the last ``window`` queries (``[B, H, q, D]``) across prefill chunks for scoring."""
+        if self.query_window is not None and queries.shape[2] < window:
+            queries = torch.cat([self.query_window, queries], dim=2)
+            query_valid = torch.cat([self.query_valid, query_valid], dim=1)
+        self.query_window = queries[:, :, -window:].detach()
+        self.query_valid = query_valid[:, -window:]
+
+    # -- HF cache API ----------------------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        if self._k is None:
+            return
+        index = index.to(self._k.device)
+        self._k, self._v, self._pos = self._k[index], self._v[index], self._pos[index]
+        if self.query_window is not None:
+            self.query_window, self.query_valid = self.query_window[index], self.query_valid[index]
+        self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._index_batch(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("sparse-hf caches cannot be cropped (evicted tokens cannot be restored)")
+
+    # -- accounting ------------------------------------------------------------------------------------------
+    def allocated_bytes(self) -> int:
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    def used_bytes(self) -> int:
+        if self._k is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()

@@ -1,0 +1,76 @@
+"""Selection helpers shared by every method (HF path and engine).
+
+All functions are plain tensor code: no Hugging Face classes. Shapes use
+``B`` batch rows, ``Hkv`` KV heads, ``L`` cache slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sink_recent_candidates(valid: torch.Tensor, num_sink: int, num_recent: int):
+    """Split the valid slots of each row into sink, recent and middle candidates.
+
+    Slots must be in increasing logical-position order along the last axis (invalid slots may be anywhere).
+
+    Args:
+        valid: ``[B, Hkv, L]`` bool, which slots hold a real token.
+        num_sink: the first ``num_sink`` valid tokens of each row are sinks.
+        num_recent: the last ``num_recent`` valid tokens of each row are recent.
+
+    Returns:
+        ``(is_sink, is_recent, is_candidate)``, each ``[B, Hkv, L]`` bool, disjoint.
+    """
+    n_valid = valid.sum(-1, keepdim=True)
+    rank = valid.long().cumsum(-1) - 1
+    is_sink = valid & (rank < num_sink)
+    is_recent = valid & ~is_sink & (rank >= n_valid - num_recent)
+    is_candidate = valid & ~is_sink & ~is_recent
+    return is_sink, is_recent, is_candidate
+
+
+def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int, num_recent: int,
+                num_top: torch.Tensor | int):
+    """Choose the slots to keep: sink + top-``num_top`` middle candidates by ``scores`` + recent.
+
+    Args:
+        valid: ``[B, Hkv, L]`` bool.
+        scores: ``[B, Hkv, L]`` float, higher is more important (only candidate entries are read);
+            ``None`` means no middle tokens are kept (StreamingLLM).
+        num_sink, num_recent: protected token counts per row.
+        num_top: int or ``[B]`` long, middle tokens to keep per row (capped at the candidates there are).
+
+    Returns:
+        ``idx``: ``[B, Hkv, K]`` long slot indices in increasing slot order, and ``ok``: ``[B, Hkv, K]`` bool
+        (``False`` marks filler entries of rows that keep fewer than ``K`` tokens; they come last).
+    """
+    B, Hkv, L = valid.shape
+    is_sink, is_recent, is_cand = sink_recent_candidates(valid, num_sink, num_recent)
+    protected = is_sink | is_recent
+    if not torch.is_tensor(num_top):
+        num_top = torch.full((B,), int(num_top), dtype=torch.long, device=valid.device)
+    top = torch.minimum(num_top.to(valid.device).view(B, 1), is_cand.sum(-1))
+    if scores is None:
+        top = torch.zeros_like(top)
+        scores = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    budget = protected.sum(-1) + top                                           # [B, Hkv]
+    K = int(budget.max())
+    prio = torch.where(is_cand, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    prio = torch.where(protected, torch.full_like(prio, float("inf")), prio)
+    idx = prio.topk(K, dim=-1).indices                                         # [B, Hkv, K], priority order
+    ok = torch.arange(K, device=valid.device).view(1, 1, K) < budget.unsqueeze(-1)
+    order_key = torch.where(ok, idx, idx + L)                                  # fillers sort last
+    order = order_key.argsort(dim=-1)
+    return idx.gather(-1, order), ok.gather(-1, order)
+
+
+def max_pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Max-pool ``[..., L]`` scores along ``L`` with stride 1 and same padding, so that neighbours of an
+    important token are kept with it (SnapKV's clustering step)."""
+    if kernel_size <= 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    return pooled.reshape(shape)

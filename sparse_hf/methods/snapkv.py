@@ -1,0 +1,87 @@
+"""SnapKV: keep the prompt tokens that the last prompt queries attend to most (Li et al., 2024)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import resolve_count
+from .base import SparseMethod
+from .selection import max_pool_scores, select_keep, sink_recent_candidates
+
+
+def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor,
+                  query_valid: torch.Tensor | None, scaling: float, pool_kernel_size: int) -> torch.Tensor:
+    """Importance of every candidate token as seen from an observation window of queries.
+
+    Per query head: softmax of ``scaling * q.k`` over the candidate tokens only, averaged over the window's
+    real queries, then max-pooled along the sequence; finally the max over the query heads of each KV group.
+
+    Args:
+        queries: ``[B, H, W, D]`` the last ``W`` prompt queries (post-RoPE).
+        keys: ``[B, Hkv, L, D]`` post-RoPE keys.
+        candidates: ``[B, Hkv, L]`` bool, tokens that may be chosen.
+        query_valid: ``[B, W]`` bool or ``None`` (all real).
+        scaling: softmax scale.
+        pool_kernel_size: odd max-pool width (1 = no pooling).
+
+    Returns:
+        ``[B, Hkv, L]`` float32 scores; non-candidates are ``-inf``.
+    """
+    B, H, W, D = queries.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    G = H // Hkv
+    q = queries.float().view(B, Hkv, G, W, D)
+    logits = torch.einsum("bkgwd,bkld->bkgwl", q, keys.float()) * scaling     # [B, Hkv, G, W, L]
+    cand = candidates.view(B, Hkv, 1, 1, L)
+    logits = logits.masked_fill(~cand, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                      # rows without candidates -> 0
+    if query_valid is not None:
+        w = query_valid.to(probs.dtype).view(B, 1, 1, W, 1)
+        probs = (probs * w).sum(3) / w.sum(3).clamp_min(1.0)
+    else:
+        probs = probs.mean(3)                                                  # [B, Hkv, G, L]
+    probs = max_pool_scores(probs, pool_kernel_size)
+    scores = probs.amax(dim=2)
+    return scores.masked_fill(~candidates, float("-inf"))
+
+
+class SnapKV(SparseMethod):
+    """Keeps sink + top-``num_top_tokens`` (by :func:`snapkv_scores`) + recent tokens of every layer.
+
+    Eviction runs once, when the prompt is complete. ``num_top_tokens`` is a count or a fraction of each
+    row's prompt length. Selection is per KV head (GQA-aware): each KV head keeps its own tokens.
+    """
+
+    name = "snapkv"
+
+    @property
+    def query_window(self) -> int:  # type: ignore[override]
+        return self.config.window_size
+
+    def validate(self) -> None:
+        c = self.config
+        if c.num_recent_tokens < c.window_size:
+            raise ValueError(
+                f"{self.name}: num_recent_tokens={c.num_recent_tokens} is smaller than window_size={c.window_size}; "
+                "the observation window must lie inside the kept recent tokens (raise num_recent_tokens or lower "
+                "window_size)")
+        if c.snapkv_num_full_layers > self.num_layers:
+            raise ValueError(f"snapkv_num_full_layers={c.snapkv_num_full_layers} exceeds the {self.num_layers} layers")
+
+    def layer_top_count(self, layer_idx: int, prompt_len: int) -> int:
+        """Middle tokens layer ``layer_idx`` keeps for a prompt of ``prompt_len`` tokens."""
+        return resolve_count(self.config.num_top_tokens, prompt_len)
+
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+        c = self.config
+        if layer_idx < c.snapkv_num_full_layers or queries is None:
+            return None
+        n_valid = valid.sum(-1).amax(-1)                                       # [B]
+        tops = torch.tensor([self.layer_top_count(layer_idx, int(n)) for n in n_valid.tolist()],
+                            dtype=torch.long, device=valid.device)
+        keep = c.num_sink_tokens + c.num_recent_tokens + tops
+        if bool((keep >= n_valid).all()):
+            return None                                                        # nothing to evict
+        _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
+        scores = snapkv_scores(queries, keys, cand, query_valid, scaling, c.pool_kernel_size)
+        return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, tops)

@@ -1,0 +1,40 @@
+"""StreamingLLM: keep the attention sinks and a window of recent tokens (Xiao et al., 2023)."""
+
+from __future__ import annotations
+
+from .base import SparseMethod
+from .selection import select_keep
+
+
+class StreamingLLM(SparseMethod):
+    """Keeps ``num_sink_tokens`` + ``num_recent_tokens`` per row.
+
+    The window rolls during decode too. To avoid a copy every step, the cache is trimmed back to
+    sink + recent once it holds ``decode_slack`` more tokens (a quarter of the window, at least 8), so
+    attention sees between ``num_recent_tokens`` and ``num_recent_tokens + decode_slack`` recent tokens.
+    """
+
+    name = "streamingllm"
+
+    def validate(self) -> None:
+        if self.config.num_sink_tokens + self.config.num_recent_tokens < 1:
+            raise ValueError("streamingllm needs num_sink_tokens + num_recent_tokens >= 1")
+
+    @property
+    def decode_slack(self) -> int:
+        return max(8, self.config.num_recent_tokens // 4)
+
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+        return self._trim(valid)
+
+    def decode_keep(self, layer_idx, valid):
+        limit = self.config.num_sink_tokens + self.config.num_recent_tokens + self.decode_slack
+        if int(valid.sum(-1).max()) < limit:
+            return None
+        return self._trim(valid)
+
+    def _trim(self, valid):
+        keep = self.config.num_sink_tokens + self.config.num_recent_tokens
+        if int(valid.sum(-1).max()) <= keep:
+            return None
+        return select_keep(valid, None, self.config.num_sink_tokens, self.config.num_recent_tokens, 0)
