@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ..methods import METHODS
 from .cache import EvictionCache, SparseCache
+from .selection_cache import SelectionCache
 from .integration import CACHE_CLASSES, build_cache, install, prepare_model, register_cache_class
 
 #: Cache base class per method family; a method's cache class is derived from its family's.
-FAMILY_CACHES: dict[str, type[SparseCache]] = {"evict": EvictionCache}
+FAMILY_CACHES: dict[str, type[SparseCache]] = {"evict": EvictionCache, "mask": SelectionCache}
 
 
 def _make_cache_class(name: str, method_cls) -> type[SparseCache]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import SparseMethod
+from .omnikv import OmniKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
@@ -11,6 +12,7 @@ METHODS: dict[str, type[SparseMethod]] = {
     "streamingllm": StreamingLLM,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
+    "omnikv": OmniKV,
 }
 
 

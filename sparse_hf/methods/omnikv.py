@@ -1,0 +1,108 @@
+"""OmniKV: a few full-attention filter layers choose the tokens that the sparse layers after them read
+(Hao et al., ICLR 2025). Nothing is evicted: this is logical masking."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import resolve_count
+from .base import SparseMethod
+from .selection import select_keep, sink_recent_candidates
+
+
+def omnikv_decode_scores(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Decode-time token scores of a filter layer.
+
+    Args:
+        logits: ``[B, H, L]`` scaled ``q.k`` of the current query for every head.
+        candidates: ``[B, L]`` bool.
+
+    Returns:
+        ``[B, L]``: per-head softmax over the candidates, then the max over heads (non-candidates ``-inf``).
+    """
+    masked = logits.float().masked_fill(~candidates.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(masked, dim=-1).nan_to_num(0.0)
+    return probs.amax(1).masked_fill(~candidates, float("-inf"))
+
+
+def omnikv_prefill_scores(logits: torch.Tensor, candidates: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """Chunked-prefill scores (``chunk_prefill_accel_omnikv``): raw ``q.k`` averaged over the chunk's real
+    queries, max over heads.
+
+    Args:
+        logits: ``[B, H, q, L]``; candidates: ``[B, L]`` bool; query_valid: ``[B, q]`` bool.
+    """
+    w = query_valid.to(torch.float32).view(logits.shape[0], 1, -1, 1)
+    mean = (logits.float() * w).sum(2) / w.sum(2).clamp_min(1.0)
+    return mean.amax(1).masked_fill(~candidates, float("-inf"))
+
+
+class OmniKV(SparseMethod):
+    """Filter layers (``full_attn_layers``, which must include layer 0) run full attention. The last filter
+    layer before a run of sparse layers (the *observation* layer) scores every candidate token
+    ``[sink, len - recent)`` and selects the top ``num_top_tokens`` (a count, or a fraction of the current
+    length); the sparse layers up to the next filter layer attend only to sink + selected + recent.
+    """
+
+    name = "omnikv"
+    family = "mask"
+
+    def validate(self) -> None:
+        self.full_layers = self.config.resolved_full_attn_layers(self.num_layers)
+        if 0 not in self.full_layers:
+            raise ValueError(f"{self.name}: full_attn_layers={list(self.full_layers)} must include layer 0, the "
+                             "first filter layer (the sparse layers need a selection to read)")
+        self.obs_layers = {i for i in self.full_layers if i + 1 < self.num_layers and i + 1 not in self.full_layers}
+
+    def is_full(self, layer_idx: int) -> bool:
+        return layer_idx in self.full_layers
+
+    def is_observer(self, layer_idx: int) -> bool:
+        return layer_idx in self.obs_layers
+
+    def top_count(self, length: int, prefill: bool) -> int:
+        budget = self.config.num_top_tokens_in_prefill if prefill else self.config.num_top_tokens
+        return resolve_count(budget, length)
+
+    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor):
+        """Selection of an observation layer at a decode step.
+
+        Args:
+            logits: ``[B, H, L]`` scaled scores of the current query; valid: ``[B, L]`` bool real tokens.
+
+        Returns:
+            ``(idx, ok)`` each ``[B, K]`` (slot indices in order, and which entries are real), or ``None`` when
+            every row is short enough to attend to everything.
+        """
+        c = self.config
+        n = valid.sum(-1)
+        tops = torch.tensor([self.top_count(int(x), prefill=False) for x in n.tolist()], device=valid.device)
+        if bool((n <= c.num_sink_tokens + c.num_recent_tokens + tops).all()):
+            return None
+        _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
+        scores = omnikv_decode_scores(logits, cand[:, 0])
+        idx, ok = select_keep(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens, tops)
+        return idx[:, 0], ok[:, 0]
+
+    def select_prefill_chunk(self, logits: torch.Tensor, valid: torch.Tensor, query_valid: torch.Tensor):
+        """Selection of an observation layer for a later prefill chunk of ``q`` tokens.
+
+        Args:
+            logits: ``[B, H, q, L]`` (``L`` includes the chunk itself, at the end); valid: ``[B, L]`` bool;
+            query_valid: ``[B, q]`` bool.
+
+        Returns:
+            ``(idx, ok)`` ``[B, K]`` over the context before the chunk (sink + top + recent), or ``None``.
+        """
+        c = self.config
+        q = logits.shape[2]
+        ctx_valid = valid[:, : valid.shape[1] - q]
+        n = ctx_valid.sum(-1)
+        tops = torch.tensor([self.top_count(int(x), prefill=True) for x in n.tolist()], device=valid.device)
+        if bool((n <= c.num_sink_tokens + c.num_recent_tokens + tops).all()):
+            return None
+        _, _, cand = sink_recent_candidates(ctx_valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
+        scores = omnikv_prefill_scores(logits[..., : ctx_valid.shape[1]], cand[:, 0], query_valid)
+        idx, ok = select_keep(ctx_valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens,
+                              tops)
+        return idx[:, 0], ok[:, 0]
