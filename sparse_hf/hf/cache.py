@@ -20,6 +20,11 @@ from ..models import check_supported
 from .attention import masked_attention
 from .layer import SlotLayer
 
+try:
+    from sparse_hf.kernels import HAS_TRITON, sparse_decode_attention
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
 
 class SparseCache(Cache):
     """Base of every sparse-hf cache.
@@ -90,7 +95,11 @@ class EvictionCache(SparseCache):
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer = self.layers[module.layer_idx]
         q_len = query.shape[2]
-        if not layer.compacted:
+        if q_len == 1 and query.is_cuda and HAS_TRITON and layer.pads_marked:
+            # Decode on GPU: one Triton pass over the live slots, reading K/V in place (no mask, no SDPA dispatch).
+            out = sparse_decode_attention(query[:, :, 0], layer.keys, layer.values, layer.slot_indices(),
+                                          scale=scaling).unsqueeze(1)
+        elif not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)
         else:
@@ -107,6 +116,7 @@ class EvictionCache(SparseCache):
                                             layer.query_valid, scaling)
             layer.query_window = layer.query_valid = None
             layer.drop_invalid(valid)
+            layer.pads_marked = True
             if plan is not None:
                 layer.keep(*plan)
         elif q_len == 1:

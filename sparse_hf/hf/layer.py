@@ -31,6 +31,7 @@ class SlotLayer(CacheLayerMixin):
         self.num_slots = 0
         self.seen = 0
         self.compacted = False
+        self.pads_marked = False   # padding slots are marked empty once the prompt is complete
         self.reserve = 0           # extra slots to allocate on growth (e.g. max_new_tokens)
         self.query_window = None   # [B, H, W, D] last prompt queries, for scoring methods
         self.query_valid = None    # [B, W] bool
@@ -58,7 +59,8 @@ class SlotLayer(CacheLayerMixin):
     def _ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if needed <= self.capacity:
             return
-        growth = max(self.reserve, 64, needed // 8)
+        # First allocation: exactly the prompt plus the announced reserve; later growth is geometric.
+        growth = max(self.reserve, 64) if self._k is None else max(64, needed // 8)
         B, Hkv, _, D = like_k.shape
         k, v, pos = self._allocate(B, Hkv, D, like_v.shape[-1], needed + growth)
         if self._k is not None and self.num_slots:
@@ -107,6 +109,12 @@ class SlotLayer(CacheLayerMixin):
         return self.positions >= 0
 
     # -- masks ---------------------------------------------------------------------------------------------
+    def slot_indices(self) -> torch.Tensor:
+        """``[B, Hkv, n]`` long: each live slot's own index, ``-1`` for empty slots (for index-reading kernels)."""
+        n = self.num_slots
+        idx = torch.arange(n, device=self.positions.device).view(1, 1, n).expand_as(self.positions)
+        return torch.where(self.positions >= 0, idx, -1)
+
     def slot_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
         """The attention mask over the live slots, ``[B, Hkv, q, n]`` bool (True = attend).
 

@@ -53,5 +53,7 @@ class SparseMethod:
         return None
 
     def decode_keep(self, layer_idx: int, valid: torch.Tensor):
-        """Which slots to keep after a decode step (``valid``: ``[B, Hkv, L]``), or ``None`` to keep all."""
+        """Which slots to keep after a decode step (``valid``: ``[B, Hkv, L]``), or ``None`` to keep all.
+
+        Called at every decode step of every layer: decide from shapes where possible (no GPU sync)."""
         return None

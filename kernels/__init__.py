@@ -1,0 +1,28 @@
+"""Decode-time attention kernels for sparse KV caches (Triton, with pure-torch fallbacks).
+
+Installed as ``sparse_hf.kernels`` (import it under that name). Triton is optional: without it, or for CPU
+tensors when the kernels were not built under the Triton interpreter (``TRITON_INTERPRET=1`` set before import),
+``backend="auto"`` runs the torch reference in :mod:`sparse_hf.kernels.reference`.
+
+- :func:`sparse_decode_attention` -- one query token attends to a per-KV-head list of cache positions, reading
+  K/V in place (split-K + log-sum-exp merge, GQA groups share each K/V load).
+- :func:`decode_attention_with_scores` -- full decode attention that also returns the per-token logits
+  (per head, max per KV group, or max over all heads) for token selection.
+- :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
+"""
+
+from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
+from .dispatch import HAS_TRITON
+from .reference import (decode_attention_with_scores_ref, snapkv_prefill_scores_ref,
+                        sparse_decode_attention_ref)
+from .sparse_decode import sparse_decode_attention
+
+__all__ = [
+    "HAS_TRITON",
+    "decode_attention_with_scores",
+    "decode_attention_with_scores_ref",
+    "snapkv_prefill_scores",
+    "snapkv_prefill_scores_ref",
+    "sparse_decode_attention",
+    "sparse_decode_attention_ref",
+]

@@ -1,0 +1,161 @@
+"""Pure-torch implementations of the decode kernels.
+
+Why: they are the fallback when Triton cannot run (no Triton, CPU tensors without the interpreter, float64),
+and the readable specification of what each Triton kernel computes. They compute in float32 (float64 when the
+inputs are float64) and may materialise gathered copies; the Triton kernels read K/V in place.
+
+Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` KV heads (``G = H // Hkv`` query heads per KV group; query head
+``h`` uses KV head ``h // G``), ``L`` cache length, ``D`` head dim, ``K`` index-list length, ``W`` window.
+Rows with no usable key produce a zero attention output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCORE_MODES = ("per_head", "group_max", "all_max")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _safe_softmax_weights(s: torch.Tensor) -> torch.Tensor:
+    """``exp(s - max)`` along the last dim with all ``-inf`` rows mapped to zeros (not NaN)."""
+    if s.shape[-1] == 0:
+        return s.clone()
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp(s - m)
+
+
+def _check_gqa(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    B, H, D = q.shape
+    Bk, Hkv, L, Dk = k.shape
+    if Bk != B or Dk != D or H % Hkv:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)} (need H % Hkv == 0)")
+    return B, H, D, Hkv, L, H // Hkv
+
+
+def sparse_decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                                num_indices: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Attention of one query per sequence over a list of cache positions (torch version).
+
+    Args:
+        q: ``[B, H, D]`` query of the current token.
+        k, v: ``[B, Hkv, L, D]`` caches, any strides.
+        indices: ``[B, Hkv, K]`` int positions along ``L``; entries ``< 0`` or ``>= L`` are ignored.
+        num_indices: optional ``[B]`` int, only the first ``num_indices[b]`` entries of row ``b`` are used.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``[B, H, D]`` in ``q.dtype``.
+    """
+    B, H, D, Hkv, L, G = _check_gqa(q, k)
+    cdt = _compute_dtype(q)
+    scale = D ** -0.5 if scale is None else float(scale)
+    idx = indices.long()
+    n = idx.shape[-1]
+    ok = (idx >= 0) & (idx < L)
+    if num_indices is not None:
+        ar = torch.arange(n, device=idx.device)
+        ok &= ar.view(1, 1, n) < num_indices.to(idx.device).long().view(B, 1, 1)
+    safe = idx.clamp(0, max(L - 1, 0)).unsqueeze(-1).expand(B, Hkv, n, D)
+    kg = torch.gather(k, 2, safe).to(cdt)                                     # [B, Hkv, K, D]
+    vg = torch.gather(v, 2, safe).to(cdt)
+    qg = q.reshape(B, Hkv, G, D).to(cdt)
+    s = torch.einsum("bhgd,bhkd->bhgk", qg, kg) * scale
+    s = s.masked_fill(~ok.unsqueeze(2), float("-inf"))
+    p = _safe_softmax_weights(s)
+    out = torch.einsum("bhgk,bhkd->bhgd", p, vg) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return out.reshape(B, H, D).to(q.dtype)
+
+
+def decode_key_mask(B: int, L: int, device, lengths: torch.Tensor | None,
+                    valid: torch.Tensor | None) -> torch.Tensor:
+    """``[B, L]`` bool: key ``j`` of row ``b`` is attended iff ``j < lengths[b]`` and ``valid[b, j]``."""
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
+    if lengths is not None:
+        mask &= torch.arange(L, device=device).view(1, L) < lengths.to(device).long().view(B, 1)
+    if valid is not None:
+        mask &= valid.to(device=device, dtype=torch.bool)
+    return mask
+
+
+def reduce_scores(s: torch.Tensor, Hkv: int, score_mode: str) -> torch.Tensor:
+    """Reduce per-head logits ``[B, H, L]`` to the requested ``score_mode`` (see module doc)."""
+    B, H, L = s.shape
+    if score_mode == "per_head":
+        return s
+    if score_mode == "group_max":
+        return s.view(B, Hkv, H // Hkv, L).amax(2)
+    if score_mode == "all_max":
+        return s.amax(1)
+    raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+
+
+def decode_attention_with_scores_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     lengths: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                                     scale: float | None = None, score_mode: str = "per_head"):
+    """Full decode attention that also returns the per-token logits (torch version).
+
+    Args:
+        q: ``[B, H, D]``; k, v: ``[B, Hkv, L, D]`` any strides.
+        lengths: optional ``[B]`` int, row ``b`` attends keys ``j < lengths[b]`` (default ``L``).
+        valid: optional ``[B, L]`` bool, additionally masks keys.
+        scale: softmax scale, default ``D ** -0.5``.
+        score_mode: ``"per_head"`` -> ``[B, H, L]``, ``"group_max"`` -> ``[B, Hkv, L]``, ``"all_max"`` -> ``[B, L]``.
+
+    Returns:
+        ``(out [B, H, D] in q.dtype, scores float32)``; scores are ``scale * q.k`` with masked keys ``-inf``.
+    """
+    if score_mode not in SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+    B, H, D, Hkv, L, G = _check_gqa(q, k)
+    cdt = _compute_dtype(q)
+    scale = D ** -0.5 if scale is None else float(scale)
+    mask = decode_key_mask(B, L, q.device, lengths, valid)
+    qg = q.reshape(B, Hkv, G, D).to(cdt)
+    s = torch.einsum("bhgd,bhld->bhgl", qg, k.to(cdt)) * scale
+    s = s.masked_fill(~mask.view(B, 1, 1, L), float("-inf"))
+    p = _safe_softmax_weights(s)
+    out = torch.einsum("bhgl,bhld->bhgd", p, v.to(cdt)) / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    scores = reduce_scores(s.reshape(B, H, L).float(), Hkv, score_mode)
+    return out.reshape(B, H, D).to(q.dtype), scores
+
+
+def snapkv_prefill_scores_ref(q_window: torch.Tensor, k: torch.Tensor, candidate_mask: torch.Tensor,
+                              scale: float | None = None, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """SnapKV importance of each key for an observation window of queries (torch version).
+
+    For every query head and window query: softmax of ``scale * q.k`` over the candidate keys only; then the
+    mean over the (valid) window queries, then the max over the query heads of each KV group.
+
+    Args:
+        q_window: ``[B, H, W, D]`` the last ``W`` prompt queries.
+        k: ``[B, Hkv, L, D]`` keys, any strides.
+        candidate_mask: ``[B, L]`` or ``[B, Hkv, L]`` bool, keys that may be chosen.
+        scale: default ``D ** -0.5``.
+        query_valid: optional ``[B, W]`` bool, window queries to average over (default all).
+
+    Returns:
+        ``[B, Hkv, L]`` float32 probabilities-derived scores; non-candidates are ``0``.
+    """
+    B, H, W, D = q_window.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G = H // Hkv
+    cdt = _compute_dtype(q_window)
+    scale = D ** -0.5 if scale is None else float(scale)
+    cand = candidate_mask.to(torch.bool)
+    cand = cand.view(B, 1, L).expand(B, Hkv, L) if cand.dim() == 2 else cand
+    qg = q_window.reshape(B, Hkv, G, W, D).to(cdt)
+    s = torch.einsum("bhgwd,bhld->bhgwl", qg, k.to(cdt)) * scale
+    s = s.masked_fill(~cand.view(B, Hkv, 1, 1, L), float("-inf"))
+    p = _safe_softmax_weights(s)
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    if query_valid is None:
+        p = p.mean(3)
+    else:
+        w = query_valid.to(p.dtype).view(B, 1, 1, W, 1)
+        p = (p * w).sum(3) / w.sum(3).clamp_min(1.0)
+    return p.amax(2).float()

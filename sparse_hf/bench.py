@@ -1,0 +1,277 @@
+"""``sparse-hf bench``: TTFT, prefill and decode throughput, memory and roofline, side by side with HF.
+
+Every (case, method, budget) runs in one process on one model: HF vanilla (``DynamicCache``), HF's best
+(``StaticCache`` + explicitly chosen SDPA backends + ``torch.compile(mode="reduce-overhead")``) and our
+methods. Decode is a greedy loop of model calls (what ``generate`` runs), timed per step with a device
+sync; the median steady step is reported. The roofline is one step's bytes (weights + KV read) over the
+copy bandwidth measured once per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
+                       max_position_embeddings=1 << 19, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
+                        max_position_embeddings=1 << 19, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 16),
+}
+BASELINES = ("vanilla", "hf-best")
+
+
+def parse_cases(spec: str) -> list[tuple[int, int]]:
+    """``"4096x8,131072x1"`` -> ``[(4096, 8), (131072, 1)]`` (prompt length x batch)."""
+    cases = []
+    for part in spec.split(","):
+        try:
+            length, batch = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bad case {part!r}: expected LENGTHxBATCH like 4096x8") from None
+        if length < 1 or batch < 1:
+            raise ValueError(f"bad case {part!r}: length and batch must be >= 1")
+        cases.append((length, batch))
+    return cases
+
+
+def budget_config(method: str, fraction: float, length: int, num_layers: int) -> dict:
+    """Knobs that make ``method`` keep about ``fraction`` of a ``length``-token prompt per layer."""
+    keep = max(1, int(fraction * length))
+    sink, recent = 4, min(64, max(8, keep // 4))
+    if method == "streamingllm":
+        return dict(num_sink_tokens=sink, num_recent_tokens=max(1, keep - sink))
+    top = max(0, keep - sink - recent)
+    if method in ("snapkv", "pyramidkv"):
+        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top, window_size=min(32, recent))
+    if method in ("omnikv", "deltakv"):
+        full = [0, 1, 2] + [i for i in (num_layers // 3, 2 * num_layers // 3) if i > 2]
+        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top,
+                    full_attn_layers=",".join(map(str, full)))
+    raise ValueError(f"no budget rule for method {method!r}")
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Bytes/s of a large device-to-device copy (read + write), the decode roofline's denominator."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    return 2 * x.numel() / seconds
+
+
+def build_model(shape_or_path: str, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape_or_path in SHAPES:
+        knobs = dict(SHAPES[shape_or_path])
+        config = AutoConfig.for_model(knobs.pop("model_type"), **knobs)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        from .models import load_model
+        model, _ = load_model(shape_or_path, dtype=dtype, device=str(device))
+    return model.eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_cache(model, method, budget, length, steps):
+    from transformers import DynamicCache, StaticCache
+
+    from . import build_cache, prepare_model
+
+    cfg = model.config
+    if method == "vanilla":
+        return DynamicCache(config=cfg), {}
+    if method == "hf-best":
+        return StaticCache(config=cfg, max_cache_len=length + steps + 8), {}
+    knobs = budget_config(method, budget, length, cfg.num_hidden_layers)
+    cache = build_cache(method, cfg, knobs)
+    cache.prefill_target = length
+    cache.set_reserve(steps + 1)
+    prepare_model(model)
+    return cache, knobs
+
+
+@torch.inference_mode()
+def run_case(model, device, length, batch, method, budget, steps, bandwidth):
+    """Prefill ``batch`` random prompts of ``length`` tokens, then ``steps`` greedy decode steps."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .usage import kv_usage
+
+    cfg = model.config
+    if method in BASELINES and model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    ids = torch.randint(100, cfg.vocab_size - 100, (batch, length), device=device)
+    cache, knobs = _make_cache(model, method, budget, length, steps)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    forward = model
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
+    if method == "hf-best" and device.type == "cuda":
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    with sdpa_kernel(backends) if method == "hf-best" else _nullcontext():
+        _sync(device)
+        t0 = time.perf_counter()
+        extra = dict(cache_position=torch.arange(length, device=device)) if method == "hf-best" else {}
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        ttft = time.perf_counter() - t0
+        times = []
+        for i in range(steps):
+            pos = torch.full((batch, 1), length + i, device=device, dtype=torch.long)
+            extra = dict(cache_position=pos[0]) if method == "hf-best" else {}
+            _sync(device)
+            t = time.perf_counter()
+            out = forward(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True, **extra)
+            token = out.logits[:, -1].argmax(-1, keepdim=True).clone()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    warm = times[min(len(times) - 1, 6 if method == "hf-best" else 2):]
+    step = sorted(warm)[len(warm) // 2]
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = n_params * next(model.parameters()).element_size()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    token_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    read_tokens = _tokens_read_per_step(cache, method, length, batch, cfg.num_hidden_layers)
+    result = dict(method=method, budget=None if method in BASELINES else budget, L=length, B=batch,
+                  ttft_s=round(ttft, 4), prefill_tok_s=round(batch * length / ttft, 1),
+                  decode_step_ms=round(step * 1e3, 3), decode_tok_s=round(batch / step, 2),
+                  itl_ms=round(step * 1e3, 3), knobs={k: v for k, v in knobs.items()})
+    if hasattr(cache, "method"):
+        usage = kv_usage(cache)
+        result.update(kv_bytes=usage.bytes, kv_full_bytes=usage.full_bytes, kv_ratio=round(usage.ratio, 4))
+    else:
+        result.update(kv_bytes=batch * (length + steps) * token_bytes * cfg.num_hidden_layers, kv_ratio=1.0)
+    if device.type == "cuda":
+        result["peak_extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+    if bandwidth:
+        floor = (weight_bytes + read_tokens * token_bytes) / bandwidth
+        result.update(roofline_step_ms=round(floor * 1e3, 3), frac_of_roofline=round(floor / step, 3))
+    del cache
+    return result
+
+
+def _tokens_read_per_step(cache, method, length, batch, num_layers) -> int:
+    """KV tokens one decode step reads, summed over layers and rows."""
+    if not hasattr(cache, "layers") or method in BASELINES:
+        return batch * length * num_layers
+    if getattr(cache, "selection", None) is not None and hasattr(cache.method, "full_layers"):
+        full = len(cache.method.full_layers)
+        selected = int(cache.selection[1].sum())
+        return full * batch * length + (num_layers - full) * selected
+    return sum(layer.num_slots * batch for layer in cache.layers)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, dtype=None, output=None,
+              plot=None, log=print) -> list[dict]:
+    """Run the grid and return one dict per (case, method, budget); write JSON and a plot if asked."""
+    from . import CACHE_CLASSES
+
+    valid = (*BASELINES, *sorted(CACHE_CLASSES))
+    for method in methods:
+        if method not in valid:
+            raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(valid)}")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"budget {b} must be a fraction in (0, 1]")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    bandwidth = copy_bandwidth(device)
+    model = build_model(model_name, device, dtype)
+    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               model=model_name, date=time.strftime("%Y-%m-%d"),
+               copy_bw_TBps=round(bandwidth / 1e12, 3) if bandwidth else None)
+    import transformers
+    env["transformers"] = transformers.__version__
+    log("ENV " + json.dumps(env))
+    results = []
+    for length, batch in cases:
+        for method in methods:
+            for budget in ([None] if method in BASELINES else budgets):
+                try:
+                    r = run_case(model, device, length, batch, method, budget, steps, bandwidth)
+                except torch.OutOfMemoryError:
+                    r = dict(method=method, budget=budget, L=length, B=batch, error="OOM")
+                except Exception as e:  # keep going: one failing cell must not lose the grid
+                    r = dict(method=method, budget=budget, L=length, B=batch, error=f"{type(e).__name__}: {e}"[:400])
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                _add_ratios(r, results)
+                results.append(r)
+                log("RESULT " + json.dumps(r))
+    if output:
+        Path(output).write_text(json.dumps(dict(env=env, results=results), indent=1))
+    if plot:
+        from .bench_plot import plot_bench
+        plot_bench(results, plot)
+    return results
+
+
+def _add_ratios(r: dict, done: list[dict]) -> None:
+    for base in BASELINES:
+        ref = next((x for x in done if x["method"] == base and x["L"] == r["L"] and x["B"] == r["B"]
+                    and "decode_tok_s" in x), None)
+        if ref and "decode_tok_s" in r:
+            r[f"decode_x_{base}"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 2)
+            r[f"ttft_x_{base}"] = round(r["ttft_s"] / ref["ttft_s"], 3)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed and memory of each method, side by side with HF vanilla")
+    p.add_argument("--model", default="qwen2.5-7b", help=f"a model dir, 'demo', or a random shape: {', '.join(SHAPES)}")
+    p.add_argument("--methods", default="vanilla,hf-best,streamingllm,snapkv,pyramidkv,omnikv")
+    p.add_argument("--budgets", default="0.1,0.25", help="fractions of the prompt each method keeps")
+    p.add_argument("--cases", default="4096x8,32768x2,131072x1", help="LENGTHxBATCH,...")
+    p.add_argument("--steps", type=int, default=24, help="decode steps per case")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", default="bench.json")
+    p.add_argument("--plot", default=None, help="write a PNG of decode tok/s per method and case")
+
+
+def run_bench_command(args) -> int:
+    try:
+        budgets = [float(x) for x in args.budgets.split(",")]
+    except ValueError:
+        raise SystemExit(f"--budgets {args.budgets!r}: expected fractions like 0.1,0.25")
+    try:
+        run_bench(args.model, args.methods.split(","), budgets, parse_cases(args.cases), steps=args.steps,
+                  device=args.device, output=args.output, plot=args.plot)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    return 0
