@@ -123,6 +123,8 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth):
     from .usage import kv_usage
 
     cfg = model.config
+    graph = method.endswith("+graph")
+    method = method.removesuffix("+graph")
     if method in BASELINES and model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
     ids = torch.randint(100, cfg.vocab_size - 100, (batch, length), device=device)
@@ -145,23 +147,31 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth):
         _sync(device)
         ttft = time.perf_counter() - t0
         times = []
+        decoder = None
+        if graph:
+            from .hf.cuda_graph import GraphDecoder
+            decoder = GraphDecoder(model, cache)
         for i in range(steps):
             pos = torch.full((batch, 1), length + i, device=device, dtype=torch.long)
             extra = dict(cache_position=pos[0]) if method == "hf-best" else {}
             _sync(device)
             t = time.perf_counter()
-            out = forward(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True, **extra)
-            token = out.logits[:, -1].argmax(-1, keepdim=True).clone()
+            if decoder is not None:
+                logits = decoder.step(token, pos)
+            else:
+                logits = forward(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True,
+                                 **extra).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True).clone()
             _sync(device)
             times.append(time.perf_counter() - t)
-    warm = times[min(len(times) - 1, 6 if method == "hf-best" else 2):]
+    warm = times[min(len(times) - 1, 6 if method == "hf-best" or graph else 2):]
     step = sorted(warm)[len(warm) // 2]
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = n_params * next(model.parameters()).element_size()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     token_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
     read_tokens = _tokens_read_per_step(cache, method, length, batch, cfg.num_hidden_layers)
-    result = dict(method=method, budget=None if method in BASELINES else budget, L=length, B=batch,
+    result = dict(method=method + ("+graph" if graph else ""), budget=None if method in BASELINES else budget, L=length, B=batch,
                   ttft_s=round(ttft, 4), prefill_tok_s=round(batch * length / ttft, 1),
                   decode_step_ms=round(step * 1e3, 3), decode_tok_s=round(batch / step, 2),
                   itl_ms=round(step * 1e3, 3), knobs={k: v for k, v in knobs.items()})
@@ -205,8 +215,9 @@ def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, d
 
     valid = (*BASELINES, *sorted(CACHE_CLASSES))
     for method in methods:
-        if method not in valid:
-            raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(valid)}")
+        if method.removesuffix("+graph") not in valid or (method.endswith("+graph") and method[:-6] in BASELINES):
+            raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(valid)} "
+                             "(append +graph to a sparse method for CUDA-graph decode)")
     for b in budgets:
         if not 0 < b <= 1:
             raise ValueError(f"budget {b} must be a fraction in (0, 1]")
@@ -224,6 +235,8 @@ def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, d
     for length, batch in cases:
         for method in methods:
             for budget in ([None] if method in BASELINES else budgets):
+                if device.type != "cuda" and method.endswith("+graph"):
+                    continue
                 try:
                     r = run_case(model, device, length, batch, method, budget, steps, bandwidth)
                 except torch.OutOfMemoryError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..methods import METHODS
 from .cache import EvictionCache, SparseCache
+from .cuda_graph import GraphDecoder
 from .selection_cache import SelectionCache
 from .integration import CACHE_CLASSES, build_cache, install, prepare_model, register_cache_class
 
@@ -22,4 +23,4 @@ for _name, _method in METHODS.items():
     if _method.family in FAMILY_CACHES:
         register_cache_class(_name, _make_cache_class(_name, _method))
 
-__all__ = ["CACHE_CLASSES", "SparseCache", "build_cache", "install", "prepare_model"]
+__all__ = ["CACHE_CLASSES", "GraphDecoder", "SparseCache", "build_cache", "install", "prepare_model"]

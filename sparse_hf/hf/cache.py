@@ -48,6 +48,7 @@ class SparseCache(Cache):
         self.method = get_method(self.method_name)(self.sparse_config, self.num_layers)
         super().__init__(layers=[self.make_layer(i) for i in range(self.num_layers)])
         self.prefill_target: int | None = None   # logical length at which the prompt is complete
+        self.capturing = False                   # True while a CUDA graph records a decode step
         self.hooked = False                      # set by the attention pre-hook; checked in update
 
     def make_layer(self, layer_idx: int):
@@ -75,6 +76,15 @@ class SparseCache(Cache):
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         raise NotImplementedError
 
+    def maintain_layer(self, layer_idx: int) -> None:
+        """Work a decode step does outside the attention math (e.g. eviction); run eagerly between CUDA-graph
+        replays."""
+
+    def advance(self, steps: int = 1) -> None:
+        """Advance the host-side counters after ``steps`` replayed decode steps."""
+        for layer in self.layers:
+            layer.advance(steps)
+
     def __repr__(self):
         return f"{type(self).__name__}(method={self.method_name!r}, layers={self.num_layers})"
 
@@ -95,9 +105,10 @@ class EvictionCache(SparseCache):
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer = self.layers[module.layer_idx]
         q_len = query.shape[2]
-        if q_len == 1 and query.is_cuda and HAS_TRITON and layer.pads_marked:
-            # Decode on GPU: one Triton pass over the live slots, reading K/V in place (no mask, no SDPA dispatch).
-            out = sparse_decode_attention(query[:, :, 0], layer.keys, layer.values, layer.slot_indices(),
+        if q_len == 1 and query.is_cuda and HAS_TRITON and layer.frozen:
+            # Decode on GPU: one Triton pass over the whole buffer's live slots, reading K/V in place
+            # (static shapes, no mask, no SDPA dispatch, no host sync: CUDA-graph safe).
+            out = sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer.full_slot_indices(),
                                           scale=scaling).unsqueeze(1)
         elif not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -116,11 +127,16 @@ class EvictionCache(SparseCache):
                                             layer.query_valid, scaling)
             layer.query_window = layer.query_valid = None
             layer.drop_invalid(valid)
-            layer.pads_marked = True
             if plan is not None:
                 layer.keep(*plan)
-        elif q_len == 1:
-            plan = self.method.decode_keep(module.layer_idx, layer.valid())
-            if plan is not None:
-                layer.keep(*plan)
+            layer.freeze()
+        elif q_len == 1 and not self.capturing:
+            self.maintain_layer(module.layer_idx)
         return out, None
+
+    def maintain_layer(self, layer_idx: int) -> None:
+        """Decode-time eviction of one layer (StreamingLLM's rolling window)."""
+        layer = self.layers[layer_idx]
+        plan = self.method.decode_keep(layer_idx, layer.valid())
+        if plan is not None:
+            layer.keep(*plan)

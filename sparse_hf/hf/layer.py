@@ -31,10 +31,11 @@ class SlotLayer(CacheLayerMixin):
         self.num_slots = 0
         self.seen = 0
         self.compacted = False
-        self.pads_marked = False   # padding slots are marked empty once the prompt is complete
         self.reserve = 0           # extra slots to allocate on growth (e.g. max_new_tokens)
         self.query_window = None   # [B, H, W, D] last prompt queries, for scoring methods
         self.query_valid = None    # [B, W] bool
+        self.frozen = False        # decode mode: fixed buffers, device-side counters (CUDA-graph safe)
+        self.n_dev = self.seen_dev = None
 
     # -- storage ---------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -67,6 +68,8 @@ class SlotLayer(CacheLayerMixin):
             n = self.num_slots
             k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n], self._pos[:, :, :n]
         self._k, self._v, self._pos = k, v, pos
+        if self.frozen:
+            self.freeze()   # new buffers: new index range (any captured graph must be re-captured)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` new keys/values at logical columns ``seen .. seen+q-1``."""
@@ -74,6 +77,8 @@ class SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
         n = self.num_slots
+        if self.frozen and q == 1 and n < self.capacity:
+            return self._append_one(key_states, value_states)
         self._ensure_capacity(n + q, key_states, value_states)
         self._k[:, :, n:n + q] = key_states
         self._v[:, :, n:n + q] = value_states
@@ -82,7 +87,49 @@ class SlotLayer(CacheLayerMixin):
         self.num_slots += q
         self.seen += q
         self._refresh_views()
+        if self.frozen:
+            self.n_dev.fill_(self.num_slots)
+            self.seen_dev.fill_(self.seen)
         return self.keys, self.values
+
+    # -- decode mode -------------------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Enter decode mode: appends write at a device-side slot counter, so a decode step has static shapes
+        and no host-device sync and can be captured in a CUDA graph. Called once the prompt is complete."""
+        if self._k is None:
+            return
+        if self.n_dev is None or self.n_dev.device != self._k.device:
+            self.n_dev = torch.zeros(1, dtype=torch.long, device=self._k.device)
+            self.seen_dev = torch.zeros(1, dtype=torch.long, device=self._k.device)
+        self.n_dev.fill_(self.num_slots)
+        self.seen_dev.fill_(self.seen)
+        self._arange = torch.arange(self.capacity, device=self._k.device)
+        self.frozen = True
+
+    def _append_one(self, key_states, value_states):
+        B, Hkv = key_states.shape[:2]
+        self._k.index_copy_(2, self.n_dev, key_states)
+        self._v.index_copy_(2, self.n_dev, value_states)
+        self._pos.index_copy_(2, self.n_dev, self.seen_dev.view(1, 1, 1).expand(B, Hkv, 1))
+        self.n_dev += 1
+        self.seen_dev += 1
+        self.advance(1)
+        return self.keys, self.values
+
+    def advance(self, steps: int) -> None:
+        """Move the host-side mirrors of the counters (a CUDA-graph replay updates only the device ones)."""
+        self.num_slots += steps
+        self.seen += steps
+        self._refresh_views()
+
+    def full_slot_indices(self) -> torch.Tensor:
+        """``[B, Hkv, capacity]`` long: slot index of every live slot, ``-1`` elsewhere (static shape)."""
+        assert self.frozen and self._arange.numel() == self.capacity, "layer is not in decode mode"
+        return torch.where(self._pos >= 0, self._arange, -1)
+
+    def full_valid(self) -> torch.Tensor:
+        """``[B, capacity]`` bool: live slots of KV head 0 (layers whose slots are shared by all heads)."""
+        return self._pos[:, 0] >= 0
 
     def keep(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
         """Keep only slots ``idx`` (``[B, Hkv, K]``); entries with ``ok == False`` become empty slots.
@@ -91,12 +138,19 @@ class SlotLayer(CacheLayerMixin):
         """
         B, Hkv, K = idx.shape
         D, Dv = self.keys.shape[-1], self.values.shape[-1]
-        k, v, pos = self._allocate(B, Hkv, D, Dv, K + self.reserve)
-        k[:, :, :K] = self.keys.gather(2, idx.unsqueeze(-1).expand(B, Hkv, K, D))
-        v[:, :, :K] = self.values.gather(2, idx.unsqueeze(-1).expand(B, Hkv, K, Dv))
-        pos[:, :, :K] = torch.where(ok, self.positions.gather(2, idx), torch.full_like(idx, -1))
+        new_k = self.keys.gather(2, idx.unsqueeze(-1).expand(B, Hkv, K, D))
+        new_v = self.values.gather(2, idx.unsqueeze(-1).expand(B, Hkv, K, Dv))
+        new_pos = torch.where(ok, self.positions.gather(2, idx), torch.full_like(idx, -1))
+        if self.frozen:   # decode mode: same buffers (a captured CUDA graph stays valid)
+            k, v, pos = self._k, self._v, self._pos
+            pos[:, :, K:] = -1
+        else:
+            k, v, pos = self._allocate(B, Hkv, D, Dv, K + self.reserve)
+        k[:, :, :K], v[:, :, :K], pos[:, :, :K] = new_k, new_v, new_pos
         self._k, self._v, self._pos = k, v, pos
         self.num_slots = K
+        if self.frozen:
+            self.n_dev.fill_(K)
         self.compacted = True
         self._refresh_views()
 
@@ -109,12 +163,6 @@ class SlotLayer(CacheLayerMixin):
         return self.positions >= 0
 
     # -- masks ---------------------------------------------------------------------------------------------
-    def slot_indices(self) -> torch.Tensor:
-        """``[B, Hkv, n]`` long: each live slot's own index, ``-1`` for empty slots (for index-reading kernels)."""
-        n = self.num_slots
-        idx = torch.arange(n, device=self.positions.device).view(1, 1, n).expand_as(self.positions)
-        return torch.where(self.positions >= 0, idx, -1)
-
     def slot_mask(self, attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor:
         """The attention mask over the live slots, ``[B, Hkv, q, n]`` bool (True = attend).
 
@@ -159,6 +207,8 @@ class SlotLayer(CacheLayerMixin):
             return
         index = index.to(self._k.device)
         self._k, self._v, self._pos = self._k[index], self._v[index], self._pos[index]
+        if self.frozen:
+            self.freeze()
         if self.query_window is not None:
             self.query_window, self.query_valid = self.query_window[index], self.query_valid[index]
         self._refresh_views()

@@ -42,54 +42,84 @@ class SelectionCache(SparseCache):
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
-        if self.method.is_full(i):
-            return self._attend_full(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        if self.selection is None:
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
+        layer = self.layers[i]
+        if query.shape[2] > 1:
+            out = self._attend_prefill(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+            if self.prompt_complete(layer):
+                B = query.shape[0]
+                layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
+                                   .unsqueeze(1).expand(B, layer.keys.shape[1], layer.seen))
+                layer.freeze()
             return out, None
-        return self._attend_selected(self.layers[i], query, attention_mask, scaling), None
+        if self.method.is_full(i):
+            return self._decode_full(module, layer, query, key, value, attention_mask, scaling, **kwargs), None
+        if self.selection is None:
+            return self._decode_all(module, layer, query, key, value, attention_mask, scaling, **kwargs), None
+        return self._decode_selected(layer, query, attention_mask, scaling), None
 
-    # -- filter layers ---------------------------------------------------------------------------------------
-    def _attend_full(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    # -- decode -------------------------------------------------------------------------------------------------
+    def _decode_all(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
+        if query.is_cuda and HAS_TRITON and layer.frozen:
+            return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer.full_slot_indices(),
+                                           scale=scaling).unsqueeze(1)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
+
+    def _decode_full(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
+        i = module.layer_idx
+        if not self.method.is_observer(i):
+            return self._decode_all(module, layer, query, key, value, attention_mask, scaling, **kwargs)
+        if query.is_cuda and HAS_TRITON and layer.frozen:
+            valid = layer.full_valid()                                         # [B, capacity]
+            out, logits = decode_attention_with_scores(query[:, :, 0], layer._k, layer._v, valid=valid,
+                                                       scale=scaling)
+            out = out.unsqueeze(1)
+        else:
+            valid = layer.positions[:, 0] >= 0 if layer.frozen else column_validity(
+                attention_mask, query.shape[0], layer.seen, query.device)
+            out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
+            logits = full_logits(query, key, scaling)[:, :, 0]
+        self.selection = self.method.select_decode(logits, valid, layer.seen)
+        return out
+
+    def _decode_selected(self, layer, query, attention_mask, scaling):
+        idx, ok = self.selection                                               # [B, K]
+        B, H, _, D = query.shape
+        Hkv = layer.keys.shape[1]
+        if query.is_cuda and HAS_TRITON:
+            indices = torch.where(ok, idx, -1).unsqueeze(1).expand(B, Hkv, idx.shape[1])
+            return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, indices, scale=scaling).unsqueeze(1)
+        return self._gather_attention(layer, query, idx, ok, attention_mask, scaling)
+
+    # -- prefill ------------------------------------------------------------------------------------------------
+    def _attend_prefill(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
         i = module.layer_idx
         layer = self.layers[i]
         B, H, q_len, _ = query.shape
-        observe = self.method.is_observer(i)
-        valid = column_validity(attention_mask, B, layer.seen, query.device) if observe else None
-        if observe and q_len == 1 and query.is_cuda and HAS_TRITON:
-            out, logits = decode_attention_with_scores(query[:, :, 0], key, value, valid=valid, scale=scaling)
-            self.selection = self.method.select_decode(logits, valid)
-            return out.unsqueeze(1), None
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                        scaling=scaling, **kwargs)
-        if not observe:
-            return out, None
-        if q_len == 1:
-            self.selection = self.method.select_decode(full_logits(query, key, scaling)[:, :, 0], valid)
-        elif self.sparse_config.chunk_prefill_accel_omnikv and layer.seen > q_len:
-            qv = query_validity(attention_mask, q_len, layer.seen, B, query.device)
-            sel = self.method.select_prefill_chunk(full_logits(query, key, scaling), valid, qv)
-            if sel is not None:   # the chunk itself is always visible (causally) to its own queries
-                chunk = torch.arange(layer.seen - q_len, layer.seen, device=query.device).expand(B, q_len)
-                sel = (torch.cat([sel[0], chunk], 1), torch.cat([sel[1], valid[:, -q_len:]], 1))
-            self.selection = sel
-        else:
+        accel = self.sparse_config.chunk_prefill_accel_omnikv
+        if not self.method.is_full(i):
+            if accel and self.selection is not None:
+                idx, ok = self.selection
+                return self._gather_attention(layer, query, idx, ok, attention_mask, scaling)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)[0]
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     **kwargs)[0]
+        if self.method.is_observer(i):
             self.selection = None
-        return out, None
+            if accel and layer.seen > q_len:
+                valid = column_validity(attention_mask, B, layer.seen, query.device)
+                qv = query_validity(attention_mask, q_len, layer.seen, B, query.device)
+                sel = self.method.select_prefill_chunk(full_logits(query, key, scaling), valid, qv)
+                if sel is not None:   # the chunk itself is always visible (causally) to its own queries
+                    chunk = torch.arange(layer.seen - q_len, layer.seen, device=query.device).expand(B, q_len)
+                    self.selection = (torch.cat([sel[0], chunk], 1), torch.cat([sel[1], valid[:, -q_len:]], 1))
+        return out
 
-    # -- sparse layers ----------------------------------------------------------------------------------------
-    def _attend_selected(self, layer, query, attention_mask, scaling):
-        idx, ok = self.selection                                               # [B, K]
+    def _gather_attention(self, layer, query, idx, ok, attention_mask, scaling):
+        """Attention over slots ``idx`` (``[B, K]``, entries with ``ok == False`` ignored), by gathering them."""
         B, H, q_len, D = query.shape
-        Hkv = layer.keys.shape[1]
-        if q_len == 1 and query.is_cuda and HAS_TRITON:
-            indices = torch.where(ok, idx, torch.full_like(idx, -1)).unsqueeze(1).expand(B, Hkv, idx.shape[1])
-            out = sparse_decode_attention(query[:, :, 0], layer.keys, layer.values, indices, scale=scaling)
-            return out.unsqueeze(1)
-        K = idx.shape[1]
-        gather = idx.view(B, 1, K, 1).expand(B, Hkv, K, D)
-        keys = layer.keys.gather(2, gather)
+        Hkv, K = layer.keys.shape[1], idx.shape[1]
+        keys = layer.keys.gather(2, idx.view(B, 1, K, 1).expand(B, Hkv, K, D))
         values = layer.values.gather(2, idx.view(B, 1, K, 1).expand(B, Hkv, K, layer.values.shape[-1]))
         if attention_mask is None:
             q_cols = torch.arange(layer.seen - q_len, layer.seen, device=idx.device).view(1, q_len, 1)

@@ -7,7 +7,7 @@ import torch
 
 from ..config import resolve_count
 from .base import SparseMethod
-from .selection import select_keep, sink_recent_candidates
+from .selection import select_keep, select_keep_static, sink_recent_candidates
 
 
 def omnikv_decode_scores(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -64,24 +64,30 @@ class OmniKV(SparseMethod):
         budget = self.config.num_top_tokens_in_prefill if prefill else self.config.num_top_tokens
         return resolve_count(budget, length)
 
-    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor):
-        """Selection of an observation layer at a decode step.
+    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, length: int):
+        """Selection of an observation layer at a decode step, without host-device syncs.
 
         Args:
-            logits: ``[B, H, L]`` scaled scores of the current query; valid: ``[B, L]`` bool real tokens.
+            logits: ``[B, H, L]`` scaled scores of the current query; valid: ``[B, L]`` bool real tokens;
+            length: the logical length (host int; fraction budgets resolve against it for the output size and
+            against each row's real token count for that row's budget).
 
         Returns:
-            ``(idx, ok)`` each ``[B, K]`` (slot indices in order, and which entries are real), or ``None`` when
-            every row is short enough to attend to everything.
+            ``(idx, ok)`` each ``[B, K]`` (slot indices, and which entries are real), or ``None`` when the budget
+            covers every token, so the sparse layers attend to everything.
         """
         c = self.config
-        n = valid.sum(-1)
-        tops = torch.tensor([self.top_count(int(x), prefill=False) for x in n.tolist()], device=valid.device)
-        if bool((n <= c.num_sink_tokens + c.num_recent_tokens + tops).all()):
+        top_max = self.top_count(length, prefill=False)
+        if c.num_sink_tokens + c.num_recent_tokens + top_max >= length:
             return None
+        if isinstance(c.num_top_tokens, float):
+            top = (valid.sum(-1).double() * c.num_top_tokens).long()
+        else:
+            top = c.num_top_tokens
         _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
         scores = omnikv_decode_scores(logits, cand[:, 0])
-        idx, ok = select_keep(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens, tops)
+        idx, ok = select_keep_static(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens,
+                                     c.num_recent_tokens, top, c.num_sink_tokens + c.num_recent_tokens + top_max)
         return idx[:, 0], ok[:, 0]
 
     def select_prefill_chunk(self, logits: torch.Tensor, valid: torch.Tensor, query_valid: torch.Tensor):

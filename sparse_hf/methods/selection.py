@@ -65,6 +65,32 @@ def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int,
     return idx.gather(-1, order), ok.gather(-1, order)
 
 
+def select_keep_static(valid: torch.Tensor, scores: torch.Tensor, num_sink: int, num_recent: int,
+                       num_top: torch.Tensor | int, k: int):
+    """:func:`select_keep` with a fixed output size and no host-device sync (decode path, CUDA graphs).
+
+    Args:
+        valid, scores, num_sink, num_recent: as in :func:`select_keep` (``[B, Hkv, L]``).
+        num_top: int or ``[B]`` long, middle tokens per row.
+        k: output size; rows that keep fewer tokens get ``ok == False`` fillers.
+
+    Returns:
+        ``(idx, ok)`` each ``[B, Hkv, k]`` in priority order (not slot order: index-reading kernels do not care).
+    """
+    B, Hkv, L = valid.shape
+    is_sink, is_recent, is_cand = sink_recent_candidates(valid, num_sink, num_recent)
+    protected = is_sink | is_recent
+    prio = torch.where(is_cand, scores.float(), float("-inf"))
+    prio = torch.where(protected, float("inf"), prio)
+    vals, idx = prio.topk(min(k, L), dim=-1)
+    if torch.is_tensor(num_top):
+        num_top = num_top.view(B, 1, 1)
+    rank = torch.arange(idx.shape[-1], device=valid.device).view(1, 1, -1)
+    limit = protected.sum(-1, keepdim=True) + num_top
+    ok = (vals > float("-inf")) & ((vals == float("inf")) | (rank < limit))
+    return idx, ok
+
+
 def max_pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Max-pool ``[..., L]`` scores along ``L`` with stride 1 and same padding, so that neighbours of an
     important token are kept with it (SnapKV's clustering step)."""

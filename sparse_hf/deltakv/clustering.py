@@ -1,0 +1,139 @@
+"""DeltaKV's cluster references and delta compression, as pure tensor functions.
+
+No HF classes here: the HF cache, the training forward and a future engine all call these. Vectors are
+``x = concat(K, V)`` before RoPE, ``[..., D]`` with ``D = 2 * num_kv_heads * head_dim``.
+
+- Centers are the sink tokens plus every ``step``-th token after them, ``step = max(1, int(1 / cluster_ratio))``;
+  centers are kept raw.
+- A token's fathers are its ``k`` nearest **visible** centers (``center_pos <= token_pos``), and its reference is
+  the plain mean of the fathers.
+- ``latent = down(x) - down(ref)`` and ``recon = up(latent) + ref``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("l2", "dot", "cosine")
+
+
+def center_step(cluster_ratio: float) -> int:
+    """Distance between consecutive non-sink centers: ``max(1, int(1 / cluster_ratio))``."""
+    if not 0.0 < cluster_ratio <= 1.0:
+        raise ValueError(f"cluster_ratio={cluster_ratio}: expected a ratio in (0, 1]")
+    return max(1, int(1.0 / cluster_ratio))
+
+
+def center_mask(positions: torch.Tensor, num_sink: int, cluster_ratio: float) -> torch.Tensor:
+    """Which tokens are centers, by position: the ``num_sink`` first ones and every step-th one after them.
+
+    positions: integer tensor of any shape (e.g. ``[B, N]``). Returns a bool tensor of the same shape.
+    """
+    step = center_step(cluster_ratio)
+    rel = positions - num_sink
+    return (positions < num_sink) | ((rel >= 0) & (rel % step == 0))
+
+
+def center_scores(x: torch.Tensor, centers: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Similarity of every token to every center, larger = closer: ``[B, N, D] x [B, M, D] -> [B, N, M]``.
+
+    ``l2`` is ``2 x.c - |c|^2`` (= ``|x|^2 - |x - c|^2``, the same ranking as negative distance without the
+    square root), ``dot`` is ``x.c`` and ``cosine`` is the dot product of unit vectors.
+    """
+    if metric == "l2":
+        return 2.0 * torch.matmul(x, centers.transpose(-1, -2)) - centers.pow(2).sum(-1).unsqueeze(-2)
+    if metric == "dot":
+        return torch.matmul(x, centers.transpose(-1, -2))
+    if metric == "cosine":
+        return torch.matmul(F.normalize(x, dim=-1), F.normalize(centers, dim=-1).transpose(-1, -2))
+    raise ValueError(f"unknown cluster metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+@torch.no_grad()
+def nearest_centers(x: torch.Tensor, centers: torch.Tensor, token_pos: torch.Tensor, center_pos: torch.Tensor,
+                    k: int, metric: str = "l2", center_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's ``k`` best visible centers, best first, as indices into ``centers``.
+
+    Args:
+        x: ``[B, N, D]`` token vectors.
+        centers: ``[B, M, D]`` center vectors.
+        token_pos: ``[B, N]`` positions of the tokens.
+        center_pos: ``[B, M]`` positions of the centers; a center is visible to a token iff
+            ``center_pos <= token_pos`` (causality: a token may be its own center).
+        k: neighbor count.
+        metric: ``"l2"``, ``"dot"`` or ``"cosine"``.
+        center_valid: optional ``[B, M]`` bool, False for padding slots of ``centers``.
+
+    Returns:
+        ``[B, N, k]`` int64 father ids; ``-1`` where fewer than ``k`` centers are visible.
+    """
+    if k < 1:
+        raise ValueError(f"neighbor count k={k}: expected >= 1")
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 scores would mis-rank near ties
+    scores = center_scores(x.to(dtype), centers.to(dtype), metric)
+    visible = center_pos.unsqueeze(-2) <= token_pos.unsqueeze(-1)  # [B, N, M]
+    if center_valid is not None:
+        visible = visible & center_valid.unsqueeze(-2)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    kk = min(k, centers.shape[-2])
+    top, ids = torch.topk(scores, kk, dim=-1) if kk > 0 else (scores[..., :0], scores[..., :0].long())
+    ids = ids.masked_fill(top == float("-inf"), -1)
+    if kk < k:
+        ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], k - kk), -1)], dim=-1)
+    return ids
+
+
+def reference_from_fathers(centers: torch.Tensor, father_ids: torch.Tensor) -> torch.Tensor:
+    """The plain mean of each token's fathers: ``centers [B, M, D]``, ``father_ids [B, N, k]`` -> ``[B, N, D]``.
+
+    Ids of ``-1`` are skipped; a token with no father gets a zero reference (it is then stored as-is).
+    Differentiable with respect to ``centers``.
+    """
+    b, n, k = father_ids.shape
+    d = centers.shape[-1]
+    valid = father_ids >= 0
+    idx = father_ids.clamp(min=0).reshape(b, n * k, 1).expand(-1, -1, d)
+    gathered = centers.gather(1, idx).reshape(b, n, k, d)
+    weights = valid.to(centers.dtype).unsqueeze(-1)
+    count = valid.sum(-1, keepdim=True).clamp(min=1).to(centers.dtype)
+    return (gathered * weights).sum(2) / count
+
+
+def compress(x: torch.Tensor, ref: torch.Tensor, compressor: Any, layer: int) -> torch.Tensor:
+    """``latent = down(x) - down(ref)``: ``[..., D]`` -> ``[..., latent]`` in the compressor's dtype."""
+    return compressor.down(layer, x) - compressor.down(layer, ref)
+
+
+def reconstruct(latent: torch.Tensor, ref: torch.Tensor, compressor: Any, layer: int) -> torch.Tensor:
+    """``recon = up(latent) + ref``: ``[..., latent]`` -> ``[..., D]`` in the dtype of ``ref``."""
+    return (compressor.up(layer, latent) + ref.to(compressor.dtype)).to(ref.dtype)
+
+
+def cluster_reconstruct(x: torch.Tensor, compressor: Any, layer: int, num_sink: int = 16,
+                        cluster_ratio: float = 0.1, k: int = 4, metric: str = "l2",
+                        positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Compress and rebuild a whole sequence the way DeltaKV training does: ``[B, N, D] -> [B, N, D]``.
+
+    Tokens at position ``< num_sink`` stay raw; every other token (centers included) is replaced by
+    ``up(down(x) - down(ref)) + ref``, with ``ref`` the mean of its ``k`` nearest visible raw centers.
+    ``positions`` defaults to ``arange(N)`` for every row.
+    """
+    b, n, _ = x.shape
+    if positions is None:
+        positions = torch.arange(n, device=x.device).expand(b, n)
+    is_center = center_mask(positions[0], num_sink, cluster_ratio)
+    if not torch.equal(center_mask(positions, num_sink, cluster_ratio), is_center.expand(b, n)):
+        raise ValueError("cluster_reconstruct needs the same positions in every row (packed training batches)")
+    tail = positions[0] >= num_sink
+    if not bool(tail.any()):
+        return x
+    centers = x[:, is_center]
+    fathers = nearest_centers(x[:, tail], centers, positions[:, tail], positions[:, is_center], k, metric)
+    ref = reference_from_fathers(centers, fathers)
+    recon = reconstruct(compress(x[:, tail], ref, compressor, layer), ref, compressor, layer)
+    out = x.clone()
+    out[:, tail] = recon
+    return out

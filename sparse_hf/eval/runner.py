@@ -1,0 +1,182 @@
+"""``run_eval``: generate over the grid methods x budgets x tasks x lengths (x depths), score, and report.
+
+Greedy decoding, batch size 1. ``full`` is plain ``model.generate``; a sparse method is
+``model.generate(..., cache_implementation=method, cache_config=budget_to_cache_config(...))`` (the caches are
+registered by ``import sparse_hf``). Every prediction is appended to ``predictions.jsonl`` as soon as it is
+scored, so an interrupted run resumes where it stopped: keys already in the file are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .grid import parse_budgets, parse_depths, parse_lengths, parse_methods
+from .metrics import score_sample
+from .plots import make_plots
+from .report import read_predictions, record_key, summarize, write_summary
+from .tasks import build_samples, is_needle, parse_tasks
+
+#: Per-method defaults added to the budget; user ``cache_config`` entries override them.
+METHOD_DEFAULTS = {
+    "snapkv": {"num_sink_tokens": 4, "num_recent_tokens": 32, "window_size": 32},
+    "pyramidkv": {"num_sink_tokens": 4, "num_recent_tokens": 32, "window_size": 32},
+    "omnikv": {},
+    "deltakv": {},
+}
+
+
+def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra: dict | None = None) -> dict | None:
+    """The ``cache_config`` that gives ``method`` a KV budget of ``fraction`` of a ``prompt_len``-token prompt.
+
+    * ``full``: ``None`` (vanilla generate, no budget).
+    * ``streamingllm``: 4 sink tokens plus ``max(1, int(fraction * prompt_len) - 4)`` recent tokens, so sinks
+      and window together hold about ``fraction`` of the prompt.
+    * ``snapkv`` / ``pyramidkv``: ``num_top_tokens=fraction`` (a float: a fraction of the prompt) with 4 sinks, a
+      32-token recent window and a 32-token observation window.
+    * ``omnikv`` / ``deltakv``: ``num_top_tokens=fraction``, the other knobs at their ``SparseConfig`` defaults.
+
+    ``extra`` (e.g. ``{"deltakv_path": ...}``) is merged last; the result is validated by ``SparseConfig``.
+    """
+    methods = parse_methods([method])
+    method = methods[0]
+    if method == "full":
+        return None
+    fraction = parse_budgets([fraction])[0]
+    if method == "streamingllm":
+        config = {"num_sink_tokens": 4, "num_recent_tokens": max(1, int(fraction * prompt_len) - 4)}
+    else:
+        config = {"num_top_tokens": float(fraction), **METHOD_DEFAULTS[method]}
+    config.update(extra or {})
+    from ..config import SparseConfig
+
+    SparseConfig.from_dict(config)  # unknown knobs / bad values raise here, before any generation
+    return config
+
+
+def encode_sample(tokenizer, sample: dict, use_chat_template="auto"):
+    """Token ids (1 x n tensor) of the sample's prompt plus answer prefix, with the chat template if due.
+
+    ``use_chat_template``: ``"auto"`` applies the tokenizer's template when it has one and the task allows it
+    (LongBench few-shot/code tasks do not); ``True`` forces it where the task allows it; ``False`` never.
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if use_chat_template not in ("auto", True, False):
+        raise ValueError(f"use_chat_template={use_chat_template!r}: expected 'auto', True or False")
+    if use_chat_template is True and not has_template:
+        raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+    if use_chat_template and has_template and sample.get("chat_template", True):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)
+        text += sample.get("answer_prefix", "").lstrip()
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return tokenizer(sample["prompt"] + sample.get("answer_prefix", ""), return_tensors="pt")["input_ids"]
+
+
+def generate_one(model, tokenizer, input_ids, method: str, cache_config: dict | None, max_new_tokens: int) -> str:
+    """Greedy generation of at most ``max_new_tokens`` tokens; returns the decoded continuation."""
+    import torch
+
+    input_ids = input_ids.to(model.device)
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    if method != "full":
+        kwargs.update(cache_implementation=method, cache_config=cache_config)
+    with torch.inference_mode():
+        out = model.generate(**kwargs)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from .longbench import load_longbench
+
+    cells = [(t, n, d) for t in tasks for n in lengths for d in (depths if is_needle(t) else [None])]
+    rows_cache: dict[str, list[dict]] = {}
+    samples: list[dict] = []
+    for task, length, depth in tqdm(cells, desc="building prompts", disable=not progress):
+        rows = None
+        if task.startswith("longbench:"):
+            if task not in rows_cache:
+                rows_cache[task] = load_longbench(task[10:], longbench_dir)
+            rows = rows_cache[task]
+        samples += build_samples(task, tokenizer, length, num_samples, seed, depth, longbench_dir, rows)
+    return samples
+
+
+def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths=(1024,), depths=(0.0, 0.5, 1.0),
+             num_samples: int = 5, seed: int = 0, output_dir="eval_out", max_new_tokens: int | None = None,
+             use_chat_template="auto", progress: bool = True, longbench_dir=None,
+             cache_config: dict | None = None) -> dict:
+    """Evaluate ``methods`` x ``budgets`` on ``tasks`` x ``lengths`` (x ``depths`` for needle tasks).
+
+    Grid arguments accept lists or comma-separated strings and are validated up front (``ValueError``).
+    ``full`` runs once (recorded with budget 1.0); each sparse method runs once per budget. ``num_samples``
+    samples per cell are built deterministically from ``seed``. ``max_new_tokens`` overrides every task's own
+    generation length. ``cache_config`` adds knobs to every sparse run (e.g. ``{"deltakv_path": ...}``).
+
+    Writes ``predictions.jsonl``, ``summary.json``, ``summary.md`` and PNG plots into ``output_dir`` and returns
+    the summary dict (``results``, ``by_depth``, ``overall``, ``config``, ``num_generated``, ``num_skipped``,
+    ``files``). Only predictions of the requested grid enter the summary.
+    """
+    from tqdm.auto import tqdm
+
+    tasks, methods = parse_tasks(tasks), parse_methods(methods)
+    lengths, depths = parse_lengths(lengths), parse_depths(depths)
+    sparse = [m for m in methods if m != "full"]
+    budgets = parse_budgets(budgets) if sparse else []
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r}: expected an int >= 1")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+    for method in sparse:  # fail on bad knobs before building any prompt
+        budget_to_cache_config(method, budgets[0], 1024, cache_config)
+    runs = ([("full", 1.0)] if "full" in methods else []) + [(m, b) for m in sparse for b in budgets]
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = output_dir / "predictions.jsonl"
+    existing = read_predictions(pred_path)
+    done = {record_key(r) for r in existing}
+
+    samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress)
+    todo = [(m, b, s) for m, b in runs for s in samples
+            if (m, b, s["task"], s["context_length"], s["depth"], s["id"]) not in done]
+    grid_keys = {(m, b, s["task"], s["context_length"], s["depth"], s["id"]) for m, b in runs for s in samples}
+
+    model.eval()
+    new_records = []
+    with open(pred_path, "a", encoding="utf-8") as out:
+        for method, budget, sample in tqdm(todo, desc="generating", disable=not progress):
+            input_ids = encode_sample(tokenizer, sample, use_chat_template)
+            config = budget_to_cache_config(method, budget, input_ids.shape[1], cache_config)
+            start = time.perf_counter()
+            prediction = generate_one(model, tokenizer, input_ids, method, config,
+                                      max_new_tokens or sample["max_new_tokens"])
+            record = {
+                "method": method, "budget": budget, "task": sample["task"], "length": sample["context_length"],
+                "depth": sample["depth"], "id": sample["id"], "prediction": prediction,
+                "answers": sample["answers"], "score": score_sample(prediction, sample), "metric": sample["metric"],
+                "prompt_tokens": int(input_ids.shape[1]), "cache_config": config,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            out.write(json.dumps(record, default=str) + "\n")
+            out.flush()
+            new_records.append(record)
+
+    records = [r for r in existing + new_records if record_key(r) in grid_keys]
+    summary = summarize(records)
+    summary["config"] = {"tasks": tasks, "methods": methods, "budgets": budgets, "lengths": lengths,
+                         "depths": depths, "num_samples": num_samples, "seed": seed,
+                         "max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template,
+                         "cache_config": cache_config}
+    summary["num_generated"], summary["num_skipped"] = len(new_records), len(grid_keys) - len(todo)
+    json_path, md_path = write_summary(summary, output_dir)
+    plots = make_plots(summary, output_dir)
+    summary["files"] = [str(p) for p in (pred_path, json_path, md_path, *plots)]
+    return summary
