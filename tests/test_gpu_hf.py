@@ -10,8 +10,9 @@ pytestmark = pytest.mark.gpu
 
 CONFIGS = {
     "streamingllm": dict(num_sink_tokens=2, num_recent_tokens=9),
-    "snapkv": dict(num_sink_tokens=2, num_top_tokens=6, num_recent_tokens=8, window_size=4, pool_kernel_size=3),
-    "pyramidkv": dict(num_sink_tokens=2, num_top_tokens=8, num_recent_tokens=8, window_size=4),
+    # pool_kernel_size=1: max-pooling makes exact score ties, which CPU and GPU top-k may break differently
+    "snapkv": dict(num_sink_tokens=2, num_top_tokens=6, num_recent_tokens=8, window_size=4, pool_kernel_size=1),
+    "pyramidkv": dict(num_sink_tokens=2, num_top_tokens=8, num_recent_tokens=8, window_size=4, pool_kernel_size=1),
     "omnikv": dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2"),
 }
 
@@ -70,4 +71,5 @@ def test_cuda_graph_decode_matches_eager(method):
         runs.append((torch.cat(tokens, 1), torch.stack(all_logits), decoder.captures))
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-4, rtol=1e-4)
-    assert runs[1][2] >= 2, "the graph must have been captured, and re-captured after the buffers grew"
+    # eviction caches are sized prompt-kept + reserve, so they grow and the graph is captured again
+    assert runs[1][2] >= (1 if method == "omnikv" else 2)

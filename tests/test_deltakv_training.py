@@ -1,0 +1,190 @@
+"""DeltaKV compressor training: data packing, the HF Trainer loop, compressor-only checkpoints, resume, the CLI."""
+
+import json
+import os
+import random
+import string
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+from sparse_hf.deltakv import DeltaKVCompressor
+from sparse_hf.trainer.cli import build_trainer, run
+from sparse_hf.trainer.data import PackedCollator, build_train_dataset, load_documents, pack_documents
+from sparse_hf.trainer.trainer import DeltaKVTrainingModel
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=128, bos_token_id=1, eos_token_id=2)
+WORDS = "the cat sat on a mat while dogs ran over hills and birds sang in tall green trees".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on this 2-core box run ~100x slower with 2 threads (contention)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def char_tokenizer():
+    """An offline character-level tokenizer: <unk>=0, <s>=1, </s>=2, then printable characters."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(set(string.printable) - set("\x0b\x0c")):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny random Llama + tokenizer saved to disk, and a small jsonl corpus."""
+    root = tmp_path_factory.mktemp("deltakv_train")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(120):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))}) + "\n")
+    return root
+
+
+def argv(workdir, out, *extra):
+    return ["--model", str(workdir / "model"), "--dataset", str(workdir / "docs.jsonl"), "--output_dir", str(out),
+            "--kv_compressed_size", "16", "--block_size", "64", "--per_device_train_batch_size", "2",
+            "--learning_rate", "1e-2", "--logging_steps", "5", "--use_cpu", "--disable_tqdm", "true",
+            "--report_to", "none", *extra]
+
+
+# -- data ---------------------------------------------------------------------------------------------------------------
+def test_pack_documents_is_bos_text_eos_concatenated(tmp_path):
+    import datasets
+
+    tok = char_tokenizer()
+    docs = datasets.Dataset.from_dict({"text": ["ab", "cde", "fg"]})
+    packed = pack_documents(docs, tok, block_size=4, shuffle_seed=None)
+    a, b, c, d, e, f, g = (tok.convert_tokens_to_ids(ch) for ch in "abcdefg")
+    assert [list(x) for x in packed["input_ids"]] == [[1, a, b, 2], [1, c, d, e], [2, 1, f, g]]  # last </s> dropped
+    batch = PackedCollator()([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5, 6]}])
+    assert torch.equal(batch["labels"], batch["input_ids"]) and batch["input_ids"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "dir"])
+def test_local_sources(tmp_path, fmt):
+    import datasets
+
+    texts = [" ".join(WORDS[i:i + 6]) for i in range(10)]
+    if fmt == "txt":
+        (tmp_path / "d.txt").write_text("\n".join(texts))
+        source = tmp_path / "d.txt"
+    elif fmt == "parquet":
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "d.parquet"))
+        source = tmp_path / "d.parquet"
+    else:
+        os.makedirs(tmp_path / "dir", exist_ok=True)
+        for i in range(2):
+            with open(tmp_path / "dir" / f"part{i}.jsonl", "w") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i::2])
+        source = tmp_path / "dir" if fmt == "dir" else tmp_path / "dir" / "part0.jsonl"
+    docs = load_documents(str(source))
+    assert len(docs) == (5 if fmt == "jsonl" else 10)
+    blocks = build_train_dataset(str(source), char_tokenizer(), block_size=16, max_blocks=3)
+    assert len(blocks) == 3 and all(len(ids) == 16 for ids in blocks["input_ids"])
+
+
+def test_data_errors(tmp_path, monkeypatch):
+    import datasets
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_documents(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no 'text' column"):
+        load_documents(str(tmp_path / "d.jsonl"))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(OSError, match="pass a local .txt/.jsonl/.parquet file"):
+        load_documents("HuggingFaceFW/fineweb-edu")
+
+
+# -- training -------------------------------------------------------------------------------------------------------------
+def test_training_lowers_loss_and_saves_only_the_compressor(workdir, tmp_path):
+    trainer = build_trainer(argv(workdir, tmp_path / "out", "--max_steps", "30", "--save_strategy", "no",
+                                 "--eval_blocks", "4"))
+    model = trainer.model
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    with torch.no_grad():
+        before = model(trainer.held_out)["loss"].item()
+    trainer.train()
+    with torch.no_grad():
+        after = model(trainer.held_out)["loss"].item()
+    assert after < before - 0.02, (before, after)
+    assert all(torch.equal(v, model.base.state_dict()[k]) for k, v in base_before.items())  # base frozen
+
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("layers.") and (".down." in k or ".up." in k) for k in keys)
+    loaded = DeltaKVCompressor.from_pretrained(out)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.compressor.state_dict().items())
+    card = (out / "README.md").read_text()
+    assert "| neighbor_count | 4 |" in card and "| steps | 30 |" in card
+
+
+def test_cli_run_resume_gives_the_same_compressor(workdir, tmp_path):
+    common = ("--max_steps", "20", "--save_steps", "10", "--eval_blocks", "2")
+    first = run(argv(workdir, tmp_path / "a", *common))
+    assert os.path.isdir(tmp_path / "a" / "checkpoint-10")
+    assert "perplexity (DeltaKV)" in first.quality
+    assert "| perplexity (DeltaKV) | not measured |" not in (tmp_path / "a" / "README.md").read_text()
+    resumed = run(argv(workdir, tmp_path / "b", *common, "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-10")))
+    assert resumed.state.global_step == 20
+    a = DeltaKVCompressor.from_pretrained(tmp_path / "a").state_dict()
+    b = DeltaKVCompressor.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fresh = DeltaKVCompressor.from_pretrained(tmp_path / "a" / "checkpoint-10").state_dict()
+    assert not all(torch.allclose(a[k], fresh[k]) for k in a)  # the resumed run did train further
+
+
+def test_raw_pass_target_and_gradients_reach_only_the_compressor():
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(Qwen3Config(**TINY))
+    comp = DeltaKVCompressor.for_model(base.config, kv_compressed_size=8, down_type="mlp_swiglu", intermediate_size=16)
+    model = DeltaKVTrainingModel(base, comp, cluster_ratio=0.25, neighbor_count=2, mse_target="raw_pass")
+    out = model(torch.randint(0, 128, (2, 40)))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["recon_mse"] > 0
+    assert all(p.grad is not None for p in comp.parameters())
+    # down's output bias cancels in down(x) - down(ref): it is the only compressor tensor without a gradient
+    assert {n for n, p in comp.named_parameters() if p.grad.abs().sum() == 0} == {f"layers.{i}.down.w3.bias" for i in (0, 1)}
+    assert all(p.grad is None for p in base.parameters())
+    with pytest.raises(ValueError, match="unpadded packed blocks"):
+        model(torch.randint(0, 128, (1, 20)), attention_mask=torch.tensor([[0] * 5 + [1] * 15]))
+    with pytest.raises(ValueError, match="mse_target"):
+        DeltaKVTrainingModel(base, comp, mse_target="both")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+        model = DeltaKVTrainingModel(base, DeltaKVCompressor.for_model(base.config, kv_compressed_size=8))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(torch.arange(80).remainder(128).view(2, 40))["loss"].backward()
+        grads.append([p.grad.clone() for p in model.compressor.parameters()])
+        model.release()
+        assert "forward" not in vars(base.model.layers[0].self_attn)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
