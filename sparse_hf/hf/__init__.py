@@ -5,11 +5,13 @@ from __future__ import annotations
 from ..methods import METHODS
 from .cache import EvictionCache, SparseCache
 from .cuda_graph import GraphDecoder
+from .deltakv_cache import CompressedCache
 from .selection_cache import SelectionCache
 from .integration import CACHE_CLASSES, build_cache, install, prepare_model, register_cache_class
 
 #: Cache base class per method family; a method's cache class is derived from its family's.
-FAMILY_CACHES: dict[str, type[SparseCache]] = {"evict": EvictionCache, "mask": SelectionCache}
+FAMILY_CACHES: dict[str, type[SparseCache]] = {"evict": EvictionCache, "mask": SelectionCache,
+                                                 "compress": CompressedCache}
 
 
 def _make_cache_class(name: str, method_cls) -> type[SparseCache]:

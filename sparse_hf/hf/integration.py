@@ -39,13 +39,31 @@ def build_cache(name: str, model_config, cache_config=None) -> SparseCache:
 
 
 def _attention_pre_hook(module, args, kwargs):
+    module.__dict__["_sparse_hf_capture_k"] = False
     for key in _CACHE_KEYS:
         cache = kwargs.get(key)
         if isinstance(cache, SparseCache):
             cache.hooked = True
             kwargs[CACHE_KWARG] = cache
+            module.__dict__["_sparse_hf_capture_k"] = getattr(cache, "needs_raw_keys", False)
             break
     return args, kwargs
+
+
+def _raw_key_hook(attention):
+    """Forward hook for ``attention.k_proj``: keeps its output (keys before any norm and RoPE) for caches
+    that compress raw keys (DeltaKV); the cache pops it, so nothing outlives the layer's call."""
+    def hook(_module, _args, output):
+        if attention.__dict__.get("_sparse_hf_capture_k"):
+            attention.__dict__["_sparse_hf_raw_k"] = output
+    return hook
+
+
+def _rotary_embedding(model):
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            return module
+    return None
 
 
 def prepare_model(model) -> None:
@@ -55,10 +73,14 @@ def prepare_model(model) -> None:
     register_attention()
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    rotary = _rotary_embedding(model)
     for module in model.modules():
         if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention"):
             if not getattr(module, "_sparse_hf_hooked", False):
                 module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
+                if hasattr(module, "k_proj"):
+                    module.k_proj.register_forward_hook(_raw_key_hook(module))
+                module.__dict__["_sparse_hf_rotary"] = rotary   # a plain attribute, not a submodule
                 module._sparse_hf_hooked = True
 
 

@@ -78,8 +78,12 @@ class SelectionCache(SparseCache):
                 attention_mask, query.shape[0], layer.seen, query.device)
             out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
             logits = full_logits(query, key, scaling)[:, :, 0]
-        self.selection = self.method.select_decode(logits, valid, layer.seen)
+        self.observe(logits, valid, layer.seen)
         return out
+
+    def observe(self, logits: torch.Tensor, valid: torch.Tensor, length: int) -> None:
+        """An observation layer's decode scores (``logits`` ``[B, H, L]``) become the sparse layers' selection."""
+        self.selection = self.method.select_decode(logits, valid, length)
 
     def _decode_selected(self, layer, query, attention_mask, scaling):
         idx, ok = self.selection                                               # [B, K]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import SparseMethod
+from .deltakv import DeltaKV
 from .omnikv import OmniKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
@@ -13,6 +14,7 @@ METHODS: dict[str, type[SparseMethod]] = {
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
     "omnikv": OmniKV,
+    "deltakv": DeltaKV,
 }
 
 

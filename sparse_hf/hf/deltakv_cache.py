@@ -1,0 +1,224 @@
+"""``CompressedCache``: DeltaKV on the HF path.
+
+Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :class:`DeltaKVLayer`:
+
+- raw tokens (the head: padding + sinks, and the recent buffer), post-RoPE K/V plus their pre-RoPE
+  ``x = concat(K, V)`` for later compression;
+- compressed tokens: ``latent`` ``[B, N, latent]``, ``fathers`` ``[B, N, k]`` (indices into the centers)
+  and RoPE positions; no K/V is kept for them;
+- centers: raw pre-RoPE ``x`` of the sinks and of every ``step``-th compressed token.
+
+Logical columns are shared by the rows of a batch: the head covers every row's padding and sinks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..deltakv import DeltaKVCompressor
+from ..deltakv.clustering import compress, nearest_centers, reconstruct, reference_from_fathers
+from .attention import masked_attention
+from .layer import SlotLayer
+from .selection_cache import SelectionCache, column_validity
+from .cache import query_validity
+
+
+def _cat(a, b, dim):
+    return b if a is None else torch.cat([a, b], dim)
+
+
+def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``k`` ``[B, Hkv, n, D]`` with ``cos``/``sin`` ``[B, n, D]`` (HF's rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = k.shape[-1] // 2
+    rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return k * cos + rotated * sin
+
+
+class DeltaKVLayer(SlotLayer):
+    """One compressed layer (see the module docstring). Reuses ``SlotLayer``'s HF cache API; its slot
+    buffers hold only the raw tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.raw_x = self.raw_pos = None          # [B, n_raw, Dx], [B, n_raw] RoPE positions
+        self.head_end = None                      # columns < head_end stay raw forever
+        self.latent = self.fathers = self.comp_pos = None
+        self.num_compressed = 0
+        self.center_x = self.center_valid = None  # [B, M, Dx], [B, M]
+        self.center_cols = None                   # [M] logical columns of the centers
+        self.num_head_centers = 0
+
+    def append_raw_x(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        self.raw_x = _cat(self.raw_x, x, 1)
+        self.raw_pos = _cat(self.raw_pos, pos.to(torch.int32), 1)
+
+    def allocated_bytes(self) -> int:
+        extra = [self.raw_x, self.raw_pos, self.latent, self.fathers, self.comp_pos, self.center_x]
+        return super().allocated_bytes() + sum(t.numel() * t.element_size() for t in extra if t is not None)
+
+    def used_bytes(self) -> int:
+        return self.allocated_bytes() - super().allocated_bytes() + super().used_bytes()
+
+    def kept_per_row(self) -> list[int]:
+        raw = (self.positions[:, 0] >= 0).sum(-1)
+        return (raw + self.num_compressed).tolist()
+
+    def _index_batch(self, index):
+        super()._index_batch(index)
+        index = index.to(self.device)
+        for name in ("raw_x", "raw_pos", "latent", "fathers", "comp_pos", "center_x", "center_valid"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index])
+
+
+class CompressedCache(SelectionCache):
+    """The ``deltakv`` cache. Knobs: OmniKV's plus ``compressor`` (a :class:`DeltaKVCompressor`) or
+    ``deltakv_path`` (a directory or Hub id), ``cluster_ratio`` and ``deltakv_neighbor_count``."""
+
+    needs_raw_keys = True
+
+    def __init__(self, config, sparse_config=None, **knobs):
+        super().__init__(config, sparse_config, **knobs)
+        c = self.sparse_config
+        comp = c.compressor if c.compressor is not None else DeltaKVCompressor.from_pretrained(c.deltakv_path)
+        if not isinstance(comp, DeltaKVCompressor):
+            raise ValueError(f"compressor must be a DeltaKVCompressor, got {type(comp).__name__}")
+        comp.check_compatible(self.model_config)
+        missing = [i for i in self.method.sparse_layers() if i not in comp.config.layer_indices]
+        if missing:
+            raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses "
+                             f"(every layer not in full_attn_layers={list(self.method.full_layers)})")
+        self.compressor = comp.eval()
+        self.obs_scores = None
+
+    def make_layer(self, layer_idx: int):
+        return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
+
+    def observe(self, logits, valid, length):
+        from ..methods.omnikv import omnikv_decode_scores
+        from ..methods.selection import sink_recent_candidates
+
+        c = self.sparse_config
+        _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
+        self.obs_scores = omnikv_decode_scores(logits, cand[:, 0])
+        self.selection = None
+
+    def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        i = module.layer_idx
+        raw_k = module.__dict__.pop("_sparse_hf_raw_k", None)
+        if self.method.is_full(i):
+            if query.shape[2] > 1 and self.method.is_observer(i):
+                self.obs_scores = None
+            return super().attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        layer = self.layers[i]
+        B, H, q_len, D = query.shape
+        if raw_k is None:
+            raise RuntimeError("deltakv needs the pre-RoPE keys; call sparse_hf.prepare_model(model) first")
+        Hkv = layer.keys.shape[1]
+        if self.compressor.device != query.device:
+            self.compressor.to(query.device)
+        new_v = layer.values[:, :, -q_len:]                  # `value` is the whole raw store after update
+        x = torch.cat([raw_k.reshape(B, q_len, -1), new_v.transpose(1, 2).reshape(B, q_len, -1)], -1)
+        pos = kwargs.get("position_ids")
+        pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
+                                                                       device=x.device).expand(B, q_len)
+        layer.append_raw_x(x, pos)
+        if attention_mask is not None and layer.head_end is None:
+            layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
+                               .unsqueeze(1).expand(B, Hkv, layer.seen))
+        out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
+        if self.prompt_complete(layer):
+            self._flush(module, layer)
+        return out, None
+
+    # -- attention ------------------------------------------------------------------------------------------------
+    def _attend_layer(self, module, layer, query, attention_mask, scaling, q_len):
+        keys, values, cols, valid = layer.keys, layer.values, layer.positions, layer.positions >= 0
+        if layer.num_compressed:
+            pick = None
+            if q_len == 1 and self.obs_scores is not None:
+                start = layer.head_end
+                pick = self.method.pick(self.obs_scores[:, start:start + layer.num_compressed],
+                                        layer.num_compressed, layer.seen)
+            rk, rv, rcols = self._rebuild(module, layer, pick)
+            keys, values = torch.cat([keys, rk], 2), torch.cat([values, rv], 2)
+            cols = torch.cat([cols, rcols], 2)
+            valid = torch.cat([valid, torch.ones_like(rcols, dtype=torch.bool)], 2)
+        q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device).view(1, 1, q_len, 1)
+        allowed = (cols.unsqueeze(2) <= q_cols) & valid.unsqueeze(2)
+        if attention_mask is not None:   # padding queries of a prefill chunk: keep SDPA away from empty rows
+            allowed = allowed | ~query_validity(attention_mask, q_len, layer.seen, query.shape[0],
+                                                query.device).view(query.shape[0], 1, q_len, 1)
+        return masked_attention(query, keys, values, allowed, scaling)
+
+    def _rebuild(self, module, layer, pick):
+        """Rebuild compressed tokens ``pick`` (``[B, k]`` offsets; ``None`` = all) as post-RoPE K/V."""
+        B, Hkv = layer.keys.shape[:2]
+        D = layer.keys.shape[-1]
+        n = layer.num_compressed
+        if pick is None:
+            pick = torch.arange(n, device=layer.latent.device).expand(B, n)
+        k = pick.shape[1]
+        latent = layer.latent.gather(1, pick.unsqueeze(-1).expand(B, k, layer.latent.shape[-1]))
+        fathers = layer.fathers.gather(1, pick.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
+        ref = reference_from_fathers(layer.center_x, fathers)
+        x = reconstruct(latent, ref, self.compressor, module.layer_idx).to(layer.center_x.dtype)
+        center = self.method.is_center(pick)
+        if bool(center.any()):
+            cidx = (layer.num_head_centers + pick // self.method.step).clamp(max=layer.center_x.shape[1] - 1)
+            cx = layer.center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, x.shape[-1]))
+            x = torch.where(center.unsqueeze(-1), cx, x)
+        kx, vx = x[..., : Hkv * D].view(B, k, Hkv, D), x[..., Hkv * D:].view(B, k, Hkv, -1)
+        if getattr(module, "k_norm", None) is not None:
+            kx = module.k_norm(kx)
+        pos = layer.comp_pos.gather(1, pick).long()
+        cos, sin = module.__dict__["_sparse_hf_rotary"](vx, pos)
+        keys = rotate(kx.transpose(1, 2), cos.to(kx.dtype), sin.to(kx.dtype))
+        cols = (layer.head_end + pick).unsqueeze(1).expand(B, Hkv, k)
+        return keys.to(layer.keys.dtype), vx.transpose(1, 2).to(layer.values.dtype), cols
+
+    # -- compression ----------------------------------------------------------------------------------------------
+    def _flush(self, module, layer) -> None:
+        """Compress the oldest raw-buffer tokens once the buffer holds twice ``num_recent_tokens``."""
+        c = self.sparse_config
+        if layer.head_end is None:
+            first_valid = (layer.positions[:, 0] < 0).sum(-1).max()
+            layer.head_end = int(first_valid) + c.num_sink_tokens
+            head = min(layer.head_end, layer.num_slots)
+            layer.center_x = layer.raw_x[:, :head]
+            layer.center_valid = layer.positions[:, 0, :head] >= 0
+            layer.center_cols = torch.arange(head, device=layer.raw_x.device)
+            layer.num_head_centers = head
+        start = layer.head_end + layer.num_compressed        # first buffer column
+        buffered = layer.seen - start
+        count = self.method.flush_count(buffered)
+        if count == 0:
+            return
+        first = layer.num_slots - buffered                   # slot of the first buffer token
+        x = layer.raw_x[:, first:first + count]
+        pos = layer.raw_pos[:, first:first + count]
+        cols = torch.arange(start, start + count, device=x.device)
+        rel = cols - layer.head_end
+        is_center = self.method.is_center(rel)
+        B = x.shape[0]
+        layer.center_x = torch.cat([layer.center_x, x[:, is_center]], 1)
+        layer.center_valid = torch.cat([layer.center_valid, is_center[is_center].expand(B, -1)], 1)
+        layer.center_cols = torch.cat([layer.center_cols, cols[is_center]])
+        fathers = nearest_centers(x, layer.center_x, cols.expand(B, count), layer.center_cols.expand(B, -1),
+                                  c.deltakv_neighbor_count, center_valid=layer.center_valid)
+        with torch.no_grad():
+            latent = compress(x, reference_from_fathers(layer.center_x, fathers), self.compressor,
+                              module.layer_idx)
+        layer.latent = _cat(layer.latent, latent, 1)
+        layer.fathers = _cat(layer.fathers, fathers.to(torch.int32), 1)
+        layer.comp_pos = _cat(layer.comp_pos, pos, 1)
+        layer.num_compressed += count
+        keep = torch.cat([torch.arange(first, device=x.device),
+                          torch.arange(first + count, layer.num_slots, device=x.device)])
+        layer.raw_x = layer.raw_x[:, keep]
+        layer.raw_pos = layer.raw_pos[:, keep]
+        Hkv = layer.keys.shape[1]
+        idx = keep.view(1, 1, -1).expand(B, Hkv, -1)
+        layer.keep(idx, layer.positions.gather(2, idx) >= 0)

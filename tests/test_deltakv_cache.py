@@ -1,0 +1,164 @@
+"""The DeltaKV cache on the HF path: exactness with an identity compressor, the selection against a naive
+oracle, real memory savings, and bad input."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import sparse_hf
+from sparse_hf.deltakv import DeltaKVCompressor
+from helpers import ARCHS, greedy, left_padded_batch, tiny_model
+
+BASE = dict(full_attn_layers="0,1", num_sink_tokens=2, num_recent_tokens=4, cluster_ratio=0.25,
+            deltakv_neighbor_count=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_compressor_matches_full_cache(arch):
+    model = tiny_model(arch, layers=4)
+    ids, mask = left_padded_batch((48, 37))
+    ref = greedy(model, ids, mask, new_tokens=16, output_logits=True, return_dict_in_generate=True)
+    cfg = dict(BASE, compressor=DeltaKVCompressor.identity_for(model.config), num_top_tokens=1.0)
+    out = greedy(model, ids, mask, new_tokens=16, cache_implementation="deltakv", cache_config=cfg,
+                 output_logits=True, return_dict_in_generate=True)
+    assert out.past_key_values.layers[2].num_compressed > 30          # most tokens went through compression
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# -- naive oracle: full cache; DeltaKV layers see head + top-k compressed columns + raw buffer ---------------------
+ORACLE: dict = {}
+
+
+def _oracle(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    cfg, i = ORACLE["cfg"], module.layer_idx
+    B, Hkv, L, _ = key.shape
+    q_len = query.shape[2]
+    if i == 0 and q_len == 1:
+        _advance_flush(L - 1)                       # compression happened after the previous forward
+    if i in (0, 1):
+        if i == 1 and q_len == 1:
+            ORACLE["scores"] = _naive_scores(query, key, attention_mask, scaling, cfg)
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+        return out
+    if q_len > 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    head, n = ORACLE["head"], ORACLE["n"]
+    allowed = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+    for b in range(B):
+        allowed[b, 0, 0, :head] = True
+        allowed[b, 0, 0, head + n:] = True
+        region = ORACLE["scores"][b][head:head + n]
+        top = cfg["num_top_tokens"]
+        chosen = sorted(range(n), key=lambda j: -region[j])[:top] if n > top else range(n)
+        for j in chosen:
+            allowed[b, 0, 0, head + j] = True
+    if attention_mask is not None:
+        allowed &= attention_mask
+    G = query.shape[1] // Hkv
+    out = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, G), repeat_kv(value, G),
+                                                           attn_mask=allowed, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def _advance_flush(seen):
+    r = ORACLE["cfg"]["num_recent_tokens"]
+    buffered = seen - ORACLE["head"] - ORACLE["n"]
+    if buffered >= 2 * r:
+        ORACLE["n"] += (buffered - r) // r * r
+
+
+def _naive_scores(query, key, attention_mask, scaling, cfg):
+    B, H = query.shape[:2]
+    G = H // key.shape[1]
+    scores = []
+    for b in range(B):
+        cols = [c for c in range(key.shape[2]) if attention_mask is None or bool(attention_mask[b, 0, -1, c])]
+        cands = cols[cfg["num_sink_tokens"]:len(cols) - cfg["num_recent_tokens"]]
+        row = [float("-inf")] * key.shape[2]
+        for h in range(H):
+            logits = torch.stack([(query[b, h, 0].double() @ key[b, h // G, c].double()) * scaling for c in cands])
+            for c, p in zip(cands, torch.softmax(logits, 0).tolist()):
+                row[c] = max(row[c], p)
+        scores.append(row)
+    return scores
+
+
+AttentionInterface.register("deltakv_oracle", _oracle)
+AttentionMaskInterface.register("deltakv_oracle", sdpa_mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_top_k_selection_matches_naive_oracle(arch):
+    model = tiny_model(arch, layers=4)
+    ids, mask = left_padded_batch((44, 35))
+    cfg = dict(BASE, compressor=DeltaKVCompressor.identity_for(model.config), num_top_tokens=5)
+    out = greedy(model, ids, mask, new_tokens=10, cache_implementation="deltakv", cache_config=cfg,
+                 output_logits=True, return_dict_in_generate=True)
+    P = ids.shape[1]
+    pads = int((mask == 0).sum(-1).max())
+    ORACLE.update(cfg=cfg, head=pads + cfg["num_sink_tokens"], n=0)
+    _advance_flush(P)                                   # the prompt's own flush
+    model.set_attn_implementation("deltakv_oracle")
+    ref = greedy(model, ids, mask, new_tokens=10, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_really_shrinks():
+    model = tiny_model("qwen2", layers=6)
+    torch.manual_seed(0)
+    comp = DeltaKVCompressor.for_model(model.config, kv_compressed_size=8)   # D = 2*2*16 = 64 -> 8
+    ids, mask = left_padded_batch((500, 480))
+    out = greedy(model, ids, mask, new_tokens=4, cache_implementation="deltakv",
+                 cache_config=dict(BASE, compressor=comp, num_top_tokens=0.1, num_recent_tokens=8,
+                                   cluster_ratio=0.1), return_dict_in_generate=True)
+    cache = out.past_key_values
+    usage = sparse_hf.kv_usage(cache)
+    assert usage.kept_tokens[3] == [503, 483]          # every real token is still represented ...
+    per_layer_full = usage.full_bytes / len(cache.layers)
+    for layer in cache.layers[2:]:                      # ... in < half the bytes in the compressed layers
+        assert layer.allocated_bytes() < 0.5 * per_layer_full   # (latent 8 of 64 values, 10% raw centers)
+    assert usage.bytes < 0.7 * usage.full_bytes         # the 2 filter layers stay raw
+
+
+def test_deltakv_path_round_trip(tmp_path):
+    model = tiny_model("llama", layers=4)
+    torch.manual_seed(1)
+    comp = DeltaKVCompressor.for_model(model.config, kv_compressed_size=16)
+    comp.save_pretrained(tmp_path / "comp")
+    ids, mask = left_padded_batch((40, 33))
+    kw = dict(new_tokens=8, cache_implementation="deltakv", output_logits=True, return_dict_in_generate=True)
+    a = greedy(model, ids, mask, cache_config=dict(BASE, compressor=comp, num_top_tokens=6), **kw)
+    b = greedy(model, ids, mask, cache_config=dict(BASE, deltakv_path=str(tmp_path / "comp"), num_top_tokens=6),
+               **kw)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_bad_input():
+    model = tiny_model("llama", layers=4)
+    with pytest.raises(ValueError, match="needs a compressor"):
+        sparse_hf.DeltaKVCache(model.config, **BASE)
+    other = tiny_model("llama", layers=3)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        sparse_hf.DeltaKVCache(model.config, compressor=DeltaKVCompressor.identity_for(other.config), **BASE)
+    with pytest.raises((ValueError, OSError), match="not|No"):
+        sparse_hf.DeltaKVCache(model.config, deltakv_path="/nonexistent/compressor", **BASE)
+    with pytest.raises(ValueError, match="must include layer 0"):
+        sparse_hf.DeltaKVCache(model.config, compressor=DeltaKVCompressor.identity_for(model.config),
+                               **dict(BASE, full_attn_layers="1"))
+    partial = DeltaKVCompressor.for_model(model.config, compressed_layers=[2])
+    with pytest.raises(ValueError, match="no weights for layers"):
+        sparse_hf.DeltaKVCache(model.config, compressor=partial, **BASE)
