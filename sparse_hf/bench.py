@@ -27,6 +27,7 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 16),
 }
 BASELINES = ("vanilla", "hf-best")
+DELTAKV_LATENT_FRACTION = 4   # latent = concat(K, V) dim / 4, as the reference's 7B compressor (256 of 1024)
 
 
 def parse_cases(spec: str) -> list[tuple[int, int]]:
@@ -108,6 +109,14 @@ def _make_cache(model, method, budget, length, steps):
     if method == "hf-best":
         return StaticCache(config=cfg, max_cache_len=length + steps + 8), {}
     knobs = budget_config(method, budget, length, cfg.num_hidden_layers)
+    if method == "deltakv":   # speed does not depend on the weights: a random compressor of the usual shape
+        from .deltakv import DeltaKVCompressor
+        torch.manual_seed(0)
+        param = next(model.parameters())
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        latent = 2 * cfg.num_key_value_heads * head_dim // DELTAKV_LATENT_FRACTION
+        comp = DeltaKVCompressor.for_model(cfg, kv_compressed_size=latent).to(param.device, param.dtype)
+        knobs = dict(knobs, compressor=comp)
     cache = build_cache(method, cfg, knobs)
     cache.prefill_target = length
     cache.set_reserve(steps + 1)
@@ -174,7 +183,8 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth):
     result = dict(method=method + ("+graph" if graph else ""), budget=None if method in BASELINES else budget, L=length, B=batch,
                   ttft_s=round(ttft, 4), prefill_tok_s=round(batch * length / ttft, 1),
                   decode_step_ms=round(step * 1e3, 3), decode_tok_s=round(batch / step, 2),
-                  itl_ms=round(step * 1e3, 3), knobs={k: v for k, v in knobs.items()})
+                  itl_ms=round(step * 1e3, 3),
+                  knobs={k: v for k, v in knobs.items() if isinstance(v, (int, float, str))})
     if hasattr(cache, "method"):
         usage = kv_usage(cache)
         result.update(kv_bytes=usage.bytes, kv_full_bytes=usage.full_bytes, kv_ratio=round(usage.ratio, 4))

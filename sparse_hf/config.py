@@ -82,8 +82,8 @@ class SparseConfig:
     deltakv_path: str | None = None
     cluster_ratio: float = 0.1
     deltakv_neighbor_count: int = 1
-    # -- misc ---------------------------------------------------------------------------------------------------
-    decode_evict: bool = True
+    # -- speed ----------------------------------------------------------------------------------------------------
+    cuda_graph: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

@@ -167,3 +167,12 @@ def test_cache_object_and_manual_forward():
     sparse_hf.prepare_model(model)
     model(input_ids=ids, attention_mask=mask, past_key_values=cache2)
     assert sparse_hf.kv_usage(cache2).kept_tokens[0] == [10, 10]
+
+
+def test_cuda_graph_knob_falls_back_to_eager_on_cpu():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    cfg = dict(SMALL["snapkv"])
+    a = greedy(model, ids, mask, new_tokens=6, cache_implementation="snapkv", cache_config=cfg)
+    b = greedy(model, ids, mask, new_tokens=6, cache_implementation="snapkv", cache_config=dict(cfg, cuda_graph=True))
+    assert torch.equal(a, b)

@@ -73,3 +73,15 @@ def test_cuda_graph_decode_matches_eager(method):
     torch.testing.assert_close(runs[0][1], runs[1][1], atol=1e-4, rtol=1e-4)
     # eviction caches are sized prompt-kept + reserve, so they grow and the graph is captured again
     assert runs[1][2] >= (1 if method == "omnikv" else 2)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "streamingllm", "omnikv"])
+def test_generate_with_cuda_graph(method):
+    model = tiny_model("llama", layers=4).cuda()
+    ids, mask = left_padded_batch((50, 38))
+    ids, mask = ids.cuda(), mask.cuda()
+    eager = greedy(model, ids, mask, new_tokens=24, cache_implementation=method, cache_config=CONFIGS[method])
+    graph = greedy(model, ids, mask, new_tokens=24, cache_implementation=method,
+                   cache_config=dict(CONFIGS[method], cuda_graph=True), return_dict_in_generate=True)
+    assert torch.equal(eager, graph.sequences)
+    assert graph.past_key_values.graph_decoder.captures >= 1

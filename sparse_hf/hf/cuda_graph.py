@@ -25,8 +25,9 @@ class GraphDecoder:
     Use ``logits = decoder.step(input_ids [B, 1], position_ids [B, 1])``; logits are ``[B, vocab]``.
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, forward=None):
         self.model, self.cache = model, cache
+        self.forward = forward or model
         self.graph = None
         self.signature = None
         self.static_ids = self.static_pos = self.static_logits = None
@@ -40,7 +41,7 @@ class GraphDecoder:
         return all(layer.frozen and layer.num_slots < layer.capacity for layer in self.cache.layers)
 
     def _eager(self, input_ids, position_ids):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        out = self.forward(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -77,8 +78,8 @@ class GraphDecoder:
         self.cache.capturing = True
         try:
             with torch.cuda.graph(graph):
-                out = self.model(input_ids=self.static_ids, position_ids=self.static_pos, past_key_values=self.cache,
-                                 use_cache=True)
+                out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos,
+                                   past_key_values=self.cache, use_cache=True)
             self.static_logits = out.logits
         except Exception as e:  # pragma: no cover - depends on the model code
             warnings.warn(f"sparse-hf: CUDA-graph capture failed ({type(e).__name__}: {e}); decoding eagerly")

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from transformers.generation import configuration_utils as gen_config_utils
 from transformers.generation.utils import GenerationMixin
+
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models import check_supported
 from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention
 from .cache import SparseCache
+from .cuda_graph import GraphDecoder
 
 CACHE_CLASSES: dict[str, type[SparseCache]] = {}
 _CACHE_KEYS = ("cache", "past_key_values")   # 5.24 name first, then 5.17
@@ -66,6 +71,34 @@ def _rotary_embedding(model):
     return None
 
 
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _graph_forward(model):
+    """``model.forward`` that replays a CUDA graph for one-token decode steps of a sparse cache whose config
+    says ``cuda_graph=True``; anything else goes to the original forward."""
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        _, cache = _find_cache(kwargs)
+        ids = kwargs.get("input_ids")
+        if (not args and isinstance(cache, SparseCache) and cache.sparse_config.cuda_graph and ids is not None
+                and ids.shape[1] == 1 and ids.is_cuda and kwargs.get("inputs_embeds") is None
+                and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")):
+            if getattr(cache, "graph_decoder", None) is None:
+                cache.graph_decoder = GraphDecoder(model, cache, forward=original)
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.full_like(ids, cache.get_seq_length())
+            logits = cache.graph_decoder.step(ids, pos).clone()
+            return CausalLMOutputWithPast(logits=logits[:, None], **{_OUTPUT_CACHE_FIELD: cache})
+        return original(*args, **kwargs)
+
+    forward._sparse_hf_wrapped = True
+    return forward
+
+
 def prepare_model(model) -> None:
     """Make ``model`` run sparse-hf caches: check the architecture, select the ``sparse_hf`` attention
     function (plain SDPA for other caches) and hook every attention module. Idempotent."""
@@ -73,6 +106,8 @@ def prepare_model(model) -> None:
     register_attention()
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if not getattr(model.forward, "_sparse_hf_wrapped", False):
+        model.forward = _graph_forward(model)
     rotary = _rotary_embedding(model)
     for module in model.modules():
         if hasattr(module, "layer_idx") and type(module).__name__.endswith("Attention"):
