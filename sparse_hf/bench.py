@@ -241,6 +241,7 @@ def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, d
     import transformers
     env["transformers"] = transformers.__version__
     log("ENV " + json.dumps(env))
+    run_case(model, device, 128, 1, "vanilla", None, 4, bandwidth)   # warm-up: library init and kernels
     results = []
     for length, batch in cases:
         for method in methods:

@@ -17,6 +17,8 @@ import torch
 
 from ..deltakv import DeltaKVCompressor
 from ..deltakv.clustering import compress, nearest_centers, reconstruct, reference_from_fathers
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 from .attention import masked_attention
 from .layer import SlotLayer
 from .selection_cache import SelectionCache, column_validity
@@ -135,6 +137,11 @@ class CompressedCache(SelectionCache):
 
     # -- attention ------------------------------------------------------------------------------------------------
     def _attend_layer(self, module, layer, query, attention_mask, scaling, q_len):
+        if layer.head_end is None:
+            # Nothing compressed yet: slots are the logical columns, so HF's mask and SDPA kernels apply as is
+            # (no [q, n] mask of our own, which at a long prompt would not fit in memory).
+            return sdpa_attention_forward(module, query, layer.keys, layer.values, attention_mask,
+                                          scaling=scaling)[0]
         keys, values, cols, valid = layer.keys, layer.values, layer.positions, layer.positions >= 0
         if layer.num_compressed:
             pick = None
@@ -165,11 +172,10 @@ class CompressedCache(SelectionCache):
         fathers = layer.fathers.gather(1, pick.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
         ref = reference_from_fathers(layer.center_x, fathers)
         x = reconstruct(latent, ref, self.compressor, module.layer_idx).to(layer.center_x.dtype)
-        center = self.method.is_center(pick)
-        if bool(center.any()):
-            cidx = (layer.num_head_centers + pick // self.method.step).clamp(max=layer.center_x.shape[1] - 1)
-            cx = layer.center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, x.shape[-1]))
-            x = torch.where(center.unsqueeze(-1), cx, x)
+        center = self.method.is_center(pick)              # centers are stored raw: use them as they are
+        cidx = (layer.num_head_centers + pick // self.method.step).clamp(max=layer.center_x.shape[1] - 1)
+        cx = layer.center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, x.shape[-1]))
+        x = torch.where(center.unsqueeze(-1), cx, x)
         kx, vx = x[..., : Hkv * D].view(B, k, Hkv, D), x[..., Hkv * D:].view(B, k, Hkv, -1)
         if getattr(module, "k_norm", None) is not None:
             kx = module.k_norm(kx)
