@@ -262,7 +262,7 @@ def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, d
     if output:
         Path(output).write_text(json.dumps(dict(env=env, results=results), indent=1))
     if plot:
-        from .bench_plot import plot_bench
+        from .bench_report import plot_bench
         plot_bench(results, plot)
     return results
 

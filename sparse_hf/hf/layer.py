@@ -99,8 +99,8 @@ class SlotLayer(CacheLayerMixin):
         if self._k is None:
             return
         if self.n_dev is None or self.n_dev.device != self._k.device:
-            self.n_dev = torch.zeros(1, dtype=torch.long, device=self._k.device)
-            self.seen_dev = torch.zeros(1, dtype=torch.long, device=self._k.device)
+            self._counters = torch.zeros(2, dtype=torch.long, device=self._k.device)   # (slots, seen): one add
+            self.n_dev, self.seen_dev = self._counters[0:1], self._counters[1:2]
         self.n_dev.fill_(self.num_slots)
         self.seen_dev.fill_(self.seen)
         self._arange = torch.arange(self.capacity, device=self._k.device)
@@ -111,8 +111,7 @@ class SlotLayer(CacheLayerMixin):
         self._k.index_copy_(2, self.n_dev, key_states)
         self._v.index_copy_(2, self.n_dev, value_states)
         self._pos.index_copy_(2, self.n_dev, self.seen_dev.view(1, 1, 1).expand(B, Hkv, 1))
-        self.n_dev += 1
-        self.seen_dev += 1
+        self._counters += 1
         self.advance(1)
         return self.keys, self.values
 

@@ -32,3 +32,31 @@ def plot_bench(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One markdown row per result: the numbers ``sparse-hf bench`` measured, with ratios to the baselines."""
+    head = ("| method | budget | prompt x batch | TTFT s | decode tok/s | step ms | roofline step ms | fraction of "
+            "roofline | x vanilla | x hf-best | KV bytes vs full | peak extra GiB |")
+    rows = [head, "|" + "---|" * 12]
+    for r in results:
+        case = f"{r['L']} x {r['B']}"
+        if "error" in r:
+            rows.append(f"| {r['method']} | {r.get('budget') or ''} | {case} | {r['error']} |" + " |" * 8)
+            continue
+        rows.append(
+            f"| {r['method']} | {'' if r.get('budget') is None else r['budget']} | {case} | {r['ttft_s']:.2f} | "
+            f"{r['decode_tok_s']:.1f} | {r['decode_step_ms']:.1f} | {r.get('roofline_step_ms', '')} | "
+            f"{r.get('frac_of_roofline', '')} | {r.get('decode_x_vanilla', '')} | {r.get('decode_x_hf-best', '')} | "
+            f"{r.get('kv_ratio', '')} | {r.get('peak_extra_gib', '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":   # python -m sparse_hf.bench_report bench.json [...]: print the markdown table
+    import json
+    import sys
+
+    for path in sys.argv[1:]:
+        data = json.load(open(path))
+        print(f"\n{path}: {data['env']}\n")
+        print(markdown_table(data["results"]))
