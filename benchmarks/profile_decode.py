@@ -44,7 +44,7 @@ def main():
         torch.cuda.synchronize()
     print(f"== {a.method} {a.case} budget {a.budget}: by self CPU time")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows))
-    print(f"== by device time")
+    print("== by device time")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=a.rows))
 
 

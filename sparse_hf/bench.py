@@ -9,7 +9,6 @@ copy bandwidth measured once per run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path

@@ -15,13 +15,6 @@ BASE = dict(full_attn_layers="0,1", num_sink_tokens=2, num_recent_tokens=4, clus
             deltakv_neighbor_count=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_identity_compressor_matches_full_cache(arch):

@@ -26,14 +26,6 @@ ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 D = 2 * 2 * 16  # 2 * kv heads * head_dim of TINY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on this 2-core box run ~100x slower with 2 threads (contention)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def tiny_model(arch="llama", attn="sdpa"):
     torch.manual_seed(0)

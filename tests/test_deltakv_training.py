@@ -20,14 +20,6 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 WORDS = "the cat sat on a mat while dogs ran over hills and birds sang in tall green trees".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on this 2-core box run ~100x slower with 2 threads (contention)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def char_tokenizer():
     """An offline character-level tokenizer: <unk>=0, <s>=1, </s>=2, then printable characters."""

@@ -17,14 +17,6 @@ GRID = dict(tasks="niah_single,ruler_vt", lengths=[384], depths=[0, 1], num_samp
             max_new_tokens=3, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are far faster on one thread (and immune to a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tok():
