@@ -52,6 +52,8 @@ def budget_config(method: str, fraction: float, length: int, num_layers: int) ->
     top = max(0, keep - sink - recent)
     if method in ("snapkv", "pyramidkv"):
         return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top, window_size=min(32, recent))
+    if method == "knorm":
+        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top)
     if method in ("omnikv", "deltakv"):
         full = [0, 1, 2] + [i for i in (num_layers // 3, 2 * num_layers // 3) if i > 2]
         return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top,

@@ -15,11 +15,13 @@ UNLIMITED = {
     "snapkv": dict(num_top_tokens=1.0, num_recent_tokens=16, window_size=8),
     "pyramidkv": dict(num_top_tokens=1.0, num_recent_tokens=16, window_size=8, pyramid_start_ratio=1.0,
                       pyramid_least_ratio=1.0),
+    "knorm": dict(num_top_tokens=1.0, num_recent_tokens=16),
 }
 SMALL = {
     "streamingllm": dict(num_sink_tokens=2, num_recent_tokens=9),
     "snapkv": dict(num_sink_tokens=2, num_top_tokens=6, num_recent_tokens=8, window_size=4, pool_kernel_size=3),
     "pyramidkv": dict(num_sink_tokens=2, num_top_tokens=8, num_recent_tokens=8, window_size=4, pool_kernel_size=3),
+    "knorm": dict(num_sink_tokens=2, num_top_tokens=6, num_recent_tokens=8),
 }
 
 
@@ -59,7 +61,7 @@ AttentionMaskInterface.register("oracle_test", sdpa_mask)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "knorm"])
 def test_small_budget_matches_mask_oracle(arch, method):
     model = tiny_model(arch, layers=4)
     ids, mask = left_padded_batch((56, 41))
@@ -176,3 +178,29 @@ def test_cuda_graph_knob_falls_back_to_eager_on_cpu():
     a = greedy(model, ids, mask, new_tokens=6, cache_implementation="snapkv", cache_config=cfg)
     b = greedy(model, ids, mask, new_tokens=6, cache_implementation="snapkv", cache_config=dict(cfg, cuda_graph=True))
     assert torch.equal(a, b)
+
+
+def test_knorm_keeps_the_lowest_key_norms():
+    """KNorm's kept prompt tokens, against a per-row, per-head loop over the full cache's keys."""
+    from transformers import DynamicCache
+
+    model = tiny_model("qwen3", layers=2)
+    ids, mask = left_padded_batch((40, 33))
+    cfg = SMALL["knorm"]
+    out = greedy(model, ids, mask, new_tokens=1, cache_implementation="knorm", cache_config=cfg,
+                 return_dict_in_generate=True)
+    full = DynamicCache(config=model.config)
+    model.set_attn_implementation("sdpa")
+    model(input_ids=ids, attention_mask=mask, past_key_values=full)
+    P = ids.shape[1]
+    for layer_idx, layer in enumerate(out.past_key_values.layers):
+        keys = full.layers[layer_idx].keys                     # [B, Hkv, P, D] post-RoPE
+        for b in range(2):
+            cols = [c for c in range(P) if mask[b, c]]
+            cands = cols[cfg["num_sink_tokens"]:len(cols) - cfg["num_recent_tokens"]]
+            for h in range(keys.shape[1]):
+                norms = {c: float(keys[b, h, c].norm()) for c in cands}
+                chosen = sorted(cands, key=lambda c: norms[c])[:cfg["num_top_tokens"]]
+                expect = sorted(cols[:cfg["num_sink_tokens"]] + chosen + cols[len(cols) - cfg["num_recent_tokens"]:])
+                kept = sorted(p for p in layer.positions[b, h].tolist() if 0 <= p < P)
+                assert kept == expect, (layer_idx, b, h)

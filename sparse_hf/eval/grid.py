@@ -6,8 +6,10 @@ Each parser takes a comma-separated string (as typed on the command line) or an 
 
 from __future__ import annotations
 
+from ..methods import METHODS
+
 #: ``full`` is vanilla ``generate``; the others are the sparse caches registered by ``import sparse_hf``.
-SPARSE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "omnikv", "deltakv")
+SPARSE_METHODS = tuple(METHODS)   # every registered method; a new method needs no change here
 VALID_METHODS = ("full",) + SPARSE_METHODS
 
 

@@ -22,8 +22,7 @@ from .tasks import build_samples, is_needle, parse_tasks
 METHOD_DEFAULTS = {
     "snapkv": {"num_sink_tokens": 4, "num_recent_tokens": 32, "window_size": 32},
     "pyramidkv": {"num_sink_tokens": 4, "num_recent_tokens": 32, "window_size": 32},
-    "omnikv": {},
-    "deltakv": {},
+    "knorm": {"num_sink_tokens": 4, "num_recent_tokens": 32},
 }
 
 
@@ -47,7 +46,7 @@ def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra:
     if method == "streamingllm":
         config = {"num_sink_tokens": 4, "num_recent_tokens": max(1, int(fraction * prompt_len) - 4)}
     else:
-        config = {"num_top_tokens": float(fraction), **METHOD_DEFAULTS[method]}
+        config = {"num_top_tokens": float(fraction), **METHOD_DEFAULTS.get(method, {})}
     config.update(extra or {})
     from ..config import SparseConfig
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import SparseMethod
 from .deltakv import DeltaKV
+from .knorm import KNorm
 from .omnikv import OmniKV
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
@@ -13,6 +14,7 @@ METHODS: dict[str, type[SparseMethod]] = {
     "streamingllm": StreamingLLM,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
+    "knorm": KNorm,
     "omnikv": OmniKV,
     "deltakv": DeltaKV,
 }
