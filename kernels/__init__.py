@@ -11,6 +11,7 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
 """
 
+from .append import append_kv
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
 from .dispatch import HAS_TRITON
 from .reference import (decode_attention_with_scores_ref, snapkv_prefill_scores_ref,
@@ -19,6 +20,7 @@ from .sparse_decode import sparse_decode_attention
 
 __all__ = [
     "HAS_TRITON",
+    "append_kv",
     "decode_attention_with_scores",
     "decode_attention_with_scores_ref",
     "snapkv_prefill_scores",

@@ -32,6 +32,7 @@ if HAS_TRITON:
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_NIDX: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        DENSE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         sp = tl.program_id(1)
@@ -60,7 +61,11 @@ if HAS_TRITON:
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             idx = tl.load(i_base + offs * si_k, mask=offs < end, other=-1).to(tl.int64)
-            ok = (offs < end) & (idx >= 0) & (idx < L)
+            if DENSE:   # IDX is a per-slot table (e.g. positions): slot j reads row j where IDX[j] >= 0
+                ok = (offs < end) & (idx >= 0) & (offs < L)
+                idx = offs.to(tl.int64)
+            else:
+                ok = (offs < end) & (idx >= 0) & (idx < L)
             kv_mask = ok[:, None] & dm[None, :]
             kt = tl.load(k_base + idx[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
             if DOT_F32:
@@ -142,7 +147,7 @@ def dot_config(kernel, dtype: torch.dtype) -> tuple[bool, str | None]:
 
 def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                             num_indices: torch.Tensor | None = None, scale: float | None = None,
-                            backend: str = "auto", *, split_size: int | None = None) -> torch.Tensor:
+                            backend: str = "auto", *, split_size: int | None = None, dense: bool = False) -> torch.Tensor:
     """Attention of one query token per sequence over a list of cache positions, read in place.
 
     Args:
@@ -155,11 +160,19 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         scale: softmax scale, default ``D ** -0.5``.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (see :func:`sparse_hf.kernels.dispatch.use_triton`).
         split_size: index entries per split-K chunk; default picks one to fill the GPU.
+        dense: ``indices`` is then a per-slot table ``[B, Hkv, L]`` (e.g. the cache's position table): slot ``j``
+            is attended where ``indices[..., j] >= 0``. Saves building an index list every decode step.
 
     Returns:
         ``[B, H, D]`` in ``q.dtype`` (softmax in fp32; a row with no usable index gives zeros).
     """
     B, H, D, Hkv, L, G = _check_gqa(q, k)
+    if dense:
+        if indices.shape[-1] != L:
+            raise ValueError(f"dense=True needs a per-slot table [B, Hkv, {L}], got {tuple(indices.shape)}")
+        if not use_triton(backend, _sparse_decode_kernel, q, k, v):
+            slots = torch.arange(L, device=indices.device)
+            return sparse_decode_attention_ref(q, k, v, torch.where(indices >= 0, slots, -1), num_indices, scale)
     if v.shape != k.shape or indices.shape[:2] != (B, Hkv):
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}; indices must be [B, Hkv, K], "
                          f"got {tuple(indices.shape)}")
@@ -186,7 +199,7 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         scale * LOG2E, L, n, split_size, S,
         *qk.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)), BLOCK_N=block_n,
-        HAS_NIDX=num_indices is not None, SPLIT=S > 1, DOT_F32=dot_f32, PREC=prec, num_warps=4,
+        HAS_NIDX=num_indices is not None, SPLIT=S > 1, DOT_F32=dot_f32, PREC=prec, DENSE=dense, num_warps=4,
     )
     if S > 1:
         merge_splits(o_part, lse_part, out)

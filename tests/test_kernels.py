@@ -328,3 +328,35 @@ def test_gpu_snapkv_bf16():
     out = snapkv_prefill_scores(qw, k, cand, 128 ** -0.5, backend="triton")
     ref = snapkv_prefill_scores_ref(qw.double(), k.double(), cand, 128 ** -0.5)
     close(out, ref, atol=1e-4, rtol=2e-2)
+
+
+# -- dense mode and the fused append (decode-mode helpers) --------------------------------------------------------
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dense_mode_matches_index_list(backend):
+    from sparse_hf.kernels import sparse_decode_attention, sparse_decode_attention_ref
+
+    torch.manual_seed(3)
+    B, H, Hkv, L, D = 2, 4, 2, 40, 16
+    q, k, v = torch.randn(B, H, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    pos = torch.randint(0, 100, (B, Hkv, L))
+    pos[torch.rand(B, Hkv, L) < 0.4] = -1                       # empty slots
+    slots = torch.arange(L).expand(B, Hkv, L)
+    ref = sparse_decode_attention_ref(q.double(), k.double(), v.double(), torch.where(pos >= 0, slots, -1))
+    out = sparse_decode_attention(q, k, v, pos, backend=backend, dense=True, split_size=16)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_append_kv(backend):
+    from sparse_hf.kernels import append_kv
+
+    B, Hkv, cap, D = 2, 3, 10, 16
+    k_buf, v_buf = torch.zeros(B, Hkv, cap, D), torch.zeros(B, Hkv, cap, D)
+    pos = torch.full((B, Hkv, cap), -1, dtype=torch.long)
+    counters = torch.tensor([4, 17])
+    key, value = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    append_kv(k_buf, v_buf, pos, counters, key, value, backend=backend)
+    assert torch.equal(k_buf[:, :, 4], key[:, :, 0]) and torch.equal(v_buf[:, :, 4], value[:, :, 0])
+    assert (pos[:, :, 4] == 17).all() and (pos[:, :, :4] == -1).all() and (pos[:, :, 5:] == -1).all()
+    assert counters.tolist() == [5, 18]
+    assert k_buf[:, :, :4].abs().sum() == 0 and k_buf[:, :, 5:].abs().sum() == 0

@@ -108,8 +108,8 @@ class EvictionCache(SparseCache):
         if q_len == 1 and query.is_cuda and HAS_TRITON and layer.frozen:
             # Decode on GPU: one Triton pass over the whole buffer's live slots, reading K/V in place
             # (static shapes, no mask, no SDPA dispatch, no host sync: CUDA-graph safe).
-            out = sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer.full_slot_indices(),
-                                          scale=scaling).unsqueeze(1)
+            out = sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos,
+                                          scale=scaling, dense=True).unsqueeze(1)
         elif not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from sparse_hf.kernels import append_kv
+
 
 class SlotLayer(CacheLayerMixin):
     """Physical K/V slots plus their logical positions.
@@ -103,15 +105,12 @@ class SlotLayer(CacheLayerMixin):
             self.n_dev, self.seen_dev = self._counters[0:1], self._counters[1:2]
         self.n_dev.fill_(self.num_slots)
         self.seen_dev.fill_(self.seen)
-        self._arange = torch.arange(self.capacity, device=self._k.device)
         self.frozen = True
 
     def _append_one(self, key_states, value_states):
-        B, Hkv = key_states.shape[:2]
-        self._k.index_copy_(2, self.n_dev, key_states)
-        self._v.index_copy_(2, self.n_dev, value_states)
-        self._pos.index_copy_(2, self.n_dev, self.seen_dev.view(1, 1, 1).expand(B, Hkv, 1))
-        self._counters += 1
+        # K, V and position at the device-side slot counter, then both counters + 1 (Triton on GPU: 2 launches)
+        append_kv(self._k, self._v, self._pos, self._counters, key_states, value_states,
+                  backend="auto" if key_states.is_cuda else "torch")
         self.advance(1)
         return self.keys, self.values
 
@@ -120,11 +119,6 @@ class SlotLayer(CacheLayerMixin):
         self.num_slots += steps
         self.seen += steps
         self._refresh_views()
-
-    def full_slot_indices(self) -> torch.Tensor:
-        """``[B, Hkv, capacity]`` long: slot index of every live slot, ``-1`` elsewhere (static shape)."""
-        assert self.frozen and self._arange.numel() == self.capacity, "layer is not in decode mode"
-        return torch.where(self._pos >= 0, self._arange, -1)
 
     def full_valid(self) -> torch.Tensor:
         """``[B, capacity]`` bool: live slots of KV head 0 (layers whose slots are shared by all heads)."""

@@ -60,8 +60,8 @@ class SelectionCache(SparseCache):
     # -- decode -------------------------------------------------------------------------------------------------
     def _decode_all(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
         if query.is_cuda and HAS_TRITON and layer.frozen:
-            return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer.full_slot_indices(),
-                                           scale=scaling).unsqueeze(1)
+            return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos,
+                                           scale=scaling, dense=True).unsqueeze(1)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
 
     def _decode_full(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
