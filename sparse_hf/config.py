@@ -80,8 +80,8 @@ class SparseConfig:
     # -- DeltaKV ------------------------------------------------------------------------------------------------
     compressor: Any = None
     deltakv_path: str | None = None
-    cluster_ratio: float = 0.1
-    deltakv_neighbor_count: int = 1
+    cluster_ratio: float | None = None           # None: the compressor's training value, else 0.1
+    deltakv_neighbor_count: int | None = None    # None: the compressor's training value, else 1
     # -- speed ----------------------------------------------------------------------------------------------------
     cuda_graph: bool = False
     extra: dict = field(default_factory=dict, repr=False)
@@ -106,9 +106,11 @@ class SparseConfig:
                                                      or self.pyramid_least_layer < 0):
             raise ValueError(f"pyramid_least_layer={self.pyramid_least_layer!r}: expected an int >= 0 or None")
         self.full_attn_layers = parse_layer_list(self.full_attn_layers)
-        if not isinstance(self.cluster_ratio, (int, float)) or not 0.0 < self.cluster_ratio <= 1.0:
+        if self.cluster_ratio is not None and (not isinstance(self.cluster_ratio, (int, float))
+                                               or not 0.0 < self.cluster_ratio <= 1.0):
             raise ValueError(f"cluster_ratio={self.cluster_ratio!r}: expected a ratio in (0, 1]")
-        if not _is_int(self.deltakv_neighbor_count) or self.deltakv_neighbor_count < 1:
+        if self.deltakv_neighbor_count is not None and (not _is_int(self.deltakv_neighbor_count)
+                                                        or self.deltakv_neighbor_count < 1):
             raise ValueError(f"deltakv_neighbor_count={self.deltakv_neighbor_count!r}: expected an int >= 1")
 
     # ------------------------------------------------------------------------------------------------------------

@@ -155,3 +155,18 @@ def test_bad_input():
     partial = DeltaKVCompressor.for_model(model.config, compressed_layers=[2])
     with pytest.raises(ValueError, match="no weights for layers"):
         sparse_hf.DeltaKVCache(model.config, compressor=partial, **BASE)
+
+
+def test_clustering_defaults_follow_the_compressor(tmp_path):
+    model = tiny_model("llama", layers=4)
+    comp = DeltaKVCompressor.for_model(model.config, kv_compressed_size=16)
+    comp.save_pretrained(tmp_path / "c", training={"cluster_ratio": 0.25, "neighbor_count": 3})
+    knobs = dict(full_attn_layers="0,1", num_sink_tokens=2, num_recent_tokens=4)
+    cache = sparse_hf.DeltaKVCache(model.config, deltakv_path=str(tmp_path / "c"), **knobs)
+    assert cache.sparse_config.deltakv_neighbor_count == 3 and cache.method.step == 4
+    cache = sparse_hf.DeltaKVCache(model.config, deltakv_path=str(tmp_path / "c"), deltakv_neighbor_count=2,
+                                   cluster_ratio=0.5, **knobs)
+    assert cache.sparse_config.deltakv_neighbor_count == 2 and cache.method.step == 2
+    fresh = DeltaKVCompressor.for_model(model.config, kv_compressed_size=16)     # no training record: 0.1 and 1
+    untrained = sparse_hf.DeltaKVCache(model.config, compressor=fresh, **knobs)
+    assert untrained.sparse_config.deltakv_neighbor_count == 1 and untrained.method.step == 10

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..deltakv import DeltaKVCompressor
-from ..deltakv.clustering import compress, nearest_centers, reconstruct, reference_from_fathers
+from ..deltakv.clustering import center_step, compress, nearest_centers, reconstruct, reference_from_fathers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import masked_attention
@@ -94,6 +94,13 @@ class CompressedCache(SelectionCache):
                              f"(every layer not in full_attn_layers={list(self.method.full_layers)})")
         self.compressor = comp.eval()
         self.obs_scores = None
+        # Clustering must match the compressor's training unless the caller overrides it.
+        training = getattr(comp.config, "training", None) or {}
+        if c.cluster_ratio is None:
+            c.cluster_ratio = float(training.get("cluster_ratio", 0.1))
+        if c.deltakv_neighbor_count is None:
+            c.deltakv_neighbor_count = int(training.get("neighbor_count", 1))
+        self.method.step = center_step(c.cluster_ratio)
 
     def make_layer(self, layer_idx: int):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()

@@ -29,7 +29,7 @@ class DeltaKV(OmniKV):
         if self.config.compressor is None and not self.config.deltakv_path:
             raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
                              "{'deltakv_path': 'dir-or-hub-id'}")
-        self.step = center_step(self.config.cluster_ratio)
+        self.step = center_step(self.config.cluster_ratio or 0.1)   # the cache may refine it from the compressor
 
     def sparse_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if not self.is_full(i)]
