@@ -2,8 +2,8 @@
 
 Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :class:`DeltaKVLayer`:
 
-- raw tokens (the head: padding + sinks, and the recent buffer), post-RoPE K/V plus their pre-RoPE
-  ``x = concat(K, V)`` for later compression;
+- raw tokens (the head: padding + sinks, and the recent buffer), post-RoPE K/V plus their pre-RoPE keys
+  (``x = concat(K, V)`` is formed from those and the stored V when a token is compressed);
 - compressed tokens: ``latent`` ``[B, N, latent]``, ``fathers`` ``[B, N, k]`` (indices into the centers)
   and RoPE positions; no K/V is kept for them;
 - centers: raw pre-RoPE ``x`` of the sinks and of every ``step``-th compressed token.
@@ -43,20 +43,21 @@ class DeltaKVLayer(SlotLayer):
 
     def __init__(self):
         super().__init__()
-        self.raw_x = self.raw_pos = None          # [B, n_raw, Dx], [B, n_raw] RoPE positions
+        self.raw_kpre = self.raw_pos = None       # [B, n_raw, Hkv*D] keys before RoPE/norm, [B, n_raw] positions
         self.head_end = None                      # columns < head_end stay raw forever
-        self.latent = self.fathers = self.comp_pos = None
+        self.latent = self.latent_scale = self.fathers = self.comp_pos = None   # latent int8 when quantised
         self.num_compressed = 0
         self.center_x = self.center_valid = None  # [B, M, Dx], [B, M]
         self.center_cols = None                   # [M] logical columns of the centers
         self.num_head_centers = 0
 
-    def append_raw_x(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        self.raw_x = _cat(self.raw_x, x, 1)
+    def append_raw_k(self, kpre: torch.Tensor, pos: torch.Tensor) -> None:
+        self.raw_kpre = _cat(self.raw_kpre, kpre, 1)
         self.raw_pos = _cat(self.raw_pos, pos.to(torch.int32), 1)
 
     def allocated_bytes(self) -> int:
-        extra = [self.raw_x, self.raw_pos, self.latent, self.fathers, self.comp_pos, self.center_x]
+        extra = [self.raw_kpre, self.raw_pos, self.latent, self.latent_scale, self.fathers, self.comp_pos,
+                 self.center_x]
         return super().allocated_bytes() + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
     def used_bytes(self) -> int:
@@ -69,7 +70,8 @@ class DeltaKVLayer(SlotLayer):
     def _index_batch(self, index):
         super()._index_batch(index)
         index = index.to(self.device)
-        for name in ("raw_x", "raw_pos", "latent", "fathers", "comp_pos", "center_x", "center_valid"):
+        for name in ("raw_kpre", "raw_pos", "latent", "latent_scale", "fathers", "comp_pos", "center_x",
+                     "center_valid"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index])
@@ -128,12 +130,10 @@ class CompressedCache(SelectionCache):
         Hkv = layer.keys.shape[1]
         if self.compressor.device != query.device:
             self.compressor.to(query.device)
-        new_v = layer.values[:, :, -q_len:]                  # `value` is the whole raw store after update
-        x = torch.cat([raw_k.reshape(B, q_len, -1), new_v.transpose(1, 2).reshape(B, q_len, -1)], -1)
         pos = kwargs.get("position_ids")
         pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
                                                                        device=x.device).expand(B, q_len)
-        layer.append_raw_x(x, pos)
+        layer.append_raw_k(raw_k.reshape(B, q_len, -1), pos)
         if attention_mask is not None and layer.head_end is None:
             layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
                                .unsqueeze(1).expand(B, Hkv, layer.seen))
@@ -180,6 +180,8 @@ class CompressedCache(SelectionCache):
             pick = torch.arange(n, device=layer.latent.device).expand(B, n)
         k = pick.shape[1]
         latent = layer.latent.gather(1, pick.unsqueeze(-1).expand(B, k, layer.latent.shape[-1]))
+        if layer.latent_scale is not None:                 # int8 latents: per-token absmax scale
+            latent = latent.float() * layer.latent_scale.gather(1, pick.unsqueeze(-1))
         fathers = layer.fathers.gather(1, pick.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
         ref = reference_from_fathers(layer.center_x, fathers)
         x = reconstruct(latent, ref, self.compressor, module.layer_idx).to(layer.center_x.dtype)
@@ -197,6 +199,13 @@ class CompressedCache(SelectionCache):
         return keys.to(layer.keys.dtype), vx.transpose(1, 2).to(layer.values.dtype), cols
 
     # -- compression ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _raw_x(layer, start: int, end: int) -> torch.Tensor:
+        """``x = concat(K, V)`` before RoPE of raw slots ``start:end``: ``[B, end - start, Dx]``."""
+        B = layer.raw_kpre.shape[0]
+        v = layer.values[:, :, start:end].transpose(1, 2).reshape(B, end - start, -1)
+        return torch.cat([layer.raw_kpre[:, start:end], v.to(layer.raw_kpre.dtype)], -1)
+
     def _flush(self, module, layer) -> None:
         """Compress the oldest raw-buffer tokens once the buffer holds twice ``num_recent_tokens``."""
         c = self.sparse_config
@@ -204,9 +213,9 @@ class CompressedCache(SelectionCache):
             first_valid = (layer.positions[:, 0] < 0).sum(-1).max()
             layer.head_end = int(first_valid) + c.num_sink_tokens
             head = min(layer.head_end, layer.num_slots)
-            layer.center_x = layer.raw_x[:, :head]
+            layer.center_x = self._raw_x(layer, 0, head)
             layer.center_valid = layer.positions[:, 0, :head] >= 0
-            layer.center_cols = torch.arange(head, device=layer.raw_x.device)
+            layer.center_cols = torch.arange(head, device=layer.center_x.device)
             layer.num_head_centers = head
         start = layer.head_end + layer.num_compressed        # first buffer column
         buffered = layer.seen - start
@@ -214,7 +223,7 @@ class CompressedCache(SelectionCache):
         if count == 0:
             return
         first = layer.num_slots - buffered                   # slot of the first buffer token
-        x = layer.raw_x[:, first:first + count]
+        x = self._raw_x(layer, first, first + count)
         pos = layer.raw_pos[:, first:first + count]
         cols = torch.arange(start, start + count, device=x.device)
         rel = cols - layer.head_end
@@ -228,13 +237,17 @@ class CompressedCache(SelectionCache):
         with torch.no_grad():
             latent = compress(x, reference_from_fathers(layer.center_x, fathers), self.compressor,
                               module.layer_idx)
+        if c.kv_quant_bits == 8:
+            scale = latent.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127.0
+            layer.latent_scale = _cat(layer.latent_scale, scale, 1)
+            latent = (latent.float() / scale).round().clamp(-127, 127).to(torch.int8)
         layer.latent = _cat(layer.latent, latent, 1)
         layer.fathers = _cat(layer.fathers, fathers.to(torch.int32), 1)
         layer.comp_pos = _cat(layer.comp_pos, pos, 1)
         layer.num_compressed += count
         keep = torch.cat([torch.arange(first, device=x.device),
                           torch.arange(first + count, layer.num_slots, device=x.device)])
-        layer.raw_x = layer.raw_x[:, keep]
+        layer.raw_kpre = layer.raw_kpre[:, keep]
         layer.raw_pos = layer.raw_pos[:, keep]
         Hkv = layer.keys.shape[1]
         idx = keep.view(1, 1, -1).expand(B, Hkv, -1)
