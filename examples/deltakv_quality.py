@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-recent-tokens", type=int, default=128)
     p.add_argument("--cluster-ratio", type=float, default=0.1)
     p.add_argument("--neighbors", type=int, default=4, help="deltakv_neighbor_count")
+    p.add_argument("--kv-quant-bits", type=int, default=0, help="DeltaKV latent quantisation: 0 or 8 (int8)")
     p.add_argument("--proxy-blocks", type=int, default=4, help="held-out blocks for the training-style proxy")
     p.add_argument("--passkey-lengths", default="2048,4096")
     p.add_argument("--passkey-depths", default="0.2,0.5,0.8")
@@ -223,7 +224,8 @@ def measure(args) -> dict:
     sparse_hf.prepare_model(model)
     base = dict(full_attn_layers=args.full_attn_layers, num_sink_tokens=args.num_sink_tokens,
                 num_recent_tokens=args.num_recent_tokens)
-    dkv = dict(base, compressor=comp, cluster_ratio=args.cluster_ratio, deltakv_neighbor_count=args.neighbors)
+    dkv = dict(base, compressor=comp, cluster_ratio=args.cluster_ratio, deltakv_neighbor_count=args.neighbors,
+               kv_quant_bits=args.kv_quant_bits)
     configs = {"full": ("full", None)}
     configs.update({f"omnikv (top {b:g})": ("omnikv", dict(base, num_top_tokens=b)) for b in args.budgets})
     configs["deltakv (rebuild all)"] = ("deltakv", dict(dkv, num_top_tokens=1.0))
