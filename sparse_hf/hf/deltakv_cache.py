@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..deltakv import DeltaKVCompressor
+from ..methods.omnikv import omnikv_decode_scores
+from ..methods.selection import sink_recent_candidates
 from ..deltakv.clustering import center_step, compress, nearest_centers, reconstruct, reference_from_fathers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -108,9 +110,6 @@ class CompressedCache(SelectionCache):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
 
     def observe(self, logits, valid, length):
-        from ..methods.omnikv import omnikv_decode_scores
-        from ..methods.selection import sink_recent_candidates
-
         c = self.sparse_config
         _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
         self.obs_scores = omnikv_decode_scores(logits, cand[:, 0])
@@ -132,7 +131,7 @@ class CompressedCache(SelectionCache):
             self.compressor.to(query.device)
         pos = kwargs.get("position_ids")
         pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
-                                                                       device=x.device).expand(B, q_len)
+                                                                       device=query.device).expand(B, q_len)
         layer.append_raw_k(raw_k.reshape(B, q_len, -1), pos)
         if attention_mask is not None and layer.head_end is None:
             layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
