@@ -9,6 +9,7 @@ copy bandwidth measured once per run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth):
                 SDPBackend.MATH]
     if method == "hf-best" and device.type == "cuda":
         forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    with sdpa_kernel(backends) if method == "hf-best" else _nullcontext():
+    with sdpa_kernel(backends) if method == "hf-best" else contextlib.nullcontext():
         _sync(device)
         t0 = time.perf_counter()
         extra = dict(cache_position=torch.arange(length, device=device)) if method == "hf-best" else {}
@@ -209,14 +210,6 @@ def _tokens_read_per_step(cache, method, length, batch, num_layers) -> int:
         selected = int(cache.selection[1].sum())
         return full * batch * length + (num_layers - full) * selected
     return sum(layer.num_slots * batch for layer in cache.layers)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, dtype=None, output=None,

@@ -7,7 +7,7 @@ Knob names follow the reference implementation's README (Sparse-vLLM / DeltaKV);
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: Filter (full-attention) layers of the reference HF defaults; entries beyond the model's depth are dropped.
@@ -85,7 +85,6 @@ class SparseConfig:
     deltakv_neighbor_count: int | None = None    # None: the compressor's training value, else 1
     # -- speed ----------------------------------------------------------------------------------------------------
     cuda_graph: bool = False
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("num_sink_tokens", "num_recent_tokens", "window_size", "snapkv_num_full_layers",
@@ -119,7 +118,7 @@ class SparseConfig:
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
     def knob_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(cls, knobs: dict | None) -> "SparseConfig":

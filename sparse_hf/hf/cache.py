@@ -15,7 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..config import SparseConfig
-from ..methods import get_method
+from ..methods import SparseMethod, get_method
 from ..models import check_supported
 from .attention import masked_attention
 from .layer import SlotLayer
@@ -136,6 +136,8 @@ class EvictionCache(SparseCache):
 
     def maintain_layer(self, layer_idx: int) -> None:
         """Decode-time eviction of one layer (StreamingLLM's rolling window)."""
+        if type(self.method).decode_keep is SparseMethod.decode_keep:
+            return                                  # the method never evicts during decode: no per-step work
         layer = self.layers[layer_idx]
         plan = self.method.decode_keep(layer_idx, layer.valid())
         if plan is not None:
