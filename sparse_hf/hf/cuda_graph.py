@@ -26,8 +26,8 @@ class GraphDecoder:
     """
 
     def __init__(self, model, cache, forward=None):
-        self.model, self.cache = model, cache
-        self.forward = forward or model
+        self.cache = cache
+        self.forward = forward or model   # generate's wrapper passes the unwrapped forward
         self.graph = None
         self.signature = None
         self.static_ids = self.static_pos = self.static_logits = None
