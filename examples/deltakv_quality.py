@@ -117,7 +117,7 @@ def training_proxy(model, comp, blocks: torch.Tensor, layers: list[int] | None) 
                                           up_type=c.up_type, intermediate_size=c.intermediate_size,
                                           down_intermediate_size=c.down_intermediate_size,
                                           up_intermediate_size=c.up_intermediate_size, bias=c.bias,
-                                          compressed_layers=layers)
+                                          compressed_layers=layers).to(comp.device)
         sub.load_state_dict({k: v for k, v in comp.state_dict().items()
                              if int(k.split(".")[1]) in set(layers)}, strict=True)
         comp = sub
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the raw numbers here")
     p.add_argument("--save-card", action="store_true", help="re-save the compressor with the measured quality")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (model, caches and compressor)")
+    p.add_argument("--dtype", default="float32", help="model and KV dtype: float32 | bfloat16 | float16")
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (training details ...)")
     p.add_argument("--from-json", default=None,
                    help="skip measuring: render the report (and --save-card) from a --json file of an earlier run")
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = measure(args)
         results["meta"] = {"seconds": results.pop("seconds"), "argv": list(sys.argv[1:] if argv is None else argv),
-                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+                           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                           "machine": machine_line(args)}
     comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
     report = render(args, comp, results)
     print(report)
@@ -204,9 +207,9 @@ def measure(args) -> dict:
     from sparse_hf.trainer import build_train_dataset
 
     t_start = time.time()
-    model, tok = load_model("demo")
+    model, tok = load_model("demo", dtype=getattr(torch, args.dtype), device=args.device)
     model.eval()
-    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
+    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval().to(args.device)
     heldout = os.path.join(os.path.expanduser(args.data_dir), "heldout.jsonl")
     length = args.context + args.score
     results: dict = {"ppl": {}, "memory": {}, "passkey": {}, "proxy": {}}
@@ -237,7 +240,7 @@ def measure(args) -> dict:
         per_sample = []
         for doc, ids in samples:
             cache = make_cache(model, name, knobs)
-            s, n = decode_nll(model, ids, args.context, cache, args.chunk)
+            s, n = decode_nll(model, ids.to(args.device), args.context, cache, args.chunk)
             nll += s
             count += n
             per_sample.append(math.exp(s / n))
@@ -259,6 +262,7 @@ def measure(args) -> dict:
             hits, answers = 0, []
             t0 = time.time()
             for ids, key in prompts:
+                ids = ids.to(args.device)
                 kw = dict(max_new_tokens=16, do_sample=False, return_dict_in_generate=True,
                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
                 if knobs is not None:
@@ -335,6 +339,16 @@ def save_card(args, comp, results) -> None:
     print(f"model card updated: {os.path.join(os.path.expanduser(args.compressor), 'README.md')}")
 
 
+def machine_line(args) -> str:
+    """Where the numbers come from: the processor or GPU, the library versions and the dtype."""
+    import transformers
+
+    where = (f"{torch.cuda.get_device_name()} GPU" if str(args.device).startswith("cuda")
+             else f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU")
+    return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}; "
+            f"model and caches in {getattr(args, 'dtype', 'float32')}")
+
+
 def _command(results) -> str:
     argv = results.get("meta", {}).get("argv")
     if argv is None:
@@ -363,8 +377,7 @@ def render(args, comp, results) -> str:
         "",
         f"- **Date:** {str(meta.get('date', '?'))[:16].replace('T', ' ')} UTC"
         + (f"; measuring took {seconds / 60:.0f} min" if seconds else ""),
-        f"- **Machine:** {os.cpu_count()}-core CPU ({platform.machine()}, shared with other jobs), no GPU; "
-        f"torch {torch.__version__}, model and caches in float32",
+        f"- **Machine:** {meta.get('machine') or machine_line(args)}",
         f"- **Command:** `{_command(results)}`",
         f"- **Corpus:** {corpus} (made by `examples/prepare_corpus.py`)",
         f"- **Compressor:** latent {c.kv_compressed_size} of D = {c.kv_dim}, down {c.down_type}, up {c.up_type}, "

@@ -180,3 +180,50 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.release()
         assert "forward" not in vars(base.model.layers[0].self_attn)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# -- PCA initialization -------------------------------------------------------------------------------------------------
+def _pca_setup(latent):
+    from sparse_hf.trainer.pca_init import pca_initialize
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    comp = DeltaKVCompressor.for_model(base.config, kv_compressed_size=latent)
+    model = DeltaKVTrainingModel(base, comp, num_sink=4, cluster_ratio=0.25, neighbor_count=2)
+    blocks = torch.randint(3, 128, (6, 48))
+    random_mse = model(blocks)["recon_mse"].item()
+    pca_initialize(model, blocks, batch_size=4)
+    return model, blocks, random_mse
+
+
+def test_pca_init_full_rank_reconstructs_exactly():
+    model, blocks, random_mse = _pca_setup(latent=64)  # D = 2 * (2 KV heads * 16) = 64: full rank
+    assert model.compressor.config.kv_dim == 64
+    assert model(blocks)["recon_mse"].item() < 1e-9 < random_mse
+
+
+def test_pca_init_is_the_mse_optimum_among_nearby_weights():
+    model, blocks, random_mse = _pca_setup(latent=8)
+    pca_mse = model(blocks)["recon_mse"].item()
+    assert pca_mse < 0.75 * random_mse
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.compressor.parameters():  # any small move of the rank-8 map adds error
+            p.add_(1e-2 * torch.randn_like(p))
+    assert model(blocks)["recon_mse"].item() > pca_mse
+
+
+def test_cli_pca_init_starts_lower_and_is_recorded(workdir, tmp_path):
+    losses = {}
+    for init in ("random", "pca"):
+        trainer = build_trainer(argv(workdir, tmp_path / init, "--max_steps", "1", "--init", init,
+                                     "--init_blocks", "8", "--eval_blocks", "4"))
+        with torch.no_grad():
+            losses[init] = trainer.model(trainer.held_out)["recon_mse"].item()
+    assert losses["pca"] < 0.75 * losses["random"], losses
+    assert trainer.training_record()["init"].startswith("PCA of x - ref per layer (8 blocks")
+    with pytest.raises(ValueError, match="--init pca needs linear projections"):
+        build_trainer(argv(workdir, tmp_path / "mlp", "--init", "pca", "--down_type", "mlp_gelu",
+                           "--intermediate_size", "32"))
+    with pytest.raises(ValueError, match="--init 'svd'"):
+        build_trainer(argv(workdir, tmp_path / "bad", "--init", "svd"))

@@ -19,6 +19,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from sparse_hf.trainer.pca_init import INITS
+
 logger = logging.getLogger(__name__)
 
 #: What ``--model demo`` loads (through ``sparse_hf.models.load_model``), as named in the model card.
@@ -52,6 +54,9 @@ class CompressorArguments:
     max_blocks: int | None = field(default=None, metadata={"help": "use at most this many packed blocks"})
     eval_blocks: int = field(default=0, metadata={"help": "held-out blocks for the model card's quality numbers"})
     model_dtype: str = field(default="auto", metadata={"help": "base model dtype: auto | bfloat16 | float32 ..."})
+    init: str = field(default="random", metadata={"help": "random | pca (linear projections: start from the PCA of "
+                                                           "the residuals x - ref, see sparse_hf.trainer.pca_init)"})
+    init_blocks: int = field(default=32, metadata={"help": "training blocks the PCA init reads"})
 
 
 @dataclass
@@ -74,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompressorArguments, Comp
     parser = HfArgumentParser((CompressorArguments, CompressorTrainingArguments), prog="sparse-hf train-compressor",
                               description="Train a DeltaKV KV-cache compressor for a causal LM.")
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if args.init not in INITS:
+        raise ValueError(f"--init {args.init!r}: expected one of {', '.join(INITS)}")
     return args, training_args
 
 
@@ -129,9 +136,21 @@ def build_trainer(argv: list[str] | None = None, model_and_tokenizer: tuple[Any,
     train_set = blocks.select(range(args.eval_blocks, len(blocks))) if args.eval_blocks else blocks
     logger.info("training on %d blocks of %d tokens; %d held out", len(train_set), args.block_size, args.eval_blocks)
 
+    init = args.init
+    if args.init == "pca":
+        if training_args.resume_from_checkpoint:
+            logger.info("--init pca skipped: the weights come from %s", training_args.resume_from_checkpoint)
+        else:
+            from sparse_hf.trainer.pca_init import pca_initialize
+
+            count = min(args.init_blocks, len(train_set))
+            init = f"PCA of x - ref per layer ({count} blocks of {args.block_size} tokens)"
+            model.to(training_args.device)
+            pca_initialize(model, torch.tensor(train_set.select(range(count))["input_ids"], dtype=torch.long),
+                           batch_size=max(1, training_args.per_device_train_batch_size), progress=True)
     trainer = CompressorTrainer(model=model, args=training_args, train_dataset=train_set,
                                 data_collator=PackedCollator(), training_data=args.dataset,
-                                block_size=args.block_size)
+                                block_size=args.block_size, init=init)
     trainer.held_out = (torch.tensor(blocks.select(range(args.eval_blocks))["input_ids"], dtype=torch.long)
                         if args.eval_blocks else None)
     return trainer

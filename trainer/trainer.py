@@ -130,18 +130,18 @@ def _training_model(model: nn.Module) -> DeltaKVTrainingModel:
 class CompressorTrainer(Trainer):
     """``Trainer`` for :class:`DeltaKVTrainingModel`: saves and resumes the compressor only.
 
-    Extra args: ``training_data`` (a name for the model card), ``quality`` (measured numbers for the card) and
-    ``block_size`` (recorded in the card).
+    Extra args: ``training_data`` (a name for the model card), ``quality`` (measured numbers for the card),
+    ``block_size`` and ``init`` (how the weights started; both recorded in the card).
     """
 
     def __init__(self, *args, training_data: str | None = None, quality: dict | None = None,
-                 block_size: int | None = None, **kwargs):
+                 block_size: int | None = None, init: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         _training_model(self.model)
         if self.args.n_gpu > 1:  # nn.DataParallel replicas would call the patched forward of the original modules
             raise ValueError("CompressorTrainer does not support nn.DataParallel (several GPUs in one process); "
                              "launch with `torchrun --nproc_per_node N` or `accelerate launch` (DDP) instead")
-        self.training_data, self.quality, self.block_size = training_data, quality, block_size
+        self.training_data, self.quality, self.block_size, self.init = training_data, quality, block_size, init
         self._sums = {"ce_loss": 0.0, "recon_mse": 0.0}
         self._count = 0
 
@@ -164,7 +164,7 @@ class CompressorTrainer(Trainer):
     def training_record(self) -> dict[str, Any]:
         """The knobs that shaped this compressor, for its config and model card."""
         model = _training_model(self.model)
-        return {**model.knobs, "mse_target": model.mse_target, "block_size": self.block_size,
+        return {**model.knobs, "mse_target": model.mse_target, "block_size": self.block_size, "init": self.init,
                 "steps": self.state.global_step, "learning_rate": self.args.learning_rate,
                 "per_device_train_batch_size": self.args.per_device_train_batch_size}
 

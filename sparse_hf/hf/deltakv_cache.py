@@ -31,6 +31,15 @@ def _cat(a, b, dim):
     return b if a is None else torch.cat([a, b], dim)
 
 
+def _cat_ids(stored: torch.Tensor | None, ids: torch.Tensor, num_centers: int) -> torch.Tensor:
+    """Append father ids ``[B, n, k]`` as int16 while the centers fit (< 32768; half the bytes), else int32."""
+    dtype = torch.int16 if num_centers <= torch.iinfo(torch.int16).max else torch.int32
+    if stored is not None and stored.dtype != dtype:
+        stored = stored.to(torch.int32)
+        dtype = torch.int32
+    return _cat(stored, ids.to(dtype), 1)
+
+
 def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on ``k`` ``[B, Hkv, n, D]`` with ``cos``/``sin`` ``[B, n, D]`` (HF's rotate-half convention)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -241,7 +250,7 @@ class CompressedCache(SelectionCache):
             layer.latent_scale = _cat(layer.latent_scale, scale, 1)
             latent = (latent.float() / scale).round().clamp(-127, 127).to(torch.int8)
         layer.latent = _cat(layer.latent, latent, 1)
-        layer.fathers = _cat(layer.fathers, fathers.to(torch.int32), 1)
+        layer.fathers = _cat_ids(layer.fathers, fathers, layer.center_x.shape[1])
         layer.comp_pos = _cat(layer.comp_pos, pos, 1)
         layer.num_compressed += count
         keep = torch.cat([torch.arange(first, device=x.device),
