@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the raw numbers here")
     p.add_argument("--save-card", action="store_true", help="re-save the compressor with the measured quality")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--skip-perplexity", action="store_true", help="passkeys (and the proxy) only")
     p.add_argument("--device", default="cpu", help="cpu | cuda (model, caches and compressor)")
     p.add_argument("--dtype", default="float32", help="model and KV dtype: float32 | bfloat16 | float16")
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (training details ...)")
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"] = {"seconds": results.pop("seconds"), "argv": list(sys.argv[1:] if argv is None else argv),
                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            "machine": machine_line(args)}
+    if args.json and not args.from_json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    if not results["ppl"]:   # --skip-perplexity: the printed lines and the JSON are the output
+        return 0
     comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
     report = render(args, comp, results)
     print(report)
@@ -190,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(report)
-    if args.json and not args.from_json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
     if args.save_card:
         save_card(args, comp, results)
     return 0
@@ -234,7 +237,7 @@ def measure(args) -> dict:
     configs["deltakv (rebuild all)"] = ("deltakv", dict(dkv, num_top_tokens=1.0))
     configs.update({f"deltakv (top {b:g})": ("deltakv", dict(dkv, num_top_tokens=b)) for b in args.budgets})
     samples = heldout_samples(tok, heldout, length, args.samples)
-    for label, (name, knobs) in configs.items():
+    for label, (name, knobs) in (configs.items() if not args.skip_perplexity else ()):
         nll = count = 0.0
         t0 = time.time()
         per_sample = []
@@ -253,12 +256,14 @@ def measure(args) -> dict:
     # 3. passkey retrieval
     lengths = [int(x) for x in args.passkey_lengths.split(",") if x.strip()]
     depths = [float(x) for x in args.passkey_depths.split(",") if x.strip()]
-    pk_configs = {"full": None, f"deltakv (top {args.budgets[0]:g})": dict(dkv, num_top_tokens=args.budgets[0]),
-                  "deltakv (rebuild all)": dict(dkv, num_top_tokens=1.0)}
+    pk_configs = {"full": (None, None)}
+    pk_configs.update({f"omnikv (top {b:g})": ("omnikv", dict(base, num_top_tokens=b)) for b in args.budgets})
+    pk_configs.update({f"deltakv (top {b:g})": ("deltakv", dict(dkv, num_top_tokens=b)) for b in args.budgets})
+    pk_configs["deltakv (rebuild all)"] = ("deltakv", dict(dkv, num_top_tokens=1.0))
     for n_tokens in lengths:
         rng = random.Random(n_tokens)
         prompts = [passkey_prompt(tok, n_tokens, d, rng) for d in depths]
-        for label, knobs in pk_configs.items():
+        for label, (name, knobs) in pk_configs.items():
             hits, answers = 0, []
             t0 = time.time()
             for ids, key in prompts:
@@ -266,7 +271,7 @@ def measure(args) -> dict:
                 kw = dict(max_new_tokens=16, do_sample=False, return_dict_in_generate=True,
                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
                 if knobs is not None:
-                    kw.update(cache_implementation="deltakv", cache_config=knobs)
+                    kw.update(cache_implementation=name, cache_config=knobs)
                 with torch.inference_mode():
                     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
                 answer = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -80,7 +80,7 @@ class SparseConfig:
     # -- DeltaKV ------------------------------------------------------------------------------------------------
     compressor: Any = None
     deltakv_path: str | None = None
-    kv_quant_bits: int = 0                       # DeltaKV latents: 0 = compressor dtype, 8 = int8 (absmax per token)
+    kv_quant_bits: int = 0                       # DeltaKV latents: 0 = compressor dtype, 8 = int8, 4 = packed int4
     cluster_ratio: float | None = None           # None: the compressor's training value, else 0.1
     deltakv_neighbor_count: int | None = None    # None: the compressor's training value, else 1
     # -- speed ----------------------------------------------------------------------------------------------------
@@ -106,8 +106,8 @@ class SparseConfig:
                                                      or self.pyramid_least_layer < 0):
             raise ValueError(f"pyramid_least_layer={self.pyramid_least_layer!r}: expected an int >= 0 or None")
         self.full_attn_layers = parse_layer_list(self.full_attn_layers)
-        if self.kv_quant_bits not in (0, 8):
-            raise ValueError(f"kv_quant_bits={self.kv_quant_bits!r}: supported values are 0 (no quantisation) and 8")
+        if self.kv_quant_bits not in (0, 4, 8):
+            raise ValueError(f"kv_quant_bits={self.kv_quant_bits!r}: supported values are 0 (no quantisation), 8 and 4")
         if self.cluster_ratio is not None and (not isinstance(self.cluster_ratio, (int, float))
                                                or not 0.0 < self.cluster_ratio <= 1.0):
             raise ValueError(f"cluster_ratio={self.cluster_ratio!r}: expected a ratio in (0, 1]")

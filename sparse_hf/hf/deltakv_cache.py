@@ -4,9 +4,9 @@ Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :c
 
 - raw tokens (the head: padding + sinks, and the recent buffer), post-RoPE K/V plus their pre-RoPE keys
   (``x = concat(K, V)`` is formed from those and the stored V when a token is compressed);
-- compressed tokens: ``latent`` ``[B, N, latent]``, ``fathers`` ``[B, N, k]`` (indices into the centers)
-  and RoPE positions; no K/V is kept for them;
-- centers: raw pre-RoPE ``x`` of the sinks and of every ``step``-th compressed token.
+- compressed tokens: RoPE positions ``[B, N]``; for the non-centers also ``latent`` ``[B, N', latent]`` and
+  ``fathers`` ``[B, N', k]`` (indices into the centers; offset ``j`` is row ``j - j // step - 1``); no K/V;
+- centers: raw pre-RoPE ``x`` of the sinks and of every ``step``-th compressed token (offset ``j % step == 0``).
 
 Logical columns are shared by the rows of a batch: the head covers every row's padding and sinks.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..deltakv import DeltaKVCompressor
+from ..deltakv.quant import QuantizedLatent, check_bits, dequantize, quantize
 from ..methods.omnikv import omnikv_decode_scores
 from ..methods.selection import sink_recent_candidates
 from ..deltakv.clustering import center_step, compress, nearest_centers, reconstruct, reference_from_fathers
@@ -56,7 +57,8 @@ class DeltaKVLayer(SlotLayer):
         super().__init__()
         self.raw_kpre = self.raw_pos = None       # [B, n_raw, Hkv*D] keys before RoPE/norm, [B, n_raw] positions
         self.head_end = None                      # columns < head_end stay raw forever
-        self.latent = self.latent_scale = self.fathers = self.comp_pos = None   # latent int8 when quantised
+        self.latent: QuantizedLatent | None = None  # [B, N, latent] codes (+ scales) per kv_quant_bits
+        self.fathers = self.comp_pos = None
         self.num_compressed = 0
         self.center_x = self.center_valid = None  # [B, M, Dx], [B, M]
         self.center_cols = None                   # [M] logical columns of the centers
@@ -67,9 +69,9 @@ class DeltaKVLayer(SlotLayer):
         self.raw_pos = _cat(self.raw_pos, pos.to(torch.int32), 1)
 
     def allocated_bytes(self) -> int:
-        extra = [self.raw_kpre, self.raw_pos, self.latent, self.latent_scale, self.fathers, self.comp_pos,
-                 self.center_x]
-        return super().allocated_bytes() + sum(t.numel() * t.element_size() for t in extra if t is not None)
+        extra = [self.raw_kpre, self.raw_pos, self.fathers, self.comp_pos, self.center_x]
+        latent = self.latent.nbytes() if self.latent is not None else 0
+        return super().allocated_bytes() + latent + sum(t.numel() * t.element_size() for t in extra if t is not None)
 
     def used_bytes(self) -> int:
         return self.allocated_bytes() - super().allocated_bytes() + super().used_bytes()
@@ -81,11 +83,12 @@ class DeltaKVLayer(SlotLayer):
     def _index_batch(self, index):
         super()._index_batch(index)
         index = index.to(self.device)
-        for name in ("raw_kpre", "raw_pos", "latent", "latent_scale", "fathers", "comp_pos", "center_x",
-                     "center_valid"):
+        for name in ("raw_kpre", "raw_pos", "fathers", "comp_pos", "center_x", "center_valid"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index])
+        if self.latent is not None:
+            self.latent = QuantizedLatent(*(t if t is None else t[index] for t in self.latent))
 
 
 class CompressedCache(SelectionCache):
@@ -106,6 +109,7 @@ class CompressedCache(SelectionCache):
             raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses "
                              f"(every layer not in full_attn_layers={list(self.method.full_layers)})")
         self.compressor = comp.eval()
+        check_bits(c.kv_quant_bits, comp.config.kv_compressed_size)
         self.obs_scores = None
         # Clustering must match the compressor's training unless the caller overrides it.
         training = getattr(comp.config, "training", None) or {}
@@ -185,18 +189,18 @@ class CompressedCache(SelectionCache):
         D = layer.keys.shape[-1]
         n = layer.num_compressed
         if pick is None:
-            pick = torch.arange(n, device=layer.latent.device).expand(B, n)
-        k = pick.shape[1]
-        latent = layer.latent.gather(1, pick.unsqueeze(-1).expand(B, k, layer.latent.shape[-1]))
-        if layer.latent_scale is not None:                 # int8 latents: per-token absmax scale
-            latent = latent.float() * layer.latent_scale.gather(1, pick.unsqueeze(-1))
-        fathers = layer.fathers.gather(1, pick.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
-        ref = reference_from_fathers(layer.center_x, fathers)
-        x = reconstruct(latent, ref, self.compressor, module.layer_idx).to(layer.center_x.dtype)
+            pick = torch.arange(n, device=layer.center_x.device).expand(B, n)
+        k, step = pick.shape[1], self.method.step
         center = self.method.is_center(pick)              # centers are stored raw: use them as they are
-        cidx = (layer.num_head_centers + pick // self.method.step).clamp(max=layer.center_x.shape[1] - 1)
-        cx = layer.center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, x.shape[-1]))
-        x = torch.where(center.unsqueeze(-1), cx, x)
+        cidx = (layer.num_head_centers + pick // step).clamp(max=layer.center_x.shape[1] - 1)
+        x = layer.center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, layer.center_x.shape[-1]))
+        if layer.fathers is not None:                     # latents exist for the non-center offsets only
+            row = (pick - pick // step - 1).clamp(0, layer.fathers.shape[1] - 1)
+            latent = dequantize(layer.latent.select(row), self.compressor.dtype)
+            fathers = layer.fathers.gather(1, row.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
+            ref = reference_from_fathers(layer.center_x, fathers)
+            rebuilt = reconstruct(latent, ref, self.compressor, module.layer_idx).to(layer.center_x.dtype)
+            x = torch.where(center.unsqueeze(-1), x, rebuilt)
         kx, vx = x[..., : Hkv * D].view(B, k, Hkv, D), x[..., Hkv * D:].view(B, k, Hkv, -1)
         if getattr(module, "k_norm", None) is not None:
             kx = module.k_norm(kx)
@@ -240,17 +244,18 @@ class CompressedCache(SelectionCache):
         layer.center_x = torch.cat([layer.center_x, x[:, is_center]], 1)
         layer.center_valid = torch.cat([layer.center_valid, is_center[is_center].expand(B, -1)], 1)
         layer.center_cols = torch.cat([layer.center_cols, cols[is_center]])
-        fathers = nearest_centers(x, layer.center_x, cols.expand(B, count), layer.center_cols.expand(B, -1),
-                                  c.deltakv_neighbor_count, center_valid=layer.center_valid)
-        with torch.no_grad():
-            latent = compress(x, reference_from_fathers(layer.center_x, fathers), self.compressor,
-                              module.layer_idx)
-        if c.kv_quant_bits == 8:
-            scale = latent.abs().amax(-1, keepdim=True).float().clamp_min(1e-8) / 127.0
-            layer.latent_scale = _cat(layer.latent_scale, scale, 1)
-            latent = (latent.float() / scale).round().clamp(-127, 127).to(torch.int8)
-        layer.latent = _cat(layer.latent, latent, 1)
-        layer.fathers = _cat_ids(layer.fathers, fathers, layer.center_x.shape[1])
+        other = ~is_center                                   # only these get a latent and fathers
+        if bool(other.any()):
+            xo = x[:, other]
+            fathers = nearest_centers(xo, layer.center_x, cols[other].expand(B, -1),
+                                      layer.center_cols.expand(B, -1), c.deltakv_neighbor_count,
+                                      center_valid=layer.center_valid)
+            with torch.no_grad():
+                latent = compress(xo, reference_from_fathers(layer.center_x, fathers), self.compressor,
+                                  module.layer_idx)
+            stored = quantize(latent, c.kv_quant_bits)
+            layer.latent = stored if layer.latent is None else layer.latent.cat(stored)
+            layer.fathers = _cat_ids(layer.fathers, fathers, layer.center_x.shape[1])
         layer.comp_pos = _cat(layer.comp_pos, pos, 1)
         layer.num_compressed += count
         keep = torch.cat([torch.arange(first, device=x.device),

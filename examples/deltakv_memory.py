@@ -1,0 +1,82 @@
+"""DeltaKV's KV memory against a full cache, by dtype, latent quantization and cache knobs (no quality).
+
+For each setting it prefills one passkey-style prompt of each length on the demo model (SmolLM2-135M-Instruct),
+decodes a few tokens with ``model.generate(cache_implementation="deltakv")`` and prints
+``sparse_hf.kv_usage(cache).ratio`` with a per-part breakdown of one compressed layer. Example::
+
+    python examples/deltakv_memory.py --compressor ~/.cache/sparse_hf/compressors/smollm2-deltakv-96 \\
+        --lengths 2048,4096,8192 --dtypes float32,bfloat16 --bits 8,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deltakv_quality import passkey_prompt  # noqa: E402  (the same prompts as the quality report)
+
+
+def layer_parts(layer) -> dict[str, int]:
+    """Bytes of one DeltaKV layer by part."""
+    def size(t):
+        return 0 if t is None else t.numel() * t.element_size()
+
+    return {"raw K/V (sinks + buffer)": size(layer._k) + size(layer._v) + size(layer._pos),
+            "raw pre-RoPE keys (buffer)": size(layer.raw_kpre) + size(layer.raw_pos),
+            "latents": layer.latent.nbytes() if layer.latent is not None else 0,
+            "centers": size(layer.center_x) + size(layer.center_valid),
+            "father ids": size(layer.fathers), "positions": size(layer.comp_pos)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import random
+
+    import sparse_hf
+    from sparse_hf.deltakv import DeltaKVCompressor
+    from sparse_hf.models import load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compressor", required=True)
+    p.add_argument("--lengths", default="2048,4096")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--bits", default="8,4", help="kv_quant_bits values")
+    p.add_argument("--full-attn-layers", default="0,1,2;0,1,2,8,16", help="';'-separated filter-layer sets")
+    p.add_argument("--num-recent-tokens", default="128,64")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
+    print("| dtype | kv_quant_bits | full_attn_layers | num_recent_tokens | tokens | KV memory | one compressed layer: "
+          "bytes per token by part |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes.split(","):
+        model, tok = load_model("demo", dtype=getattr(torch, dtype), device=args.device)
+        sparse_hf.prepare_model(model)
+        for length in [int(x) for x in args.lengths.split(",")]:
+            ids, _ = passkey_prompt(tok, length, 0.5, random.Random(length))
+            ids = ids.to(args.device)
+            for bits in [int(b) for b in args.bits.split(",")]:
+                for layers in args.full_attn_layers.split(";"):
+                    for recent in [int(r) for r in args.num_recent_tokens.split(",")]:
+                        knobs = dict(compressor=comp.to(args.device), num_top_tokens=0.25, full_attn_layers=layers,
+                                     num_sink_tokens=8, num_recent_tokens=recent, kv_quant_bits=bits)
+                        with torch.inference_mode():
+                            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                                 do_sample=False, cache_implementation="deltakv", cache_config=knobs,
+                                                 return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+                        cache = out.past_key_values
+                        usage = sparse_hf.kv_usage(cache)
+                        layer = next(l for l in cache.layers if hasattr(l, "latent"))
+                        n = usage.logical_tokens
+                        parts = ", ".join(f"{k} {v / n:.0f}" for k, v in layer_parts(layer).items())
+                        print(f"| {dtype} | {bits} | {layers} | {recent} | {n} | {usage.ratio:.1%} | {parts} |",
+                              flush=True)
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
