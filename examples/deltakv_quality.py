@@ -331,7 +331,8 @@ def save_card(args, comp, results) -> None:
         f"held-out novel (Persuasion, never trained on): {args.samples} chapters, {args.context}-token prefill "
         f"then {args.score} tokens decoded one at a time; full_attn_layers={args.full_attn_layers}, sinks "
         f"{args.num_sink_tokens}, recent {args.num_recent_tokens}, cluster_ratio {args.cluster_ratio}, "
-        f"neighbors {args.neighbors}; SmolLM2-135M-Instruct float32 on CPU; examples/deltakv_quality.py")
+        f"neighbors {args.neighbors}, kv_quant_bits {args.kv_quant_bits}; SmolLM2-135M-Instruct on "
+        f"{results.get('meta', {}).get('machine') or machine_line(args)}; examples/deltakv_quality.py")
     training_data = None
     manifest_path = os.path.join(os.path.expanduser(args.data_dir), "manifest.json")
     if os.path.exists(manifest_path) and (comp.config.training_data or "").endswith("train.jsonl"):

@@ -194,3 +194,34 @@ def test_quantized_latents_shrink_memory_and_stay_close(bits):
     odd = DeltaKVCompressor.for_model(model.config, kv_compressed_size=15)
     with pytest.raises(ValueError, match="must be even"):
         sparse_hf.DeltaKVCache(model.config, compressor=odd, kv_quant_bits=4, **BASE)
+
+
+def test_unrotate_inverts_rope_with_scaling_in_float64():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from sparse_hf.hf.deltakv_cache import rotate, unrotate
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 64})
+    rotary = LlamaRotaryEmbedding(config)
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 50, 16, dtype=torch.float64)
+    pos = torch.arange(50).expand(2, 50) + torch.tensor([[0], [100]])
+    cos, sin = rotary(k, pos)
+    cos, sin = cos.double(), sin.double()
+    assert not torch.allclose(cos * cos + sin * sin, torch.ones_like(cos))   # yarn scales cos and sin
+    torch.testing.assert_close(unrotate(rotate(k, cos, sin), cos, sin), k, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_pre_rope_keys_are_kept_only_behind_k_norm(arch):
+    model = tiny_model(arch, layers=4)
+    comp = DeltaKVCompressor.for_model(model.config, kv_compressed_size=16)
+    ids, mask = left_padded_batch((200, 180))
+    out = greedy(model, ids, mask, new_tokens=2, cache_implementation="deltakv", return_dict_in_generate=True,
+                 cache_config=dict(BASE, compressor=comp, num_top_tokens=1.0))
+    layer = out.past_key_values.layers[3]
+    assert layer.num_compressed > 0
+    assert (layer.raw_kpre is not None) == (arch == "qwen3")

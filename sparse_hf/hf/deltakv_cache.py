@@ -2,8 +2,9 @@
 
 Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :class:`DeltaKVLayer`:
 
-- raw tokens (the head: padding + sinks, and the recent buffer), post-RoPE K/V plus their pre-RoPE keys
-  (``x = concat(K, V)`` is formed from those and the stored V when a token is compressed);
+- raw tokens (the head: padding + sinks, and the recent buffer): post-RoPE K/V and positions; when a token is
+  compressed, ``x = concat(K, V)`` before RoPE is formed from its V and its key with RoPE undone (behind a
+  Qwen3 ``k_norm``, which cannot be undone, the k_proj output is kept for the raw tokens instead);
 - compressed tokens: RoPE positions ``[B, N]``; for the non-centers also ``latent`` ``[B, N', latent]`` and
   ``fathers`` ``[B, N', k]`` (indices into the centers; offset ``j`` is row ``j - j // step - 1``); no K/V;
 - centers: raw pre-RoPE ``x`` of the sinks and of every ``step``-th compressed token (offset ``j % step == 0``).
@@ -49,13 +50,19 @@ def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return k * cos + rotated * sin
 
 
+def unrotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`rotate` (also with rope scaling folded into ``cos``/``sin``: divides by
+    ``cos^2 + sin^2``), so pre-RoPE keys need not be stored: ``[B, Hkv, n, D]``."""
+    return rotate(k, cos, -sin) / (cos * cos + sin * sin).unsqueeze(1)
+
+
 class DeltaKVLayer(SlotLayer):
     """One compressed layer (see the module docstring). Reuses ``SlotLayer``'s HF cache API; its slot
     buffers hold only the raw tokens."""
 
     def __init__(self):
         super().__init__()
-        self.raw_kpre = self.raw_pos = None       # [B, n_raw, Hkv*D] keys before RoPE/norm, [B, n_raw] positions
+        self.raw_kpre = self.raw_pos = None       # [B, n_raw, Hkv*D] pre-norm keys (k_norm only), [B, n_raw] positions
         self.head_end = None                      # columns < head_end stay raw forever
         self.latent: QuantizedLatent | None = None  # [B, N, latent] codes (+ scales) per kv_quant_bits
         self.fathers = self.comp_pos = None
@@ -64,8 +71,10 @@ class DeltaKVLayer(SlotLayer):
         self.center_cols = None                   # [M] logical columns of the centers
         self.num_head_centers = 0
 
-    def append_raw_k(self, kpre: torch.Tensor, pos: torch.Tensor) -> None:
-        self.raw_kpre = _cat(self.raw_kpre, kpre, 1)
+    def append_raw_k(self, kpre: torch.Tensor | None, pos: torch.Tensor) -> None:
+        """Record new raw tokens' positions and, when given (layers with ``k_norm``), their pre-norm keys."""
+        if kpre is not None:
+            self.raw_kpre = _cat(self.raw_kpre, kpre, 1)
         self.raw_pos = _cat(self.raw_pos, pos.to(torch.int32), 1)
 
     def allocated_bytes(self) -> int:
@@ -137,15 +146,18 @@ class CompressedCache(SelectionCache):
             return super().attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         layer = self.layers[i]
         B, H, q_len, D = query.shape
-        if raw_k is None:
-            raise RuntimeError("deltakv needs the pre-RoPE keys; call sparse_hf.prepare_model(model) first")
+        # Pre-RoPE keys are recovered by inverse RoPE at flush time, except behind a k_norm (Qwen3), which
+        # cannot be inverted: there the k_proj output is kept for the raw buffer.
+        keep_pre_norm = getattr(module, "k_norm", None) is not None
+        if keep_pre_norm and raw_k is None:
+            raise RuntimeError("deltakv needs the pre-norm keys; call sparse_hf.prepare_model(model) first")
         Hkv = layer.keys.shape[1]
         if self.compressor.device != query.device:
             self.compressor.to(query.device)
         pos = kwargs.get("position_ids")
         pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
                                                                        device=query.device).expand(B, q_len)
-        layer.append_raw_k(raw_k.reshape(B, q_len, -1), pos)
+        layer.append_raw_k(raw_k.reshape(B, q_len, -1) if keep_pre_norm else None, pos)
         if attention_mask is not None and layer.head_end is None:
             layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
                                .unsqueeze(1).expand(B, Hkv, layer.seen))
@@ -212,11 +224,17 @@ class CompressedCache(SelectionCache):
 
     # -- compression ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _raw_x(layer, start: int, end: int) -> torch.Tensor:
-        """``x = concat(K, V)`` before RoPE of raw slots ``start:end``: ``[B, end - start, Dx]``."""
-        B = layer.raw_kpre.shape[0]
-        v = layer.values[:, :, start:end].transpose(1, 2).reshape(B, end - start, -1)
-        return torch.cat([layer.raw_kpre[:, start:end], v.to(layer.raw_kpre.dtype)], -1)
+    def _raw_x(module, layer, start: int, end: int) -> torch.Tensor:
+        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``start:end``: ``[B, end - start, Dx]``."""
+        B, n = layer.values.shape[0], end - start
+        v = layer.values[:, :, start:end].transpose(1, 2).reshape(B, n, -1)
+        if layer.raw_kpre is not None:
+            k = layer.raw_kpre[:, start:end]
+        else:
+            post = layer.keys[:, :, start:end].float()
+            cos, sin = module.__dict__["_sparse_hf_rotary"](post, layer.raw_pos[:, start:end].long())
+            k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, n, -1)
+        return torch.cat([k.to(layer.values.dtype), v], -1)
 
     def _flush(self, module, layer) -> None:
         """Compress the oldest raw-buffer tokens once the buffer holds twice ``num_recent_tokens``."""
@@ -225,7 +243,7 @@ class CompressedCache(SelectionCache):
             first_valid = (layer.positions[:, 0] < 0).sum(-1).max()
             layer.head_end = int(first_valid) + c.num_sink_tokens
             head = min(layer.head_end, layer.num_slots)
-            layer.center_x = self._raw_x(layer, 0, head)
+            layer.center_x = self._raw_x(module, layer, 0, head)
             layer.center_valid = layer.positions[:, 0, :head] >= 0
             layer.center_cols = torch.arange(head, device=layer.center_x.device)
             layer.num_head_centers = head
@@ -235,7 +253,7 @@ class CompressedCache(SelectionCache):
         if count == 0:
             return
         first = layer.num_slots - buffered                   # slot of the first buffer token
-        x = self._raw_x(layer, first, first + count)
+        x = self._raw_x(module, layer, first, first + count)
         pos = layer.raw_pos[:, first:first + count]
         cols = torch.arange(start, start + count, device=x.device)
         rel = cols - layer.head_end
@@ -260,7 +278,8 @@ class CompressedCache(SelectionCache):
         layer.num_compressed += count
         keep = torch.cat([torch.arange(first, device=x.device),
                           torch.arange(first + count, layer.num_slots, device=x.device)])
-        layer.raw_kpre = layer.raw_kpre[:, keep]
+        if layer.raw_kpre is not None:
+            layer.raw_kpre = layer.raw_kpre[:, keep]
         layer.raw_pos = layer.raw_pos[:, keep]
         Hkv = layer.keys.shape[1]
         idx = keep.view(1, 1, -1).expand(B, Hkv, -1)
