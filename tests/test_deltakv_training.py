@@ -227,3 +227,26 @@ def test_cli_pca_init_starts_lower_and_is_recorded(workdir, tmp_path):
                            "--intermediate_size", "32"))
     with pytest.raises(ValueError, match="--init 'svd'"):
         build_trainer(argv(workdir, tmp_path / "bad", "--init", "svd"))
+
+
+def test_ddp_training_with_two_processes(workdir, tmp_path):
+    """The Trainer's own multi-process path (torchrun, DDP over gloo on CPU) trains and saves one compressor."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           "-m", "sparse_hf.trainer.cli", *argv(workdir, out, "--max_steps", "4", "--save_strategy", "no",
+                                              "--ddp_backend", "gloo", "--per_device_train_batch_size", "1",
+                                              "--logging_steps", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["steps"] == 4
+    # each of the 4 steps consumed one block per process: the epoch counter shows 2 processes shared the data
+    blocks = len(build_train_dataset(str(workdir / "docs.jsonl"), char_tokenizer(), 64))
+    final = [line for line in result.stdout.splitlines() if "train_runtime" in line][-1]
+    epoch = float(final.split("'epoch': '")[1].split("'")[0])
+    assert abs(epoch - 4 * 2 / blocks) < 1e-3, (epoch, blocks)
