@@ -2,10 +2,12 @@
 
 For each setting it prefills one passkey-style prompt of each length on the demo model (SmolLM2-135M-Instruct),
 decodes a few tokens with ``model.generate(cache_implementation="deltakv")`` and prints
-``sparse_hf.kv_usage(cache).ratio`` with a per-part breakdown of one compressed layer. Example::
+``sparse_hf.kv_usage(cache).ratio`` with a per-part breakdown of one compressed layer as a markdown table.
+``--plot`` draws that breakdown as stacked bars (also from the table of an earlier run, ``--from-table``). Example::
 
     python examples/deltakv_memory.py --compressor ~/.cache/sparse_hf/compressors/smollm2-deltakv-96 \\
-        --lengths 2048,4096,8192 --dtypes float32,bfloat16 --bits 8,4
+        --lengths 2048,4096,8192 --dtypes float32,bfloat16 --bits 8,4 | tee memory.md
+    python examples/deltakv_memory.py --from-table memory.md --plot memory.png
 """
 
 from __future__ import annotations
@@ -32,6 +34,56 @@ def layer_parts(layer) -> dict[str, int]:
             "father ids": size(layer.fathers), "positions": size(layer.comp_pos)}
 
 
+def read_table(path: str) -> list[dict]:
+    """Rows of a table this script printed: dtype, bits, layers, recent, tokens, ratio and parts (bytes/token)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) != 7 or not cells[4].isdigit():
+                continue
+            parts = {}
+            for item in cells[6].split(", "):
+                name, value = item.rsplit(" ", 1)
+                parts[name] = float(value)
+            rows.append({"dtype": cells[0], "bits": int(cells[1]), "layers": cells[2], "recent": int(cells[3]),
+                         "tokens": int(cells[4]), "ratio": float(cells[5].rstrip("%")) / 100, "parts": parts})
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """One panel per dtype: stacked bytes per token of one compressed layer, with the full cache's bytes as a
+    line and each setting's whole-cache ratio on top of its bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    width = max(6.0, 0.42 * max(sum(r["dtype"] == d for r in rows) for d in dtypes) + 2)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(width * len(dtypes), 5.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        sel = [r for r in rows if r["dtype"] == dtype]
+        names = list(sel[0]["parts"])
+        bottom = [0.0] * len(sel)
+        for name in names:
+            vals = [r["parts"][name] for r in sel]
+            ax.bar(range(len(sel)), vals, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        for i, r in enumerate(sel):
+            ax.text(i, bottom[i], f"{r['ratio']:.0%}", ha="center", va="bottom", fontsize=7)
+        full = 384 * (4 if dtype == "float32" else 2)   # SmolLM2: K+V of 3 heads x 64 per layer and token
+        ax.axhline(full, color="k", lw=0.8, ls="--")
+        ax.text(len(sel) - 0.5, full, "full cache", ha="right", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels([f"{r['tokens'] / 1000:.1f}K int{r['bits']} filter {r['layers']} recent {r['recent']}"
+                            for r in sel], fontsize=7, rotation=90)
+        ax.set_ylabel("bytes per token, one compressed layer")
+        ax.set_title(f"DeltaKV on SmolLM2-135M, {dtype} KV (label: whole-cache ratio)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     import random
 
@@ -40,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_hf.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compressor", required=True)
+    p.add_argument("--compressor", help="compressor directory (required unless --from-table)")
+    p.add_argument("--from-table", help="skip measuring: read the table an earlier run printed")
+    p.add_argument("--plot", help="write a stacked-bar PNG of the per-part bytes here")
     p.add_argument("--lengths", default="2048,4096")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--bits", default="8,4", help="kv_quant_bits values")
@@ -48,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-recent-tokens", default="128,64")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.from_table:
+        if args.plot:
+            plot(read_table(args.from_table), args.plot)
+        return 0
+    if not args.compressor:
+        p.error("--compressor is required unless --from-table is given")
     comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
     print("| dtype | kv_quant_bits | full_attn_layers | num_recent_tokens | tokens | KV memory | one compressed layer: "
           "bytes per token by part |")
