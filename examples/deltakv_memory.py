@@ -22,18 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deltakv_quality import passkey_prompt  # noqa: E402  (the same prompts as the quality report)
 
 
-def layer_parts(layer) -> dict[str, int]:
-    """Bytes of one DeltaKV layer by part."""
-    def size(t):
-        return 0 if t is None else t.numel() * t.element_size()
-
-    return {"raw K/V (sinks + buffer)": size(layer._k) + size(layer._v) + size(layer._pos),
-            "raw pre-RoPE keys (buffer)": size(layer.raw_kpre) + size(layer.raw_pos),
-            "latents": layer.latent.nbytes() if layer.latent is not None else 0,
-            "centers": size(layer.center_x) + size(layer.center_valid),
-            "father ids": size(layer.fathers), "positions": size(layer.comp_pos)}
-
-
 def read_table(path: str) -> list[dict]:
     """Rows of a table this script printed: dtype, bits, layers, recent, tokens, ratio and parts (bytes/token)."""
     rows = []
@@ -131,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                         usage = sparse_hf.kv_usage(cache)
                         layer = next(l for l in cache.layers if hasattr(l, "latent"))
                         n = usage.logical_tokens
-                        parts = ", ".join(f"{k} {v / n:.0f}" for k, v in layer_parts(layer).items())
+                        parts = ", ".join(f"{k} {v / n:.0f}" for k, v in layer.bytes_by_part().items())
                         print(f"| {dtype} | {bits} | {layers} | {recent} | {n} | {usage.ratio:.1%} | {parts} |",
                               flush=True)
         del model

@@ -436,9 +436,10 @@ def render(args, comp, results) -> str:
         mem = results["memory"][f"{name} passkey @ {r['prompt_tokens']}"]
         lines.append(f"| {name} | {r['prompt_tokens']} | {r['correct']}/{r['total']} | {100 * mem['ratio']:.1f}% | "
                      f"{'; '.join(a.replace('|', '/') for a in r['answers'])} |")
-    lines += ["", "KV memory is `sparse_hf.kv_usage(cache).ratio`: bytes the cache holds (raw K/V, pre-RoPE copies of "
-                  "raw-buffer tokens, latents, father ids, positions, centers) over the bytes of a full "
-                  "`DynamicCache` of the same length.", ""]
+    lines += ["", "KV memory is `sparse_hf.kv_usage(cache).ratio`: bytes the cache holds (raw K/V and their slot "
+                  "position tables, pre-norm keys of raw tokens for Qwen3, latents, father ids, positions, centers) "
+                  "over the bytes of a full `DynamicCache` of the same length (since 2026-11-29 01:30 UTC: earlier "
+                  "runs left the slot position tables out, and stored pre-RoPE keys for every architecture).", ""]
     if args.notes:
         with open(args.notes, encoding="utf-8") as f:
             lines += [f.read().rstrip(), ""]

@@ -12,8 +12,9 @@ class KVUsage:
     Attributes:
         kept_tokens: per layer, per batch row, the tokens the layer keeps (max over KV heads).
         logical_tokens: the sequence length (padding columns included) a full cache would hold.
-        bytes: bytes of K/V the cache has allocated (buffers, including preallocated room).
-        used_bytes: bytes of K/V in live slots.
+        bytes: bytes the cache has allocated: K/V buffers (including preallocated room) and what it keeps beside
+            them (slot position tables; DeltaKV's latents, centers, father ids and positions).
+        used_bytes: the same for live slots only.
         full_bytes: bytes a ``DynamicCache`` would hold for the same sequences.
     """
 

@@ -152,7 +152,8 @@ def test_memory_really_shrinks_after_prefill():
     assert all(row == [budget, budget] for row in usage.kept_tokens)
     assert usage.logical_tokens == 64
     assert usage.bytes < 0.5 * usage.full_bytes
-    assert usage.used_bytes == budget * 2 * 2 * 16 * 2 * 4 * 3     # tokens*B*Hkv*D*(K+V)*fp32*layers
+    # tokens * B * Hkv * (D * (K+V) * fp32 + one int64 position) * layers
+    assert usage.used_bytes == budget * 2 * 2 * (16 * 2 * 4 + 8) * 3
 
 
 def test_cache_object_and_manual_forward():

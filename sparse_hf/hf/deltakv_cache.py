@@ -85,6 +85,16 @@ class DeltaKVLayer(SlotLayer):
     def used_bytes(self) -> int:
         return self.allocated_bytes() - super().allocated_bytes() + super().used_bytes()
 
+    def bytes_by_part(self) -> dict[str, int]:
+        """Allocated bytes of this layer by part (they sum to :meth:`allocated_bytes`)."""
+        def size(*tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        return {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
+                "raw pre-norm keys (Qwen3 buffer)": size(self.raw_kpre), "raw positions": size(self.raw_pos),
+                "latents": self.latent.nbytes() if self.latent is not None else 0,
+                "centers": size(self.center_x), "father ids": size(self.fathers), "positions": size(self.comp_pos)}
+
     def kept_per_row(self) -> list[int]:
         raw = (self.positions[:, 0] >= 0).sum(-1)
         return (raw + self.num_compressed).tolist()

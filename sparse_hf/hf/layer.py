@@ -221,11 +221,13 @@ class SlotLayer(CacheLayerMixin):
 
     # -- accounting ------------------------------------------------------------------------------------------
     def allocated_bytes(self) -> int:
+        """Bytes of the slot buffers: K, V and the per-head position table (int64), preallocated room included."""
         if self._k is None:
             return 0
-        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._pos))
 
     def used_bytes(self) -> int:
+        """Bytes of the live slots' K, V and positions."""
         if self._k is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
