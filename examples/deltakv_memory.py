@@ -48,8 +48,8 @@ def plot(rows: list[dict], path: str) -> None:
 
     dtypes = sorted({r["dtype"] for r in rows})
     width = max(6.0, 0.42 * max(sum(r["dtype"] == d for r in rows) for d in dtypes) + 2)
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(width * len(dtypes), 5.5), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(width, 6 * len(dtypes)), squeeze=False)
+    for ax, dtype in zip(axes[:, 0], dtypes):
         sel = [r for r in rows if r["dtype"] == dtype]
         names = list(sel[0]["parts"])
         bottom = [0.0] * len(sel)
