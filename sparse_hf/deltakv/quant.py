@@ -6,7 +6,7 @@
   per uint8 byte (low nibble = even index). Codes are taken against the float16-rounded parameters, so
   :func:`dequantize` inverts exactly what was stored.
 
-A latent of width ``r`` costs ``r + 4`` bytes at 8 bits and ``r / 2 + 4 * r / GROUP`` bytes at 4 bits (54 bytes
+A latent of width ``r`` costs ``r + 4`` bytes at 8 bits and ``r / 2 + 4 * r / GROUP`` bytes at 4 bits (60 bytes
 for ``r = 96``), against ``2 * r`` in bf16 or ``4 * r`` in float32.
 """
 
