@@ -225,3 +225,15 @@ def test_pre_rope_keys_are_kept_only_behind_k_norm(arch):
     layer = out.past_key_values.layers[3]
     assert layer.num_compressed > 0
     assert (layer.raw_kpre is not None) == (arch == "qwen3")
+
+
+def test_father_ids_are_int16_until_the_centers_outgrow_it():
+    from sparse_hf.hf.deltakv_cache import _cat_ids
+
+    ids = torch.tensor([[[0, 5], [7, -1]]])
+    small = _cat_ids(None, ids, num_centers=100)
+    assert small.dtype == torch.int16
+    grown = _cat_ids(small, torch.tensor([[[40000, 3]]]), num_centers=40001)
+    assert grown.dtype == torch.int32
+    assert grown.tolist() == [[[0, 5], [7, -1], [40000, 3]]]
+    assert _cat_ids(grown, ids, num_centers=100).dtype == torch.int32   # never narrows again
