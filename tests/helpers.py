@@ -43,3 +43,10 @@ def left_padded_batch(lengths=(48, 37), seed: int = 1):
 def greedy(model, ids, mask, new_tokens=10, **kwargs):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                           **kwargs)
+
+
+def assert_same_generation(ours, ref, atol: float, rtol: float) -> None:
+    """Two ``generate(..., output_logits=True, return_dict_in_generate=True)`` outputs: equal tokens, close logits."""
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)

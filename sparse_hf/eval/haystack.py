@@ -30,6 +30,14 @@ def number(rng: random.Random, digits: int = 7) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
+def distinct_numbers(rng: random.Random, count: int, digits: int) -> list[str]:
+    """``count`` numbers of ``digits`` digits, all different (the whole draw is repeated until they are)."""
+    values = [number(rng, digits) for _ in range(count)]
+    while len(set(values)) < count:
+        values = [number(rng, digits) for _ in range(count)]
+    return values
+
+
 def word_key(rng: random.Random, used: set[str] | None = None) -> str:
     """A fresh hyphenated two-word key such as ``"amber-river"`` (never reused within ``used``)."""
     while True:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import re
 
-from .haystack import count_tokens, fit_units, insert_at, letter_name, number, sample_rng, sentences, word_key
+from .haystack import (count_tokens, distinct_numbers, fit_units, insert_at, letter_name, sample_rng, sentences,
+                       word_key)
 from .words import WORDS
 
 RULER_TASKS = ("ruler_vt", "ruler_cwe", "ruler_fwe", "ruler_multihop")
@@ -79,9 +80,7 @@ def _chain_task(task, tokenizer, length, index, seed, statements, template_field
 def make_vt(tokenizer, length: int, index: int, seed: int) -> dict:
     rng = sample_rng(seed, "ruler_vt", length, index)
     used: set[str] = set()
-    values = [number(rng, 5) for _ in range(VT_CHAINS)]
-    while len(set(values)) < VT_CHAINS:
-        values = [number(rng, 5) for _ in range(VT_CHAINS)]
+    values = distinct_numbers(rng, VT_CHAINS, 5)
     statements, chains = [], []
     for value in values:
         names = [letter_name(rng, used) for _ in range(VT_HOPS + 1)]
@@ -99,9 +98,7 @@ def make_vt(tokenizer, length: int, index: int, seed: int) -> dict:
 def make_multihop(tokenizer, length: int, index: int, seed: int) -> dict:
     rng = sample_rng(seed, "ruler_multihop", length, index)
     used: set[str] = set()
-    values = [number(rng, 6) for _ in range(MH_CHAINS)]
-    while len(set(values)) < MH_CHAINS:
-        values = [number(rng, 6) for _ in range(MH_CHAINS)]
+    values = distinct_numbers(rng, MH_CHAINS, 6)
     statements, starts = [], []
     for value in values:
         keys = [word_key(rng, used) for _ in range(MH_HOPS)]
