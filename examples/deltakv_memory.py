@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.compressor:
         p.error("--compressor is required unless --from-table is given")
-    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
+    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval().to(args.device)
     print("| dtype | kv_quant_bits | full_attn_layers | num_recent_tokens | tokens | KV memory | one compressed layer: "
           "bytes per token by part |")
     print("|---|---|---|---|---|---|---|")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for bits in [int(b) for b in args.bits.split(",")]:
                 for layers in args.full_attn_layers.split(";"):
                     for recent in [int(r) for r in args.num_recent_tokens.split(",")]:
-                        knobs = dict(compressor=comp.to(args.device), num_top_tokens=0.25, full_attn_layers=layers,
+                        knobs = dict(compressor=comp, num_top_tokens=0.25, full_attn_layers=layers,
                                      num_sink_tokens=8, num_recent_tokens=recent, kv_quant_bits=bits)
                         with torch.inference_mode():
                             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,

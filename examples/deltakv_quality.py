@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from sparse_hf.deltakv import DeltaKVCompressor
 
+    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
             results = json.load(f)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "date": datetime.datetime.fromtimestamp(os.path.getmtime(args.from_json),
                                                                             datetime.timezone.utc).isoformat()})
     else:
-        results = measure(args)
+        results = measure(args, comp)
         results["meta"] = {"seconds": results.pop("seconds"), "argv": list(sys.argv[1:] if argv is None else argv),
                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                            "machine": machine_line(args)}
@@ -191,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(results, f, indent=2)
     if not results["ppl"]:   # --skip-perplexity: the printed lines and the JSON are the output
         return 0
-    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval()
     report = render(args, comp, results)
     print(report)
     if args.out:
@@ -203,18 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args) -> dict:
+def measure(args, comp) -> dict:
     """Run every measurement; returns the results dict that :func:`render` reads."""
 
     import sparse_hf
-    from sparse_hf.deltakv import DeltaKVCompressor
     from sparse_hf.models import load_model
     from sparse_hf.trainer import build_train_dataset
 
     t_start = time.time()
     model, tok = load_model("demo", dtype=getattr(torch, args.dtype), device=args.device)
-    model.eval()
-    comp = DeltaKVCompressor.from_pretrained(os.path.expanduser(args.compressor)).eval().to(args.device)
+    comp.to(args.device)
     heldout = os.path.join(os.path.expanduser(args.data_dir), "heldout.jsonl")
     length = args.context + args.score
     results: dict = {"ppl": {}, "memory": {}, "passkey": {}, "proxy": {}}

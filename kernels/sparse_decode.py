@@ -167,16 +167,20 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         ``[B, H, D]`` in ``q.dtype`` (softmax in fp32; a row with no usable index gives zeros).
     """
     B, H, D, Hkv, L, G = _check_gqa(q, k)
+    triton_ok = None
     if dense:
         if indices.shape[-1] != L:
             raise ValueError(f"dense=True needs a per-slot table [B, Hkv, {L}], got {tuple(indices.shape)}")
-        if not use_triton(backend, _sparse_decode_kernel, q, k, v):
+        triton_ok = use_triton(backend, _sparse_decode_kernel, q, k, v)
+        if not triton_ok:
             slots = torch.arange(L, device=indices.device)
             return sparse_decode_attention_ref(q, k, v, torch.where(indices >= 0, slots, -1), num_indices, scale)
     if v.shape != k.shape or indices.shape[:2] != (B, Hkv):
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}; indices must be [B, Hkv, K], "
                          f"got {tuple(indices.shape)}")
-    if not use_triton(backend, _sparse_decode_kernel, q, k, v):
+    if triton_ok is None:
+        triton_ok = use_triton(backend, _sparse_decode_kernel, q, k, v)
+    if not triton_ok:
         return sparse_decode_attention_ref(q, k, v, indices, num_indices, scale)
     if v.dtype != k.dtype:
         raise TypeError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")

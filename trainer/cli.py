@@ -53,7 +53,7 @@ class CompressorArguments:
     split: str = field(default="train", metadata={"help": "dataset split, slicing allowed: 'train[:20%%]'"})
     max_blocks: int | None = field(default=None, metadata={"help": "use at most this many packed blocks"})
     eval_blocks: int = field(default=0, metadata={"help": "held-out blocks for the model card's quality numbers"})
-    model_dtype: str = field(default="auto", metadata={"help": "base model dtype: auto | bfloat16 | float32 ..."})
+    model_dtype: str = field(default="auto", metadata={"help": "base model dtype: auto (float32) | bfloat16 | float32 ..."})
     init: str = field(default="random", metadata={"help": "random | pca (linear projections: start from the PCA of "
                                                            "the residuals x - ref, see sparse_hf.trainer.pca_init)"})
     init_blocks: int = field(default=32, metadata={"help": "training blocks the PCA init reads"})
@@ -85,22 +85,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[CompressorArguments, Comp
 
 
 def _load_base(name: str, dtype: str) -> tuple[Any, Any]:
-    """The lead's ``sparse_hf.models.load_model`` (it knows 'demo'); plain AutoModel loading when it is absent."""
+    """``sparse_hf.models.load_model`` (a path, a Hub id, or 'demo'); ``auto`` keeps its float32 default."""
     import torch
 
-    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-    try:
-        from sparse_hf.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(name) if torch_dtype is None else load_model(name, dtype=torch_dtype)
-    if name == "demo":
-        raise ImportError("--model demo needs sparse_hf.models.load_model; pass a local model directory instead")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sparse_hf.models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype or "auto")
-    return model, AutoTokenizer.from_pretrained(name)
+    return load_model(name, dtype=None if dtype == "auto" else getattr(torch, dtype))
 
 
 def build_trainer(argv: list[str] | None = None, model_and_tokenizer: tuple[Any, Any] | None = None) -> Any:

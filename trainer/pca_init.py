@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_hf.deltakv.clustering import center_mask, nearest_centers, reference_from_fathers
+from sparse_hf.deltakv.clustering import tail_references
 
 INITS = ("random", "pca")
 
@@ -30,14 +30,11 @@ def residual_moments(training_model, blocks: torch.Tensor, batch_size: int = 4, 
     ``training_model`` is a :class:`~sparse_hf.trainer.DeltaKVTrainingModel`; its clustering knobs are used.
     """
     patch, knobs = training_model.patch, training_model.knobs
-    device = next(training_model.compressor.parameters()).device
+    device = training_model.compressor.device
     moments: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
-    n = blocks.shape[1]
-    pos = torch.arange(n, device=device)
-    is_center = center_mask(pos, knobs["num_sink"], knobs["cluster_ratio"])
-    tail = pos >= knobs["num_sink"]
-    if not bool(tail.any()):
-        raise ValueError(f"blocks of {n} tokens have no token after the {knobs['num_sink']} sinks to compress")
+    if blocks.shape[1] <= knobs["num_sink"]:
+        raise ValueError(f"blocks of {blocks.shape[1]} tokens have no token after the {knobs['num_sink']} sinks "
+                         "to compress")
     batches = blocks.split(batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -50,12 +47,9 @@ def residual_moments(training_model, blocks: torch.Tensor, batch_size: int = 4, 
             patch.targets.clear()
             training_model.base(input_ids=batch, use_cache=False, logits_to_keep=1)
             for layer, x in patch.targets.items():
-                b = x.shape[0]
-                bpos = pos.expand(b, n)
-                centers = x[:, is_center]
-                fathers = nearest_centers(x[:, tail], centers, bpos[:, tail], bpos[:, is_center],
-                                          knobs["neighbor_count"], knobs["metric"])
-                d = (x[:, tail] - reference_from_fathers(centers, fathers)).reshape(-1, x.shape[-1]).double()
+                tail, ref = tail_references(x, knobs["num_sink"], knobs["cluster_ratio"], knobs["neighbor_count"],
+                                            knobs["metric"])
+                d = (x[:, tail] - ref).reshape(-1, x.shape[-1]).double()
                 cov, total, count = moments.get(layer, (0.0, 0.0, 0))
                 moments[layer] = (cov + d.T @ d, total + d.sum(0), count + d.shape[0])
     finally:

@@ -25,18 +25,9 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sparse_hf.deltakv.clustering import METRICS, cluster_reconstruct
+from sparse_hf.hf.deltakv_cache import rotate
 
 MODES = ("reconstruct", "record", "off")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -108,7 +99,7 @@ class ReconstructedKV:
     def total_mse(self) -> torch.Tensor:
         """Sum over layers of the last reconstruct pass's MSE (a float32 scalar; 0 when none)."""
         if not self.layer_mse:
-            return torch.zeros((), device=next(self.compressor.parameters()).device)
+            return torch.zeros((), device=self.compressor.device)
         return torch.stack(list(self.layer_mse.values())).sum()
 
     def install(self) -> "ReconstructedKV":
@@ -191,9 +182,12 @@ def attention_forward(module: nn.Module, state: ReconstructedKV, hidden_states: 
     value = value_flat.reshape(hidden_shape).transpose(1, 2)
 
     modeling = sys.modules.get(type(module).__module__)
-    rope = getattr(modeling, "apply_rotary_pos_emb", None) or _apply_rope
     cos, sin = position_embeddings
-    query, key = rope(query, key, cos, sin)
+    rope = getattr(modeling, "apply_rotary_pos_emb", None)
+    if rope is not None:
+        query, key = rope(query, key, cos, sin)
+    else:
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
 
     if cache is not None:
         if new_style:

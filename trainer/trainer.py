@@ -98,7 +98,7 @@ class DeltaKVTrainingModel(nn.Module):
         """
         was_training = self.training
         self.eval()
-        device = next(self.compressor.parameters()).device
+        device = self.compressor.device
         raw_ce, rec_ce, mse = [], [], []
         for batch in blocks.split(batch_size):
             batch = batch.to(device)

@@ -112,27 +112,33 @@ def reconstruct(latent: torch.Tensor, ref: torch.Tensor, compressor: Any, layer:
     return (compressor.up(layer, latent) + ref.to(compressor.dtype)).to(ref.dtype)
 
 
+def tail_references(x: torch.Tensor, num_sink: int = 16, cluster_ratio: float = 0.1, k: int = 4,
+                    metric: str = "l2") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training clustering of packed blocks (token ``i`` of every row at position ``i``): ``x [B, N, D]`` ->
+    ``(tail [N] bool, ref [B, N_tail, D])``, ``tail`` marking the tokens after the ``num_sink`` sinks and ``ref``
+    the mean of each one's ``k`` nearest visible centers (``None`` when there is no tail)."""
+    b, n, _ = x.shape
+    positions = torch.arange(n, device=x.device)
+    tail = positions >= num_sink
+    if not bool(tail.any()):
+        return tail, None
+    is_center = center_mask(positions, num_sink, cluster_ratio)
+    rows = positions.expand(b, n)
+    centers = x[:, is_center]
+    fathers = nearest_centers(x[:, tail], centers, rows[:, tail], rows[:, is_center], k, metric)
+    return tail, reference_from_fathers(centers, fathers)
+
+
 def cluster_reconstruct(x: torch.Tensor, compressor: Any, layer: int, num_sink: int = 16,
-                        cluster_ratio: float = 0.1, k: int = 4, metric: str = "l2",
-                        positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Compress and rebuild a whole sequence the way DeltaKV training does: ``[B, N, D] -> [B, N, D]``.
+                        cluster_ratio: float = 0.1, k: int = 4, metric: str = "l2") -> torch.Tensor:
+    """Compress and rebuild a whole packed sequence the way DeltaKV training does: ``[B, N, D] -> [B, N, D]``.
 
     Tokens at position ``< num_sink`` stay raw; every other token (centers included) is replaced by
-    ``up(down(x) - down(ref)) + ref``, with ``ref`` the mean of its ``k`` nearest visible raw centers.
-    ``positions`` defaults to ``arange(N)`` for every row.
+    ``up(down(x) - down(ref)) + ref``, with ``ref`` from :func:`tail_references`.
     """
-    b, n, _ = x.shape
-    if positions is None:
-        positions = torch.arange(n, device=x.device).expand(b, n)
-    is_center = center_mask(positions[0], num_sink, cluster_ratio)
-    if not torch.equal(center_mask(positions, num_sink, cluster_ratio), is_center.expand(b, n)):
-        raise ValueError("cluster_reconstruct needs the same positions in every row (packed training batches)")
-    tail = positions[0] >= num_sink
-    if not bool(tail.any()):
+    tail, ref = tail_references(x, num_sink, cluster_ratio, k, metric)
+    if ref is None:
         return x
-    centers = x[:, is_center]
-    fathers = nearest_centers(x[:, tail], centers, positions[:, tail], positions[:, is_center], k, metric)
-    ref = reference_from_fathers(centers, fathers)
     recon = reconstruct(compress(x[:, tail], ref, compressor, layer), ref, compressor, layer)
     out = x.clone()
     out[:, tail] = recon

@@ -26,6 +26,16 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 
+def dense_gpu_decode(layer: SlotLayer, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+    """Decode on GPU over a frozen layer's live slots: one Triton pass reading K/V in place (static shapes, no mask,
+    no SDPA dispatch, no host sync: CUDA-graph safe). ``query [B, H, 1, D]`` -> ``[B, 1, H, D]``; ``None`` when
+    this path does not apply (CPU, no Triton, layer not in decode mode)."""
+    if not (query.is_cuda and HAS_TRITON and layer.frozen):
+        return None
+    return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos, scale=scaling,
+                                   dense=True).unsqueeze(1)
+
+
 class SparseCache(Cache):
     """Base of every sparse-hf cache.
 
@@ -105,15 +115,11 @@ class EvictionCache(SparseCache):
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer = self.layers[module.layer_idx]
         q_len = query.shape[2]
-        if q_len == 1 and query.is_cuda and HAS_TRITON and layer.frozen:
-            # Decode on GPU: one Triton pass over the whole buffer's live slots, reading K/V in place
-            # (static shapes, no mask, no SDPA dispatch, no host sync: CUDA-graph safe).
-            out = sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos,
-                                          scale=scaling, dense=True).unsqueeze(1)
-        elif not layer.compacted:
+        out = dense_gpu_decode(layer, query, scaling) if q_len == 1 else None
+        if out is None and not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)
-        else:
+        elif out is None:
             out = masked_attention(query, key, value, layer.slot_mask(attention_mask, q_len), scaling)
 
         window = self.method.query_window

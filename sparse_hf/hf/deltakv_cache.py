@@ -78,15 +78,14 @@ class DeltaKVLayer(SlotLayer):
         self.raw_pos = _cat(self.raw_pos, pos.to(torch.int32), 1)
 
     def allocated_bytes(self) -> int:
-        extra = [self.raw_kpre, self.raw_pos, self.fathers, self.comp_pos, self.center_x]
-        latent = self.latent.nbytes() if self.latent is not None else 0
-        return super().allocated_bytes() + latent + sum(t.numel() * t.element_size() for t in extra if t is not None)
+        return sum(self.bytes_by_part().values())
 
     def used_bytes(self) -> int:
-        return self.allocated_bytes() - super().allocated_bytes() + super().used_bytes()
+        """Live raw slots plus everything beside them (latents, centers, ids, positions)."""
+        return self.allocated_bytes() - SlotLayer.allocated_bytes(self) + super().used_bytes()
 
     def bytes_by_part(self) -> dict[str, int]:
-        """Allocated bytes of this layer by part (they sum to :meth:`allocated_bytes`)."""
+        """Allocated bytes of this layer by part; :meth:`allocated_bytes` is their sum."""
         def size(*tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -183,7 +182,7 @@ class CompressedCache(SelectionCache):
             # (no [q, n] mask of our own, which at a long prompt would not fit in memory).
             return sdpa_attention_forward(module, query, layer.keys, layer.values, attention_mask,
                                           scaling=scaling)[0]
-        keys, values, cols, valid = layer.keys, layer.values, layer.positions, layer.positions >= 0
+        keys, values, cols = layer.keys, layer.values, layer.positions
         if layer.num_compressed:
             pick = None
             if q_len == 1 and self.obs_scores is not None:
@@ -192,12 +191,11 @@ class CompressedCache(SelectionCache):
                                         layer.num_compressed, layer.seen)
             rk, rv, rcols = self._rebuild(module, layer, pick)
             keys, values = torch.cat([keys, rk], 2), torch.cat([values, rv], 2)
-            cols = torch.cat([cols, rcols], 2)
-            valid = torch.cat([valid, torch.ones_like(rcols, dtype=torch.bool)], 2)
+            cols = torch.cat([cols, rcols], 2)                # rebuilt columns are >= 0: all attended
         if q_len == 1 and query.is_cuda and HAS_TRITON:   # decode on GPU: Triton, not SDPA's per-shape dispatch
-            slots = torch.arange(keys.shape[2], device=keys.device)
-            return sparse_decode_attention(query[:, :, 0], keys, values, torch.where(valid, slots, -1),
-                                           scale=scaling).unsqueeze(1)
+            return sparse_decode_attention(query[:, :, 0], keys, values, cols, scale=scaling,
+                                           dense=True).unsqueeze(1)
+        valid = cols >= 0
         q_cols = torch.arange(layer.seen - q_len, layer.seen, device=query.device).view(1, 1, q_len, 1)
         allowed = (cols.unsqueeze(2) <= q_cols) & valid.unsqueeze(2)
         if attention_mask is not None:   # padding queries of a prefill chunk: keep SDPA away from empty rows
@@ -221,7 +219,7 @@ class CompressedCache(SelectionCache):
             latent = dequantize(layer.latent.select(row), self.compressor.dtype)
             fathers = layer.fathers.gather(1, row.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
             ref = reference_from_fathers(layer.center_x, fathers)
-            rebuilt = reconstruct(latent, ref, self.compressor, module.layer_idx).to(layer.center_x.dtype)
+            rebuilt = reconstruct(latent, ref, self.compressor, module.layer_idx)   # in center_x's dtype
             x = torch.where(center.unsqueeze(-1), x, rebuilt)
         kx, vx = x[..., : Hkv * D].view(B, k, Hkv, D), x[..., Hkv * D:].view(B, k, Hkv, -1)
         if getattr(module, "k_norm", None) is not None:

@@ -11,7 +11,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from .attention import masked_attention
-from .cache import SparseCache, query_validity
+from .cache import SparseCache, dense_gpu_decode, query_validity
 
 try:
     from sparse_hf.kernels import HAS_TRITON, decode_attention_with_scores, sparse_decode_attention
@@ -59,9 +59,9 @@ class SelectionCache(SparseCache):
 
     # -- decode -------------------------------------------------------------------------------------------------
     def _decode_all(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
-        if query.is_cuda and HAS_TRITON and layer.frozen:
-            return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos,
-                                           scale=scaling, dense=True).unsqueeze(1)
+        out = dense_gpu_decode(layer, query, scaling)
+        if out is not None:
+            return out
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
 
     def _decode_full(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
