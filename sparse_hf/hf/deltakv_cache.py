@@ -18,9 +18,7 @@ import torch
 
 from ..deltakv import DeltaKVCompressor
 from ..deltakv.quant import QuantizedLatent, check_bits, dequantize, quantize
-from ..methods.omnikv import omnikv_decode_scores
-from ..methods.selection import sink_recent_candidates
-from ..deltakv.clustering import center_step, compress, nearest_centers, reconstruct, reference_from_fathers
+from ..deltakv.clustering import compress, nearest_centers, reconstruct, reference_from_fathers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import masked_attention
@@ -135,15 +133,12 @@ class CompressedCache(SelectionCache):
             c.cluster_ratio = float(training.get("cluster_ratio", 0.1))
         if c.deltakv_neighbor_count is None:
             c.deltakv_neighbor_count = int(training.get("neighbor_count", 1))
-        self.method.step = center_step(c.cluster_ratio)
 
     def make_layer(self, layer_idx: int):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
 
     def observe(self, logits, valid, length):
-        c = self.sparse_config
-        _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
-        self.obs_scores = omnikv_decode_scores(logits, cand[:, 0])
+        self.obs_scores = self.method.decode_scores(logits, valid)
         self.selection = None
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

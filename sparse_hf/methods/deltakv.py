@@ -29,7 +29,12 @@ class DeltaKV(OmniKV):
         if self.config.compressor is None and not self.config.deltakv_path:
             raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
                              "{'deltakv_path': 'dir-or-hub-id'}")
-        self.step = center_step(self.config.cluster_ratio or 0.1)   # the cache may refine it from the compressor
+        center_step(self.config.cluster_ratio or 0.1)   # raises for a ratio outside (0, 1]
+
+    @property
+    def step(self) -> int:
+        """Distance between centers, from ``cluster_ratio`` (which the cache may take from the compressor)."""
+        return center_step(self.config.cluster_ratio or 0.1)
 
     def sparse_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if not self.is_full(i)]

@@ -84,11 +84,17 @@ class OmniKV(SparseMethod):
             top = (valid.sum(-1).double() * c.num_top_tokens).long()
         else:
             top = c.num_top_tokens
-        _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
-        scores = omnikv_decode_scores(logits, cand[:, 0])
+        scores = self.decode_scores(logits, valid)
         idx, ok = select_keep_static(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens,
                                      c.num_recent_tokens, top, c.num_sink_tokens + c.num_recent_tokens + top_max)
         return idx[:, 0], ok[:, 0]
+
+    def decode_scores(self, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The observer's scores of the candidates (neither sink nor recent): ``logits [B, H, L]``, ``valid
+        [B, L]`` -> ``[B, L]`` (see :func:`omnikv_decode_scores`)."""
+        c = self.config
+        _, _, cand = sink_recent_candidates(valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
+        return omnikv_decode_scores(logits, cand[:, 0])
 
     def select_prefill_chunk(self, logits: torch.Tensor, valid: torch.Tensor, query_valid: torch.Tensor):
         """Selection of an observation layer for a later prefill chunk of ``q`` tokens.
