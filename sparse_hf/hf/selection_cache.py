@@ -39,6 +39,7 @@ class SelectionCache(SparseCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.selection = None
+        self._indices = self._indices_of = None   # the selection as a [B, 1, K] index list (GPU decode)
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
@@ -90,7 +91,9 @@ class SelectionCache(SparseCache):
         B, H, _, D = query.shape
         Hkv = layer.keys.shape[1]
         if query.is_cuda and HAS_TRITON:
-            indices = torch.where(ok, idx, -1).unsqueeze(1).expand(B, Hkv, idx.shape[1])
+            if self._indices_of is not self.selection:   # once per selection, not once per sparse layer
+                self._indices, self._indices_of = torch.where(ok, idx, -1).unsqueeze(1), self.selection
+            indices = self._indices.expand(B, Hkv, idx.shape[1])
             return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, indices, scale=scaling).unsqueeze(1)
         return self._gather_attention(layer, query, idx, ok, attention_mask, scaling)
 
