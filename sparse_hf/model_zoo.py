@@ -15,6 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def save_gguf_as_safetensors(gguf: Path, dest: Path) -> None:
+    """Dequantize the GGUF checkpoint ``gguf`` into a float32 safetensors model + tokenizer folder ``dest``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None                        # the weights are plain float32 now: save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A GGUF split into ``parts`` (``(module, path inside the module's folder)``, in order) over ``packages``."""
@@ -71,9 +85,6 @@ class EmbeddedModel:
         if (out / "config.json").exists() and any(out.glob("*.safetensors")):
             return out
         self.part_paths()  # a missing package fails here, before anything is written
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         tmp = out.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -81,13 +92,7 @@ class EmbeddedModel:
             print(f"[sparse-hf] converting {self.name!r} to safetensors in {out} (once, ~1-2 min)", flush=True)
         try:
             gguf = self.write_gguf(tmp / "model.gguf")
-            tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            save_gguf_as_safetensors(gguf, tmp)
             gguf.unlink()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

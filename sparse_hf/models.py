@@ -51,20 +51,13 @@ def demo_model_dir(progress: bool = True) -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .model_zoo import save_gguf_as_safetensors
 
     gguf = demo_gguf_path()
     if progress:
         print(f"[sparse-hf] converting {gguf.name} to safetensors in {out} (once, ~30 s)", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = out.with_suffix(".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    save_gguf_as_safetensors(gguf, tmp)
     tmp.rename(out)
     return out
 
