@@ -50,11 +50,17 @@ class DeltaKVTrainingModel(nn.Module):
         self.base.requires_grad_(False)
         self.compressor.requires_grad_(True)
         self.mse_weight, self.mse_target = mse_weight, mse_target
-        self.knobs = {"num_sink": num_sink, "cluster_ratio": cluster_ratio, "neighbor_count": neighbor_count,
-                      "metric": metric}
         # Installed for the model's whole life: gradient checkpointing re-runs the attention during backward,
         # after forward() has returned, and must see the same reconstructing forward. ``release()`` undoes it.
-        self.patch = ReconstructedKV(base, compressor, **self.knobs).install()
+        self.patch = ReconstructedKV(base, compressor, num_sink=num_sink, cluster_ratio=cluster_ratio,
+                                     neighbor_count=neighbor_count, metric=metric).install()
+
+    @property
+    def knobs(self) -> dict[str, Any]:
+        """The clustering this model trains with (held by :attr:`patch`)."""
+        p = self.patch
+        return {"num_sink": p.num_sink, "cluster_ratio": p.cluster_ratio, "neighbor_count": p.neighbor_count,
+                "metric": p.metric}
 
     def release(self) -> nn.Module:
         """Put the base model's own attention back and return it (the training model is unusable afterwards)."""
