@@ -144,15 +144,18 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     done = {record_key(r) for r in existing}
 
     samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress)
-    todo = [(m, b, s) for m, b in runs for s in samples
-            if (m, b, s["task"], s["context_length"], s["depth"], s["id"]) not in done]
-    grid_keys = {(m, b, s["task"], s["context_length"], s["depth"], s["id"]) for m, b in runs for s in samples}
+    keyed = [((m, b, s["task"], s["context_length"], s["depth"], s["id"]), m, b, s) for m, b in runs for s in samples]
+    grid_keys = {key for key, *_ in keyed}
+    todo = [(m, b, s) for key, m, b, s in keyed if key not in done]
+    encoded = {}   # id(sample) -> input ids: each prompt is tokenized once, whatever the number of runs
 
     model.eval()
     new_records = []
     with open(pred_path, "a", encoding="utf-8") as out:
         for method, budget, sample in tqdm(todo, desc="generating", disable=not progress):
-            input_ids = encode_sample(tokenizer, sample, use_chat_template)
+            input_ids = encoded.get(id(sample))
+            if input_ids is None:
+                input_ids = encoded[id(sample)] = encode_sample(tokenizer, sample, use_chat_template)
             config = budget_to_cache_config(method, budget, input_ids.shape[1], cache_config)
             start = time.perf_counter()
             prediction = generate_one(model, tokenizer, input_ids, method, config,
