@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .deltakv.compressor import model_kv_shape
+
 SHAPES = {
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
@@ -115,8 +117,8 @@ def _make_cache(model, method, budget, length, steps):
         from .deltakv import DeltaKVCompressor
         torch.manual_seed(0)
         param = next(model.parameters())
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        latent = 2 * cfg.num_key_value_heads * head_dim // DELTAKV_LATENT_FRACTION
+        _, kv_heads, head_dim = model_kv_shape(cfg)
+        latent = 2 * kv_heads * head_dim // DELTAKV_LATENT_FRACTION
         comp = DeltaKVCompressor.for_model(cfg, kv_compressed_size=latent).to(param.device, param.dtype)
         knobs = dict(knobs, compressor=comp)
     cache = build_cache(method, cfg, knobs)
@@ -178,9 +180,10 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth):
     warm = times[min(len(times) - 1, 6 if method == "hf-best" or graph else 2):]
     step = sorted(warm)[len(warm) // 2]
     n_params = sum(p.numel() for p in model.parameters())
-    weight_bytes = n_params * next(model.parameters()).element_size()
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    token_bytes = 2 * cfg.num_key_value_heads * head_dim * next(model.parameters()).element_size()
+    elem = next(model.parameters()).element_size()
+    weight_bytes = n_params * elem
+    _, kv_heads, head_dim = model_kv_shape(cfg)
+    token_bytes = 2 * kv_heads * head_dim * elem
     read_tokens = _tokens_read_per_step(cache, method, length, batch, cfg.num_hidden_layers)
     result = dict(method=method + ("+graph" if graph else ""), budget=None if method in BASELINES else budget, L=length, B=batch,
                   ttft_s=round(ttft, 4), prefill_tok_s=round(batch * length / ttft, 1),
