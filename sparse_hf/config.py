@@ -18,10 +18,8 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_budget(name: str, value: Any, allow_none: bool = False) -> None:
+def _check_budget(name: str, value: Any) -> None:
     """A budget is a non-negative int (a count) or a float in (0, 1] (a fraction)."""
-    if value is None and allow_none:
-        return
     if _is_int(value):
         if value < 0:
             raise ValueError(f"{name}={value}: a token count must be >= 0")

@@ -156,7 +156,8 @@ class CompressedCache(SelectionCache):
         if keep_pre_norm and raw_k is None:
             raise RuntimeError("deltakv needs the pre-norm keys; call sparse_hf.prepare_model(model) first")
         Hkv = layer.keys.shape[1]
-        if self.compressor.device != query.device:
+        # Follow the model's device; checked until the first compression and at each prefill, not every step.
+        if (q_len > 1 or layer.head_end is None) and self.compressor.device != query.device:
             self.compressor.to(query.device)
         pos = kwargs.get("position_ids")
         pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
