@@ -22,6 +22,28 @@ ATTN_IMPLEMENTATION = "sparse_hf"
 CACHE_KWARG = "sparse_hf_cache"
 
 
+def attend_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """HF's 4D attention mask as bool, True = may attend (additive float masks: 0 = attend)."""
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+
+
+def column_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """``[B, L]`` bool: real (non-padding) columns, read from the last query row of the HF mask."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    return attend_mask(attention_mask)[:, 0, -1, :length].expand(batch, length)
+
+
+def query_validity(attention_mask: torch.Tensor | None, q_len: int, seen: int, batch: int, device) -> torch.Tensor:
+    """``[B, q]`` bool: whether each query of this forward is a real token (padding queries see nothing of
+    their own column)."""
+    if attention_mask is None:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    m = attend_mask(attention_mask)
+    rows = torch.arange(q_len, device=m.device)
+    return m[:, 0, rows, seen - q_len + rows].expand(batch, q_len)
+
+
 def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                      scaling: float) -> torch.Tensor:
     """SDPA with a per-KV-head boolean mask.

@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..config import SparseConfig
 from ..methods import SparseMethod, get_method
 from ..models import check_supported
-from .attention import masked_attention
+from .attention import masked_attention, query_validity
 from .layer import SlotLayer
 
 try:
@@ -97,16 +97,6 @@ class SparseCache(Cache):
 
     def __repr__(self):
         return f"{type(self).__name__}(method={self.method_name!r}, layers={self.num_layers})"
-
-
-def query_validity(attention_mask: torch.Tensor | None, q_len: int, seen: int, batch: int, device) -> torch.Tensor:
-    """``[B, q]`` bool: whether each query of this forward is a real token (padding queries see nothing of
-    their own column)."""
-    if attention_mask is None:
-        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
-    m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    rows = torch.arange(q_len, device=m.device)
-    return m[:, 0, rows, seen - q_len + rows].expand(batch, q_len)
 
 
 class EvictionCache(SparseCache):

@@ -21,10 +21,9 @@ from ..deltakv.quant import QuantizedLatent, check_bits, dequantize, quantize
 from ..deltakv.clustering import compress, nearest_centers, reconstruct, reference_from_fathers
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import masked_attention
+from .attention import masked_attention, query_validity
 from .layer import SlotLayer
-from .selection_cache import HAS_TRITON, SelectionCache, column_validity, sparse_decode_attention
-from .cache import query_validity
+from .selection_cache import HAS_TRITON, SelectionCache, sparse_decode_attention
 
 
 def _cat(a, b, dim):
@@ -155,7 +154,6 @@ class CompressedCache(SelectionCache):
         keep_pre_norm = getattr(module, "k_norm", None) is not None
         if keep_pre_norm and raw_k is None:
             raise RuntimeError("deltakv needs the pre-norm keys; call sparse_hf.prepare_model(model) first")
-        Hkv = layer.keys.shape[1]
         # Follow the model's device; checked until the first compression and at each prefill, not every step.
         if (q_len > 1 or layer.head_end is None) and self.compressor.device != query.device:
             self.compressor.to(query.device)
@@ -164,8 +162,7 @@ class CompressedCache(SelectionCache):
                                                                        device=query.device).expand(B, q_len)
         layer.append_raw_k(raw_k.reshape(B, q_len, -1) if keep_pre_norm else None, pos)
         if attention_mask is not None and layer.head_end is None:
-            layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
-                               .unsqueeze(1).expand(B, Hkv, layer.seen))
+            layer.drop_padding(attention_mask)
         out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
         if self.prompt_complete(layer):
             self._flush(module, layer)

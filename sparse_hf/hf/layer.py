@@ -12,6 +12,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from sparse_hf.kernels import append_kv
 
+from .attention import attend_mask, column_validity
+
 
 class SlotLayer(CacheLayerMixin):
     """Physical K/V slots plus their logical positions.
@@ -151,6 +153,12 @@ class SlotLayer(CacheLayerMixin):
         """Mark slots where ``valid`` (``[B, Hkv, n]``) is False (padding) as empty, without moving data."""
         self._pos[:, :, :self.num_slots].masked_fill_(~valid, -1)
 
+    def drop_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Mark the padding columns of HF's 4D mask (read from its last query row) as empty slots."""
+        B, Hkv = self._pos.shape[:2]
+        self.drop_invalid(column_validity(attention_mask, B, self.seen, self._pos.device)
+                          .unsqueeze(1).expand(B, Hkv, self.seen))
+
     def valid(self) -> torch.Tensor:
         """``[B, Hkv, n]`` bool: slots holding a token (padding columns still count; see ``slot_mask``)."""
         return self.positions >= 0
@@ -169,7 +177,7 @@ class SlotLayer(CacheLayerMixin):
             q_cols = torch.arange(self.seen - q_len, self.seen, device=pos.device).view(1, 1, q_len, 1)
             allowed = safe.unsqueeze(2) <= q_cols
         else:
-            m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            m = attend_mask(attention_mask)
             m = m.expand(B, Hkv, q_len, m.shape[-1])
             allowed = m.gather(3, safe.unsqueeze(2).expand(B, Hkv, q_len, n))
         return allowed & (pos >= 0).unsqueeze(2)

@@ -10,21 +10,13 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from .attention import masked_attention
-from .cache import SparseCache, dense_gpu_decode, query_validity
+from .attention import attend_mask, column_validity, masked_attention, query_validity
+from .cache import SparseCache, dense_gpu_decode
 
 try:
     from sparse_hf.kernels import HAS_TRITON, decode_attention_with_scores, sparse_decode_attention
 except ImportError:  # pragma: no cover - kernels are part of the package
     HAS_TRITON = False
-
-
-def column_validity(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """``[B, L]`` bool: real (non-padding) columns, read from the last query row of the HF mask."""
-    if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    return m[:, 0, -1, :length].expand(batch, length)
 
 
 def full_logits(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -47,9 +39,7 @@ class SelectionCache(SparseCache):
         if query.shape[2] > 1:
             out = self._attend_prefill(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
             if self.prompt_complete(layer):
-                B = query.shape[0]
-                layer.drop_invalid(column_validity(attention_mask, B, layer.seen, query.device)
-                                   .unsqueeze(1).expand(B, layer.keys.shape[1], layer.seen))
+                layer.drop_padding(attention_mask)
                 layer.freeze()
             return out, None
         if self.method.is_full(i):
@@ -130,9 +120,9 @@ class SelectionCache(SparseCache):
         values = layer.values.gather(2, idx.view(B, 1, K, 1).expand(B, Hkv, K, layer.values.shape[-1]))
         if attention_mask is None:
             q_cols = torch.arange(layer.seen - q_len, layer.seen, device=idx.device).view(1, q_len, 1)
-            allowed = idx.unsqueeze(1) <= q_cols
+            ok_cols = idx.unsqueeze(1) <= q_cols
         else:
-            m = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            allowed = m[:, 0].expand(B, q_len, m.shape[-1]).gather(2, idx.unsqueeze(1).expand(B, q_len, K))
-        allowed = (allowed & ok.unsqueeze(1)).unsqueeze(1).expand(B, Hkv, q_len, K)
-        return masked_attention(query, keys, values, allowed, scaling)
+            m = attend_mask(attention_mask)
+            ok_cols = m[:, 0].expand(B, q_len, m.shape[-1]).gather(2, idx.unsqueeze(1).expand(B, q_len, K))
+        ok_cols = (ok_cols & ok.unsqueeze(1)).unsqueeze(1).expand(B, Hkv, q_len, K)
+        return masked_attention(query, keys, values, ok_cols, scaling)
