@@ -28,6 +28,7 @@ about an hour on 2 CPU cores without ``--device cuda``)::
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -110,19 +111,13 @@ def usage_row(cache) -> dict:
 
 def training_proxy(model, comp, blocks: torch.Tensor, layers: list[int] | None) -> dict:
     """``DeltaKVTrainingModel.measure`` with ``comp`` restricted to ``layers`` (None = all its layers)."""
-    from sparse_hf.deltakv import DeltaKVCompressor
     from sparse_hf.trainer import DeltaKVTrainingModel
 
-    if layers is not None:
-        c = comp.config
-        sub = DeltaKVCompressor.for_model(model.config, kv_compressed_size=c.kv_compressed_size, down_type=c.down_type,
-                                          up_type=c.up_type, intermediate_size=c.intermediate_size,
-                                          down_intermediate_size=c.down_intermediate_size,
-                                          up_intermediate_size=c.up_intermediate_size, bias=c.bias,
-                                          compressed_layers=layers).to(comp.device)
-        sub.load_state_dict({k: v for k, v in comp.state_dict().items()
-                             if int(k.split(".")[1]) in set(layers)}, strict=True)
-        comp = sub
+    if layers is not None:   # the same weights, for ``layers`` only
+        comp = copy.deepcopy(comp)
+        comp.config.compressed_layers = sorted(layers)
+        for key in [k for k in comp.layers if int(k) not in set(layers)]:
+            del comp.layers[key]
     grads = {p: p.requires_grad for p in comp.parameters()}
     wrapper = DeltaKVTrainingModel(model, comp)
     try:
