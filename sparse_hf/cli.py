@@ -74,20 +74,13 @@ def run_generate(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparse-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from sparse_hf.bench import add_bench_parser, run_bench_command
+    from sparse_hf.eval.cli import add_eval_parser, run_eval_command
+
     _add_generate(sub)
-    extra = {}
-    try:
-        from sparse_hf.eval.cli import add_eval_parser, run_eval_command
-        add_eval_parser(sub)
-        extra["eval"] = run_eval_command
-    except ImportError:
-        pass
-    try:
-        from sparse_hf.bench import add_bench_parser, run_bench_command
-        add_bench_parser(sub)
-        extra["bench"] = run_bench_command
-    except ImportError:
-        pass
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    extra = {"eval": run_eval_command, "bench": run_bench_command}
     sub.add_parser("train-compressor", help="train a DeltaKV compressor (see `sparse-hf train-compressor -h`)",
                    add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
