@@ -58,6 +58,13 @@ class SparseCache(Cache):
         self.method = get_method(self.method_name)(self.sparse_config, self.num_layers)
         super().__init__(layers=[self.make_layer(i) for i in range(self.num_layers)])
         self.prefill_target: int | None = None   # logical length at which the prompt is complete
+        # CUDA-graph decode: None = automatic (on CUDA where safe), False = never; see integration.wants_cuda_graph.
+        # Keyword knobs tell "not given" apart; a SparseConfig object's value is taken as it is (False opts out).
+        knob = getattr(self.sparse_config, "cuda_graph", None)
+        if sparse_config is None and "cuda_graph" not in knobs:
+            knob = None
+        self.cuda_graph: bool | None = None if knob is None or knob is True else False
+        self.graph_blocked: str | None = None    # why this generate call may not use CUDA graphs (e.g. beams)
         self.capturing = False                   # True while a CUDA graph records a decode step
         self.hooked = False                      # set by the attention pre-hook; checked in update
 
@@ -71,13 +78,44 @@ class SparseCache(Cache):
                 "it up, or call sparse_hf.prepare_model(model) once before calling the model directly.")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    #: The most slots reserved up front for generated tokens; more come by geometric growth when needed, so a
+    #: huge ``max_new_tokens`` with an early stop costs no memory.
+    FIRST_RESERVE_CAP: ClassVar[int] = 256
+
     def set_reserve(self, tokens: int) -> None:
-        """Preallocate room for ``tokens`` more slots after the prompt (e.g. ``max_new_tokens``)."""
+        """Preallocate room for exactly ``tokens`` more slots after the prompt (layers with a bounded decode
+        window, StreamingLLM's, never take more than that window)."""
+        bound = getattr(self.method, "decode_slot_limit", None)
         for layer in self.layers:
             layer.reserve = max(0, int(tokens))
+            layer.max_slots = bound
+
+    def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
+        """What ``generate`` calls: reserve room for at most ``FIRST_RESERVE_CAP`` (or a quarter of the prompt, if
+        larger) of the ``max_new_tokens`` to come, since generation may stop long before."""
+        tokens = max(0, int(max_new_tokens or 0))
+        self.set_reserve(min(tokens, max(self.FIRST_RESERVE_CAP, prompt_length // 4)))
+
+    def in_prefill(self, layer, q_len: int) -> bool:
+        """Whether this forward of ``q_len`` tokens (already appended to ``layer``) is part of a prompt.
+
+        Told by what ``generate`` does, not by the query length: its ``_prefill`` sets ``prefill_target``, and a
+        layer is in prefill until it holds that many tokens, so a one-token last prefill chunk is still prefill.
+        Without ``generate`` (direct calls), a forward of several tokens, or the very first token, is prefill.
+        """
+        if q_len > 1:
+            return True
+        if self.prefill_target is not None:
+            return layer.seen - q_len < self.prefill_target
+        return layer.seen == q_len
 
     def prompt_complete(self, layer) -> bool:
         return self.prefill_target is None or layer.seen >= self.prefill_target
+
+    def decoding(self) -> bool:
+        """True when every layer holds the whole prompt (the next one-token forward is a decode step)."""
+        target = self.prefill_target or 1
+        return all(layer.seen >= target for layer in self.layers)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         # Every layer reports the full logical length, so one mask serves layers of any physical size.
@@ -105,7 +143,8 @@ class EvictionCache(SparseCache):
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer = self.layers[module.layer_idx]
         q_len = query.shape[2]
-        out = dense_gpu_decode(layer, query, scaling) if q_len == 1 else None
+        prefill = self.in_prefill(layer, q_len)
+        out = dense_gpu_decode(layer, query, scaling) if not prefill else None
         if out is None and not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)
@@ -113,10 +152,10 @@ class EvictionCache(SparseCache):
             out = masked_attention(query, key, value, layer.slot_mask(attention_mask, q_len), scaling)
 
         window = self.method.query_window
-        if q_len > 1 and window:
+        if prefill and window:
             qv = query_validity(attention_mask, q_len, layer.seen, query.shape[0], query.device)
             layer.remember_queries(query, qv, window)
-        if q_len > 1 and self.prompt_complete(layer):
+        if prefill and self.prompt_complete(layer):
             # Slot validity as seen by the last query: drops padding columns.
             valid = layer.slot_mask(attention_mask[:, :, -1:] if attention_mask is not None else None, 1)[:, :, 0]
             plan = self.method.prefill_keep(module.layer_idx, layer.keys, valid, layer.query_window,
@@ -126,7 +165,7 @@ class EvictionCache(SparseCache):
             if plan is not None:
                 layer.keep(*plan)
             layer.freeze()
-        elif q_len == 1 and not self.capturing:
+        elif not prefill and not self.capturing:
             self.maintain_layer(module.layer_idx)
         return out, None
 

@@ -21,7 +21,7 @@ from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models import check_supported
-from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention
+from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention, remember_original_attention
 from .cache import SparseCache
 from .cuda_graph import GraphDecoder
 
@@ -105,6 +105,9 @@ def prepare_model(model) -> None:
     check_supported(model.config)
     register_attention()
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        for module in model.modules():   # plain calls keep using this implementation (see attention.py)
+            if getattr(module, "config", None) is not None:
+                remember_original_attention(module.config)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if not getattr(model.forward, "_sparse_hf_wrapped", False):
         model.forward = _graph_forward(model)
@@ -163,7 +166,7 @@ def _wrap_prefill(original):
         if isinstance(cache, SparseCache):
             mask = model_kwargs.get("attention_mask")
             cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
-            cache.set_reserve(generation_config.max_new_tokens or 0)
+            cache.announce_new_tokens(generation_config.max_new_tokens, cache.prefill_target)
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     wrapper._sparse_hf_wrapped = True

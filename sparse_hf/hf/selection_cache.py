@@ -36,7 +36,7 @@ class SelectionCache(SparseCache):
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
         layer = self.layers[i]
-        if query.shape[2] > 1:
+        if self.in_prefill(layer, query.shape[2]):
             out = self._attend_prefill(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
             if self.prompt_complete(layer):
                 layer.drop_padding(attention_mask)

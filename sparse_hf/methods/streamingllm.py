@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import SparseMethod
 from .selection import select_keep
 
@@ -11,7 +13,8 @@ class StreamingLLM(SparseMethod):
 
     The window rolls during decode too. To avoid a copy every step, the cache is trimmed back to
     sink + recent once it holds ``decode_slack`` more tokens (a quarter of the window, at least 8), so
-    attention sees between ``num_recent_tokens`` and ``num_recent_tokens + decode_slack`` recent tokens.
+    attention sees between ``num_recent_tokens`` and ``num_recent_tokens + decode_slack`` recent tokens. Each
+    row follows this schedule on its own count of real tokens.
     """
 
     name = "streamingllm"
@@ -24,17 +27,28 @@ class StreamingLLM(SparseMethod):
     def decode_slack(self) -> int:
         return max(8, self.config.num_recent_tokens // 4)
 
+    @property
+    def decode_slot_limit(self) -> int:
+        """A row is trimmed once it holds this many tokens, so a layer never needs more slots during decode."""
+        return self.config.num_sink_tokens + self.config.num_recent_tokens + self.decode_slack
+
     def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
-        return self._trim(valid)
+        return self._trim(valid, self.config.num_sink_tokens + self.config.num_recent_tokens)
 
     def decode_keep(self, layer_idx, valid):
-        limit = self.config.num_sink_tokens + self.config.num_recent_tokens + self.decode_slack
-        if valid.shape[-1] < limit:   # a shape check: no host-device sync on the decode path
+        if valid.shape[-1] < self.decode_slot_limit:   # a shape check: no host-device sync on the decode path
             return None
-        return self._trim(valid)
+        return self._trim(valid, self.decode_slot_limit)
 
-    def _trim(self, valid):
-        keep = self.config.num_sink_tokens + self.config.num_recent_tokens
-        if int(valid.sum(-1).max()) <= keep:
+    def _trim(self, valid, due_at: int):
+        """Trim back to sink + recent every row that holds at least ``due_at`` tokens; other rows keep all theirs.
+
+        The schedule is per row, so a row's window does not depend on the other rows of its batch (or on their
+        padding): alone or batched, a row is trimmed at the same steps.
+        """
+        c = self.config
+        counts = valid.sum(-1, keepdim=True)                                  # [B, Hkv, 1]
+        if int(counts.max()) <= c.num_sink_tokens + c.num_recent_tokens:
             return None
-        return select_keep(valid, None, self.config.num_sink_tokens, self.config.num_recent_tokens, 0)
+        recent = torch.where(counts >= due_at, c.num_recent_tokens, counts)   # not due: every token is "recent"
+        return select_keep(valid, None, c.num_sink_tokens, recent, 0)
