@@ -122,3 +122,41 @@ def test_plain_generate_after_sparse_run_on_eager_model_is_unchanged():
     cache = sparse_hf.SnapKVCache(model.config, **UNLIMITED["snapkv"])
     sparse = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
     torch.testing.assert_close(sparse.logits, expect.logits, atol=1e-5, rtol=1e-5)
+
+
+# -- item 2: no room reserved for max_new_tokens that never come ---------------------------------------------------
+class StopAfter(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_huge_max_new_tokens_with_early_stop_allocates_like_a_plain_cache(method):
+    model = tiny_model("llama", layers=3)
+    ids, mask = left_padded_batch((200, 150))
+    stop = StoppingCriteriaList([StopAfter(ids.shape[1] + 16)])
+    plain = greedy(model, ids, mask, new_tokens=40_000, stopping_criteria=stop, return_dict_in_generate=True)
+    ours = greedy(model, ids, mask, new_tokens=40_000, stopping_criteria=stop, return_dict_in_generate=True,
+                  cache_implementation=method, cache_config=SMALL[method])
+    assert ours.sequences.shape[1] == ids.shape[1] + 16
+    full = sparse_hf.kv_usage(plain.past_key_values).bytes
+    usage = sparse_hf.kv_usage(ours.past_key_values)
+    assert usage.bytes <= 1.5 * full, (usage.bytes, full)
+    if method == "streamingllm":   # a bounded window: never more slots than it trims back from
+        limit = SMALL[method]["num_sink_tokens"] + SMALL[method]["num_recent_tokens"] + 8
+        assert all(layer.capacity <= limit for layer in ours.past_key_values.layers)
+
+
+@pytest.mark.parametrize("method", sorted(UNLIMITED))
+def test_generation_past_the_first_reservation_equals_reference(method):
+    model = tiny_model("qwen2", layers=2)
+    ids, mask = left_padded_batch((30, 21))
+    ref = greedy(model, ids, mask, new_tokens=300)
+    out = greedy(model, ids, mask, new_tokens=300, cache_implementation=method, cache_config=UNLIMITED[method],
+                 return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    layer = out.past_key_values.layers[1]
+    assert layer.capacity >= layer.num_slots >= 300    # grew past the first reservation (64)

@@ -78,9 +78,10 @@ class SparseCache(Cache):
                 "it up, or call sparse_hf.prepare_model(model) once before calling the model directly.")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    #: The most slots reserved up front for generated tokens; more come by geometric growth when needed, so a
-    #: huge ``max_new_tokens`` with an early stop costs no memory.
-    FIRST_RESERVE_CAP: ClassVar[int] = 256
+    #: Slots reserved up front for generated tokens: an eighth of the prompt, clamped to this range (and never more
+    #: than ``max_new_tokens``). More come by geometric growth when needed, so a huge ``max_new_tokens`` with an
+    #: early stop costs no memory.
+    FIRST_RESERVE_RANGE: ClassVar[tuple[int, int]] = (64, 1024)
 
     def set_reserve(self, tokens: int) -> None:
         """Preallocate room for exactly ``tokens`` more slots after the prompt (layers with a bounded decode
@@ -91,10 +92,11 @@ class SparseCache(Cache):
             layer.max_slots = bound
 
     def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
-        """What ``generate`` calls: reserve room for at most ``FIRST_RESERVE_CAP`` (or a quarter of the prompt, if
-        larger) of the ``max_new_tokens`` to come, since generation may stop long before."""
-        tokens = max(0, int(max_new_tokens or 0))
-        self.set_reserve(min(tokens, max(self.FIRST_RESERVE_CAP, prompt_length // 4)))
+        """What ``generate`` calls before the prompt: reserve room for a bounded part of the ``max_new_tokens`` to
+        come (see ``FIRST_RESERVE_RANGE``), since generation may stop long before."""
+        low, high = self.FIRST_RESERVE_RANGE
+        first = min(max(prompt_length // 8, low), high)
+        self.set_reserve(min(max(0, int(max_new_tokens or 0)), first))
 
     def in_prefill(self, layer, q_len: int) -> bool:
         """Whether this forward of ``q_len`` tokens (already appended to ``layer``) is part of a prompt.
