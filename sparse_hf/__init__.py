@@ -8,7 +8,7 @@
 __version__ = "0.1.0"
 
 from .config import SparseConfig
-from .hf import CACHE_CLASSES, GraphDecoder, SparseCache, build_cache, install, prepare_model
+from .hf import CACHE_CLASSES, CacheCropError, GraphDecoder, SparseCache, build_cache, install, prepare_model
 from .methods import METHODS, get_method
 from .usage import KVUsage, kv_usage
 
@@ -16,5 +16,5 @@ install()
 
 globals().update({cls.__name__: cls for cls in CACHE_CLASSES.values()})
 
-__all__ = ["SparseConfig", "SparseCache", "GraphDecoder", "build_cache", "prepare_model", "kv_usage", "KVUsage", "METHODS",
+__all__ = ["SparseConfig", "CacheCropError", "SparseCache", "GraphDecoder", "build_cache", "prepare_model", "kv_usage", "KVUsage", "METHODS",
            "get_method", *[cls.__name__ for cls in CACHE_CLASSES.values()]]

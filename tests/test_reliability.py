@@ -160,3 +160,60 @@ def test_generation_past_the_first_reservation_equals_reference(method):
     assert torch.equal(out.sequences, ref)
     layer = out.past_key_values.layers[1]
     assert layer.capacity >= layer.num_slots >= 300    # grew past the first reservation (64)
+
+
+# -- item 10: assisted and prompt-lookup generation ---------------------------------------------------------------
+def _repetitive_prompt():
+    ids, _ = left_padded_batch((30,))
+    ids = torch.cat([ids, ids[:, 5:15], ids[:, 5:15]], 1)     # repeats: prompt lookup finds drafts
+    return ids, torch.ones_like(ids)
+
+
+ROLLBACK = {
+    "omnikv-small": ("omnikv", SMALL["omnikv"]),
+    "omnikv-unlimited": ("omnikv", UNLIMITED["omnikv"]),
+    "snapkv-unlimited": ("snapkv", UNLIMITED["snapkv"]),
+    "streamingllm-unlimited": ("streamingllm", UNLIMITED["streamingllm"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLLBACK))
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant"])
+def test_assisted_generation_equals_reference_where_the_cache_can_roll_back(case, drafts):
+    method, cfg = ROLLBACK[case]
+    model = tiny_model("llama", layers=3)
+    ids, mask = _repetitive_prompt()
+    kw = dict(new_tokens=12, cache_implementation=method, cache_config=cfg)
+    extra = (dict(prompt_lookup_num_tokens=3) if drafts == "prompt_lookup"
+             else dict(assistant_model=tiny_model("llama", layers=1, seed=1)))
+    ref = greedy(model, ids, mask, **kw)
+    out = greedy(model, ids, mask, **kw, **extra)
+    assert torch.equal(out, ref)
+    if "unlimited" in case:
+        assert torch.equal(out, greedy(model, ids, mask, new_tokens=12))
+
+
+@pytest.mark.parametrize("method", ["snapkv", "streamingllm", "deltakv"])
+def test_assisted_generation_with_an_evicting_cache_raises_our_error(method):
+    model = tiny_model("qwen3", layers=3)
+    ids, mask = _repetitive_prompt()
+    cfg = _deltakv_config(model) if method == "deltakv" else SMALL[method]
+    with pytest.raises(sparse_hf.CacheCropError, match="assistant_model / prompt_lookup_num_tokens"):
+        greedy(model, ids, mask, new_tokens=12, cache_implementation=method, cache_config=cfg,
+               prompt_lookup_num_tokens=3)
+
+
+def test_crop_before_eviction_restores_the_cache():
+    model = tiny_model("llama", layers=2)
+    ids, mask = left_padded_batch((20, 14))
+    sparse_hf.prepare_model(model)
+    cache = sparse_hf.build_cache("omnikv", model.config, UNLIMITED["omnikv"])
+    model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    before = [(layer.num_slots, layer.positions.clone()) for layer in cache.layers]
+    extra = torch.randint(1, VOCAB, (2, 3))
+    model(input_ids=extra, attention_mask=torch.cat([mask, torch.ones_like(extra)], 1), past_key_values=cache)
+    cache.crop(-3)
+    for layer, (slots, positions) in zip(cache.layers, before):
+        assert layer.num_slots == layer.seen == slots
+        assert torch.equal(layer.positions, positions)
+        assert int(layer.n_dev) == slots and int(layer.seen_dev) == slots

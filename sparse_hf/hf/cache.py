@@ -18,7 +18,7 @@ from ..config import SparseConfig
 from ..methods import SparseMethod, get_method
 from ..models import check_supported
 from .attention import masked_attention, query_validity
-from .layer import SlotLayer
+from .layer import CacheCropError, SlotLayer
 
 try:
     from sparse_hf.kernels import HAS_TRITON, sparse_decode_attention
@@ -65,6 +65,7 @@ class SparseCache(Cache):
             knob = None
         self.cuda_graph: bool | None = None if knob is None or knob is True else False
         self.graph_blocked: str | None = None    # why this generate call may not use CUDA graphs (e.g. beams)
+        self.rollback_needed = False             # assisted generation: crop must work, so eviction is an error
         self.capturing = False                   # True while a CUDA graph records a decode step
         self.hooked = False                      # set by the attention pre-hook; checked in update
 
@@ -103,13 +104,12 @@ class SparseCache(Cache):
 
         Told by what ``generate`` does, not by the query length: its ``_prefill`` sets ``prefill_target``, and a
         layer is in prefill until it holds that many tokens, so a one-token last prefill chunk is still prefill.
+        Forwards of several tokens after the prompt (assisted generation's draft verification) are decode steps.
         Without ``generate`` (direct calls), a forward of several tokens, or the very first token, is prefill.
         """
-        if q_len > 1:
-            return True
         if self.prefill_target is not None:
             return layer.seen - q_len < self.prefill_target
-        return layer.seen == q_len
+        return q_len > 1 or layer.seen == q_len
 
     def prompt_complete(self, layer) -> bool:
         return self.prefill_target is None or layer.seen >= self.prefill_target
@@ -146,7 +146,7 @@ class EvictionCache(SparseCache):
         layer = self.layers[module.layer_idx]
         q_len = query.shape[2]
         prefill = self.in_prefill(layer, q_len)
-        out = dense_gpu_decode(layer, query, scaling) if not prefill else None
+        out = dense_gpu_decode(layer, query, scaling) if not prefill and q_len == 1 else None
         if out is None and not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)
@@ -165,6 +165,7 @@ class EvictionCache(SparseCache):
             layer.query_window = layer.query_valid = None
             layer.drop_invalid(valid)
             if plan is not None:
+                self._check_no_rollback()
                 layer.keep(*plan)
             layer.freeze()
         elif not prefill and not self.capturing:
@@ -178,4 +179,12 @@ class EvictionCache(SparseCache):
         layer = self.layers[layer_idx]
         plan = self.method.decode_keep(layer_idx, layer.valid())
         if plan is not None:
+            self._check_no_rollback()
             layer.keep(*plan)
+
+    def _check_no_rollback(self) -> None:
+        if self.rollback_needed:
+            raise CacheCropError(
+                f"{self.method_name} evicts tokens, and assisted or prompt-lookup generation needs a cache that can "
+                "roll back rejected draft tokens. Use a budget that covers the whole sequence, method='omnikv' "
+                "(which never evicts), or generate without assistant_model / prompt_lookup_num_tokens.")

@@ -24,6 +24,7 @@ from ..models import check_supported
 from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention, remember_original_attention
 from .cache import SparseCache
 from .cuda_graph import GraphDecoder
+from .layer import CacheCropError, SlotLayer
 
 CACHE_CLASSES: dict[str, type[SparseCache]] = {}
 _CACHE_KEYS = ("cache", "past_key_values")   # 5.24 name first, then 5.17
@@ -173,6 +174,30 @@ def _wrap_prefill(original):
     return wrapper
 
 
+def _wrap_assisted_decoding(original):
+    """Assisted and prompt-lookup generation: the prompt ends at the input length (the first forward appends draft
+    tokens to it), and rejected drafts are cropped, so an evicting cache must say so instead of going wrong."""
+    @functools.wraps(original)
+    def wrapper(self, input_ids, *args, **model_kwargs):
+        _, cache = _find_cache(model_kwargs)
+        if not isinstance(cache, SparseCache):
+            return original(self, input_ids, *args, **model_kwargs)
+        if not all(type(layer) is SlotLayer for layer in cache.layers):   # e.g. DeltaKV's compressed layers
+            raise CacheCropError(f"{cache.method_name} cannot roll back rejected draft tokens, which assisted and "
+                                 "prompt-lookup generation need: generate without assistant_model / "
+                                 "prompt_lookup_num_tokens, or use another method")
+        mask = model_kwargs.get("attention_mask")
+        cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
+        cache.rollback_needed = True
+        try:
+            return original(self, input_ids, *args, **model_kwargs)
+        finally:
+            cache.rollback_needed = False
+
+    wrapper._sparse_hf_wrapped = True
+    return wrapper
+
+
 def install() -> None:
     """Patch ``generate`` (idempotent). Called on ``import sparse_hf``."""
     register_attention()
@@ -180,3 +205,6 @@ def install() -> None:
         GenerationMixin._prepare_cache_for_generation = _wrap_prepare_cache(GenerationMixin._prepare_cache_for_generation)
     if not getattr(GenerationMixin._prefill, "_sparse_hf_wrapped", False):
         GenerationMixin._prefill = _wrap_prefill(GenerationMixin._prefill)
+    assisted = getattr(GenerationMixin, "_assisted_decoding", None)
+    if assisted is not None and not getattr(assisted, "_sparse_hf_wrapped", False):
+        GenerationMixin._assisted_decoding = _wrap_assisted_decoding(assisted)

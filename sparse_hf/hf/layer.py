@@ -238,16 +238,20 @@ class SlotLayer(CacheLayerMixin):
             self._index_batch(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
 
     def crop(self, max_length: int) -> None:
-        """Drop the tokens after logical length ``max_length`` (negative: remove that many from the end), as
-        ``DynamicCache.crop`` does; assisted and prompt-lookup generation use it to undo rejected draft tokens.
+        """Remove ``-max_length`` tokens from the end when negative (0: nothing), or keep the first ``max_length``
+        when positive (the older Transformers convention), as ``DynamicCache.crop`` does; assisted and
+        prompt-lookup generation use it to undo rejected draft tokens.
 
         Possible while slots are still the logical columns (nothing evicted or compacted); after an eviction the
         layer cannot be put back as it was, so this raises :class:`CacheCropError` instead of going silently wrong.
         """
-        if max_length < 0:
+        if max_length <= 0:
             max_length = self.seen - abs(max_length)
         if self.seen <= max_length:
             return
+        if type(self) is not SlotLayer:   # subclasses keep more per-token state (DeltaKV): they override crop
+            raise CacheCropError(f"{type(self).__name__} cannot roll back tokens (assisted or prompt-lookup "
+                                 "generation needs that): generate without assistant_model / prompt_lookup_num_tokens")
         if self.compacted or self.num_slots != self.seen:
             raise CacheCropError(
                 "this sparse-hf cache has already evicted or compressed tokens, so it cannot be rolled back to "
