@@ -217,3 +217,39 @@ def test_crop_before_eviction_restores_the_cache():
         assert layer.num_slots == layer.seen == slots
         assert torch.equal(layer.positions, positions)
         assert int(layer.n_dev) == slots and int(layer.seen_dev) == slots
+
+
+# -- item 14: CUDA graphs by default where safe (the decision; tests/test_gpu_hf.py runs the graphs) --------------
+def test_cuda_graph_decision():
+    from sparse_hf.hf.integration import graph_blocker, wants_cuda_graph
+
+    model = tiny_model("llama", layers=3)
+    ids, mask = left_padded_batch((20, 14))
+    step = dict(input_ids=torch.ones(2, 1, dtype=torch.long))
+
+    def cache_after(method, cfg, **kw):
+        out = greedy(model, ids, mask, new_tokens=2, cache_implementation=method, cache_config=cfg,
+                     return_dict_in_generate=True, **kw)
+        return out.past_key_values
+
+    # the knob: not given (or True) = automatic, False = never; a SparseConfig object's value is taken as it is
+    assert sparse_hf.build_cache("snapkv", model.config).cuda_graph is None
+    assert sparse_hf.build_cache("snapkv", model.config, dict(cuda_graph=True)).cuda_graph is None
+    assert sparse_hf.build_cache("snapkv", model.config, dict(cuda_graph=False)).cuda_graph is False
+
+    for method in ("snapkv", "streamingllm", "pyramidkv", "knorm", "omnikv"):
+        cache = cache_after(method, SMALL[method])
+        # everything safe: only the device stops it on this CPU machine
+        assert graph_blocker(cache, step) == "not on CUDA"
+        assert not wants_cuda_graph(cache, step)
+        assert graph_blocker(cache, dict(step, output_attentions=True)).startswith("output_attentions")
+        assert graph_blocker(cache, dict(step, output_hidden_states=True)).startswith("output_attentions")
+        assert graph_blocker(cache, dict(input_ids=torch.ones(2, 3, dtype=torch.long))) == "not a one-token decode step"
+        assert graph_blocker(cache, dict(inputs_embeds=torch.ones(2, 1, 64))) == "inputs other than input_ids=..."
+    assert graph_blocker(cache_after("snapkv", dict(SMALL["snapkv"], cuda_graph=False)), step) == "cuda_graph=False"
+    assert graph_blocker(cache_after("snapkv", SMALL["snapkv"], num_beams=2), step) == "beam search"
+    deltakv = cache_after("deltakv", _deltakv_config(model))
+    assert graph_blocker(deltakv, step).startswith("a layer has no static decode mode")
+    fresh = sparse_hf.build_cache("snapkv", model.config)
+    assert graph_blocker(fresh, step) == "the prompt is not complete"
+    assert graph_blocker(None, step) == "not a sparse-hf cache"

@@ -75,18 +75,57 @@ def _rotary_embedding(model):
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
+    """Why this ``model.forward(*args, **kwargs)`` call may not replay a CUDA graph, or ``None`` when it may.
+
+    Graphs are the default on CUDA (``cache.cuda_graph`` ``None``; ``False`` opts out) for one-token decode steps
+    whose shapes are static: not beams (the cache is reordered every step), not ``output_attentions`` /
+    ``output_hidden_states``, not while a prompt is still coming, not layers without a static decode mode
+    (DeltaKV's compressed layers), not assisted generation (drafts are verified several tokens at a time).
+    """
+    if not isinstance(cache, SparseCache):
+        return "not a sparse-hf cache"
+    if cache.cuda_graph is False:
+        return "cuda_graph=False"
+    ids = kwargs.get("input_ids")
+    if args or ids is None or kwargs.get("inputs_embeds") is not None:
+        return "inputs other than input_ids=..."
+    if ids.shape[1] != 1:
+        return "not a one-token decode step"
+    if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        return "output_attentions / output_hidden_states requested"
+    if cache.graph_blocked:
+        return cache.graph_blocked
+    if cache.rollback_needed:
+        return "assisted generation"
+    if not cache.decoding():
+        return "the prompt is not complete"
+    if not all(getattr(layer, "frozen", False) for layer in cache.layers):
+        return "a layer has no static decode mode (e.g. DeltaKV's compressed layers)"
+    decoder = getattr(cache, "graph_decoder", None)
+    if decoder is not None and decoder.disabled:
+        return "an earlier capture failed"
+    if not ids.is_cuda:
+        return "not on CUDA"
+    return None
+
+
+def wants_cuda_graph(cache, kwargs: dict, args: tuple = ()) -> bool:
+    """Whether this forward replays a captured CUDA graph (see :func:`graph_blocker`); anything else runs eagerly,
+    with no error."""
+    return graph_blocker(cache, kwargs, args) is None
+
+
 def _graph_forward(model):
-    """``model.forward`` that replays a CUDA graph for one-token decode steps of a sparse cache whose config
-    says ``cuda_graph=True``; anything else goes to the original forward."""
+    """``model.forward`` that replays a CUDA graph for the decode steps :func:`wants_cuda_graph` accepts; anything
+    else goes to the original forward."""
     original = model.forward
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         _, cache = _find_cache(kwargs)
-        ids = kwargs.get("input_ids")
-        if (not args and isinstance(cache, SparseCache) and cache.sparse_config.cuda_graph and ids is not None
-                and ids.shape[1] == 1 and ids.is_cuda and kwargs.get("inputs_embeds") is None
-                and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")):
+        if wants_cuda_graph(cache, kwargs, args):
+            ids = kwargs["input_ids"]
             if getattr(cache, "graph_decoder", None) is None:
                 cache.graph_decoder = GraphDecoder(model, cache, forward=original)
             pos = kwargs.get("position_ids")
@@ -168,6 +207,7 @@ def _wrap_prefill(original):
             mask = model_kwargs.get("attention_mask")
             cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
             cache.announce_new_tokens(generation_config.max_new_tokens, cache.prefill_target)
+            cache.graph_blocked = "beam search" if (generation_config.num_beams or 1) > 1 else None
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     wrapper._sparse_hf_wrapped = True
