@@ -173,26 +173,30 @@ def _wrap_prepare_cache(original):
     @functools.wraps(original)
     def wrapper(self, generation_config, model_kwargs, *args, **kwargs):
         name = generation_config.cache_implementation
-        if name in CACHE_CLASSES:
-            _, user_cache = _find_cache(model_kwargs)
-            if user_cache is not None:
-                raise ValueError("pass either cache_implementation or a cache object (past_key_values=...), not both")
-            cache_config = generation_config.cache_config
-            generation_config.cache_implementation = None
-            try:
-                result = original(self, generation_config, model_kwargs, *args, **kwargs)
-            finally:
-                generation_config.cache_implementation = name
+        if name not in CACHE_CLASSES:
+            result = original(self, generation_config, model_kwargs, *args, **kwargs)
+            _, cache = _find_cache(model_kwargs)
+            if isinstance(cache, SparseCache):
+                prepare_model(self)
+            return result
+        _, user_cache = _find_cache(model_kwargs)
+        # A cache this method built in an earlier call is continued (e.g. an assistant model's: Transformers 5.17
+        # generates it with the main model's cache_implementation and the cache it returned before).
+        continuing = isinstance(user_cache, CACHE_CLASSES[name]) and getattr(user_cache, "built_by_generate", False)
+        if user_cache is not None and not continuing:
+            raise ValueError("pass either cache_implementation or a cache object (past_key_values=...), not both")
+        generation_config.cache_implementation = None   # Transformers must not build a cache of its own
+        try:
+            result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            generation_config.cache_implementation = name
+        if not continuing:
             key, _ = _find_cache(model_kwargs)
             if key is None:
                 raise ValueError(f"cache_implementation={name!r} needs use_cache=True")
-            model_kwargs[key] = build_cache(name, self.config, cache_config)
-            prepare_model(self)
-            return result
-        result = original(self, generation_config, model_kwargs, *args, **kwargs)
-        _, cache = _find_cache(model_kwargs)
-        if isinstance(cache, SparseCache):
-            prepare_model(self)
+            model_kwargs[key] = build_cache(name, self.config, generation_config.cache_config)
+            model_kwargs[key].built_by_generate = True
+        prepare_model(self)
         return result
 
     wrapper._sparse_hf_wrapped = True

@@ -245,6 +245,7 @@ class SlotLayer(CacheLayerMixin):
         Possible while slots are still the logical columns (nothing evicted or compacted); after an eviction the
         layer cannot be put back as it was, so this raises :class:`CacheCropError` instead of going silently wrong.
         """
+        max_length = int(max_length)   # some Transformers versions pass a 0-d tensor
         if max_length <= 0:
             max_length = self.seen - abs(max_length)
         if self.seen <= max_length:
