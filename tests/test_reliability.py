@@ -4,10 +4,11 @@ References: unchunked generation, the same prompt alone, a fresh model, plain ``
 
 import pytest
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import sparse_hf
 from helpers import ARCHS, VOCAB, greedy, left_padded_batch, tiny_model
+from test_eviction import UNLIMITED as EVICTION_UNLIMITED
 
 SMALL = {
     "streamingllm": dict(num_sink_tokens=2, num_recent_tokens=9),
@@ -16,14 +17,9 @@ SMALL = {
     "knorm": dict(num_sink_tokens=2, num_top_tokens=6, num_recent_tokens=8),
     "omnikv": dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2"),
 }
-UNLIMITED = {
-    "streamingllm": dict(num_sink_tokens=4, num_recent_tokens=400),
-    "snapkv": dict(num_top_tokens=1.0, num_recent_tokens=16, window_size=8),
-    "pyramidkv": dict(num_top_tokens=1.0, num_recent_tokens=16, window_size=8, pyramid_start_ratio=1.0,
-                      pyramid_least_ratio=1.0),
-    "knorm": dict(num_top_tokens=1.0, num_recent_tokens=16),
-    "omnikv": dict(num_top_tokens=1.0, full_attn_layers="0,1"),
-}
+# test_eviction's budgets that keep everything, with a window long enough for 300 new tokens, and OmniKV's
+UNLIMITED = dict(EVICTION_UNLIMITED, streamingllm=dict(num_sink_tokens=4, num_recent_tokens=400),
+                 omnikv=dict(num_top_tokens=1.0, full_attn_layers="0,1"))
 
 
 def _deltakv_config(model):
