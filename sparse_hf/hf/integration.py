@@ -39,8 +39,7 @@ def build_cache(name: str, model_config, cache_config=None) -> SparseCache:
     """The cache for method ``name`` (unknown names raise ``ValueError`` listing the valid ones)."""
     if name not in CACHE_CLASSES:
         raise ValueError(f"unknown sparse-hf method {name!r}; valid methods are: {', '.join(sorted(CACHE_CLASSES))}")
-    cache_config = dict(cache_config or {})
-    return CACHE_CLASSES[name](model_config, **cache_config)
+    return CACHE_CLASSES[name](model_config, cache_config)   # dict, SparseConfig or method config; checked there
 
 
 def _attention_pre_hook(module, args, kwargs):
@@ -83,7 +82,7 @@ def _graph_forward(model):
     def forward(*args, **kwargs):
         _, cache = _find_cache(kwargs)
         ids = kwargs.get("input_ids")
-        if (not args and isinstance(cache, SparseCache) and cache.sparse_config.cuda_graph and ids is not None
+        if (not args and isinstance(cache, SparseCache) and cache.runtime.cuda_graph and ids is not None
                 and ids.shape[1] == 1 and ids.is_cuda and kwargs.get("inputs_embeds") is None
                 and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")):
             if getattr(cache, "graph_decoder", None) is None:
