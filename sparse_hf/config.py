@@ -143,6 +143,13 @@ def resolve_count(budget: int | float, n: int) -> int:
     return int(budget)
 
 
+def resolve_counts(budget: int | float, n: "torch.Tensor") -> "torch.Tensor":
+    """:func:`resolve_count` per row on the device: ``n`` ``[B]`` long token counts -> ``[B]`` long budgets."""
+    if isinstance(budget, float):
+        return (n.double() * budget).long()
+    return n.new_full(n.shape, int(budget))
+
+
 # -- configs ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MethodConfig:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TopTokensConfig
+from ..config import TopTokensConfig, resolve_counts
 from .base import EvictionMethod
 from .selection import select_keep
 
@@ -80,12 +80,7 @@ class H2O(EvictionMethod):
     def row_budget(self, valid: torch.Tensor) -> torch.Tensor:
         """``[B]`` long: sinks + recent + top per row, top resolved against the row's real prompt tokens."""
         c = self.config
-        n_valid = valid.sum(-1).amax(-1)
-        if isinstance(c.num_top_tokens, float):
-            top = (n_valid.double() * c.num_top_tokens).long()
-        else:
-            top = torch.full_like(n_valid, c.num_top_tokens)
-        return c.num_sink_tokens + c.num_recent_tokens + top
+        return c.num_sink_tokens + c.num_recent_tokens + resolve_counts(c.num_top_tokens, valid.sum(-1).amax(-1))
 
     def _keep(self, valid, scores, budget):
         c = self.config

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TopTokensConfig, resolve_count
+from ..config import TopTokensConfig, resolve_counts
 from .base import EvictionMethod
 from .selection import select_keep, sink_recent_candidates
 
@@ -36,8 +36,7 @@ class KNorm(EvictionMethod):
     def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
         c = self.config
         n_valid = valid.sum(-1).amax(-1)
-        tops = torch.tensor([resolve_count(c.num_top_tokens, int(n)) for n in n_valid.tolist()],
-                            dtype=torch.long, device=valid.device)
+        tops = resolve_counts(c.num_top_tokens, n_valid)
         if bool((c.num_sink_tokens + c.num_recent_tokens + tops >= n_valid).all()):
             return None
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)

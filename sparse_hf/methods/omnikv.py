@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import (DEFAULT_FULL_ATTN_LAYERS, TopTokensConfig, check_budget, check_flag, check_layer_list, knob,
-                      resolve_count)
+                      resolve_count, resolve_counts)
 from .base import SelectionMethod
 from .selection import select_keep, select_keep_static, sink_recent_candidates
 
@@ -101,10 +101,7 @@ class OmniKV(SelectionMethod):
         top_max = self.top_count(L, prefill=False)
         if c.num_sink_tokens + c.num_recent_tokens + top_max >= L:
             return None
-        if isinstance(c.num_top_tokens, float):
-            top = (lengths.double() * c.num_top_tokens).long()
-        else:
-            top = c.num_top_tokens
+        top = resolve_counts(c.num_top_tokens, lengths)
         scores = self.decode_scores(logits, valid)
         idx, ok = select_keep_static(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens,
                                      c.num_recent_tokens, top, c.num_sink_tokens + c.num_recent_tokens + top_max)
