@@ -136,3 +136,23 @@ def test_h2o_rejects_cuda_graph():
 
     with pytest.raises(ValueError, match="cannot run from a captured CUDA graph"):
         sparse_hf.H2OCache(tiny_model().config, cuda_graph=True)
+
+
+def test_h2o_chunked_prefill_and_beams():
+    """Prefill in chunks accumulates the same attention (so keeps the same tokens) as one pass; beams reorder
+    the scores with the slots."""
+    model = tiny_model("llama", layers=3).double()
+    ids, mask = left_padded_batch((40, 27))
+    knobs = dict(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=TOP)
+    whole = greedy(model, ids, mask, new_tokens=6, cache_implementation="h2o", cache_config=knobs,
+                   return_dict_in_generate=True)
+    chunked = greedy(model, ids, mask, new_tokens=6, cache_implementation="h2o", cache_config=knobs,
+                     return_dict_in_generate=True, prefill_chunk_size=16)
+    assert torch.equal(whole.sequences, chunked.sequences)
+    for a, b in zip(whole.past_key_values.layers, chunked.past_key_values.layers):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.scores, b.scores)
+    beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
+                           cache_implementation="h2o", cache_config=knobs, return_dict_in_generate=True)
+    for layer in beams.past_key_values.layers:
+        assert layer.scores.shape == layer.positions.shape and layer.row_budget.shape == (2,)
