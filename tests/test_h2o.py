@@ -155,4 +155,4 @@ def test_h2o_chunked_prefill_and_beams():
     beams = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False,
                            cache_implementation="h2o", cache_config=knobs, return_dict_in_generate=True)
     for layer in beams.past_key_values.layers:
-        assert layer.scores.shape == layer.positions.shape and layer.row_budget.shape == (2,)
+        assert layer.scores.shape == layer.positions.shape and layer.row_budget.shape == (4,)   # 2 rows x 2 beams
