@@ -179,3 +179,14 @@ def test_cache_object_and_implementation_together():
     with pytest.raises(ValueError, match="not both|Please use only one"):
         greedy(model, ids, mask, cache_implementation="snapkv",
                past_key_values=sparse_hf.SnapKVCache(model.config, num_recent_tokens=32))
+
+
+def test_cache_built_from_the_model_or_another_depth():
+    """Issue 9 item 7: ``SnapKVCache(model)`` and a cache built for fewer layers give errors that say what to do."""
+    model = tiny_model(layers=4)
+    with pytest.raises(ValueError, match=r"takes the model's config, not the model: SnapKVCache\(model.config"):
+        sparse_hf.SnapKVCache(model)
+    ids, mask = left_padded_batch()
+    small = sparse_hf.SnapKVCache(tiny_model(layers=2).config, num_recent_tokens=32)
+    with pytest.raises(ValueError, match="built for a 2-layer model but got layer 2"):
+        greedy(model, ids, mask, past_key_values=small)

@@ -51,6 +51,9 @@ class SparseCache(Cache):
     layer_class: ClassVar[type] = SlotLayer
 
     def __init__(self, config, sparse_config: SparseConfig | None = None, **knobs):
+        if hasattr(config, "config") and callable(getattr(config, "forward", None)):
+            raise ValueError(f"{type(self).__name__} takes the model's config, not the model: "
+                             f"{type(self).__name__}(model.config, ...)")
         check_supported(config)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         method_class = get_method(self.method_name)
@@ -72,6 +75,9 @@ class SparseCache(Cache):
         return self.layer_class()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx >= self.num_layers:
+            raise ValueError(f"{type(self).__name__} was built for a {self.num_layers}-layer model but got layer "
+                             f"{layer_idx}: build the cache from this model's config")
         if not self.hooked:
             raise RuntimeError(
                 f"{type(self).__name__} needs the sparse-hf attention function. Use model.generate(...), which sets "
