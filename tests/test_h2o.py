@@ -156,3 +156,22 @@ def test_h2o_chunked_prefill_and_beams():
                            cache_implementation="h2o", cache_config=knobs, return_dict_in_generate=True)
     for layer in beams.past_key_values.layers:
         assert layer.scores.shape == layer.positions.shape and layer.row_budget.shape == (4,)   # 2 rows x 2 beams
+
+
+@pytest.mark.gpu
+def test_h2o_gpu_matches_cpu():
+    """On CUDA the decode attention runs in Triton while the scores are accumulated in torch: the prompt's kept
+    tokens and the first steps' logits must agree with the CPU run."""
+    model = tiny_model("qwen2", layers=3)
+    ids, mask = left_padded_batch((48, 33))
+    kw = dict(cache_implementation="h2o", cache_config=dict(num_sink_tokens=SINK, num_recent_tokens=RECENT,
+                                                           num_top_tokens=TOP), output_logits=True,
+              return_dict_in_generate=True)
+    cpu = greedy(model, ids, mask, new_tokens=1, **kw)
+    gpu = greedy(model.cuda(), ids.cuda(), mask.cuda(), new_tokens=1, **kw)
+    for a, b in zip(cpu.past_key_values.layers, gpu.past_key_values.layers):
+        assert torch.equal(a.positions, b.positions.cpu())
+    cpu = greedy(model.cpu(), ids, mask, new_tokens=4, **kw)
+    gpu = greedy(model.cuda(), ids.cuda(), mask.cuda(), new_tokens=4, **kw)
+    for a, b in zip(cpu.logits[:2], gpu.logits[:2]):
+        torch.testing.assert_close(a, b.cpu(), atol=2e-3, rtol=2e-3)
