@@ -123,6 +123,8 @@ def test_cache_config_objects_and_strings_through_generate():
         greedy(model, ids, mask, cache_implementation="snapkv", cache_config="num_top_tokens=4")
     with pytest.raises(ValueError, match="needs a SnapKVConfig, got a OmniKVConfig"):
         sparse_hf.SnapKVCache(model.config, OmniKVConfig())
+    with pytest.raises(ValueError, match="needs a SnapKVConfig, got a PyramidKVConfig"):   # a subclass too
+        sparse_hf.SnapKVCache(model.config, get_method("pyramidkv").config_class())
 
 
 def test_deltakv_defaults_from_the_compressor_leave_the_callers_config_alone():

@@ -162,6 +162,10 @@ def oracle_h2o(name):
         pos = torch.arange(L).expand(B, HKV, L)
         mass = method.accumulate(queries, keys, pos, valid, torch.arange(L), valid_cols, SCALING)
         plan = method.prefill_keep_scored(0, valid, mass)
+        at_once = method.prefill_keep(0, keys, valid, queries, valid_cols, SCALING)   # the engine's entry
+        assert torch.equal(at_once[0], plan[0]) and torch.equal(at_once[1], plan[1])
+        with pytest.raises(ValueError, match="every prompt query"):
+            method.prefill_keep(0, keys, valid, queries[:, :, -W:], valid_cols[:, -W:], SCALING)
         kept = kept_sets(plan, valid)
         acc = {}
         for b in range(B):

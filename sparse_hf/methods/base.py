@@ -36,7 +36,7 @@ class SparseMethod:
     def __init__(self, config: MethodConfig | None, num_layers: int):
         if config is None:
             config = self.config_class()
-        if not isinstance(config, self.config_class):
+        if type(config) is not self.config_class:
             raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}; "
                             f"build one with {type(self).__name__}.build_config(knobs)")
         self.config = config
@@ -54,7 +54,7 @@ class SparseMethod:
         this method's knobs."""
         if cache_config is not None and knobs:
             raise ValueError("pass either a cache config or keyword knobs, not both")
-        if isinstance(cache_config, cls.config_class):
+        if type(cache_config) is cls.config_class:
             return cache_config, RuntimeOptions()
         if isinstance(cache_config, MethodConfig):
             raise ValueError(f"{cls.name} needs a {cls.config_class.__name__}, got a "

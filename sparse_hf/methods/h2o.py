@@ -89,6 +89,17 @@ class H2O(EvictionMethod):
         top = (budget - c.num_sink_tokens - c.num_recent_tokens).clamp_min(0)
         return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, top)
 
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+        """From every prompt query at once (``queries`` ``[B, H, L, D]``, slot ``i`` = column ``i``); the HF cache
+        accumulates per prefill chunk instead (:meth:`accumulate` + :meth:`prefill_keep_scored`)."""
+        L = keys.shape[2]
+        if queries is None or queries.shape[2] != L:
+            raise ValueError(f"{self.name} scores tokens by the attention of every prompt query: pass all {L} "
+                             "prompt queries, or accumulate per chunk with accumulate() and prefill_keep_scored()")
+        cols = torch.arange(L, device=keys.device)
+        mass = self.accumulate(queries, keys, cols.expand_as(valid), valid, cols, query_valid, scaling)
+        return self.prefill_keep_scored(layer_idx, valid, mass)
+
     def prefill_keep_scored(self, layer_idx, valid, scores):
         return self._keep(valid, scores, self.row_budget(valid))
 
