@@ -4,7 +4,12 @@ that a naive per-row, per-head loop (float64) has evicted. Tokens and the kept p
 import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import sdpa_mask
+
+try:
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError:  # older transformers build SDPA's mask for any attention function
+    AttentionMaskInterface = None
 
 from sparse_hf.methods.h2o import attention_mass
 from helpers import greedy, left_padded_batch, tiny_model
@@ -62,13 +67,19 @@ class H2OOracle:
         return out, None
 
 
-def run_oracle(arch, ids, mask, new_tokens, top):
+def oracle_model(arch, oracle):
     """A fresh copy of the model (never touched by sparse-hf) with the oracle as its attention function."""
-    oracle = H2OOracle(ids.shape[1], top)
     AttentionInterface.register("h2o_oracle", oracle.attention)
-    AttentionMaskInterface.register("h2o_oracle", sdpa_mask)   # a [B, 1, q, T] bool mask (True = attend)
+    if AttentionMaskInterface is not None:
+        AttentionMaskInterface.register("h2o_oracle", sdpa_mask)   # a [B, 1, q, T] bool mask (True = attend)
     model = tiny_model(arch, layers=3).double()
     model.set_attn_implementation("h2o_oracle")
+    return model
+
+
+def run_oracle(arch, ids, mask, new_tokens, top):
+    oracle = H2OOracle(ids.shape[1], top)
+    model = oracle_model(arch, oracle)
     seq = greedy(model, ids, mask, new_tokens=new_tokens)
     return seq, oracle
 

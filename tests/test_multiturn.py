@@ -2,13 +2,10 @@
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
 from sparse_hf.deltakv import DeltaKVCompressor
 from sparse_hf.methods import METHODS
 from helpers import greedy, left_padded_batch, tiny_model
-from test_h2o import RECENT, SINK, TOP, H2OOracle
+from test_h2o import RECENT, SINK, TOP, H2OOracle, oracle_model
 
 EXTRA = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(5))
 
@@ -65,11 +62,7 @@ def test_h2o_second_turn_matches_its_oracle():
 
     ids, _ = left_padded_batch((40, 31))
     oracle = H2OOracle(ids.shape[1], TOP)
-    AttentionInterface.register("h2o_oracle", oracle.attention)
-    AttentionMaskInterface.register("h2o_oracle", sdpa_mask)
-    reference = tiny_model("llama", layers=3).double()
-    reference.set_attn_implementation("h2o_oracle")
-    ref = two_turns(reference)
+    ref = two_turns(oracle_model("llama", oracle))
     assert torch.equal(out.sequences, ref.sequences)
     cache = out.past_key_values
     assert cache.get_seq_length() == ref.past_key_values.get_seq_length()
