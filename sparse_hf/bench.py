@@ -46,22 +46,12 @@ def parse_cases(spec: str) -> list[tuple[int, int]]:
     return cases
 
 
-def budget_config(method: str, fraction: float, length: int, num_layers: int) -> dict:
-    """Knobs that make ``method`` keep about ``fraction`` of a ``length``-token prompt per layer."""
-    keep = max(1, int(fraction * length))
-    sink, recent = 4, min(64, max(8, keep // 4))
-    if method == "streamingllm":
-        return dict(num_sink_tokens=sink, num_recent_tokens=max(1, keep - sink))
-    top = max(0, keep - sink - recent)
-    if method in ("snapkv", "pyramidkv"):
-        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top, window_size=min(32, recent))
-    if method == "knorm":
-        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top)
-    if method in ("omnikv", "deltakv"):
-        full = [0, 1, 2] + [i for i in (num_layers // 3, 2 * num_layers // 3) if i > 2]
-        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top,
-                    full_attn_layers=",".join(map(str, full)))
-    raise ValueError(f"no budget rule for method {method!r}")
+def budget_config(method: str, fraction: float, length: int) -> dict:
+    """Knobs that make ``method`` read about ``fraction`` of a ``length``-token prompt per sparse layer: the
+    method's own rule (``knobs_for_budget``), the same one eval and the CLI use."""
+    from .methods import get_method
+
+    return get_method(method).knobs_for_budget(fraction, length)
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -112,7 +102,7 @@ def _make_cache(model, method, budget, length, steps):
         return DynamicCache(config=cfg), {}
     if method == "hf-best":
         return StaticCache(config=cfg, max_cache_len=length + steps + 8), {}
-    knobs = budget_config(method, budget, length, cfg.num_hidden_layers)
+    knobs = budget_config(method, budget, length)
     if method == "deltakv":   # speed does not depend on the weights: a random compressor of the usual shape
         from .deltakv import DeltaKVCompressor
         torch.manual_seed(0)

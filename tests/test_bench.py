@@ -27,10 +27,10 @@ def test_bench_tiny_cpu(tmp_path):
 
 
 def test_budget_config_keeps_the_fraction():
-    for method in ("snapkv", "pyramidkv", "omnikv"):
-        knobs = budget_config(method, 0.1, 4096, 28)
+    for method in ("snapkv", "pyramidkv", "omnikv", "knorm", "h2o", "deltakv"):
+        knobs = budget_config(method, 0.1, 4096)
         assert knobs["num_sink_tokens"] + knobs["num_recent_tokens"] + knobs["num_top_tokens"] == 409
-    s = budget_config("streamingllm", 0.25, 1000, 28)
+    s = budget_config("streamingllm", 0.25, 1000)
     assert s["num_sink_tokens"] + s["num_recent_tokens"] == 250
 
 

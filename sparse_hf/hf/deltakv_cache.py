@@ -114,8 +114,11 @@ class CompressedCache(SelectionCache):
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
-        c = self.sparse_config
-        comp = c.compressor if c.compressor is not None else DeltaKVCompressor.from_pretrained(c.deltakv_path)
+        c, run = self.sparse_config, self.runtime
+        if run.compressor is None and not run.deltakv_path:
+            raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
+                             "{'deltakv_path': 'dir-or-hub-id'}")
+        comp = run.compressor if run.compressor is not None else DeltaKVCompressor.from_pretrained(run.deltakv_path)
         if not isinstance(comp, DeltaKVCompressor):
             raise ValueError(f"compressor must be a DeltaKVCompressor, got {type(comp).__name__}")
         comp.check_compatible(self.model_config)
@@ -128,10 +131,14 @@ class CompressedCache(SelectionCache):
         self.obs_scores = None
         # Clustering must match the compressor's training unless the caller overrides it.
         training = getattr(comp.config, "training", None) or {}
+        trained = {}   # a new config: the caller's object is never modified
         if c.cluster_ratio is None:
-            c.cluster_ratio = float(training.get("cluster_ratio", 0.1))
+            trained["cluster_ratio"] = float(training.get("cluster_ratio", 0.1))
         if c.deltakv_neighbor_count is None:
-            c.deltakv_neighbor_count = int(training.get("neighbor_count", 1))
+            trained["deltakv_neighbor_count"] = int(training.get("neighbor_count", 1))
+        if trained:
+            self.sparse_config = c.replace(**trained)
+            self.method = type(self.method)(self.sparse_config, self.num_layers)
 
     def make_layer(self, layer_idx: int):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()

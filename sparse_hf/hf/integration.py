@@ -40,8 +40,7 @@ def build_cache(name: str, model_config, cache_config=None) -> SparseCache:
     """The cache for method ``name`` (unknown names raise ``ValueError`` listing the valid ones)."""
     if name not in CACHE_CLASSES:
         raise ValueError(f"unknown sparse-hf method {name!r}; valid methods are: {', '.join(sorted(CACHE_CLASSES))}")
-    cache_config = dict(cache_config or {})
-    return CACHE_CLASSES[name](model_config, **cache_config)
+    return CACHE_CLASSES[name](model_config, cache_config)   # dict, SparseConfig or method config; checked there
 
 
 def _attention_pre_hook(module, args, kwargs):
@@ -98,6 +97,8 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
         return cache.graph_blocked
     if cache.rollback_needed:
         return "assisted generation"
+    if getattr(cache.method, "accumulates_attention", False):
+        return "the method re-scores every token at every decode step (H2O)"
     if not cache.decoding():
         return "the prompt is not complete"
     if not all(getattr(layer, "frozen", False) for layer in cache.layers):

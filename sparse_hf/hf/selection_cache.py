@@ -77,7 +77,7 @@ class SelectionCache(SparseCache):
 
     def observe(self, logits: torch.Tensor, valid: torch.Tensor, length: int) -> None:
         """An observation layer's decode scores (``logits`` ``[B, H, L]``) become the sparse layers' selection."""
-        self.selection = self.method.select_decode(logits, valid, length)
+        self.selection = self.method.select_decode(logits, valid, valid.sum(-1))   # per-row lengths, on device
 
     def _decode_selected(self, layer, query, attention_mask, scaling):
         idx, ok = self.selection                                               # [B, K]

@@ -4,13 +4,37 @@ tokens the other layers reconstruct."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..config import check_optional_positive, check_optional_ratio, knob
 from ..deltakv.clustering import center_step
-from .omnikv import OmniKV
+from .base import CompressionMethod
+from .omnikv import OmniKV, OmniKVConfig
 
 
-class DeltaKV(OmniKV):
+def check_quant_bits(name: str, value) -> int:
+    if value not in (0, 4, 8) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: supported values are 0 (no quantisation), 8 and 4")
+    return value
+
+
+@dataclass(frozen=True)
+class DeltaKVConfig(OmniKVConfig):
+    """OmniKV's knobs plus the compressed storage's. ``cluster_ratio`` and ``deltakv_neighbor_count`` default
+    (``None``) to the values the compressor was trained with: the cache fills them in with :meth:`replace`, which
+    returns a new config. The compressor itself (``compressor`` / ``deltakv_path``) is a runtime option."""
+
+    method_name = "deltakv"
+
+    kv_quant_bits: int = knob(0, check_quant_bits, "latents: 0 = compressor dtype, 8 = int8, 4 = packed int4")
+    cluster_ratio: float | None = knob(None, check_optional_ratio, "None: the compressor's training value, else 0.1")
+    deltakv_neighbor_count: int | None = knob(None, check_optional_positive,
+                                              "None: the compressor's training value, else 1")
+
+
+class DeltaKV(OmniKV, CompressionMethod):
     """Per non-filter layer: sink tokens stay raw; a raw buffer of recent tokens is flushed once it holds
     ``2 * num_recent_tokens``; of the flushed tokens every ``1/cluster_ratio``-th is kept raw as a *center*
     and every other one is stored as ``latent = down(x) - down(ref)`` with ``ref`` the mean of its
@@ -21,14 +45,12 @@ class DeltaKV(OmniKV):
 
     name = "deltakv"
     family = "compress"
+    config_class = DeltaKVConfig
 
     def validate(self) -> None:
         super().validate()
         if self.config.num_recent_tokens < 1:
             raise ValueError("deltakv needs num_recent_tokens >= 1 (the raw buffer is flushed in multiples of it)")
-        if self.config.compressor is None and not self.config.deltakv_path:
-            raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
-                             "{'deltakv_path': 'dir-or-hub-id'}")
         center_step(self.config.cluster_ratio or 0.1)   # raises for a ratio outside (0, 1]
 
     @property

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import resolve_count
-from .base import SparseMethod
+from dataclasses import dataclass
+
+from ..config import TopTokensConfig, check_count, check_odd, check_positive, knob, resolve_count
+from .base import EvictionMethod
 from .selection import max_pool_scores, select_keep, sink_recent_candidates
 
 
@@ -45,7 +47,25 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
     return scores.masked_fill(~candidates, float("-inf"))
 
 
-class SnapKV(SparseMethod):
+@dataclass(frozen=True)
+class SnapKVConfig(TopTokensConfig):
+    """SnapKV's knobs: the shared ones plus the observation window, the pooling width and unevicted layers."""
+
+    method_name = "snapkv"
+
+    window_size: int = knob(32, check_positive, "last prompt queries that score the tokens")
+    pool_kernel_size: int = knob(7, check_odd, "max-pool width over the scores (odd)")
+    snapkv_num_full_layers: int = knob(0, check_count, "first layers that keep everything")
+
+    def validate(self) -> None:
+        if self.num_recent_tokens < self.window_size:
+            raise ValueError(
+                f"num_recent_tokens={self.num_recent_tokens} is smaller than window_size={self.window_size}; "
+                "the observation window must lie inside the kept recent tokens (raise num_recent_tokens or lower "
+                "window_size)")
+
+
+class SnapKV(EvictionMethod):
     """Keeps sink + top-``num_top_tokens`` (by :func:`snapkv_scores`) + recent tokens of every layer.
 
     Eviction runs once, when the prompt is complete. ``num_top_tokens`` is a count or a fraction of each
@@ -53,20 +73,21 @@ class SnapKV(SparseMethod):
     """
 
     name = "snapkv"
+    config_class = SnapKVConfig
 
     @property
     def query_window(self) -> int:  # type: ignore[override]
         return self.config.window_size
 
+    @classmethod
+    def knobs_for_budget(cls, fraction, prompt_len):
+        knobs = super().knobs_for_budget(fraction, prompt_len)
+        return dict(knobs, window_size=max(1, min(32, knobs["num_recent_tokens"])))
+
     def validate(self) -> None:
-        c = self.config
-        if c.num_recent_tokens < c.window_size:
-            raise ValueError(
-                f"{self.name}: num_recent_tokens={c.num_recent_tokens} is smaller than window_size={c.window_size}; "
-                "the observation window must lie inside the kept recent tokens (raise num_recent_tokens or lower "
-                "window_size)")
-        if c.snapkv_num_full_layers > self.num_layers:
-            raise ValueError(f"snapkv_num_full_layers={c.snapkv_num_full_layers} exceeds the {self.num_layers} layers")
+        if self.config.snapkv_num_full_layers > self.num_layers:
+            raise ValueError(f"snapkv_num_full_layers={self.config.snapkv_num_full_layers} exceeds the "
+                             f"{self.num_layers} layers")
 
     def layer_top_count(self, layer_idx: int, prompt_len: int) -> int:
         """Middle tokens layer ``layer_idx`` keeps for a prompt of ``prompt_len`` tokens."""

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import SparseMethod
+from ..config import MethodConfig
+from .base import EvictionMethod, budget_tokens
 from .selection import select_keep
 
 
-class StreamingLLM(SparseMethod):
+@dataclass(frozen=True)
+class StreamingLLMConfig(MethodConfig):
+    """StreamingLLM's knobs: sinks and the recent window only."""
+
+    method_name = "streamingllm"
+
+
+class StreamingLLM(EvictionMethod):
     """Keeps ``num_sink_tokens`` + ``num_recent_tokens`` per row.
 
     The window rolls during decode too. To avoid a copy every step, the cache is trimmed back to
@@ -18,6 +28,15 @@ class StreamingLLM(SparseMethod):
     """
 
     name = "streamingllm"
+    config_class = StreamingLLMConfig
+    evicts_during_decode = True
+
+    @classmethod
+    def knobs_for_budget(cls, fraction, prompt_len):
+        """Sinks plus a recent window that together hold the budget (4 sinks at most)."""
+        keep = budget_tokens(fraction, prompt_len)
+        sink = min(4, keep - 1) if keep > 1 else 0
+        return dict(num_sink_tokens=sink, num_recent_tokens=keep - sink)
 
     def validate(self) -> None:
         if self.config.num_sink_tokens + self.config.num_recent_tokens < 1:
@@ -35,7 +54,7 @@ class StreamingLLM(SparseMethod):
     def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
         return self._trim(valid, self.config.num_sink_tokens + self.config.num_recent_tokens)
 
-    def decode_keep(self, layer_idx, valid):
+    def decode_keep(self, layer_idx, valid, scores=None, row_budget=None):
         if valid.shape[-1] < self.decode_slot_limit:   # a shape check: no host-device sync on the decode path
             return None
         return self._trim(valid, self.decode_slot_limit)
