@@ -76,9 +76,9 @@ def test_prompt_alone_equals_prompt_in_padded_batch(arch, method):
 
 def test_streamingllm_trims_each_row_on_its_own_schedule():
     from sparse_hf.methods import get_method
-    from sparse_hf.config import SparseConfig
 
-    method = get_method("streamingllm")(SparseConfig(num_sink_tokens=2, num_recent_tokens=8), 1)
+    cls = get_method("streamingllm")
+    method = cls(cls.build_config(num_sink_tokens=2, num_recent_tokens=8)[0], 1)
     limit = method.decode_slot_limit                              # 2 + 8 + 8
     valid = torch.ones(2, 1, limit, dtype=torch.bool)
     valid[1, :, :5] = False                                       # row 1 holds 5 tokens fewer: not due yet

@@ -117,7 +117,8 @@ class SelectionCache(SparseCache):
         for j in range(q_len):
             length = layer.seen - q_len + j + 1
             own = valid & (cols < length)
-            sel = self.method.select_decode(logits[:, :, j], own, length)
+            # As if decoded alone: the selection sees only the columns this query has (size fixed by ``length``).
+            sel = self.method.select_decode(logits[:, :, j, :length], own[:, :length], own.sum(-1))
             if sel is not None:
                 own = torch.zeros_like(own).scatter_(1, sel[0], sel[1])
             masks.append(own)
