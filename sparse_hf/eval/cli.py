@@ -1,7 +1,8 @@
 """The ``sparse-hf eval`` subcommand: ``add_eval_parser(subparsers)`` and ``run_eval_command(args)``.
 
 Grid options are validated while parsing (argparse prints ``argument --budgets: ...`` and exits with
-status 2), so a typo fails before any model is loaded. Example::
+status 2); the model name, the LongBench folder and the knobs of every method are checked next, still before any
+model is loaded. Every user error is one line on stderr and exit status 2. Example::
 
     sparse-hf eval --model demo --tasks niah_single,ruler_vt --methods full,snapkv \\
         --budgets 0.1,0.25 --lengths 1024,2048 --depths 0,0.5,1 --output-dir out/eval
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .grid import VALID_METHODS, parse_budgets, parse_depths, parse_lengths, parse_methods
@@ -61,8 +63,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="evaluate sparse KV caches on needle, RULER-style and LongBench tasks",
         description="Evaluate methods x budgets on tasks x context lengths (x needle depths); writes "
                     "predictions.jsonl, summary.json, summary.md and plots. Reruns resume where they stopped.")
-    p.add_argument("--model", required=True, help="model name or path, or 'demo'")
-    p.add_argument("--dtype", default="auto", help="torch dtype passed to the model loader (default: auto)")
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face model folder, a Hub id (org/name), 'demo' or 'qwen-coder'")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default: auto, the loader's float32)")
     p.add_argument("--tasks", required=True, type=_argtype(parse_tasks),
                    help=f"comma-separated: {', '.join(SYNTHETIC_TASKS)}, longbench:<task>, longbench:all")
     p.add_argument("--methods", default="full", type=_argtype(parse_methods),
@@ -83,10 +87,22 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default="auto", type=_argtype(_chat_mode),
                    help="auto (use it if the tokenizer has one), yes or no (default: auto)")
     p.add_argument("--cache-config", default=None, type=_argtype(_json_object),
-                   help="extra knobs for every sparse run as JSON, e.g. '{\"deltakv_path\": \"c.pt\"}'")
+                   help="extra knobs for every sparse run as a JSON object, e.g. '{\"pool_kernel_size\": 5}' or, with "
+                        "--methods deltakv, '{\"deltakv_path\": \"out/compressor\"}' (a folder written by "
+                        "sparse-hf train-compressor, or a Hub id)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_eval_command)
     return p
+
+
+def _check_compressor_path(knobs: dict | None) -> None:
+    """``deltakv_path`` must be a folder (``DeltaKVCompressor.save_pretrained``) or a Hub id, not a file."""
+    from sparse_hf.cli import UsageError
+
+    path = (knobs or {}).get("deltakv_path")
+    if isinstance(path, str) and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"deltakv_path {path}: is a file; pass the folder written by sparse-hf train-compressor "
+                         "(config.json + model.safetensors) or a Hub id")
 
 
 def run_eval_command(args) -> int:
@@ -94,15 +110,23 @@ def run_eval_command(args) -> int:
 
     Errors in the inputs (bad knobs, missing LongBench files, ...) are printed as one line and give status 2.
     """
-    from .runner import run_eval
+    from sparse_hf.cli import UsageError, check_model_arg, error_exit
 
-    import sparse_hf  # noqa: F401  (registers the sparse caches with transformers)
+    from .runner import budget_to_cache_config, run_eval
 
     try:
-        from sparse_hf.models import load_model
-    except ImportError as exc:
-        print(f"sparse-hf eval: error: cannot import sparse_hf.models.load_model ({exc})", file=sys.stderr)
-        return 2
+        check_model_arg(args.model)
+        if args.longbench_dir is not None and not os.path.isdir(args.longbench_dir):
+            raise UsageError(f"--longbench-dir {args.longbench_dir}: no such folder")
+        for method in args.methods:              # each method's knobs, as run_eval will build them
+            if method != "full":
+                budget_to_cache_config(method, args.budgets[0], max(args.lengths), args.cache_config)
+        _check_compressor_path(args.cache_config)
+    except ValueError as exc:
+        return error_exit(str(exc), "eval")
+    import sparse_hf  # noqa: F401  (registers the sparse caches with transformers)
+    from sparse_hf.models import load_model
+
     try:
         model, tokenizer = load_model(args.model, args.dtype)
         summary = run_eval(model, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
@@ -110,9 +134,8 @@ def run_eval_command(args) -> int:
                            seed=args.seed, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
                            use_chat_template=args.chat_template, progress=not args.no_progress,
                            longbench_dir=args.longbench_dir, cache_config=args.cache_config)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"sparse-hf eval: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as exc:
+        return error_exit(str(exc), "eval")
     for row in summary["overall"]:
         budget = "" if row["method"] == "full" else f" @ {row['budget']:g}"
         print(f"{row['method']}{budget}: {100 * row['score']:.1f}")
@@ -123,7 +146,9 @@ def run_eval_command(args) -> int:
 
 def main(argv=None) -> int:
     """Standalone entry point (``python -m sparse_hf.eval.cli ...``) until the top-level CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="sparse-hf")
+    from sparse_hf.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="sparse-hf")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
