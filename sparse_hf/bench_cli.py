@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import RegistryHelpFormatter, UsageError, check_device, check_model_arg, error_exit, method_names, positive_int
+from .cli import (RegistryHelpFormatter, UsageError, argtype, check_device, check_model_arg, error_exit, method_names,
+                  positive_int)
 
 BASELINES = ("vanilla", "hf-best")
 #: (model, cases) when --model / --cases are not given.
@@ -55,16 +56,6 @@ def parse_budgets(spec) -> list[float]:
     return budgets
 
 
-def _argtype(fn):
-    def convert(text):
-        try:
-            return fn(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = fn.__name__.replace("parse_", "")
-    return convert
-
-
 def add_bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP + ".", formatter_class=RegistryHelpFormatter)
     p.add_argument("--model", default=None,
@@ -73,12 +64,12 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--methods", default="vanilla,hf-best,streamingllm,snapkv,pyramidkv,omnikv",
                    help="comma-separated: vanilla, hf-best, or a sparse method ({methods}); append +graph to a sparse "
                         "method for CUDA-graph decode (CUDA only) (default: %(default)s)")
-    p.add_argument("--budgets", default="0.1,0.25", type=_argtype(parse_budgets),
+    p.add_argument("--budgets", default="0.1,0.25", type=argtype(parse_budgets),
                    help="fractions of the prompt each sparse method keeps (default: 0.1,0.25)")
-    p.add_argument("--cases", default=None, type=_argtype(parse_cases),
+    p.add_argument("--cases", default=None, type=argtype(parse_cases),
                    help=f"LENGTHxBATCH,... prompt lengths and batch sizes (default: {GPU_DEFAULTS[1]} on CUDA, "
                         f"{CPU_DEFAULTS[1]} on CPU)")
-    p.add_argument("--steps", type=positive_int, default=24, help="decode steps per case (default: 24)")
+    p.add_argument("--steps", type=argtype(positive_int), default=24, help="decode steps per case (default: 24)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--output", default="bench.json", help="where the JSON results go (default: bench.json)")
     p.add_argument("--plot", default=None, help="also write a PNG of decode tok/s per method and case")

@@ -52,14 +52,36 @@ class RegistryHelpFormatter(argparse.HelpFormatter):
 
 
 # ------------------------------------------------------------------------------------------ cheap checks
+def argtype(parser_fn):
+    """Wrap a ``ValueError``-raising parser as an argparse type (one-line 'argument --x: ...' errors)."""
+    def convert(text):
+        try:
+            return parser_fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parser_fn.__name__.replace("parse_", "")
+    return convert
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """``"3"`` -> 3; anything but an integer >= 1 raises ``ValueError``."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise ValueError(f"{text!r} is not an integer") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+        raise ValueError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def parse_json_object(text: str) -> dict:
+    """A JSON object given on the command line (``--cache-config``) -> a dict, or ``ValueError`` with an example."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc}); example: '{{\"num_top_tokens\": 0.25}}'") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object, e.g. '{\"num_top_tokens\": 0.25}'")
     return value
 
 
@@ -94,17 +116,6 @@ def read_text_file(path: str, flag: str) -> str:
         raise UsageError(f"{flag} {path}: is a folder, expected a text file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{flag} {path}: cannot read it ({exc})") from None
-
-
-def parse_cache_config(text: str) -> dict:
-    """``--cache-config`` JSON -> a dict (errors say what was wrong and show an example)."""
-    try:
-        knobs = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--cache-config is not valid JSON ({exc}); example: '{{\"num_top_tokens\": 0.25}}'") from None
-    if not isinstance(knobs, dict):
-        raise UsageError("--cache-config must be a JSON object, e.g. '{\"num_top_tokens\": 0.25}'")
-    return knobs
 
 
 def model_num_layers(name: str) -> int | None:
@@ -167,9 +178,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                    help="'full' (plain generate, for comparison) or a sparse method: {methods} (default: snapkv)")
     p.add_argument("--prompt", default=None, help="the prompt text (default: a built-in passkey prompt)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this text file")
-    p.add_argument("--cache-config", default="{}",
+    p.add_argument("--cache-config", default="{}", type=argtype(parse_json_object),
                    help="JSON object of the method's knobs, e.g. '{\"num_top_tokens\": 0.25}' (default: {})")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate (default: 48)")
+    p.add_argument("--max-new-tokens", type=argtype(positive_int), default=48, help="tokens to generate (default: 48)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of through the tokenizer's chat template")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -194,7 +205,7 @@ def check_generate_args(args) -> tuple[str, dict]:
     prompt = read_text_file(args.prompt_file, "--prompt-file") if args.prompt_file else (args.prompt or default_prompt())
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    knobs = parse_cache_config(args.cache_config)
+    knobs = args.cache_config
     if args.method == "full":
         if knobs:
             raise UsageError("--cache-config has no effect with --method full (plain generate)")

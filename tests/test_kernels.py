@@ -63,22 +63,28 @@ def naive_scores(q, k, v, lengths=None, valid=None, scale=None):
     return out, sc
 
 
-def naive_snapkv(qw, k, cand, scale, qvalid=None):
+def naive_snapkv_per_head(qw, k, cand, scale, qvalid=None):
+    """[B, H, L] float64: per query head, softmax over the candidates, mean over the valid window queries."""
     Bq, H, W, Dq = qw.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
-    res = torch.zeros(Bq, Hkv, Lk, dtype=torch.float64)
+    res = torch.zeros(Bq, H, Lk, dtype=torch.float64)
     for b in range(Bq):
         ws = [w for w in range(W) if qvalid is None or bool(qvalid[b, w])]
         for h in range(H):
             kh = h // G
             c = cand[b] if cand.dim() == 2 else cand[b, kh]
             sel = [j for j in range(Lk) if bool(c[j])]
-            if not sel or not ws:
-                continue
-            p = torch.softmax(qw[b, h, ws].double().cpu() @ k[b, kh, sel].double().cpu().T * scale, -1).mean(0)
-            res[b, kh, sel] = torch.maximum(res[b, kh, sel], p)
+            if sel and ws:
+                p = torch.softmax(qw[b, h, ws].double().cpu() @ k[b, kh, sel].double().cpu().T * scale, -1)
+                res[b, h, sel] = p.mean(0)
     return res
+
+
+def naive_snapkv(qw, k, cand, scale, qvalid=None):
+    """[B, Hkv, L]: the per-head scores, max over each KV group's query heads."""
+    per_head = naive_snapkv_per_head(qw, k, cand, scale, qvalid)
+    return per_head.view(qw.shape[0], k.shape[1], -1, k.shape[2]).amax(2)
 
 
 def make_kv(Hkv, layout, dtype=torch.float32, n=L, b=B, d=D, device=DEV):
@@ -420,28 +426,16 @@ def test_store_kv_slots_without_positions_and_errors(backend):
 
 
 # -- SnapKV scores as production computes them (methods.snapkv.snapkv_scores) ------------------------------------
-def naive_snapkv_method(qw, k, cand, qvalid, scale, pool, head_reduce="group"):
-    """Per query head: softmax over candidates, mean over valid window queries, max-pool along L (per head, before
-    any head reduction, as the paper does), then max over the group (or all heads); non-candidates -inf."""
-    Bq, H, W, Dq = qw.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    G = H // Hkv
-    per_head = torch.zeros(Bq, H, Lk, dtype=torch.float64)
-    for b in range(Bq):
-        ws = [w for w in range(W) if qvalid is None or bool(qvalid[b, w])]
-        for h in range(H):
-            sel = [j for j in range(Lk) if bool(cand[b, h // G, j])]
-            if sel and ws:
-                p = torch.softmax(qw[b, h, ws].double().cpu() @ k[b, h // G, sel].double().cpu().T * scale, -1)
-                per_head[b, h, sel] = p.mean(0)
-            pooled = per_head[b, h].clone()
-            for j in range(Lk):
-                lo, hi = max(0, j - pool // 2), min(Lk, j + pool // 2 + 1)
-                pooled[j] = per_head[b, h, lo:hi].max()
-            per_head[b, h] = pooled
-    out = per_head.view(Bq, Hkv, G, Lk).amax(2)
-    if head_reduce == "all":
-        out = out.amax(1, keepdim=True).expand(Bq, Hkv, Lk)
+def naive_snapkv_method(qw, k, cand, qvalid, scale, pool):
+    """SnapKV as the paper states it: per-head scores, max-pooled along L per head (before any head reduction),
+    then the max over the group; non-candidates -inf."""
+    per_head = naive_snapkv_per_head(qw, k, cand, scale, qvalid)
+    pooled = per_head.clone()
+    Lk = per_head.shape[-1]
+    for j in range(Lk):
+        lo, hi = max(0, j - pool // 2), min(Lk, j + pool // 2 + 1)
+        pooled[..., j] = per_head[..., lo:hi].amax(-1)
+    out = pooled.view(qw.shape[0], k.shape[1], -1, Lk).amax(2)
     return out.masked_fill(~cand.cpu(), float("-inf"))
 
 

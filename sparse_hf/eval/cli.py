@@ -11,33 +11,13 @@ model is loaded. Every user error is one line on stderr and exit status 2. Examp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from sparse_hf.cli import argtype, parse_json_object, positive_int
+
 from .grid import VALID_METHODS, parse_budgets, parse_depths, parse_lengths, parse_methods
 from .tasks import SYNTHETIC_TASKS, parse_tasks
-
-
-def _argtype(parser_fn):
-    """Wrap a ``ValueError``-raising parser as an argparse type (clean 'argument --x: ...' errors)."""
-    def convert(text):
-        try:
-            return parser_fn(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = parser_fn.__name__.replace("parse_", "")
-    return convert
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError("expected a JSON object such as '{\"deltakv_path\": \"...\"}'")
-    return value
 
 
 def _chat_mode(text: str):
@@ -45,16 +25,6 @@ def _chat_mode(text: str):
     if text.lower() not in modes:
         raise ValueError(f"{text!r}: expected auto, yes or no")
     return modes[text.lower()]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{text!r}: expected an integer >= 1")
-    return value
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,26 +37,26 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="a Hugging Face model folder, a Hub id (org/name), 'demo' or 'qwen-coder'")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (default: auto, the loader's float32)")
-    p.add_argument("--tasks", required=True, type=_argtype(parse_tasks),
+    p.add_argument("--tasks", required=True, type=argtype(parse_tasks),
                    help=f"comma-separated: {', '.join(SYNTHETIC_TASKS)}, longbench:<task>, longbench:all")
-    p.add_argument("--methods", default="full", type=_argtype(parse_methods),
+    p.add_argument("--methods", default="full", type=argtype(parse_methods),
                    help=f"comma-separated from: {', '.join(VALID_METHODS)} (default: full)")
-    p.add_argument("--budgets", default="0.1,0.25,0.5", type=_argtype(parse_budgets),
+    p.add_argument("--budgets", default="0.1,0.25,0.5", type=argtype(parse_budgets),
                    help="KV budgets as fractions of the prompt in (0, 1] (default: 0.1,0.25,0.5)")
-    p.add_argument("--lengths", default="1024", type=_argtype(parse_lengths),
+    p.add_argument("--lengths", default="1024", type=argtype(parse_lengths),
                    help="context lengths in tokens (LongBench: truncation budget) (default: 1024)")
-    p.add_argument("--depths", default="0,0.5,1", type=_argtype(parse_depths),
+    p.add_argument("--depths", default="0,0.5,1", type=argtype(parse_depths),
                    help="needle depths in [0, 1] (default: 0,0.5,1)")
-    p.add_argument("--num-samples", default=5, type=_argtype(_positive_int), help="samples per cell (default: 5)")
+    p.add_argument("--num-samples", default=5, type=argtype(positive_int), help="samples per cell (default: 5)")
     p.add_argument("--seed", default=0, type=int, help="seed of the synthetic tasks (default: 0)")
     p.add_argument("--output-dir", default="eval_out", help="where results go (default: eval_out)")
     p.add_argument("--longbench-dir", default=None,
                    help="folder with the official LongBench <task>.jsonl files (unzipped data.zip)")
-    p.add_argument("--max-new-tokens", default=None, type=_argtype(_positive_int),
+    p.add_argument("--max-new-tokens", default=None, type=argtype(positive_int),
                    help="override every task's generation length")
-    p.add_argument("--chat-template", default="auto", type=_argtype(_chat_mode),
+    p.add_argument("--chat-template", default="auto", type=argtype(_chat_mode),
                    help="auto (use it if the tokenizer has one), yes or no (default: auto)")
-    p.add_argument("--cache-config", default=None, type=_argtype(_json_object),
+    p.add_argument("--cache-config", default=None, type=argtype(parse_json_object),
                    help="extra knobs for every sparse run as a JSON object, e.g. '{\"pool_kernel_size\": 5}' or, with "
                         "--methods deltakv, '{\"deltakv_path\": \"out/compressor\"}' (a folder written by "
                         "sparse-hf train-compressor, or a Hub id)")
