@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,21 +114,20 @@ def check_compressor_args(args: CompressorArguments) -> None:
                          "file or folder, or a Hub dataset name)")
 
 
+def _one_line_error(message) -> None:
+    """Print ``sparse-hf train-compressor: error: ...`` as one line and exit with status 2."""
+    print(f"{PROG}: error: {' '.join(str(message).split())} (see `{PROG} --help`)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[CompressorArguments, CompressorTrainingArguments]:
-    """Parse and check the arguments; a user error prints one line (``sparse-hf train-compressor: error: ...``)
-    and exits with status 2 before anything is loaded."""
+    """Parse and check the arguments, before anything is loaded. Malformed flags exit (status 2, one line); a bad
+    value raises ``ValueError`` naming the flag (:func:`main` prints it as one line with status 2)."""
     parser = HfArgumentParser((CompressorArguments, CompressorTrainingArguments), prog=PROG,
                               description="Train a DeltaKV KV-cache compressor for a causal LM.")
-
-    def error(message):
-        parser.exit(2, f"{PROG}: error: {' '.join(str(message).split())} (see `{PROG} --help`)\n")
-
-    parser.error = error
-    try:
-        args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        check_compressor_args(args)
-    except ValueError as exc:   # TrainingArguments.__post_init__ and the checks above
-        error(exc)
+    parser.error = _one_line_error
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)   # TrainingArguments checks: ValueError
+    check_compressor_args(args)
     return args, training_args
 
 
@@ -207,6 +207,10 @@ def run(argv: list[str] | None = None, model_and_tokenizer: tuple[Any, Any] | No
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``sparse-hf train-compressor ...`` forwards its remaining arguments here)."""
+    try:
+        parse_args(argv)
+    except ValueError as exc:
+        _one_line_error(exc)
     run(argv)
     return 0
 
