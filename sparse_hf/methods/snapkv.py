@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
 
+import torch
+
 from ..config import TopTokensConfig, check_count, check_odd, check_positive, knob, resolve_count
+from ..kernels import snapkv_prefill_scores
 from .base import EvictionMethod
 from .selection import max_pool_scores, select_keep, sink_recent_candidates
 
@@ -29,21 +30,10 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
     Returns:
         ``[B, Hkv, L]`` float32 scores; non-candidates are ``-inf``.
     """
-    B, H, W, D = queries.shape
-    Hkv, L = keys.shape[1], keys.shape[2]
-    G = H // Hkv
-    q = queries.float().view(B, Hkv, G, W, D)
-    logits = torch.einsum("bkgwd,bkld->bkgwl", q, keys.float()) * scaling     # [B, Hkv, G, W, L]
-    cand = candidates.view(B, Hkv, 1, 1, L)
-    logits = logits.masked_fill(~cand, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                      # rows without candidates -> 0
-    if query_valid is not None:
-        w = query_valid.to(probs.dtype).view(B, 1, 1, W, 1)
-        probs = (probs * w).sum(3) / w.sum(3).clamp_min(1.0)
-    else:
-        probs = probs.mean(3)                                                  # [B, Hkv, G, L]
-    probs = max_pool_scores(probs, pool_kernel_size)
-    scores = probs.amax(dim=2)
+    # The kernel entry point (Triton on CUDA, the chunked torch reference elsewhere) reduces over the window and
+    # the group without a [B, Hkv, G, W, L] tensor; max-pooling commutes with the group max, so pool after it.
+    scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid)          # [B, Hkv, L]
+    scores = max_pool_scores(scores, pool_kernel_size)
     return scores.masked_fill(~candidates, float("-inf"))
 
 
