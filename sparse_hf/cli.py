@@ -133,7 +133,6 @@ def model_num_layers(name: str) -> int | None:
 def check_method_and_knobs(method: str, knobs: dict, num_layers: int | None = None) -> None:
     """Validate ``knobs`` for ``method`` as the cache will (the registry's ``get_method`` and the config's own
     checks, plus the method's layer checks when the depth is known), without loading a model."""
-    from sparse_hf.config import SparseConfig
     from sparse_hf.methods import get_method
 
     try:
@@ -141,7 +140,8 @@ def check_method_and_knobs(method: str, knobs: dict, num_layers: int | None = No
     except ValueError:
         raise UsageError(f"--method {method}: unknown; valid methods are: full, {', '.join(method_names())}") from None
     try:
-        config = SparseConfig.from_dict(knobs)
+        config, runtime = method_cls.build_config(**knobs)
+        method_cls.check_runtime(runtime)
         if num_layers:
             method_cls(config, num_layers)
     except (TypeError, ValueError) as exc:

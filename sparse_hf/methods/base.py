@@ -63,6 +63,10 @@ class SparseMethod:
         return cls.config_class.from_dict(method_knobs), runtime
 
     @classmethod
+    def check_runtime(cls, runtime: RuntimeOptions) -> None:
+        """Raise ``ValueError`` when ``runtime`` lacks something this method needs (e.g. DeltaKV's compressor)."""
+
+    @classmethod
     def knobs_for_budget(cls, fraction: float, prompt_len: int) -> dict:
         """Knobs that make every sparse layer read about ``fraction * prompt_len`` tokens at a decode step,
         sinks and recent tokens included (the same budget means the same tokens read for every method).

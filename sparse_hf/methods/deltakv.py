@@ -47,6 +47,12 @@ class DeltaKV(OmniKV, CompressionMethod):
     family = "compress"
     config_class = DeltaKVConfig
 
+    @classmethod
+    def check_runtime(cls, runtime) -> None:
+        if runtime.compressor is None and not runtime.deltakv_path:
+            raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
+                             "{'deltakv_path': 'dir-or-hub-id'}")
+
     def validate(self) -> None:
         super().validate()
         if self.config.num_recent_tokens < 1:
