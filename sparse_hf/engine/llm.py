@@ -89,13 +89,10 @@ class LLM:
             self.max_model_len = slots
         self.pool = KVPool(self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, slots,
                            self.config.max_num_seqs, self.max_model_len, evicts, self.dtype, self.device)
-        graphs = None
+        self.runner = ModelRunner(self.model, self.pool, self.method)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from .graphs import DecodeGraphs
-            graphs = DecodeGraphs(self.model, self.pool, self.config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.pool, self.method, graphs)
-        if graphs is not None:
-            graphs.capture(self.runner.attention)
+            self.runner.graphs = DecodeGraphs(self.model, self.pool, self.config.max_num_seqs, self.runner.attention)
         self.scheduler = Scheduler(self.config, self.pool)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -143,13 +140,13 @@ class LLM:
         ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("empty prompt")
-        if len(ids) + 1 > self.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
-                             f"{self.max_model_len}; raise max_model_len or shorten the prompt")
         if len(ids) + 1 > self.pool.num_slots:
             raise ValueError(f"prompt of {len(ids)} tokens can never fit the KV pool of {self.pool.num_slots} slots "
                              "per layer; raise num_kv_slots or gpu_memory_utilization, or lower max_num_seqs / "
                              "max_model_len")
+        if len(ids) + 1 > self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
+                             f"{self.max_model_len}; raise max_model_len or shorten the prompt")
         req = Request(request_id, ids, params if params is not None else SamplingParams())
         self.requests[request_id] = req
         self.scheduler.add(req)
