@@ -43,15 +43,15 @@ class DecodeGraphs:
         self.rows = torch.zeros(B, dtype=torch.long, device=dev)
         self.lens = torch.zeros(G, B, dtype=torch.int32, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        # One output buffer for every graph, so no graph keeps its own [b, V] logits alive in the graph pool.
+        self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
         self.mempool = torch.cuda.graph_pool_handle()
 
     def _forward(self, b: int, w: int) -> torch.Tensor:
         tables = self.pool.tables[:, :, :w].index_select(1, self.rows[:b])            # [G, b, w]
         self.attention.ctx = StepContext(self.slot_mapping[:, :b], tables=tables, lens=self.lens[:, :b])
-        logits = self.model.logits(self.model(self.ids[:b], self.positions[:b]))
+        self.logits[:b].copy_(self.model.logits(self.model(self.ids[:b], self.positions[:b])))
         self.attention.ctx = None
-        return logits
 
     def _capture(self, b: int, w: int) -> None:
         """Warm up (Triton compilation) and capture. The warm-up runs on the step's real inputs: it writes the
@@ -62,7 +62,7 @@ class DecodeGraphs:
             self._forward(b, w)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                self.logits[(b, w)] = self._forward(b, w)
+                self._forward(b, w)
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs[(b, w)] = graph
 
@@ -89,7 +89,7 @@ class DecodeGraphs:
         if (b, w) not in self.graphs:
             self._capture(b, w)
         self.graphs[(b, w)].replay()
-        return self.logits[(b, w)][:B]
+        return self.logits[:B].clone()
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from .model import EngineModel
 from .request import Request, RequestOutput
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .weights import iter_safetensors, load_weights
+from .weights import init_random_weights, iter_safetensors, load_weights
 
 try:                                     # helper F's files (branch wt-f); the stand-ins until they land
     from .sampler import Sampler
@@ -32,7 +32,12 @@ CPU_DEFAULT_SLOTS = 65536
 
 
 def _load_source(model, tokenizer):
-    """``(hf_config, tensors, tokenizer, eos_ids)`` from a directory or an in-memory transformers model."""
+    """``(hf_config, tensors, tokenizer, eos_ids)`` from a directory, an in-memory transformers model, or a
+    transformers config (random weights, for benchmarks: ``tensors`` is ``None``)."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, None, tokenizer, []
     if isinstance(model, str):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -80,7 +85,10 @@ class LLM:
             self.model = EngineModel(hf_config, self.max_model_len)
         for p in self.model.parameters():          # weights in dtype; RoPE's cos/sin tables stay fp32
             p.data = p.data.to(self.dtype)
-        load_weights(self.model, tensors)
+        if tensors is None:
+            init_random_weights(self.model)
+        else:
+            load_weights(self.model, tensors)
         self.model.eval().requires_grad_(False)
         evicts = self.method is not None and self.method.family == "evict"
         slots = self.config.num_kv_slots or self._size_pool(evicts)
