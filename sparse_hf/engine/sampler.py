@@ -32,7 +32,7 @@ class Sampler:
     - ``logits``: ``[B, V]`` float32 (cast if not), the last position of each row.
     - ``params``: ``B`` ``SamplingParams``.
     - ``steps``: ``[B]`` long, the tokens each row has generated so far (before this one).
-    - ``eos_token_ids``: the model's EOS ids.
+    - ``eos_token_ids``: the model's EOS ids (needed for ``min_tokens`` to hold EOS back).
 
     Rows with ``steps < min_tokens`` cannot draw the ids that would end them (``stop_token_ids``, and EOS unless
     ``ignore_eos``). Greedy rows return the exact argmax of the (masked) logits, the first index on ties.
@@ -42,7 +42,7 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: torch.Tensor,
-                 eos_token_ids) -> torch.Tensor:
+                 eos_token_ids=()) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(params):
             raise ValueError(f"logits must be [B, V] with B == len(params) == {len(params)}, "
                              f"got {tuple(logits.shape)}")
