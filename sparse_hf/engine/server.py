@@ -113,8 +113,9 @@ class OpenAIServer:
 class _RequestStream:
     """The text deltas of one request, read from its output queue; ``close()`` aborts it unless finished.
 
-    While streaming, the last ``len(longest stop string) - 1`` characters are held back until the request ends,
-    so a stop string cut never takes back text a client has already received."""
+    While streaming, the last ``len(longest stop string) - 1`` characters and a trailing ``'\\ufffd'`` (bytes of
+    a character not complete yet) are held back until the request ends, so a stop-string cut or a completed
+    character never takes back text a client has already received."""
 
     def __init__(self, server: "OpenAIServer", http: Request, request_id: str, outputs: asyncio.Queue, params):
         self.server, self.http, self.request_id, self.outputs = server, http, request_id, outputs
@@ -136,7 +137,12 @@ class _RequestStream:
                 self.finished = True      # the loop has already dropped it
                 raise APIError(500, f"the engine failed while generating: {item}")
             text = item.text
-            visible = len(text) if item.finished else max(len(sent), len(text) - self.holdback)
+            visible = len(text)
+            if not item.finished:     # hold back a possible stop-string start and an incomplete character
+                visible -= self.holdback
+                while visible > len(sent) and text[visible - 1] == "\ufffd":
+                    visible -= 1
+                visible = max(visible, len(sent))
             delta = text[len(sent):visible] if text.startswith(sent) else ""
             sent += delta
             self.finished, self.last = item.finished, item
@@ -228,8 +234,8 @@ def _validate(model_cls, body: dict):
         return model_cls.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}", param=param) from None
+        loc = [str(p) for p in first["loc"]]
+        raise APIError(400, f"{'.'.join(loc)}: {first['msg']}", param=loc[0] if loc else None) from None
 
 
 def _prometheus(stats: dict) -> str:
