@@ -270,3 +270,73 @@ def test_api_key_and_per_request_sparse_knobs():
             oai.completions.create(model=MODEL, prompt="hi", extra_body={"sparse_knobs": {"num_top_tokens": 99}})
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- `sparse-hf serve`
+
+@pytest.mark.parametrize("argv, words", [
+    (["serve"], "model"),
+    (["serve", "x", "--port", "99999"], "port"),
+    (["serve", "x", "--gpu-memory-utilization", "1.5"], "fraction"),
+    (["serve", "x", "--max-num-seqs", "0"], "max-num-seqs"),
+    (["serve", "/no/such/dir"], "does not exist"),
+    (["serve", "DIR", "--sparse-knobs", "{bad"], "--sparse-knobs"),
+    (["serve", "DIR", "--sparse-method", "nope"], "nope"),
+    (["serve", "DIR", "--sparse-method", "snapkv", "--sparse-knobs", '{"no_such_knob": 1}'], "no_such_knob"),
+])
+def test_serve_argument_errors_are_one_line_exit_2(argv, words, capsys, tiny_model_dir):
+    from sparse_hf.cli import main
+    argv = [tiny_model_dir if a == "DIR" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    model, tok = tiny_chat_model(seed=2)
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_serve_command_serves_and_stops(tiny_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [sys.executable, "-m", "sparse_hf.engine.serve_cli", tiny_model_dir, "--port", str(port),
+           "--max-model-len", "128", "--num-kv-slots", "1024", "--max-num-seqs", "4", "--served-model-name", MODEL,
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        with httpx.Client(trust_env=False) as http:
+            while True:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "`sparse-hf serve` did not come up in 120 s"
+                try:
+                    if http.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+        out = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=3, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode in (0, -signal.SIGINT, 130)
