@@ -1,4 +1,4 @@
-"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench`` and ``train-compressor``."""
+"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench``, ``serve`` and ``train-compressor``."""
 
 from __future__ import annotations
 
@@ -75,12 +75,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparse-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from sparse_hf.bench import add_bench_parser, run_bench_command
+    from sparse_hf.engine.serve_cli import add_serve_parser, serve_main
     from sparse_hf.eval.cli import add_eval_parser, run_eval_command
 
     _add_generate(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
-    extra = {"eval": run_eval_command, "bench": run_bench_command}
+    add_serve_parser(sub)
+    extra = {"eval": run_eval_command, "bench": run_bench_command, "serve": serve_main}
     sub.add_parser("train-compressor", help="train a DeltaKV compressor (see `sparse-hf train-compressor -h`)",
                    add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
