@@ -98,7 +98,7 @@ def test_eos_stops_and_stats():
     first = hf_greedy(model, prompt, 1)[0]
     model.generation_config.eos_token_id = first             # the first greedy token is EOS
     llm = LLM(model, num_kv_slots=64, max_model_len=64)
-    out = llm.generate([prompt], sparse_hf.SamplingParams(max_tokens=5))[0]
+    out = llm.generate([prompt], sparse_hf.SamplingParams(temperature=0.0, max_tokens=5))[0]
     assert out.token_ids == [first] and out.finish_reason == "stop"
     stats = llm.stats()
     assert stats["running"] == 0 and stats["kv_free_slots"] == 64
@@ -154,3 +154,22 @@ def test_bad_input_errors():
 
 def test_reexported_from_package():
     assert sparse_hf.LLM is LLM
+
+
+def test_text_prompts_and_seeded_sampling_independent_of_batch():
+    """Text in, text out (tokenizer), and a seeded sampled request draws the same tokens alone or in a batch."""
+    from tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", seed=1)
+    model.resize_token_embeddings(len(tok))
+    llm = LLM(model.eval(), tok, num_kv_slots=512, max_model_len=128)
+    seeded = sparse_hf.SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
+    alone = llm.generate(["The sky is"], seeded)[0]
+    batch = llm.generate(["Hello world!", "The sky is", "def add(a, b):"],
+                         [sparse_hf.SamplingParams(temperature=1.0, max_tokens=5), seeded,
+                          sparse_hf.SamplingParams(temperature=0.0, max_tokens=3)])
+    assert batch[1].token_ids == alone.token_ids and len(alone.token_ids) == 8
+    assert alone.text == tok.decode(alone.token_ids, skip_special_tokens=True)
+    assert alone.prompt_token_ids == tok("The sky is")["input_ids"]
+    llm.pool.check_whole()

@@ -20,12 +20,9 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 from .weights import init_random_weights, iter_safetensors, load_weights
 
-try:                                     # helper F's files (branch wt-f); the stand-ins until they land
-    from .sampler import Sampler
-    from .sampling_params import SamplingParams
-except ImportError:  # pragma: no cover - replaced at merge
-    from .fallback import GreedySampler as Sampler
-    from .fallback import SamplingParams
+from .output import OutputProcessor
+from .sampler import Sampler
+from .sampling_params import SamplingParams
 
 #: Slots per layer on CPU when ``num_kv_slots`` is not given.
 CPU_DEFAULT_SLOTS = 65536
@@ -63,6 +60,13 @@ def _load_source(model, tokenizer):
         eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return hf_config, tensors, tokenizer, eos_ids
+
+
+class _NoText:
+    """Stands in for a tokenizer when there is none (token-id prompts): every text is empty."""
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
 
 
 class LLM:
@@ -103,6 +107,7 @@ class LLM:
             self.runner.graphs = DecodeGraphs(self.model, self.pool, self.config.max_num_seqs, self.runner.attention)
         self.scheduler = Scheduler(self.config, self.pool)
         self.sampler = Sampler()
+        self.output_processor = OutputProcessor(self.tokenizer or _NoText(), self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._ids = itertools.count()
@@ -155,7 +160,11 @@ class LLM:
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
                              f"{self.max_model_len}; raise max_model_len or shorten the prompt")
-        req = Request(request_id, ids, params if params is not None else SamplingParams())
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        req = Request(request_id, ids, params)
+        req.text_state = self.output_processor.new_state(ids, params, max_total_len=self.max_model_len)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -168,6 +177,7 @@ class LLM:
         if req in self.scheduler.waiting:
             self.scheduler.waiting.remove(req)
         req.finish_reason = "abort"
+        self.output_processor.finish(req.text_state, "abort")
         self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -197,7 +207,7 @@ class LLM:
         if done:
             params = [r.params for r in done]
             steps = torch.tensor([len(r.output_token_ids) for r in done], device=logits.device)
-            tokens = self.sampler(logits, params, steps).tolist()
+            tokens = self.sampler(logits, params, steps, self.eos_token_ids).tolist()
             now = time.perf_counter()
             for req, token in zip(done, tokens):
                 self._append(req, int(token), now)
@@ -205,21 +215,14 @@ class LLM:
         return outputs
 
     def _append(self, req: Request, token: int, now: float) -> None:
+        """Record a sampled token; the output processor decides the text and whether the request ends."""
         req.output_token_ids.append(token)
         req.first_token_time = req.first_token_time or now
         req.last_token_time = now
-        p = req.params
-        n = len(req.output_token_ids)
-        stops = set(getattr(p, "stop_token_ids", None) or [])
-        stops.update(s for s in (getattr(p, "stop", None) or []) if isinstance(s, int))
-        if n >= getattr(p, "min_tokens", 0) and (token in stops or (not getattr(p, "ignore_eos", False)
-                                                                     and token in self.eos_token_ids)):
-            req.finish_reason = "stop"
-        elif n >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            req.finish_reason = "length"
-        if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-        if req.finished:
+        _, finished, reason = self.output_processor.update(req.text_state, token)
+        req.text = req.text_state.text
+        if finished:
+            req.finish_reason = reason
             req.kept_kv_tokens = self.pool.row_tokens(req.row) if req.row is not None else 0
             self.scheduler.release(req)
             self.requests.pop(req.request_id, None)
