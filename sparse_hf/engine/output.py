@@ -69,6 +69,7 @@ class OutputProcessor:
         params = state.params
         checks_on = len(state.token_ids) >= params.min_tokens
         if checks_on and token_id in params.ending_token_ids(self.eos_token_ids):
+            self._flush(state)
             return self._finish(state, "stop")
         state.window_ids.append(token_id)
         state.decoded += self._decode_new(state)
@@ -77,9 +78,9 @@ class OutputProcessor:
             state.text = state.decoded[:stop_at]
             return self._finish(state, "stop")
         state.text = state.decoded
-        if params.max_tokens is not None and len(state.token_ids) >= params.max_tokens:
-            return self._finish(state, "length")
-        if state.max_total_len is not None and state.prompt_len + len(state.token_ids) >= state.max_total_len:
+        if (params.max_tokens is not None and len(state.token_ids) >= params.max_tokens) or (
+                state.max_total_len is not None and state.prompt_len + len(state.token_ids) >= state.max_total_len):
+            self._flush(state)
             return self._finish(state, "length")
         holdback = max((len(s) for s in params.stop), default=1) - 1
         visible = max(state.emitted, len(state.text) - holdback)
@@ -89,7 +90,19 @@ class OutputProcessor:
 
     def finish(self, state: TextState, reason: str) -> str:
         """End a request from outside (e.g. ``'abort'``); returns the text still held back."""
+        self._flush(state)
         return self._finish(state, reason)[0]
+
+    def _flush(self, state: TextState) -> None:
+        """At the end, the ids still held back as an incomplete character are decoded as they are."""
+        ids = state.window_ids
+        if state.read_offset < len(ids):
+            decode = self.tokenizer.decode
+            before = decode(ids[state.prefix_offset:state.read_offset], skip_special_tokens=True)
+            after = decode(ids[state.prefix_offset:], skip_special_tokens=True)
+            state.decoded += after[len(before):]
+            state.prefix_offset = state.read_offset = len(ids)
+            state.text = state.decoded
 
     def _finish(self, state: TextState, reason: str) -> tuple[str, bool, str]:
         state.finished, state.finish_reason = True, reason
