@@ -155,5 +155,5 @@ class PoolAttention:
             self.ctx.selection = None
         else:
             idx, ok = selection                                                     # [B, K] table positions
-            self.ctx.selection = torch.where(ok, tables.gather(1, idx.clamp(0, W - 1).to(tables.dtype).long()), -1)
+            self.ctx.selection = torch.where(ok, tables.long().gather(1, idx.clamp(0, W - 1)), -1)
         return out
