@@ -96,8 +96,8 @@ class DecodeGraphs:
 def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
     ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
-    gathered, head-repeated K/V and one mask block), estimated from shapes."""
-    from .attention import MASK_BLOCK, PoolAttention, Segment
+    gathered and head-repeated K/V), estimated from shapes."""
+    from .attention import PoolAttention, Segment
     from .kv_pool import KVPool
 
     chunk = cfg.chunk_prefill_size
@@ -120,5 +120,5 @@ def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, devic
     torch.cuda.empty_cache()
     elt = torch.tensor([], dtype=dtype).element_size()
     H, Hkv, D = model.num_heads, model.num_kv_heads, model.head_dim
-    context_extra = max_model_len * D * elt * 2 * (H + Hkv) + min(chunk, MASK_BLOCK) * max_model_len * (1 + elt)
+    context_extra = max_model_len * D * elt * 2 * (H + Hkv)
     return int(peak + context_extra)
