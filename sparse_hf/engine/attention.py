@@ -67,14 +67,17 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     Returns:
         ``[n, H, D]``.
     """
-    n, H, _ = q.shape
-    L, Hkv, _ = k.shape
-    G = H // Hkv
+    n, L = q.shape[0], k.shape[0]
+    G = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, n, D]
-    kh = k.transpose(0, 1).repeat_interleave(G, dim=0).unsqueeze(0)             # [1, H, L, D]
-    vh = v.transpose(0, 1).repeat_interleave(G, dim=0).unsqueeze(0)
+    kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)     # [1, Hkv, L, D]
     # Lower-right causal alignment without a materialised [n, L] mask: flash / memory-efficient kernels on CUDA.
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, L), scale=scale)
+    bias = causal_lower_right(n, L)
+    try:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale, enable_gqa=True)
+    except (RuntimeError, TypeError, NotImplementedError):     # a kernel without GQA: repeat the KV heads
+        out = F.scaled_dot_product_attention(qh, kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1),
+                                             attn_mask=bias, scale=scale)
     return out[0].transpose(0, 1)
 
 

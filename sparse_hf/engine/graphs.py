@@ -96,7 +96,7 @@ class DecodeGraphs:
 def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
     ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
-    gathered and head-repeated K/V), estimated from shapes."""
+    gathered K/V, and head-repeated K/V in case SDPA lacks GQA), estimated from shapes."""
     from .attention import PoolAttention, Segment
     from .kv_pool import KVPool
 
