@@ -34,8 +34,8 @@ def _load_source(model, tokenizer):
     from transformers import PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
-        return model, None, tokenizer, []
-    if isinstance(model, str):
+        hf_config, tensors, eos = model, None, None
+    elif isinstance(model, str):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         hf_config = AutoConfig.from_pretrained(model)
@@ -55,7 +55,11 @@ def _load_source(model, tokenizer):
         gen = getattr(model, "generation_config", None)
         eos = gen.eos_token_id if gen is not None else None
     else:
-        raise TypeError(f"model must be a model directory or a transformers model, got {type(model).__name__}")
+        raise TypeError(f"model must be a model directory, a transformers model or a config (random weights), got "
+                        f"{type(model).__name__}")
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
