@@ -45,7 +45,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # One output buffer for every graph, so no graph keeps its own [b, V] logits alive in the graph pool.
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempool = None                                  # one graph memory pool, made at the first capture
 
     def _forward(self, b: int, w: int) -> torch.Tensor:
         tables = self.pool.tables[:, :, :w].index_select(1, self.rows[:b])            # [G, b, w]
@@ -56,6 +56,8 @@ class DecodeGraphs:
     def _capture(self, b: int, w: int) -> None:
         """Warm up (Triton compilation) and capture. The warm-up runs on the step's real inputs: it writes the
         same K/V to the same slots as the replay that follows, so it changes nothing."""
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
