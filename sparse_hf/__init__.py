@@ -33,6 +33,9 @@ _EXPORTS = {
     "get_method": "sparse_hf.methods",
     "KVUsage": "sparse_hf.usage",
     "kv_usage": "sparse_hf.usage",
+    "LLM": "sparse_hf.engine",
+    "SamplingParams": "sparse_hf.engine",
+    "RequestOutput": "sparse_hf.engine",
 }
 
 

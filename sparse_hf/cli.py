@@ -1,4 +1,4 @@
-"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench`` and ``train-compressor``.
+"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench``, ``serve`` and ``train-compressor``.
 
 Every user error (a missing file or model folder, bad JSON, an unknown method or knob, a bad number) is printed as
 one line, ``sparse-hf: error: ...``, with exit status 2, and is found before any model loads. Arguments are parsed
@@ -268,12 +268,18 @@ def _add_bench(sub):
     return add_bench_parser(sub)
 
 
+def _add_serve(sub):
+    from sparse_hf.engine.serve_cli import add_serve_parser
+    return add_serve_parser(sub)
+
+
 #: command -> (one-line help, builder that adds its full parser). Only the chosen command's builder runs, so the
 #: others' imports (the eval tasks, the method registry) stay out of ``sparse-hf --help`` and unrelated commands.
 COMMANDS = {
     "generate": (GENERATE_HELP, add_generate_parser),
     "eval": ("evaluate sparse KV caches on needle, RULER-style and LongBench tasks", _add_eval),
     "bench": ("speed and memory of each method, side by side with HF vanilla", _add_bench),
+    "serve": ("serve a model over an OpenAI-compatible HTTP API (the engine)", _add_serve),
     "train-compressor": ("train a DeltaKV compressor (see `sparse-hf train-compressor -h`)", None),
 }
 
@@ -301,6 +307,9 @@ def main(argv=None) -> int:
     if args.command == "eval":
         from sparse_hf.eval.cli import run_eval_command
         return run_eval_command(args) or 0
+    if args.command == "serve":
+        from sparse_hf.engine.serve_cli import serve_main
+        return serve_main(args) or 0
     from sparse_hf.bench_cli import run_bench_command
     return run_bench_command(args) or 0
 
