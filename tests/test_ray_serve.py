@@ -3,7 +3,6 @@
 Skips when ``ray[serve]`` is not installed (the optional ``ray`` extra)."""
 
 import concurrent.futures
-import socket
 
 import httpx
 import pytest
@@ -22,21 +21,15 @@ def ray_app(tmp_path_factory):
     from ray import serve
 
     from sparse_hf.engine.ray_serve import build_deployment
-    from test_server import tiny_chat_model
+    from serving_helpers import free_port, save_tiny_chat_model
 
-    model, tok = tiny_chat_model(seed=3)
-    path = tmp_path_factory.mktemp("ray-tiny-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    path = save_tiny_chat_model(tmp_path_factory.mktemp("ray-tiny-model"), seed=3)
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_deployment(str(path), num_replicas=2, num_cpus=0.5, served_model_name=MODEL,
+        app = build_deployment(path, num_replicas=2, num_cpus=0.5, served_model_name=MODEL,
                                max_model_len=128, num_kv_slots=1024, max_num_seqs=4)
         serve.run(app, name="sparse-hf", route_prefix="/", blocking=False)
         yield f"http://127.0.0.1:{port}"

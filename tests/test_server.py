@@ -17,20 +17,10 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from sparse_hf.engine import LLM                              # noqa: E402
 from sparse_hf.engine.server import build_app                 # noqa: E402
-from tiny_tokenizer import tiny_tokenizer                     # noqa: E402
+from serving_helpers import free_port, save_tiny_chat_model, tiny_chat_model  # noqa: E402
 
 MODEL = "tiny-llama"
 MAX_LEN = 256
-
-
-def tiny_chat_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=512, head_dim=16,
-                         eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(config).eval(), tok
 
 
 class ServerThread:
@@ -296,11 +286,7 @@ def test_serve_argument_errors_are_one_line_exit_2(argv, words, capsys, tiny_mod
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    model, tok = tiny_chat_model(seed=2)
-    path = tmp_path_factory.mktemp("tiny-chat-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"), seed=2)
 
 
 def test_serve_command_serves_and_stops(tiny_model_dir):
@@ -309,10 +295,7 @@ def test_serve_command_serves_and_stops(tiny_model_dir):
     import subprocess
     import sys
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     cmd = [sys.executable, "-m", "sparse_hf.engine.serve_cli", tiny_model_dir, "--port", str(port),
            "--max-model-len", "128", "--num-kv-slots", "1024", "--max-num-seqs", "4", "--served-model-name", MODEL,
            "--log-level", "warning"]
