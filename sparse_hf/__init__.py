@@ -18,3 +18,6 @@ globals().update({cls.__name__: cls for cls in CACHE_CLASSES.values()})
 
 __all__ = ["SparseConfig", "SparseCache", "GraphDecoder", "build_cache", "prepare_model", "kv_usage", "KVUsage", "METHODS",
            "get_method", *[cls.__name__ for cls in CACHE_CLASSES.values()]]
+
+from .engine import LLM, SamplingParams  # noqa: E402  (the serving engine)
+__all__ += ["LLM", "SamplingParams"]

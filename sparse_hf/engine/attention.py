@@ -52,6 +52,10 @@ class StepContext:
     selection: torch.Tensor | None = None            # OmniKV: [B, K] slot ids (-1 = none) of the current step
 
 
+#: Query rows per SDPA call of a chunk with earlier context (bounds the boolean mask's memory).
+MASK_BLOCK = 1024
+
+
 def pool_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
     """``[S, Hkv, D]`` -> ``[B, Hkv, S, D]`` view with stride 0 over rows (what the decode kernels take)."""
     return pool.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
@@ -74,10 +78,13 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     vh = v.transpose(0, 1).repeat_interleave(G, dim=0).unsqueeze(0)
     if L == n:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-    else:
-        cols = torch.arange(L, device=q.device).view(1, L)
-        rows = torch.arange(n, device=q.device).view(n, 1) + (L - n)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=cols <= rows, scale=scale)
+        return out[0].transpose(0, 1)
+    out = torch.empty_like(qh)
+    cols = torch.arange(L, device=q.device).view(1, L)
+    for s in range(0, n, MASK_BLOCK):               # bounds the [block, L] mask (L can be 128K)
+        e = min(s + MASK_BLOCK, n)
+        rows = torch.arange(s, e, device=q.device).view(-1, 1) + (L - n)
+        out[:, :, s:e] = F.scaled_dot_product_attention(qh[:, :, s:e], kh, vh, attn_mask=cols <= rows, scale=scale)
     return out[0].transpose(0, 1)
 
 

@@ -3,7 +3,7 @@ really refills.
 
 Layout (one pool per layer ``l``):
 
-- ``k[l]``, ``v[l]``: ``[S, Hkv, D]``, slot-major, so one slot holds one token's K (or V) for every KV head.
+- ``k[l]``, ``v[l]``: ``[S + 1, Hkv, D]`` (the last slot is scratch), slot-major, so one slot holds one token's K (or V) for every KV head.
 - Layers are grouped by how their slots are managed: a *group* shares one free stack ``free[g]`` (``[S]``
   int32, the first ``free_top[g]`` entries are free slot ids), one slot table ``tables[g]`` (``[rows, W]``
   int32: entry ``j`` of row ``r`` is the slot of the row's ``j``-th kept token, in increasing position order)
@@ -37,7 +37,10 @@ class KVPool:
                  max_len: int, per_layer_groups: bool, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.num_slots, self.max_rows, self.max_len = num_layers, num_slots, max_rows, max_len
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.k = [torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One extra slot (``scratch_slot``) takes the K/V writes of padding rows of a CUDA-graph batch.
+        self.scratch_slot = num_slots
+        self.k = [torch.zeros(num_slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
+                  for _ in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
         G = num_layers if per_layer_groups else 1
         self.num_groups = G

@@ -18,21 +18,23 @@ from .model import EngineModel
 from .request import Request, RequestOutput
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .weights import iter_safetensors, load_weights
+from .weights import init_random_weights, iter_safetensors, load_weights
 
-try:                                     # helper F's files (branch wt-f); the stand-ins until they land
-    from .sampler import Sampler
-    from .sampling_params import SamplingParams
-except ImportError:  # pragma: no cover - replaced at merge
-    from .fallback import GreedySampler as Sampler
-    from .fallback import SamplingParams
+from .output import OutputProcessor
+from .sampler import Sampler
+from .sampling_params import SamplingParams
 
 #: Slots per layer on CPU when ``num_kv_slots`` is not given.
 CPU_DEFAULT_SLOTS = 65536
 
 
 def _load_source(model, tokenizer):
-    """``(hf_config, tensors, tokenizer, eos_ids)`` from a directory or an in-memory transformers model."""
+    """``(hf_config, tensors, tokenizer, eos_ids)`` from a directory, an in-memory transformers model, or a
+    transformers config (random weights, for benchmarks: ``tensors`` is ``None``)."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, None, tokenizer, []
     if isinstance(model, str):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -60,6 +62,13 @@ def _load_source(model, tokenizer):
     return hf_config, tensors, tokenizer, eos_ids
 
 
+class _NoText:
+    """Stands in for a tokenizer when there is none (token-id prompts): every text is empty."""
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
 class LLM:
     """A serving engine over one device. See :class:`~.config.EngineConfig` for the knobs; ``sparse_knobs`` are
     the HF path's ``cache_config`` names (``num_top_tokens``, ``window_size``, ...)."""
@@ -80,7 +89,10 @@ class LLM:
             self.model = EngineModel(hf_config, self.max_model_len)
         for p in self.model.parameters():          # weights in dtype; RoPE's cos/sin tables stay fp32
             p.data = p.data.to(self.dtype)
-        load_weights(self.model, tensors)
+        if tensors is None:
+            init_random_weights(self.model)
+        else:
+            load_weights(self.model, tensors)
         self.model.eval().requires_grad_(False)
         evicts = self.method is not None and self.method.family == "evict"
         slots = self.config.num_kv_slots or self._size_pool(evicts)
@@ -89,15 +101,13 @@ class LLM:
             self.max_model_len = slots
         self.pool = KVPool(self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, slots,
                            self.config.max_num_seqs, self.max_model_len, evicts, self.dtype, self.device)
-        graphs = None
+        self.runner = ModelRunner(self.model, self.pool, self.method)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from .graphs import DecodeGraphs
-            graphs = DecodeGraphs(self.model, self.pool, self.config.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.pool, self.method, graphs)
-        if graphs is not None:
-            graphs.capture(self.runner.attention)
+            self.runner.graphs = DecodeGraphs(self.model, self.pool, self.config.max_num_seqs, self.runner.attention)
         self.scheduler = Scheduler(self.config, self.pool)
         self.sampler = Sampler()
+        self.output_processor = OutputProcessor(self.tokenizer or _NoText(), self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
         self._ids = itertools.count()
@@ -143,14 +153,18 @@ class LLM:
         ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("empty prompt")
-        if len(ids) + 1 > self.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
-                             f"{self.max_model_len}; raise max_model_len or shorten the prompt")
         if len(ids) + 1 > self.pool.num_slots:
             raise ValueError(f"prompt of {len(ids)} tokens can never fit the KV pool of {self.pool.num_slots} slots "
                              "per layer; raise num_kv_slots or gpu_memory_utilization, or lower max_num_seqs / "
                              "max_model_len")
-        req = Request(request_id, ids, params if params is not None else SamplingParams())
+        if len(ids) + 1 > self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
+                             f"{self.max_model_len}; raise max_model_len or shorten the prompt")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        req = Request(request_id, ids, params)
+        req.text_state = self.output_processor.new_state(ids, params, max_total_len=self.max_model_len)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -163,6 +177,7 @@ class LLM:
         if req in self.scheduler.waiting:
             self.scheduler.waiting.remove(req)
         req.finish_reason = "abort"
+        self.output_processor.finish(req.text_state, "abort")
         self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -192,7 +207,7 @@ class LLM:
         if done:
             params = [r.params for r in done]
             steps = torch.tensor([len(r.output_token_ids) for r in done], device=logits.device)
-            tokens = self.sampler(logits, params, steps).tolist()
+            tokens = self.sampler(logits, params, steps, self.eos_token_ids).tolist()
             now = time.perf_counter()
             for req, token in zip(done, tokens):
                 self._append(req, int(token), now)
@@ -200,21 +215,14 @@ class LLM:
         return outputs
 
     def _append(self, req: Request, token: int, now: float) -> None:
+        """Record a sampled token; the output processor decides the text and whether the request ends."""
         req.output_token_ids.append(token)
         req.first_token_time = req.first_token_time or now
         req.last_token_time = now
-        p = req.params
-        n = len(req.output_token_ids)
-        stops = set(getattr(p, "stop_token_ids", None) or [])
-        stops.update(s for s in (getattr(p, "stop", None) or []) if isinstance(s, int))
-        if n >= getattr(p, "min_tokens", 0) and (token in stops or (not getattr(p, "ignore_eos", False)
-                                                                     and token in self.eos_token_ids)):
-            req.finish_reason = "stop"
-        elif n >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            req.finish_reason = "length"
-        if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-        if req.finished:
+        _, finished, reason = self.output_processor.update(req.text_state, token)
+        req.text = req.text_state.text
+        if finished:
+            req.finish_reason = reason
             req.kept_kv_tokens = self.pool.row_tokens(req.row) if req.row is not None else 0
             self.scheduler.release(req)
             self.requests.pop(req.request_id, None)

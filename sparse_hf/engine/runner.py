@@ -111,11 +111,11 @@ class ModelRunner:
         ids = torch.tensor([r.output_token_ids[-1] for r in requests], device=self.device)
         positions = torch.tensor([r.num_tokens - 1 for r in requests], device=self.device)
         lens_host = pool.lens[:, rows]                                               # [G, B]
+        width = int(lens_host.max())
         if self.graphs is not None and self.graphs.can_run(B):
             logits = self.graphs.run(ids, positions, slot_mapping, torch.tensor(rows, device=self.device),
-                                     torch.as_tensor(lens_host, dtype=torch.int32).to(self.device))
+                                     torch.as_tensor(lens_host.astype(np.int32)).to(self.device), width)
         else:
-            width = int(lens_host.max())
             tables = pool.tables[:, torch.tensor(rows, device=self.device), :width]  # [G, B, width]
             lens = torch.as_tensor(lens_host.astype(np.int32)).to(self.device)
             self.attention.ctx = StepContext(slot_mapping, tables=tables, lens=lens)

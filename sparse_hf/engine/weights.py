@@ -83,3 +83,16 @@ def load_weights(model, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
     if missing:
         raise ValueError(f"the checkpoint lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+@torch.no_grad()
+def init_random_weights(model, std: float = 0.02, seed: int = 0) -> None:
+    """Random weights (normal, ``std``; norms at 1) for benchmarks of a model shape without a checkpoint."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)
