@@ -53,7 +53,8 @@ def summarise(sent: list[float], token_times: list[list[float]]) -> dict:
     ttft = [times[0] - s for s, times in zip(sent, token_times)]
     itl = [b - a for times in token_times for a, b in zip(times, times[1:])]
     tokens = sum(len(times) for times in token_times)
-    return dict(requests_per_s=round(len(sent) / (end - start), 3), output_tok_s=round(tokens / (end - start), 1),
+    return dict(requests=len(sent), output_tokens=tokens,
+                requests_per_s=round(len(sent) / (end - start), 3), output_tok_s=round(tokens / (end - start), 1),
                 ttft_p50_ms=pct(ttft, 0.5), ttft_p90_ms=pct(ttft, 0.9), ttft_p99_ms=pct(ttft, 0.99),
                 itl_p50_ms=pct(itl, 0.5), itl_p90_ms=pct(itl, 0.9), itl_p99_ms=pct(itl, 0.99),
                 itl_mean_ms=round(1e3 * statistics.mean(itl), 2) if itl else None, duration_s=round(end - start, 2))

@@ -323,3 +323,37 @@ def test_serve_command_serves_and_stops(tiny_model_dir):
             proc.kill()
             proc.wait(10)
     assert proc.returncode in (0, -signal.SIGINT, 130)
+
+
+def test_return_token_ids_in_stream_and_whole(served):
+    server, _, model, tok = served
+    ids = tok("Hello world")["input_ids"]
+    ref = hf_greedy(model, ids, 6)
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = _post(server.url + "/v1/completions", body).json()
+    assert whole["choices"][0]["token_ids"] == ref
+    streamed = []
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    for chunk in chunks:
+        streamed += chunk["choices"][0]["token_ids"]
+    assert streamed == ref and len(chunks) == 6       # one chunk per generated token
+
+
+def test_bench_server_small(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
+    spec = importlib.util.spec_from_file_location("bench_server", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--small", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["path"], r["arrivals"]) for r in rows} == {(p, a) for p in ("in-process", "http")
+                                                          for a in ("together", "poisson")}
+    for row in rows:   # 6 requests x 4 tokens each, all timed
+        assert row["output_tok_s"] > 0 and row["ttft_p50_ms"] > 0 and row["itl_p50_ms"] is not None
+        assert row["requests"] == 6 and row["output_tokens"] == 24
