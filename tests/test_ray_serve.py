@@ -21,7 +21,7 @@ def ray_app(tmp_path_factory):
     from ray import serve
 
     from sparse_hf.engine.ray_serve import build_deployment
-    from serving_helpers import free_port, save_tiny_chat_model
+    from tiny_tokenizer import free_port, save_tiny_chat_model
 
     path = save_tiny_chat_model(tmp_path_factory.mktemp("ray-tiny-model"), seed=3)
     port = free_port()

@@ -7,7 +7,7 @@ import torch
 from sparse_hf.engine.output import OutputProcessor
 from sparse_hf.engine.sampler import Sampler
 from sparse_hf.engine.sampling_params import SamplingParams
-from serving_helpers import tiny_tokenizer
+from tiny_tokenizer import tiny_tokenizer
 
 V = 50
 

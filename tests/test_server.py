@@ -17,7 +17,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from sparse_hf.engine import LLM                              # noqa: E402
 from sparse_hf.engine.server import build_app                 # noqa: E402
-from serving_helpers import free_port, save_tiny_chat_model, tiny_chat_model  # noqa: E402
+from tiny_tokenizer import free_port, save_tiny_chat_model, tiny_chat_model  # noqa: E402
 
 MODEL = "tiny-llama"
 MAX_LEN = 256
