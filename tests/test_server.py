@@ -13,6 +13,7 @@ import pytest
 import torch
 
 openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from sparse_hf.engine import LLM                              # noqa: E402
@@ -357,3 +358,38 @@ def test_bench_server_small(tmp_path):
     for row in rows:   # 6 requests x 4 tokens each, all timed
         assert row["output_tok_s"] > 0 and row["ttft_p50_ms"] > 0 and row["itl_p50_ms"] is not None
         assert row["requests"] == 6 and row["output_tokens"] == 24
+
+
+class _FailingSteps:
+    """The real engine, except that ``step()`` raises while ``fail`` is set (before touching the engine)."""
+
+    def __init__(self, llm):
+        self._llm, self.fail = llm, False
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("injected step failure")
+        return self._llm.step()
+
+
+def test_failed_step_fails_requests_in_flight_and_server_keeps_serving():
+    model, tok = tiny_chat_model(seed=4)
+    llm = _FailingSteps(LLM(model, tok, max_model_len=MAX_LEN, max_num_seqs=4, num_kv_slots=2048))
+    server = ServerThread(build_app(llm, MODEL))
+    try:
+        llm.fail = True
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+        failed = _post(server.url + "/v1/completions", body)
+        assert failed.status_code == 500 and "injected step failure" in failed.json()["error"]["message"]
+        with httpx.Client(trust_env=False, timeout=60) as http:
+            with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+                lines = [line for line in response.iter_lines() if line]
+        assert "injected step failure" in lines[0] and lines[-1] == "data: [DONE]"
+        llm.fail = False
+        assert _post(server.url + "/v1/completions", body).json()["usage"]["completion_tokens"] == 4
+        pool_whole(server.url)
+    finally:
+        server.stop()

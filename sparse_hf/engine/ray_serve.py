@@ -6,7 +6,10 @@ OpenAI-compatible endpoint. Needs the optional extra: ``pip install "sparse-hf[r
 
 In Python::
 
+    try:
     from ray import serve
+except ImportError as exc:  # pragma: no cover - depends on the optional extra
+    raise ImportError(f"{exc}; Ray Serve replicas need the 'ray' extra: pip install 'sparse-hf[ray]'") from exc
     from sparse_hf.engine.ray_serve import build_deployment
     serve.run(build_deployment("/models/Qwen2.5-7B-Instruct", num_replicas=4, num_gpus=1,
                                sparse_method="snapkv", num_top_tokens=2048), route_prefix="/")
