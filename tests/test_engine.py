@@ -173,3 +173,23 @@ def test_text_prompts_and_seeded_sampling_independent_of_batch():
     assert alone.text == tok.decode(alone.token_ids, skip_special_tokens=True)
     assert alone.prompt_token_ids == tok("The sky is")["input_ids"]
     llm.pool.check_whole()
+
+
+def test_no_starvation_under_a_stream_of_arrivals():
+    """A decoding request keeps getting decode steps (prefill and decode alternate) while new requests arrive at
+    every step, and the arrivals are served in order."""
+    model = tiny_model("llama", layers=1)
+    llm = LLM(model, num_kv_slots=4096, max_model_len=64, max_num_seqs=64, chunk_prefill_size=8,
+              max_num_batched_tokens=8)
+    llm.add_request("first", random_prompts((10,))[0], greedy_params(20))
+    finished_at, steps = {}, 0
+    while "first" not in finished_at or len(finished_at) < 5:
+        if steps < 60:
+            llm.add_request(f"new{steps}", random_prompts((12,), seed=steps)[0], greedy_params(2))
+        steps += 1
+        for o in llm.step():
+            if o.finished:
+                finished_at[o.request_id] = steps
+    assert finished_at["first"] <= 2 * 20 + 4
+    order = [rid for rid in sorted(finished_at, key=finished_at.get) if rid.startswith("new")]
+    assert order[:3] == ["new0", "new1", "new2"]

@@ -17,3 +17,7 @@ def test_bench_engine_small(tmp_path):
     assert {r["method"] for r in rows} == {"vanilla", "snapkv", "omnikv"} and len(rows) == 6
     for r in rows:
         assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["step_ms"] > 0
+    load = report["load"]
+    assert len(load) == 6 and {r["arrival"] for r in load} == {"together", "poisson 2.0/s"}
+    for r in load:
+        assert r["output_tok_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0

@@ -88,3 +88,11 @@ def test_pool_whole_after_many_mixed_requests(method, knobs, requests):
     assert preempted > 0
     llm.pool.check_whole()
     assert sorted(llm.scheduler.free_rows) == list(range(8))
+
+
+def test_graph_buckets():
+    from sparse_hf.engine.graphs import batch_buckets, width_bucket
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(3) == [1, 2, 3] and batch_buckets(1) == [1]
+    assert [width_bucket(w, 5000) for w in (1, 256, 257, 4097)] == [256, 256, 512, 5000]

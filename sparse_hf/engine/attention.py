@@ -3,7 +3,7 @@
 ``PoolAttention.attend(layer, q, k, v, scale)`` first stores the step's K/V at their slots, then:
 
 - prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally, by
-  gathering the row's slots and running SDPA with a causal offset (a Triton kernel over the slot table is a
+  gathering the row's slots and running SDPA with a lower-right causal bias (a Triton kernel over the slot table is a
   later optimisation);
 - decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
   (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
 
@@ -52,10 +53,6 @@ class StepContext:
     selection: torch.Tensor | None = None            # OmniKV: [B, K] slot ids (-1 = none) of the current step
 
 
-#: Query rows per SDPA call of a chunk with earlier context (bounds the boolean mask's memory).
-MASK_BLOCK = 1024
-
-
 def pool_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
     """``[S, Hkv, D]`` -> ``[B, Hkv, S, D]`` view with stride 0 over rows (what the decode kernels take)."""
     return pool.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
@@ -70,21 +67,17 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     Returns:
         ``[n, H, D]``.
     """
-    n, H, _ = q.shape
-    L, Hkv, _ = k.shape
-    G = H // Hkv
+    n, L = q.shape[0], k.shape[0]
+    G = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, n, D]
-    kh = k.transpose(0, 1).repeat_interleave(G, dim=0).unsqueeze(0)             # [1, H, L, D]
-    vh = v.transpose(0, 1).repeat_interleave(G, dim=0).unsqueeze(0)
-    if L == n:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
-        return out[0].transpose(0, 1)
-    out = torch.empty_like(qh)
-    cols = torch.arange(L, device=q.device).view(1, L)
-    for s in range(0, n, MASK_BLOCK):               # bounds the [block, L] mask (L can be 128K)
-        e = min(s + MASK_BLOCK, n)
-        rows = torch.arange(s, e, device=q.device).view(-1, 1) + (L - n)
-        out[:, :, s:e] = F.scaled_dot_product_attention(qh[:, :, s:e], kh, vh, attn_mask=cols <= rows, scale=scale)
+    kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)     # [1, Hkv, L, D]
+    # Lower-right causal alignment without a materialised [n, L] mask: flash / memory-efficient kernels on CUDA.
+    bias = causal_lower_right(n, L)
+    try:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale, enable_gqa=True)
+    except (RuntimeError, TypeError, NotImplementedError):     # a kernel without GQA: repeat the KV heads
+        out = F.scaled_dot_product_attention(qh, kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1),
+                                             attn_mask=bias, scale=scale)
     return out[0].transpose(0, 1)
 
 
@@ -155,5 +148,5 @@ class PoolAttention:
             self.ctx.selection = None
         else:
             idx, ok = selection                                                     # [B, K] table positions
-            self.ctx.selection = torch.where(ok, tables.gather(1, idx.clamp(0, W - 1).to(tables.dtype).long()), -1)
+            self.ctx.selection = torch.where(ok, tables.long().gather(1, idx.clamp(0, W - 1)), -1)
         return out

@@ -45,7 +45,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # One output buffer for every graph, so no graph keeps its own [b, V] logits alive in the graph pool.
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempool = None                                  # one graph memory pool, made at the first capture
 
     def _forward(self, b: int, w: int) -> torch.Tensor:
         tables = self.pool.tables[:, :, :w].index_select(1, self.rows[:b])            # [G, b, w]
@@ -56,6 +56,8 @@ class DecodeGraphs:
     def _capture(self, b: int, w: int) -> None:
         """Warm up (Triton compilation) and capture. The warm-up runs on the step's real inputs: it writes the
         same K/V to the same slots as the replay that follows, so it changes nothing."""
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -96,8 +98,8 @@ class DecodeGraphs:
 def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
     ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
-    gathered, head-repeated K/V and one mask block), estimated from shapes."""
-    from .attention import MASK_BLOCK, PoolAttention, Segment
+    gathered K/V, and head-repeated K/V in case SDPA lacks GQA), estimated from shapes."""
+    from .attention import PoolAttention, Segment
     from .kv_pool import KVPool
 
     chunk = cfg.chunk_prefill_size
@@ -120,5 +122,5 @@ def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, devic
     torch.cuda.empty_cache()
     elt = torch.tensor([], dtype=dtype).element_size()
     H, Hkv, D = model.num_heads, model.num_kv_heads, model.head_dim
-    context_extra = max_model_len * D * elt * 2 * (H + Hkv) + min(chunk, MASK_BLOCK) * max_model_len * (1 + elt)
+    context_extra = max_model_len * D * elt * 2 * (H + Hkv)
     return int(peak + context_extra)

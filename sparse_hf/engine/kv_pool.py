@@ -3,7 +3,8 @@ really refills.
 
 Layout (one pool per layer ``l``):
 
-- ``k[l]``, ``v[l]``: ``[S + 1, Hkv, D]`` (the last slot is scratch), slot-major, so one slot holds one token's K (or V) for every KV head.
+- ``k[l]``, ``v[l]``: ``[S + 1, Hkv, D]`` (the last slot is scratch), slot-major, so one slot holds one token's
+  K (or V) for every KV head.
 - Layers are grouped by how their slots are managed: a *group* shares one free stack ``free[g]`` (``[S]``
   int32, the first ``free_top[g]`` entries are free slot ids), one slot table ``tables[g]`` (``[rows, W]``
   int32: entry ``j`` of row ``r`` is the slot of the row's ``j``-th kept token, in increasing position order)

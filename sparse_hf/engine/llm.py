@@ -34,8 +34,8 @@ def _load_source(model, tokenizer):
     from transformers import PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
-        return model, None, tokenizer, []
-    if isinstance(model, str):
+        hf_config, tensors, eos = model, None, None
+    elif isinstance(model, str):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         hf_config = AutoConfig.from_pretrained(model)
@@ -55,7 +55,11 @@ def _load_source(model, tokenizer):
         gen = getattr(model, "generation_config", None)
         eos = gen.eos_token_id if gen is not None else None
     else:
-        raise TypeError(f"model must be a model directory or a transformers model, got {type(model).__name__}")
+        raise TypeError(f"model must be a model directory, a transformers model or a config (random weights), got "
+                        f"{type(model).__name__}")
+    if isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if eos is None:
         eos = getattr(hf_config, "eos_token_id", None)
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -85,10 +89,13 @@ class LLM:
         self.dtype = dtype or default_dtype(self.device)
         self.max_model_len = self.config.max_model_len or hf_config.max_position_embeddings
         self.method = build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers)
-        with torch.device(self.device):
-            self.model = EngineModel(hf_config, self.max_model_len)
-        for p in self.model.parameters():          # weights in dtype; RoPE's cos/sin tables stay fp32
-            p.data = p.data.to(self.dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)        # parameters are born in dtype (no fp32 copy of a 7B model);
+        try:                                       # RoPE's cos/sin tables are computed in fp32 explicitly
+            with torch.device(self.device):
+                self.model = EngineModel(hf_config, self.max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
         if tensors is None:
             init_random_weights(self.model)
         else:
@@ -123,8 +130,9 @@ class LLM:
         peak = profile_peak_bytes(self.model, cfg, self.max_model_len, self.dtype, self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory
         m = self.model
-        per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.tensor([], dtype=self.dtype).element_size()
         groups = m.num_layers if evicts else 1
+        per_slot = (2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+                    + 4 * groups)                  # K/V of every layer + the free-stack entries
         table_bytes = groups * cfg.max_num_seqs * self.max_model_len * 4 * 2
         free = int(total * cfg.gpu_memory_utilization) - peak - table_bytes
         slots = free // per_slot

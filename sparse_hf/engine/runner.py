@@ -31,6 +31,8 @@ class ModelRunner:
         self.evicts = method is not None and method.family == "evict"
         self.window = int(method.query_window) if self.evicts else 0
         self.graphs = graphs
+        # All slots of a row are live: the methods' ``valid`` masks are views of this (no allocation per call).
+        self._all_valid = torch.ones(1, pool.num_kv_heads, pool.max_len, dtype=torch.bool, device=self.device)
 
     # -- prefill --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -83,7 +85,7 @@ class ModelRunner:
             n = int(pool.lens[g, req.row])
             slots = pool.tables[g, req.row, :n].long()
             keys = pool.k[layer][slots].permute(1, 0, 2).unsqueeze(0)              # [1, Hkv, n, D]
-            valid = torch.ones(1, pool.num_kv_heads, n, dtype=torch.bool, device=self.device)
+            valid = self._all_valid[:, :, :n]
             q = req.query_windows.get(layer)
             queries = q.unsqueeze(0) if q is not None else None                      # [1, H, W, D]
             qvalid = torch.ones(1, q.shape[1], dtype=torch.bool, device=self.device) if q is not None else None
@@ -136,5 +138,4 @@ class ModelRunner:
             for layer in range(pool.num_layers):
                 g = pool.group_of[layer]
                 n = int(pool.lens[g, row])
-                valid = torch.ones(1, pool.num_kv_heads, n, dtype=torch.bool, device=self.device)
-                self._apply(g, row, self.method.decode_keep(layer, valid))
+                self._apply(g, row, self.method.decode_keep(layer, self._all_valid[:, :, :n]))
