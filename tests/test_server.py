@@ -353,11 +353,12 @@ def test_bench_server_small(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--small", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert {(r["path"], r["arrivals"]) for r in rows} == {(p, a) for p in ("in-process", "http")
-                                                          for a in ("together", "poisson")}
+    assert sorted((r["path"], r["arrival"]) for r in rows) == [("http", "poisson 50.0/s"), ("http", "together"),
+                                                               ("in-process", "poisson 50.0/s"),
+                                                               ("in-process", "together")]
     for row in rows:   # 6 requests x 4 tokens each, all timed
-        assert row["output_tok_s"] > 0 and row["ttft_p50_ms"] > 0 and row["itl_p50_ms"] is not None
-        assert row["requests"] == 6 and row["output_tokens"] == 24
+        assert row["num_requests"] == 6 and row["output_tok_s"] * row["wall_s"] == pytest.approx(24, rel=0.1)
+        assert row["ttft_s"]["p50"] > 0 and row["itl_ms"]["p50"] is not None
 
 
 class _FailingSteps:
