@@ -226,3 +226,20 @@ def test_eos_stop_ids_and_length(tok):
     assert proc.update(state, hello[1])[1:] == (True, "length")
     with pytest.raises(RuntimeError):
         proc.update(state, hello[0])
+
+
+def test_incomplete_character_held_back_then_flushed_at_the_end(tok):
+    proc = OutputProcessor(tok)
+    ids = tok("ok \U0001F600")["input_ids"]
+    emoji_ids = len(ids) - len(tok("ok ")["input_ids"])
+    assert emoji_ids >= 2, "the emoji must span several byte-level tokens for this test"
+    cut = ids[:-1]                                   # the emoji's last byte never comes
+    state = proc.new_state([1], SamplingParams(max_tokens=len(cut)))
+    deltas = [proc.update(state, t) for t in cut]
+    assert all("\ufffd" not in d for d, _, _ in deltas[:-1]) and deltas[-1][1:] == (True, "length")
+    assert "".join(d for d, _, _ in deltas) == state.text == tok.decode(cut)
+    assert state.text.endswith("\ufffd")
+    state = proc.new_state([1], SamplingParams(max_tokens=None))
+    for t in cut:
+        proc.update(state, t)
+    assert proc.finish(state, "abort") == "\ufffd" and state.text == tok.decode(cut)

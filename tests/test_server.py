@@ -13,24 +13,15 @@ import pytest
 import torch
 
 openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from sparse_hf.engine import LLM                              # noqa: E402
 from sparse_hf.engine.server import build_app                 # noqa: E402
-from tiny_tokenizer import tiny_tokenizer                     # noqa: E402
+from tiny_tokenizer import free_port, save_tiny_chat_model, tiny_chat_model  # noqa: E402
 
 MODEL = "tiny-llama"
 MAX_LEN = 256
-
-
-def tiny_chat_model(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=512, head_dim=16,
-                         eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(config).eval(), tok
 
 
 class ServerThread:
@@ -296,11 +287,7 @@ def test_serve_argument_errors_are_one_line_exit_2(argv, words, capsys, tiny_mod
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    model, tok = tiny_chat_model(seed=2)
-    path = tmp_path_factory.mktemp("tiny-chat-model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"), seed=2)
 
 
 def test_serve_command_serves_and_stops(tiny_model_dir):
@@ -309,10 +296,7 @@ def test_serve_command_serves_and_stops(tiny_model_dir):
     import subprocess
     import sys
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     cmd = [sys.executable, "-m", "sparse_hf.engine.serve_cli", tiny_model_dir, "--port", str(port),
            "--max-model-len", "128", "--num-kv-slots", "1024", "--max-num-seqs", "4", "--served-model-name", MODEL,
            "--log-level", "warning"]
@@ -340,3 +324,73 @@ def test_serve_command_serves_and_stops(tiny_model_dir):
             proc.kill()
             proc.wait(10)
     assert proc.returncode in (0, -signal.SIGINT, 130)
+
+
+def test_return_token_ids_in_stream_and_whole(served):
+    server, _, model, tok = served
+    ids = tok("Hello world")["input_ids"]
+    ref = hf_greedy(model, ids, 6)
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = _post(server.url + "/v1/completions", body).json()
+    assert whole["choices"][0]["token_ids"] == ref
+    streamed = []
+    with httpx.Client(trust_env=False, timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    for chunk in chunks:
+        streamed += chunk["choices"][0]["token_ids"]
+    assert streamed == ref and len(chunks) == 6       # one chunk per generated token
+
+
+def test_bench_server_small(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_server.py"
+    spec = importlib.util.spec_from_file_location("bench_server", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--small", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert sorted((r["path"], r["arrival"]) for r in rows) == [("http", "poisson 50.0/s"), ("http", "together"),
+                                                               ("in-process", "poisson 50.0/s"),
+                                                               ("in-process", "together")]
+    for row in rows:   # 6 requests x 4 tokens each, all timed
+        assert row["num_requests"] == 6 and row["output_tok_s"] * row["wall_s"] == pytest.approx(24, rel=0.1)
+        assert row["ttft_s"]["p50"] > 0 and row["itl_ms"]["p50"] is not None
+
+
+class _FailingSteps:
+    """The real engine, except that ``step()`` raises while ``fail`` is set (before touching the engine)."""
+
+    def __init__(self, llm):
+        self._llm, self.fail = llm, False
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("injected step failure")
+        return self._llm.step()
+
+
+def test_failed_step_fails_requests_in_flight_and_server_keeps_serving():
+    model, tok = tiny_chat_model(seed=4)
+    llm = _FailingSteps(LLM(model, tok, max_model_len=MAX_LEN, max_num_seqs=4, num_kv_slots=2048))
+    server = ServerThread(build_app(llm, MODEL))
+    try:
+        llm.fail = True
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "ignore_eos": True}
+        failed = _post(server.url + "/v1/completions", body)
+        assert failed.status_code == 500 and "injected step failure" in failed.json()["error"]["message"]
+        with httpx.Client(trust_env=False, timeout=60) as http:
+            with http.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+                lines = [line for line in response.iter_lines() if line]
+        assert "injected step failure" in lines[0] and lines[-1] == "data: [DONE]"
+        llm.fail = False
+        assert _post(server.url + "/v1/completions", body).json()["usage"]["completion_tokens"] == 4
+        pool_whole(server.url)
+    finally:
+        server.stop()

@@ -1,8 +1,10 @@
-"""An offline byte-level BPE tokenizer with an EOS token and a chat template, for engine and server tests."""
+"""For engine and server tests: an offline byte-level BPE tokenizer with an EOS token and a chat template, a tiny
+random Llama over its vocabulary, and a free loopback port."""
 
 from __future__ import annotations
 
 import functools
+import socket
 
 CORPUS = [
     "The grass is green. The sky is blue. The sun is yellow.",
@@ -34,3 +36,31 @@ def tiny_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def tiny_chat_model(seed: int = 0):
+    """``(model, tokenizer)``: a random 2-layer Llama (hidden 64, GQA 4/2) over ``tiny_tokenizer()``'s ids."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=512, head_dim=16,
+                         eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(config).eval(), tok
+
+
+def save_tiny_chat_model(path, seed: int = 0) -> str:
+    """Save ``tiny_chat_model(seed)`` and its tokenizer as a model directory; returns ``str(path)``."""
+    model, tok = tiny_chat_model(seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (closed again, so a server can bind it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,7 +14,8 @@ Stop strings: while streaming, the last ``len(longest stop) - 1`` characters are
 contain text that a later stop string cuts away; the concatenated deltas always equal ``state.text``.
 Order of the stop checks (once ``min_tokens`` tokens exist): EOS (unless ``ignore_eos``), ``stop_token_ids``,
 stop strings, then ``max_tokens`` / ``max_total_len`` -> ``'length'``. The text of an EOS or stop token is
-never in the output; its id is in ``token_ids``.
+never in the output; its id is in ``token_ids``. When a request ends (except by a stop string), bytes still held
+back are decoded, so the final text is the decode of all output ids before any EOS / stop id.
 """
 
 from __future__ import annotations
@@ -69,18 +70,17 @@ class OutputProcessor:
         params = state.params
         checks_on = len(state.token_ids) >= params.min_tokens
         if checks_on and token_id in params.ending_token_ids(self.eos_token_ids):
-            self._flush(state)
             return self._finish(state, "stop")
         state.window_ids.append(token_id)
         state.decoded += self._decode_new(state)
         stop_at = self._find_stop(state) if checks_on else -1
         if stop_at >= 0:
             state.text = state.decoded[:stop_at]
-            return self._finish(state, "stop")
+            return self._finish(state, "stop", flush=False)
         state.text = state.decoded
-        if (params.max_tokens is not None and len(state.token_ids) >= params.max_tokens) or (
-                state.max_total_len is not None and state.prompt_len + len(state.token_ids) >= state.max_total_len):
-            self._flush(state)
+        if params.max_tokens is not None and len(state.token_ids) >= params.max_tokens:
+            return self._finish(state, "length")
+        if state.max_total_len is not None and state.prompt_len + len(state.token_ids) >= state.max_total_len:
             return self._finish(state, "length")
         holdback = max((len(s) for s in params.stop), default=1) - 1
         visible = max(state.emitted, len(state.text) - holdback)
@@ -90,33 +90,27 @@ class OutputProcessor:
 
     def finish(self, state: TextState, reason: str) -> str:
         """End a request from outside (e.g. ``'abort'``); returns the text still held back."""
-        self._flush(state)
         return self._finish(state, reason)[0]
 
-    def _flush(self, state: TextState) -> None:
-        """At the end, the ids still held back as an incomplete character are decoded as they are."""
-        ids = state.window_ids
-        if state.read_offset < len(ids):
-            decode = self.tokenizer.decode
-            before = decode(ids[state.prefix_offset:state.read_offset], skip_special_tokens=True)
-            after = decode(ids[state.prefix_offset:], skip_special_tokens=True)
-            state.decoded += after[len(before):]
-            state.prefix_offset = state.read_offset = len(ids)
+    def _finish(self, state: TextState, reason: str, flush: bool = True) -> tuple[str, bool, str]:
+        """End the request. ``flush``: decode ids still held back as an incomplete character, so that the final
+        text is the decode of every output id (a ``'\ufffd'`` stays where bytes never completed)."""
+        if flush:
+            state.decoded += self._decode_new(state, final=True)
             state.text = state.decoded
-
-    def _finish(self, state: TextState, reason: str) -> tuple[str, bool, str]:
         state.finished, state.finish_reason = True, reason
         delta = state.text[state.emitted:]
         state.emitted = len(state.text)
         return delta, True, reason
 
-    def _decode_new(self, state: TextState) -> str:
-        """The text the ids after ``read_offset`` add, or '' while it ends in an incomplete character."""
+    def _decode_new(self, state: TextState, final: bool = False) -> str:
+        """The text the ids after ``read_offset`` add, or '' while it ends in an incomplete character (unless
+        ``final``)."""
         ids = state.window_ids
         decode = self.tokenizer.decode
         before = decode(ids[state.prefix_offset:state.read_offset], skip_special_tokens=True)
         after = decode(ids[state.prefix_offset:], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         state.prefix_offset, state.read_offset = state.read_offset, len(ids)
         return after[len(before):]

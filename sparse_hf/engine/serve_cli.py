@@ -109,7 +109,12 @@ def build_llm(args):
 
 
 def serve_main(args) -> int:
-    from .server import run_server
+    try:
+        from .server import run_server
+    except ImportError as exc:
+        print(f"{PROG}: error: {exc}; the server needs the 'serve' extra: pip install 'sparse-hf[serve]'",
+              file=sys.stderr)
+        return 1
 
     llm = build_llm(args)
     if llm.tokenizer is None:

@@ -45,6 +45,8 @@ class OpenAIServer:
         self.tokenizer = llm.tokenizer
         self.engine = EngineLoop(llm)
         self.max_len = engine_max_len(llm)
+        model_config = getattr(getattr(llm, "model", None), "config", None)
+        self.vocab_size = getattr(model_config, "vocab_size", None) or len(self.tokenizer)
 
     def close(self) -> None:
         self.engine.close()
@@ -56,6 +58,9 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def prompt_ids(self, req) -> list[int]:
+        if self.tokenizer is None and not (isinstance(req, proto.CompletionRequest) and isinstance(req.prompt, list)):
+            raise APIError(400, "this server has no tokenizer: send /v1/completions with a prompt of token ids",
+                           param="prompt" if isinstance(req, proto.CompletionRequest) else "messages")
         if isinstance(req, proto.ChatCompletionRequest):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
@@ -65,7 +70,7 @@ class OpenAIServer:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(req.prompt, str):
             return list(self.tokenizer.encode(req.prompt))
-        vocab = len(self.tokenizer)
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt):
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return list(req.prompt)
@@ -124,8 +129,9 @@ class _RequestStream:
         self.last = None
 
     async def deltas(self):
-        """Yields ``(text_delta, RequestOutput)`` until the request finishes; stops early if the client left."""
-        sent = ""
+        """Yields ``(text_delta, new_token_ids, RequestOutput)`` until the request finishes; stops early if the
+        client left."""
+        sent, num_ids = "", 0
         while not self.finished:
             try:
                 item = await asyncio.wait_for(self.outputs.get(), DISCONNECT_POLL_S)
@@ -146,7 +152,8 @@ class _RequestStream:
             delta = text[len(sent):visible] if text.startswith(sent) else ""
             sent += delta
             self.finished, self.last = item.finished, item
-            yield delta, item
+            new_ids, num_ids = item.token_ids[num_ids:], len(item.token_ids)
+            yield delta, new_ids, item
 
     def close(self) -> None:
         if not self.finished:
@@ -177,10 +184,11 @@ class _Generation:
         stream = _RequestStream(server, http, rid, outputs, params)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_Generation.sse(server, stream, chat, rid, len(ids), include_usage),
+            return StreamingResponse(_Generation.sse(server, stream, chat, rid, len(ids), include_usage,
+                                                     bool(req.return_token_ids)),
                                      media_type="text/event-stream")
         try:
-            text = "".join([delta async for delta, _ in stream.deltas()])
+            text = "".join([delta async for delta, _, _ in stream.deltas()])
         finally:
             stream.close()
         if not stream.finished or stream.last is None:
@@ -188,24 +196,30 @@ class _Generation:
         out = stream.last
         usage = proto.usage(len(ids), len(out.token_ids))
         make = proto.chat_body if chat else proto.completion_body
-        return JSONResponse(make(rid, server.model_name, text, out.finish_reason, usage))
+        body = make(rid, server.model_name, text, out.finish_reason, usage)
+        return JSONResponse(_with_ids(body, out.token_ids) if req.return_token_ids else body)
 
     @staticmethod
     async def sse(server: OpenAIServer, stream: _RequestStream, chat: bool, rid: str, prompt_len: int,
-                  include_usage: bool):
+                  include_usage: bool, return_token_ids: bool):
+        """SSE chunks: text deltas (and, with ``return_token_ids``, one chunk per engine output with its new ids,
+        even when the text did not grow), the finish reason, the usage if asked, then ``[DONE]``."""
         model = server.model_name
         try:
             if chat:
                 yield _sse(proto.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
-            async for delta, out in stream.deltas():
+            async for delta, new_ids, out in stream.deltas():
                 reason = out.finish_reason if out.finished else None
+                send_ids = return_token_ids and bool(new_ids)
                 if chat:
-                    if delta:
-                        yield _sse(proto.chat_chunk(rid, model, {"content": delta}))
+                    if delta or send_ids:
+                        chunk = proto.chat_chunk(rid, model, {"content": delta})
+                        yield _sse(_with_ids(chunk, new_ids) if send_ids else chunk)
                     if out.finished:
                         yield _sse(proto.chat_chunk(rid, model, {}, reason))
-                elif delta or out.finished:
-                    yield _sse(proto.completion_body(rid, model, delta, reason, None, chunk=True))
+                elif delta or out.finished or send_ids:
+                    chunk = proto.completion_body(rid, model, delta, reason, None, chunk=True)
+                    yield _sse(_with_ids(chunk, new_ids) if return_token_ids else chunk)
             if include_usage and stream.last is not None:
                 usage = proto.usage(prompt_len, len(stream.last.token_ids))
                 yield _sse(proto.chat_chunk(rid, model, None, usage_dict=usage) if chat else
@@ -215,6 +229,12 @@ class _Generation:
         finally:
             stream.close()
         yield "data: [DONE]\n\n"
+
+
+def _with_ids(body: dict, token_ids) -> dict:
+    """``body`` with ``token_ids`` in its choice (the ``return_token_ids`` extension)."""
+    body["choices"][0]["token_ids"] = list(token_ids)
+    return body
 
 
 async def _json_body(http: Request) -> dict:

@@ -18,6 +18,7 @@ import time
 
 log = logging.getLogger("sparse_hf.server")
 TOKENS_PER_S_WINDOW_S = 10.0
+FAILED_STEP_BACKOFF_S = 0.1
 
 
 class EngineLoop:
@@ -98,8 +99,10 @@ class EngineLoop:
             try:
                 outputs = self.llm.step()
             except Exception as exc:   # keep serving: fail the requests in flight, not the server
-                log.exception("engine step failed")
+                if self._sinks:
+                    log.exception("engine step failed; failing %d request(s) in flight", len(self._sinks))
                 self._fail_all(exc)
+                self._stop.wait(FAILED_STEP_BACKOFF_S)   # a persistent failure must not spin the CPU
                 continue
             self._deliver(outputs)
 

@@ -4,7 +4,8 @@ Requests are pydantic models that accept unknown fields (clients send extras) bu
 engine does not implement (``n > 1``, ``logprobs``, penalties, ...) with a 400 naming the field. Responses are
 plain dicts in the OpenAI shapes (``text_completion``, ``chat.completion``, ``chat.completion.chunk``).
 Extra body fields (``extra_body=`` in the ``openai`` client): ``top_k``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, and ``sparse_knobs`` (a dict of the HF path's ``cache_config`` names, validated by
+``stop_token_ids``, ``return_token_ids`` (each choice and stream chunk also carries its token ids; a stream
+then sends one chunk per engine step even when the text did not grow), and ``sparse_knobs`` (a dict of the HF path's ``cache_config`` names, validated by
 :class:`sparse_hf.config.SparseConfig`).
 """
 
@@ -61,6 +62,7 @@ class _SamplingFields(BaseModel):
     ignore_eos: StrictBool | None = None
     stop_token_ids: list[StrictInt] | None = None
     sparse_knobs: dict[str, Any] | None = None
+    return_token_ids: StrictBool = False     # each choice / chunk also carries its token ids
 
     def refuse_unsupported(self) -> None:
         if self.n not in (None, 1):
