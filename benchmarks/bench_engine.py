@@ -151,8 +151,7 @@ def main(argv=None) -> int:
     report = dict(shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   copy_bw_TBps=round(bandwidth / 1e12, 3) if bandwidth else None, budget=args.budget, results=[])
     for method in args.methods.split(","):
-        knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest,
-                                                              config.num_hidden_layers)
+        knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest)
         llm = LLM(config, max_model_len=max_len, max_num_seqs=max([b for _, b in cases] + ([load[0]] if load else [])),
                   max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,

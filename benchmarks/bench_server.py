@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     config = engine_config(args.shape)
     report = dict(shape=args.shape, load=[num, lo, hi, new], rate=args.rate, results=[])
     for method in args.methods.split(","):
-        knobs = {} if method == "vanilla" else budget_config(method, args.budget / hi, hi, config.num_hidden_layers)
+        knobs = {} if method == "vanilla" else budget_config(method, args.budget / hi, hi)
         llm = LLM(config, max_model_len=hi + new + 8, max_num_seqs=num,
                   max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
                   gpu_memory_utilization=args.gpu_memory_utilization,

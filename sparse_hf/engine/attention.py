@@ -143,7 +143,7 @@ class PoolAttention:
         values = pool.v[layer][flat].permute(0, 2, 1, 3)
         out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
         valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
-        selection = self.method.select_decode(logits, valid, W)
+        selection = self.method.select_decode(logits, valid, lens)
         if selection is None:
             self.ctx.selection = None
         else:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import SparseConfig
 from ..methods import get_method
 
 #: Methods the engine runs today. DeltaKV needs a latent pool (a later issue).
@@ -78,12 +77,13 @@ def build_method(name: str | None, knobs: dict, num_layers: int):
             raise ValueError(f"sparse knobs {sorted(knobs)} were given without sparse_method; pass sparse_method="
                              f"one of {', '.join(ENGINE_METHODS)} or drop them")
         return None
-    config = SparseConfig.from_dict(knobs)
-    if config.cuda_graph:
+    method_class = get_method(name)
+    config, runtime = method_class.build_config(**knobs)
+    if runtime.cuda_graph is not None:
         raise ValueError("cuda_graph is an HF-path knob; the engine captures decode graphs unless enforce_eager=True")
-    if name == "omnikv" and config.chunk_prefill_accel_omnikv:
+    if getattr(config, "chunk_prefill_accel_omnikv", False):
         raise NotImplementedError("chunk_prefill_accel_omnikv is not yet supported in the engine; leave it False")
-    return get_method(name)(config, num_layers)
+    return method_class(config, num_layers)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sparse_hf.kernels import store_kv_slots
+
 
 class KVPool:
     """Slots of ``num_layers`` layers; see the module docstring for the layout.
@@ -140,6 +142,6 @@ class KVPool:
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` (``[T, Hkv, D]``) at slots ``slot_mapping`` (``[T]`` long) of ``layer``.
 
-        A plain ``index_copy_`` for now; helper C's store-by-slot-mapping kernel (branch wt-c) replaces it here."""
-        self.k[layer].index_copy_(0, slot_mapping, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(0, slot_mapping, v.to(self.v[layer].dtype))
+        One launch of the shared slot-mapping store kernel (Triton on CUDA, its torch reference elsewhere)."""
+        store_kv_slots(self.k[layer], self.v[layer], k.to(self.k[layer].dtype), v.to(self.v[layer].dtype),
+                       slot_mapping)

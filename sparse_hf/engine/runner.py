@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..methods.base import SparseMethod
 from .attention import PoolAttention, Segment, StepContext
 
 
@@ -125,7 +124,7 @@ class ModelRunner:
             self.attention.ctx = None
         for r in requests:
             r.num_computed += 1
-        if self.evicts and type(self.method).decode_keep is not SparseMethod.decode_keep:
+        if self.evicts and self.method.evicts_during_decode:
             self._evict_decode(rows)
         for r in requests:
             r.kept_kv_tokens = pool.row_tokens(r.row)
