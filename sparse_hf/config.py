@@ -81,6 +81,7 @@ class SparseConfig:
     kv_quant_bits: int = 0                       # DeltaKV latents: 0 = compressor dtype, 8 = int8, 4 = packed int4
     cluster_ratio: float | None = None           # None: the compressor's training value, else 0.1
     deltakv_neighbor_count: int | None = None    # None: the compressor's training value, else 1
+    cluster_metric: str | None = None            # "l2" | "dot" | "cosine"; None: the compressor's training value, else l2
     # -- speed ----------------------------------------------------------------------------------------------------
     cuda_graph: bool = False
 
@@ -112,6 +113,8 @@ class SparseConfig:
         if self.deltakv_neighbor_count is not None and (not _is_int(self.deltakv_neighbor_count)
                                                         or self.deltakv_neighbor_count < 1):
             raise ValueError(f"deltakv_neighbor_count={self.deltakv_neighbor_count!r}: expected an int >= 1")
+        if self.cluster_metric is not None and self.cluster_metric not in ("l2", "dot", "cosine"):
+            raise ValueError(f"cluster_metric={self.cluster_metric!r}: expected 'l2', 'dot' or 'cosine'")
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod

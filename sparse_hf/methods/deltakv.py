@@ -1,22 +1,30 @@
 """DeltaKV: old tokens stored as low-dimensional residuals against nearby raw reference tokens
 (arXiv 2602.08005). Token selection is OmniKV's: filter layers stay raw and choose which compressed
-tokens the other layers reconstruct."""
+tokens the other layers reconstruct. The compression itself (flush and rebuild over a per-layer state) is
+:mod:`sparse_hf.deltakv.state`."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 
 from ..deltakv.clustering import center_step
 from .omnikv import OmniKV
 
+#: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
+TRAINED_KNOB_FALLBACKS = {"cluster_ratio": 0.1, "deltakv_neighbor_count": 1, "cluster_metric": "l2"}
+
 
 class DeltaKV(OmniKV):
-    """Per non-filter layer: sink tokens stay raw; a raw buffer of recent tokens is flushed once it holds
-    ``2 * num_recent_tokens``; of the flushed tokens every ``1/cluster_ratio``-th is kept raw as a *center*
-    and every other one is stored as ``latent = down(x) - down(ref)`` with ``ref`` the mean of its
-    ``deltakv_neighbor_count`` nearest earlier centers (x = concat(K, V) before RoPE). At decode only the
-    compressed tokens the filter layer ranks in the top ``num_top_tokens`` are rebuilt as ``up(latent) + ref``
-    (RoPE re-applied at their positions); the layer attends to sinks + rebuilt + raw buffer.
+    """Per non-filter layer and per row: the row's first ``num_sink_tokens`` tokens stay raw; a raw buffer of
+    recent tokens is flushed once it holds ``2 * num_recent_tokens``; of the flushed tokens every
+    ``1/cluster_ratio``-th is kept raw as a *center* and every other one is stored as
+    ``latent = down(x) - down(ref)`` with ``ref`` the mean of its ``deltakv_neighbor_count`` nearest earlier centers
+    (by ``cluster_metric``; x = concat(K, V) before RoPE). At decode only the compressed tokens the filter layer
+    ranks in the top ``num_top_tokens`` are rebuilt as ``up(latent) + ref`` (RoPE re-applied at their positions);
+    the layer attends to sinks + rebuilt + raw buffer.
     """
 
     name = "deltakv"
@@ -31,6 +39,18 @@ class DeltaKV(OmniKV):
                              "{'deltakv_path': 'dir-or-hub-id'}")
         center_step(self.config.cluster_ratio or 0.1)   # raises for a ratio outside (0, 1]
 
+    @staticmethod
+    def with_compressor_defaults(config, trained: dict[str, Any], explicit: set[str]):
+        """A new config in which every knob the compressor's training fixed (``trained``: serving knob -> value,
+        e.g. ``{"num_sink_tokens": 16, "cluster_metric": "cosine"}``) replaces the caller's unless the caller set
+        it (``explicit``); unset knobs the training does not record get :data:`TRAINED_KNOB_FALLBACKS`.
+        ``config`` itself is not changed."""
+        changes = {k: v for k, v in trained.items() if k not in explicit and hasattr(config, k)}
+        for knob, fallback in TRAINED_KNOB_FALLBACKS.items():
+            if knob not in changes and getattr(config, knob, None) is None:
+                changes[knob] = fallback
+        return dataclasses.replace(config, **changes)
+
     @property
     def step(self) -> int:
         """Distance between centers, from ``cluster_ratio`` (which the cache may take from the compressor)."""
@@ -40,27 +60,36 @@ class DeltaKV(OmniKV):
         return [i for i in range(self.num_layers) if not self.is_full(i)]
 
     def flush_count(self, buffered: int) -> int:
-        """How many of the oldest ``buffered`` raw buffer tokens to compress now (0 until it holds 2x recent)."""
+        """How many of a row's oldest ``buffered`` raw buffer tokens to compress now (0 until it holds 2x recent)."""
         recent = self.config.num_recent_tokens
         if buffered < 2 * recent:
             return 0
         return (buffered - recent) // recent * recent
 
     def is_center(self, rel: torch.Tensor) -> torch.Tensor:
-        """Whether compressed-region tokens at offsets ``rel`` (from the region's start) are centers."""
+        """Whether compressed-region tokens at offsets ``rel`` (from the row's region start) are centers."""
         return rel % self.step == 0
 
-    def pick(self, scores: torch.Tensor | None, num_compressed: int, length: int) -> torch.Tensor | None:
-        """Compressed tokens to rebuild at a decode step.
+    def pick(self, scores: torch.Tensor | None, length: int, real_lengths: torch.Tensor | None = None):
+        """Compressed tokens to rebuild at a decode step, per row, without host-device syncs.
 
         Args:
-            scores: ``[B, N]`` the filter layer's scores of the compressed region, or ``None`` (no selection).
-            num_compressed: ``N``; length: the logical length (fraction budgets resolve against it).
+            scores: ``[B, N]`` the filter layer's scores of each row's compressed tokens (offset order; ``-inf``
+                past a row's count), or ``None`` (no selection).
+            length: the logical length (a fraction budget sizes the output against it).
+            real_lengths: ``[B]`` each row's real token count (a fraction budget is that row's share of it).
 
         Returns:
-            ``[B, k]`` offsets into the compressed region, or ``None`` for all of them.
+            ``(idx, ok)`` each ``[B, k]``: offsets into each row's compressed tokens and which are real picks; or
+            ``None`` for all of them.
         """
         top = self.top_count(length, prefill=False)
-        if scores is None or top >= num_compressed:
+        if scores is None or top >= scores.shape[1]:
             return None
-        return scores.topk(top, dim=-1).indices
+        vals, idx = scores.topk(top, dim=-1)
+        ok = vals > float("-inf")
+        budget = self.config.num_top_tokens
+        if isinstance(budget, float) and real_lengths is not None:
+            per_row = (real_lengths.double() * budget).long()
+            ok = ok & (torch.arange(top, device=idx.device).view(1, top) < per_row.view(-1, 1))
+        return idx, ok
