@@ -6,8 +6,8 @@ centers, counted from its first real token, so a row's state never depends on th
 
 Per row ``b`` (``n_b = counts[b]`` compressed tokens, at offsets ``j = 0 .. n_b - 1`` in arrival order):
 
-- ``comp_pos [B, N]``: RoPE position of offset ``j`` (``-1`` past ``n_b``); ``N = max_b n_b``.
-- ``center_x [B, M, Dx]``, ``center_pos [B, M]``: raw pre-RoPE ``x = concat(K, V)`` of the centers: the row's
+- ``comp_pos [B, N]`` int32: RoPE position of offset ``j`` (``-1`` past ``n_b``); ``N = max_b n_b``.
+- ``center_x [B, M, Dx]``, ``center_pos [B, M]`` int32: raw pre-RoPE ``x = concat(K, V)`` of the centers: the row's
   ``num_sink`` sinks at ``0 .. S-1``, then offset ``j`` with ``j % step == 0`` at ``S + j // step``
   (``center_pos == -1``: no center there yet).
 - ``latent`` ``[B, N', r]`` (a :class:`QuantizedLatent`) and ``fathers [B, N', k]`` (indices into the centers) for
@@ -149,14 +149,14 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     after = [n + c for n, c in zip(state.counts, counts)]
     if state.center_x is None:
         state.center_x = x.new_zeros(B, S, x.shape[-1])
-        state.center_pos = torch.full((B, S), -1, dtype=torch.long, device=dev)
+        state.center_pos = torch.full((B, S), -1, dtype=torch.int32, device=dev)
     first = [b for b in range(B) if state.counts[b] == 0 and counts[b] > 0]
     if first:
         if sinks is None:
             raise ValueError(f"flush: rows {first} compress for the first time; pass their sinks")
         rows = torch.tensor(first, device=dev)
         state.center_x[rows, :S] = sinks[0][rows, :S].to(state.center_x.dtype)
-        state.center_pos[rows, :S] = sinks[1][rows, :S].long()
+        state.center_pos[rows, :S] = sinks[1][rows, :S].to(torch.int32)
     start = torch.tensor(state.counts, device=dev).view(B, 1)
     j = start + torch.arange(C, device=dev).view(1, C)                        # [B, C] offsets
     live = torch.arange(C, device=dev).view(1, C) < torch.tensor(counts, device=dev).view(B, 1)
@@ -164,9 +164,10 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     other = live & ~is_center
     width_c = max(cl.num_centers(n) for n in after)
     state.center_x = _write_rows(state.center_x, width_c, S + j // step, is_center, x, 0)
-    state.center_pos = _write_rows(state.center_pos, width_c, S + j // step, is_center, pos.long(), -1)
-    state.comp_pos = _write_rows(state.comp_pos, max(after), j, live, pos.long(), -1)
-    fathers = nearest_centers(x, state.center_x, pos.long(), state.center_pos, cl.neighbor_count, cl.metric,
+    pos = pos.to(torch.int32)
+    state.center_pos = _write_rows(state.center_pos, width_c, S + j // step, is_center, pos, -1)
+    state.comp_pos = _write_rows(state.comp_pos, max(after), j, live, pos, -1)
+    fathers = nearest_centers(x, state.center_x, pos, state.center_pos, cl.neighbor_count, cl.metric,
                               center_valid=state.center_pos >= 0)            # [B, C, k]
     latent = compress(x, reference_from_fathers(state.center_x, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
@@ -211,7 +212,7 @@ def rebuild(state: CompressedState, pick: torch.Tensor, projections: Any, layer_
         fathers = state.fathers.gather(1, row.unsqueeze(-1).expand(B, k, state.fathers.shape[-1])).long()
         rebuilt = reconstruct(latent, reference_from_fathers(cx, fathers), projections, layer_idx)
         x = torch.where((pick % step == 0).unsqueeze(-1), x, rebuilt)
-    return x, state.comp_pos.gather(1, pick)
+    return x, state.comp_pos.gather(1, pick).long()
 
 
 def split_kv(x: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
