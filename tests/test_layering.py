@@ -11,7 +11,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: Where each package lives (``sparse_hf.kernels`` is installed from ``kernels/``).
-PACKAGE_DIRS = {"sparse_hf.kernels": ROOT / "kernels", "sparse_hf": ROOT / "sparse_hf"}
+PACKAGE_DIRS = {"sparse_hf.kernels": ROOT / "kernels", "sparse_hf.trainer": ROOT / "trainer",
+                "sparse_hf": ROOT / "sparse_hf"}
 #: DeltaKV modules outside the core: the Hub-facing compressor, its model card and the reference checkpoint format.
 DELTAKV_HUB = {"compressor.py", "model_card.py", "reference_format.py"}
 FORBIDDEN = ("transformers", "sparse_hf.hf")
@@ -66,13 +67,13 @@ def imports_of(path: pathlib.Path) -> set[str]:
     return found
 
 
-def forbidden_chains(path: pathlib.Path) -> list[str]:
-    """Import chains from ``path`` to a forbidden module, following in-repo modules."""
+def forbidden_chains(path: pathlib.Path, forbidden=FORBIDDEN) -> list[str]:
+    """Import chains from ``path`` to a ``forbidden`` module, following in-repo modules."""
     chains, seen, todo = [], set(), [(path, [module_name(path)])]
     while todo:
         current, chain = todo.pop()
         for target in sorted(imports_of(current)):
-            if any(target == f or target.startswith(f + ".") for f in FORBIDDEN):
+            if any(target == f or target.startswith(f + ".") for f in forbidden):
                 chains.append(" -> ".join(chain + [target]))
             elif (nxt := module_path(target)) is not None and nxt not in seen:
                 seen.add(nxt)
@@ -90,6 +91,11 @@ def test_the_core_list_is_what_we_think():
 @pytest.mark.parametrize("path", core_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_core_module_imports_neither_transformers_nor_the_hf_glue(path):
     assert forbidden_chains(path) == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "trainer").glob("*.py")), ids=lambda p: p.name)
+def test_the_trainer_uses_the_core_not_the_hf_glue(path):
+    assert forbidden_chains(path, forbidden=("sparse_hf.hf",)) == []
 
 
 def test_the_checker_catches_an_indirect_import():
