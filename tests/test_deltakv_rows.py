@@ -77,3 +77,15 @@ def test_threads_sharing_one_qwen3_model_get_their_own_outputs():
         got = list(pool.map(lambda b: _run(model, b[0], b[1], cfg, new=12).sequences, batches))
     for i, (a, b) in enumerate(zip(got, expected)):
         assert torch.equal(a, b), f"call {i}"
+
+
+def test_beam_search_over_rows_with_different_counts_matches_the_full_cache():
+    model = tiny_model("qwen3", layers=4)
+    ids, mask = left_padded_batch((48, 20))
+    cfg = dict(KNOBS, num_sink_tokens=2, num_recent_tokens=4, compressor=DeltaKVCompressor.identity_for(model.config),
+               num_top_tokens=1.0)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=3)
+    out = model.generate(**kw, cache_implementation="deltakv", cache_config=cfg, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, model.generate(**kw))
+    counts = _compressed(out.past_key_values)[0]
+    assert len(set(counts)) > 1                            # the beams of the two prompts compressed differently

@@ -22,7 +22,7 @@ from ..deltakv.compressor import DeltaKVCompressor
 from ..deltakv.projections import DeltaKVProjections
 from ..deltakv.quant import check_bits
 from ..deltakv.rope import unrotate
-from ..deltakv.state import Clustering, CompressedState, all_offsets, flush, rebuild_kv
+from ..deltakv.state import CompressedState, all_offsets, flush, rebuild_kv
 from .attention import masked_attention, query_validity
 from .layer import SlotLayer
 from .selection_cache import HAS_TRITON, SelectionCache, sparse_decode_attention
@@ -130,11 +130,8 @@ class CompressedCache(SelectionCache):
         self.sparse_config = self.method.with_compressor_defaults(
             c, projections.serving_defaults(), _explicit_knobs(c, knobs))
         self.method = type(self.method)(self.sparse_config, self.num_layers)
-        c = self.sparse_config
-        self.clustering = Clustering(num_sink=c.num_sink_tokens, step=self.method.step,
-                                     neighbor_count=c.deltakv_neighbor_count, metric=c.cluster_metric,
-                                     quant_bits=c.kv_quant_bits)
-        check_bits(c.kv_quant_bits, projections.latent_size)
+        self.clustering = self.method.clustering()
+        check_bits(self.sparse_config.kv_quant_bits, projections.latent_size)
         self.obs_scores = None
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
 

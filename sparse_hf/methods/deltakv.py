@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..deltakv.clustering import center_step
+from ..deltakv.state import Clustering
 from .omnikv import OmniKV
 
 #: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
@@ -66,9 +67,12 @@ class DeltaKV(OmniKV):
             return 0
         return (buffered - recent) // recent * recent
 
-    def is_center(self, rel: torch.Tensor) -> torch.Tensor:
-        """Whether compressed-region tokens at offsets ``rel`` (from the row's region start) are centers."""
-        return rel % self.step == 0
+    def clustering(self) -> Clustering:
+        """The per-layer knobs of :mod:`sparse_hf.deltakv.state` (sinks, center step, fathers, metric, latent bits)."""
+        c = self.config
+        return Clustering(num_sink=c.num_sink_tokens, step=self.step,
+                          neighbor_count=c.deltakv_neighbor_count or TRAINED_KNOB_FALLBACKS["deltakv_neighbor_count"],
+                          metric=c.cluster_metric or TRAINED_KNOB_FALLBACKS["cluster_metric"], quant_bits=c.kv_quant_bits)
 
     def pick(self, scores: torch.Tensor | None, length: int, real_lengths: torch.Tensor | None = None):
         """Compressed tokens to rebuild at a decode step, per row, without host-device syncs.
