@@ -137,6 +137,8 @@ def test_deltakv_path_round_trip(tmp_path):
     b = greedy(model, ids, mask, cache_config=dict(BASE, deltakv_path=str(tmp_path / "comp"), num_top_tokens=6),
                **kw)
     assert torch.equal(a.sequences, b.sequences)
+    core = greedy(model, ids, mask, cache_config=dict(BASE, compressor=comp.projections, num_top_tokens=6), **kw)
+    assert torch.equal(a.sequences, core.sequences)                   # the core module serves as well
 
 
 def test_bad_input():

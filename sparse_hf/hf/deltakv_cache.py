@@ -18,7 +18,7 @@ import dataclasses
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..deltakv.compressor import DeltaKVCompressor
+from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
 from ..deltakv.projections import DeltaKVProjections
 from ..deltakv.quant import check_bits
 from ..deltakv.rope import unrotate
@@ -116,9 +116,10 @@ class CompressedCache(SelectionCache):
             projections = comp.projections
         elif isinstance(comp, DeltaKVProjections):
             projections = comp
-            projections.check_shape(self.num_layers, *self._kv_shape())
+            projections.check_shape(*model_kv_shape(self.model_config))
         else:
-            raise ValueError(f"compressor must be a DeltaKVCompressor, got {type(comp).__name__}")
+            raise ValueError(f"compressor must be a DeltaKVCompressor (or its core DeltaKVProjections), got "
+                             f"{type(comp).__name__}")
         missing = [i for i in self.method.sparse_layers() if str(i) not in projections.layers]
         if missing:
             raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses "
@@ -134,12 +135,6 @@ class CompressedCache(SelectionCache):
         check_bits(self.sparse_config.kv_quant_bits, projections.latent_size)
         self.obs_scores = None
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
-
-    def _kv_shape(self) -> tuple[int, int]:
-        cfg = self.model_config
-        heads = cfg.num_attention_heads
-        return (getattr(cfg, "num_key_value_heads", None) or heads,
-                getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
 
     def make_layer(self, layer_idx: int):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()

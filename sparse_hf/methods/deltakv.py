@@ -48,7 +48,7 @@ class DeltaKV(OmniKV):
         ``config`` itself is not changed."""
         changes = {k: v for k, v in trained.items() if k not in explicit and hasattr(config, k)}
         for knob, fallback in TRAINED_KNOB_FALLBACKS.items():
-            if knob not in changes and getattr(config, knob, None) is None:
+            if knob not in changes and hasattr(config, knob) and getattr(config, knob) is None:
                 changes[knob] = fallback
         return dataclasses.replace(config, **changes)
 
