@@ -89,3 +89,16 @@ def test_beam_search_over_rows_with_different_counts_matches_the_full_cache():
     assert torch.equal(out.sequences, model.generate(**kw))
     counts = _compressed(out.past_key_values)[0]
     assert len(set(counts)) > 1                            # the beams of the two prompts compressed differently
+
+
+def test_a_finished_call_leaves_its_cache_to_the_garbage_collector():
+    import gc
+    import weakref
+
+    model = tiny_model("qwen3", layers=4)
+    ids, mask = left_padded_batch((30, 20))
+    out = _run(model, ids, mask, dict(KNOBS, compressor=_random_compressor(model), num_top_tokens=6), new=4)
+    ref = weakref.ref(out.past_key_values)
+    del out
+    gc.collect()
+    assert ref() is None                  # nothing (hooks, thread-local hand-over) keeps the cache alive

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 
 import torch
 
@@ -58,7 +59,7 @@ def _attention_pre_hook(module, args, kwargs):
             cache.hooked = True
             kwargs[CACHE_KWARG] = cache
             if getattr(cache, "needs_raw_keys", False):
-                calls[id(module)] = cache
+                calls[id(module)] = weakref.ref(cache)   # weak: a finished call's cache is not kept alive
             break
     return args, kwargs
 
@@ -68,7 +69,8 @@ def _raw_key_hook(attention):
     this thread's current call, for caches that compress raw keys (DeltaKV), keyed by layer; the cache pops
     it, so nothing outlives the layer's call and nothing is stored on the (shared) module."""
     def hook(_module, _args, output):
-        cache = _CALL.__dict__.get("cache_of", {}).get(id(attention))
+        ref = _CALL.__dict__.get("cache_of", {}).get(id(attention))
+        cache = ref() if ref is not None else None
         if cache is not None:
             cache.raw_keys[attention.layer_idx] = output
     return hook
