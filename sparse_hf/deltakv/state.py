@@ -195,7 +195,7 @@ def rebuild(state: CompressedState, pick: torch.Tensor, projections: Any, layer_
     ``up(latent) + mean(fathers)``.
 
     Args:
-        pick: ``[B, k]`` offsets per row (entries past a row's count give garbage: mask them by ``ok``).
+        pick: ``[B, k]`` offsets per row in ``[0, N)`` (entries past a row's count give garbage: mask them).
 
     Returns:
         ``x [B, k, Dx]`` in ``center_x``'s dtype and ``pos [B, k]`` (long) their RoPE positions.
@@ -203,7 +203,6 @@ def rebuild(state: CompressedState, pick: torch.Tensor, projections: Any, layer_
     cl = state.clustering
     B, k = pick.shape
     step, cx = cl.step, state.center_x
-    pick = pick.clamp(0, state.comp_pos.shape[1] - 1)
     cidx = (cl.num_sink + pick // step).clamp(max=cx.shape[1] - 1)
     x = cx.gather(1, cidx.unsqueeze(-1).expand(B, k, cx.shape[-1]))
     if state.fathers is not None and state.fathers.shape[1] > 0:

@@ -44,6 +44,8 @@ class DeltaKVLayer(SlotLayer):
         self.state: CompressedState | None = None
         self.pad: list[int] | None = None
         self.col_offset = None
+        # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
+        self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
 
     def append_raw_k(self, kpre: torch.Tensor | None, pos: torch.Tensor) -> None:
         """Record new raw tokens' positions and, when given (layers with ``k_norm``), their pre-norm keys."""
@@ -51,6 +53,13 @@ class DeltaKVLayer(SlotLayer):
             self.raw_kpre = kpre if self.raw_kpre is None else torch.cat([self.raw_kpre, kpre], 1)
         pos = pos.to(torch.int32)
         self.raw_pos = pos if self.raw_pos is None else torch.cat([self.raw_pos, pos], 1)
+
+    def set_columns(self) -> None:
+        """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step."""
+        self.all_offsets, valid = all_offsets(self.state)
+        self.comp_absent = ~valid
+        self.comp_cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(self.comp_absent, -1)
+        self.comp_cols_safe = self.comp_cols.clamp(min=0)
 
     def compressed_per_row(self) -> list[int]:
         """Compressed tokens per row."""
@@ -89,6 +98,8 @@ class DeltaKVLayer(SlotLayer):
             host = [0] * index.shape[0] if same else index.tolist()
             self.pad = [self.pad[i] for i in host]
             self.state.index_rows(index, host)
+            if self.state.width:
+                self.set_columns()
 
 
 def _explicit_knobs(sparse_config, knobs: dict) -> set[str]:
@@ -135,6 +146,7 @@ class CompressedCache(SelectionCache):
         check_bits(self.sparse_config.kv_quant_bits, projections.latent_size)
         self.obs_scores = None
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
+        self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
 
     def make_layer(self, layer_idx: int):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
@@ -198,19 +210,29 @@ class CompressedCache(SelectionCache):
     def _rebuild(self, module, layer, q_len):
         """The compressed tokens this step reads, rebuilt: ``K [B, Hkv, k, D]``, ``V``, columns ``[B, Hkv, k]``
         (``-1``: none). At decode the filter layer's top tokens of each row; otherwise all of them."""
-        state = layer.state
-        sel = None
+        pick = None
         if q_len == 1 and self.obs_scores is not None:
-            cols = (state.comp_pos + layer.col_offset).clamp(0, self.obs_scores.shape[1] - 1)
-            scores = self.obs_scores.gather(1, cols).masked_fill(~state.valid(), float("-inf"))
-            sel = self.method.pick(scores, layer.seen, real_lengths=layer.seen - layer.col_offset[:, 0])
-        pick, ok = sel if sel is not None else all_offsets(state)
+            scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+            pick = self.method.pick(scores, layer.seen)
+        if pick is None:
+            pick, cols = layer.all_offsets, layer.comp_cols
+        else:   # an absent offset (a row with fewer tokens) carries column -1; a row's own budget may cut more
+            cols = layer.comp_cols.gather(1, pick)
+            over = self._over_budget(layer)
+            if over is not None:
+                cols = cols.masked_fill(over, -1)
         B, Hkv, _, D = layer.keys.shape
-        k_norm = getattr(module, "k_norm", None)
-        keys, values, pos = rebuild_kv(state, pick, self.projections, module.layer_idx, Hkv, D,
-                                       module.__dict__["_sparse_hf_rotary"], k_norm)
-        cols = torch.where(ok, pos + layer.col_offset, -1)
+        keys, values, _ = rebuild_kv(layer.state, pick, self.projections, module.layer_idx, Hkv, D,
+                                     module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None))
         return keys, values, cols.unsqueeze(1).expand(B, Hkv, cols.shape[1])
+
+    def _over_budget(self, layer):
+        """``[B, top]`` bool, ranks past each row's own budget (fraction budgets), or ``None``; computed once per
+        decode step and shared by the layers (every layer has the same rows and length)."""
+        if self._over_budget_at is None or self._over_budget_at[0] != layer.seen:
+            over = self.method.over_row_budget(layer.col_offset[:, 0], layer.seen)
+            self._over_budget_at = (layer.seen, over)
+        return self._over_budget_at[1]
 
     # -- compression ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -251,6 +273,7 @@ class CompressedCache(SelectionCache):
         x, pos = self._raw_x(module, layer, slots), layer.raw_pos.gather(1, slots)
         sinks = (x[:, :S], pos[:, :S]) if lo == 0 else None
         flush(state, x[:, S - lo:], pos[:, S - lo:], counts, self.projections, module.layer_idx, sinks)
+        layer.set_columns()
         # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
         left = [r - c for r, c in zip(raw, counts)]
         K = max(left)

@@ -74,26 +74,30 @@ class DeltaKV(OmniKV):
                           neighbor_count=c.deltakv_neighbor_count or TRAINED_KNOB_FALLBACKS["deltakv_neighbor_count"],
                           metric=c.cluster_metric or TRAINED_KNOB_FALLBACKS["cluster_metric"], quant_bits=c.kv_quant_bits)
 
-    def pick(self, scores: torch.Tensor | None, length: int, real_lengths: torch.Tensor | None = None):
+    def pick(self, scores: torch.Tensor | None, length: int) -> torch.Tensor | None:
         """Compressed tokens to rebuild at a decode step, per row, without host-device syncs.
 
         Args:
             scores: ``[B, N]`` the filter layer's scores of each row's compressed tokens (offset order; ``-inf``
                 past a row's count), or ``None`` (no selection).
             length: the logical length (a fraction budget sizes the output against it).
-            real_lengths: ``[B]`` each row's real token count (a fraction budget is that row's share of it).
 
         Returns:
-            ``(idx, ok)`` each ``[B, k]``: offsets into each row's compressed tokens and which are real picks; or
-            ``None`` for all of them.
+            ``[B, k]`` offsets into each row's compressed tokens, best first (a row with fewer than ``k`` tokens
+            gets absent offsets last; with a fraction budget see :meth:`over_row_budget`), or ``None`` for all.
         """
         top = self.top_count(length, prefill=False)
         if scores is None or top >= scores.shape[1]:
             return None
-        vals, idx = scores.topk(top, dim=-1)
-        ok = vals > float("-inf")
+        return scores.topk(top, dim=-1).indices
+
+    def over_row_budget(self, padding: torch.Tensor, length: int) -> torch.Tensor | None:
+        """``[B, k]`` bool: which of :meth:`pick`'s ranks lie past each row's own budget, a fraction of that row's
+        real length ``length - padding[b]`` (so a row's picks do not depend on the batch's padding); ``None`` for
+        a count budget, which is the same for every row."""
         budget = self.config.num_top_tokens
-        if isinstance(budget, float) and real_lengths is not None:
-            per_row = (real_lengths.double() * budget).long()
-            ok = ok & (torch.arange(top, device=idx.device).view(1, top) < per_row.view(-1, 1))
-        return idx, ok
+        if not isinstance(budget, float):
+            return None
+        top = self.top_count(length, prefill=False)
+        per_row = ((length - padding).double() * budget).long()
+        return torch.arange(top, device=padding.device).view(1, top) >= per_row.view(-1, 1)
