@@ -9,18 +9,27 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`decode_attention_with_scores` -- full decode attention that also returns the per-token logits
   (per head, max per KV group, or max over all heads) for token selection.
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
+- :func:`append_kv` -- one decode token per row at a device-side slot counter (the HF path).
+- :func:`store_kv_slots` -- ``[T, Hkv, D]`` tokens into a ``[num_slots, Hkv, D]`` pool through a per-token
+  ``slot_mapping`` (``-1`` skips) with their logical positions (the engine path).
+
+The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kernels.dispatch.use_triton`.
 """
 
-from .append import append_kv
+from .append import append_kv, store_kv_slots
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
-from .dispatch import HAS_TRITON
-from .reference import (decode_attention_with_scores_ref, snapkv_prefill_scores_ref,
-                        sparse_decode_attention_ref)
+from .dispatch import HAS_TRITON, kernels_run_fused
+from .reference import (append_kv_ref, decode_attention_with_scores_ref, snapkv_prefill_scores_ref,
+                        sparse_decode_attention_ref, store_kv_slots_ref)
 from .sparse_decode import sparse_decode_attention
 
 __all__ = [
     "HAS_TRITON",
     "append_kv",
+    "append_kv_ref",
+    "kernels_run_fused",
+    "store_kv_slots",
+    "store_kv_slots_ref",
     "decode_attention_with_scores",
     "decode_attention_with_scores_ref",
     "snapkv_prefill_scores",

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from .dispatch import HAS_TRITON, next_pow2, plan_splits, tl, triton, use_triton
-from .reference import (SCORE_MODES, _check_gqa, decode_attention_with_scores_ref,
+from .reference import (HEAD_REDUCES, SCORE_MODES, _check_gqa, decode_attention_with_scores_ref,
                         snapkv_prefill_scores_ref)
+from .group_tiles import load_group_query, online_softmax_step, store_group_output
 from .sparse_decode import LOG2E, dot_config, merge_splits
 
 if HAS_TRITON:
@@ -33,18 +34,8 @@ if HAS_TRITON:
         HAS_LEN: tl.constexpr, HAS_VALID: tl.constexpr, GROUP_MAX: tl.constexpr, SPLIT: tl.constexpr,
         DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         sp = tl.program_id(1)
-        b = (pid // HKV).to(tl.int64)
-        kvh = (pid % HKV).to(tl.int64)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        gm = g < G
-        dm = d < D
-        heads = kvh * G + g
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :] * sq_d, mask=gm[:, None] & dm[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+        b, kvh, d, gm, dm, heads, q = load_group_query(Q, sq_b, sq_h, sq_d, HKV, G, D, BLOCK_G, BLOCK_D, DOT_F32)
         len_b = L
         if HAS_LEN:
             len_b = tl.minimum(tl.load(LEN + b).to(tl.int32), L)
@@ -69,24 +60,17 @@ if HAS_TRITON:
                 ok = ok & (tl.load(VALID + b * sva_b + offs * sva_l, mask=inr, other=0) != 0)
             kv_mask = ok[:, None] & dm[None, :]
             kt = tl.load(k_base + offs[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+            vt = tl.load(v_base + offs[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
+                vt = vt.to(tl.float32)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale           # natural-log logits
             s = tl.where(ok[None, :], s, float("-inf"))
             if GROUP_MAX:
                 tl.store(sc_base + offs * ss_l, tl.max(tl.where(gm[:, None], s, float("-inf")), 0), mask=inr)
             else:
                 tl.store(sc_base + offs[None, :] * ss_l, s, mask=gm[:, None] & inr[None, :])
-            s = s * 1.4426950408889634
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + offs[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
-            if DOT_F32:
-                vt = vt.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-            m = m_new
+            m, l, acc = online_softmax_step(s * 1.4426950408889634, vt, m, l, acc, PREC)
         for n0 in range(mid, end, BLOCK_N):                  # keys past lengths[b]: scores only
             offs = n0 + tl.arange(0, BLOCK_N)
             inr = offs < end
@@ -95,15 +79,8 @@ if HAS_TRITON:
             else:
                 tl.store(sc_base + offs[None, :] * ss_l, tl.full([BLOCK_G, BLOCK_N], float("-inf"), tl.float32),
                          mask=gm[:, None] & inr[None, :])
-
-        o = acc / tl.where(l > 0, l, 1.0)[:, None]
-        if SPLIT:
-            row = (b * (HKV * G) + heads) * num_splits + sp
-            tl.store(OP + row[:, None] * D + d[None, :], o, mask=gm[:, None] & dm[None, :])
-            tl.store(LP + row, tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf")), mask=gm)
-        else:
-            tl.store(OUT + b * so_b + heads[:, None] * so_h + d[None, :] * so_d,
-                     o.to(OUT.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+        store_group_output(acc, m, l, OP, LP, OUT, b, heads, d, gm, dm, sp, num_splits, so_b, so_h, so_d,
+                           HKV, G, D, SPLIT)
 
     @triton.jit
     def _snapkv_kernel(
@@ -237,33 +214,39 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def snapkv_prefill_scores(q_window: torch.Tensor, k: torch.Tensor, candidate_mask: torch.Tensor,
                           scale: float | None = None, query_valid: torch.Tensor | None = None,
-                          backend: str = "auto", *, split_size: int | None = None) -> torch.Tensor:
+                          backend: str = "auto", *, head_reduce: str = "group",
+                          split_size: int | None = None) -> torch.Tensor:
     """SnapKV importance of every key for an observation window of prompt queries.
 
     Per query head and window query: softmax of ``scale * q.k`` over the candidate keys only; mean over the
-    (valid) window queries; max over the query heads of each KV group. Pooling along ``L`` (max-pool) commutes
-    with the group max, so callers may pool the result.
+    (valid) window queries; max over the query heads of each KV group (``head_reduce="group"``) or over all
+    heads of the layer (``"all"``). Max-pooling along ``L`` commutes with these maxima, so callers pool the
+    result (``[B, Hkv, L]``) instead of every head's ``[B, H, L]``. Neither backend materialises ``[B, H, W, L]``:
+    Triton streams keys twice (log-sum-exp, then probabilities); the torch reference walks the window in chunks.
 
     Args:
         q_window: ``[B, H, W, D]`` the last ``W`` prompt queries; k: ``[B, Hkv, L, D]`` any strides.
         candidate_mask: ``[B, L]`` or ``[B, Hkv, L]`` bool, keys that may be chosen.
         scale: default ``D ** -0.5``; query_valid: optional ``[B, W]`` bool (default: all window queries real).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``; split_size: keys per chunk of the log-sum-exp pass.
+        head_reduce: ``"group"`` (per KV head) or ``"all"`` (one score per token for the whole layer).
 
     Returns:
-        ``[B, Hkv, L]`` float32; non-candidates are 0.
+        float32 ``[B, Hkv, L]`` (``"group"``) or ``[B, 1, L]`` (``"all"``); non-candidates are 0.
     """
     B, H, W, D = q_window.shape
     Hkv, L = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D or H % Hkv:
         raise ValueError(f"shape mismatch: q_window {tuple(q_window.shape)}, k {tuple(k.shape)}")
+    if head_reduce not in HEAD_REDUCES:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCES}, got {head_reduce!r}")
     if not use_triton(backend, _snapkv_kernel, q_window, k):
-        return snapkv_prefill_scores_ref(q_window, k, candidate_mask, scale, query_valid)
+        return snapkv_prefill_scores_ref(q_window, k, candidate_mask, scale, query_valid, head_reduce)
     G, dev = H // Hkv, k.device
     scale = D ** -0.5 if scale is None else float(scale)
     out = torch.zeros(B, Hkv, L, dtype=torch.float32, device=dev)
     if L == 0 or W == 0 or B == 0:
-        return out
+        return out[:, :1] if head_reduce == "all" else out
     qk = q_window if q_window.dtype == k.dtype else q_window.to(k.dtype)
     cand = candidate_mask.to(device=dev, dtype=torch.bool)
     cand = (cand.view(B, 1, L) if cand.dim() == 2 else cand).expand(B, Hkv, L).view(torch.uint8)
@@ -283,4 +266,4 @@ def snapkv_prefill_scores(q_window: torch.Tensor, k: torch.Tensor, candidate_mas
     lse = (m + torch.log2(torch.exp2(lse - m).sum(-1, keepdim=True))).contiguous()   # [B, Hkv, R, 1]
     _snapkv_kernel[(B * Hkv, -(-L // block_n))](*args[:4], lse, *args[5:], block_n, 1, *strides,
                                                 SCORE_PASS=True, **meta)
-    return out
+    return out.amax(1, keepdim=True) if head_reduce == "all" else out

@@ -35,9 +35,11 @@ def is_interpreted(kernel) -> bool:
 def use_triton(backend: str, kernel, *tensors: torch.Tensor) -> bool:
     """Decide whether a call runs the Triton ``kernel`` (True) or the torch reference (False).
 
-    ``"torch"`` always picks the reference; ``"triton"`` forces the kernel and raises when it cannot run;
-    ``"auto"`` picks Triton when it is importable, the dtype is fp16/bf16/fp32, and the tensors are on CUDA
-    or the kernel was built under the interpreter (then CPU tensors work too, slowly).
+    This is the one place where that choice is made. ``"torch"`` always picks the reference; ``"triton"`` forces
+    the kernel and raises when it cannot run (CUDA tensors, or CPU tensors with a kernel built under the
+    interpreter); ``"auto"`` picks Triton when it is importable, the dtype is fp16/bf16/fp32 and the tensors are
+    on CUDA. Under ``"auto"`` CPU tensors always take the torch reference, even when the interpreter is on
+    (``TRITON_INTERPRET=1`` in the tests): the interpreter is a test tool, far slower than torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -45,17 +47,24 @@ def use_triton(backend: str, kernel, *tensors: torch.Tensor) -> bool:
         return False
     dev = tensors[0].device
     ok_dtype = all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point())
-    runnable = HAS_TRITON and kernel is not None and (dev.type == "cuda" or is_interpreted(kernel))
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' but triton is not installed (pip install triton)")
-        if not runnable:
+        if kernel is None or not (dev.type == "cuda" or is_interpreted(kernel)):
             raise RuntimeError(f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                                f"sparse_hf.kernels is imported (tensors are on {dev})")
         if not ok_dtype:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32 tensors only")
         return True
-    return runnable and ok_dtype
+    return HAS_TRITON and kernel is not None and dev.type == "cuda" and ok_dtype
+
+
+def kernels_run_fused(t: torch.Tensor) -> bool:
+    """True when ``backend="auto"`` gives Triton for tensors like ``t`` (CUDA, Triton importable).
+
+    Callers that pick between a kernel entry point and another path (SDPA) ask this, rather than testing
+    ``t.is_cuda and HAS_TRITON`` themselves."""
+    return HAS_TRITON and t.device.type == "cuda" and t.dtype in TRITON_DTYPES
 
 
 @functools.lru_cache(maxsize=None)

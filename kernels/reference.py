@@ -124,12 +124,21 @@ def decode_attention_with_scores_ref(q: torch.Tensor, k: torch.Tensor, v: torch.
     return out.reshape(B, H, D).to(q.dtype), scores
 
 
+HEAD_REDUCES = ("group", "all")
+
+#: Elements of one ``[B, H, chunk, L]`` logits block in the chunked SnapKV reference (64 MiB in float32).
+SNAPKV_CHUNK_ELEMENTS = 1 << 24
+
+
 def snapkv_prefill_scores_ref(q_window: torch.Tensor, k: torch.Tensor, candidate_mask: torch.Tensor,
-                              scale: float | None = None, query_valid: torch.Tensor | None = None) -> torch.Tensor:
+                              scale: float | None = None, query_valid: torch.Tensor | None = None,
+                              head_reduce: str = "group", *, window_chunk: int | None = None) -> torch.Tensor:
     """SnapKV importance of each key for an observation window of queries (torch version).
 
     For every query head and window query: softmax of ``scale * q.k`` over the candidate keys only; then the
-    mean over the (valid) window queries, then the max over the query heads of each KV group.
+    mean over the (valid) window queries, then the max over the query heads of each KV group (``head_reduce=
+    "group"``) or over all heads of the layer (``"all"``). The window is processed ``window_chunk`` queries at a
+    time, so memory is ``O(B * H * L)`` plus one ``[B, H, window_chunk, L]`` block, never ``[B, H, W, L]``.
 
     Args:
         q_window: ``[B, H, W, D]`` the last ``W`` prompt queries.
@@ -137,10 +146,14 @@ def snapkv_prefill_scores_ref(q_window: torch.Tensor, k: torch.Tensor, candidate
         candidate_mask: ``[B, L]`` or ``[B, Hkv, L]`` bool, keys that may be chosen.
         scale: default ``D ** -0.5``.
         query_valid: optional ``[B, W]`` bool, window queries to average over (default all).
+        head_reduce: ``"group"`` -> ``[B, Hkv, L]``; ``"all"`` -> ``[B, 1, L]``.
+        window_chunk: window queries per block (default: as many as fit :data:`SNAPKV_CHUNK_ELEMENTS`).
 
     Returns:
-        ``[B, Hkv, L]`` float32 probabilities-derived scores; non-candidates are ``0``.
+        float32 scores (probabilities averaged over the window); non-candidates are ``0``.
     """
+    if head_reduce not in HEAD_REDUCES:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCES}, got {head_reduce!r}")
     B, H, W, D = q_window.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -148,14 +161,48 @@ def snapkv_prefill_scores_ref(q_window: torch.Tensor, k: torch.Tensor, candidate
     scale = D ** -0.5 if scale is None else float(scale)
     cand = candidate_mask.to(torch.bool)
     cand = cand.view(B, 1, L).expand(B, Hkv, L) if cand.dim() == 2 else cand
-    qg = q_window.reshape(B, Hkv, G, W, D).to(cdt)
-    s = torch.einsum("bhgwd,bhld->bhgwl", qg, k.to(cdt)) * scale
-    s = s.masked_fill(~cand.view(B, Hkv, 1, 1, L), float("-inf"))
-    p = _safe_softmax_weights(s)
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-    if query_valid is None:
-        p = p.mean(3)
-    else:
-        w = query_valid.to(p.dtype).view(B, 1, 1, W, 1)
-        p = (p * w).sum(3) / w.sum(3).clamp_min(1.0)
-    return p.amax(2).float()
+    weights = (torch.ones(B, W, dtype=cdt, device=q_window.device) if query_valid is None
+               else query_valid.to(device=q_window.device, dtype=cdt))
+    kc = k.to(cdt)
+    chunk = window_chunk or max(1, SNAPKV_CHUNK_ELEMENTS // max(1, B * H * L))
+    total = torch.zeros(B, Hkv, G, L, dtype=cdt, device=q_window.device)    # sum over window queries
+    for w0 in range(0, W, chunk):
+        qg = q_window[:, :, w0:w0 + chunk].reshape(B, Hkv, G, -1, D).to(cdt)
+        s = torch.einsum("bhgwd,bhld->bhgwl", qg, kc) * scale
+        s = s.masked_fill(~cand.view(B, Hkv, 1, 1, L), float("-inf"))
+        p = _safe_softmax_weights(s)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        total += torch.einsum("bhgwl,bw->bhgl", p, weights[:, w0:w0 + chunk])
+    scores = (total / weights.sum(1).clamp_min(1.0).view(B, 1, 1, 1)).amax(2)
+    if head_reduce == "all":
+        scores = scores.amax(1, keepdim=True)
+    return scores.float()
+
+
+def append_kv_ref(k_buf: torch.Tensor, v_buf: torch.Tensor, pos_buf: torch.Tensor, counters: torch.Tensor,
+                  key: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``key``/``value`` ``[B, Hkv, 1, D]`` at slot ``counters[0]`` of ``k_buf``/``v_buf``
+    ``[B, Hkv, capacity, D]`` and ``counters[1]`` at that slot of ``pos_buf`` ``[B, Hkv, capacity]`` (in place;
+    the caller advances the counters)."""
+    B, Hkv = key.shape[:2]
+    slot = counters[0:1]
+    k_buf.index_copy_(2, slot, key)
+    v_buf.index_copy_(2, slot, value)
+    pos_buf.index_copy_(2, slot, counters[1:2].view(1, 1, 1).expand(B, Hkv, 1))
+
+
+def store_kv_slots_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       slot_mapping: torch.Tensor, pos_pool: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> None:
+    """Write token ``t``'s ``key[t]``/``value[t]`` (``[T, Hkv, D]``) into slot ``slot_mapping[t]`` of
+    ``k_pool``/``v_pool`` (``[num_slots, Hkv, D]``) and ``positions[t]`` into ``pos_pool[slot]`` (``[num_slots]``
+    or ``[num_slots, Hkv]``); tokens whose slot is ``< 0`` are skipped. In place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_pool.index_copy_(0, slots, key[keep].to(k_pool.dtype))
+    v_pool.index_copy_(0, slots, value[keep].to(v_pool.dtype))
+    if pos_pool is not None:
+        pos = positions[keep].to(pos_pool.dtype)
+        if pos_pool.dim() == 2:
+            pos = pos.view(-1, 1).expand(-1, pos_pool.shape[1])
+        pos_pool.index_copy_(0, slots, pos)

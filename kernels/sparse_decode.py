@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import HAS_TRITON, is_interpreted, next_pow2, plan_splits, tl, triton, use_triton
+from .group_tiles import load_group_query, online_softmax_step, store_group_output
 from .reference import _check_gqa, sparse_decode_attention_ref
 
 LOG2E = 1.4426950408889634
@@ -34,18 +35,8 @@ if HAS_TRITON:
         HAS_NIDX: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
         DENSE: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         sp = tl.program_id(1)
-        b = (pid // HKV).to(tl.int64)
-        kvh = (pid % HKV).to(tl.int64)
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        gm = g < G
-        dm = d < D
-        heads = kvh * G + g
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :] * sq_d, mask=gm[:, None] & dm[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
+        b, kvh, d, gm, dm, heads, q = load_group_query(Q, sq_b, sq_h, sq_d, HKV, G, D, BLOCK_G, BLOCK_D, DOT_F32)
         n_b = n_idx
         if HAS_NIDX:
             n_b = tl.minimum(tl.load(NIDX + b).to(tl.int32), n_idx)
@@ -68,30 +59,14 @@ if HAS_TRITON:
                 ok = (offs < end) & (idx >= 0) & (idx < L)
             kv_mask = ok[:, None] & dm[None, :]
             kt = tl.load(k_base + idx[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-            if DOT_F32:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale          # [BLOCK_G, BLOCK_N]
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + idx[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
             if DOT_F32:
+                kt = kt.to(tl.float32)
                 vt = vt.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-            m = m_new
-
-        o = acc / tl.where(l > 0, l, 1.0)[:, None]
-        if SPLIT:
-            H = HKV * G
-            row = (b * H + heads) * num_splits + sp                                # partials are contiguous
-            tl.store(OP + row[:, None] * D + d[None, :], o, mask=gm[:, None] & dm[None, :])
-            lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-            tl.store(LP + row, lse, mask=gm)
-        else:
-            tl.store(OUT + b * so_b + heads[:, None] * so_h + d[None, :] * so_d,
-                     o.to(OUT.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale          # [BLOCK_G, BLOCK_N]
+            m, l, acc = online_softmax_step(tl.where(ok[None, :], s, float("-inf")), vt, m, l, acc, PREC)
+        store_group_output(acc, m, l, OP, LP, OUT, b, heads, d, gm, dm, sp, num_splits, so_b, so_h, so_d,
+                           HKV, G, D, SPLIT)
 
     @triton.jit
     def _merge_splits_kernel(OP, LP, OUT, num_splits, H, so_b, so_h, so_d,

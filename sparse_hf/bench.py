@@ -16,52 +16,18 @@ from pathlib import Path
 
 import torch
 
+from .bench_cli import BASELINES, SHAPES, check_methods, parse_budgets, parse_cases  # noqa: F401  (parse_cases re-exported)
 from .deltakv.compressor import model_kv_shape
 
-SHAPES = {
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
-                       max_position_embeddings=1 << 19, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=5e5,
-                        max_position_embeddings=1 << 19, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=1 << 16),
-}
-BASELINES = ("vanilla", "hf-best")
 DELTAKV_LATENT_FRACTION = 4   # latent = concat(K, V) dim / 4, as the reference's 7B compressor (256 of 1024)
 
 
-def parse_cases(spec: str) -> list[tuple[int, int]]:
-    """``"4096x8,131072x1"`` -> ``[(4096, 8), (131072, 1)]`` (prompt length x batch)."""
-    cases = []
-    for part in spec.split(","):
-        try:
-            length, batch = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"bad case {part!r}: expected LENGTHxBATCH like 4096x8") from None
-        if length < 1 or batch < 1:
-            raise ValueError(f"bad case {part!r}: length and batch must be >= 1")
-        cases.append((length, batch))
-    return cases
+def budget_config(method: str, fraction: float, length: int) -> dict:
+    """Knobs that make ``method`` read about ``fraction`` of a ``length``-token prompt per sparse layer: the
+    method's own rule (``knobs_for_budget``), the same one eval and the CLI use."""
+    from .methods import get_method
 
-
-def budget_config(method: str, fraction: float, length: int, num_layers: int) -> dict:
-    """Knobs that make ``method`` keep about ``fraction`` of a ``length``-token prompt per layer."""
-    keep = max(1, int(fraction * length))
-    sink, recent = 4, min(64, max(8, keep // 4))
-    if method == "streamingllm":
-        return dict(num_sink_tokens=sink, num_recent_tokens=max(1, keep - sink))
-    top = max(0, keep - sink - recent)
-    if method in ("snapkv", "pyramidkv"):
-        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top, window_size=min(32, recent))
-    if method == "knorm":
-        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top)
-    if method in ("omnikv", "deltakv"):
-        full = [0, 1, 2] + [i for i in (num_layers // 3, 2 * num_layers // 3) if i > 2]
-        return dict(num_sink_tokens=sink, num_recent_tokens=recent, num_top_tokens=top,
-                    full_attn_layers=",".join(map(str, full)))
-    raise ValueError(f"no budget rule for method {method!r}")
+    return get_method(method).knobs_for_budget(fraction, length)
 
 
 def copy_bandwidth(device: torch.device) -> float | None:
@@ -112,7 +78,7 @@ def _make_cache(model, method, budget, length, steps):
         return DynamicCache(config=cfg), {}
     if method == "hf-best":
         return StaticCache(config=cfg, max_cache_len=length + steps + 8), {}
-    knobs = budget_config(method, budget, length, cfg.num_hidden_layers)
+    knobs = budget_config(method, budget, length)
     if method == "deltakv":   # speed does not depend on the weights: a random compressor of the usual shape
         from .deltakv import DeltaKVCompressor
         torch.manual_seed(0)
@@ -218,17 +184,9 @@ def _tokens_read_per_step(cache, method, length, batch, num_layers) -> int:
 def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, dtype=None, output=None,
               plot=None, log=print) -> list[dict]:
     """Run the grid and return one dict per (case, method, budget); write JSON and a plot if asked."""
-    from . import CACHE_CLASSES
-
-    valid = (*BASELINES, *sorted(CACHE_CLASSES))
-    for method in methods:
-        if method.removesuffix("+graph") not in valid or (method.endswith("+graph") and method[:-6] in BASELINES):
-            raise ValueError(f"unknown method {method!r}; valid methods are: {', '.join(valid)} "
-                             "(append +graph to a sparse method for CUDA-graph decode)")
-    for b in budgets:
-        if not 0 < b <= 1:
-            raise ValueError(f"budget {b} must be a fraction in (0, 1]")
+    budgets = parse_budgets(budgets)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    methods = check_methods(methods, device.type == "cuda")     # unknown names, +graph off CUDA: ValueError
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     bandwidth = copy_bandwidth(device)
     model = build_model(model_name, device, dtype)
@@ -243,8 +201,6 @@ def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, d
     for length, batch in cases:
         for method in methods:
             for budget in ([None] if method in BASELINES else budgets):
-                if device.type != "cuda" and method.endswith("+graph"):
-                    continue
                 try:
                     r = run_case(model, device, length, batch, method, budget, steps, bandwidth)
                 except torch.OutOfMemoryError:
@@ -271,28 +227,3 @@ def _add_ratios(r: dict, done: list[dict]) -> None:
         if ref and "decode_tok_s" in r:
             r[f"decode_x_{base}"] = round(r["decode_tok_s"] / ref["decode_tok_s"], 2)
             r[f"ttft_x_{base}"] = round(r["ttft_s"] / ref["ttft_s"], 3)
-
-
-def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="speed and memory of each method, side by side with HF vanilla")
-    p.add_argument("--model", default="qwen2.5-7b", help=f"a model dir, 'demo', or a random shape: {', '.join(SHAPES)}")
-    p.add_argument("--methods", default="vanilla,hf-best,streamingllm,snapkv,pyramidkv,omnikv")
-    p.add_argument("--budgets", default="0.1,0.25", help="fractions of the prompt each method keeps")
-    p.add_argument("--cases", default="4096x8,32768x2,131072x1", help="LENGTHxBATCH,...")
-    p.add_argument("--steps", type=int, default=24, help="decode steps per case")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output", default="bench.json")
-    p.add_argument("--plot", default=None, help="write a PNG of decode tok/s per method and case")
-
-
-def run_bench_command(args) -> int:
-    try:
-        budgets = [float(x) for x in args.budgets.split(",")]
-    except ValueError:
-        raise SystemExit(f"--budgets {args.budgets!r}: expected fractions like 0.1,0.25")
-    try:
-        run_bench(args.model, args.methods.split(","), budgets, parse_cases(args.cases), steps=args.steps,
-                  device=args.device, output=args.output, plot=args.plot)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    return 0

@@ -27,10 +27,10 @@ def test_bench_tiny_cpu(tmp_path):
 
 
 def test_budget_config_keeps_the_fraction():
-    for method in ("snapkv", "pyramidkv", "omnikv"):
-        knobs = budget_config(method, 0.1, 4096, 28)
+    for method in ("snapkv", "pyramidkv", "omnikv", "knorm", "h2o", "deltakv"):
+        knobs = budget_config(method, 0.1, 4096)
         assert knobs["num_sink_tokens"] + knobs["num_recent_tokens"] + knobs["num_top_tokens"] == 409
-    s = budget_config("streamingllm", 0.25, 1000, 28)
+    s = budget_config("streamingllm", 0.25, 1000)
     assert s["num_sink_tokens"] + s["num_recent_tokens"] == 250
 
 
@@ -39,10 +39,16 @@ def test_budget_config_keeps_the_fraction():
     (["bench", "--model", "tiny", "--budgets", "abc"], "expected fractions"),
     (["bench", "--model", "tiny", "--budgets", "1.5"], "must be a fraction"),
     (["bench", "--model", "tiny", "--cases", "4096"], "LENGTHxBATCH"),
+    (["bench", "--model", "tiny", "--device", "cpu", "--methods", "snapkv+graph"], "needs CUDA"),
 ])
-def test_bench_bad_input(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
+def test_bench_bad_input(argv, message, capsys):
+    """One line on stderr and status 2 (argparse's own errors exit 2 through SystemExit)."""
+    try:
+        status = main(argv)
+    except SystemExit as exc:
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
 
 
 def test_parse_cases():

@@ -254,8 +254,6 @@ def test_ddp_training_with_two_processes(workdir, tmp_path):
 
 # -- train/serve agreement -------------------------------------------------------------------------------------------------
 def test_serving_uses_the_clustering_the_compressor_was_trained_with(workdir, tmp_path, monkeypatch):
-    import dataclasses
-
     import sparse_hf
     from sparse_hf import SparseConfig
     from sparse_hf.deltakv import state as deltakv_state
@@ -264,12 +262,15 @@ def test_serving_uses_the_clustering_the_compressor_was_trained_with(workdir, tm
              "--cluster_ratio", "0.25", "--neighbor_count", "2"))
     model = AutoModelForCausalLM.from_pretrained(workdir / "model").eval()
     caller = SparseConfig(full_attn_layers="0", num_recent_tokens=4, deltakv_path=str(tmp_path / "c"))
-    before = dataclasses.asdict(caller)
+    before = caller.to_dict()
     cache = sparse_hf.DeltaKVCache(model.config, caller)
     served = cache.sparse_config
     assert (served.cluster_metric, served.num_sink_tokens, served.deltakv_neighbor_count, cache.method.step) == \
         ("cosine", 16, 2, 4)                                             # the training's, not 'l2' and 8 sinks
-    assert dataclasses.asdict(caller) == before and served is not caller  # the caller's config is unchanged
+    assert caller.to_dict() == before                                    # the caller's config is unchanged
+    as_dict = dict(full_attn_layers="0", num_recent_tokens=4, deltakv_path=str(tmp_path / "c"))
+    cache = sparse_hf.DeltaKVCache(model.config, as_dict)
+    assert (cache.sparse_config.cluster_metric, cache.sparse_config.num_sink_tokens) == ("cosine", 16)
 
     # the flushes really cluster with the cosine metric
     metrics = []

@@ -87,11 +87,12 @@ def test_sparse_methods_get_budgeted_cache_configs(tmp_path, model, tok, monkeyp
     summary = run_eval(model, tok, methods="full,streamingllm,snapkv", budgets="0.25,0.5", output_dir=tmp_path,
                        **{**GRID, "tasks": "niah_single", "depths": [0.5]})
     assert summary["num_generated"] == 5  # full once + 2 methods x 2 budgets
-    by_method = {(c["cache_implementation"], (c["cache_config"] or {}).get("num_top_tokens")) for c in calls}
-    assert (None, None) in by_method and ("snapkv", 0.25) in by_method and ("snapkv", 0.5) in by_method
-    stream = [c for c in calls if c["cache_implementation"] == "streamingllm"]
-    assert sorted(c["cache_config"]["num_recent_tokens"] for c in stream) == \
-        sorted(int(b * c["prompt_len"]) - 4 for b, c in zip((0.25, 0.5), stream))
+    assert sum(c["cache_implementation"] is None for c in calls) == 1
+    for method in ("streamingllm", "snapkv"):   # sinks + recent + top = the budget's tokens, for every method
+        runs = [c for c in calls if c["cache_implementation"] == method]
+        kept = [sum(c["cache_config"].get(k, 0) for k in ("num_sink_tokens", "num_recent_tokens", "num_top_tokens"))
+                for c in runs]
+        assert sorted(kept) == sorted(int(b * c["prompt_len"]) for b, c in zip((0.25, 0.5), runs))
     assert {(r["method"], r["budget"]) for r in summary["overall"]} == \
         {("full", 1.0), ("streamingllm", 0.25), ("streamingllm", 0.5), ("snapkv", 0.25), ("snapkv", 0.5)}
     for png in ("accuracy_vs_budget.png", "needle_heatmap_full.png", "needle_heatmap_snapkv_b0.25.png",
@@ -101,14 +102,17 @@ def test_sparse_methods_get_budgeted_cache_configs(tmp_path, model, tok, monkeyp
 
 def test_budget_to_cache_config():
     assert budget_to_cache_config("full", 0.5, 1000) is None
+    from sparse_hf.methods import get_method
+
     assert budget_to_cache_config("streamingllm", 0.25, 1000) == {"num_sink_tokens": 4, "num_recent_tokens": 246}
-    assert budget_to_cache_config("streamingllm", 0.01, 100)["num_recent_tokens"] == 1
-    assert budget_to_cache_config("snapkv", 0.1, 1000) == {"num_top_tokens": 0.1, "num_sink_tokens": 4,
-                                                          "num_recent_tokens": 32, "window_size": 32}
-    assert budget_to_cache_config("pyramidkv", 1, 10)["num_top_tokens"] == 1.0
-    assert budget_to_cache_config("omnikv", 0.2, 10) == {"num_top_tokens": 0.2}
+    assert budget_to_cache_config("streamingllm", 0.01, 100) == {"num_sink_tokens": 0, "num_recent_tokens": 1}
+    assert budget_to_cache_config("snapkv", 0.1, 1000) == {"num_top_tokens": 71, "num_sink_tokens": 4,
+                                                          "num_recent_tokens": 25, "window_size": 25}
+    for method in ("pyramidkv", "omnikv", "knorm", "h2o"):   # the method's own rule, the one bench uses too
+        assert budget_to_cache_config(method, 0.2, 1000) == get_method(method).knobs_for_budget(0.2, 1000)
     assert budget_to_cache_config("deltakv", 0.2, 10, {"deltakv_path": "c.pt"})["deltakv_path"] == "c.pt"
-    for args in (("snapkv", 0.0, 10), ("snapkv", 1.5, 10), ("h2o", 0.5, 10), ("omnikv", 0.5, 10, {"bogus": 1})):
+    for args in (("snapkv", 0.0, 10), ("snapkv", 1.5, 10), ("omnikv", 0.5, 10, {"bogus": 1}),
+                 ("streamingllm", 0.5, 10, {"num_top_tokens": 3})):
         with pytest.raises(ValueError):
             budget_to_cache_config(*args)
 
@@ -123,7 +127,7 @@ def test_chat_template_rules(tok):
         encode_sample(tok, sample, use_chat_template="sometimes")
 
 
-@pytest.mark.parametrize("bad", [dict(tasks="niah_nope"), dict(methods="full,h2o"), dict(methods="snapkv", budgets="abc"),
+@pytest.mark.parametrize("bad", [dict(tasks="niah_nope"), dict(methods="full,h2o2"), dict(methods="snapkv", budgets="abc"),
                                  dict(methods="snapkv", budgets=[1.5]), dict(methods="snapkv", budgets="0"),
                                  dict(lengths="-5"), dict(lengths="1.5"), dict(depths="2"), dict(num_samples=0)])
 def test_run_eval_rejects_bad_input(bad, tmp_path, model, tok):
@@ -151,7 +155,7 @@ def test_cli_parses_grid():
 
 
 @pytest.mark.parametrize("flag,value,message", [("--tasks", "niah_nope", "unknown task"),
-                                                ("--methods", "full,h2o", "unknown method"),
+                                                ("--methods", "full,h2o2", "unknown method"),
                                                 ("--budgets", "abc", "not a number"),
                                                 ("--budgets", "1.5", "(0, 1]"),
                                                 ("--depths", "0,2", "[0, 1]"),

@@ -18,6 +18,9 @@ from sparse_hf.kernels.dispatch import plan_splits, use_triton
 from sparse_hf.kernels.sparse_decode import _sparse_decode_kernel
 
 CUDA = torch.cuda.is_available()
+# Every tensor of every test lives on DEV, whatever the backend. With CUDA, conftest leaves TRITON_INTERPRET unset,
+# so the Triton kernels are compiled and accept CUDA tensors only; without CUDA they are built by the interpreter
+# and run CPU tensors. The torch backend runs on the same device so that both see the same inputs.
 DEV = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 B, D, L, K = 2, 16, 48, 24
@@ -60,22 +63,28 @@ def naive_scores(q, k, v, lengths=None, valid=None, scale=None):
     return out, sc
 
 
-def naive_snapkv(qw, k, cand, scale, qvalid=None):
+def naive_snapkv_per_head(qw, k, cand, scale, qvalid=None):
+    """[B, H, L] float64: per query head, softmax over the candidates, mean over the valid window queries."""
     Bq, H, W, Dq = qw.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
-    res = torch.zeros(Bq, Hkv, Lk, dtype=torch.float64)
+    res = torch.zeros(Bq, H, Lk, dtype=torch.float64)
     for b in range(Bq):
         ws = [w for w in range(W) if qvalid is None or bool(qvalid[b, w])]
         for h in range(H):
             kh = h // G
             c = cand[b] if cand.dim() == 2 else cand[b, kh]
             sel = [j for j in range(Lk) if bool(c[j])]
-            if not sel or not ws:
-                continue
-            p = torch.softmax(qw[b, h, ws].double().cpu() @ k[b, kh, sel].double().cpu().T * scale, -1).mean(0)
-            res[b, kh, sel] = torch.maximum(res[b, kh, sel], p)
+            if sel and ws:
+                p = torch.softmax(qw[b, h, ws].double().cpu() @ k[b, kh, sel].double().cpu().T * scale, -1)
+                res[b, h, sel] = p.mean(0)
     return res
+
+
+def naive_snapkv(qw, k, cand, scale, qvalid=None):
+    """[B, Hkv, L]: the per-head scores, max over each KV group's query heads."""
+    per_head = naive_snapkv_per_head(qw, k, cand, scale, qvalid)
+    return per_head.view(qw.shape[0], k.shape[1], -1, k.shape[2]).amax(2)
 
 
 def make_kv(Hkv, layout, dtype=torch.float32, n=L, b=B, d=D, device=DEV):
@@ -250,8 +259,11 @@ def test_backend_selection():
     q, (k, v) = rand_q(4), make_kv(2, "contig")
     assert use_triton("torch", _sparse_decode_kernel, q, k, v) is False
     assert use_triton("auto", _sparse_decode_kernel, q.double(), k.double(), v.double()) is False
+    # "auto" runs Triton on CUDA only; CPU tensors take torch even under the interpreter (a test tool).
+    assert use_triton("auto", _sparse_decode_kernel, q, k, v) is (HAS_TRITON and CUDA)
+    assert use_triton("auto", _sparse_decode_kernel, q.cpu(), k.cpu(), v.cpu()) is False
     if HAS_TRITON and (CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
-        assert use_triton("auto", _sparse_decode_kernel, q, k, v) is True
+        assert use_triton("triton", _sparse_decode_kernel, q, k, v) is True
     with pytest.raises(ValueError):
         sparse_decode_attention(q, k, v, rand_idx(2), backend="cuda")
     # float64 falls back to torch under "auto" and is exact
@@ -331,32 +343,160 @@ def test_gpu_snapkv_bf16():
 
 
 # -- dense mode and the fused append (decode-mode helpers) --------------------------------------------------------
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dense_mode_matches_index_list(backend):
     from sparse_hf.kernels import sparse_decode_attention, sparse_decode_attention_ref
 
     torch.manual_seed(3)
     B, H, Hkv, L, D = 2, 4, 2, 40, 16
-    q, k, v = torch.randn(B, H, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
-    pos = torch.randint(0, 100, (B, Hkv, L))
-    pos[torch.rand(B, Hkv, L) < 0.4] = -1                       # empty slots
-    slots = torch.arange(L).expand(B, Hkv, L)
+    q, k, v = (torch.randn(B, H, D, device=DEV), torch.randn(B, Hkv, L, D, device=DEV),
+               torch.randn(B, Hkv, L, D, device=DEV))
+    pos = torch.randint(0, 100, (B, Hkv, L), device=DEV)
+    pos[torch.rand(B, Hkv, L, device=DEV) < 0.4] = -1            # empty slots
+    slots = torch.arange(L, device=DEV).expand(B, Hkv, L)
     ref = sparse_decode_attention_ref(q.double(), k.double(), v.double(), torch.where(pos >= 0, slots, -1))
     out = sparse_decode_attention(q, k, v, pos, backend=backend, dense=True, split_size=16)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_append_kv(backend):
     from sparse_hf.kernels import append_kv
 
     B, Hkv, cap, D = 2, 3, 10, 16
-    k_buf, v_buf = torch.zeros(B, Hkv, cap, D), torch.zeros(B, Hkv, cap, D)
-    pos = torch.full((B, Hkv, cap), -1, dtype=torch.long)
-    counters = torch.tensor([4, 17])
-    key, value = torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D)
+    k_buf, v_buf = torch.zeros(B, Hkv, cap, D, device=DEV), torch.zeros(B, Hkv, cap, D, device=DEV)
+    pos = torch.full((B, Hkv, cap), -1, dtype=torch.long, device=DEV)
+    counters = torch.tensor([4, 17], device=DEV)
+    key, value = torch.randn(B, Hkv, 1, D, device=DEV), torch.randn(B, Hkv, 1, D, device=DEV)
     append_kv(k_buf, v_buf, pos, counters, key, value, backend=backend)
     assert torch.equal(k_buf[:, :, 4], key[:, :, 0]) and torch.equal(v_buf[:, :, 4], value[:, :, 0])
     assert (pos[:, :, 4] == 17).all() and (pos[:, :, :4] == -1).all() and (pos[:, :, 5:] == -1).all()
     assert counters.tolist() == [5, 18]
     assert k_buf[:, :, :4].abs().sum() == 0 and k_buf[:, :, 5:].abs().sum() == 0
+
+
+# -- per-token slot mapping (the engine's append) -----------------------------------------------------------------
+def naive_store(k_pool, v_pool, pos_pool, key, value, slots, positions):
+    """Token-by-token loop: the independent oracle of store_kv_slots."""
+    k_pool, v_pool, pos_pool = k_pool.clone().cpu(), v_pool.clone().cpu(), pos_pool.clone().cpu()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            k_pool[slot], v_pool[slot] = key[t].cpu(), value[t].cpu()
+            pos_pool[slot] = int(positions[t])
+    return k_pool, v_pool, pos_pool
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pos_heads", [False, True])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kv_slots(backend, pos_heads, slot_dtype):
+    from sparse_hf.kernels import store_kv_slots, store_kv_slots_ref
+
+    g = torch.Generator().manual_seed(11)
+    S, T, Hkv, D, Dv = 20, 7, 3, 16, 8                       # Dv != D: the value width is independent
+    pool = torch.randn(2, 2, S, Hkv, D, generator=g).to(DEV)   # [2, layers, slots, Hkv, D]: write layer 1's view
+    k_pool, v_pool = pool[0, 1], torch.randn(S, Hkv, Dv, generator=g).to(DEV)
+    pos_pool = torch.full((S, Hkv) if pos_heads else (S,), -1, dtype=torch.long, device=DEV)
+    key = torch.randn(T, Hkv, D, generator=g).to(DEV)
+    value = torch.randn(T, Hkv, Dv, generator=g).to(DEV)
+    slots = torch.tensor([5, -1, 0, 19, 7, -1, 12], dtype=slot_dtype, device=DEV)   # -1: skipped tokens
+    positions = torch.tensor([100, 101, 3, 40, 41, 42, 7], device=DEV)
+    want = naive_store(k_pool, v_pool, pos_pool, key, value, slots, positions)
+    ref = [t.clone() for t in (k_pool, v_pool, pos_pool)]
+    store_kv_slots_ref(ref[0], ref[1], key, value, slots, ref[2], positions)
+    store_kv_slots(k_pool, v_pool, key, value, slots, pos_pool, positions, backend=backend)
+    for got, r, w in zip((k_pool, v_pool, pos_pool), ref, want):
+        assert torch.equal(got.cpu(), w) and torch.equal(r.cpu(), w)
+    assert torch.equal(pool[0, 0].cpu(), torch.randn(2, 2, S, Hkv, D, generator=torch.Generator().manual_seed(11))[0, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_store_kv_slots_without_positions_and_errors(backend):
+    from sparse_hf.kernels import store_kv_slots
+
+    k_pool, v_pool = torch.zeros(6, 2, 16, device=DEV), torch.zeros(6, 2, 16, device=DEV)
+    key, value = torch.ones(3, 2, 16, device=DEV), 2 * torch.ones(3, 2, 16, device=DEV)
+    store_kv_slots(k_pool, v_pool, key, value, torch.tensor([-1, 4, -1], device=DEV), backend=backend)
+    assert (k_pool[4] == 1).all() and (v_pool[4] == 2).all() and k_pool.sum() == 32 and v_pool.sum() == 64
+    with pytest.raises(ValueError, match="slot_mapping"):
+        store_kv_slots(k_pool, v_pool, key, value, torch.tensor([0, 1], device=DEV), backend=backend)
+    with pytest.raises(ValueError, match="together"):
+        store_kv_slots(k_pool, v_pool, key, value, torch.tensor([0, 1, 2], device=DEV),
+                       positions=torch.arange(3, device=DEV), backend=backend)
+
+
+# -- SnapKV scores as production computes them (methods.snapkv.snapkv_scores) ------------------------------------
+def naive_snapkv_method(qw, k, cand, qvalid, scale, pool):
+    """SnapKV as the paper states it: per-head scores, max-pooled along L per head (before any head reduction),
+    then the max over the group; non-candidates -inf."""
+    per_head = naive_snapkv_per_head(qw, k, cand, scale, qvalid)
+    pooled = per_head.clone()
+    Lk = per_head.shape[-1]
+    for j in range(Lk):
+        lo, hi = max(0, j - pool // 2), min(Lk, j + pool // 2 + 1)
+        pooled[..., j] = per_head[..., lo:hi].amax(-1)
+    out = pooled.view(qw.shape[0], k.shape[1], -1, Lk).amax(2)
+    return out.masked_fill(~cand.cpu(), float("-inf"))
+
+
+@pytest.mark.parametrize("pool", [1, 3, 7])
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 1)])
+def test_snapkv_scores_match_naive_oracle(pool, H, Hkv):
+    """Production's snapkv_scores (kernel entry + pooling) against a per-head loop that pools before reducing."""
+    from sparse_hf.methods.snapkv import snapkv_scores
+
+    g = torch.Generator().manual_seed(13)
+    W = 5
+    qw = torch.randn(B, H, W, D, generator=g).to(DEV)
+    k, _ = make_kv(Hkv, "transposed")
+    cand = (torch.rand(B, Hkv, L, generator=g) > 0.3).to(DEV)
+    cand[1, :, :10] = False                                 # a left-padded row
+    qvalid = torch.ones(B, W, dtype=torch.bool)
+    qvalid[1, :2] = False                                   # its first window queries are padding
+    qvalid = qvalid.to(DEV)
+    for qv in (None, qvalid):
+        out = snapkv_scores(qw, k, cand, qv, 0.25, pool)
+        close_scores(out, naive_snapkv_method(qw, k, cand, qv, 0.25, pool), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_snapkv_head_reduce_all(backend):
+    g = torch.Generator().manual_seed(17)
+    qw = torch.randn(B, 4, 3, D, generator=g).to(DEV)
+    k, _ = make_kv(2, "contig")
+    cand = (torch.rand(B, L, generator=g) > 0.3).to(DEV)
+    out = snapkv_prefill_scores(qw, k, cand, 0.25, backend=backend, head_reduce="all", split_size=16)
+    assert out.shape == (B, 1, L)
+    close(out[:, 0], naive_snapkv(qw, k, cand, 0.25).amax(1), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="head_reduce"):
+        snapkv_prefill_scores(qw, k, cand, 0.25, backend=backend, head_reduce="layer")
+
+
+def test_snapkv_reference_is_chunked(monkeypatch):
+    """The torch path never builds a [B, H, W, L] block: with a one-query budget every chunk is [B, H, 1, L],
+    and the result equals the naive oracle whatever the chunk size."""
+    import sparse_hf.kernels.reference as ref
+
+    g = torch.Generator().manual_seed(19)
+    W = 6
+    qw = torch.randn(B, 4, W, D, generator=g)
+    k = torch.randn(B, 2, L, D, generator=g)
+    cand = torch.rand(B, L, generator=g) > 0.3
+    qvalid = torch.rand(B, W, generator=g) > 0.4
+    want = naive_snapkv(qw, k, cand, 0.25, qvalid)
+    seen = []
+    einsum = torch.einsum
+
+    def spy(eq, *ops):
+        out = einsum(eq, *ops)
+        if eq.endswith("->bhgwl"):
+            seen.append(out.shape[3])
+        return out
+
+    monkeypatch.setattr(ref.torch, "einsum", spy)
+    monkeypatch.setattr(ref, "SNAPKV_CHUNK_ELEMENTS", B * 4 * L)       # room for one window query per block
+    close(ref.snapkv_prefill_scores_ref(qw, k, cand, 0.25, qvalid), want, atol=1e-6, rtol=1e-5)
+    assert seen == [1] * W
+    for chunk in (2, 4, W):
+        close(ref.snapkv_prefill_scores_ref(qw, k, cand, 0.25, qvalid, window_chunk=chunk), want,
+              atol=1e-6, rtol=1e-5)

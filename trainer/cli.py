@@ -14,6 +14,8 @@ Example::
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,12 +77,57 @@ class CompressorTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+PROG = "sparse-hf train-compressor"
+MSE_TARGETS = ("layer", "raw_pass")
+DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+
+
+def check_compressor_args(args: CompressorArguments) -> None:
+    """Every check of the arguments that needs no model or data loaded; raises ``ValueError`` naming the flag."""
+    from sparse_hf.cli import check_model_arg
+    from sparse_hf.deltakv.clustering import METRICS
+    from sparse_hf.deltakv.compressor import PROJECTION_TYPES
+
+    check_model_arg(args.model)
+    for flag, value, choices in (("--init", args.init, INITS), ("--cluster_metric", args.cluster_metric, METRICS),
+                                 ("--down_type", args.down_type, PROJECTION_TYPES),
+                                 ("--up_type", args.up_type, PROJECTION_TYPES),
+                                 ("--mse_target", args.mse_target, MSE_TARGETS)):
+        if value not in choices:
+            raise ValueError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
+    for flag, value in (("--kv_compressed_size", args.kv_compressed_size), ("--block_size", args.block_size),
+                        ("--neighbor_count", args.neighbor_count), ("--init_blocks", args.init_blocks)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: expected an integer >= 1")
+    if args.num_sink < 0 or args.eval_blocks < 0:
+        raise ValueError("--num_sink and --eval_blocks must be >= 0")
+    if not 0.0 < args.cluster_ratio <= 1.0:
+        raise ValueError(f"--cluster_ratio {args.cluster_ratio}: expected a ratio in (0, 1]")
+    if args.compressed_layers:
+        try:
+            [int(i) for i in args.compressed_layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--compressed_layers {args.compressed_layers!r}: expected integers like '4,5,6'") from None
+    data = Path(args.dataset).expanduser()
+    if not data.exists() and (args.dataset.lower().endswith(DATA_SUFFIXES) or args.dataset.startswith((".", "/", "~"))):
+        raise ValueError(f"--dataset {args.dataset}: no such file or folder (pass a local .txt/.jsonl/.parquet/.csv "
+                         "file or folder, or a Hub dataset name)")
+
+
+def _one_line_error(message) -> None:
+    """Print ``sparse-hf train-compressor: error: ...`` as one line and exit with status 2."""
+    print(f"{PROG}: error: {' '.join(str(message).split())} (see `{PROG} --help`)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[CompressorArguments, CompressorTrainingArguments]:
-    parser = HfArgumentParser((CompressorArguments, CompressorTrainingArguments), prog="sparse-hf train-compressor",
+    """Parse and check the arguments, before anything is loaded. Malformed flags exit (status 2, one line); a bad
+    value raises ``ValueError`` naming the flag (:func:`main` prints it as one line with status 2)."""
+    parser = HfArgumentParser((CompressorArguments, CompressorTrainingArguments), prog=PROG,
                               description="Train a DeltaKV KV-cache compressor for a causal LM.")
-    args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if args.init not in INITS:
-        raise ValueError(f"--init {args.init!r}: expected one of {', '.join(INITS)}")
+    parser.error = _one_line_error
+    args, training_args = parser.parse_args_into_dataclasses(args=argv)   # TrainingArguments checks: ValueError
+    check_compressor_args(args)
     return args, training_args
 
 
@@ -160,6 +207,10 @@ def run(argv: list[str] | None = None, model_and_tokenizer: tuple[Any, Any] | No
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``sparse-hf train-compressor ...`` forwards its remaining arguments here)."""
+    try:
+        parse_args(argv)
+    except ValueError as exc:
+        _one_line_error(exc)
     run(argv)
     return 0
 

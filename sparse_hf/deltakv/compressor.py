@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
+from sparse_hf.deltakv.projections import PROJECTION_TYPES  # noqa: F401  (re-exported: the trainer CLI checks it)
 from sparse_hf.deltakv.projections import DeltaKVProjections, normalize_projection_type
 
 try:  # transformers >= 5 spells it PreTrainedConfig; PretrainedConfig stays as an alias

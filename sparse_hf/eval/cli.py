@@ -1,7 +1,8 @@
 """The ``sparse-hf eval`` subcommand: ``add_eval_parser(subparsers)`` and ``run_eval_command(args)``.
 
 Grid options are validated while parsing (argparse prints ``argument --budgets: ...`` and exits with
-status 2), so a typo fails before any model is loaded. Example::
+status 2); the model name, the LongBench folder and the knobs of every method are checked next, still before any
+model is loaded. Every user error is one line on stderr and exit status 2. Example::
 
     sparse-hf eval --model demo --tasks niah_single,ruler_vt --methods full,snapkv \\
         --budgets 0.1,0.25 --lengths 1024,2048 --depths 0,0.5,1 --output-dir out/eval
@@ -10,32 +11,13 @@ status 2), so a typo fails before any model is loaded. Example::
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+
+from sparse_hf.cli import argtype, parse_json_object, positive_int
 
 from .grid import VALID_METHODS, parse_budgets, parse_depths, parse_lengths, parse_methods
 from .tasks import SYNTHETIC_TASKS, parse_tasks
-
-
-def _argtype(parser_fn):
-    """Wrap a ``ValueError``-raising parser as an argparse type (clean 'argument --x: ...' errors)."""
-    def convert(text):
-        try:
-            return parser_fn(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    convert.__name__ = parser_fn.__name__.replace("parse_", "")
-    return convert
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError("expected a JSON object such as '{\"deltakv_path\": \"...\"}'")
-    return value
 
 
 def _chat_mode(text: str):
@@ -45,48 +27,52 @@ def _chat_mode(text: str):
     return modes[text.lower()]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{text!r}: expected an integer >= 1")
-    return value
-
-
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to an argparse ``subparsers`` object; returns its parser."""
     p = subparsers.add_parser(
         "eval", help="evaluate sparse KV caches on needle, RULER-style and LongBench tasks",
         description="Evaluate methods x budgets on tasks x context lengths (x needle depths); writes "
                     "predictions.jsonl, summary.json, summary.md and plots. Reruns resume where they stopped.")
-    p.add_argument("--model", required=True, help="model name or path, or 'demo'")
-    p.add_argument("--dtype", default="auto", help="torch dtype passed to the model loader (default: auto)")
-    p.add_argument("--tasks", required=True, type=_argtype(parse_tasks),
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face model folder, a Hub id (org/name), 'demo' or 'qwen-coder'")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default: auto, the loader's float32)")
+    p.add_argument("--tasks", required=True, type=argtype(parse_tasks),
                    help=f"comma-separated: {', '.join(SYNTHETIC_TASKS)}, longbench:<task>, longbench:all")
-    p.add_argument("--methods", default="full", type=_argtype(parse_methods),
+    p.add_argument("--methods", default="full", type=argtype(parse_methods),
                    help=f"comma-separated from: {', '.join(VALID_METHODS)} (default: full)")
-    p.add_argument("--budgets", default="0.1,0.25,0.5", type=_argtype(parse_budgets),
+    p.add_argument("--budgets", default="0.1,0.25,0.5", type=argtype(parse_budgets),
                    help="KV budgets as fractions of the prompt in (0, 1] (default: 0.1,0.25,0.5)")
-    p.add_argument("--lengths", default="1024", type=_argtype(parse_lengths),
+    p.add_argument("--lengths", default="1024", type=argtype(parse_lengths),
                    help="context lengths in tokens (LongBench: truncation budget) (default: 1024)")
-    p.add_argument("--depths", default="0,0.5,1", type=_argtype(parse_depths),
+    p.add_argument("--depths", default="0,0.5,1", type=argtype(parse_depths),
                    help="needle depths in [0, 1] (default: 0,0.5,1)")
-    p.add_argument("--num-samples", default=5, type=_argtype(_positive_int), help="samples per cell (default: 5)")
+    p.add_argument("--num-samples", default=5, type=argtype(positive_int), help="samples per cell (default: 5)")
     p.add_argument("--seed", default=0, type=int, help="seed of the synthetic tasks (default: 0)")
     p.add_argument("--output-dir", default="eval_out", help="where results go (default: eval_out)")
     p.add_argument("--longbench-dir", default=None,
                    help="folder with the official LongBench <task>.jsonl files (unzipped data.zip)")
-    p.add_argument("--max-new-tokens", default=None, type=_argtype(_positive_int),
+    p.add_argument("--max-new-tokens", default=None, type=argtype(positive_int),
                    help="override every task's generation length")
-    p.add_argument("--chat-template", default="auto", type=_argtype(_chat_mode),
+    p.add_argument("--chat-template", default="auto", type=argtype(_chat_mode),
                    help="auto (use it if the tokenizer has one), yes or no (default: auto)")
-    p.add_argument("--cache-config", default=None, type=_argtype(_json_object),
-                   help="extra knobs for every sparse run as JSON, e.g. '{\"deltakv_path\": \"c.pt\"}'")
+    p.add_argument("--cache-config", default=None, type=argtype(parse_json_object),
+                   help="extra knobs for every sparse run as a JSON object, e.g. '{\"pool_kernel_size\": 5}' or, with "
+                        "--methods deltakv, '{\"deltakv_path\": \"out/compressor\"}' (a folder written by "
+                        "sparse-hf train-compressor, or a Hub id)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_eval_command)
     return p
+
+
+def _check_compressor_path(knobs: dict | None) -> None:
+    """``deltakv_path`` must be a folder (``DeltaKVCompressor.save_pretrained``) or a Hub id, not a file."""
+    from sparse_hf.cli import UsageError
+
+    path = (knobs or {}).get("deltakv_path")
+    if isinstance(path, str) and os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"deltakv_path {path}: is a file; pass the folder written by sparse-hf train-compressor "
+                         "(config.json + model.safetensors) or a Hub id")
 
 
 def run_eval_command(args) -> int:
@@ -94,15 +80,23 @@ def run_eval_command(args) -> int:
 
     Errors in the inputs (bad knobs, missing LongBench files, ...) are printed as one line and give status 2.
     """
-    from .runner import run_eval
+    from sparse_hf.cli import UsageError, check_model_arg, error_exit
 
-    import sparse_hf  # noqa: F401  (registers the sparse caches with transformers)
+    from .runner import budget_to_cache_config, run_eval
 
     try:
-        from sparse_hf.models import load_model
-    except ImportError as exc:
-        print(f"sparse-hf eval: error: cannot import sparse_hf.models.load_model ({exc})", file=sys.stderr)
-        return 2
+        check_model_arg(args.model)
+        if args.longbench_dir is not None and not os.path.isdir(args.longbench_dir):
+            raise UsageError(f"--longbench-dir {args.longbench_dir}: no such folder")
+        for method in args.methods:              # each method's knobs, as run_eval will build them
+            if method != "full":
+                budget_to_cache_config(method, args.budgets[0], max(args.lengths), args.cache_config)
+        _check_compressor_path(args.cache_config)
+    except ValueError as exc:
+        return error_exit(str(exc), "eval")
+    import sparse_hf  # noqa: F401  (registers the sparse caches with transformers)
+    from sparse_hf.models import load_model
+
     try:
         model, tokenizer = load_model(args.model, args.dtype)
         summary = run_eval(model, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
@@ -110,9 +104,8 @@ def run_eval_command(args) -> int:
                            seed=args.seed, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
                            use_chat_template=args.chat_template, progress=not args.no_progress,
                            longbench_dir=args.longbench_dir, cache_config=args.cache_config)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"sparse-hf eval: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as exc:
+        return error_exit(str(exc), "eval")
     for row in summary["overall"]:
         budget = "" if row["method"] == "full" else f" @ {row['budget']:g}"
         print(f"{row['method']}{budget}: {100 * row['score']:.1f}")
@@ -123,7 +116,9 @@ def run_eval_command(args) -> int:
 
 def main(argv=None) -> int:
     """Standalone entry point (``python -m sparse_hf.eval.cli ...``) until the top-level CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="sparse-hf")
+    from sparse_hf.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="sparse-hf")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

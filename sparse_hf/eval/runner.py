@@ -18,39 +18,23 @@ from .plots import make_plots
 from .report import read_predictions, record_key, summarize, write_summary
 from .tasks import build_samples, is_needle, parse_tasks
 
-#: Per-method defaults added to the budget; user ``cache_config`` entries override them.
-METHOD_DEFAULTS = {
-    "snapkv": {"num_sink_tokens": 4, "num_recent_tokens": 32, "window_size": 32},
-    "pyramidkv": {"num_sink_tokens": 4, "num_recent_tokens": 32, "window_size": 32},
-    "knorm": {"num_sink_tokens": 4, "num_recent_tokens": 32},
-}
-
-
 def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra: dict | None = None) -> dict | None:
     """The ``cache_config`` that gives ``method`` a KV budget of ``fraction`` of a ``prompt_len``-token prompt.
 
-    * ``full``: ``None`` (vanilla generate, no budget).
-    * ``streamingllm``: 4 sink tokens plus ``max(1, int(fraction * prompt_len) - 4)`` recent tokens, so sinks
-      and window together hold about ``fraction`` of the prompt.
-    * ``snapkv`` / ``pyramidkv``: ``num_top_tokens=fraction`` (a float: a fraction of the prompt) with 4 sinks, a
-      32-token recent window and a 32-token observation window.
-    * ``omnikv`` / ``deltakv``: ``num_top_tokens=fraction``, the other knobs at their ``SparseConfig`` defaults.
-
-    ``extra`` (e.g. ``{"deltakv_path": ...}``) is merged last; the result is validated by ``SparseConfig``.
+    ``full`` gets ``None`` (vanilla generate, no budget); a sparse method gets its own rule,
+    ``knobs_for_budget(fraction, prompt_len)`` (the same one ``bench`` and the CLI use). ``extra`` (e.g.
+    ``{"deltakv_path": ...}``) is merged last; the result is validated by the method's config.
     """
     methods = parse_methods([method])
     method = methods[0]
     if method == "full":
         return None
     fraction = parse_budgets([fraction])[0]
-    if method == "streamingllm":
-        config = {"num_sink_tokens": 4, "num_recent_tokens": max(1, int(fraction * prompt_len) - 4)}
-    else:
-        config = {"num_top_tokens": float(fraction), **METHOD_DEFAULTS.get(method, {})}
-    config.update(extra or {})
-    from ..config import SparseConfig
+    from ..methods import get_method
 
-    SparseConfig.from_dict(config)  # unknown knobs / bad values raise here, before any generation
+    method_class = get_method(method)
+    config = dict(method_class.knobs_for_budget(fraction, prompt_len), **(extra or {}))
+    method_class.build_config(config)  # unknown knobs / bad values raise here, before any generation
     return config
 
 

@@ -8,6 +8,7 @@ from .cuda_graph import GraphDecoder
 from .deltakv_cache import CompressedCache
 from .selection_cache import SelectionCache
 from .integration import CACHE_CLASSES, build_cache, install, prepare_model, register_cache_class
+from .layer import CacheCropError
 
 #: Cache base class per method family; a method's cache class is derived from its family's.
 FAMILY_CACHES: dict[str, type[SparseCache]] = {"evict": EvictionCache, "mask": SelectionCache,
@@ -25,4 +26,4 @@ for _name, _method in METHODS.items():
     if _method.family in FAMILY_CACHES:
         register_cache_class(_name, _make_cache_class(_name, _method))
 
-__all__ = ["CACHE_CLASSES", "GraphDecoder", "SparseCache", "build_cache", "install", "prepare_model"]
+__all__ = ["CACHE_CLASSES", "CacheCropError", "GraphDecoder", "SparseCache", "build_cache", "install", "prepare_model"]

@@ -2,15 +2,20 @@
 
 Hugging Face does not pass the cache to attention functions, so a forward pre-hook on every attention
 module copies it into the keyword arguments under ``CACHE_KWARG``. When the cache is one of ours, the call
-is handed to ``cache.attend``; otherwise this is plain SDPA, so vanilla generation on the same model
-is unchanged.
+is handed to ``cache.attend``; otherwise the call goes to the implementation the model had before
+``prepare_model`` (eager, with its attention weights, or SDPA), with that implementation's mask, so plain
+calls on a prepared model behave exactly as before. Other implementations (flash attention, ...) fall back
+to SDPA.
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 try:  # transformers >= 5.x
@@ -68,12 +73,55 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.transpose(1, 2).contiguous()
 
 
+# id(config) -> (weak reference to the config, the attention implementation it had before prepare_model)
+_ORIGINAL_ATTN: dict[int, tuple[weakref.ref, str]] = {}
+
+
+def remember_original_attention(config) -> None:
+    """Record ``config``'s attention implementation before ``prepare_model`` replaces it with ours."""
+    name = getattr(config, "_attn_implementation", None) or "sdpa"
+    if name == ATTN_IMPLEMENTATION:
+        return
+    try:
+        ref = weakref.ref(config, lambda _ref, key=id(config): _ORIGINAL_ATTN.pop(key, None))
+    except TypeError:  # pragma: no cover - configs are plain objects
+        return
+    _ORIGINAL_ATTN[id(config)] = (ref, name)
+
+
+def original_attention(config) -> str:
+    """The implementation ``config`` had before ``prepare_model``: ``"eager"``, or ``"sdpa"`` for anything else."""
+    entry = _ORIGINAL_ATTN.get(id(config)) if config is not None else None
+    if entry is None or entry[0]() is not config:
+        return "sdpa"
+    return "eager" if entry[1] == "eager" else "sdpa"
+
+
+def sparse_hf_mask(*args, config=None, **kwargs):
+    """The mask for the ``sparse_hf`` implementation: eager's (additive float, always built) for models that were
+    eager, else SDPA's. Sparse caches read either kind."""
+    if original_attention(config) == "eager":
+        return eager_mask(*args, config=config, **kwargs)
+    return sdpa_mask(*args, config=config, **kwargs)
+
+
+def _plain_attention(module):
+    """The attention function for calls without a sparse cache: the model's own eager function when the model was
+    eager (it returns the attention weights), else SDPA."""
+    if original_attention(getattr(module, "config", None)) == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            return eager
+    return sdpa_attention_forward
+
+
 def sparse_hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Dispatch to the sparse cache's ``attend`` or fall back to SDPA."""
+    """Dispatch to the sparse cache's ``attend``, or to the model's original implementation (see the module
+    docstring)."""
     cache = kwargs.pop(CACHE_KWARG, None)
     if cache is None or not hasattr(cache, "attend"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _plain_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return cache.attend(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -83,4 +131,4 @@ def register_attention() -> None:
     """Register the attention and mask functions under ``ATTN_IMPLEMENTATION`` (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, sparse_hf_attention)
     if AttentionMaskInterface is not None:
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sparse_hf_mask)

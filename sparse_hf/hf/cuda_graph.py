@@ -35,7 +35,9 @@ class GraphDecoder:
         self.disabled = False
 
     def _signature(self):
-        return tuple((layer._k.data_ptr(), layer.capacity) for layer in self.cache.layers)
+        # every buffer a captured step reads or writes: a growth (new buffers) forces a re-capture
+        return tuple((layer._k.data_ptr(), layer._v.data_ptr(), layer._pos.data_ptr(), layer._counters.data_ptr(),
+                      layer.capacity) for layer in self.cache.layers)
 
     def _room(self) -> bool:
         return all(layer.frozen and layer.num_slots < layer.capacity for layer in self.cache.layers)

@@ -18,6 +18,7 @@ import dataclasses
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
 from ..deltakv.projections import DeltaKVProjections
 from ..deltakv.quant import check_bits
@@ -103,11 +104,14 @@ class DeltaKVLayer(SlotLayer):
 
 
 def _explicit_knobs(sparse_config, knobs: dict) -> set[str]:
-    """Knobs the caller set: the keyword knobs, or the fields of a config object that differ from their default."""
+    """Knobs the caller set: the keyword knobs, the keys of a dict or ``SparseConfig``, or the fields of a method
+    config object that differ from their default."""
     if knobs:
         return set(knobs)
-    return {f.name for f in dataclasses.fields(sparse_config)
-            if f.default is not dataclasses.MISSING and getattr(sparse_config, f.name) != f.default}
+    if isinstance(sparse_config, MethodConfig):
+        return {f.name for f in dataclasses.fields(sparse_config)
+                if f.default is not dataclasses.MISSING and getattr(sparse_config, f.name) != f.default}
+    return set(cache_config_dict(sparse_config))
 
 
 class CompressedCache(SelectionCache):
@@ -120,8 +124,9 @@ class CompressedCache(SelectionCache):
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
-        c = self.sparse_config
-        comp = c.compressor if c.compressor is not None else DeltaKVCompressor.from_pretrained(c.deltakv_path)
+        c, run = self.sparse_config, self.runtime
+        self.method.check_runtime(run)
+        comp = run.compressor if run.compressor is not None else DeltaKVCompressor.from_pretrained(run.deltakv_path)
         if isinstance(comp, DeltaKVCompressor):
             comp.check_compatible(self.model_config)
             projections = comp.projections
@@ -140,7 +145,7 @@ class CompressedCache(SelectionCache):
         # Serving follows the compressor's training unless the caller set a knob: a new config, the caller's
         # stays as it was.
         self.sparse_config = self.method.with_compressor_defaults(
-            c, projections.serving_defaults(), _explicit_knobs(c, knobs))
+            c, projections.serving_defaults(), _explicit_knobs(sparse_config, knobs))
         self.method = type(self.method)(self.sparse_config, self.num_layers)
         self.clustering = self.method.clustering()
         check_bits(self.sparse_config.kv_quant_bits, projections.latent_size)
@@ -213,7 +218,7 @@ class CompressedCache(SelectionCache):
         pick = None
         if q_len == 1 and self.obs_scores is not None:
             scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
-            pick = self.method.pick(scores, layer.seen)
+            pick = self.method.pick(scores, scores.shape[1], layer.seen)
         if pick is None:
             pick, cols = layer.all_offsets, layer.comp_cols
         else:   # an absent offset (a row with fewer tokens) carries column -1; a row's own budget may cut more

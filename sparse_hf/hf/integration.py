@@ -23,9 +23,10 @@ from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..models import check_supported
-from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention
+from .attention import ATTN_IMPLEMENTATION, CACHE_KWARG, register_attention, remember_original_attention
 from .cache import SparseCache
 from .cuda_graph import GraphDecoder
+from .layer import CacheCropError, SlotLayer
 
 CACHE_CLASSES: dict[str, type[SparseCache]] = {}
 _CACHE_KEYS = ("cache", "past_key_values")   # 5.24 name first, then 5.17
@@ -41,8 +42,7 @@ def build_cache(name: str, model_config, cache_config=None) -> SparseCache:
     """The cache for method ``name`` (unknown names raise ``ValueError`` listing the valid ones)."""
     if name not in CACHE_CLASSES:
         raise ValueError(f"unknown sparse-hf method {name!r}; valid methods are: {', '.join(sorted(CACHE_CLASSES))}")
-    cache_config = dict(cache_config or {})
-    return CACHE_CLASSES[name](model_config, **cache_config)
+    return CACHE_CLASSES[name](model_config, cache_config)   # dict, SparseConfig or method config; checked there
 
 
 #: The cache of the attention call now running on this thread, per attention module: the pre-hook sets it
@@ -86,18 +86,59 @@ def _rotary_embedding(model):
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
+def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
+    """Why this ``model.forward(*args, **kwargs)`` call may not replay a CUDA graph, or ``None`` when it may.
+
+    Graphs are the default on CUDA (``cache.cuda_graph`` ``None``; ``False`` opts out) for one-token decode steps
+    whose shapes are static: not beams (the cache is reordered every step), not ``output_attentions`` /
+    ``output_hidden_states``, not while a prompt is still coming, not layers without a static decode mode
+    (DeltaKV's compressed layers), not assisted generation (drafts are verified several tokens at a time).
+    """
+    if not isinstance(cache, SparseCache):
+        return "not a sparse-hf cache"
+    if cache.cuda_graph is False:
+        return "cuda_graph=False"
+    ids = kwargs.get("input_ids")
+    if args or ids is None or kwargs.get("inputs_embeds") is not None:
+        return "inputs other than input_ids=..."
+    if ids.shape[1] != 1:
+        return "not a one-token decode step"
+    if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+        return "output_attentions / output_hidden_states requested"
+    if cache.graph_blocked:
+        return cache.graph_blocked
+    if cache.rollback_needed:
+        return "assisted generation"
+    if getattr(cache.method, "accumulates_attention", False):
+        return "the method re-scores every token at every decode step (H2O)"
+    if not cache.decoding():
+        return "the prompt is not complete"
+    if not all(getattr(layer, "frozen", False) for layer in cache.layers):
+        return "a layer has no static decode mode (e.g. DeltaKV's compressed layers)"
+    decoder = getattr(cache, "graph_decoder", None)
+    if decoder is not None and decoder.disabled:
+        return "an earlier capture failed"
+    if not ids.is_cuda:
+        return "not on CUDA"
+    return None
+
+
+def wants_cuda_graph(cache, kwargs: dict, args: tuple = ()) -> bool:
+    """Whether this forward replays a captured CUDA graph (see :func:`graph_blocker`); anything else runs eagerly,
+    with no error."""
+    return graph_blocker(cache, kwargs, args) is None
+
+
 def _graph_forward(model):
-    """``model.forward`` that replays a CUDA graph for one-token decode steps of a sparse cache whose config
-    says ``cuda_graph=True``; anything else goes to the original forward."""
+    """``model.forward`` that replays a CUDA graph for the decode steps :func:`wants_cuda_graph` accepts; anything
+    else goes to the original forward."""
     original = model.forward
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         _, cache = _find_cache(kwargs)
-        ids = kwargs.get("input_ids")
-        if (not args and isinstance(cache, SparseCache) and cache.sparse_config.cuda_graph and ids is not None
-                and ids.shape[1] == 1 and ids.is_cuda and kwargs.get("inputs_embeds") is None
-                and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")):
+        if wants_cuda_graph(cache, kwargs, args):
+            ids = kwargs["input_ids"]
             if getattr(cache, "graph_decoder", None) is None:
                 cache.graph_decoder = GraphDecoder(model, cache, forward=original)
             pos = kwargs.get("position_ids")
@@ -117,6 +158,9 @@ def prepare_model(model) -> None:
     check_supported(model.config)
     register_attention()
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        for module in model.modules():   # plain calls keep using this implementation (see attention.py)
+            if getattr(module, "config", None) is not None:
+                remember_original_attention(module.config)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if not getattr(model.forward, "_sparse_hf_wrapped", False):
         model.forward = _graph_forward(model)
@@ -142,26 +186,30 @@ def _wrap_prepare_cache(original):
     @functools.wraps(original)
     def wrapper(self, generation_config, model_kwargs, *args, **kwargs):
         name = generation_config.cache_implementation
-        if name in CACHE_CLASSES:
-            _, user_cache = _find_cache(model_kwargs)
-            if user_cache is not None:
-                raise ValueError("pass either cache_implementation or a cache object (past_key_values=...), not both")
-            cache_config = generation_config.cache_config
-            generation_config.cache_implementation = None
-            try:
-                result = original(self, generation_config, model_kwargs, *args, **kwargs)
-            finally:
-                generation_config.cache_implementation = name
+        if name not in CACHE_CLASSES:
+            result = original(self, generation_config, model_kwargs, *args, **kwargs)
+            _, cache = _find_cache(model_kwargs)
+            if isinstance(cache, SparseCache):
+                prepare_model(self)
+            return result
+        _, user_cache = _find_cache(model_kwargs)
+        # A cache this method built in an earlier call is continued (e.g. an assistant model's: Transformers 5.17
+        # generates it with the main model's cache_implementation and the cache it returned before).
+        continuing = isinstance(user_cache, CACHE_CLASSES[name]) and getattr(user_cache, "built_by_generate", False)
+        if user_cache is not None and not continuing:
+            raise ValueError("pass either cache_implementation or a cache object (past_key_values=...), not both")
+        generation_config.cache_implementation = None   # Transformers must not build a cache of its own
+        try:
+            result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            generation_config.cache_implementation = name
+        if not continuing:
             key, _ = _find_cache(model_kwargs)
             if key is None:
                 raise ValueError(f"cache_implementation={name!r} needs use_cache=True")
-            model_kwargs[key] = build_cache(name, self.config, cache_config)
-            prepare_model(self)
-            return result
-        result = original(self, generation_config, model_kwargs, *args, **kwargs)
-        _, cache = _find_cache(model_kwargs)
-        if isinstance(cache, SparseCache):
-            prepare_model(self)
+            model_kwargs[key] = build_cache(name, self.config, generation_config.cache_config)
+            model_kwargs[key].built_by_generate = True
+        prepare_model(self)
         return result
 
     wrapper._sparse_hf_wrapped = True
@@ -175,8 +223,33 @@ def _wrap_prefill(original):
         if isinstance(cache, SparseCache):
             mask = model_kwargs.get("attention_mask")
             cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
-            cache.set_reserve(generation_config.max_new_tokens or 0)
+            cache.announce_new_tokens(generation_config.max_new_tokens, cache.prefill_target)
+            cache.graph_blocked = "beam search" if (generation_config.num_beams or 1) > 1 else None
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    wrapper._sparse_hf_wrapped = True
+    return wrapper
+
+
+def _wrap_assisted_decoding(original):
+    """Assisted and prompt-lookup generation: the prompt ends at the input length (the first forward appends draft
+    tokens to it), and rejected drafts are cropped, so an evicting cache must say so instead of going wrong."""
+    @functools.wraps(original)
+    def wrapper(self, input_ids, *args, **model_kwargs):
+        _, cache = _find_cache(model_kwargs)
+        if not isinstance(cache, SparseCache):
+            return original(self, input_ids, *args, **model_kwargs)
+        if not all(type(layer) is SlotLayer for layer in cache.layers):   # e.g. DeltaKV's compressed layers
+            raise CacheCropError(f"{cache.method_name} cannot roll back rejected draft tokens, which assisted and "
+                                 "prompt-lookup generation need: generate without assistant_model / "
+                                 "prompt_lookup_num_tokens, or use another method")
+        mask = model_kwargs.get("attention_mask")
+        cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
+        cache.rollback_needed = True
+        try:
+            return original(self, input_ids, *args, **model_kwargs)
+        finally:
+            cache.rollback_needed = False
 
     wrapper._sparse_hf_wrapped = True
     return wrapper
@@ -189,3 +262,6 @@ def install() -> None:
         GenerationMixin._prepare_cache_for_generation = _wrap_prepare_cache(GenerationMixin._prepare_cache_for_generation)
     if not getattr(GenerationMixin._prefill, "_sparse_hf_wrapped", False):
         GenerationMixin._prefill = _wrap_prefill(GenerationMixin._prefill)
+    assisted = getattr(GenerationMixin, "_assisted_decoding", None)
+    if assisted is not None and not getattr(assisted, "_sparse_hf_wrapped", False):
+        GenerationMixin._assisted_decoding = _wrap_assisted_decoding(assisted)

@@ -15,6 +15,10 @@ from sparse_hf.kernels import append_kv
 from .attention import attend_mask, column_validity
 
 
+class CacheCropError(ValueError):
+    """A sparse-hf cache was asked to roll back (``crop``) after it had evicted tokens."""
+
+
 class SlotLayer(CacheLayerMixin):
     """Physical K/V slots plus their logical positions.
 
@@ -26,7 +30,7 @@ class SlotLayer(CacheLayerMixin):
     """
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True        # ``crop`` works until tokens were evicted; then it raises CacheCropError
     is_sliding = False
 
     def __init__(self):
@@ -35,7 +39,8 @@ class SlotLayer(CacheLayerMixin):
         self.num_slots = 0
         self.seen = 0
         self.compacted = False
-        self.reserve = 0           # extra slots to allocate on growth (e.g. max_new_tokens)
+        self.reserve = 0           # extra slots for the tokens to come, on the first allocation and after eviction
+        self.max_slots = None      # slots the layer never exceeds during decode (StreamingLLM's window), if bounded
         self.query_window = None   # [B, H, W, D] last prompt queries, for scoring methods
         self.query_valid = None    # [B, W] bool
         self.frozen = False        # decode mode: fixed buffers, device-side counters (CUDA-graph safe)
@@ -61,13 +66,20 @@ class SlotLayer(CacheLayerMixin):
         pos = torch.full((batch, kv_heads, capacity), -1, dtype=torch.long, device=self.device)
         return k, v, pos
 
+    def _capacity_for(self, needed: int, first: bool) -> int:
+        """Slots to allocate for ``needed`` live ones: ``reserve`` more on a first allocation (the prompt, or the
+        kept tokens after eviction), else geometric growth (a quarter, at least 64), so decode reallocates
+        rarely and stays static-shaped in between. Never above ``max_slots`` (when set) unless ``needed`` is."""
+        capacity = needed + (self.reserve if first else max(64, needed // 4))
+        if self.max_slots is not None:
+            capacity = min(capacity, max(needed, self.max_slots))
+        return max(capacity, needed)
+
     def _ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
         if needed <= self.capacity:
             return
-        # First allocation: exactly the prompt plus the announced reserve; later growth is geometric.
-        growth = max(self.reserve, 64) if self._k is None else max(64, needed // 8)
         B, Hkv, _, D = like_k.shape
-        k, v, pos = self._allocate(B, Hkv, D, like_v.shape[-1], needed + growth)
+        k, v, pos = self._allocate(B, Hkv, D, like_v.shape[-1], self._capacity_for(needed, self._k is None))
         if self._k is not None and self.num_slots:
             n = self.num_slots
             k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n], self._pos[:, :, :n]
@@ -129,7 +141,8 @@ class SlotLayer(CacheLayerMixin):
     def keep(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
         """Keep only slots ``idx`` (``[B, Hkv, K]``); entries with ``ok == False`` become empty slots.
 
-        The old buffers are released, so the memory really shrinks to ``K + reserve`` slots.
+        The old buffers are released, so the memory really shrinks to ``K + reserve`` slots (in decode mode the
+        buffers stay, so that a captured CUDA graph stays valid).
         """
         B, Hkv, K = idx.shape
         D, Dv = self.keys.shape[-1], self.values.shape[-1]
@@ -140,7 +153,7 @@ class SlotLayer(CacheLayerMixin):
             k, v, pos = self._k, self._v, self._pos
             pos[:, :, K:] = -1
         else:
-            k, v, pos = self._allocate(B, Hkv, D, Dv, K + self.reserve)
+            k, v, pos = self._allocate(B, Hkv, D, Dv, self._capacity_for(K, first=True))
         k[:, :, :K], v[:, :, :K], pos[:, :, :K] = new_k, new_v, new_pos
         self._k, self._v, self._pos = k, v, pos
         self.num_slots = K
@@ -224,8 +237,34 @@ class SlotLayer(CacheLayerMixin):
         if self._k is not None:
             self._index_batch(torch.arange(self._k.shape[0], device=self._k.device).repeat_interleave(repeats))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("sparse-hf caches cannot be cropped (evicted tokens cannot be restored)")
+    def crop(self, max_length: int) -> None:
+        """Remove ``-max_length`` tokens from the end when negative (0: nothing), or keep the first ``max_length``
+        when positive (the older Transformers convention), as ``DynamicCache.crop`` does; assisted and
+        prompt-lookup generation use it to undo rejected draft tokens.
+
+        Possible while slots are still the logical columns (nothing evicted or compacted); after an eviction the
+        layer cannot be put back as it was, so this raises :class:`CacheCropError` instead of going silently wrong.
+        """
+        max_length = int(max_length)   # some Transformers versions pass a 0-d tensor
+        if max_length <= 0:
+            max_length = self.seen - abs(max_length)
+        if self.seen <= max_length:
+            return
+        if type(self) is not SlotLayer:   # subclasses keep more per-token state (DeltaKV): they override crop
+            raise CacheCropError(f"{type(self).__name__} cannot roll back tokens (assisted or prompt-lookup "
+                                 "generation needs that): generate without assistant_model / prompt_lookup_num_tokens")
+        if self.compacted or self.num_slots != self.seen:
+            raise CacheCropError(
+                "this sparse-hf cache has already evicted or compressed tokens, so it cannot be rolled back to "
+                f"{max_length} tokens (assisted or prompt-lookup generation needs that). Use a budget that covers "
+                "the prompt, method='omnikv' (which never evicts), or generate without an assistant / "
+                "prompt_lookup_num_tokens.")
+        self._pos[:, :, max_length:self.num_slots] = -1
+        self.num_slots = self.seen = max(0, max_length)
+        self._refresh_views()
+        if self.frozen:
+            self.n_dev.fill_(self.num_slots)
+            self.seen_dev.fill_(self.seen)
 
     # -- accounting ------------------------------------------------------------------------------------------
     def allocated_bytes(self) -> int:

@@ -31,17 +31,20 @@ class SelectionCache(SparseCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.selection = None
+        self.selection_masks = None               # [B, q, L] per-query selection of a multi-token decode step
         self._indices = self._indices_of = None   # the selection as a [B, 1, K] index list (GPU decode)
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
         layer = self.layers[i]
-        if query.shape[2] > 1:
+        if self.in_prefill(layer, query.shape[2]):
             out = self._attend_prefill(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
             if self.prompt_complete(layer):
                 layer.drop_padding(attention_mask)
                 layer.freeze()
             return out, None
+        if query.shape[2] > 1:
+            return self._decode_many(module, layer, query, key, value, attention_mask, scaling, **kwargs), None
         if self.method.is_full(i):
             return self._decode_full(module, layer, query, key, value, attention_mask, scaling, **kwargs), None
         if self.selection is None:
@@ -74,7 +77,7 @@ class SelectionCache(SparseCache):
 
     def observe(self, logits: torch.Tensor, valid: torch.Tensor, length: int) -> None:
         """An observation layer's decode scores (``logits`` ``[B, H, L]``) become the sparse layers' selection."""
-        self.selection = self.method.select_decode(logits, valid, length)
+        self.selection = self.method.select_decode(logits, valid, valid.sum(-1))   # per-row lengths, on device
 
     def _decode_selected(self, layer, query, attention_mask, scaling):
         idx, ok = self.selection                                               # [B, K]
@@ -86,6 +89,40 @@ class SelectionCache(SparseCache):
             indices = self._indices.expand(B, Hkv, idx.shape[1])
             return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, indices, scale=scaling).unsqueeze(1)
         return self._gather_attention(layer, query, idx, ok, attention_mask, scaling)
+
+    def _decode_many(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
+        """Several new tokens after the prompt (assisted generation's draft verification, ``query [B, H, q, D]``):
+        each query attends as its own one-token decode step would, so verifying drafts gives what decoding them
+        one at a time gives. Per query, the observation layer selects over the columns up to that query."""
+        i = module.layer_idx
+        if self.method.is_full(i) or self.selection_masks is None:
+            if self.method.is_observer(i):
+                self.selection_masks = self._select_per_query(layer, query, key, scaling)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0]
+        B, Hkv, q_len = query.shape[0], key.shape[1], query.shape[2]
+        allowed = self.selection_masks                                             # [B, q, L]
+        if attention_mask is not None:
+            allowed = allowed & attend_mask(attention_mask)[:, 0, :, :allowed.shape[-1]]
+        return masked_attention(query, key, value, allowed.unsqueeze(1).expand(B, Hkv, q_len, -1), scaling)
+
+    def _select_per_query(self, layer, query, key, scaling):
+        """``[B, q, L]`` bool: the columns each of the ``q`` new queries may read in the sparse layers (all of its
+        columns where the budget covers them)."""
+        B, _, q_len, _ = query.shape
+        L = key.shape[2]
+        logits = full_logits(query, key, scaling)                                  # [B, H, q, L]
+        valid = layer.positions[:, 0, :L] >= 0
+        cols = torch.arange(L, device=key.device)
+        masks = []
+        for j in range(q_len):
+            length = layer.seen - q_len + j + 1
+            own = valid & (cols < length)
+            # As if decoded alone: the selection sees only the columns this query has (size fixed by ``length``).
+            sel = self.method.select_decode(logits[:, :, j, :length], own[:, :length], own.sum(-1))
+            if sel is not None:
+                own = torch.zeros_like(own).scatter_(1, sel[0], sel[1])
+            masks.append(own)
+        return torch.stack(masks, 1)
 
     # -- prefill ------------------------------------------------------------------------------------------------
     def _attend_prefill(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):

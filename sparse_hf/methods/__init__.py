@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .base import SparseMethod
+from .base import CompressionMethod, EvictionMethod, SelectionMethod, SparseMethod
 from .deltakv import DeltaKV
+from .h2o import H2O
 from .knorm import KNorm
 from .omnikv import OmniKV
 from .pyramidkv import PyramidKV
@@ -17,7 +18,11 @@ METHODS: dict[str, type[SparseMethod]] = {
     "knorm": KNorm,
     "omnikv": OmniKV,
     "deltakv": DeltaKV,
+    "h2o": H2O,
 }
+
+
+__all__ = ["METHODS", "get_method", "SparseMethod", "EvictionMethod", "SelectionMethod", "CompressionMethod"]
 
 
 def get_method(name: str) -> type[SparseMethod]:

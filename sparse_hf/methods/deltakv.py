@@ -1,24 +1,55 @@
 """DeltaKV: old tokens stored as low-dimensional residuals against nearby raw reference tokens
 (arXiv 2602.08005). Token selection is OmniKV's: filter layers stay raw and choose which compressed
-tokens the other layers reconstruct. The compression itself (flush and rebuild over a per-layer state) is
-:mod:`sparse_hf.deltakv.state`."""
+tokens the other layers reconstruct."""
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..deltakv.clustering import center_step
+from ..config import check_optional_positive, check_optional_ratio, knob
+from ..deltakv.clustering import METRICS, center_step
 from ..deltakv.state import Clustering
-from .omnikv import OmniKV
+from .base import CompressionMethod
+from .omnikv import OmniKV, OmniKVConfig
+
+
+def check_optional_metric(name: str, value) -> str | None:
+    if value is not None and value not in METRICS:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(METRICS)} (or None: the compressor's)")
+    return value
+
+
+def check_quant_bits(name: str, value) -> int:
+    if value not in (0, 4, 8) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: supported values are 0 (no quantisation), 8 and 4")
+    return value
+
+
+@dataclass(frozen=True)
+class DeltaKVConfig(OmniKVConfig):
+    """OmniKV's knobs plus the compressed storage's. Every knob the compressor's training fixes
+    (``num_sink_tokens``, ``cluster_ratio``, ``deltakv_neighbor_count``, ``cluster_metric``) defaults to the value
+    it was trained with, unless the caller sets it: the cache builds a new config with :meth:`replace`. The
+    compressor itself (``compressor`` / ``deltakv_path``) is a runtime option."""
+
+    method_name = "deltakv"
+
+    kv_quant_bits: int = knob(0, check_quant_bits, "latents: 0 = compressor dtype, 8 = int8, 4 = packed int4")
+    cluster_ratio: float | None = knob(None, check_optional_ratio, "None: the compressor's training value, else 0.1")
+    deltakv_neighbor_count: int | None = knob(None, check_optional_positive,
+                                              "None: the compressor's training value, else 1")
+    cluster_metric: str | None = knob(None, check_optional_metric,
+                                      "l2 | dot | cosine; None: the compressor's training value, else l2")
+
 
 #: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
 TRAINED_KNOB_FALLBACKS = {"cluster_ratio": 0.1, "deltakv_neighbor_count": 1, "cluster_metric": "l2"}
 
 
-class DeltaKV(OmniKV):
+class DeltaKV(OmniKV, CompressionMethod):
     """Per non-filter layer and per row: the row's first ``num_sink_tokens`` tokens stay raw; a raw buffer of
     recent tokens is flushed once it holds ``2 * num_recent_tokens``; of the flushed tokens every
     ``1/cluster_ratio``-th is kept raw as a *center* and every other one is stored as
@@ -30,14 +61,18 @@ class DeltaKV(OmniKV):
 
     name = "deltakv"
     family = "compress"
+    config_class = DeltaKVConfig
+
+    @classmethod
+    def check_runtime(cls, runtime) -> None:
+        if runtime.compressor is None and not runtime.deltakv_path:
+            raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
+                             "{'deltakv_path': 'dir-or-hub-id'}")
 
     def validate(self) -> None:
         super().validate()
         if self.config.num_recent_tokens < 1:
             raise ValueError("deltakv needs num_recent_tokens >= 1 (the raw buffer is flushed in multiples of it)")
-        if self.config.compressor is None and not self.config.deltakv_path:
-            raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
-                             "{'deltakv_path': 'dir-or-hub-id'}")
         center_step(self.config.cluster_ratio or 0.1)   # raises for a ratio outside (0, 1]
 
     @staticmethod
@@ -50,7 +85,7 @@ class DeltaKV(OmniKV):
         for knob, fallback in TRAINED_KNOB_FALLBACKS.items():
             if knob not in changes and hasattr(config, knob) and getattr(config, knob) is None:
                 changes[knob] = fallback
-        return dataclasses.replace(config, **changes)
+        return config.replace(**changes) if changes else config
 
     @property
     def step(self) -> int:
@@ -74,12 +109,13 @@ class DeltaKV(OmniKV):
                           neighbor_count=c.deltakv_neighbor_count or TRAINED_KNOB_FALLBACKS["deltakv_neighbor_count"],
                           metric=c.cluster_metric or TRAINED_KNOB_FALLBACKS["cluster_metric"], quant_bits=c.kv_quant_bits)
 
-    def pick(self, scores: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    def pick(self, scores: torch.Tensor | None, num_compressed: int, length: int) -> torch.Tensor | None:
         """Compressed tokens to rebuild at a decode step, per row, without host-device syncs.
 
         Args:
             scores: ``[B, N]`` the filter layer's scores of each row's compressed tokens (offset order; ``-inf``
                 past a row's count), or ``None`` (no selection).
+            num_compressed: ``N``, the widest row's count.
             length: the logical length (a fraction budget sizes the output against it).
 
         Returns:
@@ -87,7 +123,7 @@ class DeltaKV(OmniKV):
             gets absent offsets last; with a fraction budget see :meth:`over_row_budget`), or ``None`` for all.
         """
         top = self.top_count(length, prefill=False)
-        if scores is None or top >= scores.shape[1]:
+        if scores is None or top >= num_compressed:
             return None
         return scores.topk(top, dim=-1).indices
 

@@ -5,11 +5,20 @@ scorer there is, and a useful baseline."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config import resolve_count
-from .base import SparseMethod
+from ..config import TopTokensConfig, resolve_counts
+from .base import EvictionMethod
 from .selection import select_keep, sink_recent_candidates
+
+
+@dataclass(frozen=True)
+class KNormConfig(TopTokensConfig):
+    """KNorm's knobs: the shared ones (sinks, recent, ``num_top_tokens``)."""
+
+    method_name = "knorm"
 
 
 def knorm_scores(keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -17,17 +26,17 @@ def knorm_scores(keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return (-keys.float().norm(dim=-1)).masked_fill(~candidates, float("-inf"))
 
 
-class KNorm(SparseMethod):
+class KNorm(EvictionMethod):
     """Keeps sink + the ``num_top_tokens`` lowest-key-norm tokens + recent, per KV head, once the prompt is
     complete. ``num_top_tokens`` is a count or a fraction of each row's prompt."""
 
     name = "knorm"
+    config_class = KNormConfig
 
     def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
         c = self.config
         n_valid = valid.sum(-1).amax(-1)
-        tops = torch.tensor([resolve_count(c.num_top_tokens, int(n)) for n in n_valid.tolist()],
-                            dtype=torch.long, device=valid.device)
+        tops = resolve_counts(c.num_top_tokens, n_valid)
         if bool((c.num_sink_tokens + c.num_recent_tokens + tops >= n_valid).all()):
             return None
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config import resolve_count
-from .base import SparseMethod
+from ..config import (DEFAULT_FULL_ATTN_LAYERS, TopTokensConfig, check_budget, check_flag, check_layer_list, knob,
+                      resolve_count, resolve_counts)
+from .base import SelectionMethod
 from .selection import select_keep, select_keep_static, sink_recent_candidates
 
 
@@ -37,7 +40,30 @@ def omnikv_prefill_scores(logits: torch.Tensor, candidates: torch.Tensor, query_
     return mean.amax(1).masked_fill(~candidates, float("-inf"))
 
 
-class OmniKV(SparseMethod):
+@dataclass(frozen=True)
+class OmniKVConfig(TopTokensConfig):
+    """OmniKV's knobs: the shared ones (``num_top_tokens`` is a count or a fraction of the current length), the
+    filter layers and the chunked-prefill acceleration."""
+
+    method_name = "omnikv"
+
+    full_attn_layers: tuple[int, ...] | None = knob(None, check_layer_list,
+                                                    "filter layers, '0,1,2' or a list (None: the reference's)")
+    chunk_prefill_accel_omnikv: bool = knob(False, check_flag, "sparse layers read a selection during prefill chunks")
+    num_top_tokens_in_prefill: int | float = knob(8192, check_budget, "selection size for prefill chunks")
+
+    def resolved_full_attn_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Filter layers for a model with ``num_layers`` layers (defaults: the reference's, cut to the depth)."""
+        if self.full_attn_layers is None:
+            return tuple(layer for layer in DEFAULT_FULL_ATTN_LAYERS if layer < num_layers)
+        bad = [layer for layer in self.full_attn_layers if layer >= num_layers]
+        if bad:
+            raise ValueError(f"full_attn_layers {bad} out of range: the model has {num_layers} layers "
+                             f"(0..{num_layers - 1})")
+        return self.full_attn_layers
+
+
+class OmniKV(SelectionMethod):
     """Filter layers (``full_attn_layers``, which must include layer 0) run full attention. The last filter
     layer before a run of sparse layers (the *observation* layer) scores every candidate token
     ``[sink, len - recent)`` and selects the top ``num_top_tokens`` (a count, or a fraction of the current
@@ -46,6 +72,7 @@ class OmniKV(SparseMethod):
 
     name = "omnikv"
     family = "mask"
+    config_class = OmniKVConfig
 
     def validate(self) -> None:
         self.full_layers = self.config.resolved_full_attn_layers(self.num_layers)
@@ -64,26 +91,17 @@ class OmniKV(SparseMethod):
         budget = self.config.num_top_tokens_in_prefill if prefill else self.config.num_top_tokens
         return resolve_count(budget, length)
 
-    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, length: int):
-        """Selection of an observation layer at a decode step, without host-device syncs.
+    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor):
+        """Selection of an observation layer at a decode step (see :meth:`SelectionMethod.select_decode`).
 
-        Args:
-            logits: ``[B, H, L]`` scaled scores of the current query; valid: ``[B, L]`` bool real tokens;
-            length: the logical length (host int; fraction budgets resolve against it for the output size and
-            against each row's real token count for that row's budget).
-
-        Returns:
-            ``(idx, ok)`` each ``[B, K]`` (slot indices, and which entries are real), or ``None`` when the budget
-            covers every token, so the sparse layers attend to everything.
-        """
+        The output size is fixed by the slot count ``L`` (a fraction budget resolves against ``L`` for it and
+        against ``lengths`` for each row's budget), so nothing here waits for the device."""
         c = self.config
-        top_max = self.top_count(length, prefill=False)
-        if c.num_sink_tokens + c.num_recent_tokens + top_max >= length:
+        L = valid.shape[-1]
+        top_max = self.top_count(L, prefill=False)
+        if c.num_sink_tokens + c.num_recent_tokens + top_max >= L:
             return None
-        if isinstance(c.num_top_tokens, float):
-            top = (valid.sum(-1).double() * c.num_top_tokens).long()
-        else:
-            top = c.num_top_tokens
+        top = resolve_counts(c.num_top_tokens, lengths)
         scores = self.decode_scores(logits, valid)
         idx, ok = select_keep_static(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens,
                                      c.num_recent_tokens, top, c.num_sink_tokens + c.num_recent_tokens + top_max)

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from ..config import resolve_count
-from .snapkv import SnapKV
+from dataclasses import dataclass
+
+from ..config import check_count, check_optional_count, check_ratio, knob, resolve_count
+from .snapkv import SnapKV, SnapKVConfig
+
+
+@dataclass(frozen=True)
+class PyramidKVConfig(SnapKVConfig):
+    """SnapKV's knobs plus the pyramid schedule."""
+
+    method_name = "pyramidkv"
+
+    pyramid_start_layer: int = knob(0, check_count, "layers below it keep the full ratio 1")
+    pyramid_start_ratio: float = knob(0.6, check_ratio, "schedule value at pyramid_start_layer")
+    pyramid_least_ratio: float = knob(0.01, check_ratio, "schedule value at pyramid_least_layer and after")
+    pyramid_least_layer: int | None = knob(None, check_optional_count, "None: the last layer")
 
 
 def pyramid_ratios(num_layers: int, start_layer: int, start_ratio: float, least_ratio: float,
@@ -31,11 +45,13 @@ class PyramidKV(SnapKV):
     """
 
     name = "pyramidkv"
+    config_class = PyramidKVConfig
 
     def __init__(self, config, num_layers):
         super().__init__(config, num_layers)
-        ratios = pyramid_ratios(num_layers, config.pyramid_start_layer, config.pyramid_start_ratio,
-                                config.pyramid_least_ratio, config.pyramid_least_layer)
+        c = self.config
+        ratios = pyramid_ratios(num_layers, c.pyramid_start_layer, c.pyramid_start_ratio, c.pyramid_least_ratio,
+                                c.pyramid_least_layer)
         mean = sum(ratios) / len(ratios)
         self.layer_weights = [r / mean for r in ratios]
 

@@ -17,7 +17,8 @@ def sink_recent_candidates(valid: torch.Tensor, num_sink: int, num_recent: int):
     Args:
         valid: ``[B, Hkv, L]`` bool, which slots hold a real token.
         num_sink: the first ``num_sink`` valid tokens of each row are sinks.
-        num_recent: the last ``num_recent`` valid tokens of each row are recent.
+        num_recent: the last ``num_recent`` valid tokens of each row are recent (an int, or a tensor that
+            broadcasts against ``[B, Hkv, 1]`` for a count per row).
 
     Returns:
         ``(is_sink, is_recent, is_candidate)``, each ``[B, Hkv, L]`` bool, disjoint.
@@ -30,6 +31,16 @@ def sink_recent_candidates(valid: torch.Tensor, num_sink: int, num_recent: int):
     return is_sink, is_recent, is_candidate
 
 
+def priority_order(prio: torch.Tensor) -> torch.Tensor:
+    """Slot indices ``[..., L]`` by decreasing ``prio``; equal priorities in slot order.
+
+    Slots are in logical order and padding slots never tie with real ones (they are ``-inf``), so a tie goes to
+    the token that comes first in its row: a rule independent of left padding (``topk`` breaks ties by where
+    the slot lies in the buffer, which padding shifts), so a prompt keeps the same tokens alone or batched.
+    """
+    return prio.sort(dim=-1, descending=True, stable=True).indices
+
+
 def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int, num_recent: int,
                 num_top: torch.Tensor | int):
     """Choose the slots to keep: sink + top-``num_top`` middle candidates by ``scores`` + recent.
@@ -38,7 +49,8 @@ def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int,
         valid: ``[B, Hkv, L]`` bool.
         scores: ``[B, Hkv, L]`` float, higher is more important (only candidate entries are read);
             ``None`` means no middle tokens are kept (StreamingLLM).
-        num_sink, num_recent: protected token counts per row.
+        num_sink, num_recent: protected token counts per row (``num_recent`` may be per row, see
+            :func:`sink_recent_candidates`).
         num_top: int or ``[B]`` long, middle tokens to keep per row (capped at the candidates there are).
 
     Returns:
@@ -58,7 +70,7 @@ def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int,
     K = int(budget.max())
     prio = torch.where(is_cand, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     prio = torch.where(protected, torch.full_like(prio, float("inf")), prio)
-    idx = prio.topk(K, dim=-1).indices                                         # [B, Hkv, K], priority order
+    idx = priority_order(prio)[..., :K]                                        # [B, Hkv, K], priority order
     ok = torch.arange(K, device=valid.device).view(1, 1, K) < budget.unsqueeze(-1)
     order_key = torch.where(ok, idx, idx + L)                                  # fillers sort last
     order = order_key.argsort(dim=-1)
@@ -82,7 +94,8 @@ def select_keep_static(valid: torch.Tensor, scores: torch.Tensor, num_sink: int,
     protected = is_sink | is_recent
     prio = torch.where(is_cand, scores.float(), float("-inf"))
     prio = torch.where(protected, float("inf"), prio)
-    vals, idx = prio.topk(min(k, L), dim=-1)
+    idx = priority_order(prio)[..., :min(k, L)]
+    vals = prio.gather(-1, idx)
     if torch.is_tensor(num_top):
         num_top = num_top.view(B, 1, 1)
     rank = torch.arange(idx.shape[-1], device=valid.device).view(1, 1, -1)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..config import resolve_count
-from .base import SparseMethod
+from ..config import TopTokensConfig, check_count, check_odd, check_positive, knob, resolve_count
+from ..kernels import snapkv_prefill_scores
+from .base import EvictionMethod
 from .selection import max_pool_scores, select_keep, sink_recent_candidates
 
 
@@ -27,25 +30,32 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
     Returns:
         ``[B, Hkv, L]`` float32 scores; non-candidates are ``-inf``.
     """
-    B, H, W, D = queries.shape
-    Hkv, L = keys.shape[1], keys.shape[2]
-    G = H // Hkv
-    q = queries.float().view(B, Hkv, G, W, D)
-    logits = torch.einsum("bkgwd,bkld->bkgwl", q, keys.float()) * scaling     # [B, Hkv, G, W, L]
-    cand = candidates.view(B, Hkv, 1, 1, L)
-    logits = logits.masked_fill(~cand, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)                      # rows without candidates -> 0
-    if query_valid is not None:
-        w = query_valid.to(probs.dtype).view(B, 1, 1, W, 1)
-        probs = (probs * w).sum(3) / w.sum(3).clamp_min(1.0)
-    else:
-        probs = probs.mean(3)                                                  # [B, Hkv, G, L]
-    probs = max_pool_scores(probs, pool_kernel_size)
-    scores = probs.amax(dim=2)
+    # The kernel entry point (Triton on CUDA, the chunked torch reference elsewhere) reduces over the window and
+    # the group without a [B, Hkv, G, W, L] tensor; max-pooling commutes with the group max, so pool after it.
+    scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid)          # [B, Hkv, L]
+    scores = max_pool_scores(scores, pool_kernel_size)
     return scores.masked_fill(~candidates, float("-inf"))
 
 
-class SnapKV(SparseMethod):
+@dataclass(frozen=True)
+class SnapKVConfig(TopTokensConfig):
+    """SnapKV's knobs: the shared ones plus the observation window, the pooling width and unevicted layers."""
+
+    method_name = "snapkv"
+
+    window_size: int = knob(32, check_positive, "last prompt queries that score the tokens")
+    pool_kernel_size: int = knob(7, check_odd, "max-pool width over the scores (odd)")
+    snapkv_num_full_layers: int = knob(0, check_count, "first layers that keep everything")
+
+    def validate(self) -> None:
+        if self.num_recent_tokens < self.window_size:
+            raise ValueError(
+                f"num_recent_tokens={self.num_recent_tokens} is smaller than window_size={self.window_size}; "
+                "the observation window must lie inside the kept recent tokens (raise num_recent_tokens or lower "
+                "window_size)")
+
+
+class SnapKV(EvictionMethod):
     """Keeps sink + top-``num_top_tokens`` (by :func:`snapkv_scores`) + recent tokens of every layer.
 
     Eviction runs once, when the prompt is complete. ``num_top_tokens`` is a count or a fraction of each
@@ -53,20 +63,21 @@ class SnapKV(SparseMethod):
     """
 
     name = "snapkv"
+    config_class = SnapKVConfig
 
     @property
     def query_window(self) -> int:  # type: ignore[override]
         return self.config.window_size
 
+    @classmethod
+    def knobs_for_budget(cls, fraction, prompt_len):
+        knobs = super().knobs_for_budget(fraction, prompt_len)
+        return dict(knobs, window_size=max(1, min(32, knobs["num_recent_tokens"])))
+
     def validate(self) -> None:
-        c = self.config
-        if c.num_recent_tokens < c.window_size:
-            raise ValueError(
-                f"{self.name}: num_recent_tokens={c.num_recent_tokens} is smaller than window_size={c.window_size}; "
-                "the observation window must lie inside the kept recent tokens (raise num_recent_tokens or lower "
-                "window_size)")
-        if c.snapkv_num_full_layers > self.num_layers:
-            raise ValueError(f"snapkv_num_full_layers={c.snapkv_num_full_layers} exceeds the {self.num_layers} layers")
+        if self.config.snapkv_num_full_layers > self.num_layers:
+            raise ValueError(f"snapkv_num_full_layers={self.config.snapkv_num_full_layers} exceeds the "
+                             f"{self.num_layers} layers")
 
     def layer_top_count(self, layer_idx: int, prompt_len: int) -> int:
         """Middle tokens layer ``layer_idx`` keeps for a prompt of ``prompt_len`` tokens."""

@@ -1,0 +1,182 @@
+"""The engine benchmark of issue 11: TTFT, decode tok/s, step ms against the bandwidth roofline, peak memory.
+
+    python benchmarks/bench_engine.py [--cases 4096x8,32768x2,131072x1] [--methods vanilla,snapkv,omnikv]
+                                      [--budget 2048] [--output bench_engine.json]
+    python benchmarks/bench_engine.py --load 64,1024,32768,256 --rate 2   # plus the load test
+    python benchmarks/bench_engine.py --small          # CPU smoke run (CI)
+
+Random weights in the Qwen2.5-7B shape (no download), bf16 on the GPU. One engine per method serves every case
+(its pool sized for the longest). A case submits ``batch`` prompts of ``length`` random tokens at once and decodes
+``--new-tokens`` each. The roofline step is (weights + the KV the batch holds) / the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from sparse_hf.bench import SHAPES, budget_config, copy_bandwidth, parse_cases
+from sparse_hf.engine import LLM, SamplingParams
+
+
+def engine_config(shape: str):
+    from transformers import AutoConfig
+
+    knobs = dict(SHAPES[shape])
+    return AutoConfig.for_model(knobs.pop("model_type"), **knobs)
+
+
+def run_case(llm, length: int, batch: int, new_tokens: int, bandwidth: float | None, weight_bytes: int) -> dict:
+    """Submit ``batch`` prompts of ``length`` tokens together; time the prefill and every decode step."""
+    g = torch.Generator().manual_seed(length + batch)
+    vocab = llm.model.config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(batch):
+        llm.add_request(f"{length}x{batch}-{i}", torch.randint(0, vocab, (length,), generator=g).tolist(), params)
+    cuda = llm.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(llm.device)
+    start = time.perf_counter()
+    ttft, decode_steps, kv_held = {}, [], []
+    finished = 0
+    while finished < batch:
+        t0 = time.perf_counter()
+        outs = llm.step()
+        dt = time.perf_counter() - t0
+        for o in outs:
+            ttft.setdefault(o.request_id, time.perf_counter() - start)
+        if outs and len(outs) == batch - finished and all(len(o.token_ids) > 1 for o in outs):
+            decode_steps.append(dt)                          # a decode step of every unfinished row
+            kv_held.append(llm.pool.used_slots())
+        finished += sum(o.finished for o in outs)
+    total = time.perf_counter() - start
+    step = statistics.median(decode_steps) if decode_steps else None
+    result = dict(length=length, batch=batch, new_tokens=new_tokens,
+                  ttft_s=round(statistics.mean(ttft.values()), 4), ttft_max_s=round(max(ttft.values()), 4),
+                  decode_tok_s=round(batch / step, 1) if step else None,
+                  step_ms=round(step * 1e3, 3) if step else None, total_s=round(total, 3))
+    if cuda:
+        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(llm.device) / 2**30, 2)
+    if bandwidth and step:
+        m = llm.model
+        token_bytes = 2 * m.num_kv_heads * m.head_dim * llm.pool.k[0].element_size()   # one token, one layer
+        floor = (weight_bytes + statistics.median(kv_held) * token_bytes) / bandwidth
+        result.update(roofline_step_ms=round(floor * 1e3, 3), frac_of_roofline=round(floor / step, 3))
+    return result
+
+
+def percentiles(values: list[float], scale: float = 1.0) -> dict:
+    """p50 / p90 / p99 of ``values`` (times ``scale``), or ``None``s when empty."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * scale, 3)  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int, rate: float | None) -> dict:
+    """``num_requests`` prompts of uniform random lengths in ``[min_len, max_len]``, arriving together
+    (``rate=None``) or as a Poisson stream of ``rate`` requests/s: requests/s, output tok/s, TTFT and
+    inter-token latency percentiles."""
+    g = torch.Generator().manual_seed(num_requests)
+    vocab = llm.model.config.vocab_size
+    lengths = torch.randint(min_len, max_len + 1, (num_requests,), generator=g).tolist()
+    gaps = (torch.empty(num_requests).exponential_(generator=g) / rate).tolist() if rate else [0.0] * num_requests
+    arrivals = [sum(gaps[: i + 1]) for i in range(num_requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    added, finished, last_token, ttft, itl, tokens = 0, 0, {}, [], [], 0
+    while finished < num_requests:
+        now = time.perf_counter() - start
+        while added < num_requests and arrivals[added] <= now:
+            prompt = torch.randint(0, vocab, (lengths[added],), generator=g).tolist()
+            llm.add_request(f"load-{added}", prompt, params)
+            last_token[f"load-{added}"] = start + arrivals[added]
+            added += 1
+        if not llm.has_unfinished_requests():
+            time.sleep(min(0.01, max(0.0, arrivals[added] - now)))
+            continue
+        outs = llm.step()
+        t = time.perf_counter()
+        for o in outs:
+            if o.finish_reason == "abort":
+                continue
+            (ttft if len(o.token_ids) == 1 else itl).append(t - last_token[o.request_id])
+            last_token[o.request_id] = t
+            tokens += 1
+            finished += o.finished
+    wall = time.perf_counter() - start
+    return dict(num_requests=num_requests, prompt_lens=[min_len, max_len], new_tokens=new_tokens,
+                arrival="together" if rate is None else f"poisson {rate}/s", wall_s=round(wall, 3),
+                requests_per_s=round(num_requests / wall, 3), output_tok_s=round(tokens / wall, 1),
+                ttft_s=percentiles(ttft), itl_ms=percentiles(itl, 1e3))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen2.5-7b", choices=sorted(SHAPES))
+    p.add_argument("--cases", default="4096x8,32768x2,131072x1")
+    p.add_argument("--methods", default="vanilla,snapkv,omnikv")
+    p.add_argument("--budget", type=int, default=2048, help="KV tokens kept per layer by the sparse methods")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--chunk-prefill-size", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--load", default=None, metavar="N,MIN,MAX,NEW",
+                   help="also a load test: N requests, prompt lengths MIN..MAX, NEW output tokens each, arriving "
+                        "together and as a Poisson stream (e.g. 64,1024,32768,256)")
+    p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate of the load test (requests/s)")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short cases")
+    p.add_argument("--output", default=None, help="write the JSON here (default: stdout only)")
+    args = p.parse_args(argv)
+    extra = {}
+    if args.small:
+        args.shape, args.cases, args.new_tokens, args.budget, args.chunk_prefill_size = "tiny", "96x2,160x1", 4, 48, 64
+        args.load = "6,16,64,4"
+        extra = dict(device="cpu", num_kv_slots=1024)
+    cases = parse_cases(args.cases)
+    config = engine_config(args.shape)
+    load = [int(x) for x in args.load.split(",")] if args.load else None
+    if load is not None and (len(load) != 4 or min(load) < 1 or load[1] > load[2]):
+        p.error(f"--load {args.load!r}: expected N,MIN,MAX,NEW with 1 <= MIN <= MAX")
+    longest = max([length for length, _ in cases] + ([load[2]] if load else []))
+    max_len = longest + args.new_tokens + 8
+    device = torch.device(extra.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    bandwidth = copy_bandwidth(device)
+    report = dict(shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  copy_bw_TBps=round(bandwidth / 1e12, 3) if bandwidth else None, budget=args.budget, results=[])
+    for method in args.methods.split(","):
+        knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest,
+                                                              config.num_hidden_layers)
+        llm = LLM(config, max_model_len=max_len, max_num_seqs=max([b for _, b in cases] + ([load[0]] if load else [])),
+                  max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
+                  gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                  sparse_method=None if method == "vanilla" else method, **knobs, **extra)
+        weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
+        run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up: kernels, graphs
+        for length, batch in cases:
+            r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
+            r.update(method=method, knobs=knobs)
+            report["results"].append(r)
+            print(json.dumps(r), flush=True)
+        if load is not None:
+            for rate in (None, args.rate):
+                r = run_load(llm, *load, rate=rate)
+                r.update(method=method, knobs=knobs)
+                report.setdefault("load", []).append(r)
+                print(json.dumps(r), flush=True)
+        llm.pool.check_whole()
+        llm.close()
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

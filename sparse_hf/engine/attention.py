@@ -1,0 +1,152 @@
+"""Attention over the KV pool, driven by a per-step context that the runner fills.
+
+``PoolAttention.attend(layer, q, k, v, scale)`` first stores the step's K/V at their slots, then:
+
+- prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally, by
+  gathering the row's slots and running SDPA with a lower-right causal bias (a Triton kernel over the slot table is a
+  later optimisation);
+- decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
+  (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
+  every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+
+
+@dataclass
+class Segment:
+    """One request's chunk in a prefill step: tokens ``[start, start + length)`` of the packed batch, whose row
+    holds ``context`` slots once the chunk is written (earlier chunks included)."""
+
+    row: int
+    start: int
+    length: int
+    context: int
+    windows: dict = field(default_factory=dict)     # layer -> [H, w, D] last queries of this chunk
+
+
+@dataclass
+class StepContext:
+    """What one forward step needs to know beyond the tokens.
+
+    Attributes:
+        slot_mapping: ``[G, T]`` long, slot of each new token per slot group.
+        segments: prefill chunks (empty for a decode step).
+        tables: decode only, ``[G, B, W]`` int32 slot tables of the batch rows.
+        lens: decode only, ``[G, B]`` int32 slots per row (the new token included).
+        window: prompt queries to remember per chunk (the method's observation window; 0 = none).
+    """
+
+    slot_mapping: torch.Tensor
+    segments: list[Segment] = field(default_factory=list)
+    tables: torch.Tensor | None = None
+    lens: torch.Tensor | None = None
+    window: int = 0
+    selection: torch.Tensor | None = None            # OmniKV: [B, K] slot ids (-1 = none) of the current step
+
+
+def pool_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[S, Hkv, D]`` -> ``[B, Hkv, S, D]`` view with stride 0 over rows (what the decode kernels take)."""
+    return pool.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last ``n`` of ``L`` tokens.
+
+    Args:
+        q: ``[n, H, D]``; k, v: ``[L, Hkv, D]`` with ``L >= n`` (the chunk is the last ``n`` keys).
+
+    Returns:
+        ``[n, H, D]``.
+    """
+    n, L = q.shape[0], k.shape[0]
+    G = q.shape[1] // k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, n, D]
+    kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)     # [1, Hkv, L, D]
+    # Lower-right causal alignment without a materialised [n, L] mask: flash / memory-efficient kernels on CUDA.
+    bias = causal_lower_right(n, L)
+    try:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale, enable_gqa=True)
+    except (RuntimeError, TypeError, NotImplementedError):     # a kernel without GQA: repeat the KV heads
+        out = F.scaled_dot_product_attention(qh, kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1),
+                                             attn_mask=bias, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+class PoolAttention:
+    """The attention backend of :class:`~.model.EngineModel` over a :class:`~.kv_pool.KVPool`.
+
+    ``method`` is the core sparse method (or ``None``); only OmniKV (the ``"mask"`` family) changes attention
+    itself: eviction methods act on the pool after the step (see :mod:`.runner`).
+    """
+
+    def __init__(self, pool, method=None):
+        self.pool = pool
+        self.method = method
+        self.mask_family = method is not None and method.family == "mask"
+        self.backend = "auto" if pool.device.type == "cuda" else "torch"
+        self.ctx: StepContext | None = None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` (post-RoPE) -> ``[T, H, D]``."""
+        ctx = self.ctx
+        g = self.pool.group_of[layer]
+        self.pool.write(layer, ctx.slot_mapping[g], k, v)
+        if ctx.segments:
+            return self._prefill(layer, g, q, scale)
+        return self._decode(layer, g, q, scale)
+
+    def _prefill(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx, pool = self.ctx, self.pool
+        out = torch.empty_like(q)
+        for seg in ctx.segments:
+            slots = pool.tables[g, seg.row, : seg.context].long()
+            qs = q[seg.start: seg.start + seg.length]
+            out[seg.start: seg.start + seg.length] = chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots],
+                                                                     scale)
+            if ctx.window:
+                seg.windows[layer] = qs[-ctx.window:].transpose(0, 1)          # [H, w, D]
+        return out
+
+    def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx, pool = self.ctx, self.pool
+        B = q.shape[0]
+        Hkv = pool.num_kv_heads
+        k, v = pool_view(pool.k[layer], B), pool_view(pool.v[layer], B)
+        tables, lens = ctx.tables[g], ctx.lens[g]                                # [B, W], [B]
+        if self.mask_family:
+            method = self.method
+            if method.is_observer(layer):
+                return self._observe(layer, q, tables, lens, scale)
+            if not method.is_full(layer) and ctx.selection is not None:
+                sel = ctx.selection
+                return sparse_decode_attention(q, k, v, sel.unsqueeze(1).expand(B, Hkv, sel.shape[1]), scale=scale,
+                                               backend=self.backend)
+        indices = tables.unsqueeze(1).expand(B, Hkv, tables.shape[1])
+        return sparse_decode_attention(q, k, v, indices, num_indices=lens, scale=scale, backend=self.backend)
+
+    def _observe(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """OmniKV observation layer: full attention plus a new selection (``ctx.selection``, slot ids)."""
+        pool = self.pool
+        W = tables.shape[1]
+        flat = tables.long()
+        keys = pool.k[layer][flat].permute(0, 2, 1, 3)                           # [B, Hkv, W, D]
+        values = pool.v[layer][flat].permute(0, 2, 1, 3)
+        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
+        valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
+        selection = self.method.select_decode(logits, valid, W)
+        if selection is None:
+            self.ctx.selection = None
+        else:
+            idx, ok = selection                                                     # [B, K] table positions
+            self.ctx.selection = torch.where(ok, tables.long().gather(1, idx.clamp(0, W - 1)), -1)
+        return out

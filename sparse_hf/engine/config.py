@@ -1,0 +1,93 @@
+"""``EngineConfig``: the engine's own knobs (batching, memory, graphs), validated once.
+
+The sparse method's knobs are not here: they stay a :class:`sparse_hf.config.SparseConfig`, built from the same
+names, defaults and validation as ``cache_config`` on the HF path (:func:`build_method`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SparseConfig
+from ..methods import get_method
+
+#: Methods the engine runs today. DeltaKV needs a latent pool (a later issue).
+ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """Engine knobs.
+
+    Attributes:
+        max_model_len: longest sequence (prompt + output) a request may reach; ``None``: the model's
+            ``max_position_embeddings``.
+        gpu_memory_utilization: fraction of the GPU's memory the engine may use (weights + activations + KV pool).
+        max_num_seqs: rows decoded together (the pool's slot tables have this many rows).
+        max_num_batched_tokens: prompt tokens one prefill step may process (all chunks together).
+        chunk_prefill_size: prompt tokens of one request per prefill step.
+        enforce_eager: ``True`` turns CUDA-graph decode off.
+        num_kv_slots: pool size in tokens per layer; ``None`` sizes it from ``gpu_memory_utilization`` (CUDA) or
+            from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU).
+        sparse_method: ``None`` (full attention) or one of :data:`ENGINE_METHODS`.
+    """
+
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    chunk_prefill_size: int = 2048
+    enforce_eager: bool = False
+    num_kv_slots: int | None = None
+    sparse_method: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_prefill_size"):
+            _positive_int(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        if self.num_kv_slots is not None:
+            _positive_int("num_kv_slots", self.num_kv_slots)
+        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r}: expected a fraction in (0, 1]")
+        if self.chunk_prefill_size > self.max_num_batched_tokens:
+            raise ValueError(f"chunk_prefill_size={self.chunk_prefill_size} exceeds max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens}; lower the first or raise the second")
+        if self.sparse_method is not None:
+            get_method(self.sparse_method)              # unknown name: ValueError listing the valid ones
+            if self.sparse_method not in ENGINE_METHODS:
+                raise NotImplementedError(
+                    f"sparse_method={self.sparse_method!r} is not yet supported in the engine (supported: "
+                    f"{', '.join(ENGINE_METHODS)}); use the HF path: model.generate(cache_implementation="
+                    f"{self.sparse_method!r}, ...)")
+
+
+def build_method(name: str | None, knobs: dict, num_layers: int):
+    """The core method object for ``name`` with ``knobs`` (the HF path's ``cache_config`` names), or ``None``.
+
+    Raises ``ValueError`` for knobs without a method, unknown knobs, or knobs the method rejects."""
+    if name is None:
+        if knobs:
+            raise ValueError(f"sparse knobs {sorted(knobs)} were given without sparse_method; pass sparse_method="
+                             f"one of {', '.join(ENGINE_METHODS)} or drop them")
+        return None
+    config = SparseConfig.from_dict(knobs)
+    if config.cuda_graph:
+        raise ValueError("cuda_graph is an HF-path knob; the engine captures decode graphs unless enforce_eager=True")
+    if name == "omnikv" and config.chunk_prefill_accel_omnikv:
+        raise NotImplementedError("chunk_prefill_accel_omnikv is not yet supported in the engine; leave it False")
+    return get_method(name)(config, num_layers)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fp16 where bf16 is not supported), fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32

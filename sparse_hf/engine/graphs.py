@@ -1,0 +1,126 @@
+"""CUDA-graph decode, one graph per batch-size bucket, and the activation profile that sizes the pool.
+
+A decode step has static shapes: every input lives in a preallocated buffer (token ids, positions, slot mapping
+``[G, B]``, batch rows, slot counts ``[G, B]``); the graph gathers the first ``w`` columns of the rows' slot tables
+(``w`` a power-of-two bucket of the longest row; the kernels stop at each row's count) and runs the model and the
+LM head. A batch of ``B`` rows replays the graph of the smallest bucket ``b >= B`` (captured on first use); the
+``b - B`` padding rows write to the pool's scratch slot and attend to nothing.
+Slot allocation, sampling and eviction happen outside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import StepContext
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 8 up to ``max_num_seqs`` (always included)."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+def width_bucket(width: int, max_len: int) -> int:
+    """Slot-table columns a graph reads: the next power of two >= ``width`` (at least 256), at most ``max_len``."""
+    w = 256
+    while w < width:
+        w *= 2
+    return min(w, max_len)
+
+
+class DecodeGraphs:
+    """Captured decode steps of ``model`` over ``pool``, keyed by (batch bucket, table-width bucket) and captured
+    on first use; ``attention`` is the :class:`~.attention.PoolAttention` the model calls."""
+
+    def __init__(self, model, pool, max_num_seqs: int, attention):
+        self.model, self.pool, self.attention = model, pool, attention
+        self.buckets = batch_buckets(max_num_seqs)
+        dev, G, B = pool.device, pool.num_groups, max(self.buckets)
+        self.ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((G, B), pool.scratch_slot, dtype=torch.long, device=dev)
+        self.rows = torch.zeros(B, dtype=torch.long, device=dev)
+        self.lens = torch.zeros(G, B, dtype=torch.int32, device=dev)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # One output buffer for every graph, so no graph keeps its own [b, V] logits alive in the graph pool.
+        self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
+        self.mempool = None                                  # one graph memory pool, made at the first capture
+
+    def _forward(self, b: int, w: int) -> torch.Tensor:
+        tables = self.pool.tables[:, :, :w].index_select(1, self.rows[:b])            # [G, b, w]
+        self.attention.ctx = StepContext(self.slot_mapping[:, :b], tables=tables, lens=self.lens[:, :b])
+        self.logits[:b].copy_(self.model.logits(self.model(self.ids[:b], self.positions[:b])))
+        self.attention.ctx = None
+
+    def _capture(self, b: int, w: int) -> None:
+        """Warm up (Triton compilation) and capture. The warm-up runs on the step's real inputs: it writes the
+        same K/V to the same slots as the replay that follows, so it changes nothing."""
+        if self.mempool is None:
+            self.mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(b, w)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
+                self._forward(b, w)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graphs[(b, w)] = graph
+
+    def can_run(self, batch: int) -> bool:
+        return batch <= self.buckets[-1]
+
+    def run(self, ids, positions, slot_mapping, rows, lens, width: int) -> torch.Tensor:
+        """Inputs as in an eager decode step (``[B]``, ``[B]``, ``[G, B]``, ``[B]``, ``[G, B]``; ``width``: the
+        longest row's slot count) -> ``[B, V]`` float32 logits."""
+        B = ids.shape[0]
+        b = next(size for size in self.buckets if size >= B)
+        w = width_bucket(width, self.pool.max_len)
+        self.ids[:B].copy_(ids)
+        self.positions[:B].copy_(positions)
+        self.slot_mapping[:, :B].copy_(slot_mapping)
+        self.rows[:B].copy_(rows)
+        self.lens[:, :B].copy_(lens)
+        if b > B:                                             # padding rows: scratch slot, nothing to attend
+            self.ids[B:b].zero_()
+            self.positions[B:b].zero_()
+            self.slot_mapping[:, B:b].fill_(self.pool.scratch_slot)
+            self.rows[B:b].zero_()
+            self.lens[:, B:b].zero_()
+        if (b, w) not in self.graphs:
+            self._capture(b, w)
+        self.graphs[(b, w)].replay()
+        return self.logits[:B].clone()
+
+
+@torch.inference_mode()
+def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
+    ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
+    gathered K/V, and head-repeated K/V in case SDPA lacks GQA), estimated from shapes."""
+    from .attention import PoolAttention, Segment
+    from .kv_pool import KVPool
+
+    chunk = cfg.chunk_prefill_size
+    n_chunks = max(1, cfg.max_num_batched_tokens // chunk)
+    T = n_chunks * chunk
+    pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, T, n_chunks, chunk, False, dtype, device)
+    attention = PoolAttention(pool)
+    model.set_backend(attention)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    slot_mapping = pool.allocate(list(range(n_chunks)), [chunk] * n_chunks)
+    attention.ctx = StepContext(slot_mapping, [Segment(r, r * chunk, chunk, chunk) for r in range(n_chunks)])
+    ids = torch.zeros(T, dtype=torch.long, device=device)
+    hidden = model(ids, torch.arange(T, device=device) % chunk)
+    model.logits(hidden[-n_chunks:])
+    attention.ctx = None
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - sum(t.numel() * t.element_size() for t in pool.k + pool.v)
+    del pool, attention, hidden
+    torch.cuda.empty_cache()
+    elt = torch.tensor([], dtype=dtype).element_size()
+    H, Hkv, D = model.num_heads, model.num_kv_heads, model.head_dim
+    context_extra = max_model_len * D * elt * 2 * (H + Hkv)
+    return int(peak + context_extra)

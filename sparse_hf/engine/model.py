@@ -1,0 +1,182 @@
+"""A compact Llama / Qwen2 / Qwen3 decoder for the engine: packed tokens in, hidden states out.
+
+Tokens of every sequence in a step are packed along one axis ``T`` (no padding). The attention layers know
+nothing of scheduling: each calls ``backend.attend(layer_idx, q, k, v, scale)`` (see :mod:`.attention`), which
+reads the per-step context (slot mapping, slot tables) set by the runner.
+
+Differences from the transformers modules: q/k/v and gate/up are fused into one matmul each; Qwen2 has a qkv bias;
+Qwen3 normalises q and k per head before RoPE. RoPE's ``inv_freq`` comes from transformers' own rotary module, so
+every ``rope_scaling`` type that module supports without runtime updates works (``dynamic`` is refused).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "MistralForCausalLM": "llama"}
+
+
+def model_family(hf_config) -> str:
+    """``"llama"``, ``"qwen2"`` or ``"qwen3"`` from a transformers config; other models raise."""
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    by_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
+    if hf_config.model_type in by_type:
+        return by_type[hf_config.model_type]
+    raise NotImplementedError(f"the engine runs Llama, Qwen2 and Qwen3 models; got model_type="
+                              f"{hf_config.model_type!r} (architectures {names}); use the HF path for this model")
+
+
+def head_dim_of(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32 (as transformers does). ``x``: ``[..., dim]``."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE from a precomputed ``[max_positions, head_dim]`` cos/sin table indexed by absolute position."""
+
+    def __init__(self, hf_config, max_positions: int):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if rope_type == "dynamic":
+            raise NotImplementedError("rope_type='dynamic' updates RoPE at run time; the engine does not support it")
+        reference = LlamaRotaryEmbedding(config=hf_config)
+        inv_freq = reference.inv_freq.float()
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scaling = float(reference.attention_scaling)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[T, heads, D]``, ``positions``: ``[T]`` long -> rotated ``x``."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Fused-QKV self-attention of one layer; the attention itself is the backend's."""
+
+    def __init__(self, hf_config, family: str, layer_idx: int, rotary: Rotary):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = hf_config.num_key_value_heads
+        self.head_dim = head_dim_of(hf_config)
+        self.scale = self.head_dim ** -0.5
+        bias = family == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(hf_config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, hf_config.hidden_size, bias=bool(getattr(hf_config, "attention_bias", False)))
+        self.qk_norm = family == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+        self.rotary = rotary
+        self.backend = None                           # set by the runner (``EngineModel.set_backend``)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[T, hidden]``, ``positions``: ``[T]`` -> ``[T, hidden]``."""
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        out = self.backend.attend(self.layer_idx, q, k, v, self.scale)          # [T, H, D]
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused."""
+
+    def __init__(self, hf_config):
+        super().__init__()
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise NotImplementedError(f"hidden_act={act!r}: the engine supports silu MLPs")
+        self.inter = hf_config.intermediate_size
+        self.gate_up_proj = nn.Linear(hf_config.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, hf_config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_config, family: str, layer_idx: int, rotary: Rotary):
+        super().__init__()
+        self.self_attn = Attention(hf_config, family, layer_idx, rotary)
+        self.mlp = MLP(hf_config)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class EngineModel(nn.Module):
+    """The decoder plus LM head. ``forward(input_ids [T], positions [T]) -> hidden [T, hidden]``;
+    ``logits(hidden [n, hidden]) -> [n, vocab]`` float32."""
+
+    def __init__(self, hf_config, max_positions: int):
+        super().__init__()
+        self.family = model_family(hf_config)
+        self.config = hf_config
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = hf_config.num_key_value_heads
+        self.head_dim = head_dim_of(hf_config)
+        rotary = Rotary(hf_config, max_positions)
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(hf_config, self.family, i, rotary) for i in range(self.num_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if not self.tied:
+            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.rotary = rotary
+
+    def set_backend(self, backend) -> None:
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,91 @@
+"""Per-request state (``Request``) and what ``step()`` returns for it (``RequestOutput``)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step.
+
+    Attributes:
+        token_ids: every token generated so far; text: their detokenised text.
+        finish_reason: ``None`` while running, else ``"stop"``, ``"length"`` or ``"abort"``.
+        metrics: ``ttft_s``, ``decode_tok_s``, ``num_preemptions``, ``kept_kv_tokens`` (slots the request holds,
+            summed over layers, at its last step).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    metrics: dict = field(default_factory=dict)
+
+
+class Request:
+    """One sequence: its tokens, its row in the pool, and how many of its tokens have K/V in the pool.
+
+    Lifecycle: waiting -> running (prefill chunks until ``num_computed == num_tokens``; the last chunk's logits
+    give the first new token) -> running (decode: one token per step) -> finished. Preemption drops the row and
+    sends it back to waiting with ``num_computed = 0``: prompt and generated tokens are recomputed as a prompt.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: Any):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.row: int | None = None
+        self.num_computed = 0
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.kept_kv_tokens = 0
+        #: Last prompt queries per layer (``[H, W, D]``) for methods that score with an observation window.
+        self.query_windows: dict[int, torch.Tensor] = {}
+        self.text = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the newest one lack K/V (a prompt, or a recompute after preemption)."""
+        return not self.output_token_ids or self.num_computed < self.num_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def preempt(self) -> None:
+        self.row = None
+        self.num_computed = 0
+        self.query_windows.clear()
+        self.num_preemptions += 1
+
+    def metrics(self) -> dict:
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival_time
+        decode_tok_s = None
+        n = len(self.output_token_ids)
+        if n > 1 and self.last_token_time is not None and self.last_token_time > self.first_token_time:
+            decode_tok_s = (n - 1) / (self.last_token_time - self.first_token_time)
+        return {"ttft_s": ttft, "decode_tok_s": decode_tok_s, "num_generated": n,
+                "num_preemptions": self.num_preemptions, "kept_kv_tokens": self.kept_kv_tokens}
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, list(self.prompt_token_ids), list(self.output_token_ids), self.text,
+                             self.finished, self.finish_reason, self.metrics())

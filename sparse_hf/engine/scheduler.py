@@ -1,0 +1,105 @@
+"""Continuous batching: which requests run in the next step, and how many of their tokens.
+
+Policy (plain Python, no model code):
+
+- A step is either a *prefill* step (chunks of up to ``chunk_prefill_size`` tokens of one or more requests,
+  ``max_num_batched_tokens`` in all) or a *decode* step (one token for every decoding row). They are separate
+  steps; when both kinds of work wait, they alternate, so neither starves.
+- Prefill serves requests in arrival order: first the ones already holding a row (mid-prompt), then waiting ones
+  while fewer than ``max_num_seqs`` rows are taken. A chunk only takes free slots (a prompt holds one slot per
+  token and layer until its eviction runs); a request that does not fit waits.
+- Under memory pressure (a decode step lacks slots, or nothing at all can run) the most recently arrived running
+  request is preempted: its slots are freed and it goes back to the front of the queue, to be recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class Scheduler:
+    """Args: config: :class:`~.config.EngineConfig`; pool: :class:`~.kv_pool.KVPool`."""
+
+    def __init__(self, config, pool):
+        self.config, self.pool = config, pool
+        self.waiting: deque = deque()
+        self.running: list = []                     # requests holding a row, in arrival order
+        self.free_rows = list(range(pool.max_rows - 1, -1, -1))
+        self.last_was_prefill = False
+
+    def add(self, req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- rows ------------------------------------------------------------------------------------------------
+    def _admit(self, req) -> None:
+        req.row = self.free_rows.pop()
+        self.running.append(req)
+
+    def release(self, req) -> None:
+        """Free ``req``'s row and slots (finished, aborted or preempted)."""
+        if req.row is not None:
+            self.pool.release_row(req.row)
+            self.free_rows.append(req.row)
+            req.row = None
+        if req in self.running:
+            self.running.remove(req)
+
+    def preempt_newest(self) -> None:
+        victim = max(self.running, key=lambda r: r.arrival_time)
+        self.release(victim)
+        victim.preempt()
+        self.waiting.appendleft(victim)
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def schedule(self):
+        """``("prefill", [(request, n_tokens), ...])``, ``("decode", [request, ...])`` or ``(None, [])``."""
+        while True:
+            decoding = [r for r in self.running if not r.in_prefill]
+            want_decode = bool(decoding) and (self.last_was_prefill or not self._prefill_pending())
+            if not want_decode:
+                chunks = self._prefill_chunks()
+                if chunks:
+                    self.last_was_prefill = True
+                    return "prefill", chunks
+            if decoding:
+                if self.pool.num_free() >= len(decoding):
+                    self.last_was_prefill = False
+                    return "decode", decoding
+                if len(self.running) == 1:
+                    raise RuntimeError("the KV pool cannot hold one more token of the only running request; raise "
+                                       "num_kv_slots or gpu_memory_utilization, or lower max_model_len")
+                self.preempt_newest()
+                continue
+            if not self.running:
+                return None, []
+            if len(self.running) == 1 and self.waiting == deque():
+                raise RuntimeError("the KV pool cannot hold the one running request (scheduler invariant broken)")
+            self.preempt_newest()
+
+    def _prefill_pending(self) -> bool:
+        return bool(self.waiting) or any(r.in_prefill for r in self.running)
+
+    def _prefill_chunks(self) -> list:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        free = self.pool.num_free()
+        chunks = []
+        for req in [r for r in self.running if r.in_prefill]:
+            n = min(cfg.chunk_prefill_size, req.num_tokens - req.num_computed, budget, free)
+            if n <= 0:
+                break
+            chunks.append((req, n))
+            budget, free = budget - n, free - n
+        while self.waiting and budget > 0 and self.free_rows:
+            req = self.waiting[0]
+            n = min(cfg.chunk_prefill_size, req.num_tokens, budget)
+            if n > free:                       # waits until slots free up (no partial first chunk below a chunk)
+                break
+            self.waiting.popleft()
+            self._admit(req)
+            chunks.append((req, n))
+            budget, free = budget - n, free - n
+        return chunks

@@ -1,0 +1,98 @@
+"""Weights into an :class:`~.model.EngineModel`: from HF safetensors (sharded or not) or an in-memory model.
+
+HF names map onto the engine's fused parameters: ``q_proj``/``k_proj``/``v_proj`` are the three row blocks of
+``qkv_proj``, ``gate_proj``/``up_proj`` the two of ``gate_up_proj``; every other name maps one to one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+
+#: HF projection name -> (engine parameter, block index in the fused weight).
+PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The ``*.safetensors`` files of a model directory (via ``model.safetensors.index.json`` when sharded)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path!r}; save the model with save_pretrained(..., "
+                                "safe_serialization=True)")
+    return [os.path.join(path, f) for f in files]
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _block_slices(param_name: str, model) -> dict[int, slice]:
+    """Row ranges of each block of a fused weight (``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up)."""
+    if param_name == "qkv_proj":
+        q = model.num_heads * model.head_dim
+        kv = model.num_kv_heads * model.head_dim
+        return {0: slice(0, q), 1: slice(q, q + kv), 2: slice(q + kv, q + 2 * kv)}
+    inter = model.config.intermediate_size
+    return {0: slice(0, inter), 1: slice(inter, 2 * inter)}
+
+
+@torch.no_grad()
+def load_weights(model, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named ``tensors`` into ``model`` (cast to its dtype); every engine parameter must be filled."""
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {}
+    expected = {name: 1 for name in params}
+    for name, p in params.items():
+        if ".qkv_proj." in name:
+            expected[name] = 3
+        elif ".gate_up_proj." in name:
+            expected[name] = 2
+    for hf_name, tensor in tensors:
+        name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and model.tied:
+            continue
+        target, block = name, None
+        for hf_proj, (fused, index) in PACKED.items():
+            if f".{hf_proj}." in name:
+                target, block = name.replace(f".{hf_proj}.", f".{fused}."), index
+                break
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the engine's {model.family} model")
+        param = params[target]
+        dst = param if block is None else param[_block_slices(target.split(".")[-2], model)[block]]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != engine shape {tuple(dst.shape)}")
+        dst.copy_(tensor.to(dtype=param.dtype))
+        filled[target] = filled.get(target, 0) + 1
+    missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
+    if missing:
+        raise ValueError(f"the checkpoint lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+@torch.no_grad()
+def init_random_weights(model, std: float = 0.02, seed: int = 0) -> None:
+    """Random weights (normal, ``std``; norms at 1) for benchmarks of a model shape without a checkpoint."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)

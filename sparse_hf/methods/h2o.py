@@ -1,0 +1,109 @@
+"""H2O, the heavy-hitter oracle (Zhang et al., 2023): keep the sinks, the recent tokens and the tokens that have
+received the most attention so far, re-evicting at every decode step under a fixed budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TopTokensConfig, resolve_counts
+from .base import EvictionMethod
+from .selection import select_keep
+
+
+@dataclass(frozen=True)
+class H2OConfig(TopTokensConfig):
+    """H2O's knobs: the shared ones. ``num_top_tokens`` (a count or a fraction of each row's prompt) heavy
+    hitters are kept beyond sinks and recent tokens, at prefill and at every decode step."""
+
+    method_name = "h2o"
+
+
+def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
+                   query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
+                   block: int = 256) -> torch.Tensor:
+    """Accumulated attention of a block of queries on every slot, per KV head.
+
+    For every real query and query head: the causal softmax of ``scaling * q.k`` over the real slots whose
+    logical column is at most the query's. The result is the **sum** of those probabilities over the queries and
+    over the ``G`` query heads of each KV head (the total attention mass that KV head's token received).
+
+    Args:
+        queries: ``[B, H, q, D]``; keys: ``[B, Hkv, L, D]``.
+        key_pos: ``[B, Hkv, L]`` long logical columns; key_valid: ``[B, Hkv, L]`` bool.
+        query_pos: ``[q]`` long logical columns of the queries.
+        query_valid: ``[B, q]`` bool or ``None``.
+        scaling: softmax scale.
+        block: queries per step (bounds the ``[B, H, block, L]`` temporary).
+
+    Returns:
+        ``[B, Hkv, L]`` in float32 (float64 for float64 inputs).
+    """
+    B, H, q, D = queries.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    G = H // Hkv
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    k = keys.to(dtype)
+    mass = torch.zeros(B, Hkv, L, dtype=dtype, device=keys.device)
+    for start in range(0, q, block):
+        end = min(q, start + block)
+        qb = queries[:, :, start:end].to(dtype).view(B, Hkv, G, end - start, D)
+        logits = torch.einsum("bkgqd,bkld->bkgql", qb, k) * scaling             # [B, Hkv, G, q', L]
+        allowed = key_valid.unsqueeze(2) & (key_pos.unsqueeze(2) <= query_pos[start:end].view(1, 1, -1, 1))
+        logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        if query_valid is not None:
+            probs = probs * query_valid[:, start:end].to(dtype).view(B, 1, 1, -1, 1)
+        mass += probs.sum(dim=(2, 3))
+    return mass
+
+
+class H2O(EvictionMethod):
+    """Keeps sink + the ``num_top_tokens`` heavy hitters + recent tokens, per KV head.
+
+    A token's score is its accumulated attention (:func:`attention_mass`: summed over every query seen so far,
+    prompt and generated, and over the query heads of its KV group). When the prompt is complete each row keeps
+    ``budget = sinks + recent + top`` slots; at every decode step the new token joins and, once a row holds more
+    than its budget, the lowest-scored middle token leaves. Decode therefore syncs with the device once per layer
+    and step (to know whether to evict) and is not captured in CUDA graphs.
+    """
+
+    name = "h2o"
+    config_class = H2OConfig
+    evicts_during_decode = True
+    accumulates_attention = True
+
+    def accumulate(self, queries, keys, key_pos, key_valid, query_pos, query_valid, scaling):
+        return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling)
+
+    def row_budget(self, valid: torch.Tensor) -> torch.Tensor:
+        """``[B]`` long: sinks + recent + top per row, top resolved against the row's real prompt tokens."""
+        c = self.config
+        return c.num_sink_tokens + c.num_recent_tokens + resolve_counts(c.num_top_tokens, valid.sum(-1).amax(-1))
+
+    def _keep(self, valid, scores, budget):
+        c = self.config
+        if not bool((valid.sum(-1).amax(-1) > budget).any()):
+            return None
+        top = (budget - c.num_sink_tokens - c.num_recent_tokens).clamp_min(0)
+        return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, top)
+
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+        """From every prompt query at once (``queries`` ``[B, H, L, D]``, slot ``i`` = column ``i``); the HF cache
+        accumulates per prefill chunk instead (:meth:`accumulate` + :meth:`prefill_keep_scored`)."""
+        L = keys.shape[2]
+        if queries is None or queries.shape[2] != L:
+            raise ValueError(f"{self.name} scores tokens by the attention of every prompt query: pass all {L} "
+                             "prompt queries, or accumulate per chunk with accumulate() and prefill_keep_scored()")
+        cols = torch.arange(L, device=keys.device)
+        mass = self.accumulate(queries, keys, cols.expand_as(valid), valid, cols, query_valid, scaling)
+        return self.prefill_keep_scored(layer_idx, valid, mass)
+
+    def prefill_keep_scored(self, layer_idx, valid, scores):
+        return self._keep(valid, scores, self.row_budget(valid))
+
+    def decode_keep(self, layer_idx, valid, scores=None, row_budget=None):
+        if scores is None or row_budget is None:
+            raise ValueError("h2o's decode_keep needs the accumulated scores and the row budgets")
+        return self._keep(valid, scores, row_budget)
