@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
                         cache = out.past_key_values
                         usage = sparse_hf.kv_usage(cache)
-                        layer = next(l for l in cache.layers if hasattr(l, "latent"))
+                        layer = next(l for l in cache.layers if hasattr(l, "state"))
                         n = usage.logical_tokens
                         parts = ", ".join(f"{k} {v / n:.0f}" for k, v in layer.bytes_by_part().items())
                         print(f"| {dtype} | {bits} | {layers} | {recent} | {n} | {usage.ratio:.1%} | {parts} |",

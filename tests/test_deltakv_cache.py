@@ -24,7 +24,7 @@ def test_identity_compressor_matches_full_cache(arch):
     cfg = dict(BASE, compressor=DeltaKVCompressor.identity_for(model.config), num_top_tokens=1.0)
     out = greedy(model, ids, mask, new_tokens=16, cache_implementation="deltakv", cache_config=cfg,
                  output_logits=True, return_dict_in_generate=True)
-    assert out.past_key_values.layers[2].num_compressed > 30          # most tokens went through compression
+    assert min(out.past_key_values.layers[2].compressed_per_row()) > 20   # most tokens went through compression
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -47,9 +47,9 @@ def _oracle(module, query, key, value, attention_mask, dropout=0.0, scaling=None
         return out
     if q_len > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
-    head, n = ORACLE["head"], ORACLE["n"]
     allowed = torch.zeros(B, 1, 1, L, dtype=torch.bool)
     for b in range(B):
+        head, n = ORACLE["head"][b], ORACLE["n"][b]      # each row: its own sinks and compressed count
         allowed[b, 0, 0, :head] = True
         allowed[b, 0, 0, head + n:] = True
         region = ORACLE["scores"][b][head:head + n]
@@ -67,9 +67,10 @@ def _oracle(module, query, key, value, attention_mask, dropout=0.0, scaling=None
 
 def _advance_flush(seen):
     r = ORACLE["cfg"]["num_recent_tokens"]
-    buffered = seen - ORACLE["head"] - ORACLE["n"]
-    if buffered >= 2 * r:
-        ORACLE["n"] += (buffered - r) // r * r
+    for b, head in enumerate(ORACLE["head"]):
+        buffered = seen - head - ORACLE["n"][b]
+        if buffered >= 2 * r:
+            ORACLE["n"][b] += (buffered - r) // r * r
 
 
 def _naive_scores(query, key, attention_mask, scaling, cfg):
@@ -100,8 +101,8 @@ def test_top_k_selection_matches_naive_oracle(arch):
     out = greedy(model, ids, mask, new_tokens=10, cache_implementation="deltakv", cache_config=cfg,
                  output_logits=True, return_dict_in_generate=True)
     P = ids.shape[1]
-    pads = int((mask == 0).sum(-1).max())
-    ORACLE.update(cfg=cfg, head=pads + cfg["num_sink_tokens"], n=0)
+    pads = (mask == 0).sum(-1).tolist()
+    ORACLE.update(cfg=cfg, head=[p + cfg["num_sink_tokens"] for p in pads], n=[0] * len(pads))
     _advance_flush(P)                                   # the prompt's own flush
     model.set_attn_implementation("deltakv_oracle")
     ref = greedy(model, ids, mask, new_tokens=10, output_logits=True, return_dict_in_generate=True)
@@ -136,6 +137,8 @@ def test_deltakv_path_round_trip(tmp_path):
     b = greedy(model, ids, mask, cache_config=dict(BASE, deltakv_path=str(tmp_path / "comp"), num_top_tokens=6),
                **kw)
     assert torch.equal(a.sequences, b.sequences)
+    core = greedy(model, ids, mask, cache_config=dict(BASE, compressor=comp.projections, num_top_tokens=6), **kw)
+    assert torch.equal(a.sequences, core.sequences)                   # the core module serves as well
 
 
 def test_bad_input():
@@ -181,9 +184,9 @@ def test_quantized_latents_shrink_memory_and_stay_close(bits):
     plain = greedy(model, ids, mask, cache_config=cfg, **kw)
     quant = greedy(model, ids, mask, cache_config=dict(cfg, kv_quant_bits=bits), **kw)
     layer_p, layer_q = plain.past_key_values.layers[3], quant.past_key_values.layers[3]
-    assert layer_q.latent.codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert layer_q.state.latent.codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
     # fp32 latents of 32 values (128 bytes) -> int8: 32 + 4 bytes; int4: 16 + 2 + 2 bytes
-    assert layer_q.latent.nbytes() == layer_p.latent.nbytes() * (36 if bits == 8 else 20) // 128
+    assert layer_q.state.latent.nbytes() == layer_p.state.latent.nbytes() * (36 if bits == 8 else 20) // 128
     assert layer_q.allocated_bytes() < layer_p.allocated_bytes()
     tol = 5e-2 if bits == 8 else 2e-1
     torch.testing.assert_close(quant.logits[0], plain.logits[0], atol=tol, rtol=tol)
@@ -198,7 +201,7 @@ def test_unrotate_inverts_rope_with_scaling_in_float64():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from sparse_hf.hf.deltakv_cache import rotate, unrotate
+    from sparse_hf.deltakv.rope import rotate, unrotate
 
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
                          rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
@@ -221,17 +224,14 @@ def test_pre_rope_keys_are_kept_only_behind_k_norm(arch):
     out = greedy(model, ids, mask, new_tokens=2, cache_implementation="deltakv", return_dict_in_generate=True,
                  cache_config=dict(BASE, compressor=comp, num_top_tokens=1.0))
     layer = out.past_key_values.layers[3]
-    assert layer.num_compressed > 0
+    assert min(layer.compressed_per_row()) > 0
     assert (layer.raw_kpre is not None) == (arch == "qwen3")
 
 
 def test_father_ids_are_int16_until_the_centers_outgrow_it():
-    from sparse_hf.hf.deltakv_cache import _cat_ids
+    from sparse_hf.deltakv.state import _father_dtype
 
-    ids = torch.tensor([[[0, 5], [7, -1]]])
-    small = _cat_ids(None, ids, num_centers=100)
-    assert small.dtype == torch.int16
-    grown = _cat_ids(small, torch.tensor([[[40000, 3]]]), num_centers=40001)
-    assert grown.dtype == torch.int32
-    assert grown.tolist() == [[[0, 5], [7, -1], [40000, 3]]]
-    assert _cat_ids(grown, ids, num_centers=100).dtype == torch.int32   # never narrows again
+    assert _father_dtype(100, None) == torch.int16                      # half the bytes while centers fit
+    assert _father_dtype(40001, None) == torch.int32
+    assert _father_dtype(40001, torch.zeros(1, dtype=torch.int16)) == torch.int32
+    assert _father_dtype(100, torch.zeros(1, dtype=torch.int32)) == torch.int32   # never narrows again

@@ -250,3 +250,39 @@ def test_ddp_training_with_two_processes(workdir, tmp_path):
     final = [line for line in result.stdout.splitlines() if "train_runtime" in line][-1]
     epoch = float(final.split("'epoch': '")[1].split("'")[0])
     assert abs(epoch - 4 * 2 / blocks) < 1e-3, (epoch, blocks)
+
+
+# -- train/serve agreement -------------------------------------------------------------------------------------------------
+def test_serving_uses_the_clustering_the_compressor_was_trained_with(workdir, tmp_path, monkeypatch):
+    import sparse_hf
+    from sparse_hf import SparseConfig
+    from sparse_hf.deltakv import state as deltakv_state
+
+    run(argv(workdir, tmp_path / "c", "--max_steps", "3", "--save_strategy", "no", "--cluster_metric", "cosine",
+             "--cluster_ratio", "0.25", "--neighbor_count", "2"))
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model").eval()
+    caller = SparseConfig(full_attn_layers="0", num_recent_tokens=4, deltakv_path=str(tmp_path / "c"))
+    before = caller.to_dict()
+    cache = sparse_hf.DeltaKVCache(model.config, caller)
+    served = cache.sparse_config
+    assert (served.cluster_metric, served.num_sink_tokens, served.deltakv_neighbor_count, cache.method.step) == \
+        ("cosine", 16, 2, 4)                                             # the training's, not 'l2' and 8 sinks
+    assert caller.to_dict() == before                                    # the caller's config is unchanged
+    as_dict = dict(full_attn_layers="0", num_recent_tokens=4, deltakv_path=str(tmp_path / "c"))
+    cache = sparse_hf.DeltaKVCache(model.config, as_dict)
+    assert (cache.sparse_config.cluster_metric, cache.sparse_config.num_sink_tokens) == ("cosine", 16)
+
+    # the flushes really cluster with the cosine metric
+    metrics = []
+    real = deltakv_state.nearest_centers
+    monkeypatch.setattr(deltakv_state, "nearest_centers",
+                        lambda *a, **kw: metrics.append(a[5]) or real(*a, **kw))
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, past_key_values=cache)
+    assert metrics and set(metrics) == {"cosine"}
+
+    # an explicit knob wins over the training record
+    knobs = dict(full_attn_layers="0", num_recent_tokens=4, deltakv_path=str(tmp_path / "c"))
+    cache = sparse_hf.DeltaKVCache(model.config, **knobs, cluster_metric="l2", num_sink_tokens=8)
+    assert (cache.sparse_config.cluster_metric, cache.sparse_config.num_sink_tokens) == ("l2", 8)
+    assert cache.sparse_config.deltakv_neighbor_count == 2

@@ -25,7 +25,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from sparse_hf.deltakv.clustering import METRICS, cluster_reconstruct
-from sparse_hf.hf.deltakv_cache import rotate
+from sparse_hf.deltakv.rope import rotate
 
 MODES = ("reconstruct", "record", "off")
 

@@ -1,14 +1,9 @@
-"""The DeltaKV compressor: one learned down/up projection pair per layer, as a Hugging Face model.
+"""The Hub-facing DeltaKV compressor: :class:`DeltaKVCompressor`, a ``PreTrainedModel`` around the core
+:class:`~sparse_hf.deltakv.projections.DeltaKVProjections` (the plain ``nn.Module`` with the math).
 
-DeltaKV stores an old token as ``latent = down(x) - down(ref)`` and rebuilds it as ``up(latent) + ref``, where
-``x = concat(K, V)`` over all KV heads **before RoPE** (Qwen3: also before ``k_norm``), so
-``D = 2 * num_key_value_heads * head_dim``, and ``ref`` is the mean of the token's nearest cluster centers
-(see :mod:`sparse_hf.deltakv.clustering`). The layout of ``x`` is ``[K head 0 .. K head n-1, V head 0 .. V head n-1]``,
-each head ``head_dim`` wide: exactly ``torch.cat([k_proj(h), v_proj(h)], -1)``.
-
-``DeltaKVCompressor`` is a ``PreTrainedModel``: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as
-for any HF model, ``save_pretrained`` also writes a README.md model card, and ``from_pretrained`` additionally
-reads checkpoints written by the reference trainer (see :mod:`sparse_hf.deltakv.reference_format`).
+``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` work as for any HF model, ``save_pretrained`` also
+writes a README.md model card, and ``from_pretrained`` additionally reads checkpoints written by the reference
+trainer (see :mod:`sparse_hf.deltakv.reference_format`). The core never imports this module.
 """
 
 from __future__ import annotations
@@ -19,29 +14,18 @@ import tempfile
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 
+from sparse_hf.deltakv.projections import PROJECTION_TYPES  # noqa: F401  (re-exported: the trainer CLI checks it)
+from sparse_hf.deltakv.projections import DeltaKVProjections, normalize_projection_type
+
 try:  # transformers >= 5 spells it PreTrainedConfig; PretrainedConfig stays as an alias
     from transformers import PreTrainedConfig
 except ImportError:  # pragma: no cover
     from transformers import PretrainedConfig as PreTrainedConfig
-
-#: Projection types, and the aliases the reference accepts for them.
-PROJECTION_TYPES = ("linear", "mlp_gelu", "mlp_swiglu")
-_ALIASES = {"linear": "linear", "mlp": "mlp_gelu", "gelu": "mlp_gelu", "mlp_gelu": "mlp_gelu",
-            "swiglu": "mlp_swiglu", "mlp_swiglu": "mlp_swiglu"}
-
-
-def normalize_projection_type(kind: Any) -> str:
-    """``'gelu'``/``'mlp'`` -> ``'mlp_gelu'``, ``'swiglu'`` -> ``'mlp_swiglu'``; anything unknown raises ValueError."""
-    name = str(kind).strip().lower()
-    if name not in _ALIASES:
-        raise ValueError(f"unknown compressor projection type {kind!r}; expected one of {', '.join(PROJECTION_TYPES)}")
-    return _ALIASES[name]
 
 
 def model_kv_shape(model_config: Any) -> tuple[int, int, int]:
@@ -51,29 +35,6 @@ def model_kv_shape(model_config: Any) -> tuple[int, int, int]:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return int(cfg.num_hidden_layers), int(kv_heads), int(head_dim)
-
-
-class SwiGLUProjection(nn.Module):
-    """``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x).chunk(2)``: [..., in] -> [..., out] through hidden ``h``."""
-
-    def __init__(self, in_size: int, hidden: int, out_size: int, bias: bool):
-        super().__init__()
-        self.w12 = nn.Linear(in_size, 2 * hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, out_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
-
-
-def build_projection(kind: str, in_size: int, out_size: int, hidden: int, bias: bool) -> nn.Module:
-    """One projection [..., in] -> [..., out]; parameter names match the reference (``.0/.2``, ``.w12/.w3``)."""
-    kind = normalize_projection_type(kind)
-    if kind == "linear":
-        return nn.Linear(in_size, out_size, bias=bias)
-    if kind == "mlp_gelu":
-        return nn.Sequential(nn.Linear(in_size, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, out_size, bias=bias))
-    return SwiGLUProjection(in_size, hidden, out_size, bias)
 
 
 @strict
@@ -139,18 +100,9 @@ class DeltaKVCompressorConfig(PreTrainedConfig):
         return own or self.intermediate_size or (self.kv_dim + self.kv_compressed_size) // 2
 
 
-class LayerCompressor(nn.Module):
-    """The ``down`` [..., D] -> [..., latent] and ``up`` [..., latent] -> [..., D] pair of one layer."""
-
-    def __init__(self, config: DeltaKVCompressorConfig):
-        super().__init__()
-        d, latent = config.kv_dim, config.kv_compressed_size
-        self.down = build_projection(config.down_type, d, latent, config.hidden_size_for("down"), config.bias)
-        self.up = build_projection(config.up_type, latent, d, config.hidden_size_for("up"), config.bias)
-
-
 class DeltaKVCompressor(PreTrainedModel):
-    """Per-layer DeltaKV projections; ``layers[str(i)]`` holds layer ``i``'s :class:`LayerCompressor`.
+    """Per-layer DeltaKV projections as a Hugging Face model; ``layers[str(i)]`` holds layer ``i``'s
+    :class:`LayerCompressor`, shared with :attr:`projections` (the core module that does the math).
 
     Inputs are cast to the compressor's dtype, and outputs stay in it: callers cast back to their KV dtype.
     """
@@ -165,8 +117,20 @@ class DeltaKVCompressor(PreTrainedModel):
         if min(config.num_hidden_layers, config.num_key_value_heads, config.head_dim) < 1:
             raise ValueError("DeltaKVCompressorConfig needs num_hidden_layers, num_key_value_heads and head_dim >= 1; "
                              "build one with DeltaKVCompressor.for_model(model.config, ...)")
-        self.layers = nn.ModuleDict({str(i): LayerCompressor(config) for i in config.layer_indices})
+        core = DeltaKVProjections(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                                  config.kv_compressed_size, config.layer_indices, config.down_type, config.up_type,
+                                  config.hidden_size_for("down"), config.hidden_size_for("up"), config.bias)
+        self.layers = core.layers                  # registered here: the state-dict keys stay ``layers.{i}...``
+        self.__dict__["_core"] = core              # not a submodule (its parameters are ours already)
         self.post_init()
+
+    @property
+    def projections(self) -> DeltaKVProjections:
+        """The core module (same parameters), with the training record of :attr:`config` as its training knobs."""
+        core = self.__dict__["_core"]
+        core.layers = self.layers                  # follows a replaced ModuleDict (e.g. after loading)
+        core.training_knobs = dict(self.config.training or {})
+        return core
 
     def _init_weights(self, module: nn.Module) -> None:
         """Linear layers get PyTorch's default scale, U(±1/sqrt(fan_in)), and zero bias."""
@@ -176,45 +140,23 @@ class DeltaKVCompressor(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
 
-    # -- the math ---------------------------------------------------------------------------------------------
-    def _layer(self, layer_idx: int) -> LayerCompressor:
-        key = str(int(layer_idx))
-        if key not in self.layers:
-            raise ValueError(f"layer {layer_idx} has no compressor; compressed layers: {self.config.layer_indices}")
-        return self.layers[key]
-
-    def _cast(self, x: torch.Tensor, width: int, what: str) -> torch.Tensor:
-        if x.shape[-1] != width:
-            raise ValueError(f"{what} must have last dim {width}, got shape {tuple(x.shape)}")
-        return x.to(self.dtype)
-
+    # -- the math (the core module's) ----------------------------------------------------------------------------
     def down(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
         """Project concat(K, V) [..., D] to the latent space [..., kv_compressed_size]."""
-        return self._layer(layer_idx).down(self._cast(x, self.config.kv_dim, "down's input concat(K, V)"))
+        return self.projections.down(layer_idx, x)
 
     def up(self, layer_idx: int, z: torch.Tensor) -> torch.Tensor:
         """Project a latent [..., kv_compressed_size] back to concat(K, V) space [..., D]."""
-        return self._layer(layer_idx).up(self._cast(z, self.config.kv_compressed_size, "up's input latent"))
+        return self.projections.up(layer_idx, z)
 
     def forward(self, x: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
         """Plain autoencoding ``up(down(x))`` of one layer, [..., D] -> [..., D] (no reference subtracted)."""
-        return self.up(layer_idx, self.down(layer_idx, x))
+        return self.projections(x, layer_idx)
 
     # -- construction -------------------------------------------------------------------------------------------
     def check_compatible(self, model_config: Any) -> None:
         """Raise ValueError when this compressor was not made for a model with ``model_config``'s KV shape."""
-        layers, kv_heads, head_dim = model_kv_shape(model_config)
-        c = self.config
-        problems = []
-        if c.num_hidden_layers != layers:
-            problems.append(f"it has {c.num_hidden_layers} layers but the model has {layers}")
-        if c.num_key_value_heads != kv_heads:
-            problems.append(f"it has {c.num_key_value_heads} KV heads but the model has {kv_heads}")
-        if c.head_dim != head_dim:
-            problems.append(f"its head_dim is {c.head_dim} but the model's is {head_dim}")
-        if problems:
-            raise ValueError(f"DeltaKV compressor (trained for {c.base_model or 'an unknown model'}) does not fit "
-                             f"this model: {'; '.join(problems)}. Use a compressor trained for this model.")
+        self.projections.check_shape(*model_kv_shape(model_config), trained_for=self.config.base_model)
 
     @classmethod
     def for_model(cls, model_config: Any, kv_compressed_size: int = 128, down_type: str = "linear",

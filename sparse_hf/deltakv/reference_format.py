@@ -102,7 +102,7 @@ def _infer_projection(params: dict[str, torch.Tensor], where: str) -> tuple[str,
 
 def _declared_type(cfg: dict, direction: str) -> str | None:
     """The type the reference config declares for ``direction`` ('auto' resolved), or None when it says nothing."""
-    from sparse_hf.deltakv.compressor import normalize_projection_type
+    from sparse_hf.deltakv.projections import normalize_projection_type
 
     kind = cfg.get(f"compressor_{direction}_type")
     if kind not in (None, "", "auto"):

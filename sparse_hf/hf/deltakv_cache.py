@@ -1,78 +1,70 @@
-"""``CompressedCache``: DeltaKV on the HF path.
+"""``CompressedCache``: DeltaKV on the HF path, a thin adapter over the core :mod:`sparse_hf.deltakv.state`.
 
 Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :class:`DeltaKVLayer`:
 
-- raw tokens (the head: padding + sinks, and the recent buffer): post-RoPE K/V and positions; when a token is
-  compressed, ``x = concat(K, V)`` before RoPE is formed from its V and its key with RoPE undone (behind a
-  Qwen3 ``k_norm``, which cannot be undone, the k_proj output is kept for the raw tokens instead);
-- compressed tokens: RoPE positions ``[B, N]``; for the non-centers also ``latent`` ``[B, N', latent]`` and
-  ``fathers`` ``[B, N', k]`` (indices into the centers; offset ``j`` is row ``j - j // step - 1``); no K/V;
-- centers: raw pre-RoPE ``x`` of the sinks and of every ``step``-th compressed token (offset ``j % step == 0``).
+- raw tokens (each row's sinks and recent buffer) in the slot buffers: post-RoPE K/V and logical columns, plus
+  their RoPE positions (``raw_pos``) and, behind a Qwen3 ``k_norm`` (which cannot be undone), the k_proj output
+  (``raw_kpre``); other models recover pre-RoPE keys by inverse RoPE when a token is compressed;
+- compressed tokens in a :class:`~sparse_hf.deltakv.state.CompressedState` (latents, father ids, raw centers).
 
-Logical columns are shared by the rows of a batch: the head covers every row's padding and sinks.
+Each row compresses its own tokens: its sinks are its first ``num_sink_tokens`` real tokens and its buffer is
+flushed by its own count, so a row's output does not depend on the other rows (or their padding).
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
-from ..deltakv import DeltaKVCompressor
-from ..deltakv.quant import QuantizedLatent, check_bits, dequantize, quantize
-from ..deltakv.clustering import compress, nearest_centers, reconstruct, reference_from_fathers
+import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..config import MethodConfig, cache_config_dict
+from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
+from ..deltakv.projections import DeltaKVProjections
+from ..deltakv.quant import check_bits
+from ..deltakv.rope import unrotate
+from ..deltakv.state import CompressedState, all_offsets, flush, rebuild_kv
 from .attention import masked_attention, query_validity
 from .layer import SlotLayer
 from .selection_cache import HAS_TRITON, SelectionCache, sparse_decode_attention
 
 
-def _cat(a, b, dim):
-    return b if a is None else torch.cat([a, b], dim)
-
-
-def _cat_ids(stored: torch.Tensor | None, ids: torch.Tensor, num_centers: int) -> torch.Tensor:
-    """Append father ids ``[B, n, k]`` as int16 while the centers fit (< 32768; half the bytes), else int32."""
-    dtype = torch.int16 if num_centers <= torch.iinfo(torch.int16).max else torch.int32
-    if stored is not None and stored.dtype != dtype:
-        stored = stored.to(torch.int32)
-        dtype = torch.int32
-    return _cat(stored, ids.to(dtype), 1)
-
-
-def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``k`` ``[B, Hkv, n, D]`` with ``cos``/``sin`` ``[B, n, D]`` (HF's rotate-half convention)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = k.shape[-1] // 2
-    rotated = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    return k * cos + rotated * sin
-
-
-def unrotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`rotate` (also with rope scaling folded into ``cos``/``sin``: divides by
-    ``cos^2 + sin^2``), so pre-RoPE keys need not be stored: ``[B, Hkv, n, D]``."""
-    return rotate(k, cos, -sin) / (cos * cos + sin * sin).unsqueeze(1)
-
-
 class DeltaKVLayer(SlotLayer):
-    """One compressed layer (see the module docstring). Reuses ``SlotLayer``'s HF cache API; its slot
-    buffers hold only the raw tokens."""
+    """One compressed layer. Reuses ``SlotLayer``'s HF cache API; its slot buffers hold only the raw tokens.
+
+    Attributes:
+        raw_kpre: ``[B, n, Hkv*D]`` pre-norm keys of the raw slots (``k_norm`` models only), else ``None``.
+        raw_pos: ``[B, n]`` RoPE positions of the raw slots.
+        state: the compressed tokens (``None`` until the prompt is complete).
+        pad: host list ``[B]``, padding columns per row (column = position + pad); ``col_offset`` the same ``[B, 1]``.
+    """
 
     def __init__(self):
         super().__init__()
-        self.raw_kpre = self.raw_pos = None       # [B, n_raw, Hkv*D] pre-norm keys (k_norm only), [B, n_raw] positions
-        self.head_end = None                      # columns < head_end stay raw forever
-        self.latent: QuantizedLatent | None = None  # [B, N, latent] codes (+ scales) per kv_quant_bits
-        self.fathers = self.comp_pos = None
-        self.num_compressed = 0
-        self.center_x = self.center_valid = None  # [B, M, Dx], [B, M]
-        self.center_cols = None                   # [M] logical columns of the centers
-        self.num_head_centers = 0
+        self.raw_kpre = self.raw_pos = None
+        self.state: CompressedState | None = None
+        self.pad: list[int] | None = None
+        self.col_offset = None
+        # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
+        self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
 
     def append_raw_k(self, kpre: torch.Tensor | None, pos: torch.Tensor) -> None:
         """Record new raw tokens' positions and, when given (layers with ``k_norm``), their pre-norm keys."""
         if kpre is not None:
-            self.raw_kpre = _cat(self.raw_kpre, kpre, 1)
-        self.raw_pos = _cat(self.raw_pos, pos.to(torch.int32), 1)
+            self.raw_kpre = kpre if self.raw_kpre is None else torch.cat([self.raw_kpre, kpre], 1)
+        pos = pos.to(torch.int32)
+        self.raw_pos = pos if self.raw_pos is None else torch.cat([self.raw_pos, pos], 1)
+
+    def set_columns(self) -> None:
+        """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step."""
+        self.all_offsets, valid = all_offsets(self.state)
+        self.comp_absent = ~valid
+        self.comp_cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(self.comp_absent, -1)
+        self.comp_cols_safe = self.comp_cols.clamp(min=0)
+
+    def compressed_per_row(self) -> list[int]:
+        """Compressed tokens per row."""
+        return list(self.state.counts) if self.state is not None else [0] * self.positions.shape[0]
 
     def allocated_bytes(self) -> int:
         return sum(self.bytes_by_part().values())
@@ -83,62 +75,83 @@ class DeltaKVLayer(SlotLayer):
 
     def bytes_by_part(self) -> dict[str, int]:
         """Allocated bytes of this layer by part; :meth:`allocated_bytes` is their sum."""
-        def size(*tensors):
-            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        def size(t):
+            return 0 if t is None else t.numel() * t.element_size()
 
-        return {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
-                "raw pre-norm keys (Qwen3 buffer)": size(self.raw_kpre), "raw positions": size(self.raw_pos),
-                "latents": self.latent.nbytes() if self.latent is not None else 0,
-                "centers": size(self.center_x), "father ids": size(self.fathers), "positions": size(self.comp_pos)}
+        parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
+                 "raw pre-norm keys (Qwen3 buffer)": size(self.raw_kpre), "raw positions": size(self.raw_pos)}
+        return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 
     def kept_per_row(self) -> list[int]:
         raw = (self.positions[:, 0] >= 0).sum(-1)
-        return (raw + self.num_compressed).tolist()
+        return [r + n for r, n in zip(raw.tolist(), self.compressed_per_row())]
 
     def _index_batch(self, index):
         super()._index_batch(index)
         index = index.to(self.device)
-        for name in ("raw_kpre", "raw_pos", "fathers", "comp_pos", "center_x", "center_valid"):
+        for name in ("raw_kpre", "raw_pos", "col_offset"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index])
-        if self.latent is not None:
-            self.latent = QuantizedLatent(*(t if t is None else t[index] for t in self.latent))
+        if self.state is not None:
+            # the host lists follow the index, read on the host only when rows differ (beams share a row's)
+            same = len(set(self.state.counts)) == 1 and len(set(self.pad)) == 1
+            host = [0] * index.shape[0] if same else index.tolist()
+            self.pad = [self.pad[i] for i in host]
+            self.state.index_rows(index, host)
+            if self.state.width:
+                self.set_columns()
+
+
+def _explicit_knobs(sparse_config, knobs: dict) -> set[str]:
+    """Knobs the caller set: the keyword knobs, the keys of a dict or ``SparseConfig``, or the fields of a method
+    config object that differ from their default."""
+    if knobs:
+        return set(knobs)
+    if isinstance(sparse_config, MethodConfig):
+        return {f.name for f in dataclasses.fields(sparse_config)
+                if f.default is not dataclasses.MISSING and getattr(sparse_config, f.name) != f.default}
+    return set(cache_config_dict(sparse_config))
 
 
 class CompressedCache(SelectionCache):
-    """The ``deltakv`` cache. Knobs: OmniKV's plus ``compressor`` (a :class:`DeltaKVCompressor`) or
-    ``deltakv_path`` (a directory or Hub id), ``cluster_ratio`` and ``deltakv_neighbor_count``."""
+    """The ``deltakv`` cache. Knobs: OmniKV's plus ``compressor`` (a :class:`DeltaKVCompressor` or the core
+    :class:`DeltaKVProjections`) or ``deltakv_path`` (a directory or Hub id), ``cluster_ratio``,
+    ``deltakv_neighbor_count`` and ``cluster_metric``. Every clustering knob the compressor was trained with
+    (sinks, cluster ratio, neighbour count, metric) is the default; the caller's config is never changed."""
 
     needs_raw_keys = True
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
         c, run = self.sparse_config, self.runtime
-        if run.compressor is None and not run.deltakv_path:
-            raise ValueError("deltakv needs a compressor: cache_config={'compressor': DeltaKVCompressor(...)} or "
-                             "{'deltakv_path': 'dir-or-hub-id'}")
+        self.method.check_runtime(run)
         comp = run.compressor if run.compressor is not None else DeltaKVCompressor.from_pretrained(run.deltakv_path)
-        if not isinstance(comp, DeltaKVCompressor):
-            raise ValueError(f"compressor must be a DeltaKVCompressor, got {type(comp).__name__}")
-        comp.check_compatible(self.model_config)
-        missing = [i for i in self.method.sparse_layers() if i not in comp.config.layer_indices]
+        if isinstance(comp, DeltaKVCompressor):
+            comp.check_compatible(self.model_config)
+            projections = comp.projections
+        elif isinstance(comp, DeltaKVProjections):
+            projections = comp
+            projections.check_shape(*model_kv_shape(self.model_config))
+        else:
+            raise ValueError(f"compressor must be a DeltaKVCompressor (or its core DeltaKVProjections), got "
+                             f"{type(comp).__name__}")
+        missing = [i for i in self.method.sparse_layers() if str(i) not in projections.layers]
         if missing:
             raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses "
                              f"(every layer not in full_attn_layers={list(self.method.full_layers)})")
         self.compressor = comp.eval()
-        check_bits(c.kv_quant_bits, comp.config.kv_compressed_size)
+        self.projections = projections
+        # Serving follows the compressor's training unless the caller set a knob: a new config, the caller's
+        # stays as it was.
+        self.sparse_config = self.method.with_compressor_defaults(
+            c, projections.serving_defaults(), _explicit_knobs(sparse_config, knobs))
+        self.method = type(self.method)(self.sparse_config, self.num_layers)
+        self.clustering = self.method.clustering()
+        check_bits(self.sparse_config.kv_quant_bits, projections.latent_size)
         self.obs_scores = None
-        # Clustering must match the compressor's training unless the caller overrides it.
-        training = getattr(comp.config, "training", None) or {}
-        trained = {}   # a new config: the caller's object is never modified
-        if c.cluster_ratio is None:
-            trained["cluster_ratio"] = float(training.get("cluster_ratio", 0.1))
-        if c.deltakv_neighbor_count is None:
-            trained["deltakv_neighbor_count"] = int(training.get("neighbor_count", 1))
-        if trained:
-            self.sparse_config = c.replace(**trained)
-            self.method = type(self.method)(self.sparse_config, self.num_layers)
+        self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
+        self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
 
     def make_layer(self, layer_idx: int):
         return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
@@ -149,7 +162,7 @@ class CompressedCache(SelectionCache):
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
-        raw_k = module.__dict__.pop("_sparse_hf_raw_k", None)
+        raw_k = self.raw_keys.pop(i, None)
         if self.method.is_full(i):
             if query.shape[2] > 1 and self.method.is_observer(i):
                 self.obs_scores = None
@@ -162,13 +175,13 @@ class CompressedCache(SelectionCache):
         if keep_pre_norm and raw_k is None:
             raise RuntimeError("deltakv needs the pre-norm keys; call sparse_hf.prepare_model(model) first")
         # Follow the model's device; checked until the first compression and at each prefill, not every step.
-        if (q_len > 1 or layer.head_end is None) and self.compressor.device != query.device:
-            self.compressor.to(query.device)
+        if (q_len > 1 or layer.state is None) and self.projections.device != query.device:
+            self.projections.to(query.device)
         pos = kwargs.get("position_ids")
         pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
                                                                        device=query.device).expand(B, q_len)
         layer.append_raw_k(raw_k.reshape(B, q_len, -1) if keep_pre_norm else None, pos)
-        if attention_mask is not None and layer.head_end is None:
+        if attention_mask is not None and not layer.compacted:
             layer.drop_padding(attention_mask)
         out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
         if self.prompt_complete(layer):
@@ -177,21 +190,17 @@ class CompressedCache(SelectionCache):
 
     # -- attention ------------------------------------------------------------------------------------------------
     def _attend_layer(self, module, layer, query, attention_mask, scaling, q_len):
-        if layer.head_end is None:
+        if not layer.compacted:
             # Nothing compressed yet: slots are the logical columns, so HF's mask and SDPA kernels apply as is
             # (no [q, n] mask of our own, which at a long prompt would not fit in memory).
             return sdpa_attention_forward(module, query, layer.keys, layer.values, attention_mask,
                                           scaling=scaling)[0]
         keys, values, cols = layer.keys, layer.values, layer.positions
-        if layer.num_compressed:
-            pick = None
-            if q_len == 1 and self.obs_scores is not None:
-                start = layer.head_end
-                pick = self.method.pick(self.obs_scores[:, start:start + layer.num_compressed],
-                                        layer.num_compressed, layer.seen)
-            rk, rv, rcols = self._rebuild(module, layer, pick)
-            keys, values = torch.cat([keys, rk], 2), torch.cat([values, rv], 2)
-            cols = torch.cat([cols, rcols], 2)                # rebuilt columns are >= 0: all attended
+        state = layer.state
+        if state.width:
+            rk, rv, rcols = self._rebuild(module, layer, q_len)
+            keys, values = torch.cat([keys, rk.to(keys.dtype)], 2), torch.cat([values, rv.to(values.dtype)], 2)
+            cols = torch.cat([cols, rcols], 2)
         if q_len == 1 and query.is_cuda and HAS_TRITON:   # decode on GPU: Triton, not SDPA's per-shape dispatch
             return sparse_decode_attention(query[:, :, 0], keys, values, cols, scale=scaling,
                                            dense=True).unsqueeze(1)
@@ -203,92 +212,81 @@ class CompressedCache(SelectionCache):
                                                 query.device).view(query.shape[0], 1, q_len, 1)
         return masked_attention(query, keys, values, allowed, scaling)
 
-    def _rebuild(self, module, layer, pick):
-        """Rebuild compressed tokens ``pick`` (``[B, k]`` offsets; ``None`` = all) as post-RoPE K/V."""
-        B, Hkv = layer.keys.shape[:2]
-        D = layer.keys.shape[-1]
-        n = layer.num_compressed
+    def _rebuild(self, module, layer, q_len):
+        """The compressed tokens this step reads, rebuilt: ``K [B, Hkv, k, D]``, ``V``, columns ``[B, Hkv, k]``
+        (``-1``: none). At decode the filter layer's top tokens of each row; otherwise all of them."""
+        pick = None
+        if q_len == 1 and self.obs_scores is not None:
+            scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+            pick = self.method.pick(scores, scores.shape[1], layer.seen)
         if pick is None:
-            pick = torch.arange(n, device=layer.center_x.device).expand(B, n)
-        k, step = pick.shape[1], self.method.step
-        center = self.method.is_center(pick)              # centers are stored raw: use them as they are
-        cidx = (layer.num_head_centers + pick // step).clamp(max=layer.center_x.shape[1] - 1)
-        x = layer.center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, layer.center_x.shape[-1]))
-        if layer.fathers is not None:                     # latents exist for the non-center offsets only
-            row = (pick - pick // step - 1).clamp(0, layer.fathers.shape[1] - 1)
-            latent = dequantize(layer.latent.select(row), self.compressor.dtype)
-            fathers = layer.fathers.gather(1, row.unsqueeze(-1).expand(B, k, layer.fathers.shape[-1])).long()
-            ref = reference_from_fathers(layer.center_x, fathers)
-            rebuilt = reconstruct(latent, ref, self.compressor, module.layer_idx)   # in center_x's dtype
-            x = torch.where(center.unsqueeze(-1), x, rebuilt)
-        kx, vx = x[..., : Hkv * D].view(B, k, Hkv, D), x[..., Hkv * D:].view(B, k, Hkv, -1)
-        if getattr(module, "k_norm", None) is not None:
-            kx = module.k_norm(kx)
-        pos = layer.comp_pos.gather(1, pick).long()
-        cos, sin = module.__dict__["_sparse_hf_rotary"](vx, pos)
-        keys = rotate(kx.transpose(1, 2), cos.to(kx.dtype), sin.to(kx.dtype))
-        cols = (layer.head_end + pick).unsqueeze(1).expand(B, Hkv, k)
-        return keys.to(layer.keys.dtype), vx.transpose(1, 2).to(layer.values.dtype), cols
+            pick, cols = layer.all_offsets, layer.comp_cols
+        else:   # an absent offset (a row with fewer tokens) carries column -1; a row's own budget may cut more
+            cols = layer.comp_cols.gather(1, pick)
+            over = self._over_budget(layer)
+            if over is not None:
+                cols = cols.masked_fill(over, -1)
+        B, Hkv, _, D = layer.keys.shape
+        keys, values, _ = rebuild_kv(layer.state, pick, self.projections, module.layer_idx, Hkv, D,
+                                     module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None))
+        return keys, values, cols.unsqueeze(1).expand(B, Hkv, cols.shape[1])
+
+    def _over_budget(self, layer):
+        """``[B, top]`` bool, ranks past each row's own budget (fraction budgets), or ``None``; computed once per
+        decode step and shared by the layers (every layer has the same rows and length)."""
+        if self._over_budget_at is None or self._over_budget_at[0] != layer.seen:
+            over = self.method.over_row_budget(layer.col_offset[:, 0], layer.seen)
+            self._over_budget_at = (layer.seen, over)
+        return self._over_budget_at[1]
 
     # -- compression ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _raw_x(module, layer, start: int, end: int) -> torch.Tensor:
-        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``start:end``: ``[B, end - start, Dx]``."""
-        B, n = layer.values.shape[0], end - start
-        v = layer.values[:, :, start:end].transpose(1, 2).reshape(B, n, -1)
+    def _raw_x(module, layer, slots: torch.Tensor) -> torch.Tensor:
+        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]``: ``[B, m, Dx]``."""
+        B, m = slots.shape
+        _, Hkv, _, D = layer.keys.shape
+        at = slots.view(B, 1, m, 1)
+        v = layer.values.gather(2, at.expand(B, Hkv, m, layer.values.shape[-1])).transpose(1, 2).reshape(B, m, -1)
         if layer.raw_kpre is not None:
-            k = layer.raw_kpre[:, start:end]
+            k = layer.raw_kpre.gather(1, slots.unsqueeze(-1).expand(B, m, layer.raw_kpre.shape[-1]))
         else:
-            post = layer.keys[:, :, start:end].float()
-            cos, sin = module.__dict__["_sparse_hf_rotary"](post, layer.raw_pos[:, start:end].long())
-            k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, n, -1)
+            post = layer.keys.gather(2, at.expand(B, Hkv, m, D)).float()
+            cos, sin = module.__dict__["_sparse_hf_rotary"](post, layer.raw_pos.gather(1, slots).long())
+            k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, m, -1)
         return torch.cat([k.to(layer.values.dtype), v], -1)
 
     def _flush(self, module, layer) -> None:
-        """Compress the oldest raw-buffer tokens once the buffer holds twice ``num_recent_tokens``."""
-        c = self.sparse_config
-        if layer.head_end is None:
-            first_valid = (layer.positions[:, 0] < 0).sum(-1).max()
-            layer.head_end = int(first_valid) + c.num_sink_tokens
-            head = min(layer.head_end, layer.num_slots)
-            layer.center_x = self._raw_x(module, layer, 0, head)
-            layer.center_valid = layer.positions[:, 0, :head] >= 0
-            layer.center_cols = torch.arange(head, device=layer.center_x.device)
-            layer.num_head_centers = head
-        start = layer.head_end + layer.num_compressed        # first buffer column
-        buffered = layer.seen - start
-        count = self.method.flush_count(buffered)
-        if count == 0:
+        """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``."""
+        B, Hkv = layer.keys.shape[:2]
+        S = self.clustering.num_sink
+        if layer.state is None:                        # the prompt is complete: padding is known (one sync)
+            layer.state = CompressedState(B, self.clustering)
+            layer.pad = (layer.positions[:, 0] < 0).sum(-1).tolist()
+            layer.col_offset = torch.tensor(layer.pad, device=layer.keys.device).view(B, 1)
+        state = layer.state
+        real = [layer.seen - p for p in layer.pad]
+        raw = [r - n for r, n in zip(real, state.counts)]                  # raw tokens of each row now
+        counts = [self.method.flush_count(max(0, n - S)) for n in raw]
+        if not any(counts):
             return
-        first = layer.num_slots - buffered                   # slot of the first buffer token
-        x = self._raw_x(module, layer, first, first + count)
-        pos = layer.raw_pos[:, first:first + count]
-        cols = torch.arange(start, start + count, device=x.device)
-        rel = cols - layer.head_end
-        is_center = self.method.is_center(rel)
-        B = x.shape[0]
-        layer.center_x = torch.cat([layer.center_x, x[:, is_center]], 1)
-        layer.center_valid = torch.cat([layer.center_valid, is_center[is_center].expand(B, -1)], 1)
-        layer.center_cols = torch.cat([layer.center_cols, cols[is_center]])
-        other = ~is_center                                   # only these get a latent and fathers
-        if bool(other.any()):
-            xo = x[:, other]
-            fathers = nearest_centers(xo, layer.center_x, cols[other].expand(B, -1),
-                                      layer.center_cols.expand(B, -1), c.deltakv_neighbor_count,
-                                      center_valid=layer.center_valid)
-            with torch.no_grad():
-                latent = compress(xo, reference_from_fathers(layer.center_x, fathers), self.compressor,
-                                  module.layer_idx)
-            stored = quantize(latent, c.kv_quant_bits)
-            layer.latent = stored if layer.latent is None else layer.latent.cat(stored)
-            layer.fathers = _cat_ids(layer.fathers, fathers, layer.center_x.shape[1])
-        layer.comp_pos = _cat(layer.comp_pos, pos, 1)
-        layer.num_compressed += count
-        keep = torch.cat([torch.arange(first, device=x.device),
-                          torch.arange(first + count, layer.num_slots, device=x.device)])
+        n = layer.num_slots
+        valid = layer.positions[:, 0] >= 0                                 # [B, n]
+        ar = torch.arange(n, device=valid.device)
+        order = torch.where(valid, ar, ar + n).argsort(-1)                 # [B, n] slot of each row's rank
+        lo = 0 if state.needs_sinks(counts) else S
+        slots = order[:, lo:S + max(counts)]
+        x, pos = self._raw_x(module, layer, slots), layer.raw_pos.gather(1, slots)
+        sinks = (x[:, :S], pos[:, :S]) if lo == 0 else None
+        flush(state, x[:, S - lo:], pos[:, S - lo:], counts, self.projections, module.layer_idx, sinks)
+        layer.set_columns()
+        # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
+        left = [r - c for r, c in zip(raw, counts)]
+        K = max(left)
+        rank = torch.arange(K, device=valid.device).view(1, K)
+        rank_src = torch.where(rank < S, rank, rank + torch.tensor(counts, device=valid.device).view(B, 1))
+        ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
+        idx = order.gather(1, rank_src.clamp(max=n - 1))                   # [B, K]
         if layer.raw_kpre is not None:
-            layer.raw_kpre = layer.raw_kpre[:, keep]
-        layer.raw_pos = layer.raw_pos[:, keep]
-        Hkv = layer.keys.shape[1]
-        idx = keep.view(1, 1, -1).expand(B, Hkv, -1)
-        layer.keep(idx, layer.positions.gather(2, idx) >= 0)
+            layer.raw_kpre = layer.raw_kpre.gather(1, idx.unsqueeze(-1).expand(B, K, layer.raw_kpre.shape[-1]))
+        layer.raw_pos = layer.raw_pos.gather(1, idx)
+        layer.keep(idx.unsqueeze(1).expand(B, Hkv, K), ok.unsqueeze(1).expand(B, Hkv, K))

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 import torch
 
@@ -43,24 +45,34 @@ def build_cache(name: str, model_config, cache_config=None) -> SparseCache:
     return CACHE_CLASSES[name](model_config, cache_config)   # dict, SparseConfig or method config; checked there
 
 
+#: The cache of the attention call now running on this thread, per attention module: the pre-hook sets it
+#: and ``k_proj``'s hook reads it (a model shared by threads must not pass per-call state through modules).
+_CALL = threading.local()
+
+
 def _attention_pre_hook(module, args, kwargs):
-    module.__dict__["_sparse_hf_capture_k"] = False
+    calls = _CALL.__dict__.setdefault("cache_of", {})
+    calls.pop(id(module), None)
     for key in _CACHE_KEYS:
         cache = kwargs.get(key)
         if isinstance(cache, SparseCache):
             cache.hooked = True
             kwargs[CACHE_KWARG] = cache
-            module.__dict__["_sparse_hf_capture_k"] = getattr(cache, "needs_raw_keys", False)
+            if getattr(cache, "needs_raw_keys", False):
+                calls[id(module)] = weakref.ref(cache)   # weak: a finished call's cache is not kept alive
             break
     return args, kwargs
 
 
 def _raw_key_hook(attention):
-    """Forward hook for ``attention.k_proj``: keeps its output (keys before any norm and RoPE) for caches
-    that compress raw keys (DeltaKV); the cache pops it, so nothing outlives the layer's call."""
+    """Forward hook for ``attention.k_proj``: hands its output (keys before any norm and RoPE) to the cache of
+    this thread's current call, for caches that compress raw keys (DeltaKV), keyed by layer; the cache pops
+    it, so nothing outlives the layer's call and nothing is stored on the (shared) module."""
     def hook(_module, _args, output):
-        if attention.__dict__.get("_sparse_hf_capture_k"):
-            attention.__dict__["_sparse_hf_raw_k"] = output
+        ref = _CALL.__dict__.get("cache_of", {}).get(id(attention))
+        cache = ref() if ref is not None else None
+        if cache is not None:
+            cache.raw_keys[attention.layer_idx] = output
     return hook
 
 

@@ -222,6 +222,15 @@ class CompressionMethod(SelectionMethod):
         raise NotImplementedError
 
     def pick(self, scores: torch.Tensor | None, num_compressed: int, length: int) -> torch.Tensor | None:
-        """``[B, k]`` offsets into the compressed region to rebuild at a decode step (scores ``[B, N]``), or
-        ``None`` for all of them."""
+        """``[B, k]`` offsets into each row's compressed tokens to rebuild at a decode step (scores ``[B, N]``,
+        ``-inf`` past a row's count; ``N = num_compressed``), or ``None`` for all of them."""
+        raise NotImplementedError
+
+    def over_row_budget(self, padding: torch.Tensor, length: int) -> torch.Tensor | None:
+        """``[B, k]`` bool, ranks of :meth:`pick` past each row's own budget (``padding [B]``: the row's padding
+        columns, so its real length is ``length - padding``), or ``None`` when every row has the same budget."""
+        return None
+
+    def clustering(self):
+        """The per-layer knobs of the compressed state (``sparse_hf.deltakv.state.Clustering``)."""
         raise NotImplementedError

@@ -5,13 +5,21 @@ tokens the other layers reconstruct."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..config import check_optional_positive, check_optional_ratio, knob
-from ..deltakv.clustering import center_step
+from ..deltakv.clustering import METRICS, center_step
+from ..deltakv.state import Clustering
 from .base import CompressionMethod
 from .omnikv import OmniKV, OmniKVConfig
+
+
+def check_optional_metric(name: str, value) -> str | None:
+    if value is not None and value not in METRICS:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(METRICS)} (or None: the compressor's)")
+    return value
 
 
 def check_quant_bits(name: str, value) -> int:
@@ -22,9 +30,10 @@ def check_quant_bits(name: str, value) -> int:
 
 @dataclass(frozen=True)
 class DeltaKVConfig(OmniKVConfig):
-    """OmniKV's knobs plus the compressed storage's. ``cluster_ratio`` and ``deltakv_neighbor_count`` default
-    (``None``) to the values the compressor was trained with: the cache fills them in with :meth:`replace`, which
-    returns a new config. The compressor itself (``compressor`` / ``deltakv_path``) is a runtime option."""
+    """OmniKV's knobs plus the compressed storage's. Every knob the compressor's training fixes
+    (``num_sink_tokens``, ``cluster_ratio``, ``deltakv_neighbor_count``, ``cluster_metric``) defaults to the value
+    it was trained with, unless the caller sets it: the cache builds a new config with :meth:`replace`. The
+    compressor itself (``compressor`` / ``deltakv_path``) is a runtime option."""
 
     method_name = "deltakv"
 
@@ -32,15 +41,22 @@ class DeltaKVConfig(OmniKVConfig):
     cluster_ratio: float | None = knob(None, check_optional_ratio, "None: the compressor's training value, else 0.1")
     deltakv_neighbor_count: int | None = knob(None, check_optional_positive,
                                               "None: the compressor's training value, else 1")
+    cluster_metric: str | None = knob(None, check_optional_metric,
+                                      "l2 | dot | cosine; None: the compressor's training value, else l2")
+
+
+#: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
+TRAINED_KNOB_FALLBACKS = {"cluster_ratio": 0.1, "deltakv_neighbor_count": 1, "cluster_metric": "l2"}
 
 
 class DeltaKV(OmniKV, CompressionMethod):
-    """Per non-filter layer: sink tokens stay raw; a raw buffer of recent tokens is flushed once it holds
-    ``2 * num_recent_tokens``; of the flushed tokens every ``1/cluster_ratio``-th is kept raw as a *center*
-    and every other one is stored as ``latent = down(x) - down(ref)`` with ``ref`` the mean of its
-    ``deltakv_neighbor_count`` nearest earlier centers (x = concat(K, V) before RoPE). At decode only the
-    compressed tokens the filter layer ranks in the top ``num_top_tokens`` are rebuilt as ``up(latent) + ref``
-    (RoPE re-applied at their positions); the layer attends to sinks + rebuilt + raw buffer.
+    """Per non-filter layer and per row: the row's first ``num_sink_tokens`` tokens stay raw; a raw buffer of
+    recent tokens is flushed once it holds ``2 * num_recent_tokens``; of the flushed tokens every
+    ``1/cluster_ratio``-th is kept raw as a *center* and every other one is stored as
+    ``latent = down(x) - down(ref)`` with ``ref`` the mean of its ``deltakv_neighbor_count`` nearest earlier centers
+    (by ``cluster_metric``; x = concat(K, V) before RoPE). At decode only the compressed tokens the filter layer
+    ranks in the top ``num_top_tokens`` are rebuilt as ``up(latent) + ref`` (RoPE re-applied at their positions);
+    the layer attends to sinks + rebuilt + raw buffer.
     """
 
     name = "deltakv"
@@ -59,6 +75,18 @@ class DeltaKV(OmniKV, CompressionMethod):
             raise ValueError("deltakv needs num_recent_tokens >= 1 (the raw buffer is flushed in multiples of it)")
         center_step(self.config.cluster_ratio or 0.1)   # raises for a ratio outside (0, 1]
 
+    @staticmethod
+    def with_compressor_defaults(config, trained: dict[str, Any], explicit: set[str]):
+        """A new config in which every knob the compressor's training fixed (``trained``: serving knob -> value,
+        e.g. ``{"num_sink_tokens": 16, "cluster_metric": "cosine"}``) replaces the caller's unless the caller set
+        it (``explicit``); unset knobs the training does not record get :data:`TRAINED_KNOB_FALLBACKS`.
+        ``config`` itself is not changed."""
+        changes = {k: v for k, v in trained.items() if k not in explicit and hasattr(config, k)}
+        for knob, fallback in TRAINED_KNOB_FALLBACKS.items():
+            if knob not in changes and hasattr(config, knob) and getattr(config, knob) is None:
+                changes[knob] = fallback
+        return config.replace(**changes) if changes else config
+
     @property
     def step(self) -> int:
         """Distance between centers, from ``cluster_ratio`` (which the cache may take from the compressor)."""
@@ -68,27 +96,44 @@ class DeltaKV(OmniKV, CompressionMethod):
         return [i for i in range(self.num_layers) if not self.is_full(i)]
 
     def flush_count(self, buffered: int) -> int:
-        """How many of the oldest ``buffered`` raw buffer tokens to compress now (0 until it holds 2x recent)."""
+        """How many of a row's oldest ``buffered`` raw buffer tokens to compress now (0 until it holds 2x recent)."""
         recent = self.config.num_recent_tokens
         if buffered < 2 * recent:
             return 0
         return (buffered - recent) // recent * recent
 
-    def is_center(self, rel: torch.Tensor) -> torch.Tensor:
-        """Whether compressed-region tokens at offsets ``rel`` (from the region's start) are centers."""
-        return rel % self.step == 0
+    def clustering(self) -> Clustering:
+        """The per-layer knobs of :mod:`sparse_hf.deltakv.state` (sinks, center step, fathers, metric, latent bits)."""
+        c = self.config
+        return Clustering(num_sink=c.num_sink_tokens, step=self.step,
+                          neighbor_count=c.deltakv_neighbor_count or TRAINED_KNOB_FALLBACKS["deltakv_neighbor_count"],
+                          metric=c.cluster_metric or TRAINED_KNOB_FALLBACKS["cluster_metric"], quant_bits=c.kv_quant_bits)
 
     def pick(self, scores: torch.Tensor | None, num_compressed: int, length: int) -> torch.Tensor | None:
-        """Compressed tokens to rebuild at a decode step.
+        """Compressed tokens to rebuild at a decode step, per row, without host-device syncs.
 
         Args:
-            scores: ``[B, N]`` the filter layer's scores of the compressed region, or ``None`` (no selection).
-            num_compressed: ``N``; length: the logical length (fraction budgets resolve against it).
+            scores: ``[B, N]`` the filter layer's scores of each row's compressed tokens (offset order; ``-inf``
+                past a row's count), or ``None`` (no selection).
+            num_compressed: ``N``, the widest row's count.
+            length: the logical length (a fraction budget sizes the output against it).
 
         Returns:
-            ``[B, k]`` offsets into the compressed region, or ``None`` for all of them.
+            ``[B, k]`` offsets into each row's compressed tokens, best first (a row with fewer than ``k`` tokens
+            gets absent offsets last; with a fraction budget see :meth:`over_row_budget`), or ``None`` for all.
         """
         top = self.top_count(length, prefill=False)
         if scores is None or top >= num_compressed:
             return None
         return scores.topk(top, dim=-1).indices
+
+    def over_row_budget(self, padding: torch.Tensor, length: int) -> torch.Tensor | None:
+        """``[B, k]`` bool: which of :meth:`pick`'s ranks lie past each row's own budget, a fraction of that row's
+        real length ``length - padding[b]`` (so a row's picks do not depend on the batch's padding); ``None`` for
+        a count budget, which is the same for every row."""
+        budget = self.config.num_top_tokens
+        if not isinstance(budget, float):
+            return None
+        top = self.top_count(length, prefill=False)
+        per_row = ((length - padding).double() * budget).long()
+        return torch.arange(top, device=padding.device).view(1, top) >= per_row.view(-1, 1)

@@ -1,0 +1,243 @@
+"""One layer's DeltaKV compressed tokens as a small state object, with ``flush`` and ``rebuild`` over it.
+
+No Hugging Face types: the HF cache (``sparse_hf/hf/deltakv_cache.py``) and the engine are adapters that hand over
+raw tokens and take back rebuilt K/V. Rows are independent: each row has its own sinks, compressed count and
+centers, counted from its first real token, so a row's state never depends on the other rows of a batch.
+
+Per row ``b`` (``n_b = counts[b]`` compressed tokens, at offsets ``j = 0 .. n_b - 1`` in arrival order):
+
+- ``comp_pos [B, N]`` int32: RoPE position of offset ``j`` (``-1`` past ``n_b``); ``N = max_b n_b``.
+- ``center_x [B, M, Dx]``, ``center_pos [B, M]`` int32: raw pre-RoPE ``x = concat(K, V)`` of the centers: the row's
+  ``num_sink`` sinks at ``0 .. S-1``, then offset ``j`` with ``j % step == 0`` at ``S + j // step``
+  (``center_pos == -1``: no center there yet).
+- ``latent`` ``[B, N', r]`` (a :class:`QuantizedLatent`) and ``fathers [B, N', k]`` (indices into the centers) for
+  the non-center offsets: offset ``j`` at ``j - j // step - 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .clustering import METRICS, compress, nearest_centers, reconstruct, reference_from_fathers
+from .quant import QuantizedLatent, check_bits, dequantize, quantize
+from .rope import rotate
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """The knobs of one compressed layer: sinks per row, distance between centers, fathers per token, the
+    similarity metric and the latent storage bits (0, 8 or 4)."""
+
+    num_sink: int
+    step: int
+    neighbor_count: int = 1
+    metric: str = "l2"
+    quant_bits: int = 0
+
+    def __post_init__(self):
+        if self.num_sink < 0 or self.step < 1 or self.neighbor_count < 1:
+            raise ValueError(f"Clustering needs num_sink >= 0, step >= 1 and neighbor_count >= 1; got {self}")
+        if self.metric not in METRICS:
+            raise ValueError(f"cluster_metric={self.metric!r}: expected one of {', '.join(METRICS)}")
+        check_bits(self.quant_bits)
+
+    def num_centers(self, compressed: int) -> int:
+        """Centers of a row with ``compressed`` tokens: its sinks plus one per ``step`` offsets."""
+        return self.num_sink + math.ceil(compressed / self.step)
+
+    def num_latents(self, compressed: int) -> int:
+        """Latents of a row with ``compressed`` tokens (the non-centers)."""
+        return compressed - math.ceil(compressed / self.step)
+
+
+class CompressedState:
+    """The compressed tokens of one layer, per row (see the module docstring for the layout).
+
+    Attributes:
+        counts: host list ``[B]``, compressed tokens per row (host ints: the adapter plans flushes without syncs).
+        comp_pos, center_x, center_pos, latent, fathers: as in the module docstring (``None`` until the first flush).
+    """
+
+    def __init__(self, batch: int, clustering: Clustering):
+        self.clustering = clustering
+        self.counts = [0] * batch
+        self.comp_pos: torch.Tensor | None = None
+        self.center_x: torch.Tensor | None = None
+        self.center_pos: torch.Tensor | None = None
+        self.latent: QuantizedLatent | None = None
+        self.fathers: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        """``N``: the widest row's compressed count (the second dim of :attr:`comp_pos`)."""
+        return max(self.counts, default=0)
+
+    def needs_sinks(self, counts: list[int]) -> bool:
+        """Whether a flush of ``counts`` is some row's first (then :func:`flush` needs that row's sinks)."""
+        return any(n == 0 and c > 0 for n, c in zip(self.counts, counts))
+
+    def valid(self) -> torch.Tensor:
+        """``[B, N]`` bool: which compressed offsets hold a token."""
+        return self.comp_pos >= 0
+
+    def index_rows(self, index: torch.Tensor, host_index: list[int]) -> None:
+        """Keep rows ``index`` (device ``[B']``; ``host_index`` the same as a list), e.g. for beam search."""
+        self.counts = [self.counts[i] for i in host_index]
+        for name in ("comp_pos", "center_x", "center_pos", "fathers"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index.to(value.device)])
+        if self.latent is not None:
+            self.latent = QuantizedLatent(*(t if t is None else t[index.to(t.device)] for t in self.latent))
+
+    def bytes_by_part(self) -> dict[str, int]:
+        def size(*tensors):
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        return {"latents": self.latent.nbytes() if self.latent is not None else 0,
+                "centers": size(self.center_x, self.center_pos), "father ids": size(self.fathers),
+                "positions": size(self.comp_pos)}
+
+
+def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask: torch.Tensor,
+                values: torch.Tensor, fill) -> torch.Tensor:
+    """``store [B, W, *]`` grown to ``width`` with ``values[b, i]`` written at ``[b, dest[b, i]]`` where
+    ``mask[b, i]`` (``dest``/``mask`` ``[B, C]``, ``values [B, C, *]``). No host-device sync."""
+    B, C = dest.shape
+    tail = values.shape[2:]
+    dtype = values.dtype if store is None else store.dtype
+    out = torch.full((B, width + 1, *tail), fill, dtype=dtype, device=values.device)   # +1: a column for masked
+    if store is not None:
+        out[:, :store.shape[1]] = store
+    idx = torch.where(mask, dest, width).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
+    out.scatter_(1, idx, values.to(dtype))
+    return out[:, :width].contiguous()
+
+
+def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:
+    """int16 while the centers fit (< 32768; half the bytes), else int32; never narrows again."""
+    if num_centers <= torch.iinfo(torch.int16).max and (stored is None or stored.dtype == torch.int16):
+        return torch.int16
+    return torch.int32
+
+
+@torch.no_grad()
+def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: list[int], projections: Any,
+          layer_idx: int, sinks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Compress each row's oldest raw-buffer tokens: raw tokens -> latents + father ids (+ new raw centers).
+
+    Args:
+        state: the layer's state, updated in place.
+        x: ``[B, C, Dx]`` pre-RoPE ``concat(K, V)`` of the tokens, in arrival order; row ``b`` uses its first
+            ``counts[b]`` (``C >= max(counts)``).
+        pos: ``[B, C]`` their RoPE positions.
+        counts: host list ``[B]``, tokens to compress per row (0: the row does not flush now).
+        projections: the compressor (``down(layer, x)``, ``up(layer, z)``, ``dtype``).
+        layer_idx: the layer, for ``projections``.
+        sinks: ``(x [B, S, Dx], pos [B, S])`` of each row's sink tokens; needed when the flush is a row's first
+            (:meth:`CompressedState.needs_sinks`), read only for those rows.
+    """
+    cl = state.clustering
+    B, C, _ = x.shape
+    S, step, dev = cl.num_sink, cl.step, x.device
+    if len(counts) != B or max(counts, default=0) > C:
+        raise ValueError(f"flush: counts {counts} do not fit x of shape {tuple(x.shape)}")
+    after = [n + c for n, c in zip(state.counts, counts)]
+    if state.center_x is None:
+        state.center_x = x.new_zeros(B, S, x.shape[-1])
+        state.center_pos = torch.full((B, S), -1, dtype=torch.int32, device=dev)
+    first = [b for b in range(B) if state.counts[b] == 0 and counts[b] > 0]
+    if first:
+        if sinks is None:
+            raise ValueError(f"flush: rows {first} compress for the first time; pass their sinks")
+        rows = torch.tensor(first, device=dev)
+        state.center_x[rows, :S] = sinks[0][rows, :S].to(state.center_x.dtype)
+        state.center_pos[rows, :S] = sinks[1][rows, :S].to(torch.int32)
+    start = torch.tensor(state.counts, device=dev).view(B, 1)
+    j = start + torch.arange(C, device=dev).view(1, C)                        # [B, C] offsets
+    live = torch.arange(C, device=dev).view(1, C) < torch.tensor(counts, device=dev).view(B, 1)
+    is_center = live & (j % step == 0)
+    other = live & ~is_center
+    width_c = max(cl.num_centers(n) for n in after)
+    state.center_x = _write_rows(state.center_x, width_c, S + j // step, is_center, x, 0)
+    pos = pos.to(torch.int32)
+    state.center_pos = _write_rows(state.center_pos, width_c, S + j // step, is_center, pos, -1)
+    state.comp_pos = _write_rows(state.comp_pos, max(after), j, live, pos, -1)
+    fathers = nearest_centers(x, state.center_x, pos, state.center_pos, cl.neighbor_count, cl.metric,
+                              center_valid=state.center_pos >= 0)            # [B, C, k]
+    latent = compress(x, reference_from_fathers(state.center_x, fathers), projections, layer_idx)
+    stored = quantize(latent, cl.quant_bits)
+    width_l = max(cl.num_latents(n) for n in after)
+    dest = j - j // step - 1
+    old = state.latent or QuantizedLatent(None, None, None)
+    state.latent = QuantizedLatent(*(None if new is None else _write_rows(prev, width_l, dest, other, new, 0)
+                                     for prev, new in zip(old, stored)))
+    dtype = _father_dtype(width_c, state.fathers)
+    prev = None if state.fathers is None else state.fathers.to(dtype)
+    state.fathers = _write_rows(prev, width_l, dest, other, fathers.to(dtype), -1)
+    state.counts = after
+
+
+def all_offsets(state: CompressedState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pick, ok)`` ``[B, N]`` naming every compressed token of every row (for a rebuild of all of them)."""
+    B, N = state.comp_pos.shape
+    return torch.arange(N, device=state.comp_pos.device).expand(B, N), state.valid()
+
+
+@torch.no_grad()
+def rebuild(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebuild compressed tokens as pre-RoPE ``x = concat(K, V)``: centers as stored, the others
+    ``up(latent) + mean(fathers)``.
+
+    Args:
+        pick: ``[B, k]`` offsets per row in ``[0, N)`` (entries past a row's count give garbage: mask them).
+
+    Returns:
+        ``x [B, k, Dx]`` in ``center_x``'s dtype and ``pos [B, k]`` (long) their RoPE positions.
+    """
+    cl = state.clustering
+    B, k = pick.shape
+    step, cx = cl.step, state.center_x
+    cidx = (cl.num_sink + pick // step).clamp(max=cx.shape[1] - 1)
+    x = cx.gather(1, cidx.unsqueeze(-1).expand(B, k, cx.shape[-1]))
+    if state.fathers is not None and state.fathers.shape[1] > 0:
+        row = (pick - pick // step - 1).clamp(0, state.fathers.shape[1] - 1)
+        latent = dequantize(state.latent.select(row), projections.dtype)
+        fathers = state.fathers.gather(1, row.unsqueeze(-1).expand(B, k, state.fathers.shape[-1])).long()
+        rebuilt = reconstruct(latent, reference_from_fathers(cx, fathers), projections, layer_idx)
+        x = torch.where((pick % step == 0).unsqueeze(-1), x, rebuilt)
+    return x, state.comp_pos.gather(1, pick).long()
+
+
+def split_kv(x: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, n, Dx]`` -> pre-RoPE ``K [B, n, Hkv, D]`` and ``V [B, n, Hkv, Dv]`` (the layout of ``concat(K, V)``)."""
+    B, n, _ = x.shape
+    k = x[..., : kv_heads * head_dim].reshape(B, n, kv_heads, head_dim)
+    return k, x[..., kv_heads * head_dim:].reshape(B, n, kv_heads, -1)
+
+
+def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int, kv_heads: int,
+               head_dim: int, rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+               k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rebuild`, then K and V as attention reads them: ``k_norm`` (Qwen3) and RoPE at each token's position.
+
+    Args:
+        rope: ``rope(like [B, k, Hkv, Dv], pos [B, k]) -> (cos, sin)`` each ``[B, k, D]`` (the model's rotary
+            embedding); k_norm: per-head key norm, or ``None``.
+
+    Returns:
+        ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (in ``center_x``'s dtype) and ``pos [B, k]``.
+    """
+    x, pos = rebuild(state, pick, projections, layer_idx)
+    kx, vx = split_kv(x, kv_heads, head_dim)
+    if k_norm is not None:
+        kx = k_norm(kx)
+    cos, sin = rope(vx, pos)
+    keys = rotate(kx.transpose(1, 2), cos.to(kx.dtype), sin.to(kx.dtype))
+    return keys, vx.transpose(1, 2), pos
