@@ -69,6 +69,20 @@ def _install() -> None:
     install()
 
 
+def _register_method_names() -> None:
+    """Add the method names to the ``cache_implementation`` values ``GenerationConfig.validate`` accepts.
+
+    ``generate`` validates its config before it prepares the cache, and a ``GenerationConfig(cache_implementation=
+    "snapkv")`` validates at once, so the names must be known as soon as transformers is, not at the first
+    ``generate`` call. Imports only the method registry (core: no transformers) and transformers' config module."""
+    from transformers.generation import configuration_utils
+
+    from .methods import METHODS
+
+    known = tuple(configuration_utils.ALL_CACHE_IMPLEMENTATIONS)
+    configuration_utils.ALL_CACHE_IMPLEMENTATIONS = known + tuple(n for n in METHODS if n not in known)
+
+
 def _install_on_first_generate() -> None:
     """Make the first ``generate`` call register the sparse caches, then run as registered.
 
@@ -77,6 +91,7 @@ def _install_on_first_generate() -> None:
     ``_sparse_hf_wrapped`` so that an explicit :func:`install` before the first call leaves it in place."""
     from transformers.generation.utils import GenerationMixin
 
+    _register_method_names()
     original = GenerationMixin._prepare_cache_for_generation
     if getattr(original, "_sparse_hf_wrapped", False):
         return

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import sparse_hf
-from engine_helpers import engine_tokens, greedy_params, hf_greedy, random_prompts
+from engine_helpers import (assert_greedy_equal, engine_tokens, greedy_params, hf_greedy, hf_greedy_with_logits,
+                            random_prompts)
 from helpers import ARCHS, tiny_model
 from sparse_hf.engine import LLM, RequestOutput
 
@@ -19,7 +20,7 @@ def test_greedy_matches_hf_mixed_lengths(arch):
     llm = LLM(model, num_kv_slots=512, max_model_len=128, chunk_prefill_size=16)
     ours = engine_tokens(llm, prompts, 12)
     for prompt, got in zip(prompts, ours):
-        assert got == hf_greedy(model, prompt, 12)
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 12))
     llm.pool.check_whole()
 
 
@@ -34,7 +35,7 @@ def test_rope_scaling_matches_hf():
     prompts = random_prompts((30, 9), seed=3)
     llm = LLM(model, num_kv_slots=256, max_model_len=128)
     for prompt, got in zip(prompts, engine_tokens(llm, prompts, 8)):
-        assert got == hf_greedy(model, prompt, 8)
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 8))
 
 
 def test_chunked_prefill_equals_unchunked():

@@ -16,9 +16,9 @@ class RecordingSampler:
     def __init__(self, inner):
         self.inner, self.logits = inner, []
 
-    def __call__(self, logits, params, steps):
+    def __call__(self, logits, params, steps, *args, **kwargs):
         self.logits.append(logits.detach().float().cpu())
-        return self.inner(logits, params, steps)
+        return self.inner(logits, params, steps, *args, **kwargs)
 
 
 def engine_run(llm, prompt, steps):

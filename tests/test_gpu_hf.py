@@ -54,7 +54,8 @@ def test_cuda_graph_decode_matches_eager(method):
     ids = torch.randint(1, 100, (2, 60), device="cuda")
     runs = []
     for use_graph in (False, True):
-        cache = build_cache(method, model.config, CONFIGS[method])
+        # the eager run opts out of the default graphs; the graph run drives GraphDecoder itself
+        cache = build_cache(method, model.config, {**CONFIGS[method], "cuda_graph": use_graph})
         cache.set_reserve(4)                       # small room: forces a re-capture after growth
         with torch.inference_mode():
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]

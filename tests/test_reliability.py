@@ -57,9 +57,7 @@ BATCH_METHODS = dict(SMALL, snapkv=dict(SMALL["snapkv"], pool_kernel_size=7),
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", sorted(BATCH_METHODS) + [
-    pytest.param("deltakv", marks=pytest.mark.xfail(reason="issue 9 item 3: DeltaKV compresses for the widest "
-                                                           "padding (being fixed in deltakv_cache.py)"))])
+@pytest.mark.parametrize("method", sorted(BATCH_METHODS) + ["deltakv"])
 def test_prompt_alone_equals_prompt_in_padded_batch(arch, method):
     if method == "deltakv" and arch != "qwen3":
         pytest.skip("one architecture is enough for the slow DeltaKV path")

@@ -27,7 +27,8 @@ class GraphDecoder:
 
     def __init__(self, model, cache, forward=None):
         self.cache = cache
-        self.forward = forward or model   # generate's wrapper passes the unwrapped forward
+        # the model's own forward, not sparse-hf's graph-replaying wrapper (a capture must not replay a graph)
+        self.forward = forward or getattr(model.forward, "__wrapped__", model)
         self.graph = None
         self.signature = None
         self.static_ids = self.static_pos = self.static_logits = None

@@ -98,6 +98,8 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
         return "not a sparse-hf cache"
     if cache.cuda_graph is False:
         return "cuda_graph=False"
+    if cache.capturing:
+        return "a CUDA graph is being captured (the captured step itself runs eagerly)"
     ids = kwargs.get("input_ids")
     if args or ids is None or kwargs.get("inputs_embeds") is not None:
         return "inputs other than input_ids=..."
