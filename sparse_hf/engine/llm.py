@@ -73,6 +73,15 @@ class _NoText:
         return ""
 
 
+def _default_device(model) -> torch.device:
+    """An in-memory model's own device (a CPU model stays on the CPU); else CUDA when there is one."""
+    if isinstance(model, torch.nn.Module):
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class LLM:
     """A serving engine over one device. See :class:`~.config.EngineConfig` for the knobs; ``sparse_knobs`` are
     the HF path's ``cache_config`` names (``num_top_tokens``, ``window_size``, ...)."""
@@ -84,8 +93,7 @@ class LLM:
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
                                    sparse_method)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype or default_dtype(self.device)
         self.max_model_len = self.config.max_model_len or hf_config.max_position_embeddings
         self.method = build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers)
