@@ -85,12 +85,15 @@ class PoolAttention:
     """The attention backend of :class:`~.model.EngineModel` over a :class:`~.kv_pool.KVPool`.
 
     ``method`` is the core sparse method (or ``None``); only OmniKV (the ``"mask"`` family) changes attention
-    itself: eviction methods act on the pool after the step (see :mod:`.runner`).
+    itself: eviction methods act on the pool after the step (see :mod:`.runner`). ``tp``: the
+    :class:`~.tp.TPGroup` when this rank holds only some heads: OmniKV's per-token scores are then all-reduced
+    (max) before the top-k, so every rank selects the tokens that one rank with all heads would.
     """
 
-    def __init__(self, pool, method=None):
+    def __init__(self, pool, method=None, tp=None):
         self.pool = pool
         self.method = method
+        self.reduce_scores = tp.all_reduce_max if tp is not None and tp.size > 1 else None
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
         self.ctx: StepContext | None = None
@@ -143,7 +146,10 @@ class PoolAttention:
         values = pool.v[layer][flat].permute(0, 2, 1, 3)
         out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
         valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
-        selection = self.method.select_decode(logits, valid, lens)
+        if self.reduce_scores is None:
+            selection = self.method.select_decode(logits, valid, lens)
+        else:
+            selection = self.method.select_decode(logits, valid, lens, reduce_scores=self.reduce_scores)
         if selection is None:
             self.ctx.selection = None
         else:

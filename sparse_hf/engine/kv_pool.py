@@ -54,6 +54,9 @@ class KVPool:
         self.tables = torch.zeros(G, max_rows, max_len, dtype=torch.int32, device=device)       # [G, rows, W]
         self.lens = np.zeros((G, max_rows), dtype=np.int64)
         self.device = device
+        #: Rows released since the last :meth:`take_released` when recording (tensor parallelism: rank 0 sends them
+        #: to the other ranks with the next step, so their pools free the same rows); ``None``: not recording.
+        self.released: list[int] | None = None
 
     # -- accounting ------------------------------------------------------------------------------------------
     def num_free(self) -> int:
@@ -114,8 +117,15 @@ class KVPool:
         self.free[g, top: top + n] = slots
         self.free_top[g] = top + n
 
+    def take_released(self) -> list[int]:
+        """The rows released since the last call (recording must be on: ``released`` a list)."""
+        rows, self.released = self.released, []
+        return rows
+
     def release_row(self, row: int) -> None:
         """Return every slot of ``row`` to the free stacks."""
+        if self.released is not None:
+            self.released.append(row)
         for g in range(self.num_groups):
             n = int(self.lens[g, row])
             if n:

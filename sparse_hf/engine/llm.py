@@ -13,20 +13,16 @@ import warnings
 import torch
 
 from .config import EngineConfig, build_method, default_dtype
-from .kv_pool import KVPool
-from .model import EngineModel
 from .request import Request, RequestOutput
-from .runner import ModelRunner
+from .runner import plan_decode, plan_prefill
 from .scheduler import Scheduler
-from .weights import init_random_weights, iter_safetensors, load_weights
+from .tp import check_divisible, launched_by_torchrun
+from .weights import iter_safetensors
+from .worker import EngineSpec, build_shard, pool_report
 
 from .output import OutputProcessor
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-
-#: Slots per layer on CPU when ``num_kv_slots`` is not given.
-CPU_DEFAULT_SLOTS = 65536
-
 
 def _load_source(model, tokenizer):
     """``(hf_config, tensors, tokenizer, eos_ids)`` from a directory, an in-memory transformers model, or a
@@ -66,6 +62,47 @@ def _load_source(model, tokenizer):
     return hf_config, tensors, tokenizer, eos_ids
 
 
+def _weights_for_ranks(model, tensors, tp_size: int):
+    """The weights as :class:`~.worker.EngineSpec` carries them: a model directory stays a path (every rank reads
+    its share from disk); an in-memory model's tensors become a dict (copied to the CPU when other ranks need them)."""
+    if tensors is None or isinstance(model, str):
+        return model if isinstance(model, str) else None
+    if tp_size == 1:
+        return dict(tensors)
+    return {name: t.detach().cpu() for name, t in tensors}
+
+
+def _check_tp_method(method) -> None:
+    """Bad knobs fail before any rank starts; a selection shared by all heads of a layer at prefill (SnapKV's
+    ``selection_scope="layer"``) would need its scores all-reduced across ranks, which is not wired yet."""
+    if method is not None and getattr(method.config, "selection_scope", "kv_head") == "layer":
+        raise NotImplementedError(f"{method.name} with selection_scope='layer' is not yet supported with "
+                                  "tensor_parallel_size > 1; use selection_scope='kv_head' (exact under tensor "
+                                  "parallelism) or tensor_parallel_size=1")
+
+
+def _start_ranks(spec, tp_size: int, device: torch.device):
+    """Start (spawn) or join (torchrun) the tensor-parallel group. Returns ``(TPGroup, Driver, device)`` on rank 0;
+    on the other ranks of a torchrun launch it serves rank 0 and then ends the process."""
+    from .tp import Driver, init_groups, rank_device, start_spawned
+
+    if not launched_by_torchrun():
+        tp, driver = start_spawned(spec, tp_size, device)
+        return tp, driver, rank_device(device, 0, torchrun=False)
+    import os
+    import sys
+
+    rank = int(os.environ["RANK"])
+    if rank != 0:
+        from .worker import run_worker
+
+        run_worker(rank, tp_size, None, spec, torchrun=True)
+        sys.exit(0)
+    device = rank_device(device, 0, torchrun=True)
+    tp = init_groups(0, tp_size, device, None)
+    return tp, Driver(tp), device
+
+
 class _NoText:
     """Stands in for a tokenizer when there is none (token-id prompts): every text is empty."""
 
@@ -83,43 +120,45 @@ def _default_device(model) -> torch.device:
 
 
 class LLM:
-    """A serving engine over one device. See :class:`~.config.EngineConfig` for the knobs; ``sparse_knobs`` are
-    the HF path's ``cache_config`` names (``num_top_tokens``, ``window_size``, ...)."""
+    """A serving engine over one device, or over ``tensor_parallel_size`` devices (one process per rank, heads
+    split across ranks; see :mod:`.tp`). See :class:`~.config.EngineConfig` for the knobs; ``sparse_knobs`` are
+    the HF path's ``cache_config`` names (``num_top_tokens``, ``window_size``, ...).
+
+    Tensor parallelism: with ``tensor_parallel_size=N`` the engine spawns ranks ``1..N-1`` itself (rank 0, this
+    process, runs the scheduler and the sampler; the script needs an ``if __name__ == "__main__":`` guard, as for
+    any spawned process). Under ``torchrun --nproc-per-node N`` (or across nodes) every rank runs the same script:
+    on rank 0 ``LLM(...)`` returns the engine, on the other ranks it serves rank 0 until the engine is closed and
+    then exits the process (code after ``LLM(...)`` runs on rank 0 only)."""
 
     def __init__(self, model, tokenizer=None, *, dtype=None, device=None, max_model_len=None,
                  gpu_memory_utilization=0.9, max_num_seqs=64, max_num_batched_tokens=8192, chunk_prefill_size=2048,
-                 enforce_eager=False, num_kv_slots=None, sparse_method=None, **sparse_knobs):
+                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1, **sparse_knobs):
         self.config = EngineConfig(max_model_len, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
                                    sparse_method)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
-        self.device = torch.device(device) if device is not None else _default_device(model)
-        self.dtype = dtype or default_dtype(self.device)
-        self.max_model_len = self.config.max_model_len or hf_config.max_position_embeddings
-        self.method = build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)        # parameters are born in dtype (no fp32 copy of a 7B model);
-        try:                                       # RoPE's cos/sin tables are computed in fp32 explicitly
-            with torch.device(self.device):
-                self.model = EngineModel(hf_config, self.max_model_len)
-        finally:
-            torch.set_default_dtype(previous)
-        if tensors is None:
-            init_random_weights(self.model)
-        else:
-            load_weights(self.model, tensors)
-        self.model.eval().requires_grad_(False)
-        evicts = self.method is not None and self.method.family == "evict"
-        slots = self.config.num_kv_slots or self._size_pool(evicts)
-        if not evicts and self.max_model_len > slots:
-            warnings.warn(f"max_model_len={self.max_model_len} exceeds the pool's {slots} slots; capped to {slots}")
-            self.max_model_len = slots
-        self.pool = KVPool(self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, slots,
-                           self.config.max_num_seqs, self.max_model_len, evicts, self.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.pool, self.method)
-        if self.device.type == "cuda" and not self.config.enforce_eager:
-            from .graphs import DecodeGraphs
-            self.runner.graphs = DecodeGraphs(self.model, self.pool, self.config.max_num_seqs, self.runner.attention)
+        device = torch.device(device) if device is not None else _default_device(model)
+        self.dtype = dtype or default_dtype(device)
+        spec = EngineSpec(hf_config, _weights_for_ranks(model, tensors, tensor_parallel_size), self.config,
+                          dict(sparse_knobs), self.dtype, str(device),
+                          self.config.max_model_len or hf_config.max_position_embeddings)
+        self.tp, self.driver = None, None
+        if tensor_parallel_size != 1:
+            check_divisible(hf_config, tensor_parallel_size)
+            _check_tp_method(build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers))
+            self.tp, self.driver, device = _start_ranks(spec, tensor_parallel_size, device)
+        self.device = device
+        try:
+            shard = build_shard(spec, device, self.tp) if self.driver is None else self.driver.guarded(
+                build_shard, spec, device, self.tp)
+        except BaseException:
+            if self.driver is not None:
+                self.driver.stop()
+            raise
+        self.model, self.pool, self.runner, self.method = shard.model, shard.pool, shard.runner, shard.method
+        self.max_model_len = shard.max_model_len
+        if self.driver is not None:
+            self.pool.released = []                 # rows freed on rank 0 go to the other ranks with the next step
         self.scheduler = Scheduler(self.config, self.pool)
         self.sampler = Sampler()
         self.output_processor = OutputProcessor(self.tokenizer or _NoText(), self.eos_token_ids)
@@ -127,28 +166,9 @@ class LLM:
         self._aborted: list[Request] = []
         self._ids = itertools.count()
 
-    # -- sizing ----------------------------------------------------------------------------------------------
-    def _size_pool(self, evicts: bool) -> int:
-        """Slots per layer: on CPU ``min(max_num_seqs * max_model_len, 65536)``; on CUDA what fits in
-        ``gpu_memory_utilization`` of the device after the weights and a profiled prefill step."""
-        cfg = self.config
-        if self.device.type != "cuda":
-            return min(cfg.max_num_seqs * self.max_model_len, CPU_DEFAULT_SLOTS)
-        from .graphs import profile_peak_bytes
-        peak = profile_peak_bytes(self.model, cfg, self.max_model_len, self.dtype, self.device)
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        m = self.model
-        groups = m.num_layers if evicts else 1
-        per_slot = (2 * m.num_layers * m.num_kv_heads * m.head_dim * torch.tensor([], dtype=self.dtype).element_size()
-                    + 4 * groups)                  # K/V of every layer + the free-stack entries
-        table_bytes = groups * cfg.max_num_seqs * self.max_model_len * 4 * 2
-        free = int(total * cfg.gpu_memory_utilization) - peak - table_bytes
-        slots = free // per_slot
-        if slots < cfg.max_num_batched_tokens:
-            raise RuntimeError(f"only {max(slots, 0)} KV slots fit (weights + activations use {peak / 2**30:.1f} GiB); "
-                               "raise gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs / "
-                               "max_model_len")
-        return int(slots)
+    @property
+    def tensor_parallel_size(self) -> int:
+        return 1 if self.tp is None else self.tp.size
 
     # -- requests --------------------------------------------------------------------------------------------
     def _tokenize(self, prompt) -> list[int]:
@@ -213,10 +233,17 @@ class LLM:
         self._aborted.clear()
         kind, batch = self.scheduler.schedule()
         if kind == "prefill":
-            logits = self.runner.prefill(batch)
+            logits = self._run(plan_prefill(batch))
+            for req, n in batch:
+                req.num_computed += n
             done = [req for req, _ in batch if req.num_computed == req.num_tokens]
+            for req in done:
+                req.kept_kv_tokens = self.pool.row_tokens(req.row)
         elif kind == "decode":
-            logits = self.runner.decode(batch)
+            logits = self._run(plan_decode(batch))
+            for req in batch:
+                req.num_computed += 1
+                req.kept_kv_tokens = self.pool.row_tokens(req.row)
             done = batch
         else:
             return outputs
@@ -229,6 +256,22 @@ class LLM:
                 self._append(req, int(token), now)
                 outputs.append(req.output())
         return outputs
+
+    def _run(self, plan):
+        """Run a step's plan here and, under tensor parallelism, on every other rank (sent first)."""
+        if self.driver is None:
+            return self.runner.run(plan)
+        self.driver.send_step(self.pool.take_released(), plan)
+        return self.driver.guarded(self.runner.run, plan)
+
+    def check_pool_whole(self) -> None:
+        """Raise ``AssertionError`` unless the KV pool is whole (every slot free once) on every rank."""
+        if self.driver is None:
+            self.pool.check_whole()
+            return
+        reports = self.driver.call(self.pool.take_released(), "pool_report", pool_report(self.runner))
+        bad = {rank: r for rank, r in enumerate(reports) if r is not None}
+        assert not bad, f"KV pool not whole on ranks {bad}"
 
     def _append(self, req: Request, token: int, now: float) -> None:
         """Record a sampled token; the output processor decides the text and whether the request ends."""
@@ -273,11 +316,15 @@ class LLM:
 
     # -- lifetime --------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the model and the pool (GPU memory is returned to the allocator's cache, then emptied)."""
+        """Stop the other tensor-parallel ranks, release the model and the pool (GPU memory is returned to the
+        allocator's cache, then emptied)."""
+        if getattr(self, "driver", None) is not None:
+            self.driver.stop()
+            self.driver = None
         for name in ("runner", "scheduler", "pool", "model"):
             if hasattr(self, name):
                 delattr(self, name)
-        if self.device.type == "cuda":
+        if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.empty_cache()
 
     def __enter__(self):

@@ -83,18 +83,20 @@ class Rotary(nn.Module):
 class Attention(nn.Module):
     """Fused-QKV self-attention of one layer; the attention itself is the backend's."""
 
-    def __init__(self, hf_config, family: str, layer_idx: int, rotary: Rotary):
+    def __init__(self, hf_config, family: str, layer_idx: int, rotary: Rotary, tp=None):
         super().__init__()
+        tp_size = tp.size if tp is not None else 1
         self.layer_idx = layer_idx
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = hf_config.num_key_value_heads
+        self.num_heads = hf_config.num_attention_heads // tp_size             # this rank's heads
+        self.num_kv_heads = hf_config.num_key_value_heads // tp_size
         self.head_dim = head_dim_of(hf_config)
         self.scale = self.head_dim ** -0.5
         bias = family == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = nn.Linear(hf_config.hidden_size, q_size + 2 * kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, hf_config.hidden_size, bias=bool(getattr(hf_config, "attention_bias", False)))
+        self.o_proj = RowParallelLinear(q_size, hf_config.hidden_size, bool(getattr(hf_config, "attention_bias", False)),
+                                        tp)
         self.qk_norm = family == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
@@ -116,17 +118,33 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, -1))
 
 
+class RowParallelLinear(nn.Linear):
+    """A linear layer whose input features are split across tensor-parallel ranks: each rank multiplies its
+    share, the partial outputs are summed by an all-reduce, then the (replicated) bias is added once.
+    Without ``tp`` it is a plain ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp=None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp is None or self.tp.size == 1:
+            return super().forward(x)
+        out = self.tp.all_reduce_sum(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
 class MLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with gate and up fused."""
 
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, tp=None):
         super().__init__()
         act = getattr(hf_config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise NotImplementedError(f"hidden_act={act!r}: the engine supports silu MLPs")
-        self.inter = hf_config.intermediate_size
+        self.inter = hf_config.intermediate_size // (tp.size if tp is not None else 1)    # this rank's columns
         self.gate_up_proj = nn.Linear(hf_config.hidden_size, 2 * self.inter, bias=False)
-        self.down_proj = nn.Linear(self.inter, hf_config.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(self.inter, hf_config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -134,10 +152,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config, family: str, layer_idx: int, rotary: Rotary):
+    def __init__(self, hf_config, family: str, layer_idx: int, rotary: Rotary, tp=None):
         super().__init__()
-        self.self_attn = Attention(hf_config, family, layer_idx, rotary)
-        self.mlp = MLP(hf_config)
+        self.self_attn = Attention(hf_config, family, layer_idx, rotary, tp)
+        self.mlp = MLP(hf_config, tp)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -148,19 +166,25 @@ class DecoderLayer(nn.Module):
 
 class EngineModel(nn.Module):
     """The decoder plus LM head. ``forward(input_ids [T], positions [T]) -> hidden [T, hidden]``;
-    ``logits(hidden [n, hidden]) -> [n, vocab]`` float32."""
+    ``logits(hidden [n, hidden]) -> [n, vocab]`` float32.
 
-    def __init__(self, hf_config, max_positions: int):
+    ``tp``: a :class:`~.tp.TPGroup` (or ``None``): this rank builds only its share of the heads and MLP columns
+    (``num_heads``/``num_kv_heads`` are then the rank's); embeddings, norms and the LM head are replicated."""
+
+    def __init__(self, hf_config, max_positions: int, tp=None):
         super().__init__()
         self.family = model_family(hf_config)
         self.config = hf_config
+        self.tp = tp
+        tp_size = tp.size if tp is not None else 1
         self.num_layers = hf_config.num_hidden_layers
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = hf_config.num_key_value_heads
+        self.num_heads = hf_config.num_attention_heads // tp_size
+        self.num_kv_heads = hf_config.num_key_value_heads // tp_size
         self.head_dim = head_dim_of(hf_config)
         rotary = Rotary(hf_config, max_positions)
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(hf_config, self.family, i, rotary) for i in range(self.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(hf_config, self.family, i, rotary, tp)
+                                    for i in range(self.num_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         if not self.tied:

@@ -4,9 +4,15 @@ The runner turns scheduled requests into packed tensors and a :class:`~.attentio
 and applies the eviction methods to the pool after the step: layer ``l``'s eviction only changes what layer ``l``
 reads at *later* steps, so running it after the whole forward equals running it right after layer ``l``'s
 attention (as the HF path does), and keeps the forward free of host syncs (CUDA graphs).
+
+A step is first described by a plan (:class:`PrefillPlan`, :class:`DecodePlan`: plain ints, no requests, no
+tensors) and then run. Under tensor parallelism rank 0 builds the plan from its scheduled requests and sends it
+to the other ranks, and every rank runs the same plan on its own heads and pool.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,83 +20,127 @@ import torch
 from .attention import PoolAttention, Segment, StepContext
 
 
+@dataclass
+class PrefillPlan:
+    """Prompt chunks of one step: ``ids``/``positions`` of the packed tokens, ``segments`` ``[(row, start, length,
+    context)]`` (see :class:`~.attention.Segment`), and for each row whose prompt completes in this step its
+    ``completing`` row and the index ``last`` of its last token in the packed batch."""
+
+    ids: list
+    positions: list
+    segments: list
+    completing: list
+    last: list
+
+
+@dataclass
+class DecodePlan:
+    """One token for each of ``rows``: token ``ids`` at ``positions``."""
+
+    rows: list
+    ids: list
+    positions: list
+
+
+def plan_prefill(chunks: list) -> PrefillPlan:
+    """The plan of prompt chunks ``[(request, n_tokens), ...]`` (each request's row set)."""
+    plan = PrefillPlan([], [], [], [], [])
+    start = 0
+    for req, n in chunks:
+        first = req.num_computed
+        plan.ids.extend(req.token(p) for p in range(first, first + n))
+        plan.positions.extend(range(first, first + n))
+        plan.segments.append((req.row, start, n, first + n))
+        start += n
+        if first + n == req.num_tokens:
+            plan.completing.append(req.row)
+            plan.last.append(start - 1)
+    return plan
+
+
+def plan_decode(requests: list) -> DecodePlan:
+    """The plan of a decode step (each request holds ``num_tokens - 1`` computed tokens)."""
+    return DecodePlan([r.row for r in requests], [r.output_token_ids[-1] for r in requests],
+                      [r.num_tokens - 1 for r in requests])
+
+
 class ModelRunner:
-    """Owns the model, the pool and the attention backend.
+    """Owns the model, the pool and the attention backend, and runs plans.
 
     Args:
         model: :class:`~.model.EngineModel` on ``device``; pool: :class:`~.kv_pool.KVPool`;
-        method: the core sparse method or ``None``; graphs: a :class:`~.graphs.DecodeGraphs` or ``None``.
+        method: the core sparse method or ``None``; graphs: a :class:`~.graphs.DecodeGraphs` or ``None``;
+        compute_logits: ``False`` on tensor-parallel ranks other than 0 (they sample nothing).
     """
 
-    def __init__(self, model, pool, method=None, graphs=None):
+    def __init__(self, model, pool, method=None, graphs=None, compute_logits: bool = True):
         self.model, self.pool, self.method = model, pool, method
         self.device = pool.device
-        self.attention = PoolAttention(pool, method)
+        self.attention = PoolAttention(pool, method, getattr(model, "tp", None))
         model.set_backend(self.attention)
         self.evicts = method is not None and method.family == "evict"
         self.window = int(method.query_window) if self.evicts else 0
         self.graphs = graphs
+        self.compute_logits = compute_logits
+        #: Last prompt queries per row and layer (``[H, w, D]``) for methods scoring with an observation window;
+        #: a row's entry restarts with its first chunk and is dropped once its prompt is evicted.
+        self.query_windows: dict[int, dict[int, torch.Tensor]] = {}
         # All slots of a row are live: the methods' ``valid`` masks are views of this (no allocation per call).
         self._all_valid = torch.ones(1, pool.num_kv_heads, pool.max_len, dtype=torch.bool, device=self.device)
 
+    def run(self, plan) -> torch.Tensor | None:
+        return self.prefill(plan) if isinstance(plan, PrefillPlan) else self.decode(plan)
+
     # -- prefill --------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, chunks: list) -> torch.Tensor | None:
-        """Run prompt chunks ``[(request, n_tokens), ...]``; each request's row must be set.
+    def prefill(self, plan: PrefillPlan) -> torch.Tensor | None:
+        """Run prompt chunks.
 
         Returns:
-            ``[R, V]`` float32 logits at the last token of each request whose prompt completes in this step (in
-            ``chunks`` order), or ``None`` if none does.
+            ``[R, V]`` float32 logits at the last token of each row of ``plan.completing`` (in that order), or
+            ``None`` if no prompt completes (or this rank computes no logits).
         """
-        ids, positions, segments, last_rows, completing = [], [], [], [], []
-        start = 0
-        for req, n in chunks:
-            first = req.num_computed
-            ids.extend(req.token(p) for p in range(first, first + n))
-            positions.extend(range(first, first + n))
-            segments.append(Segment(req.row, start, n, first + n))
-            start += n
-            if first + n == req.num_tokens:
-                last_rows.append(start - 1)
-                completing.append(req)
-        slot_mapping = self.pool.allocate([req.row for req, _ in chunks], [n for _, n in chunks])
+        segments = [Segment(row, start, n, context) for row, start, n, context in plan.segments]
+        slot_mapping = self.pool.allocate([seg.row for seg in segments], [seg.length for seg in segments])
         self.attention.ctx = StepContext(slot_mapping, segments, window=self.window)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device))
+        hidden = self.model(torch.tensor(plan.ids, device=self.device),
+                            torch.tensor(plan.positions, device=self.device))
         self.attention.ctx = None
-        for (req, n), seg in zip(chunks, segments):
-            req.num_computed += n
-            if self.window:
-                self._remember_queries(req, seg.windows)
-        for req in completing:
-            if self.evicts:
-                self._evict_prompt(req)
-            req.kept_kv_tokens = self.pool.row_tokens(req.row)
-        if not completing:
+        if self.window:
+            for seg in segments:
+                self._remember_queries(seg)
+        if self.evicts:
+            for row in plan.completing:
+                self._evict_prompt(row)
+        if not plan.completing or not self.compute_logits:
             return None
-        return self.model.logits(hidden[torch.tensor(last_rows, device=self.device)])
+        return self.model.logits(hidden[torch.tensor(plan.last, device=self.device)])
 
-    def _remember_queries(self, req, windows: dict) -> None:
-        for layer, q in windows.items():
-            prev = req.query_windows.get(layer)
+    def _remember_queries(self, seg: Segment) -> None:
+        if seg.context == seg.length:                    # the row's first chunk: a new prompt
+            self.query_windows[seg.row] = {}
+        windows = self.query_windows.setdefault(seg.row, {})
+        for layer, q in seg.windows.items():
+            prev = windows.get(layer)
             if prev is not None and q.shape[1] < self.window:
                 q = torch.cat([prev, q], dim=1)
-            req.query_windows[layer] = q[:, -self.window:]
+            windows[layer] = q[:, -self.window:]
 
-    def _evict_prompt(self, req) -> None:
+    def _evict_prompt(self, row: int) -> None:
         """The method's ``prefill_keep`` on every layer of a completed prompt; kept tokens stay, the rest is freed."""
         pool, method = self.pool, self.method
+        windows = self.query_windows.pop(row, {})
         for layer in range(pool.num_layers):
             g = pool.group_of[layer]
-            n = int(pool.lens[g, req.row])
-            slots = pool.tables[g, req.row, :n].long()
+            n = int(pool.lens[g, row])
+            slots = pool.tables[g, row, :n].long()
             keys = pool.k[layer][slots].permute(1, 0, 2).unsqueeze(0)              # [1, Hkv, n, D]
             valid = self._all_valid[:, :, :n]
-            q = req.query_windows.get(layer)
+            q = windows.get(layer)
             queries = q.unsqueeze(0) if q is not None else None                      # [1, H, W, D]
             qvalid = torch.ones(1, q.shape[1], dtype=torch.bool, device=self.device) if q is not None else None
             attn = self.model.layers[layer].self_attn
-            self._apply(g, req.row, method.prefill_keep(layer, keys, valid, queries, qvalid, attn.scale))
-        req.query_windows.clear()
+            self._apply(g, row, method.prefill_keep(layer, keys, valid, queries, qvalid, attn.scale))
 
     def _apply(self, group: int, row: int, plan) -> None:
         if plan is None:
@@ -103,14 +153,15 @@ class ModelRunner:
 
     # -- decode ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, requests: list) -> torch.Tensor:
-        """One token for each request (each holds ``num_tokens - 1`` computed tokens). Returns ``[B, V]`` float32."""
+    def decode(self, plan: DecodePlan) -> torch.Tensor | None:
+        """One token for each row of the plan. Returns ``[B, V]`` float32 (``None`` if this rank computes no
+        logits)."""
         pool = self.pool
-        B = len(requests)
-        rows = [r.row for r in requests]
+        rows = plan.rows
+        B = len(rows)
         slot_mapping = pool.allocate(rows, [1] * B)                                  # [G, B]
-        ids = torch.tensor([r.output_token_ids[-1] for r in requests], device=self.device)
-        positions = torch.tensor([r.num_tokens - 1 for r in requests], device=self.device)
+        ids = torch.tensor(plan.ids, device=self.device)
+        positions = torch.tensor(plan.positions, device=self.device)
         lens_host = pool.lens[:, rows]                                               # [G, B]
         width = int(lens_host.max())
         if self.graphs is not None and self.graphs.can_run(B):
@@ -120,15 +171,12 @@ class ModelRunner:
             tables = pool.tables[:, torch.tensor(rows, device=self.device), :width]  # [G, B, width]
             lens = torch.as_tensor(lens_host.astype(np.int32)).to(self.device)
             self.attention.ctx = StepContext(slot_mapping, tables=tables, lens=lens)
-            logits = self.model.logits(self.model(ids, positions))
+            hidden = self.model(ids, positions)
+            logits = self.model.logits(hidden) if self.compute_logits else None
             self.attention.ctx = None
-        for r in requests:
-            r.num_computed += 1
         if self.evicts and self.method.evicts_during_decode:
             self._evict_decode(rows)
-        for r in requests:
-            r.kept_kv_tokens = pool.row_tokens(r.row)
-        return logits
+        return logits if self.compute_logits else None
 
     def _evict_decode(self, rows: list[int]) -> None:
         """The method's ``decode_keep`` per row and layer (StreamingLLM's rolling window)."""

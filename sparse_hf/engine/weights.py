@@ -2,6 +2,10 @@
 
 HF names map onto the engine's fused parameters: ``q_proj``/``k_proj``/``v_proj`` are the three row blocks of
 ``qkv_proj``, ``gate_proj``/``up_proj`` the two of ``gate_up_proj``; every other name maps one to one.
+
+Under tensor parallelism (``model.tp``) each rank copies its share of each full checkpoint tensor
+(:func:`rank_share`): rows of the q/k/v and gate/up blocks (column-parallel), columns of ``o_proj`` and
+``down_proj`` (row-parallel); everything else is replicated.
 """
 
 from __future__ import annotations
@@ -50,6 +54,23 @@ def _block_slices(param_name: str, model) -> dict[int, slice]:
     return {0: slice(0, inter), 1: slice(inter, 2 * inter)}
 
 
+#: Row-parallel weights: their input columns are split across ranks.
+ROW_PARALLEL = (".o_proj.weight", ".down_proj.weight")
+
+
+def rank_share(model, name: str, tensor: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The part of full checkpoint ``tensor`` (engine parameter ``name``; ``packed``: one block of a fused
+    projection) that this rank of ``model.tp`` holds; the whole tensor without tensor parallelism."""
+    tp = getattr(model, "tp", None)
+    if tp is None or tp.size == 1:
+        return tensor
+    if packed:
+        return tensor[tp.shard(tensor.shape[0])]
+    if name.endswith(ROW_PARALLEL):
+        return tensor[:, tp.shard(tensor.shape[1])]
+    return tensor
+
+
 @torch.no_grad()
 def load_weights(model, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Copy HF-named ``tensors`` into ``model`` (cast to its dtype); every engine parameter must be filled."""
@@ -76,6 +97,7 @@ def load_weights(model, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the engine's {model.family} model")
         param = params[target]
         dst = param if block is None else param[_block_slices(target.split(".")[-2], model)[block]]
+        tensor = rank_share(model, target, tensor, block is not None)
         if dst.shape != tensor.shape:
             raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != engine shape {tuple(dst.shape)}")
         dst.copy_(tensor.to(dtype=param.dtype))
@@ -87,12 +109,33 @@ def load_weights(model, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
 
 @torch.no_grad()
 def init_random_weights(model, std: float = 0.02, seed: int = 0) -> None:
-    """Random weights (normal, ``std``; norms at 1) for benchmarks of a model shape without a checkpoint."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    """Random weights (normal, ``std``; norms at 1) for benchmarks of a model shape without a checkpoint.
+
+    Under tensor parallelism every rank draws the full tensors (the same ones as one rank would) and keeps its
+    share, so a TP=N engine holds the TP=1 engine's weights."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         elif name.endswith(".bias"):
             p.zero_()
         else:
-            p.normal_(0.0, std, generator=gen)
+            p.copy_(_full_random(model, name, p, std, gen))
+
+
+def _full_random(model, name: str, param: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """A random draw of ``name``'s full (unsharded) tensor, cut to this rank's share of it."""
+    tp = getattr(model, "tp", None)
+    if tp is None or tp.size == 1:
+        return torch.empty_like(param).normal_(0.0, std, generator=gen)
+    fused = name.split(".")[-2]
+    if fused in ("qkv_proj", "gate_up_proj"):                    # one draw of the whole fused [q; k; v] weight
+        sizes = [(b.stop - b.start) * tp.size for b in _block_slices(fused, model).values()]
+        full = torch.empty(sum(sizes), *param.shape[1:], dtype=param.dtype, device=param.device)
+        full.normal_(0.0, std, generator=gen)
+        return torch.cat([rank_share(model, name, block, packed=True) for block in full.split(sizes)])
+    if name.endswith(ROW_PARALLEL):
+        full = torch.empty(param.shape[0], param.shape[1] * tp.size, dtype=param.dtype, device=param.device)
+        return rank_share(model, name, full.normal_(0.0, std, generator=gen), packed=False)
+    return torch.empty_like(param).normal_(0.0, std, generator=gen)

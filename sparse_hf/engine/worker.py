@@ -1,0 +1,191 @@
+"""One rank's engine parts (model shard, KV pool, runner), built the same way on every rank, and the loop of a
+tensor-parallel worker (rank > 0): receive a plan from rank 0, run it, repeat until told to stop.
+
+:class:`EngineSpec` is everything a rank needs to build its shard; it pickles, so the engine's own spawn passes it
+to the worker processes (under ``torchrun`` every rank builds it from the same script's arguments).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import EngineConfig, build_method
+from .kv_pool import KVPool
+from .model import EngineModel
+from .runner import ModelRunner
+from .weights import init_random_weights, iter_safetensors, load_weights
+
+#: Slots per layer on CPU when ``num_kv_slots`` is not given.
+CPU_DEFAULT_SLOTS = 65536
+
+
+@dataclass
+class EngineSpec:
+    """What builds one rank's engine parts.
+
+    Attributes:
+        hf_config: the transformers config; weights: a model directory (safetensors), a ``{name: tensor}`` dict
+            of HF-named full tensors, or ``None`` (random weights, for benchmarks).
+        config: the engine knobs; sparse_knobs: the method's knobs (``config.sparse_method`` names it).
+        device: the driver's device (rank ``r`` of a spawned group uses the CUDA index plus ``r``).
+    """
+
+    hf_config: object
+    weights: object
+    config: EngineConfig
+    sparse_knobs: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    max_model_len: int = 0
+
+
+@dataclass
+class Shard:
+    """One rank's engine parts."""
+
+    model: EngineModel
+    pool: KVPool
+    runner: ModelRunner
+    method: object
+    max_model_len: int
+
+
+def _tensors(weights):
+    if weights is None or isinstance(weights, dict):
+        return None if weights is None else weights.items()
+    return iter_safetensors(weights)
+
+
+def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
+    """The model (this rank's share when ``tp`` is a group of more than one), its pool and runner."""
+    cfg = spec.config
+    method = build_method(cfg.sparse_method, spec.sparse_knobs, spec.hf_config.num_hidden_layers)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(spec.dtype)        # parameters are born in dtype (no fp32 copy of a 7B model);
+    try:                                       # RoPE's cos/sin tables are computed in fp32 explicitly
+        with torch.device(device):
+            model = EngineModel(spec.hf_config, spec.max_model_len, tp)
+    finally:
+        torch.set_default_dtype(previous)
+    tensors = _tensors(spec.weights)
+    if tensors is None:
+        init_random_weights(model)
+    else:
+        load_weights(model, tensors)
+    model.eval().requires_grad_(False)
+    evicts = method is not None and method.family == "evict"
+    slots = cfg.num_kv_slots or size_pool(model, cfg, spec.max_model_len, evicts, spec.dtype, device)
+    if tp is not None and tp.size > 1 and cfg.num_kv_slots is None:     # every rank must hold the same slot count
+        count = torch.tensor([slots], dtype=torch.long, device=device)
+        slots = int(tp.all_reduce_min(count).item())
+    max_model_len = spec.max_model_len
+    if not evicts and max_model_len > slots:
+        if tp is None or tp.rank == 0:
+            warnings.warn(f"max_model_len={max_model_len} exceeds the pool's {slots} slots; capped to {slots}")
+        max_model_len = slots
+    pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs, max_model_len,
+                  evicts, spec.dtype, device)
+    runner = ModelRunner(model, pool, method, compute_logits=tp is None or tp.rank == 0)
+    if device.type == "cuda" and not cfg.enforce_eager:
+        from .graphs import DecodeGraphs
+        runner.graphs = DecodeGraphs(model, pool, cfg.max_num_seqs, runner.attention)
+    return Shard(model, pool, runner, method, max_model_len)
+
+
+def size_pool(model, cfg: EngineConfig, max_model_len: int, evicts: bool, dtype: torch.dtype,
+              device: torch.device) -> int:
+    """Slots per layer: on CPU ``min(max_num_seqs * max_model_len, 65536)``; on CUDA what fits in
+    ``gpu_memory_utilization`` of the device after the weights and a profiled prefill step."""
+    if device.type != "cuda":
+        return min(cfg.max_num_seqs * max_model_len, CPU_DEFAULT_SLOTS)
+    from .graphs import profile_peak_bytes
+    peak = profile_peak_bytes(model, cfg, max_model_len, dtype, device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    groups = model.num_layers if evicts else 1
+    per_slot = (2 * model.num_layers * model.num_kv_heads * model.head_dim
+                * torch.tensor([], dtype=dtype).element_size() + 4 * groups)   # K/V of every layer + free-stack entries
+    table_bytes = groups * cfg.max_num_seqs * max_model_len * 4 * 2
+    free = int(total * cfg.gpu_memory_utilization) - peak - table_bytes
+    slots = free // per_slot
+    if slots < cfg.max_num_batched_tokens:
+        raise RuntimeError(f"only {max(slots, 0)} KV slots fit (weights + activations use {peak / 2**30:.1f} GiB); "
+                           "raise gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs / "
+                           "max_model_len")
+    return int(slots)
+
+
+# -- the worker side of tensor parallelism ---------------------------------------------------------------------------
+def pool_report(runner) -> str | None:
+    """``None`` when this rank's pool is whole (every slot free once, no row holding slots), else what is wrong."""
+    try:
+        runner.pool.check_whole()
+    except AssertionError as exc:
+        return str(exc) or "pool not whole"
+    return None
+
+
+#: What the driver may ask every rank (``Driver.call``): name -> function of the rank's runner.
+WORKER_CALLS = {"pool_report": pool_report}
+
+
+def serve(runner, tp) -> None:
+    """Run the driver's plans until it says stop (see :class:`~.tp.Driver` for the messages)."""
+    import torch.distributed as dist
+
+    from .tp import receive
+
+    while True:
+        message = receive(tp)
+        kind = message[0]
+        if kind == "stop":
+            return
+        for row in message[1]:
+            runner.pool.release_row(row)
+        if kind == "step":
+            runner.run(message[2])
+        elif kind == "call":
+            dist.gather_object(WORKER_CALLS[message[2]](runner), None, dst=0, group=tp.control_group)
+        else:
+            raise RuntimeError(f"unknown message from the driver: {kind!r}")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A spawned worker ends when the driver's process is gone (killed without closing the engine)."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def run_worker(rank: int, size: int, init_method: str | None, spec: EngineSpec, torchrun: bool,
+               parent: int | None = None) -> None:
+    """A worker rank's whole life: join the groups (before loading, so the driver's rendezvous is quick), build
+    the shard, serve, leave. An error is printed with this rank's traceback and ends the process with code 1."""
+    from .tp import destroy_groups, init_groups, rank_device
+
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    try:
+        device = rank_device(torch.device(spec.device), rank, torchrun)
+        tp = init_groups(rank, size, device, init_method)
+        shard = build_shard(spec, device, tp)
+        serve(shard.runner, tp)
+    except BaseException:                                   # noqa: BLE001
+        print(f"sparse-hf tensor-parallel rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    destroy_groups()
+
+
+def spawned_worker_main(rank: int, size: int, init_method: str, spec: EngineSpec, parent: int) -> None:
+    """Entry point of a worker process started by the engine (``torch.multiprocessing`` spawn)."""
+    run_worker(rank, size, init_method, spec, torchrun=False, parent=parent)
