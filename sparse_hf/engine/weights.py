@@ -45,12 +45,13 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _block_slices(param_name: str, model) -> dict[int, slice]:
-    """Row ranges of each block of a fused weight (``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up)."""
+    """Row ranges of each block of this rank's fused weight (``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up)."""
     if param_name == "qkv_proj":
         q = model.num_heads * model.head_dim
         kv = model.num_kv_heads * model.head_dim
         return {0: slice(0, q), 1: slice(q, q + kv), 2: slice(q + kv, q + 2 * kv)}
-    inter = model.config.intermediate_size
+    tp = getattr(model, "tp", None)
+    inter = model.config.intermediate_size // (tp.size if tp is not None else 1)       # this rank's columns
     return {0: slice(0, inter), 1: slice(inter, 2 * inter)}
 
 
