@@ -1,0 +1,187 @@
+"""Tensor parallelism on CPU (gloo, two processes): TP=2 greedy output equals TP=1 for full attention and every
+engine method, the pool is whole on every rank, bad head counts fail clearly, a dead rank raises within seconds,
+and the same engine runs under ``torchrun``."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from engine_helpers import assert_greedy_equal, engine_tokens, greedy_params, hf_greedy_with_logits, random_prompts
+from helpers import tiny_model
+from sparse_hf.engine import LLM
+from sparse_hf.engine.tp import TensorParallelError
+from test_engine_methods import KNOBS
+
+LENGTHS = (20, 50, 77)
+ENGINE = dict(num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16)
+
+
+def assert_same_greedy(tp2, tp1, model, prompts, new_tokens, **hf_kwargs):
+    """TP=2 tokens equal TP=1 tokens. The all-reduce sums the row-parallel matmuls in another order, so a
+    near-tie could flip an argmax on another machine; only then do we accept both as valid greedy outputs by the
+    HF reference's logits (a real gap fails)."""
+    for prompt, a, b in zip(prompts, tp2, tp1):
+        if a != b:
+            ref, logits = hf_greedy_with_logits(model, prompt, new_tokens, **hf_kwargs)
+            assert_greedy_equal(a, ref, logits)
+            assert_greedy_equal(b, ref, logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tp2_equals_tp1_full_attention(arch):
+    model = tiny_model(arch, layers=2)
+    prompts = random_prompts(LENGTHS)
+    tp1 = engine_tokens(LLM(model, **ENGINE), prompts, 12)
+    with LLM(model, tensor_parallel_size=2, **ENGINE) as llm:
+        assert llm.tensor_parallel_size == 2 and llm.model.num_heads == 2 and llm.pool.num_kv_heads == 1
+        tp2 = engine_tokens(llm, prompts, 12)
+        llm.check_pool_whole()
+    assert_same_greedy(tp2, tp1, model, prompts, 12)
+
+
+@pytest.mark.parametrize("method", sorted(KNOBS))
+def test_tp2_equals_tp1_every_method(method):
+    """Eviction methods select per KV head (a KV head and its query group sit on one rank); OmniKV all-reduces
+    (max) its per-token scores before the top-k. Either way TP=2 picks what TP=1 picks."""
+    model = tiny_model("llama", layers=4)
+    prompts = random_prompts(LENGTHS)
+    vanilla = engine_tokens(LLM(model, **ENGINE), prompts, 30)
+    tp1 = engine_tokens(LLM(model, sparse_method=method, **ENGINE, **KNOBS[method]), prompts, 30)
+    assert tp1 != vanilla, "knobs too loose: the method changed nothing, so the test would prove nothing"
+    with LLM(model, tensor_parallel_size=2, sparse_method=method, **ENGINE, **KNOBS[method]) as llm:
+        tp2 = engine_tokens(llm, prompts, 30)
+        llm.check_pool_whole()
+    assert_same_greedy(tp2, tp1, model, prompts, 30, cache_implementation=method, cache_config=KNOBS[method])
+
+
+def run_mixed(llm, seed: int = 0, requests: int = 40) -> dict:
+    """Requests arrive in waves into a small pool (some are preempted), a random few are aborted; returns the
+    finished outputs' tokens by request id."""
+    rng = random.Random(seed)
+    pending = [(f"r{i}", [rng.randrange(1, 128) for _ in range(rng.randrange(1, 14))]) for i in range(requests)]
+    finished = {}
+    while pending or llm.has_unfinished_requests():
+        for _ in range(rng.randrange(0, 5)):
+            if pending:
+                rid, prompt = pending.pop()
+                llm.add_request(rid, prompt, greedy_params(rng.randrange(1, 8)))
+        if llm.requests and rng.random() < 0.15:
+            llm.abort(rng.choice(sorted(llm.requests)))
+        for out in llm.step():
+            if out.finished:
+                finished[out.request_id] = (out.token_ids, out.finish_reason, out.metrics["num_preemptions"])
+    return finished
+
+
+def test_tp2_pool_whole_after_aborts_and_preemption():
+    """Rows freed on rank 0 (finished, aborted, preempted) are freed on rank 1 too: same outputs as TP=1, and
+    every rank's pool is whole afterwards."""
+    model = tiny_model("llama", layers=2)
+    knobs = dict(num_sink_tokens=1, num_recent_tokens=4, num_top_tokens=2, window_size=2)
+    engine = dict(num_kv_slots=40, max_model_len=32, max_num_seqs=6, chunk_prefill_size=4, max_num_batched_tokens=8,
+                  sparse_method="snapkv", **knobs)
+    tp1 = run_mixed(LLM(model, **engine))
+    with LLM(model, tensor_parallel_size=2, **engine) as llm:
+        tp2 = run_mixed(llm)
+        llm.check_pool_whole()
+    assert tp2 == tp1
+    assert any(p for _, _, p in tp1.values()) and any(r == "abort" for _, r, _ in tp1.values())
+
+
+def test_head_counts_must_divide():
+    model = tiny_model("llama", layers=1)                  # 4 query heads, 2 KV heads, MLP width 128
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        LLM(model, tensor_parallel_size=4, **ENGINE)
+    with pytest.raises(ValueError, match="num_attention_heads=4, num_key_value_heads=2"):
+        LLM(model, tensor_parallel_size=3, **ENGINE)
+    with pytest.raises(ValueError, match="tensor_parallel_size=0"):
+        LLM(model, tensor_parallel_size=0, **ENGINE)
+
+
+def test_unsupported_method_under_tp_fails_before_spawning():
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="num_top_tokens"):
+        LLM(model, tensor_parallel_size=2, sparse_method="snapkv", num_top_tokens=-3, **ENGINE)
+
+
+def test_killed_worker_raises_within_seconds():
+    """A worker killed between steps: the next call raises at once. A worker killed in the middle of a
+    generate: the generate raises within seconds (no hang). Closing afterwards is quick too."""
+    model = tiny_model("llama", layers=2)
+    prompts = random_prompts((30, 12))
+    llm = LLM(model, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert len(engine_tokens(llm, prompts, 4)) == 2
+        os.kill(llm.driver.processes[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match="rank 1"):
+            while True:                                    # the watchdog needs a moment to see the exit
+                engine_tokens(llm, prompts, 4)
+                assert time.monotonic() - start < 10, "a dead rank went unnoticed for 10 s"
+        assert time.monotonic() - start < 10
+        with pytest.raises(TensorParallelError):          # and the engine stays failed
+            engine_tokens(llm, prompts, 4)
+    finally:
+        start = time.monotonic()
+        llm.close()
+        assert time.monotonic() - start < 15
+
+    llm = LLM(model, tensor_parallel_size=2, num_kv_slots=1024, max_model_len=1024)
+    try:
+        victim = llm.driver.processes[0]
+        engine_tokens(llm, prompts, 2)
+        timer = threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL))
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(TensorParallelError):
+            engine_tokens(llm, prompts * 4, 900)          # far longer than the 1 s before the kill
+        timer.join()
+        assert time.monotonic() - start < 15
+    finally:
+        llm.close()
+
+
+TORCHRUN_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from engine_helpers import engine_tokens, random_prompts
+from helpers import tiny_model
+from sparse_hf.engine import LLM
+
+model = tiny_model("llama", layers=4)                # the same seed on every rank: the same weights
+prompts = random_prompts((20, 50, 77))
+knobs = dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8, full_attn_layers=[0, 2])
+engine = dict(num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16, sparse_method="omnikv", **knobs)
+if os.environ["RANK"] == "0":
+    ref = engine_tokens(LLM(model, **engine), prompts, 20)
+llm = LLM(model, tensor_parallel_size=2, **engine)   # rank 1 serves rank 0 inside this call, then exits
+got = engine_tokens(llm, prompts, 20)
+llm.check_pool_whole()
+llm.close()
+print("RESULT " + json.dumps({{"equal": got == ref, "tp": llm.tensor_parallel_size}}))
+"""
+
+
+def test_torchrun_launch(tmp_path):
+    """``torchrun --nproc-per-node 2`` runs the same script on both ranks (env:// rendezvous): rank 0 gets the
+    engine, rank 1 serves it, and the output equals TP=1."""
+    script = tmp_path / "tp_script.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    from sparse_hf.engine.tp import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout                    # code after LLM(...) runs on rank 0 only
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result == {"equal": True, "tp": 2}
