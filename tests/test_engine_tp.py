@@ -185,3 +185,59 @@ def test_torchrun_launch(tmp_path):
     assert len(lines) == 1, proc.stdout                    # code after LLM(...) runs on rank 0 only
     result = json.loads(lines[0][len("RESULT "):])
     assert result == {"equal": True, "tp": 2}
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_serve_with_tensor_parallel_size(launcher, tmp_path):
+    """``sparse-hf serve --tensor-parallel-size 2`` (the engine's spawn, or every rank under torchrun) answers
+    what a TP=1 engine generates, and Ctrl-C stops every rank."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from sparse_hf.engine import SamplingParams
+    from tiny_tokenizer import free_port, save_tiny_chat_model
+
+    model_dir = save_tiny_chat_model(tmp_path / "model", seed=3)
+    port = free_port()
+    serve = ["-m", "sparse_hf.engine.serve_cli", model_dir, "--port", str(port), "--max-model-len", "128",
+             "--num-kv-slots", "512", "--max-num-seqs", "4", "--served-model-name", "tiny", "--log-level", "warning",
+             "--tensor-parallel-size", "2"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port())] + serve
+    else:
+        cmd = [sys.executable] + serve
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        with httpx.Client(trust_env=False, timeout=60) as http:
+            while True:
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "the server did not come up in 120 s"
+                try:
+                    if http.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.3)
+            body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            text = http.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
+        expected = LLM(model_dir, max_model_len=128, num_kv_slots=512).generate(
+            "Hello world", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+        assert text == expected
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)                    # Ctrl-C: the whole process group
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    err = proc.stderr.read()
+    assert "tensor-parallel rank" not in err, err[-3000:]          # no rank failed on the way down
+    if launcher == "spawn":                                  # torchrun itself exits 1 after a signal
+        assert proc.returncode in (0, -signal.SIGINT, 130), err[-3000:]
+    time.sleep(1.0)
+    left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+    alive = [line for line in left.splitlines() if line.strip() and "<defunct>" not in line]
+    assert not alive, left                                   # and no rank outlives it (zombies await a reaper)

@@ -168,8 +168,15 @@ def _exit_with_parent(parent: int) -> None:
 def run_worker(rank: int, size: int, init_method: str | None, spec: EngineSpec, torchrun: bool,
                parent: int | None = None) -> None:
     """A worker rank's whole life: join the groups (before loading, so the driver's rendezvous is quick), build
-    the shard, serve, leave. An error is printed with this rank's traceback and ends the process with code 1."""
+    the shard, serve, leave. An error is printed with this rank's traceback and ends the process with code 1.
+    Ctrl-C reaches every process of the group (a terminal, torchrun); only the driver acts on it: it stops the
+    workers when it closes the engine."""
+    import signal
+
     from .tp import destroy_groups, init_groups, rank_device
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
