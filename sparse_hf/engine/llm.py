@@ -88,7 +88,10 @@ def _start_ranks(spec, tp_size: int, device: torch.device):
 
     if not launched_by_torchrun():
         tp, driver = start_spawned(spec, tp_size, device)
-        return tp, driver, rank_device(device, 0, torchrun=False)
+        device = rank_device(device, 0, torchrun=False)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)            # the rendezvous ran in a helper thread
+        return tp, driver, device
     import os
     import sys
 

@@ -63,6 +63,7 @@ class TPGroup:
     size: int
     data_group: object = None
     control_group: object = None
+    owns_world: bool = True                 # the engine created the default group (and destroys it when done)
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.data_group)
@@ -109,14 +110,15 @@ def init_groups(rank: int, size: int, device: torch.device, init_method: str | N
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_world = not dist.is_initialized()
+    if owns_world:
         dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
     if dist.get_world_size() != size:
         raise ValueError(f"tensor_parallel_size={size} but the process group has {dist.get_world_size()} ranks; "
                          f"launch with torchrun --nproc-per-node {size} (times nodes) or pass the group's size")
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=IDLE_TIMEOUT_S))
-    return TPGroup(dist.get_rank(), size, dist.group.WORLD, control)
+    return TPGroup(dist.get_rank(), size, dist.group.WORLD, control, owns_world)
 
 
 def abort_groups() -> None:
@@ -127,12 +129,14 @@ def abort_groups() -> None:
         pass
 
 
-def destroy_groups() -> None:
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:                                  # noqa: BLE001
-            pass
+def destroy_groups(tp: TPGroup) -> None:
+    """Leave the engine's groups: the default group only if the engine created it (a caller's own group stays)."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group(None if tp.owns_world else tp.control_group)
+    except Exception:                                      # noqa: BLE001
+        pass
 
 
 class Driver:
@@ -155,15 +159,25 @@ class Driver:
     def _watch(self) -> None:
         from multiprocessing.connection import wait
 
-        sentinels = {p.sentinel: (rank, p) for rank, p in enumerate(self.processes, start=1)}
-        ready = wait(list(sentinels))
+        wait([p.sentinel for p in self.processes])
         if self._stopping:
             return
-        rank, proc = sentinels[ready[0]]
-        proc.join(timeout=1.0)
-        self.failure = (f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; the engine "
-                        "cannot continue: close it and start a new one")
+        self.failure = self._dead_rank() or "a tensor-parallel rank exited"
         abort_groups()
+
+    def _dead_rank(self, wait_s: float = 0.0) -> str | None:
+        """Which spawned rank exited, as a message (waiting up to ``wait_s`` for its exit to show)."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, proc in enumerate(self.processes, start=1):
+                if proc.exitcode is not None:
+                    return (f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}; the "
+                            "engine cannot continue: close it and start a new one")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def check(self) -> None:
         if self.failure is not None:
@@ -177,20 +191,22 @@ class Driver:
             self._failed(exc)
 
     def _failed(self, exc: Exception):
-        self.failure = self.failure or f"a tensor-parallel rank failed: {type(exc).__name__}: {exc}"
+        """Mark the engine failed, naming the dead rank when a spawned one exited (a peer's closed connection
+        often shows up here before the watchdog sees the exit)."""
+        if self.failure is None:
+            dead = self._dead_rank(wait_s=2.0) if self.processes else None
+            self.failure = dead or (f"a tensor-parallel step failed ({type(exc).__name__}: {exc}); the engine "
+                                    "cannot continue: close it and start a new one")
         raise TensorParallelError(self.failure) from exc
 
     def guarded(self, fn, *args):
-        """Run this rank's part of a step; a collective that fails (a peer died) raises :class:`TensorParallelError`."""
+        """Run rank 0's part of a step. Any error ends the engine (:class:`TensorParallelError`, the original as
+        its cause): the other ranks may be inside the step's collectives, out of step with rank 0 for good."""
         self.check()
         try:
             return fn(*args)
-        except TensorParallelError:
-            raise
         except Exception as exc:                             # noqa: BLE001
-            if self.failure is not None or _looks_like_peer_failure(exc):
-                self._failed(exc)
-            raise
+            self._failed(exc)
 
     # -- messages -----------------------------------------------------------------------------------------------
     def send_step(self, released: list[int], plan) -> None:
@@ -222,7 +238,7 @@ class Driver:
                 proc.kill()
                 proc.join(timeout=timeout_s)
         if self.failure is None:
-            destroy_groups()
+            destroy_groups(self.tp)
         else:
             abort_groups()
 
@@ -269,12 +285,6 @@ def start_spawned(spec, size: int, device: torch.device, startup_timeout_s: floa
         raise TensorParallelError(f"tensor-parallel startup failed: {result['error']}") from result["error"]
     tp = result["tp"]
     return tp, Driver(tp, processes)
-
-
-def _looks_like_peer_failure(exc: Exception) -> bool:
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(word in text for word in ("connection", "closed", "timeout", "timed out", "abort", "gloo", "nccl",
-                                         "peer", "broken pipe", "distbackenderror"))
 
 
 def receive(tp: TPGroup):

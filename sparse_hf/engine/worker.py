@@ -190,7 +190,7 @@ def run_worker(rank: int, size: int, init_method: str | None, spec: EngineSpec, 
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
-    destroy_groups()
+    destroy_groups(tp)
 
 
 def spawned_worker_main(rank: int, size: int, init_method: str, spec: EngineSpec, parent: int) -> None:
