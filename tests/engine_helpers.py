@@ -50,3 +50,27 @@ def assert_greedy_equal(got: list[int], ref: list[int], ref_logits: torch.Tensor
 
 def engine_tokens(llm, prompts, new_tokens: int) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(prompts, greedy_params(new_tokens))]
+
+
+def run_mixed_requests(llm, rng, requests: int, max_prompt: int = 12, max_burst: int = 6) -> tuple[dict, set]:
+    """Drive ``llm`` with ``requests`` short random prompts arriving in bursts of up to ``max_burst - 1`` per
+    step, aborting a random running one with probability 0.15 per step. Checks that each request finishes once,
+    as ``"abort"`` exactly when it was aborted. Returns ``(finished RequestOutput by id, aborted ids)``."""
+    pending = [(f"r{i}", [rng.randrange(1, 128) for _ in range(rng.randrange(1, max_prompt))])
+               for i in range(requests)]
+    finished, aborted = {}, set()
+    while pending or llm.has_unfinished_requests():
+        for _ in range(rng.randrange(0, max_burst)):
+            if pending:
+                rid, prompt = pending.pop()
+                llm.add_request(rid, prompt, greedy_params(rng.randrange(1, 8)))
+        if llm.requests and rng.random() < 0.15:
+            victim = rng.choice(sorted(llm.requests))
+            llm.abort(victim)
+            aborted.add(victim)
+        for out in llm.step():
+            if out.finished:
+                assert out.request_id not in finished
+                finished[out.request_id] = out
+                assert (out.finish_reason == "abort") == (out.request_id in aborted)
+    return finished, aborted

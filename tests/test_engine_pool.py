@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import greedy_params
+from engine_helpers import run_mixed_requests
 from helpers import tiny_model
 from sparse_hf.engine import LLM
 from sparse_hf.engine.kv_pool import KVPool
@@ -67,25 +67,9 @@ def test_pool_whole_after_many_mixed_requests(method, knobs, requests):
     model = tiny_model("llama", layers=1 if method is None else 2)
     llm = LLM(model, num_kv_slots=48, max_model_len=40, max_num_seqs=8, chunk_prefill_size=4,
               max_num_batched_tokens=8, sparse_method=method, **knobs)
-    pending = [(f"r{i}", [rng.randrange(1, 128) for _ in range(rng.randrange(1, 12))]) for i in range(requests)]
-    finished, aborted, preempted = set(), set(), 0
-    while pending or llm.has_unfinished_requests():
-        for _ in range(rng.randrange(0, 6)):
-            if pending:
-                rid, prompt = pending.pop()
-                llm.add_request(rid, prompt, greedy_params(rng.randrange(1, 8)))
-        if llm.requests and rng.random() < 0.15:
-            victim = rng.choice(sorted(llm.requests))
-            llm.abort(victim)
-            aborted.add(victim)
-        for out in llm.step():
-            if out.finished:
-                assert out.request_id not in finished
-                finished.add(out.request_id)
-                preempted += out.metrics["num_preemptions"]
-                assert (out.finish_reason == "abort") == (out.request_id in aborted)
+    finished, _ = run_mixed_requests(llm, rng, requests)
     assert len(finished) == requests
-    assert preempted > 0
+    assert sum(out.metrics["num_preemptions"] for out in finished.values()) > 0
     llm.pool.check_whole()
     assert sorted(llm.scheduler.free_rows) == list(range(8))
 

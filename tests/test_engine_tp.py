@@ -12,9 +12,9 @@ import threading
 import time
 
 import pytest
-import torch
 
-from engine_helpers import assert_greedy_equal, engine_tokens, greedy_params, hf_greedy_with_logits, random_prompts
+from engine_helpers import (assert_greedy_equal, engine_tokens, hf_greedy_with_logits, random_prompts,
+                            run_mixed_requests)
 from helpers import tiny_model
 from sparse_hf.engine import LLM
 from sparse_hf.engine.tp import TensorParallelError
@@ -62,23 +62,10 @@ def test_tp2_equals_tp1_every_method(method):
     assert_same_greedy(tp2, tp1, model, prompts, 30, cache_implementation=method, cache_config=KNOBS[method])
 
 
-def run_mixed(llm, seed: int = 0, requests: int = 40) -> dict:
-    """Requests arrive in waves into a small pool (some are preempted), a random few are aborted; returns the
-    finished outputs' tokens by request id."""
-    rng = random.Random(seed)
-    pending = [(f"r{i}", [rng.randrange(1, 128) for _ in range(rng.randrange(1, 14))]) for i in range(requests)]
-    finished = {}
-    while pending or llm.has_unfinished_requests():
-        for _ in range(rng.randrange(0, 5)):
-            if pending:
-                rid, prompt = pending.pop()
-                llm.add_request(rid, prompt, greedy_params(rng.randrange(1, 8)))
-        if llm.requests and rng.random() < 0.15:
-            llm.abort(rng.choice(sorted(llm.requests)))
-        for out in llm.step():
-            if out.finished:
-                finished[out.request_id] = (out.token_ids, out.finish_reason, out.metrics["num_preemptions"])
-    return finished
+def mixed_outputs(llm) -> dict:
+    """:func:`run_mixed_requests` in a small pool: finished tokens, reason and preemptions by request id."""
+    finished, _ = run_mixed_requests(llm, random.Random(0), 40, max_prompt=14, max_burst=5)
+    return {rid: (o.token_ids, o.finish_reason, o.metrics["num_preemptions"]) for rid, o in finished.items()}
 
 
 def test_tp2_pool_whole_after_aborts_and_preemption():
@@ -88,9 +75,9 @@ def test_tp2_pool_whole_after_aborts_and_preemption():
     knobs = dict(num_sink_tokens=1, num_recent_tokens=4, num_top_tokens=2, window_size=2)
     engine = dict(num_kv_slots=40, max_model_len=32, max_num_seqs=6, chunk_prefill_size=4, max_num_batched_tokens=8,
                   sparse_method="snapkv", **knobs)
-    tp1 = run_mixed(LLM(model, **engine))
+    tp1 = mixed_outputs(LLM(model, **engine))
     with LLM(model, tensor_parallel_size=2, **engine) as llm:
-        tp2 = run_mixed(llm)
+        tp2 = mixed_outputs(llm)
         llm.check_pool_whole()
     assert tp2 == tp1
     assert any(p for _, _, p in tp1.values()) and any(r == "abort" for _, r, _ in tp1.values())
