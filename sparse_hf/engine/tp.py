@@ -111,6 +111,10 @@ def init_groups(rank: int, size: int, device: torch.device, init_method: str | N
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns_world = not dist.is_initialized()
+    if owns_world and backend == "nccl" and rank == 0:
+        # NCCL's default on a failed or timed-out collective tears the process down; rank 0 is the user's process
+        # (a server, a notebook): abort the communicators and raise instead (2 = CleanUpOnly), unless set.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     if owns_world:
         dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=collective_timeout_s))
