@@ -7,6 +7,9 @@ reads the per-step context (slot mapping, slot tables) set by the runner.
 Differences from the transformers modules: q/k/v and gate/up are fused into one matmul each; Qwen2 has a qkv bias;
 Qwen3 normalises q and k per head before RoPE. RoPE's ``inv_freq`` comes from transformers' own rotary module, so
 every ``rope_scaling`` type that module supports without runtime updates works (``dynamic`` is refused).
+
+Tensor parallelism (``tp``, see :mod:`.tp`): each rank builds its share of the heads and MLP columns; ``qkv_proj``
+and ``gate_up_proj`` are then column-parallel, ``o_proj`` and ``down_proj`` row-parallel (:class:`RowParallelLinear`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 @dataclass
 class RequestOutput:
@@ -50,8 +48,6 @@ class Request:
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.kept_kv_tokens = 0
-        #: Last prompt queries per layer (``[H, W, D]``) for methods that score with an observation window.
-        self.query_windows: dict[int, torch.Tensor] = {}
         self.text = ""
 
     @property
@@ -74,7 +70,6 @@ class Request:
     def preempt(self) -> None:
         self.row = None
         self.num_computed = 0
-        self.query_windows.clear()
         self.num_preemptions += 1
 
     def metrics(self) -> dict:
