@@ -228,3 +228,13 @@ def test_serve_with_tensor_parallel_size(launcher, tmp_path):
     left = subprocess.run(["ps", "-o", "pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True).stdout
     alive = [line for line in left.splitlines() if line.strip() and "<defunct>" not in line]
     assert not alive, left                                   # and no rank outlives it (zombies await a reaper)
+
+
+def test_torchrun_size_must_match(monkeypatch):
+    """Under torchrun the engine spans the whole launch: another size fails at once instead of waiting for
+    ranks that will never come."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match="launched by torchrun with 1 ranks but tensor_parallel_size=2"):
+        LLM(tiny_model("llama", layers=1), tensor_parallel_size=2, **ENGINE)

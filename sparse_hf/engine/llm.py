@@ -94,7 +94,11 @@ def _start_ranks(spec, tp_size: int, device: torch.device):
     import os
     import sys
 
-    rank = int(os.environ["RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != tp_size:
+        raise ValueError(f"launched by torchrun with {world} ranks but tensor_parallel_size={tp_size}: the engine "
+                         f"takes the whole launch; use torchrun --nproc-per-node {tp_size} (times nodes) or "
+                         f"tensor_parallel_size={world}")
     if rank != 0:
         from .worker import run_worker
 
