@@ -11,7 +11,8 @@ Two process groups:
 - the *data* group (NCCL on CUDA, gloo on CPU, a timeout of ``collective_timeout_s``) carries the per-layer
   all-reduces of the forward and the all-reduce (max) of OmniKV's per-token scores;
 - the *control* group (always gloo, on the CPU) carries the step plans from rank 0 (which runs the scheduler and
-  the sampler) to the other ranks, pickled with ``broadcast_object_list``. Nothing goes through shared memory, so
+  the sampler) to the other ranks: pickled into one broadcast of :data:`INLINE_BYTES` bytes (a second broadcast
+  carries the rest of a larger message, e.g. a long prefill's token ids). Nothing goes through shared memory, so
   ranks may sit on different machines (``torchrun``).
 
 A dead rank: the driver's watchdog thread sees a spawned worker exit and aborts the process groups, so a blocked
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import threading
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ import torch.distributed as dist
 COLLECTIVE_TIMEOUT_S = 300.0
 #: Timeout of a worker's wait for the next step (the driver may sit idle between requests).
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
+#: Bytes of a control message's first broadcast: an 8-byte length, then the pickle (a decode plan of 64 rows fits).
+INLINE_BYTES = 4096
 
 
 class TensorParallelError(RuntimeError):
@@ -147,7 +151,7 @@ class Driver:
     """Rank 0's side: sends each step's plan (with the rows released since the last message) to the workers,
     gathers replies to calls, watches spawned workers and stops them.
 
-    Messages (one ``broadcast_object_list`` on the control group): ``("step", released_rows, plan)``,
+    Messages (:func:`broadcast_message` on the control group): ``("step", released_rows, plan)``,
     ``("call", released_rows, name)`` (every rank answers through ``gather_object``) and ``("stop",)``.
     """
 
@@ -166,7 +170,7 @@ class Driver:
         wait([p.sentinel for p in self.processes])
         if self._stopping:
             return
-        self.failure = self._dead_rank() or "a tensor-parallel rank exited"
+        self.failure = self._dead_rank(wait_s=2.0) or "a tensor-parallel rank exited"
         abort_groups()
 
     def _dead_rank(self, wait_s: float = 0.0) -> str | None:
@@ -190,7 +194,7 @@ class Driver:
     def _broadcast(self, message) -> None:
         self.check()
         try:
-            dist.broadcast_object_list([message], src=0, group=self.tp.control_group)
+            broadcast_message(message, self.tp)
         except Exception as exc:                             # noqa: BLE001  (gloo: a peer closed its connection)
             self._failed(exc)
 
@@ -233,7 +237,7 @@ class Driver:
         self._stopping = True
         if self.failure is None:
             try:
-                dist.broadcast_object_list([("stop",)], src=0, group=self.tp.control_group)
+                broadcast_message(("stop",), self.tp)
             except Exception:                                # noqa: BLE001
                 pass
         for proc in self.processes:
@@ -291,8 +295,28 @@ def start_spawned(spec, size: int, device: torch.device, startup_timeout_s: floa
     return tp, Driver(tp, processes)
 
 
+def broadcast_message(message, tp: TPGroup) -> None:
+    """Rank 0's side of :func:`receive`: ``message`` pickled, in one broadcast when it fits, else two."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    head = torch.zeros(INLINE_BYTES, dtype=torch.uint8)
+    head[:8] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    inline = min(len(data), INLINE_BYTES - 8)
+    if inline:
+        head[8: 8 + inline] = torch.frombuffer(bytearray(data[:inline]), dtype=torch.uint8)
+    dist.broadcast(head, src=0, group=tp.control_group)
+    if len(data) > inline:
+        dist.broadcast(torch.frombuffer(bytearray(data[inline:]), dtype=torch.uint8), src=0, group=tp.control_group)
+
+
 def receive(tp: TPGroup):
-    """A worker's wait for the driver's next message."""
-    box = [None]
-    dist.broadcast_object_list(box, src=0, group=tp.control_group)
-    return box[0]
+    """A worker's wait for the driver's next message (see :func:`broadcast_message`)."""
+    head = torch.empty(INLINE_BYTES, dtype=torch.uint8)
+    dist.broadcast(head, src=0, group=tp.control_group)
+    size = int(head[:8].view(torch.int64).item())
+    inline = min(size, INLINE_BYTES - 8)
+    data = head[8: 8 + inline].numpy().tobytes()
+    if size > inline:
+        rest = torch.empty(size - inline, dtype=torch.uint8)
+        dist.broadcast(rest, src=0, group=tp.control_group)
+        data += rest.numpy().tobytes()
+    return pickle.loads(data)
