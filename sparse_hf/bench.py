@@ -87,7 +87,8 @@ def _make_cache(model, method, budget, length, steps):
         latent = 2 * kv_heads * head_dim // DELTAKV_LATENT_FRACTION
         comp = DeltaKVCompressor.for_model(cfg, kv_compressed_size=latent).to(param.device, param.dtype)
         knobs = dict(knobs, compressor=comp)
-    cache = build_cache(method, cfg, knobs)
+    # CUDA graphs are the bench's own choice (``+graph`` drives a GraphDecoder), never the cache's automatic mode
+    cache = build_cache(method, cfg, dict(knobs, cuda_graph=False))
     cache.prefill_target = length
     cache.set_reserve(steps + 1)
     prepare_model(model)
