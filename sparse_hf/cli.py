@@ -48,7 +48,12 @@ class RegistryHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = super()._get_help_string(action) or ""
-        return text.replace("{methods}", ", ".join(method_names())) if "{methods}" in text else text
+        if "{methods}" in text:
+            text = text.replace("{methods}", ", ".join(method_names()))
+        if "{engine_methods}" in text:
+            from sparse_hf.engine.config import ENGINE_METHODS
+            text = text.replace("{engine_methods}", ", ".join(ENGINE_METHODS))
+        return text
 
 
 # ------------------------------------------------------------------------------------------ cheap checks
@@ -186,6 +191,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where the model loads)")
+    p.add_argument("--engine", action="store_true",
+                   help="run through the serving engine (sparse_hf.LLM) instead of HF generate; the engine serves "
+                        "full attention and {engine_methods}")
     return p
 
 
@@ -206,12 +214,20 @@ def check_generate_args(args) -> tuple[str, dict]:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     knobs = args.cache_config
+    if (args.method == "deltakv" and args.model == "demo" and knobs.get("compressor") is None
+            and not knobs.get("deltakv_path")):
+        knobs = dict(knobs, deltakv_path="demo")    # the compressor that ships for the demo model
     if args.method == "full":
         if knobs:
             raise UsageError("--cache-config has no effect with --method full (plain generate)")
     else:
         check_method_and_knobs(args.method, knobs, model_num_layers(args.model))
     check_device(args.device)
+    if args.engine:
+        from sparse_hf.engine.config import ENGINE_METHODS
+        if args.method not in ("full",) + ENGINE_METHODS:
+            raise UsageError(f"--engine --method {args.method}: the engine serves full and {', '.join(ENGINE_METHODS)}"
+                             " (run without --engine for the HF path)")
     return prompt, knobs
 
 
@@ -236,6 +252,8 @@ def run_generate(args) -> int:
     else:
         batch = tok(prompt, return_tensors="pt")
     batch = batch.to(model.device)
+    if args.engine:
+        return _generate_with_engine(args, model, tok, batch["input_ids"][0].tolist(), knobs)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True,
                pad_token_id=tok.pad_token_id)
     if args.method != "full":
@@ -254,6 +272,27 @@ def run_generate(args) -> int:
     print(f"\n--- {args.method}: prompt {prompt_len} tokens, {out.sequences.shape[1] - prompt_len} new, "
           f"{seconds:.1f} s")
     print(usage.summary())
+    return 0
+
+
+def _generate_with_engine(args, model, tok, prompt_ids: list[int], knobs: dict) -> int:
+    """``generate --engine``: the same prompt through ``sparse_hf.LLM`` (greedy), with the KV it kept."""
+    from sparse_hf.engine import LLM, SamplingParams
+
+    method = None if args.method == "full" else args.method
+    start = time.perf_counter()
+    with LLM(model, tokenizer=tok, max_model_len=len(prompt_ids) + args.max_new_tokens,
+             sparse_method=method, **knobs) as llm:
+        out = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens))[0]
+    seconds = time.perf_counter() - start
+    print(out.text.strip())
+    m = out.metrics
+    kept = m.get("kept_kv_tokens")
+    total = len(prompt_ids) + len(out.token_ids)
+    print(f"\n--- {args.method} (engine): prompt {len(prompt_ids)} tokens, {len(out.token_ids)} new, {seconds:.1f} s")
+    if kept is not None:
+        print(f"KV slots held at the end, summed over layers: {kept} of {total * model.config.num_hidden_layers} "
+              f"for the full sequence ({kept / (total * model.config.num_hidden_layers):.1%})")
     return 0
 
 
