@@ -168,8 +168,13 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     pos = pos.to(torch.int32)
     state.center_pos = _write_rows(state.center_pos, width_c, S + j // step, is_center, pos, -1)
     state.comp_pos = _write_rows(state.comp_pos, max(after), j, live, pos, -1)
+    before = list(state.counts)
+
+    def visible_prefix(i: int, j: int) -> int:   # centers of offsets < start + j (+ the sinks), widest row
+        return S + max(-(-(n + j) // step) for n in before)
+
     fathers = nearest_centers(x, state.center_x, pos, state.center_pos, cl.neighbor_count, cl.metric,
-                              center_valid=state.center_pos >= 0)            # [B, C, k]
+                              center_valid=state.center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
     latent = compress(x, reference_from_fathers(state.center_x, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
     width_l = max(cl.num_latents(n) for n in after)
