@@ -8,13 +8,15 @@ preallocated scratch slots ``[B, Hkv, k, D]`` that the sparse decode kernel read
 1. :func:`deltakv_gather_latents` -- one kernel: gather each pick's latent row and dequantise it (int8 with a
    per-token scale, int4 packed with a float16 minimum and step per group, or plain float): ``[B, k, r]``.
 2. ``up`` -- the compressor's own module, one batched GEMM (``[B*k, r] x [r, Dx]`` for a linear ``up``; an MLP is
-   two). Measured on CPU (see the report of issue 12): a GEMM inside the writeback kernel would re-read ``W_up``
-   (``r * Dx``) once per token program, while one batched matmul reads it once; and keeping ``up`` in the module
-   keeps the one copy of its math (linear, GELU MLP and SwiGLU alike).
+   two). A GEMM inside the writeback kernel would re-read ``W_up`` (``r * Dx``) once per token program, while one
+   batched matmul reads it once (on CPU, one thread, ``k = 819, r = 256, Dx = 1024``: 21 ms batched against 88 ms
+   as per-token products); and keeping ``up`` in the module keeps the one copy of its math (linear, GELU MLP and
+   SwiGLU alike).
 3. :func:`deltakv_writeback` -- one kernel: centers / ``up`` output + fathers' mean, split, k_norm, RoPE, store.
 
 :func:`deltakv_rebuild_kv` runs the three. Torch versions (the specification, and the CPU path):
-:func:`~sparse_hf.kernels.reference.deltakv_gather_latents_ref`, :func:`~sparse_hf.kernels.reference.deltakv_writeback_ref`.
+:func:`~sparse_hf.kernels.reference.deltakv_gather_latents_ref` and
+:func:`~sparse_hf.kernels.reference.deltakv_writeback_ref`.
 No shape here depends on device values and nothing syncs with the host, so a CUDA graph can capture it.
 """
 
@@ -153,7 +155,8 @@ def deltakv_gather_latents(pick: torch.Tensor, codes: torch.Tensor, scale: torch
     _gather_latents_kernel[(B * k,)](
         pick, codes, scale if scale is not None else dummy, offset if offset is not None else dummy, out,
         k, step, codes.shape[1], pick.stride(0), pick.stride(1), codes.stride(0), codes.stride(1),
-        *(scale.stride()[:2] if scale is not None else (0, 0)), *(offset.stride()[:2] if offset is not None else (0, 0)),
+        *(scale.stride()[:2] if scale is not None else (0, 0)),
+        *(offset.stride()[:2] if offset is not None else (0, 0)),
         out.stride(0), out.stride(1),
         R=r, GW=r // scale.shape[-1] if mode == 4 else 1, MODE=mode, BLOCK_R=next_pow2(r))
     return out
