@@ -9,6 +9,16 @@ Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :c
 
 Each row compresses its own tokens: its sinks are its first ``num_sink_tokens`` real tokens and its buffer is
 flushed by its own count, so a row's output does not depend on the other rows (or their padding).
+
+Decode with static shapes (``static_decode``): once the prompt is complete a layer is frozen (appends at a
+device-side slot counter) and its buffers end in ``scratch`` slots, as many as the budget rebuilds (fixed between
+flushes). A one-token step picks the filter layer's top compressed tokens (:meth:`DeltaKV.pick_static`, no host
+value of the length), rebuilds them with the fused kernel (:func:`sparse_hf.kernels.deltakv_rebuild_kv`) into
+the scratch slots and attends over raw + scratch slots in one dense sparse-decode pass: no host sync, no new
+buffer, so a CUDA graph captures it. The steps that flush a raw buffer (every ``num_recent_tokens`` steps per row)
+or re-size the scratch slots change shapes: :meth:`CompressedCache.eager_step_reason` announces them, they run
+eagerly and the graph is captured again after them (a flush rebuilds the state's tensors; making it static too
+would need preallocated state for the whole generation).
 """
 
 from __future__ import annotations
