@@ -299,6 +299,8 @@ class CompressedCache(SelectionCache):
         rebuilt (fused kernel) into the layer's scratch slots, then one dense sparse-decode pass reads the raw and
         scratch slots in place. ``None`` when this step cannot be static (no filter scores to pick by)."""
         state = layer.state
+        if state is not None and state.width and layer.scratch != self._scratch_width(layer, layer.seen):
+            return None                   # scratch slots not sized for this length: never drop tokens silently
         if state is not None and state.width and layer.scratch:
             if self.obs_scores is None:
                 return None
