@@ -184,3 +184,23 @@ def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, b in zip(eager.logits, graph.logits):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_the_triton_rebuild_inside_generate_gives_the_torch_tokens(monkeypatch):
+    # the fused kernels (under the Triton interpreter on CPU) in the real decode path, against their torch reference
+    from functools import partial
+
+    from sparse_hf.deltakv import state as core
+    from sparse_hf.kernels import HAS_TRITON, deltakv_rebuild_kv
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    model = tiny_model("qwen3", layers=4)                       # k_norm in the kernel too
+    ids, mask = left_padded_batch((30, 22))
+    cfg = _config(model, 4, bits=4)
+    torch_run = _generate(model, ids, mask, cfg, True, monkeypatch, new=6)
+    monkeypatch.setattr(core, "deltakv_rebuild_kv", partial(deltakv_rebuild_kv, backend="triton"))
+    triton_run = _generate(model, ids, mask, cfg, True, monkeypatch, new=6)
+    assert torch.equal(torch_run.sequences, triton_run.sequences)
+    for a, b in zip(torch_run.logits, triton_run.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
