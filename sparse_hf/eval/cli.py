@@ -108,7 +108,10 @@ def run_eval_command(args) -> int:
         return error_exit(str(exc), "eval")
     for row in summary["overall"]:
         budget = "" if row["method"] == "full" else f" @ {row['budget']:g}"
-        print(f"{row['method']}{budget}: {100 * row['score']:.1f}")
+        read = row.get("read_tokens")
+        use = "" if read is None or read != read else f", reads {read:.0f} tokens per sparse layer"
+        print(f"{row['method']}{budget}: {100 * row['score']:.1f} (95% CI {100 * row['ci_low']:.0f}-"
+              f"{100 * row['ci_high']:.0f}, n={row['num_samples']}{use})")
     print(f"{summary['num_generated']} new predictions, {summary['num_skipped']} reused; results in "
           f"{args.output_dir}")
     return 0

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from ..methods.base import budget_tokens
 from .grid import parse_budgets, parse_depths, parse_lengths, parse_methods
 from .metrics import score_sample
 from .plots import make_plots
@@ -59,11 +60,20 @@ def encode_sample(tokenizer, sample: dict, use_chat_template="auto"):
 
 def generate_one(model, tokenizer, input_ids, method: str, cache_config: dict | None, max_new_tokens: int) -> str:
     """Greedy generation of at most ``max_new_tokens`` tokens; returns the decoded continuation."""
+    return generate_with_use(model, tokenizer, input_ids, method, cache_config, max_new_tokens)[0]
+
+
+def generate_with_use(model, tokenizer, input_ids, method: str, cache_config: dict | None,
+                      max_new_tokens: int) -> tuple[str, dict]:
+    """:func:`generate_one` plus what its cache kept and read (:func:`~sparse_hf.eval.budget_use.budget_use`)."""
     import torch
+
+    from .budget_use import budget_use
 
     input_ids = input_ids.to(model.device)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                  return_dict_in_generate=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is not None:
         kwargs["pad_token_id"] = pad
@@ -71,7 +81,8 @@ def generate_one(model, tokenizer, input_ids, method: str, cache_config: dict | 
         kwargs.update(cache_implementation=method, cache_config=cache_config)
     with torch.inference_mode():
         out = model.generate(**kwargs)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return text, budget_use(out.past_key_values)
 
 
 def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress) -> list[dict]:
@@ -142,13 +153,16 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
                 input_ids = encoded[id(sample)] = encode_sample(tokenizer, sample, use_chat_template)
             config = budget_to_cache_config(method, budget, input_ids.shape[1], cache_config)
             start = time.perf_counter()
-            prediction = generate_one(model, tokenizer, input_ids, method, config,
-                                      max_new_tokens or sample["max_new_tokens"])
+            prediction, use = generate_with_use(model, tokenizer, input_ids, method, config,
+                                                max_new_tokens or sample["max_new_tokens"])
             record = {
                 "method": method, "budget": budget, "task": sample["task"], "length": sample["context_length"],
                 "depth": sample["depth"], "id": sample["id"], "prediction": prediction,
                 "answers": sample["answers"], "score": score_sample(prediction, sample), "metric": sample["metric"],
                 "prompt_tokens": int(input_ids.shape[1]), "cache_config": config,
+                "budget_tokens": int(input_ids.shape[1]) if method == "full" else budget_tokens(budget, input_ids.shape[1]),
+                "kept_tokens": use["kept"], "read_tokens": use["read"], "full_layer_share": use["full_layer_share"],
+                "context_tokens": use["context_tokens"],
                 "seconds": round(time.perf_counter() - start, 3),
             }
             out.write(json.dumps(record, default=str) + "\n")
