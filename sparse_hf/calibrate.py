@@ -225,7 +225,7 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="niah_multikey,ruler_vt",
                    help="synthetic eval tasks to build prompts from when no --prompts-file (default: "
                         "niah_multikey,ruler_vt)")
-    p.add_argument("--num-prompts", default=4, type=argtype(positive_int), help="prompts (default: 4)")
+    p.add_argument("--num-prompts", default=4, type=argtype(positive_int), help="prompts per task, or texts read from --prompts-file (default: 4)")
     p.add_argument("--length", default="2048", type=argtype(lambda t: parse_lengths(t)[0]),
                    help="tokens per prompt (default: 2048)")
     p.add_argument("--window", default=16, type=argtype(positive_int),
