@@ -17,7 +17,8 @@ import sys
 from sparse_hf.cli import argtype, parse_json_object, positive_int
 
 from .grid import VALID_METHODS, parse_budgets, parse_depths, parse_lengths, parse_methods
-from .tasks import SYNTHETIC_TASKS, parse_tasks
+from .tasks import LOCAL_TASKS, parse_tasks
+from .text_recall import corpus_path
 
 
 def _chat_mode(text: str):
@@ -38,7 +39,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (default: auto, the loader's float32)")
     p.add_argument("--tasks", required=True, type=argtype(parse_tasks),
-                   help=f"comma-separated: {', '.join(SYNTHETIC_TASKS)}, longbench:<task>, longbench:all")
+                   help=f"comma-separated: {', '.join(LOCAL_TASKS)}, longbench:<task>, longbench:all")
     p.add_argument("--methods", default="full", type=argtype(parse_methods),
                    help=f"comma-separated from: {', '.join(VALID_METHODS)} (default: full)")
     p.add_argument("--budgets", default="0.1,0.25,0.5", type=argtype(parse_budgets),
@@ -60,6 +61,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="extra knobs for every sparse run as a JSON object, e.g. '{\"pool_kernel_size\": 5}' or, with "
                         "--methods deltakv, '{\"deltakv_path\": \"out/compressor\"}' (a folder written by "
                         "sparse-hf train-compressor, or a Hub id)")
+    p.add_argument("--corpus-file", default=None,
+                   help="text for text_recall: .jsonl with a \"text\" field per line, or .txt (default: the held-out "
+                        "novel that examples/prepare_corpus.py writes)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_eval_command)
     return p
@@ -88,6 +92,11 @@ def run_eval_command(args) -> int:
         check_model_arg(args.model)
         if args.longbench_dir is not None and not os.path.isdir(args.longbench_dir):
             raise UsageError(f"--longbench-dir {args.longbench_dir}: no such folder")
+        if "text_recall" in args.tasks:
+            try:
+                corpus_path(args.corpus_file)
+            except FileNotFoundError as exc:
+                raise UsageError(str(exc)) from None
         for method in args.methods:              # each method's knobs, as run_eval will build them
             if method != "full":
                 budget_to_cache_config(method, args.budgets[0], max(args.lengths), args.cache_config)
@@ -103,7 +112,8 @@ def run_eval_command(args) -> int:
                            lengths=args.lengths, depths=args.depths, num_samples=args.num_samples,
                            seed=args.seed, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
                            use_chat_template=args.chat_template, progress=not args.no_progress,
-                           longbench_dir=args.longbench_dir, cache_config=args.cache_config)
+                           longbench_dir=args.longbench_dir, cache_config=args.cache_config,
+                           corpus_file=args.corpus_file)
     except (ValueError, OSError) as exc:
         return error_exit(str(exc), "eval")
     for row in summary["overall"]:

@@ -18,6 +18,7 @@ from .metrics import score_sample
 from .plots import make_plots
 from .report import read_predictions, record_key, summarize, write_summary
 from .tasks import build_samples, is_needle, parse_tasks
+from .text_recall import load_paragraphs
 
 def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra: dict | None = None) -> dict | None:
     """The ``cache_config`` that gives ``method`` a KV budget of ``fraction`` of a ``prompt_len``-token prompt.
@@ -82,16 +83,18 @@ def generate_with_use(model, tokenizer, input_ids, method: str, cache_config: di
     with torch.inference_mode():
         out = model.generate(**kwargs)
     text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
-    return text, budget_use(out.past_key_values)
+    return text, budget_use(getattr(out, "cache", None) or out.past_key_values)   # "cache" from transformers 5.2x
 
 
-def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress) -> list[dict]:
+def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress,
+               corpus_file=None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .longbench import load_longbench
 
     cells = [(t, n, d) for t in tasks for n in lengths for d in (depths if is_needle(t) else [None])]
     rows_cache: dict[str, list[dict]] = {}
+    paragraphs = load_paragraphs(corpus_file) if "text_recall" in tasks else None
     samples: list[dict] = []
     for task, length, depth in tqdm(cells, desc="building prompts", disable=not progress):
         rows = None
@@ -99,20 +102,22 @@ def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_d
             if task not in rows_cache:
                 rows_cache[task] = load_longbench(task[10:], longbench_dir)
             rows = rows_cache[task]
-        samples += build_samples(task, tokenizer, length, num_samples, seed, depth, longbench_dir, rows)
+        samples += build_samples(task, tokenizer, length, num_samples, seed, depth, longbench_dir, rows,
+                                 paragraphs=paragraphs)
     return samples
 
 
 def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths=(1024,), depths=(0.0, 0.5, 1.0),
              num_samples: int = 5, seed: int = 0, output_dir="eval_out", max_new_tokens: int | None = None,
              use_chat_template="auto", progress: bool = True, longbench_dir=None,
-             cache_config: dict | None = None) -> dict:
+             cache_config: dict | None = None, corpus_file=None) -> dict:
     """Evaluate ``methods`` x ``budgets`` on ``tasks`` x ``lengths`` (x ``depths`` for needle tasks).
 
     Grid arguments accept lists or comma-separated strings and are validated up front (``ValueError``).
     ``full`` runs once (recorded with budget 1.0); each sparse method runs once per budget. ``num_samples``
     samples per cell are built deterministically from ``seed``. ``max_new_tokens`` overrides every task's own
     generation length. ``cache_config`` adds knobs to every sparse run (e.g. ``{"deltakv_path": ...}``).
+    ``corpus_file``: the text ``text_recall`` reads (default: the corpus ``examples/prepare_corpus.py`` writes).
 
     Writes ``predictions.jsonl``, ``summary.json``, ``summary.md`` and PNG plots into ``output_dir`` and returns
     the summary dict (``results``, ``by_depth``, ``overall``, ``config``, ``num_generated``, ``num_skipped``,
@@ -138,7 +143,7 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     existing = read_predictions(pred_path)
     done = {record_key(r) for r in existing}
 
-    samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress)
+    samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress, corpus_file)
     keyed = [((m, b, s["task"], s["context_length"], s["depth"], s["id"]), m, b, s) for m, b in runs for s in samples]
     grid_keys = {key for key, *_ in keyed}
     todo = [(m, b, s) for key, m, b, s in keyed if key not in done]
@@ -174,6 +179,7 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     summary["config"] = {"tasks": tasks, "methods": methods, "budgets": budgets, "lengths": lengths,
                          "depths": depths, "num_samples": num_samples, "seed": seed,
                          "max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template,
+                         "corpus_file": None if corpus_file is None else str(corpus_file),
                          "cache_config": cache_config}
     summary["num_generated"], summary["num_skipped"] = len(new_records), len(grid_keys) - len(todo)
     json_path, md_path = write_summary(summary, output_dir)
