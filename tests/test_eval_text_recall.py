@@ -61,13 +61,13 @@ def test_fills_the_length_and_the_answer_follows_a_unique_cue(tok, corpus, lengt
         assert 0.8 * length <= s["num_tokens"] <= length + 10          # within a sentence of the length
         assert s["num_tokens"] == count_tokens(tok, s["prompt"] + s["answer_prefix"])
         context = s["prompt"].split("\n\n", 1)[1].rsplit("\n\nQuestion:", 1)[0]
-        cue = s["answer_prefix"].split('"')[1]
+        cue = s["answer_prefix"].split('"', 1)[1]
         (answer,) = s["answers"]
         assert len(cue.split()) == CUE_WORDS and len(answer.split()) == ANSWER_WORDS
         assert context.count(cue) == 1
         after = context[context.index(cue) + len(cue):].split()[:ANSWER_WORDS]
         assert " ".join(after) == answer
-        assert score_sample(f' {answer}" and more', s) == 1.0
+        assert score_sample(f' {answer} and more."', s) == 1.0
         assert score_sample(" something else entirely", s) == 0.0
 
 

@@ -1,9 +1,9 @@
 """``text_recall``: recall from a real text, not a planted needle.
 
 The context is a run of consecutive paragraphs of a local prose corpus (by default the held-out novel that
-``examples/prepare_corpus.py`` writes: Jane Austen's *Persuasion*, offline). The question quotes the first
-:data:`CUE_WORDS` words of one sentence of it and asks for the words that follow; the answer is the next
-:data:`ANSWER_WORDS` words of that sentence. Nothing marks the sentence: the model must find a phrase of ordinary
+``examples/prepare_corpus.py`` writes: Jane Austen's *Persuasion*, offline). The answer prefix quotes the first
+:data:`CUE_WORDS` words of one sentence of it and the question asks to continue the quotation, and the answer is the next :data:`ANSWER_WORDS` words of that
+sentence. Nothing marks the sentence: the model must find a phrase of ordinary
 text by its wording and copy what follows, which small models can do at a few thousand tokens (it is induction,
 not reasoning), while a cache that dropped the sentence cannot. The quoted phrase occurs exactly once in the
 context, and the answer words are plain words (no punctuation inside the answer), so ``substring_match`` scores it.
@@ -26,9 +26,10 @@ DEFAULT_CORPUS = "~/.cache/sparse_hf/data/austen/heldout.jsonl"
 CUE_WORDS, ANSWER_WORDS = 8, 3
 MAX_NEW_TOKENS = 16
 
-TEMPLATE = ("Read the following text carefully.\n\n{context}\n\nQuestion: In the text above, which words come right "
-            "after \"{cue}\"? Answer with the next words of the text.")
-PREFIX = " Answer: In the text, \"{cue}\" is followed by \""
+# The question does not repeat the quoted words: if it did, copying would continue from the question's copy.
+TEMPLATE = ("Read the following text carefully.\n\n{context}\n\nQuestion: Continue the quotation below with the "
+            "words that follow it in the text above.")
+PREFIX = " Answer: \"{cue}"      # the model continues the quotation with the words that follow the cue
 _PLAIN_WORD = re.compile(r"^[A-Za-z]+$")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
