@@ -14,22 +14,16 @@ from sparse_hf.eval import budget_to_cache_config
 from sparse_hf.eval.report import summarize, to_markdown
 from sparse_hf.eval.runner import generate_with_use
 from sparse_hf.eval.stats import mean_interval, score_interval, wilson_interval
-from sparse_hf.eval.toy import build_toy_tokenizer
+from test_eval_runner import tok  # noqa: F401  (the toy tokenizer fixture)
 
 PROMPT, NEW, LAYERS = 200, 5, 4
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_toy_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(tok))
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, vocab_size=len(tok))).eval()
 
 
 def run(model, tok, method, budget, extra=None):
