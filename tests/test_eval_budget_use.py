@@ -107,3 +107,16 @@ def test_summary_reports_samples_intervals_and_budget_use():
     text = to_markdown(summary)
     assert "| snapkv | 0.25 | 10 | 70.0 | 40-89 | 256 | 264 | 264 | 0.00 |" in text
     assert "| full | - | 1 | 100.0 | 21-100 | - | - | - | - |" in text
+
+
+def test_resume_refuses_predictions_made_with_other_knobs(model, tok, tmp_path):
+    """Both scopes must not share an output directory: the second run would reuse the first's predictions."""
+    from sparse_hf.eval import run_eval
+
+    grid = dict(tasks="niah_single", methods="snapkv", budgets=[0.5], lengths=[300], depths=[0.5], num_samples=1,
+                output_dir=tmp_path, max_new_tokens=2, progress=False)
+    run_eval(model, tok, cache_config={"selection_scope": "layer"}, **grid)
+    again = run_eval(model, tok, cache_config={"selection_scope": "layer"}, **grid)
+    assert again["num_generated"] == 0 and again["num_skipped"] == 1
+    with pytest.raises(ValueError, match="another output directory"):
+        run_eval(model, tok, cache_config={"selection_scope": "kv_head"}, **grid)

@@ -107,6 +107,21 @@ def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_d
     return samples
 
 
+def _check_same_knobs(existing: list[dict], cache_config: dict | None, pred_path) -> None:
+    """Resuming reuses predictions by (method, budget, task, length, depth, id); ones made with other knobs (e.g.
+    another ``selection_scope``) would silently stand in for this run's, so they are an error."""
+    for rec in existing:
+        if rec.get("method", "full") == "full" or "prompt_tokens" not in rec or "cache_config" not in rec:
+            continue
+        try:
+            now = budget_to_cache_config(rec["method"], rec["budget"], rec["prompt_tokens"], cache_config)
+        except ValueError:
+            continue                          # a method this run does not ask for; its knobs do not matter
+        if json.loads(json.dumps(now, default=str)) != rec["cache_config"]:
+            raise ValueError(f"{pred_path} holds {rec['method']} predictions made with cache_config "
+                             f"{rec['cache_config']}, not {now}; use another output directory for other knobs")
+
+
 def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths=(1024,), depths=(0.0, 0.5, 1.0),
              num_samples: int = 5, seed: int = 0, output_dir="eval_out", max_new_tokens: int | None = None,
              use_chat_template="auto", progress: bool = True, longbench_dir=None,
@@ -141,6 +156,7 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     output_dir.mkdir(parents=True, exist_ok=True)
     pred_path = output_dir / "predictions.jsonl"
     existing = read_predictions(pred_path)
+    _check_same_knobs(existing, cache_config, pred_path)
     done = {record_key(r) for r in existing}
 
     samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress, corpus_file)
