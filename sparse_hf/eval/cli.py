@@ -64,6 +64,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus-file", default=None,
                    help="text for text_recall: .jsonl with a \"text\" field per line, or .txt (default: the held-out "
                         "novel that examples/prepare_corpus.py writes)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_eval_command)
     return p
@@ -79,17 +81,27 @@ def _check_compressor_path(knobs: dict | None) -> None:
                          "(config.json + model.safetensors) or a Hub id")
 
 
+def _device(device: str | None) -> str:
+    """``--device``, or cuda when available (the long grids belong on a GPU), else cpu."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_eval_command(args) -> int:
     """Load the model with ``sparse_hf.models.load_model`` and run :func:`sparse_hf.eval.run_eval`.
 
     Errors in the inputs (bad knobs, missing LongBench files, ...) are printed as one line and give status 2.
     """
-    from sparse_hf.cli import UsageError, check_model_arg, error_exit
+    from sparse_hf.cli import UsageError, check_device, check_model_arg, error_exit
 
     from .runner import budget_to_cache_config, run_eval
 
     try:
         check_model_arg(args.model)
+        check_device(getattr(args, "device", None))
         if args.longbench_dir is not None and not os.path.isdir(args.longbench_dir):
             raise UsageError(f"--longbench-dir {args.longbench_dir}: no such folder")
         if "text_recall" in args.tasks:
@@ -107,7 +119,7 @@ def run_eval_command(args) -> int:
     from sparse_hf.models import load_model
 
     try:
-        model, tokenizer = load_model(args.model, args.dtype)
+        model, tokenizer = load_model(args.model, args.dtype, _device(getattr(args, "device", None)))
         summary = run_eval(model, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
                            lengths=args.lengths, depths=args.depths, num_samples=args.num_samples,
                            seed=args.seed, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
