@@ -1,4 +1,4 @@
-"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench``, ``serve`` and ``train-compressor``.
+"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench``, ``serve``, ``calibrate`` and ``train-compressor``.
 
 Every user error (a missing file or model folder, bad JSON, an unknown method or knob, a bad number) is printed as
 one line, ``sparse-hf: error: ...``, with exit status 2, and is found before any model loads. Arguments are parsed
@@ -80,7 +80,14 @@ def positive_int(text: str) -> int:
 
 
 def parse_json_object(text: str) -> dict:
-    """A JSON object given on the command line (``--cache-config``) -> a dict, or ``ValueError`` with an example."""
+    """A JSON object given on the command line (``--cache-config``) -> a dict, or ``ValueError`` with an example.
+
+    ``@FILE`` reads the object from a file (e.g. the ``calibration.json`` that ``sparse-hf calibrate`` writes)."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read {text[1:]} ({exc.strerror or exc})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -341,6 +348,11 @@ def _add_bench(sub):
     return add_bench_parser(sub)
 
 
+def _add_calibrate(sub):
+    from sparse_hf.calibrate import add_calibrate_parser
+    return add_calibrate_parser(sub)
+
+
 def _add_serve(sub):
     from sparse_hf.engine.serve_cli import add_serve_parser
     return add_serve_parser(sub)
@@ -353,6 +365,7 @@ COMMANDS = {
     "eval": ("evaluate sparse KV caches on needle, RULER-style and LongBench tasks", _add_eval),
     "bench": ("speed and memory of each method, side by side with HF vanilla", _add_bench),
     "serve": ("serve a model over an OpenAI-compatible HTTP API (the engine)", _add_serve),
+    "calibrate": ("choose OmniKV/DeltaKV filter layers for a model (writes a cache_config file)", _add_calibrate),
     "train-compressor": ("train a DeltaKV compressor (see `sparse-hf train-compressor -h`)", None),
 }
 
@@ -380,6 +393,9 @@ def main(argv=None) -> int:
     if args.command == "eval":
         from sparse_hf.eval.cli import run_eval_command
         return run_eval_command(args) or 0
+    if args.command == "calibrate":
+        from sparse_hf.calibrate import run_calibrate_command
+        return run_calibrate_command(args)
     if args.command == "serve":
         from sparse_hf.engine.serve_cli import serve_main
         return serve_main(args) or 0
