@@ -9,6 +9,8 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`decode_attention_with_scores` -- full decode attention that also returns the per-token logits
   (per head, max per KV group, or max over all heads) for token selection.
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
+- :func:`deltakv_rebuild_kv` -- DeltaKV's picked compressed tokens rebuilt (dequantise, ``up``, fathers' mean,
+  k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads.
 - :func:`append_kv` -- one decode token per row at a device-side slot counter (the HF path).
 - :func:`store_kv_slots` -- ``[T, Hkv, D]`` tokens into a ``[num_slots, Hkv, D]`` pool through a per-token
   ``slot_mapping`` (``-1`` skips) with their logical positions (the engine path).
@@ -18,8 +20,10 @@ The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kern
 
 from .append import append_kv, store_kv_slots
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
+from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
-from .reference import (append_kv_ref, decode_attention_with_scores_ref, snapkv_prefill_scores_ref,
+from .reference import (append_kv_ref, decode_attention_with_scores_ref, deltakv_gather_latents_ref,
+                        deltakv_writeback_ref, snapkv_prefill_scores_ref,
                         sparse_decode_attention_ref, store_kv_slots_ref)
 from .sparse_decode import sparse_decode_attention
 
@@ -28,6 +32,11 @@ __all__ = [
     "append_kv",
     "append_kv_ref",
     "kernels_run_fused",
+    "deltakv_gather_latents",
+    "deltakv_gather_latents_ref",
+    "deltakv_rebuild_kv",
+    "deltakv_writeback",
+    "deltakv_writeback_ref",
     "store_kv_slots",
     "store_kv_slots_ref",
     "decode_attention_with_scores",

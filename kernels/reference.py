@@ -206,3 +206,89 @@ def store_kv_slots_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, key: torch.Te
         if pos_pool.dim() == 2:
             pos = pos.view(-1, 1).expand(-1, pos_pool.shape[1])
         pos_pool.index_copy_(0, slots, pos)
+
+
+def deltakv_latent_row(pick: torch.Tensor, step: int, num_latents: int) -> torch.Tensor:
+    """``[B, k]`` long: the latent row of each picked compressed offset (``pick - pick // step - 1``), clamped into
+    ``[0, num_latents)`` (centers and ``-1`` fillers get some row; the caller ignores what is rebuilt there)."""
+    p = pick.long().clamp(min=0)
+    return (p - p // step - 1).clamp(0, max(num_latents - 1, 0))
+
+
+def deltakv_gather_latents_ref(pick: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None,
+                               offset: torch.Tensor | None, step: int, dtype: torch.dtype) -> torch.Tensor:
+    """The latents of picked compressed offsets, dequantised (torch version of the gather kernel).
+
+    Args:
+        pick: ``[B, k]`` compressed offsets (``-1``: a filler).
+        codes: ``[B, N', w]``: float latents (``scale`` None), int8 codes (``offset`` None, ``scale [B, N', 1]``
+            float32 absmax step) or uint8 pairs of 4-bit codes (low nibble = even index; ``scale``/``offset``
+            ``[B, N', G]`` float16 step and minimum per group of ``r / G`` values).
+        step: the distance between centers (offset ``j`` is latent row ``j - j // step - 1``).
+
+    Returns:
+        ``[B, k, r]`` in ``dtype``.
+    """
+    B, k = pick.shape
+    row = deltakv_latent_row(pick, step, codes.shape[1])
+
+    def take(t):
+        return t.gather(1, row.unsqueeze(-1).expand(B, k, t.shape[-1]))
+
+    c = take(codes)
+    if scale is None:
+        return c.to(dtype)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if offset is None:
+        return (c.to(cdt) * take(scale).to(cdt)).to(dtype)
+    q = torch.stack([c & 15, c >> 4], -1).flatten(-2).to(cdt)                    # [B, k, r]
+    s, o = take(scale).to(cdt), take(offset).to(cdt)
+    z = q.unflatten(-1, (s.shape[-1], -1)) * s.unsqueeze(-1) + o.unsqueeze(-1)
+    return z.flatten(-2).to(dtype)
+
+
+def deltakv_writeback_ref(pick: torch.Tensor, up_out: torch.Tensor | None, fathers: torch.Tensor | None,
+                          center_x: torch.Tensor, step: int, num_sink: int, cos: torch.Tensor, sin: torch.Tensor,
+                          k_out: torch.Tensor, v_out: torch.Tensor, k_norm_weight: torch.Tensor | None = None,
+                          k_norm_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rebuilt K/V of picked compressed offsets, written into scratch slots (torch version of the writeback kernel).
+
+    Token ``j`` of row ``b`` (offset ``p = pick[b, j]``) is ``x = center_x[b, num_sink + p // step]`` when it is a
+    center (``p % step == 0``), else ``up_out[b, j] + mean(center_x[b, f] for f in fathers[b, row(p)] if f >= 0)``
+    (no valid father: no reference). ``x = concat(K, V)`` pre-RoPE; K is split per head, RMS-normed with
+    ``k_norm_weight [D]`` when given (Qwen3's ``k_norm``: ``w * k / sqrt(mean(k^2) + eps)``), rotated
+    (rotate-half) with ``cos``/``sin [B, k, D]`` and written to ``k_out [B, Hkv, k, D]``; V to ``v_out [B, Hkv, k,
+    Dv]``. Fillers (``p < 0``) get whatever offset 0 holds: their columns must be ``-1``.
+
+    Args:
+        up_out: ``[B, k, Dx]`` ``up(latent)`` of each pick (any value at centers), or ``None`` when no latent exists.
+        fathers: ``[B, N', nbr]`` center ids per latent row (``-1``: none), or ``None``.
+        center_x: ``[B, M, Dx]`` raw centers (sinks first).
+
+    Returns:
+        ``(k_out, v_out)``, written in place.
+    """
+    B, k = pick.shape
+    _, Hkv, _, D = k_out.shape
+    Dx = center_x.shape[-1]
+    cdt = _compute_dtype(center_x)
+    p = pick.long().clamp(min=0)
+    cidx = (num_sink + p // step).clamp(max=center_x.shape[1] - 1)
+    x = center_x.gather(1, cidx.unsqueeze(-1).expand(B, k, Dx)).to(cdt)
+    if fathers is not None and fathers.shape[1] > 0 and up_out is not None:
+        row = deltakv_latent_row(pick, step, fathers.shape[1])
+        f = fathers.gather(1, row.unsqueeze(-1).expand(B, k, fathers.shape[-1])).long()   # [B, k, nbr]
+        ok = (f >= 0).to(cdt)
+        got = center_x.gather(1, f.clamp(min=0).view(B, -1, 1).expand(B, f.shape[1] * f.shape[2], Dx))
+        mean = (got.view(B, k, -1, Dx).to(cdt) * ok.unsqueeze(-1)).sum(2) / ok.sum(-1, keepdim=True).clamp(min=1)
+        x = torch.where((p % step == 0).unsqueeze(-1), x, up_out.to(cdt) + mean)
+    kx = x[..., :Hkv * D].reshape(B, k, Hkv, D).transpose(1, 2)                  # [B, Hkv, k, D]
+    vx = x[..., Hkv * D:].reshape(B, k, Hkv, -1).transpose(1, 2)
+    if k_norm_weight is not None:
+        kx = kx * torch.rsqrt(kx.pow(2).mean(-1, keepdim=True) + k_norm_eps) * k_norm_weight.to(cdt)
+    c, s = cos.to(cdt).unsqueeze(1), sin.to(cdt).unsqueeze(1)
+    half = D // 2
+    kx = kx * c + torch.cat([-kx[..., half:], kx[..., :half]], -1) * s
+    k_out.copy_(kx.to(k_out.dtype))
+    v_out.copy_(vx.to(v_out.dtype))
+    return k_out, v_out

@@ -1,4 +1,4 @@
-"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench``, ``serve`` and ``train-compressor``.
+"""``sparse-hf`` command line: ``generate``, ``eval``, ``bench``, ``serve``, ``calibrate`` and ``train-compressor``.
 
 Every user error (a missing file or model folder, bad JSON, an unknown method or knob, a bad number) is printed as
 one line, ``sparse-hf: error: ...``, with exit status 2, and is found before any model loads. Arguments are parsed
@@ -48,7 +48,12 @@ class RegistryHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = super()._get_help_string(action) or ""
-        return text.replace("{methods}", ", ".join(method_names())) if "{methods}" in text else text
+        if "{methods}" in text:
+            text = text.replace("{methods}", ", ".join(method_names()))
+        if "{engine_methods}" in text:
+            from sparse_hf.engine.config import ENGINE_METHODS
+            text = text.replace("{engine_methods}", ", ".join(ENGINE_METHODS))
+        return text
 
 
 # ------------------------------------------------------------------------------------------ cheap checks
@@ -75,7 +80,14 @@ def positive_int(text: str) -> int:
 
 
 def parse_json_object(text: str) -> dict:
-    """A JSON object given on the command line (``--cache-config``) -> a dict, or ``ValueError`` with an example."""
+    """A JSON object given on the command line (``--cache-config``) -> a dict, or ``ValueError`` with an example.
+
+    ``@FILE`` reads the object from a file (e.g. the ``calibration.json`` that ``sparse-hf calibrate`` writes)."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read {text[1:]} ({exc.strerror or exc})") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -175,7 +187,8 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                    help="a Hugging Face model folder, a Hub id (org/name), 'demo' (SmolLM2-135M-Instruct) or "
                         "'qwen-coder' (default: demo)")
     p.add_argument("--method", default="snapkv",
-                   help="'full' (plain generate, for comparison) or a sparse method: {methods} (default: snapkv)")
+                   help="'full' (plain generate, for comparison), 'all' (full and every method at its defaults, with a "
+                        "table of KV bytes and answers) or a sparse method: {methods} (default: snapkv)")
     p.add_argument("--prompt", default=None, help="the prompt text (default: a built-in passkey prompt)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this text file")
     p.add_argument("--cache-config", default="{}", type=argtype(parse_json_object),
@@ -186,6 +199,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where the model loads)")
+    p.add_argument("--engine", action="store_true",
+                   help="run through the serving engine (sparse_hf.LLM) instead of HF generate; the engine serves "
+                        "full attention and {engine_methods}")
     return p
 
 
@@ -206,12 +222,23 @@ def check_generate_args(args) -> tuple[str, dict]:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     knobs = args.cache_config
-    if args.method == "full":
+    if (args.method == "deltakv" and args.model == "demo" and knobs.get("compressor") is None
+            and not knobs.get("deltakv_path")):
+        knobs = dict(knobs, deltakv_path="demo")    # the compressor that ships for the demo model
+    if args.method in ("full", "all"):
         if knobs:
-            raise UsageError("--cache-config has no effect with --method full (plain generate)")
+            raise UsageError(f"--cache-config has no effect with --method {args.method} (full: plain generate; all: "
+                             "every method at its defaults)")
+        if args.method == "all" and args.engine:
+            raise UsageError("--method all runs the HF path; pick one method for --engine")
     else:
         check_method_and_knobs(args.method, knobs, model_num_layers(args.model))
     check_device(args.device)
+    if args.engine:
+        from sparse_hf.engine.config import ENGINE_METHODS
+        if args.method not in ("full",) + ENGINE_METHODS:
+            raise UsageError(f"--engine --method {args.method}: the engine serves full and {', '.join(ENGINE_METHODS)}"
+                             " (run without --engine for the HF path)")
     return prompt, knobs
 
 
@@ -222,7 +249,6 @@ def run_generate(args) -> int:
         return error_exit(str(exc), "generate")
     import torch
 
-    import sparse_hf
     from sparse_hf.models import load_model
 
     try:
@@ -236,24 +262,78 @@ def run_generate(args) -> int:
     else:
         batch = tok(prompt, return_tensors="pt")
     batch = batch.to(model.device)
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, return_dict_in_generate=True,
+    if args.engine:
+        return _generate_with_engine(args, model, tok, batch["input_ids"][0].tolist(), knobs)
+    methods = [args.method] if args.method != "all" else ["full", *method_names()]
+    rows = []
+    for method in methods:
+        method_knobs = knobs if args.method != "all" else _demo_knobs(method, args.model)
+        if method_knobs is None:
+            print(f"\n--- {method}: skipped (needs a compressor: pass --method deltakv --cache-config "
+                  "'{\"deltakv_path\": ...}')")
+            continue
+        try:
+            answer, usage, seconds, prompt_len, new = _generate_once(model, tok, batch, method, method_knobs,
+                                                                      args.max_new_tokens)
+        except ValueError as exc:          # knobs that only this model's shape rules out
+            return error_exit(str(exc), "generate")
+        print(answer)
+        print(f"\n--- {method}: prompt {prompt_len} tokens, {new} new, {seconds:.1f} s")
+        print(usage.summary())
+        rows.append((method, answer, usage.ratio, seconds))
+    if len(rows) > 1:
+        print("\n| method | KV bytes vs full | seconds | answer |\n|---|---|---|---|")
+        for method, answer, ratio, seconds in rows:
+            print(f"| {method} | {ratio:.1%} | {seconds:.1f} | {' '.join(answer.split())[:60]} |")
+    return 0
+
+
+def _demo_knobs(method: str, model: str) -> dict | None:
+    """``--method all``: each method at its defaults; DeltaKV with the shipped compressor (demo model only)."""
+    if method == "deltakv":
+        return dict(deltakv_path="demo") if model == "demo" else None
+    return {}
+
+
+def _generate_once(model, tok, batch, method: str, knobs: dict, max_new_tokens: int):
+    """Greedy ``generate`` with ``method`` (``"full"``: a plain cache): ``(answer, usage, seconds, prompt_len,
+    new_tokens)``."""
+    import torch
+
+    import sparse_hf
+
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
                pad_token_id=tok.pad_token_id)
-    if args.method != "full":
-        gen.update(cache_implementation=args.method, cache_config=knobs)
+    if method != "full":
+        gen.update(cache_implementation=method, cache_config=knobs)
     start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            out = model.generate(**batch, **gen)
-    except ValueError as exc:              # knobs that only this model's shape rules out
-        return error_exit(str(exc), "generate")
+    with torch.inference_mode():
+        out = model.generate(**batch, **gen)
     seconds = time.perf_counter() - start
     prompt_len = batch["input_ids"].shape[1]
-    print(tok.decode(out.sequences[0, prompt_len:], skip_special_tokens=True).strip())
+    answer = tok.decode(out.sequences[0, prompt_len:], skip_special_tokens=True).strip()
     cache = getattr(out, "cache", None) or out.past_key_values
-    usage = sparse_hf.kv_usage(cache)
-    print(f"\n--- {args.method}: prompt {prompt_len} tokens, {out.sequences.shape[1] - prompt_len} new, "
-          f"{seconds:.1f} s")
-    print(usage.summary())
+    return answer, sparse_hf.kv_usage(cache), seconds, prompt_len, out.sequences.shape[1] - prompt_len
+
+
+def _generate_with_engine(args, model, tok, prompt_ids: list[int], knobs: dict) -> int:
+    """``generate --engine``: the same prompt through ``sparse_hf.LLM`` (greedy), with the KV it kept."""
+    from sparse_hf.engine import LLM, SamplingParams
+
+    method = None if args.method == "full" else args.method
+    start = time.perf_counter()
+    with LLM(model, tokenizer=tok, max_model_len=len(prompt_ids) + args.max_new_tokens,
+             sparse_method=method, **knobs) as llm:
+        out = llm.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens))[0]
+    seconds = time.perf_counter() - start
+    print(out.text.strip())
+    m = out.metrics
+    kept = m.get("kept_kv_tokens")
+    total = len(prompt_ids) + len(out.token_ids)
+    print(f"\n--- {args.method} (engine): prompt {len(prompt_ids)} tokens, {len(out.token_ids)} new, {seconds:.1f} s")
+    if kept is not None:
+        print(f"KV slots held at the end, summed over layers: {kept} of {total * model.config.num_hidden_layers} "
+              f"for the full sequence ({kept / (total * model.config.num_hidden_layers):.1%})")
     return 0
 
 
@@ -268,6 +348,11 @@ def _add_bench(sub):
     return add_bench_parser(sub)
 
 
+def _add_calibrate(sub):
+    from sparse_hf.calibrate import add_calibrate_parser
+    return add_calibrate_parser(sub)
+
+
 def _add_serve(sub):
     from sparse_hf.engine.serve_cli import add_serve_parser
     return add_serve_parser(sub)
@@ -280,6 +365,7 @@ COMMANDS = {
     "eval": ("evaluate sparse KV caches on needle, RULER-style and LongBench tasks", _add_eval),
     "bench": ("speed and memory of each method, side by side with HF vanilla", _add_bench),
     "serve": ("serve a model over an OpenAI-compatible HTTP API (the engine)", _add_serve),
+    "calibrate": ("choose OmniKV/DeltaKV filter layers for a model (writes a cache_config file)", _add_calibrate),
     "train-compressor": ("train a DeltaKV compressor (see `sparse-hf train-compressor -h`)", None),
 }
 
@@ -307,6 +393,9 @@ def main(argv=None) -> int:
     if args.command == "eval":
         from sparse_hf.eval.cli import run_eval_command
         return run_eval_command(args) or 0
+    if args.command == "calibrate":
+        from sparse_hf.calibrate import run_calibrate_command
+        return run_calibrate_command(args)
     if args.command == "serve":
         from sparse_hf.engine.serve_cli import serve_main
         return serve_main(args) or 0

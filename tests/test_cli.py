@@ -262,3 +262,31 @@ def test_knob_check_uses_the_registry_and_config():
     check_method_and_knobs("deltakv", {"deltakv_path": "org/compressor"}, 4)
     with pytest.raises(UsageError, match="deltakv needs a compressor"):
         check_method_and_knobs("deltakv", {}, 4)
+
+
+# ------------------------------------------------------------------------------------- generate --engine
+def test_generate_engine_equals_hf_path_and_reports_kept_kv(tmp_path, capsys):
+    """``generate --engine`` runs the prompt through ``sparse_hf.LLM``: the same greedy text as the HF path at the
+    same knobs, and a line with the KV slots the request held (fewer than a full cache's with snapkv)."""
+    from sparse_hf.cli import main
+    from tiny_tokenizer import save_tiny_chat_model
+
+    path = save_tiny_chat_model(tmp_path / "chat-model")
+    knobs = '{"num_top_tokens": 8, "num_sink_tokens": 2, "num_recent_tokens": 8, "window_size": 4}'
+    args = ["generate", "--model", str(path), "--method", "snapkv", "--prompt", "The grass is green. " * 12,
+            "--max-new-tokens", "6", "--cache-config", knobs]
+    outputs = []
+    for extra in ([], ["--engine"]):
+        assert main(args + extra) == 0
+        outputs.append(capsys.readouterr().out)
+    hf, engine = (out.split("\n--- ")[0] for out in outputs)
+    assert engine == hf, outputs
+    kept_line = next(line for line in outputs[1].splitlines() if line.startswith("KV slots held"))
+    kept, total = (int(x) for x in re.findall(r"(\d+) of (\d+)", kept_line)[0])
+    assert 0 < kept < total, kept_line
+
+
+def test_generate_engine_refuses_methods_it_does_not_serve(tmp_path):
+    report, _, err = run_cli(tmp_path, "generate", "--engine", "--method", "deltakv")
+    assert_one_line_error(report, err, "--engine", "deltakv")
+    assert not report["transformers"], report         # refused before any model loads

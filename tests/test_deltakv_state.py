@@ -145,3 +145,39 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="do not fit"):
         flush(state, torch.zeros(2, 4, DX), torch.zeros(2, 4, dtype=torch.long), [5, 0], projections(), 0)
     assert Clustering(num_sink=2, step=3).num_centers(7) == 2 + math.ceil(7 / 3)
+
+
+def test_nearest_centers_blockwise_equals_one_shot_with_bounded_scores(monkeypatch):
+    from sparse_hf.deltakv import clustering
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 50, DX, generator=g, dtype=torch.float64)
+    centers = torch.randn(2, 12, DX, generator=g, dtype=torch.float64)
+    center_pos = torch.arange(0, 48, 4).expand(2, 12).clone()
+    center_pos[1, -2:] = -1                                     # not filled yet
+    token_pos = torch.arange(50).expand(2, 50)
+    valid = center_pos >= 0
+    for metric in ("l2", "cosine"):
+        want = clustering.nearest_centers(x, centers, token_pos, center_pos, 3, metric, valid)
+        shapes = []
+        scores = clustering.center_scores
+        monkeypatch.setattr(clustering, "center_scores", lambda a, b, m: shapes.append(a.shape[-2] * b.shape[-2])
+                            or scores(a, b, m))
+        got = clustering.nearest_centers(x, centers, token_pos, center_pos, 3, metric, valid, block=7,
+                                         visible_prefix=lambda i, j: -(-j // 4))   # centers at 0, 4, 8, ...
+        monkeypatch.setattr(clustering, "center_scores", scores)
+        assert torch.equal(got, want)
+        assert max(shapes) <= 7 * 12 and sum(shapes) < 0.65 * 50 * 12   # blocks, and ~half of N * M (causal)
+
+
+def test_a_flush_searches_block_by_block_with_the_same_fathers(monkeypatch):
+    from sparse_hf.deltakv import clustering
+
+    cl = Clustering(num_sink=2, step=3, neighbor_count=2, metric="l2")
+    proj = projections()
+    torch.manual_seed(4)
+    rows = [torch.randn(80, DX, dtype=torch.float64) for _ in range(2)]
+    want = run_flushes(rows, [[40, 25], [12, 30]], cl, proj)
+    monkeypatch.setattr(clustering, "SCORE_BLOCK", 40)              # a few tokens per block
+    got = run_flushes(rows, [[40, 25], [12, 30]], cl, proj)
+    assert torch.equal(got.fathers, want.fathers) and torch.equal(got.latent.codes, want.latent.codes)

@@ -87,7 +87,7 @@ def test_weights_from_safetensors_dir_equal_in_memory(tmp_path):
     prompts = random_prompts((19, 44), seed=5)
     ref = engine_tokens(LLM(model, num_kv_slots=256, max_model_len=128), prompts, 8)
     for sub in ("one", "sharded"):
-        llm = LLM(str(tmp_path / sub), num_kv_slots=256, max_model_len=128)
+        llm = LLM(str(tmp_path / sub), num_kv_slots=256, max_model_len=128, device="cpu")   # same device as the CPU model
         assert engine_tokens(llm, prompts, 8) == ref
         for name, p in LLM(model, num_kv_slots=16, max_model_len=16).model.state_dict().items():
             torch.testing.assert_close(llm.model.state_dict()[name], p, rtol=0, atol=0)

@@ -174,7 +174,7 @@ def test_cli_bad_input_exits_with_message(flag, value, message, capsys):
 def test_cli_runs_with_load_model(tmp_path, model, tok, monkeypatch, capsys):
     loaded = []
     fake = types.ModuleType("sparse_hf.models")
-    fake.load_model = lambda name, dtype: loaded.append((name, dtype)) or (model, tok)
+    fake.load_model = lambda name, dtype, device: loaded.append((name, dtype, device)) or (model, tok)
     monkeypatch.setitem(sys.modules, "sparse_hf.models", fake)
     lb = tmp_path / "lb"
     lb.mkdir()
@@ -183,10 +183,10 @@ def test_cli_runs_with_load_model(tmp_path, model, tok, monkeypatch, capsys):
     (lb / "hotpotqa.jsonl").write_text(json.dumps(row) + "\n")
     out = tmp_path / "out"
     base = ["eval", "--model", "demo", "--lengths", "384", "--num-samples", "1", "--max-new-tokens", "2",
-            "--output-dir", str(out), "--no-progress"]
+            "--output-dir", str(out), "--no-progress", "--device", "cpu"]
     assert main(base + ["--tasks", "niah_single,longbench:hotpotqa", "--depths", "0.5",
                         "--longbench-dir", str(lb)]) == 0
-    assert loaded == [("demo", "auto")]
+    assert loaded == [("demo", "auto", "cpu")]
     assert {r["task"] for r in read_lines(out / "predictions.jsonl")} == {"niah_single", "longbench:hotpotqa"}
     assert "2 new predictions" in capsys.readouterr().out
     import datasets

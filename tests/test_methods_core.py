@@ -71,43 +71,50 @@ def top_of(budget, n):
 # -- oracles: one per registered method --------------------------------------------------------------------------
 def snapkv_like_oracle(name, layer_top):
     """SnapKV/PyramidKV: per query head, softmax over the candidates of each real window query, mean over those
-    queries, max-pool (kernel 3) along the slots, max over the heads of the KV group; keep a top-k."""
+    queries, max-pool (kernel 3) along the slots; then the max over the heads of the KV group
+    (``selection_scope="kv_head"``) or over all heads of the layer (``"layer"``: every KV head keeps the same
+    tokens); keep a top-k."""
     keys, queries, valid_cols = synthetic(1)
     cls = get_method(name)
     num_layers = 4
-    for top in (5, 0.25):
-        method = cls(cls.config_class(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top,
-                                      window_size=W, pool_kernel_size=3), num_layers)
-        window = queries[:, :, L - W:]
-        query_valid = valid_cols[:, L - W:]
-        valid = valid_cols.unsqueeze(1).expand(B, HKV, L)
-        for layer in range(num_layers):
-            plan = method.prefill_keep(layer, keys, valid, window, query_valid, SCALING)
-            kept = kept_sets(plan, valid)
-            for b in range(B):
-                real = real_cols(b)
-                protected = set(real[:SINK]) | set(real[-RECENT:])
-                cands = [j for j in real if j not in protected]
-                for h in range(HKV):
-                    per_head = []
-                    for g in range(G):
-                        hq = h * G + g
-                        mean = {j: 0.0 for j in range(L)}
-                        n_q = 0
-                        for w in range(W):
-                            if not bool(query_valid[b, w]):
-                                continue
-                            n_q += 1
-                            logits = torch.tensor([float(window[b, hq, w].double() @ keys[b, h, j].double())
-                                                   * SCALING for j in cands], dtype=torch.float64)
-                            for j, p in zip(cands, torch.softmax(logits, 0).tolist()):
-                                mean[j] += p
-                        mean = {j: v / max(1, n_q) for j, v in mean.items()}
-                        pooled = {j: max(mean[i] for i in range(max(0, j - 1), min(L, j + 2))) for j in range(L)}
-                        per_head.append(pooled)
-                    scores = {j: max(p[j] for p in per_head) for j in cands}
-                    k = layer_top(top, len(real), layer, num_layers)
-                    assert_sink_top_recent(kept[b, h], real, scores, SINK, RECENT, k, (name, top, layer, b, h))
+    window = queries[:, :, L - W:]
+    query_valid = valid_cols[:, L - W:]
+    valid = valid_cols.unsqueeze(1).expand(B, HKV, L)
+    pooled = {}                                      # (b, query head) -> {slot: pooled window-mean probability}
+    for b in range(B):
+        real = real_cols(b)
+        protected = set(real[:SINK]) | set(real[-RECENT:])
+        cands = [j for j in real if j not in protected]
+        for hq in range(H):
+            mean = {j: 0.0 for j in range(L)}
+            n_q = 0
+            for w in range(W):
+                if not bool(query_valid[b, w]):
+                    continue
+                n_q += 1
+                logits = torch.tensor([float(window[b, hq, w].double() @ keys[b, hq // G, j].double())
+                                       * SCALING for j in cands], dtype=torch.float64)
+                for j, p in zip(cands, torch.softmax(logits, 0).tolist()):
+                    mean[j] += p
+            mean = {j: v / max(1, n_q) for j, v in mean.items()}
+            pooled[b, hq] = {j: max(mean[i] for i in range(max(0, j - 1), min(L, j + 2))) for j in range(L)}
+    for scope in ("kv_head", "layer"):
+        for top in (5, 0.25):
+            method = cls(cls.config_class(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top,
+                                          window_size=W, pool_kernel_size=3, selection_scope=scope), num_layers)
+            for layer in range(num_layers):
+                plan = method.prefill_keep(layer, keys, valid, window, query_valid, SCALING)
+                kept = kept_sets(plan, valid)
+                for b in range(B):
+                    real = real_cols(b)
+                    for h in range(HKV):
+                        heads = range(h * G, (h + 1) * G) if scope == "kv_head" else range(H)
+                        scores = {j: max(pooled[b, hq][j] for hq in heads) for j in real}
+                        k = layer_top(top, len(real), layer, num_layers)
+                        assert_sink_top_recent(kept[b, h], real, scores, SINK, RECENT, k,
+                                               (name, scope, top, layer, b, h))
+                    if scope == "layer":
+                        assert all(kept[b, h] == kept[b, 0] for h in range(HKV)), (name, top, layer, b)
 
 
 def oracle_snapkv(name):
@@ -124,16 +131,26 @@ def oracle_pyramidkv(name):
 
 
 def oracle_knorm(name):
+    """Lowest key L2 norms per KV head (``selection_scope="kv_head"``) or by the mean norm over the KV heads, one
+    selection for the layer (``"layer"``)."""
     keys, _, valid_cols = synthetic(2)
     cls = get_method(name)
-    for top in (5, 0.25):
-        method = cls(cls.config_class(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top), 2)
-        valid = valid_cols.unsqueeze(1).expand(B, HKV, L)
-        kept = kept_sets(method.prefill_keep(0, keys, valid, None, None, SCALING), valid)
-        for b in range(B):
-            for h in range(HKV):
-                scores = {j: -math.sqrt(sum(float(x) ** 2 for x in keys[b, h, j])) for j in range(L)}
-                assert_sink_top_recent(kept[b, h], real_cols(b), scores, SINK, RECENT, top_of(top, LENGTHS[b]))
+    norms = {(b, h, j): math.sqrt(sum(float(x) ** 2 for x in keys[b, h, j].double()))
+             for b in range(B) for h in range(HKV) for j in range(L)}
+    for scope in ("kv_head", "layer"):
+        for top in (5, 0.25):
+            method = cls(cls.config_class(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top,
+                                          selection_scope=scope), 2)
+            valid = valid_cols.unsqueeze(1).expand(B, HKV, L)
+            kept = kept_sets(method.prefill_keep(0, keys, valid, None, None, SCALING), valid)
+            for b in range(B):
+                for h in range(HKV):
+                    heads = [h] if scope == "kv_head" else range(HKV)
+                    scores = {j: -sum(norms[b, g, j] for g in heads) / len(heads) for j in range(L)}
+                    assert_sink_top_recent(kept[b, h], real_cols(b), scores, SINK, RECENT, top_of(top, LENGTHS[b]),
+                                           (scope, top, b, h))
+                if scope == "layer":
+                    assert all(kept[b, h] == kept[b, 0] for h in range(HKV))
 
 
 def oracle_streamingllm(name):
@@ -275,3 +292,21 @@ def test_interface_declared(name):
     knobs = cls.knobs_for_budget(0.1, 2000)
     cls.config_class.from_dict(knobs)                                # the budget's knobs are valid for the method
     assert sum(knobs.get(k, 0) for k in ("num_sink_tokens", "num_recent_tokens", "num_top_tokens")) == 200
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "knorm"])
+def test_selection_scope_knob_is_checked(name):
+    cls = get_method(name)
+    assert cls.config_class().selection_scope == "kv_head"          # the default until the GPU measurement
+    with pytest.raises(ValueError, match="selection_scope='group'.*'kv_head', 'layer'"):
+        cls.config_class(selection_scope="group")
+
+
+def test_layer_scope_needs_heads_with_the_same_slots():
+    keys, _, valid_cols = synthetic(2)
+    valid = valid_cols.unsqueeze(1).expand(B, HKV, L).clone()
+    valid[0, 1, -1] = False
+    method = get_method("knorm")(get_method("knorm").config_class(num_sink_tokens=SINK, num_recent_tokens=RECENT,
+                                                                 num_top_tokens=3, selection_scope="layer"), 2)
+    with pytest.raises(ValueError, match="same slots"):
+        method.prefill_keep(0, keys, valid, None, None, SCALING)

@@ -63,3 +63,25 @@ def test_passkey_2k(demo, method, knobs):
     if method != "full":
         usage = sparse_hf.kv_usage(out.past_key_values)
         assert usage.ratio < 0.45, usage.summary()
+
+
+def test_demo_compressor_ships_and_finds_the_passkey(demo):
+    """``deltakv_path="demo"`` resolves to the compressor in the package (offline), fits the demo model, and DeltaKV
+    with it answers the 2K passkeys that the full cache answers, holding less KV memory than a full cache."""
+    from sparse_hf.deltakv import DeltaKVCompressor
+    from sparse_hf.deltakv.demo import DEMO_COMPRESSOR_DIR
+
+    assert (DEMO_COMPRESSOR_DIR / "model.safetensors").is_file() and (DEMO_COMPRESSOR_DIR / "README.md").is_file()
+    model, tok = demo
+    comp = DeltaKVCompressor.from_pretrained("demo")
+    assert comp.config.kv_compressed_size == 96 and comp.config.num_hidden_layers == model.config.num_hidden_layers
+    batch, keys = passkey_batch(tok)
+    knobs = dict(deltakv_path="demo", num_top_tokens=0.25, full_attn_layers="0,1,2,8,16", num_recent_tokens=64,
+                 kv_quant_bits=8)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id, cache_implementation="deltakv", cache_config=knobs)
+    answers = tok.batch_decode(out.sequences[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    for answer, key in zip(answers, keys):
+        assert key in answer, (answer, key)
+    assert sparse_hf.kv_usage(out.past_key_values).ratio < 0.6

@@ -12,7 +12,7 @@ No HF classes here: the HF cache, the training forward and a future engine all c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,16 @@ def center_scores(x: torch.Tensor, centers: torch.Tensor, metric: str = "l2") ->
     raise ValueError(f"unknown cluster metric {metric!r}; expected one of {', '.join(METRICS)}")
 
 
+#: Most ``[tokens, centers]`` scores :func:`nearest_centers` holds at once per row (64 MB in float32): a long
+#: prompt's search runs block by block of tokens, with no ``[N, M]`` intermediate (``N * M`` is ~1.6e9 at 128K).
+SCORE_BLOCK = 1 << 24
+
+
 @torch.no_grad()
 def nearest_centers(x: torch.Tensor, centers: torch.Tensor, token_pos: torch.Tensor, center_pos: torch.Tensor,
-                    k: int, metric: str = "l2", center_valid: torch.Tensor | None = None) -> torch.Tensor:
+                    k: int, metric: str = "l2", center_valid: torch.Tensor | None = None,
+                    block: int | None = None, visible_prefix: Callable[[int, int], int] | None = None
+                    ) -> torch.Tensor:
     """Each token's ``k`` best visible centers, best first, as indices into ``centers``.
 
     Args:
@@ -66,12 +73,31 @@ def nearest_centers(x: torch.Tensor, centers: torch.Tensor, token_pos: torch.Ten
         k: neighbor count.
         metric: ``"l2"``, ``"dot"`` or ``"cosine"``.
         center_valid: optional ``[B, M]`` bool, False for padding slots of ``centers``.
+        block: tokens scored at once (default: as many as keep ``block * M`` within :data:`SCORE_BLOCK`); each
+            token's fathers do not depend on the others, so the blocks give the one-shot result.
+        visible_prefix: optional host hint ``(i, j) -> m``: no center at index ``>= m`` is visible to tokens
+            ``i .. j-1`` (centers in arrival order, e.g. a flush), so a block scores only the first ``m`` centers:
+            a causal prompt's search costs about half of ``N * M``.
 
     Returns:
         ``[B, N, k]`` int64 father ids; ``-1`` where fewer than ``k`` centers are visible.
     """
     if k < 1:
         raise ValueError(f"neighbor count k={k}: expected >= 1")
+    n, m = x.shape[-2], centers.shape[-2]
+    block = block or max(1, SCORE_BLOCK // max(m, 1))
+    out = []
+    for i in range(0, n, block):
+        j = min(n, i + block)
+        mv = m if visible_prefix is None else max(0, min(m, int(visible_prefix(i, j))))
+        valid = None if center_valid is None else center_valid[..., :mv]
+        out.append(_nearest_block(x[..., i:j, :], centers[..., :mv, :], token_pos[..., i:j], center_pos[..., :mv],
+                                  k, metric, valid))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+
+
+def _nearest_block(x, centers, token_pos, center_pos, k, metric, center_valid):
+    """:func:`nearest_centers` of one block of tokens (``[B, n, M]`` scores)."""
     dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 scores would mis-rank near ties
     scores = center_scores(x.to(dtype), centers.to(dtype), metric)
     visible = center_pos.unsqueeze(-2) <= token_pos.unsqueeze(-1)  # [B, N, M]

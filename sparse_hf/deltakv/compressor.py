@@ -188,14 +188,15 @@ class DeltaKVCompressor(PreTrainedModel):
     # -- Hub conventions ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "DeltaKVCompressor":
-        """Load a compressor from a local directory or a Hub id.
+        """Load a compressor from a local directory, a Hub id, or ``"demo"`` (the one shipped for the demo model).
 
         Reads this project's format (config.json with ``model_type: deltakv_compressor``) and the reference
         trainer's format (a base-model config.json plus ``model.layers.{i}.self_attn.compress_*`` tensors).
         """
         from sparse_hf.deltakv import reference_format as ref
+        from sparse_hf.deltakv.demo import resolve_compressor_path
 
-        local = ref.resolve_checkpoint_dir(pretrained_model_name_or_path, kwargs)
+        local = ref.resolve_checkpoint_dir(resolve_compressor_path(pretrained_model_name_or_path), kwargs)
         if ref.is_native_checkpoint(local):
             return super().from_pretrained(local, *args, **kwargs)
         return ref.load_reference_checkpoint(cls, local, dtype=kwargs.get("dtype"))

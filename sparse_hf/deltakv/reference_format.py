@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -20,6 +21,11 @@ import torch
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.compress_(down|up)\.(.+)$")
 _SHARED_KEY = re.compile(r"^(?:.*\.)?compress_(down|up)\.(.+)$")
 _SPLIT_KEY = re.compile(r"(?:^|\.)[kv]_compress_(down|up)\.")
+
+#: Config fields that hold the number of nearest centers a token's reference averages, in order of preference:
+#: ours (and the current reference trainer's), older reference configs, and the seed-era trainer (which called it
+#: ``seq_chunk_size``; 4 in the reference recipe).
+NEIGHBOR_COUNT_FIELDS = ("deltakv_neighbor_count", "deltakv_k_neighbors", "k_neighbors", "seq_chunk_size")
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike, kwargs: dict) -> str:
@@ -112,6 +118,24 @@ def _declared_type(cfg: dict, direction: str) -> str | None:
     return None
 
 
+def reference_neighbor_count(cfg: dict, where: str = "config.json") -> int | None:
+    """The neighbour count a reference-format ``cfg`` records (see :data:`NEIGHBOR_COUNT_FIELDS`), or ``None``
+    with a warning when it records none (serving then falls back to 1 neighbour, which may not match training).
+
+    The first field present wins; a value that is not an int >= 1 raises ``ValueError`` naming the field."""
+    for field in NEIGHBOR_COUNT_FIELDS:
+        if cfg.get(field) is None:
+            continue
+        value = cfg[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {field}={value!r} is not a neighbour count (expected an int >= 1)")
+        return value
+    warnings.warn(f"{where}: the checkpoint records no neighbour count (none of {', '.join(NEIGHBOR_COUNT_FIELDS)}); "
+                  "serving uses deltakv_neighbor_count=1 unless you pass it. Pass the value the compressor was "
+                  "trained with (the reference recipe uses 4) in cache_config", UserWarning, stacklevel=3)
+    return None
+
+
 def load_reference_checkpoint(cls: type, local: str, dtype: Any = None) -> Any:
     """Build a ``cls`` (DeltaKVCompressor) from a reference-format directory; errors name what does not fit."""
     from sparse_hf.deltakv.compressor import DeltaKVCompressorConfig, model_kv_shape
@@ -167,8 +191,11 @@ def load_reference_checkpoint(cls: type, local: str, dtype: Any = None) -> Any:
     biased = {any(k.endswith("bias") for k in grouped[(i, d)]) for i in layer_ids for d in ("down", "up")}
     if len(biased) != 1:
         raise ValueError(f"{local}: some projections have a bias and some do not; one bias flag is supported")
-    names = {"cluster_ratio": "cluster_ratio", "deltakv_neighbor_count": "neighbor_count", "cluster_metric": "metric"}
+    names = {"cluster_ratio": "cluster_ratio", "cluster_metric": "metric"}
     knobs = {ours: cfg[theirs] for theirs, ours in names.items() if theirs in cfg}  # same keys as our trainer writes
+    neighbors = reference_neighbor_count(cfg, local)
+    if neighbors is not None:
+        knobs["neighbor_count"] = neighbors
     config = DeltaKVCompressorConfig(
         num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim, kv_compressed_size=latent,
         down_type=down_t, up_type=up_t, down_intermediate_size=down_h, up_intermediate_size=up_h,

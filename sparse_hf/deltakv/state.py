@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import torch
 
+from sparse_hf.kernels import deltakv_rebuild_kv
+
 from .clustering import METRICS, compress, nearest_centers, reconstruct, reference_from_fathers
 from .quant import QuantizedLatent, check_bits, dequantize, quantize
-from .rope import rotate
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,13 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     pos = pos.to(torch.int32)
     state.center_pos = _write_rows(state.center_pos, width_c, S + j // step, is_center, pos, -1)
     state.comp_pos = _write_rows(state.comp_pos, max(after), j, live, pos, -1)
+    before = list(state.counts)
+
+    def visible_prefix(i: int, j: int) -> int:   # centers of offsets < start + j (+ the sinks), widest row
+        return S + max(-(-(n + j) // step) for n in before)
+
     fathers = nearest_centers(x, state.center_x, pos, state.center_pos, cl.neighbor_count, cl.metric,
-                              center_valid=state.center_pos >= 0)            # [B, C, k]
+                              center_valid=state.center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
     latent = compress(x, reference_from_fathers(state.center_x, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
     width_l = max(cl.num_latents(n) for n in after)
@@ -221,23 +227,48 @@ def split_kv(x: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tenso
     return k, x[..., kv_heads * head_dim:].reshape(B, n, kv_heads, -1)
 
 
+def rms_norm_params(k_norm: Any) -> tuple[torch.Tensor | None, float]:
+    """``(weight [D], eps)`` of a per-head RMS key norm (Qwen3's ``k_norm``: ``w * k / sqrt(mean(k^2) + eps)``), or
+    ``(None, 0.0)`` for none. The rebuild kernel applies it itself, so it needs the parameters, not the module."""
+    if k_norm is None:
+        return None, 0.0
+    eps = getattr(k_norm, "variance_epsilon", getattr(k_norm, "eps", None))
+    weight = getattr(k_norm, "weight", None)
+    if weight is None or eps is None:
+        raise ValueError(f"deltakv rebuilds keys behind an RMS k_norm (weight and variance_epsilon/eps); got "
+                         f"{type(k_norm).__name__}, which has no such parameters")
+    return weight, float(eps)
+
+
 def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int, kv_heads: int,
                head_dim: int, rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-               k_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+               k_norm: Any = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`rebuild`, then K and V as attention reads them: ``k_norm`` (Qwen3) and RoPE at each token's position.
+    """Picked compressed tokens as attention reads them (``up(latent) + mean(fathers)``, centers as stored; then
+    ``k_norm`` (Qwen3) and RoPE at each token's position), through the fused kernel entry
+    :func:`sparse_hf.kernels.deltakv_rebuild_kv` (Triton on CUDA, its torch reference elsewhere).
 
     Args:
+        pick: ``[B, k]`` offsets per row (``-1`` or past a row's count: garbage there, the caller masks it).
         rope: ``rope(like [B, k, Hkv, Dv], pos [B, k]) -> (cos, sin)`` each ``[B, k, D]`` (the model's rotary
-            embedding); k_norm: per-head key norm, or ``None``.
+            embedding); k_norm: the per-head RMS key norm module, or ``None``.
+        out: ``(k_out [B, Hkv, k, D], v_out [B, Hkv, k, Dv])`` scratch slots to write into (e.g. views into a
+            preallocated buffer, for a static-shape decode step); new tensors in ``center_x``'s dtype if ``None``.
 
     Returns:
-        ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (in ``center_x``'s dtype) and ``pos [B, k]``.
+        ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long).
     """
-    x, pos = rebuild(state, pick, projections, layer_idx)
-    kx, vx = split_kv(x, kv_heads, head_dim)
-    if k_norm is not None:
-        kx = k_norm(kx)
-    cos, sin = rope(vx, pos)
-    keys = rotate(kx.transpose(1, 2), cos.to(kx.dtype), sin.to(kx.dtype))
-    return keys, vx.transpose(1, 2), pos
+    cl = state.clustering
+    B, k = pick.shape
+    cx = state.center_x
+    dv = cx.shape[-1] // kv_heads - head_dim
+    if out is None:
+        out = (cx.new_empty(B, kv_heads, k, head_dim), cx.new_empty(B, kv_heads, k, dv))
+    pos = state.comp_pos.gather(1, pick.clamp(min=0)).long()
+    cos, sin = rope(out[1].transpose(1, 2), pos)
+    lat = state.latent or QuantizedLatent(None, None, None)
+    weight, eps = rms_norm_params(k_norm)
+    keys, values = deltakv_rebuild_kv(pick, lat.codes, lat.scale, lat.offset, state.fathers, cx,
+                                      lambda z: projections.up(layer_idx, z), projections.dtype, cl.step,
+                                      cl.num_sink, cos.contiguous(), sin.contiguous(), out[0], out[1], weight, eps)
+    return keys, values, pos

@@ -113,7 +113,7 @@ def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, devic
     slot_mapping = pool.allocate(list(range(n_chunks)), [chunk] * n_chunks)
     attention.ctx = StepContext(slot_mapping, [Segment(r, r * chunk, chunk, chunk) for r in range(n_chunks)])
     ids = torch.zeros(T, dtype=torch.long, device=device)
-    hidden = model(ids, torch.arange(T, device=device) % chunk)
+    hidden = model(ids, torch.arange(T, device=device) % min(chunk, max_model_len))   # within the RoPE table
     model.logits(hidden[-n_chunks:])
     attention.ctx = None
     torch.cuda.synchronize(device)

@@ -17,7 +17,8 @@ import sys
 from sparse_hf.cli import argtype, parse_json_object, positive_int
 
 from .grid import VALID_METHODS, parse_budgets, parse_depths, parse_lengths, parse_methods
-from .tasks import SYNTHETIC_TASKS, parse_tasks
+from .tasks import LOCAL_TASKS, parse_tasks
+from .text_recall import corpus_path
 
 
 def _chat_mode(text: str):
@@ -38,7 +39,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (default: auto, the loader's float32)")
     p.add_argument("--tasks", required=True, type=argtype(parse_tasks),
-                   help=f"comma-separated: {', '.join(SYNTHETIC_TASKS)}, longbench:<task>, longbench:all")
+                   help=f"comma-separated: {', '.join(LOCAL_TASKS)}, longbench:<task>, longbench:all")
     p.add_argument("--methods", default="full", type=argtype(parse_methods),
                    help=f"comma-separated from: {', '.join(VALID_METHODS)} (default: full)")
     p.add_argument("--budgets", default="0.1,0.25,0.5", type=argtype(parse_budgets),
@@ -60,6 +61,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="extra knobs for every sparse run as a JSON object, e.g. '{\"pool_kernel_size\": 5}' or, with "
                         "--methods deltakv, '{\"deltakv_path\": \"out/compressor\"}' (a folder written by "
                         "sparse-hf train-compressor, or a Hub id)")
+    p.add_argument("--corpus-file", default=None,
+                   help="text for text_recall: .jsonl with a \"text\" field per line, or .txt (default: the held-out "
+                        "novel that examples/prepare_corpus.py writes)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run_eval_command)
     return p
@@ -75,19 +81,34 @@ def _check_compressor_path(knobs: dict | None) -> None:
                          "(config.json + model.safetensors) or a Hub id")
 
 
+def _device(device: str | None) -> str:
+    """``--device``, or cuda when available (the long grids belong on a GPU), else cpu."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_eval_command(args) -> int:
     """Load the model with ``sparse_hf.models.load_model`` and run :func:`sparse_hf.eval.run_eval`.
 
     Errors in the inputs (bad knobs, missing LongBench files, ...) are printed as one line and give status 2.
     """
-    from sparse_hf.cli import UsageError, check_model_arg, error_exit
+    from sparse_hf.cli import UsageError, check_device, check_model_arg, error_exit
 
     from .runner import budget_to_cache_config, run_eval
 
     try:
         check_model_arg(args.model)
+        check_device(getattr(args, "device", None))
         if args.longbench_dir is not None and not os.path.isdir(args.longbench_dir):
             raise UsageError(f"--longbench-dir {args.longbench_dir}: no such folder")
+        if "text_recall" in args.tasks:
+            try:
+                corpus_path(args.corpus_file)
+            except FileNotFoundError as exc:
+                raise UsageError(str(exc)) from None
         for method in args.methods:              # each method's knobs, as run_eval will build them
             if method != "full":
                 budget_to_cache_config(method, args.budgets[0], max(args.lengths), args.cache_config)
@@ -98,17 +119,21 @@ def run_eval_command(args) -> int:
     from sparse_hf.models import load_model
 
     try:
-        model, tokenizer = load_model(args.model, args.dtype)
+        model, tokenizer = load_model(args.model, args.dtype, _device(getattr(args, "device", None)))
         summary = run_eval(model, tokenizer, tasks=args.tasks, methods=args.methods, budgets=args.budgets,
                            lengths=args.lengths, depths=args.depths, num_samples=args.num_samples,
                            seed=args.seed, output_dir=args.output_dir, max_new_tokens=args.max_new_tokens,
                            use_chat_template=args.chat_template, progress=not args.no_progress,
-                           longbench_dir=args.longbench_dir, cache_config=args.cache_config)
+                           longbench_dir=args.longbench_dir, cache_config=args.cache_config,
+                           corpus_file=args.corpus_file)
     except (ValueError, OSError) as exc:
         return error_exit(str(exc), "eval")
     for row in summary["overall"]:
         budget = "" if row["method"] == "full" else f" @ {row['budget']:g}"
-        print(f"{row['method']}{budget}: {100 * row['score']:.1f}")
+        read = row.get("read_tokens")
+        use = "" if read is None or read != read else f", reads {read:.0f} tokens per sparse layer"
+        print(f"{row['method']}{budget}: {100 * row['score']:.1f} (95% CI {100 * row['ci_low']:.0f}-"
+              f"{100 * row['ci_high']:.0f}, n={row['num_samples']}{use})")
     print(f"{summary['num_generated']} new predictions, {summary['num_skipped']} reused; results in "
           f"{args.output_dir}")
     return 0

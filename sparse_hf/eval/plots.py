@@ -1,7 +1,8 @@
 """Plots of an eval summary with matplotlib's Agg backend (no display needed).
 
 * ``accuracy_vs_budget.png``: one panel per task (plus the mean over tasks), score vs budget, one line per
-  sparse method, the ``full`` baseline as a dashed horizontal line; scores are averaged over lengths.
+  sparse method, the ``full`` baseline as a dashed horizontal line; scores are averaged over lengths. A panel
+  of one length shades each method's 95% interval.
 * ``needle_heatmap_<method>_b<budget>.png``: for needle tasks, one depth x length heatmap per task.
 """
 
@@ -26,8 +27,11 @@ def plot_accuracy_vs_budget(summary: dict, path: Path) -> Path:
     """Score vs budget per method, one panel per task and a 'mean over tasks' panel."""
     plt = _pyplot()
     per_task: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    intervals: dict[str, dict[tuple, list[tuple]]] = defaultdict(lambda: defaultdict(list))
     for row in summary["results"]:
         per_task[row["task"]][(row["method"], row["budget"])].append(row["score"])
+        if "ci_low" in row:
+            intervals[row["task"]][(row["method"], row["budget"])].append((row["ci_low"], row["ci_high"]))
     if len(per_task) > 1:  # macro average: each task counts once, whatever its lengths
         for cells in list(per_task.values()):
             for key, scores in cells.items():
@@ -44,7 +48,11 @@ def plot_accuracy_vs_budget(summary: dict, path: Path) -> Path:
                 ax.axhline(100 * cells[("full", 1.0)], color="black", linestyle="--", label="full")
                 continue
             xs = [b for b in budgets if (method, b) in cells]
-            ax.plot(xs, [100 * cells[(method, b)] for b in xs], marker="o", label=method)
+            line, = ax.plot(xs, [100 * cells[(method, b)] for b in xs], marker="o", label=method)
+            ci = [intervals[task].get((method, b), []) for b in xs]
+            if ci and all(len(c) == 1 for c in ci):          # one length: the cell's own interval
+                ax.fill_between(xs, [100 * c[0][0] for c in ci], [100 * c[0][1] for c in ci],
+                                color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(task)
         ax.set_xlabel("KV budget (fraction of prompt)")
         ax.set_ylabel("score (%)")

@@ -10,6 +10,8 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from .stats import score_interval
+
 
 def record_key(rec: dict) -> tuple:
     """What identifies one prediction: method, budget, task, length, depth and sample id."""
@@ -35,29 +37,43 @@ def read_predictions(path: Path) -> list[dict]:
 
 
 def _mean(values) -> float:
-    values = list(values)
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
+
+
+#: Per-sample fields of a prediction that the summary averages beside the score (see ``budget_use``).
+USE_FIELDS = ("budget_tokens", "kept_tokens", "read_tokens", "full_layer_share")
+
+
+def _cell(scores: list[float], recs: list[dict]) -> dict:
+    """Score, sample count, 95% interval and the mean budget use of one group of predictions."""
+    low, high, kind = score_interval(scores)
+    row = {"num_samples": len(scores), "score": _mean(scores), "ci_low": low, "ci_high": high, "interval": kind}
+    row.update({field: _mean(r.get(field) for r in recs) for field in USE_FIELDS})
+    return row
 
 
 def summarize(records: list[dict]) -> dict:
     """Mean score per method x budget x task x length (``results``), per depth for needles (``by_depth``),
-    and per method x budget as the mean over the task x length cells (``overall``)."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
-    depth_cells: dict[tuple, list[float]] = defaultdict(list)
+    and per method x budget over every sample (``overall``; with as many samples per cell, the mean of the
+    cells), each with its sample count, a 95% interval (Wilson for 0/1 scores) and the mean tokens kept and read
+    per sparse layer, the budget in tokens and the share of layers that read everything."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    depth_cells: dict[tuple, list[dict]] = defaultdict(list)
+    overall_cells: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
-        cells[(rec["method"], rec["budget"], rec["task"], rec["length"])].append(rec["score"])
+        cells[(rec["method"], rec["budget"], rec["task"], rec["length"])].append(rec)
+        overall_cells[(rec["method"], rec["budget"])].append(rec)
         if rec.get("depth") is not None:
-            depth_cells[(rec["method"], rec["budget"], rec["task"], rec["length"], rec["depth"])].append(rec["score"])
-    results = [{"method": m, "budget": b, "task": t, "length": n, "num_samples": len(s), "score": _mean(s)}
-               for (m, b, t, n), s in sorted(cells.items(), key=lambda kv: _sort_key(kv[0]))]
-    by_depth = [{"method": m, "budget": b, "task": t, "length": n, "depth": d, "num_samples": len(s),
-                 "score": _mean(s)} for (m, b, t, n, d), s in sorted(depth_cells.items(), key=lambda kv: _sort_key(kv[0]))]
-    overall_cells: dict[tuple, list[float]] = defaultdict(list)
-    for row in results:
-        overall_cells[(row["method"], row["budget"])].append(row["score"])
-    overall = [{"method": m, "budget": b, "score": _mean(s)}
-               for (m, b), s in sorted(overall_cells.items(), key=lambda kv: _sort_key(kv[0]))]
-    return {"results": results, "by_depth": by_depth, "overall": overall}
+            depth_cells[(rec["method"], rec["budget"], rec["task"], rec["length"], rec["depth"])].append(rec)
+
+    def rows(groups, names):
+        return [dict(zip(names, key), **_cell([r["score"] for r in recs], recs))
+                for key, recs in sorted(groups.items(), key=lambda kv: _sort_key(kv[0]))]
+
+    return {"results": rows(cells, ("method", "budget", "task", "length")),
+            "by_depth": rows(depth_cells, ("method", "budget", "task", "length", "depth")),
+            "overall": rows(overall_cells, ("method", "budget"))}
 
 
 def _sort_key(key: tuple) -> tuple:
@@ -71,21 +87,42 @@ def _budget_label(method: str, budget: float) -> str:
     return "-" if method == "full" else f"{budget:g}"
 
 
+def _num(value, fmt: str) -> str:
+    return "-" if value is None or value != value else format(value, fmt)
+
+
+def _row_cells(r: dict) -> str:
+    """The shared columns: n, score, 95% interval, budget tokens, kept, read, share of full layers."""
+    return (f"{r['num_samples']} | {100 * r['score']:.1f} | {100 * r['ci_low']:.0f}-{100 * r['ci_high']:.0f} | "
+            f"{_num(r.get('budget_tokens'), '.0f')} | {_num(r.get('kept_tokens'), '.0f')} | "
+            f"{_num(r.get('read_tokens'), '.0f')} | {_num(r.get('full_layer_share'), '.2f')} |")
+
+
+_SHARED_HEAD = "n | score | 95% CI | budget tok | kept/layer | read/layer | full layers |"
+
+
 def to_markdown(summary: dict) -> str:
-    """Two tables: the overall score per method x budget, then every method x budget x task x length cell."""
-    lines = ["# sparse-hf eval summary", "", "Scores are percentages (mean over samples).", "",
-             "## Overall (mean over task x length cells)", "", "| method | budget | score |", "|---|---|---|"]
-    lines += [f"| {r['method']} | {_budget_label(r['method'], r['budget'])} | {100 * r['score']:.1f} |"
+    """Three tables (overall per method x budget, per task x length cell, per needle depth), each with the sample
+    count, a 95% interval and the tokens kept and read per sparse layer beside the budget."""
+    lines = ["# sparse-hf eval summary", "",
+             "Scores are percentages (mean over samples); 95% CI: Wilson's interval for 0/1 scores, else the normal "
+             "approximation of the mean. budget tok: the budget in tokens of the prompt; kept/layer and "
+             "read/layer: tokens a sparse layer holds and its attention reads at the last decode step (mean over "
+             "samples and sparse layers, from the cache); full layers: share of layers that read everything "
+             "(filter layers).", "",
+             "## Overall (every sample of the method x budget)", "", f"| method | budget | {_SHARED_HEAD}",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {_budget_label(r['method'], r['budget'])} | {_row_cells(r)}"
               for r in summary["overall"]]
-    lines += ["", "## Per task and length", "", "| method | budget | task | length | n | score |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Per task and length", "", f"| method | budget | task | length | {_SHARED_HEAD}",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {_budget_label(r['method'], r['budget'])} | {r['task']} | {r['length']} | "
-              f"{r['num_samples']} | {100 * r['score']:.1f} |" for r in summary["results"]]
+              f"{_row_cells(r)}" for r in summary["results"]]
     if summary.get("by_depth"):
-        lines += ["", "## Needle tasks per depth", "", "| method | budget | task | length | depth | n | score |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Needle tasks per depth", "", f"| method | budget | task | length | depth | {_SHARED_HEAD}",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {_budget_label(r['method'], r['budget'])} | {r['task']} | {r['length']} | "
-                  f"{r['depth']:g} | {r['num_samples']} | {100 * r['score']:.1f} |" for r in summary["by_depth"]]
+                  f"{r['depth']:g} | {_row_cells(r)}" for r in summary["by_depth"]]
     return "\n".join(lines) + "\n"
 
 

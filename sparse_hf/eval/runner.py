@@ -12,11 +12,13 @@ import json
 import time
 from pathlib import Path
 
+from ..methods.base import budget_tokens
 from .grid import parse_budgets, parse_depths, parse_lengths, parse_methods
 from .metrics import score_sample
 from .plots import make_plots
 from .report import read_predictions, record_key, summarize, write_summary
 from .tasks import build_samples, is_needle, parse_tasks
+from .text_recall import load_paragraphs
 
 def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra: dict | None = None) -> dict | None:
     """The ``cache_config`` that gives ``method`` a KV budget of ``fraction`` of a ``prompt_len``-token prompt.
@@ -59,11 +61,20 @@ def encode_sample(tokenizer, sample: dict, use_chat_template="auto"):
 
 def generate_one(model, tokenizer, input_ids, method: str, cache_config: dict | None, max_new_tokens: int) -> str:
     """Greedy generation of at most ``max_new_tokens`` tokens; returns the decoded continuation."""
+    return generate_with_use(model, tokenizer, input_ids, method, cache_config, max_new_tokens)[0]
+
+
+def generate_with_use(model, tokenizer, input_ids, method: str, cache_config: dict | None,
+                      max_new_tokens: int) -> tuple[str, dict]:
+    """:func:`generate_one` plus what its cache kept and read (:func:`~sparse_hf.eval.budget_use.budget_use`)."""
     import torch
+
+    from .budget_use import budget_use
 
     input_ids = input_ids.to(model.device)
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                  return_dict_in_generate=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is not None:
         kwargs["pad_token_id"] = pad
@@ -71,16 +82,19 @@ def generate_one(model, tokenizer, input_ids, method: str, cache_config: dict | 
         kwargs.update(cache_implementation=method, cache_config=cache_config)
     with torch.inference_mode():
         out = model.generate(**kwargs)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return text, budget_use(getattr(out, "cache", None) or out.past_key_values)   # "cache" from transformers 5.2x
 
 
-def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress) -> list[dict]:
+def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress,
+               corpus_file=None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .longbench import load_longbench
 
     cells = [(t, n, d) for t in tasks for n in lengths for d in (depths if is_needle(t) else [None])]
     rows_cache: dict[str, list[dict]] = {}
+    paragraphs = load_paragraphs(corpus_file) if "text_recall" in tasks else None
     samples: list[dict] = []
     for task, length, depth in tqdm(cells, desc="building prompts", disable=not progress):
         rows = None
@@ -88,20 +102,37 @@ def _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_d
             if task not in rows_cache:
                 rows_cache[task] = load_longbench(task[10:], longbench_dir)
             rows = rows_cache[task]
-        samples += build_samples(task, tokenizer, length, num_samples, seed, depth, longbench_dir, rows)
+        samples += build_samples(task, tokenizer, length, num_samples, seed, depth, longbench_dir, rows,
+                                 paragraphs=paragraphs)
     return samples
+
+
+def _check_same_knobs(existing: list[dict], cache_config: dict | None, pred_path) -> None:
+    """Resuming reuses predictions by (method, budget, task, length, depth, id); ones made with other knobs (e.g.
+    another ``selection_scope``) would silently stand in for this run's, so they are an error."""
+    for rec in existing:
+        if rec.get("method", "full") == "full" or "prompt_tokens" not in rec or "cache_config" not in rec:
+            continue
+        try:
+            now = budget_to_cache_config(rec["method"], rec["budget"], rec["prompt_tokens"], cache_config)
+        except ValueError:
+            continue                          # a method this run does not ask for; its knobs do not matter
+        if json.loads(json.dumps(now, default=str)) != rec["cache_config"]:
+            raise ValueError(f"{pred_path} holds {rec['method']} predictions made with cache_config "
+                             f"{rec['cache_config']}, not {now}; use another output directory for other knobs")
 
 
 def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths=(1024,), depths=(0.0, 0.5, 1.0),
              num_samples: int = 5, seed: int = 0, output_dir="eval_out", max_new_tokens: int | None = None,
              use_chat_template="auto", progress: bool = True, longbench_dir=None,
-             cache_config: dict | None = None) -> dict:
+             cache_config: dict | None = None, corpus_file=None) -> dict:
     """Evaluate ``methods`` x ``budgets`` on ``tasks`` x ``lengths`` (x ``depths`` for needle tasks).
 
     Grid arguments accept lists or comma-separated strings and are validated up front (``ValueError``).
     ``full`` runs once (recorded with budget 1.0); each sparse method runs once per budget. ``num_samples``
     samples per cell are built deterministically from ``seed``. ``max_new_tokens`` overrides every task's own
     generation length. ``cache_config`` adds knobs to every sparse run (e.g. ``{"deltakv_path": ...}``).
+    ``corpus_file``: the text ``text_recall`` reads (default: the corpus ``examples/prepare_corpus.py`` writes).
 
     Writes ``predictions.jsonl``, ``summary.json``, ``summary.md`` and PNG plots into ``output_dir`` and returns
     the summary dict (``results``, ``by_depth``, ``overall``, ``config``, ``num_generated``, ``num_skipped``,
@@ -125,9 +156,10 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     output_dir.mkdir(parents=True, exist_ok=True)
     pred_path = output_dir / "predictions.jsonl"
     existing = read_predictions(pred_path)
+    _check_same_knobs(existing, cache_config, pred_path)
     done = {record_key(r) for r in existing}
 
-    samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress)
+    samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress, corpus_file)
     keyed = [((m, b, s["task"], s["context_length"], s["depth"], s["id"]), m, b, s) for m, b in runs for s in samples]
     grid_keys = {key for key, *_ in keyed}
     todo = [(m, b, s) for key, m, b, s in keyed if key not in done]
@@ -142,13 +174,16 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
                 input_ids = encoded[id(sample)] = encode_sample(tokenizer, sample, use_chat_template)
             config = budget_to_cache_config(method, budget, input_ids.shape[1], cache_config)
             start = time.perf_counter()
-            prediction = generate_one(model, tokenizer, input_ids, method, config,
-                                      max_new_tokens or sample["max_new_tokens"])
+            prediction, use = generate_with_use(model, tokenizer, input_ids, method, config,
+                                                max_new_tokens or sample["max_new_tokens"])
             record = {
                 "method": method, "budget": budget, "task": sample["task"], "length": sample["context_length"],
                 "depth": sample["depth"], "id": sample["id"], "prediction": prediction,
                 "answers": sample["answers"], "score": score_sample(prediction, sample), "metric": sample["metric"],
                 "prompt_tokens": int(input_ids.shape[1]), "cache_config": config,
+                "budget_tokens": int(input_ids.shape[1]) if method == "full" else budget_tokens(budget, input_ids.shape[1]),
+                "kept_tokens": use["kept"], "read_tokens": use["read"], "full_layer_share": use["full_layer_share"],
+                "context_tokens": use["context_tokens"],
                 "seconds": round(time.perf_counter() - start, 3),
             }
             out.write(json.dumps(record, default=str) + "\n")
@@ -160,6 +195,7 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     summary["config"] = {"tasks": tasks, "methods": methods, "budgets": budgets, "lengths": lengths,
                          "depths": depths, "num_samples": num_samples, "seed": seed,
                          "max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template,
+                         "corpus_file": None if corpus_file is None else str(corpus_file),
                          "cache_config": cache_config}
     summary["num_generated"], summary["num_skipped"] = len(new_records), len(grid_keys) - len(todo)
     json_path, md_path = write_summary(summary, output_dir)

@@ -41,7 +41,9 @@ class GraphDecoder:
                       layer.capacity) for layer in self.cache.layers)
 
     def _room(self) -> bool:
-        return all(layer.frozen and layer.num_slots < layer.capacity for layer in self.cache.layers)
+        eager = getattr(self.cache, "eager_step_reason", None)   # DeltaKV: a flush / scratch re-size step
+        return (all(layer.frozen and layer.num_slots < layer.capacity for layer in self.cache.layers)
+                and (eager is None or eager() is None))
 
     def _eager(self, input_ids, position_ids):
         out = self.forward(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)

@@ -9,6 +9,16 @@ Filter layers are raw :class:`SlotLayer` s (OmniKV's). Every other layer is a :c
 
 Each row compresses its own tokens: its sinks are its first ``num_sink_tokens`` real tokens and its buffer is
 flushed by its own count, so a row's output does not depend on the other rows (or their padding).
+
+Decode with static shapes (``static_decode``): once the prompt is complete a layer is frozen (appends at a
+device-side slot counter) and its buffers end in ``scratch`` slots, as many as the budget rebuilds (fixed between
+flushes). A one-token step picks the filter layer's top compressed tokens (:meth:`DeltaKV.pick_static`, no host
+value of the length), rebuilds them with the fused kernel (:func:`sparse_hf.kernels.deltakv_rebuild_kv`) into
+the scratch slots and attends over raw + scratch slots in one dense sparse-decode pass: no host sync, no new
+buffer, so a CUDA graph captures it. The steps that flush a raw buffer (every ``num_recent_tokens`` steps per row)
+or re-size the scratch slots change shapes: :meth:`CompressedCache.eager_step_reason` announces them, they run
+eagerly and the graph is captured again after them (a flush rebuilds the state's tensors; making it static too
+would need preallocated state for the whole generation).
 """
 
 from __future__ import annotations
@@ -30,30 +40,114 @@ from .selection_cache import HAS_TRITON, SelectionCache, sparse_decode_attention
 
 
 class DeltaKVLayer(SlotLayer):
-    """One compressed layer. Reuses ``SlotLayer``'s HF cache API; its slot buffers hold only the raw tokens.
+    """One compressed layer. Reuses ``SlotLayer``'s HF cache API; its slot buffers hold the raw tokens, then
+    ``scratch`` slots for the compressed tokens a decode step rebuilds.
+
+    Buffers ``_k``/``_v``/``_pos`` are ``[B, Hkv, capacity + scratch, D]``: raw slots first (``capacity`` of them),
+    then the scratch slots, whose K/V and columns every static decode step rewrites (``-1``: none). One dense pass
+    of the sparse decode kernel reads both (static shapes, no concatenation, CUDA-graph safe).
 
     Attributes:
         raw_kpre: ``[B, n, Hkv*D]`` pre-norm keys of the raw slots (``k_norm`` models only), else ``None``.
-        raw_pos: ``[B, n]`` RoPE positions of the raw slots.
+        raw_pos: ``[B, n]`` RoPE positions of the raw slots (views of ``[B, capacity]`` buffers).
         state: the compressed tokens (``None`` until the prompt is complete).
         pad: host list ``[B]``, padding columns per row (column = position + pad); ``col_offset`` the same ``[B, 1]``.
+        scratch: host int, the scratch slots (the rebuild width of a decode step; fixed between flushes).
     """
 
     def __init__(self):
         super().__init__()
-        self.raw_kpre = self.raw_pos = None
+        self._raw_kpre = self._raw_pos = None
+        self.scratch = 0
+        self.static_ok = False     # whether the latest one-token decode step took the static path
         self.state: CompressedState | None = None
         self.pad: list[int] | None = None
         self.col_offset = None
         # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
         self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
 
+    # -- raw slots and scratch slots in one buffer --------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Raw slots (the scratch slots after them are not room for new tokens)."""
+        return 0 if self._k is None else self._k.shape[2] - self.scratch
+
+    def _allocate(self, batch, kv_heads, head_dim, v_dim, capacity):
+        return super()._allocate(batch, kv_heads, head_dim, v_dim, capacity + self.scratch)
+
+    def set_scratch(self, width: int) -> None:
+        """Re-size the scratch slots to ``width`` (new buffers, raw slots copied; eager, between decode steps)."""
+        if width == self.scratch or self._k is None:
+            return
+        B, Hkv, _, D = self._k.shape
+        cap, n = self.capacity, self.num_slots
+        self.scratch = width
+        k, v, pos = self._allocate(B, Hkv, D, self._v.shape[-1], cap)
+        k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n], self._pos[:, :, :n]
+        self._k, self._v, self._pos = k, v, pos
+        self._refresh_views()
+        if self.frozen:
+            self.freeze()
+
+    def scratch_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``K [B, Hkv, scratch, D]``, ``V``, columns ``[B, Hkv, scratch]``: views of the scratch slots."""
+        cap = self.capacity
+        return self._k[:, :, cap:], self._v[:, :, cap:], self._pos[:, :, cap:]
+
+    @property
+    def raw_pos(self) -> torch.Tensor | None:
+        return None if self._raw_pos is None else self._raw_pos[:, :self.num_slots]
+
+    @property
+    def raw_kpre(self) -> torch.Tensor | None:
+        return None if self._raw_kpre is None else self._raw_kpre[:, :self.num_slots]
+
+    def _raw_room(self, kpre: torch.Tensor | None, like: torch.Tensor) -> None:
+        """Grow the raw position (and pre-norm key) buffers to the raw capacity (host shapes only)."""
+        B, cap = like.shape[0], self.capacity
+        if self._raw_pos is None or self._raw_pos.shape[1] < cap:
+            new = torch.full((B, cap), -1, dtype=torch.int32, device=like.device)
+            if self._raw_pos is not None:
+                new[:, :self._raw_pos.shape[1]] = self._raw_pos
+            self._raw_pos = new
+        if kpre is not None and (self._raw_kpre is None or self._raw_kpre.shape[1] < cap):
+            new = kpre.new_zeros(B, cap, kpre.shape[-1])
+            if self._raw_kpre is not None:
+                new[:, :self._raw_kpre.shape[1]] = self._raw_kpre
+            self._raw_kpre = new
+
     def append_raw_k(self, kpre: torch.Tensor | None, pos: torch.Tensor) -> None:
-        """Record new raw tokens' positions and, when given (layers with ``k_norm``), their pre-norm keys."""
-        if kpre is not None:
-            self.raw_kpre = kpre if self.raw_kpre is None else torch.cat([self.raw_kpre, kpre], 1)
+        """Record the new raw tokens' positions and, when given (layers with ``k_norm``), their pre-norm keys; they
+        sit in the last ``q`` raw slots (K/V were appended first). A one-token decode step writes at the device-side
+        slot counter (no host value: CUDA-graph safe)."""
+        B, q = pos.shape
+        self._raw_room(kpre, pos)
         pos = pos.to(torch.int32)
-        self.raw_pos = pos if self.raw_pos is None else torch.cat([self.raw_pos, pos], 1)
+        if self.frozen and q == 1:
+            at = (self.n_dev - 1).view(1, 1).expand(B, 1)
+            self._raw_pos.scatter_(1, at, pos)
+            if kpre is not None:
+                self._raw_kpre.scatter_(1, at.unsqueeze(-1).expand(B, 1, kpre.shape[-1]), kpre)
+            return
+        n = self.num_slots
+        self._raw_pos[:, n - q:n] = pos
+        if kpre is not None:
+            self._raw_kpre[:, n - q:n] = kpre
+
+    def keep_raw(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
+        """Keep raw slots ``idx [B, K]`` (``ok`` False: empty): K/V and columns, positions and pre-norm keys."""
+        B, K = idx.shape
+        pos = self.raw_pos.gather(1, idx)
+        kpre = None if self._raw_kpre is None else self.raw_kpre.gather(
+            1, idx.unsqueeze(-1).expand(B, K, self._raw_kpre.shape[-1]))
+        Hkv = self._k.shape[1]
+        self.keep(idx.unsqueeze(1).expand(B, Hkv, K), ok.unsqueeze(1).expand(B, Hkv, K))
+        if not self.frozen:            # keep() re-allocated the slots: the raw buffers follow its new capacity
+            self._raw_pos = self._raw_kpre = None
+        self._raw_room(kpre, idx)
+        self._raw_pos[:, :K] = pos
+        if kpre is not None:
+            self._raw_kpre[:, :K] = kpre
 
     def set_columns(self) -> None:
         """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step."""
@@ -70,7 +164,7 @@ class DeltaKVLayer(SlotLayer):
         return sum(self.bytes_by_part().values())
 
     def used_bytes(self) -> int:
-        """Live raw slots plus everything beside them (latents, centers, ids, positions)."""
+        """Live raw slots plus everything beside them (latents, centers, ids, positions, scratch slots)."""
         return self.allocated_bytes() - SlotLayer.allocated_bytes(self) + super().used_bytes()
 
     def bytes_by_part(self) -> dict[str, int]:
@@ -78,8 +172,10 @@ class DeltaKVLayer(SlotLayer):
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
 
-        parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
-                 "raw pre-norm keys (Qwen3 buffer)": size(self.raw_kpre), "raw positions": size(self.raw_pos)}
+        scratch = sum(size(t) for t in self.scratch_views()) if self._k is not None else 0
+        parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self) - scratch,
+                 "scratch slots (the compressed tokens a decode step rebuilds)": scratch,
+                 "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos)}
         return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 
     def kept_per_row(self) -> list[int]:
@@ -89,7 +185,7 @@ class DeltaKVLayer(SlotLayer):
     def _index_batch(self, index):
         super()._index_batch(index)
         index = index.to(self.device)
-        for name in ("raw_kpre", "raw_pos", "col_offset"):
+        for name in ("_raw_kpre", "_raw_pos", "col_offset"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index])
@@ -121,6 +217,7 @@ class CompressedCache(SelectionCache):
     (sinks, cluster ratio, neighbour count, metric) is the default; the caller's config is never changed."""
 
     needs_raw_keys = True
+    static_decode = True   # one-token decode steps take the static-shape path (False: the concatenating one)
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
@@ -181,12 +278,69 @@ class CompressedCache(SelectionCache):
         pos = pos.expand(B, q_len) if pos is not None else torch.arange(layer.seen - q_len, layer.seen,
                                                                        device=query.device).expand(B, q_len)
         layer.append_raw_k(raw_k.reshape(B, q_len, -1) if keep_pre_norm else None, pos)
-        if attention_mask is not None and not layer.compacted:
-            layer.drop_padding(attention_mask)
-        out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
-        if self.prompt_complete(layer):
+        static = self.static_decode and q_len == 1 and layer.frozen
+        if static and not self.capturing:
+            layer.set_scratch(self._scratch_width(layer, layer.seen))
+        out = self._decode_static(module, layer, query, scaling) if static else None
+        layer.static_ok = out is not None
+        if out is None:
+            if attention_mask is not None and not layer.compacted:
+                layer.drop_padding(attention_mask)
+            out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
+        if self.prompt_complete(layer) and not self.capturing:
             self._flush(module, layer)
+            if not layer.frozen:
+                layer.freeze()
         return out, None
+
+    # -- static decode (CUDA-graph safe) ----------------------------------------------------------------------------
+    def _decode_static(self, module, layer, query, scaling):
+        """A one-token decode step with static shapes and no host sync: the filter layer's top compressed tokens are
+        rebuilt (fused kernel) into the layer's scratch slots, then one dense sparse-decode pass reads the raw and
+        scratch slots in place. ``None`` when this step cannot be static (no filter scores to pick by)."""
+        state = layer.state
+        if state is not None and state.width and layer.scratch != self._scratch_width(layer, layer.seen):
+            return None                   # scratch slots not sized for this length: never drop tokens silently
+        if state is not None and state.width and layer.scratch:
+            if self.obs_scores is None:
+                return None
+            scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+            pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0])
+            cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)              # [B, scratch]
+            k_s, v_s, cols_s = layer.scratch_views()
+            rebuild_kv(state, pick, self.projections, module.layer_idx, k_s.shape[1], k_s.shape[-1],
+                       module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None), out=(k_s, v_s))
+            cols_s.copy_(cols.unsqueeze(1).expand_as(cols_s))
+        return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos, scale=scaling,
+                                       dense=True).unsqueeze(1)
+
+    def _scratch_width(self, layer, length: int) -> int:
+        """Scratch slots a static decode step at logical length ``length`` can use: the current width while it
+        still serves (``min(N, top) <= width <= N``), else ``min(N, top)`` at ``num_recent_tokens`` more tokens
+        (a flush comes about that often, so fraction budgets re-size rarely). Host ints only."""
+        n = layer.state.width if layer.state is not None else 0
+        if n == 0:
+            return 0
+        if min(n, self.method.top_count(length, prefill=False)) <= layer.scratch <= n:
+            return layer.scratch
+        return min(n, self.method.top_count(length + self.sparse_config.num_recent_tokens, prefill=False))
+
+    def eager_step_reason(self) -> str | None:
+        """Why the next one-token decode step must run eagerly (not replay a CUDA graph), or ``None``: a layer's
+        raw buffer flushes at that step (new state tensors: the graph is captured again after it), its scratch
+        width must change, or the last step could not take the static path. Host ints only (no sync)."""
+        for layer in self.layers:
+            if not isinstance(layer, DeltaKVLayer):
+                continue
+            if not getattr(layer, "static_ok", False):
+                return "a DeltaKV layer's last decode step was not static (e.g. no filter-layer scores)"
+            if layer.state is None:
+                return "the prompt is not compressed yet"
+            if any(self._flush_counts(layer, layer.seen + 1)[1]):
+                return "a DeltaKV raw buffer flushes at this step (run eagerly, then captured again)"
+            if self._scratch_width(layer, layer.seen + 1) != layer.scratch:
+                return "the DeltaKV scratch slots are re-sized at this step"
+        return None
 
     # -- attention ------------------------------------------------------------------------------------------------
     def _attend_layer(self, module, layer, query, attention_mask, scaling, q_len):
@@ -255,20 +409,27 @@ class CompressedCache(SelectionCache):
             k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, m, -1)
         return torch.cat([k.to(layer.values.dtype), v], -1)
 
+    def _flush_counts(self, layer, seen: int) -> tuple[list[int], list[int]]:
+        """Host lists ``[B]``: each row's raw tokens at logical length ``seen``, and how many of them to compress."""
+        S = self.clustering.num_sink
+        raw = [seen - p - n for p, n in zip(layer.pad, layer.state.counts)]
+        return raw, [self.method.flush_count(max(0, n - S)) for n in raw]
+
     def _flush(self, module, layer) -> None:
         """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``."""
-        B, Hkv = layer.keys.shape[:2]
+        B = layer.keys.shape[0]
         S = self.clustering.num_sink
         if layer.state is None:                        # the prompt is complete: padding is known (one sync)
             layer.state = CompressedState(B, self.clustering)
             layer.pad = (layer.positions[:, 0] < 0).sum(-1).tolist()
             layer.col_offset = torch.tensor(layer.pad, device=layer.keys.device).view(B, 1)
         state = layer.state
-        real = [layer.seen - p for p in layer.pad]
-        raw = [r - n for r, n in zip(real, state.counts)]                  # raw tokens of each row now
-        counts = [self.method.flush_count(max(0, n - S)) for n in raw]
+        raw, counts = self._flush_counts(layer, layer.seen)
         if not any(counts):
             return
+        decoder = getattr(self, "graph_decoder", None)
+        if decoder is not None:      # new state tensors: a captured step must be captured again
+            decoder.graph = None
         n = layer.num_slots
         valid = layer.positions[:, 0] >= 0                                 # [B, n]
         ar = torch.arange(n, device=valid.device)
@@ -285,8 +446,4 @@ class CompressedCache(SelectionCache):
         rank = torch.arange(K, device=valid.device).view(1, K)
         rank_src = torch.where(rank < S, rank, rank + torch.tensor(counts, device=valid.device).view(B, 1))
         ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
-        idx = order.gather(1, rank_src.clamp(max=n - 1))                   # [B, K]
-        if layer.raw_kpre is not None:
-            layer.raw_kpre = layer.raw_kpre.gather(1, idx.unsqueeze(-1).expand(B, K, layer.raw_kpre.shape[-1]))
-        layer.raw_pos = layer.raw_pos.gather(1, idx)
-        layer.keep(idx.unsqueeze(1).expand(B, Hkv, K), ok.unsqueeze(1).expand(B, Hkv, K))
+        layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]

@@ -91,8 +91,9 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
 
     Graphs are the default on CUDA (``cache.cuda_graph`` ``None``; ``False`` opts out) for one-token decode steps
     whose shapes are static: not beams (the cache is reordered every step), not ``output_attentions`` /
-    ``output_hidden_states``, not while a prompt is still coming, not layers without a static decode mode
-    (DeltaKV's compressed layers), not assisted generation (drafts are verified several tokens at a time).
+    ``output_hidden_states``, not while a prompt is still coming, not layers without a static decode mode, not
+    DeltaKV's steps that flush a raw buffer or re-size the scratch slots (``eager_step_reason``; the graph is
+    captured again after them), not assisted generation (drafts are verified several tokens at a time).
     """
     if not isinstance(cache, SparseCache):
         return "not a sparse-hf cache"
@@ -116,7 +117,11 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
     if not cache.decoding():
         return "the prompt is not complete"
     if not all(getattr(layer, "frozen", False) for layer in cache.layers):
-        return "a layer has no static decode mode (e.g. DeltaKV's compressed layers)"
+        return "a layer has no static decode mode"
+    eager = getattr(cache, "eager_step_reason", None)   # DeltaKV: flush / scratch re-size steps run eagerly
+    reason = eager() if eager is not None else None
+    if reason:
+        return reason
     decoder = getattr(cache, "graph_decoder", None)
     if decoder is not None and decoder.disabled:
         return "an earlier capture failed"

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_optional_positive, check_optional_ratio, knob
+from ..config import check_optional_positive, check_optional_ratio, knob, resolve_counts
 from ..deltakv.clustering import METRICS, center_step
 from ..deltakv.state import Clustering
 from .base import CompressionMethod
@@ -126,6 +126,29 @@ class DeltaKV(OmniKV, CompressionMethod):
         if scores is None or top >= num_compressed:
             return None
         return scores.topk(top, dim=-1).indices
+
+    def pick_static(self, scores: torch.Tensor, width: int, length: torch.Tensor, padding: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pick` with a static shape, for a decode step a CUDA graph can capture (no host value of the length).
+
+        Args:
+            scores: ``[B, N]`` as for :meth:`pick`.
+            width: ``k``, a host int fixed between flushes, with ``min(N, top) <= width <= N`` for the ``top`` of every
+                length the step serves (the cache re-sizes it eagerly when that no longer holds).
+            length: ``[1]`` (or ``[B]``) long device tensor, the logical length (padding included).
+            padding: ``[B]`` long, each row's padding columns.
+
+        Returns:
+            ``pick [B, width]`` offsets (best first) and ``keep [B, width]`` bool: the ranks :meth:`pick` plus
+            :meth:`over_row_budget` would read (all of them when the budget covers every compressed token).
+        """
+        B, N = scores.shape
+        budget = self.config.num_top_tokens
+        pick = scores.topk(width, dim=-1).indices
+        top = resolve_counts(budget, length.expand(B))                         # [B], the same in every row
+        per_row = resolve_counts(budget, length - padding)                     # [B], each row's own budget
+        rank = torch.arange(width, device=scores.device).view(1, width)
+        return pick, (rank < per_row.view(B, 1)) | (top >= N).view(B, 1)
 
     def over_row_budget(self, padding: torch.Tensor, length: int) -> torch.Tensor | None:
         """``[B, k]`` bool: which of :meth:`pick`'s ranks lie past each row's own budget, a fraction of that row's

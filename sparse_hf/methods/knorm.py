@@ -9,26 +9,36 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TopTokensConfig, resolve_counts
+from ..config import TopTokensConfig, knob, resolve_counts
 from .base import EvictionMethod
-from .selection import select_keep, sink_recent_candidates
+from .selection import check_selection_scope, select_keep, select_keep_shared, sink_recent_candidates
 
 
 @dataclass(frozen=True)
 class KNormConfig(TopTokensConfig):
-    """KNorm's knobs: the shared ones (sinks, recent, ``num_top_tokens``)."""
+    """KNorm's knobs: the shared ones (sinks, recent, ``num_top_tokens``) and the selection scope."""
 
     method_name = "knorm"
 
+    selection_scope: str = knob("kv_head", check_selection_scope,
+                                "kv_head: each KV head keeps its lowest-norm keys; layer: one selection for all KV "
+                                "heads, by the mean over KV heads of the key norms")
 
-def knorm_scores(keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """``keys`` ``[B, Hkv, L, D]`` -> ``[B, Hkv, L]`` scores ``-||k||`` (non-candidates ``-inf``)."""
-    return (-keys.float().norm(dim=-1)).masked_fill(~candidates, float("-inf"))
+
+def knorm_scores(keys: torch.Tensor, candidates: torch.Tensor, scope: str = "kv_head") -> torch.Tensor:
+    """``keys`` ``[B, Hkv, L, D]`` -> scores ``-||k||`` (non-candidates ``-inf``): ``[B, Hkv, L]`` per KV head
+    (``scope="kv_head"``), or ``[B, 1, L]`` ``-mean_h ||k_h||`` for the whole layer (``"layer"``; candidates of
+    KV head 0). The mean, not the min or max, so that no single head's outlier norm decides for the layer."""
+    norms = keys.float().norm(dim=-1)                                          # [B, Hkv, L]
+    if check_selection_scope("scope", scope) == "layer":
+        norms, candidates = norms.mean(1, keepdim=True), candidates[:, :1]
+    return (-norms).masked_fill(~candidates, float("-inf"))
 
 
 class KNorm(EvictionMethod):
-    """Keeps sink + the ``num_top_tokens`` lowest-key-norm tokens + recent, per KV head, once the prompt is
-    complete. ``num_top_tokens`` is a count or a fraction of each row's prompt."""
+    """Keeps sink + the ``num_top_tokens`` lowest-key-norm tokens + recent once the prompt is complete, per KV
+    head or (``selection_scope="layer"``) one set for the layer by the mean norm over KV heads. ``num_top_tokens``
+    is a count or a fraction of each row's prompt."""
 
     name = "knorm"
     config_class = KNormConfig
@@ -40,4 +50,6 @@ class KNorm(EvictionMethod):
         if bool((c.num_sink_tokens + c.num_recent_tokens + tops >= n_valid).all()):
             return None
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
-        return select_keep(valid, knorm_scores(keys, cand), c.num_sink_tokens, c.num_recent_tokens, tops)
+        select = select_keep_shared if c.selection_scope == "layer" else select_keep
+        return select(valid, knorm_scores(keys, cand, c.selection_scope), c.num_sink_tokens, c.num_recent_tokens,
+                      tops)

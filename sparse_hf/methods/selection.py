@@ -113,3 +113,39 @@ def max_pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
     flat = scores.reshape(-1, 1, shape[-1])
     pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
     return pooled.reshape(shape)
+
+
+#: How far one token selection reaches (the ``selection_scope`` knob of snapkv, pyramidkv and knorm):
+#: ``"kv_head"`` each KV head keeps its own tokens; ``"layer"`` one set of tokens for every KV head of the layer
+#: (the reference SnapKV/PyramidKV: ``output_2d=True`` and the engine's prefill eviction).
+SELECTION_SCOPES = ("kv_head", "layer")
+
+
+def check_selection_scope(name: str, value) -> str:
+    """The ``selection_scope`` knob: one of :data:`SELECTION_SCOPES`."""
+    if value not in SELECTION_SCOPES:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, SELECTION_SCOPES))} "
+                         "('kv_head': each KV head keeps its own tokens; 'layer': one selection for the whole layer)")
+    return value
+
+
+def select_keep_shared(valid: torch.Tensor, scores: torch.Tensor, num_sink: int, num_recent: int,
+                       num_top: torch.Tensor | int):
+    """:func:`select_keep` with one selection per row shared by every KV head (``selection_scope="layer"``).
+
+    Args:
+        valid: ``[B, Hkv, L]`` bool; every KV head of a row must hold the same slots (true after a prompt).
+        scores: ``[B, 1, L]`` one score per slot for the whole layer.
+        num_sink, num_recent, num_top: as in :func:`select_keep`.
+
+    Returns:
+        ``(idx, ok)`` each ``[B, Hkv, K]``, the same for every KV head (an expanded view).
+    """
+    B, Hkv, L = valid.shape
+    if scores.shape != (B, 1, L):
+        raise ValueError(f"layer-scope scores must be [B, 1, L] = {(B, 1, L)}, got {tuple(scores.shape)}")
+    if Hkv > 1 and not bool((valid == valid[:, :1]).all()):
+        raise ValueError("selection_scope='layer' needs every KV head of a row to hold the same slots; "
+                         "use selection_scope='kv_head' for caches whose heads differ")
+    idx, ok = select_keep(valid[:, :1], scores, num_sink, num_recent, num_top)
+    return idx.expand(B, Hkv, idx.shape[-1]), ok.expand(B, Hkv, ok.shape[-1])

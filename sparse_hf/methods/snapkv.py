@@ -9,15 +9,18 @@ import torch
 from ..config import TopTokensConfig, check_count, check_odd, check_positive, knob, resolve_count
 from ..kernels import snapkv_prefill_scores
 from .base import EvictionMethod
-from .selection import max_pool_scores, select_keep, sink_recent_candidates
+from .selection import (check_selection_scope, max_pool_scores, select_keep, select_keep_shared,
+                        sink_recent_candidates)
 
 
 def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor,
-                  query_valid: torch.Tensor | None, scaling: float, pool_kernel_size: int) -> torch.Tensor:
+                  query_valid: torch.Tensor | None, scaling: float, pool_kernel_size: int,
+                  scope: str = "kv_head") -> torch.Tensor:
     """Importance of every candidate token as seen from an observation window of queries.
 
     Per query head: softmax of ``scaling * q.k`` over the candidate tokens only, averaged over the window's
-    real queries, then max-pooled along the sequence; finally the max over the query heads of each KV group.
+    real queries, then max-pooled along the sequence; finally the max over the query heads of each KV group
+    (``scope="kv_head"``) or over all query heads of the layer (``scope="layer"``, the reference SnapKV).
 
     Args:
         queries: ``[B, H, W, D]`` the last ``W`` prompt queries (post-RoPE).
@@ -26,15 +29,18 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
         query_valid: ``[B, W]`` bool or ``None`` (all real).
         scaling: softmax scale.
         pool_kernel_size: odd max-pool width (1 = no pooling).
+        scope: ``"kv_head"`` or ``"layer"``.
 
     Returns:
-        ``[B, Hkv, L]`` float32 scores; non-candidates are ``-inf``.
+        float32 scores, ``[B, Hkv, L]`` (``"kv_head"``) or ``[B, 1, L]`` (``"layer"``, candidates of KV head 0);
+        non-candidates are ``-inf``.
     """
     # The kernel entry point (Triton on CUDA, the chunked torch reference elsewhere) reduces over the window and
-    # the group without a [B, Hkv, G, W, L] tensor; max-pooling commutes with the group max, so pool after it.
-    scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid)          # [B, Hkv, L]
+    # the heads without a [B, Hkv, G, W, L] tensor; max-pooling commutes with the head max, so pool after it.
+    head_reduce = {"kv_head": "group", "layer": "all"}[check_selection_scope("scope", scope)]
+    scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid, head_reduce=head_reduce)
     scores = max_pool_scores(scores, pool_kernel_size)
-    return scores.masked_fill(~candidates, float("-inf"))
+    return scores.masked_fill(~candidates[:, :scores.shape[1]], float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,9 @@ class SnapKVConfig(TopTokensConfig):
     window_size: int = knob(32, check_positive, "last prompt queries that score the tokens")
     pool_kernel_size: int = knob(7, check_odd, "max-pool width over the scores (odd)")
     snapkv_num_full_layers: int = knob(0, check_count, "first layers that keep everything")
+    selection_scope: str = knob("kv_head", check_selection_scope,
+                                "kv_head: each KV head keeps its own tokens (max over its query heads); layer: one "
+                                "selection for all KV heads (max over all query heads, the reference)")
 
     def validate(self) -> None:
         if self.num_recent_tokens < self.window_size:
@@ -59,7 +68,8 @@ class SnapKV(EvictionMethod):
     """Keeps sink + top-``num_top_tokens`` (by :func:`snapkv_scores`) + recent tokens of every layer.
 
     Eviction runs once, when the prompt is complete. ``num_top_tokens`` is a count or a fraction of each
-    row's prompt length. Selection is per KV head (GQA-aware): each KV head keeps its own tokens.
+    row's prompt length. ``selection_scope="kv_head"``: each KV head keeps its own tokens (scored by the max over
+    its query heads); ``"layer"``: one set of tokens, scored by the max over all query heads, kept in every KV head.
     """
 
     name = "snapkv"
@@ -94,5 +104,6 @@ class SnapKV(EvictionMethod):
         if bool((keep >= n_valid).all()):
             return None                                                        # nothing to evict
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
-        scores = snapkv_scores(queries, keys, cand, query_valid, scaling, c.pool_kernel_size)
-        return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, tops)
+        scores = snapkv_scores(queries, keys, cand, query_valid, scaling, c.pool_kernel_size, c.selection_scope)
+        select = select_keep_shared if c.selection_scope == "layer" else select_keep
+        return select(valid, scores, c.num_sink_tokens, c.num_recent_tokens, tops)

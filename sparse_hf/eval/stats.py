@@ -1,0 +1,39 @@
+"""95% intervals for the eval tables: Wilson's score interval for accuracies (every score 0 or 1), the normal
+approximation of the mean (clipped to [0, 1]) for graded scores (F1, the share of answers found, ...)."""
+
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054   # the two-sided 95% quantile of the standard normal
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``successes / n`` (``(nan, nan)`` for ``n == 0``)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(scores: list[float], z: float = Z95) -> tuple[float, float]:
+    """Normal-approximation interval of the mean of ``scores`` in [0, 1] (sample standard deviation)."""
+    n = len(scores)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(scores) / n
+    if n == 1:
+        return 0.0, 1.0                       # one graded sample says nothing about the spread
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    half = z * math.sqrt(var / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def score_interval(scores: list[float]) -> tuple[float, float, str]:
+    """``(low, high, kind)``: Wilson (``kind="wilson"``) when every score is 0 or 1, else the normal one."""
+    if all(s in (0, 1) for s in scores):
+        return (*wilson_interval(int(sum(scores)), len(scores)), "wilson")
+    return (*mean_interval(list(scores)), "normal")
