@@ -121,19 +121,27 @@ def test_killed_worker_raises_within_seconds():
         llm.close()
         assert time.monotonic() - start < 15
 
-    llm = LLM(model, tensor_parallel_size=2, num_kv_slots=1024, max_model_len=1024)
+    assert_kill_mid_generate_raises(LLM(model, tensor_parallel_size=2, num_kv_slots=1024, max_model_len=1024),
+                                    prompts, 900)
+
+
+def assert_kill_mid_generate_raises(llm, prompts, new_tokens: int, close_s: float = 15) -> None:
+    """Kill rank 1 one second into a ``generate`` of ``new_tokens`` (far longer than that): the generate raises
+    :class:`TensorParallelError` naming the rank within seconds, and ``close()`` is quick. Closes ``llm``."""
     try:
         victim = llm.driver.processes[0]
         engine_tokens(llm, prompts, 2)
         timer = threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL))
         start = time.monotonic()
         timer.start()
-        with pytest.raises(TensorParallelError):
-            engine_tokens(llm, prompts * 4, 900)          # far longer than the 1 s before the kill
+        with pytest.raises(TensorParallelError, match="rank 1"):
+            engine_tokens(llm, prompts * 4, new_tokens)
         timer.join()
         assert time.monotonic() - start < 15
     finally:
+        start = time.monotonic()
         llm.close()
+        assert time.monotonic() - start < close_s
 
 
 TORCHRUN_SCRIPT = r"""
@@ -279,17 +287,4 @@ def test_gpu_killed_worker_raises_within_seconds():
     model = tiny_model("llama", layers=2).cuda()
     prompts = random_prompts((30, 12))
     llm = LLM(model, tensor_parallel_size=2, num_kv_slots=4096, max_model_len=4096, enforce_eager=True)
-    try:
-        victim = llm.driver.processes[0]
-        engine_tokens(llm, prompts, 2)
-        timer = threading.Timer(1.0, os.kill, (victim.pid, signal.SIGKILL))
-        start = time.monotonic()
-        timer.start()
-        with pytest.raises(TensorParallelError, match="rank 1"):
-            engine_tokens(llm, prompts * 4, 4000)
-        timer.join()
-        assert time.monotonic() - start < 15
-    finally:
-        start = time.monotonic()
-        llm.close()
-        assert time.monotonic() - start < 30
+    assert_kill_mid_generate_raises(llm, prompts, 4000, close_s=30)
