@@ -228,7 +228,7 @@ def test_cuda_graph_decision():
 
     # the knob: not given (or True) = automatic, False = never; a SparseConfig object's value is taken as it is
     assert sparse_hf.build_cache("snapkv", model.config).cuda_graph is None
-    assert sparse_hf.build_cache("snapkv", model.config, dict(cuda_graph=True)).cuda_graph is None
+    assert sparse_hf.build_cache("snapkv", model.config, dict(cuda_graph=True)).cuda_graph is True
     assert sparse_hf.build_cache("snapkv", model.config, dict(cuda_graph=False)).cuda_graph is False
 
     for method in ("snapkv", "streamingllm", "pyramidkv", "knorm", "omnikv"):
@@ -242,9 +242,10 @@ def test_cuda_graph_decision():
         assert graph_blocker(cache, dict(inputs_embeds=torch.ones(2, 1, 64))) == "inputs other than input_ids=..."
     assert graph_blocker(cache_after("snapkv", dict(SMALL["snapkv"], cuda_graph=False)), step) == "cuda_graph=False"
     assert graph_blocker(cache_after("snapkv", SMALL["snapkv"], num_beams=2), step) == "beam search"
-    deltakv = cache_after("deltakv", _deltakv_config(model))
-    # DeltaKV decode is static (graph-safe) but for the steps that flush a raw buffer: those run eagerly
-    # (tests/test_deltakv_static.py checks the steps in between)
+    # DeltaKV: graphs are opt-in (cuda_graph=True); its decode is static but for the steps that flush a raw buffer,
+    # which run eagerly (tests/test_deltakv_static.py checks the steps in between)
+    assert graph_blocker(cache_after("deltakv", _deltakv_config(model)), step).startswith("DeltaKV replays")
+    deltakv = cache_after("deltakv", dict(_deltakv_config(model), cuda_graph=True))
     assert graph_blocker(deltakv, step).startswith("a DeltaKV raw buffer flushes at this step")
     fresh = sparse_hf.build_cache("snapkv", model.config)
     assert graph_blocker(fresh, step) == "the prompt is not complete"

@@ -67,7 +67,8 @@ class SparseCache(Cache):
         super().__init__(layers=[self.make_layer(i) for i in range(self.num_layers)])
         self.prefill_target: int | None = None   # logical length at which the prompt is complete
         # CUDA-graph decode: None = automatic (on CUDA where safe), False = never; see integration.wants_cuda_graph.
-        self.cuda_graph: bool | None = None if self.runtime.cuda_graph in (None, True) else False
+        # None: automatic (on CUDA where safe); True: asked for (also where graphs are opt-in, DeltaKV); False: never
+        self.cuda_graph: bool | None = self.runtime.cuda_graph
         self.graph_blocked: str | None = None    # why this generate call may not use CUDA graphs (e.g. beams)
         self.rollback_needed = False             # assisted generation: crop must work, so eviction is an error
         self.capturing = False                   # True while a CUDA graph records a decode step
