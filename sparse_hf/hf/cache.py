@@ -21,17 +21,15 @@ from .attention import masked_attention, query_validity
 from .layer import CacheCropError, SlotLayer
 from .scored_layer import ScoredSlotLayer
 
-try:
-    from sparse_hf.kernels import HAS_TRITON, sparse_decode_attention
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
+from sparse_hf.kernels import sparse_decode_attention
+from sparse_hf.kernels.dispatch import kernels_run_fused
 
 
 def dense_gpu_decode(layer: SlotLayer, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
     """Decode on GPU over a frozen layer's live slots: one Triton pass reading K/V in place (static shapes, no mask,
     no SDPA dispatch, no host sync: CUDA-graph safe). ``query [B, H, 1, D]`` -> ``[B, 1, H, D]``; ``None`` when
     this path does not apply (CPU, no Triton, layer not in decode mode)."""
-    if not (query.is_cuda and HAS_TRITON and layer.frozen):
+    if not (layer.frozen and kernels_run_fused(query)):
         return None
     return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos, scale=scaling,
                                    dense=True).unsqueeze(1)

@@ -28,6 +28,8 @@ import dataclasses
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sparse_hf.kernels.dispatch import kernels_run_fused
+
 from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
 from ..deltakv.projections import DeltaKVProjections
@@ -36,7 +38,7 @@ from ..deltakv.rope import unrotate
 from ..deltakv.state import CompressedState, all_offsets, flush, rebuild_kv
 from .attention import masked_attention, query_validity
 from .layer import SlotLayer
-from .selection_cache import HAS_TRITON, SelectionCache, sparse_decode_attention
+from .selection_cache import SelectionCache, sparse_decode_attention
 
 
 class DeltaKVLayer(SlotLayer):
@@ -355,7 +357,7 @@ class CompressedCache(SelectionCache):
             rk, rv, rcols = self._rebuild(module, layer, q_len)
             keys, values = torch.cat([keys, rk.to(keys.dtype)], 2), torch.cat([values, rv.to(values.dtype)], 2)
             cols = torch.cat([cols, rcols], 2)
-        if q_len == 1 and query.is_cuda and HAS_TRITON:   # decode on GPU: Triton, not SDPA's per-shape dispatch
+        if q_len == 1 and kernels_run_fused(query):   # decode on GPU: Triton, not SDPA's per-shape dispatch
             return sparse_decode_attention(query[:, :, 0], keys, values, cols, scale=scaling,
                                            dense=True).unsqueeze(1)
         valid = cols >= 0

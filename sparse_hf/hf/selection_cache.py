@@ -13,10 +13,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from .attention import attend_mask, column_validity, masked_attention, query_validity
 from .cache import SparseCache, dense_gpu_decode
 
-try:
-    from sparse_hf.kernels import HAS_TRITON, decode_attention_with_scores, sparse_decode_attention
-except ImportError:  # pragma: no cover - kernels are part of the package
-    HAS_TRITON = False
+from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+from sparse_hf.kernels.dispatch import kernels_run_fused
 
 
 def full_logits(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -62,7 +60,7 @@ class SelectionCache(SparseCache):
         i = module.layer_idx
         if not self.method.is_observer(i):
             return self._decode_all(module, layer, query, key, value, attention_mask, scaling, **kwargs)
-        if query.is_cuda and HAS_TRITON and layer.frozen:
+        if layer.frozen and kernels_run_fused(query):
             valid = layer.full_valid()                                         # [B, capacity]
             out, logits = decode_attention_with_scores(query[:, :, 0], layer._k, layer._v, valid=valid,
                                                        scale=scaling)
@@ -83,7 +81,7 @@ class SelectionCache(SparseCache):
         idx, ok = self.selection                                               # [B, K]
         B, H, _, D = query.shape
         Hkv = layer.keys.shape[1]
-        if query.is_cuda and HAS_TRITON:
+        if kernels_run_fused(query):
             if self._indices_of is not self.selection:   # once per selection, not once per sparse layer
                 self._indices, self._indices_of = torch.where(ok, idx, -1).unsqueeze(1), self.selection
             indices = self._indices.expand(B, Hkv, idx.shape[1])
