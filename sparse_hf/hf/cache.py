@@ -31,7 +31,7 @@ def dense_gpu_decode(layer: SlotLayer, query: torch.Tensor, scaling: float) -> t
     this path does not apply (CPU, no Triton, layer not in decode mode)."""
     if not (layer.frozen and kernels_run_fused(query)):
         return None
-    return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos, scale=scaling,
+    return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                    dense=True).unsqueeze(1)
 
 

@@ -37,8 +37,7 @@ class GraphDecoder:
 
     def _signature(self):
         # every buffer a captured step reads or writes: a growth (new buffers) forces a re-capture
-        return tuple((layer._k.data_ptr(), layer._v.data_ptr(), layer._pos.data_ptr(), layer._counters.data_ptr(),
-                      layer.capacity) for layer in self.cache.layers)
+        return tuple(layer.buffer_signature() for layer in self.cache.layers)
 
     def _room(self) -> bool:
         eager = getattr(self.cache, "eager_step_reason", None)   # DeltaKV: a flush / scratch re-size step

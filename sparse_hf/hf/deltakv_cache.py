@@ -313,7 +313,7 @@ class CompressedCache(SelectionCache):
             rebuild_kv(state, pick, self.projections, module.layer_idx, k_s.shape[1], k_s.shape[-1],
                        module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None), out=(k_s, v_s))
             cols_s.copy_(cols.unsqueeze(1).expand_as(cols_s))
-        return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, layer._pos, scale=scaling,
+        return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
 
     def _scratch_width(self, layer, length: int) -> int:

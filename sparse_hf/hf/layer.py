@@ -53,6 +53,18 @@ class SlotLayer(CacheLayerMixin):
         self.is_initialized = True
 
     @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k, v, pos)``: the whole preallocated slot buffers, ``[B, Hkv, capacity, D]`` and ``[B, Hkv, capacity]``
+        (empty slots have position -1). Decode kernels read them in place."""
+        return self._k, self._v, self._pos
+
+    def buffer_signature(self) -> tuple:
+        """Addresses of every buffer a decode step reads or writes, and the capacity: a captured CUDA graph is
+        valid only while this is unchanged."""
+        return (self._k.data_ptr(), self._v.data_ptr(), self._pos.data_ptr(), self._counters.data_ptr(),
+                self.capacity)
+
+    @property
     def capacity(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
 

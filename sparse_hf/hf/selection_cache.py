@@ -62,7 +62,7 @@ class SelectionCache(SparseCache):
             return self._decode_all(module, layer, query, key, value, attention_mask, scaling, **kwargs)
         if layer.frozen and kernels_run_fused(query):
             valid = layer.full_valid()                                         # [B, capacity]
-            out, logits = decode_attention_with_scores(query[:, :, 0], layer._k, layer._v, valid=valid,
+            out, logits = decode_attention_with_scores(query[:, :, 0], *layer.buffers[:2], valid=valid,
                                                        scale=scaling)
             out = out.unsqueeze(1)
         else:
@@ -85,7 +85,7 @@ class SelectionCache(SparseCache):
             if self._indices_of is not self.selection:   # once per selection, not once per sparse layer
                 self._indices, self._indices_of = torch.where(ok, idx, -1).unsqueeze(1), self.selection
             indices = self._indices.expand(B, Hkv, idx.shape[1])
-            return sparse_decode_attention(query[:, :, 0], layer._k, layer._v, indices, scale=scaling).unsqueeze(1)
+            return sparse_decode_attention(query[:, :, 0], *layer.buffers[:2], indices, scale=scaling).unsqueeze(1)
         return self._gather_attention(layer, query, idx, ok, attention_mask, scaling)
 
     def _decode_many(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
