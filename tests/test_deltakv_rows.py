@@ -8,7 +8,7 @@ import torch
 
 import sparse_hf
 from sparse_hf.deltakv import DeltaKVCompressor
-from sparse_hf.hf.deltakv_cache import DeltaKVLayer
+from sparse_hf.hf.deltakv_layer import DeltaKVLayer
 from helpers import greedy, left_padded_batch, tiny_model
 
 KNOBS = dict(full_attn_layers="0,1", num_sink_tokens=4, num_recent_tokens=8, cluster_ratio=0.25,

@@ -7,7 +7,8 @@ import torch
 
 import sparse_hf
 from sparse_hf.deltakv import DeltaKVCompressor
-from sparse_hf.hf.deltakv_cache import CompressedCache, DeltaKVLayer
+from sparse_hf.hf.deltakv_cache import CompressedCache
+from sparse_hf.hf.deltakv_layer import DeltaKVLayer
 from helpers import greedy, left_padded_batch, tiny_model
 
 KNOBS = dict(full_attn_layers="0,1", num_sink_tokens=2, num_recent_tokens=4, cluster_ratio=0.25,
