@@ -193,7 +193,7 @@ def test_serve_with_tensor_parallel_size(launcher, tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from sparse_hf.engine import SamplingParams
-    from tiny_tokenizer import free_port, save_tiny_chat_model
+    from tiny_tokenizer import free_port, save_tiny_chat_model, wait_for_health
 
     model_dir = save_tiny_chat_model(tmp_path / "model", seed=3)
     port = free_port()
@@ -209,16 +209,8 @@ def test_serve_with_tensor_parallel_size(launcher, tmp_path):
                             start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
         with httpx.Client(trust_env=False, timeout=60) as http:
-            while True:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline, "the server did not come up in 120 s"
-                try:
-                    if http.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.3)
+            wait_for_health(http, url, proc)
             body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
             text = http.post(url + "/v1/completions", json=body).json()["choices"][0]["text"]
         expected = LLM(model_dir, max_model_len=128, num_kv_slots=512).generate(

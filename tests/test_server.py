@@ -18,7 +18,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from sparse_hf.engine import LLM                              # noqa: E402
 from sparse_hf.engine.server import build_app                 # noqa: E402
-from tiny_tokenizer import free_port, save_tiny_chat_model, tiny_chat_model  # noqa: E402
+from tiny_tokenizer import free_port, save_tiny_chat_model, tiny_chat_model, wait_for_health  # noqa: E402
 
 MODEL = "tiny-llama"
 MAX_LEN = 256
@@ -303,16 +303,8 @@ def test_serve_command_serves_and_stops(tiny_model_dir):
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
         with httpx.Client(trust_env=False) as http:
-            while True:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline, "`sparse-hf serve` did not come up in 120 s"
-                try:
-                    if http.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
+            wait_for_health(http, url, proc)
         out = client(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                   max_tokens=3, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 3

@@ -64,3 +64,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_health(http, url: str, proc, seconds: float = 120) -> None:
+    """Poll ``url + "/health"`` with the ``httpx.Client`` ``http`` until it answers 200; fail at once if the server
+    process ``proc`` exited, or after ``seconds``."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"the server did not come up in {seconds:.0f} s"
+        try:
+            if http.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.25)
