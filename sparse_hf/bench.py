@@ -68,7 +68,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _make_cache(model, method, budget, length, steps):
+def _make_cache(model, method, budget, length, steps, overrides=()):
     from transformers import DynamicCache, StaticCache
 
     from . import build_cache, prepare_model
@@ -79,6 +79,7 @@ def _make_cache(model, method, budget, length, steps):
     if method == "hf-best":
         return StaticCache(config=cfg, max_cache_len=length + steps + 8), {}
     knobs = budget_config(method, budget, length)
+    knobs.update({key: value for m, key, value in overrides if m == method})   # --knob METHOD:KEY=VALUE
     if method == "deltakv":   # speed does not depend on the weights: a random compressor of the usual shape
         from .deltakv import DeltaKVCompressor
         torch.manual_seed(0)
@@ -96,7 +97,7 @@ def _make_cache(model, method, budget, length, steps):
 
 
 @torch.inference_mode()
-def run_case(model, device, length, batch, method, budget, steps, bandwidth):
+def run_case(model, device, length, batch, method, budget, steps, bandwidth, overrides=()):
     """Prefill ``batch`` random prompts of ``length`` tokens, then ``steps`` greedy decode steps."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -108,7 +109,7 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth):
     if method in BASELINES and model.config._attn_implementation != "sdpa":
         model.set_attn_implementation("sdpa")
     ids = torch.randint(100, cfg.vocab_size - 100, (batch, length), device=device)
-    cache, knobs = _make_cache(model, method, budget, length, steps)
+    cache, knobs = _make_cache(model, method, budget, length, steps, overrides)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -183,8 +184,11 @@ def _tokens_read_per_step(cache, method, length, batch, num_layers) -> int:
 
 
 def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, dtype=None, output=None,
-              plot=None, log=print) -> list[dict]:
-    """Run the grid and return one dict per (case, method, budget); write JSON and a plot if asked."""
+              plot=None, log=print, knob_overrides=()) -> list[dict]:
+    """Run the grid and return one dict per (case, method, budget); write JSON and a plot if asked.
+
+    ``knob_overrides``: ``[(method, key, value), ...]`` set after the method's budget rule (``--knob``)."""
+
     budgets = parse_budgets(budgets)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     methods = check_methods(methods, device.type == "cuda")     # unknown names, +graph off CUDA: ValueError
@@ -209,7 +213,7 @@ def run_bench(model_name: str, methods, budgets, cases, steps=24, device=None, d
         for method in methods:
             for budget in ([None] if method in BASELINES else budgets):
                 try:
-                    r = run_case(model, device, length, batch, method, budget, steps, bandwidth)
+                    r = run_case(model, device, length, batch, method, budget, steps, bandwidth, knob_overrides)
                 except torch.OutOfMemoryError:
                     r = dict(method=method, budget=budget, L=length, B=batch, error="OOM")
                 except Exception as e:  # keep going: one failing cell must not lose the grid

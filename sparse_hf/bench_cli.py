@@ -73,7 +73,27 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--output", default="bench.json", help="where the JSON results go (default: bench.json)")
     p.add_argument("--plot", default=None, help="also write a PNG of decode tok/s per method and case")
+    p.add_argument("--knob", action="append", default=[], type=argtype(parse_knob), metavar="METHOD:KEY=VALUE",
+                   help="override one knob of one method after its budget rule, e.g. "
+                        "omnikv:full_attn_layers=0,1,2,9,18 (repeatable)")
     return p
+
+
+def parse_knob(spec: str) -> tuple[str, str, str]:
+    """``"omnikv:full_attn_layers=0,1,2"`` -> ``("omnikv", "full_attn_layers", "0,1,2")``; the method must be a
+    registered sparse method and the key one of its knobs."""
+    from .methods import get_method     # torch: only when --knob is given
+
+    method, sep, rest = spec.partition(":")
+    key, eq, value = rest.partition("=")
+    if not sep or not eq or not key:
+        raise ValueError(f"bad knob {spec!r}: expected METHOD:KEY=VALUE like omnikv:full_attn_layers=0,1,2")
+    if method not in method_names():
+        raise ValueError(f"bad knob {spec!r}: unknown method {method!r}; valid: {', '.join(method_names())}")
+    names = get_method(method).config_class.knob_names()
+    if key not in names:
+        raise ValueError(f"bad knob {spec!r}: {method} has no knob {key!r}; its knobs: {', '.join(sorted(names))}")
+    return method, key, value
 
 
 def check_methods(spec, on_cuda: bool) -> list[str]:
@@ -111,7 +131,7 @@ def run_bench_command(args) -> int:
 
     try:
         run_bench(model, methods, args.budgets, cases, steps=args.steps, device=args.device, output=args.output,
-                  plot=args.plot)
+                  plot=args.plot, knob_overrides=args.knob)
     except (ValueError, OSError) as exc:
         return error_exit(str(exc), "bench")
     return 0

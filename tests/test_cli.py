@@ -226,6 +226,21 @@ def test_bench_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(report, err, "snapkv+graph", "needs CUDA")
     report, err = run_in_process(capsys, "bench", "--model", "/nonexistent/model-dir", "--device", "cpu")
     assert_one_line_error(report, err, "no such model folder")
+    for spec, needle in (("omnikv:bogus=1", "has no knob 'bogus'"), ("nomethod:x=1", "unknown method"),
+                         ("omnikv", "METHOD:KEY=VALUE")):
+        report, err = run_in_process(capsys, "bench", "--device", "cpu", "--knob", spec)
+        assert_one_line_error(report, err, needle)
+
+
+def test_bench_knob_overrides_the_budget_rule(tmp_path):
+    """``--knob omnikv:full_attn_layers=0,1`` reaches the cache; other methods keep their budget rule."""
+    from sparse_hf.bench import run_bench
+
+    out = run_bench("tiny", ["omnikv", "snapkv"], [0.5], [(64, 1)], steps=2, device="cpu", log=lambda _: None,
+                    knob_overrides=[("omnikv", "full_attn_layers", "0,1")])
+    by_method = {r["method"]: r["knobs"] for r in out}
+    assert by_method["omnikv"]["full_attn_layers"] == "0,1"
+    assert "full_attn_layers" not in by_method["snapkv"]
 
 
 def test_bench_defaults_fit_the_device():
