@@ -66,6 +66,8 @@ def _tensors(weights):
 def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
     """The model (this rank's share when ``tp`` is a group of more than one), its pool and runner."""
     cfg = spec.config
+    if tp is not None:
+        tp.exact_selection = cfg.tp_selection == "exact"
     method = build_method(cfg.sparse_method, spec.sparse_knobs, spec.hf_config.num_hidden_layers)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(spec.dtype)        # parameters are born in dtype (no fp32 copy of a 7B model);

@@ -89,7 +89,7 @@ class H2O(EvictionMethod):
         top = (budget - c.num_sink_tokens - c.num_recent_tokens).clamp_min(0)
         return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, top)
 
-    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling, reduce_heads=None):
         """From every prompt query at once (``queries`` ``[B, H, L, D]``, slot ``i`` = column ``i``); the HF cache
         accumulates per prefill chunk instead (:meth:`accumulate` + :meth:`prefill_keep_scored`)."""
         L = keys.shape[2]

@@ -1,0 +1,71 @@
+"""Selections across tensor-parallel ranks (gloo, two CPU processes, tiny Llama with 2 KV heads: one per rank).
+
+- ``tp_selection="exact"`` (default): a selection shared by every KV head of a layer (``selection_scope="layer"``
+  of snapkv, pyramidkv, knorm) all-reduces its scores before the top-k, so TP=2 outputs what TP=1 does.
+- ``tp_selection="per_rank"``: each rank selects from its own heads (the reference engine). With one KV head per
+  rank, a layer-scope selection on a rank is exactly the kv_head-scope selection of that head, which gives an
+  oracle: per-rank layer scope at TP=2 == kv_head scope at TP=1 (and != layer scope at TP=1).
+"""
+
+import pytest
+
+from engine_helpers import engine_tokens, random_prompts
+from helpers import tiny_model
+from sparse_hf.engine import LLM
+from test_engine_methods import KNOBS
+from test_engine_tp import ENGINE, LENGTHS, assert_same_greedy
+
+NEW_TOKENS = 30
+
+
+def tp2_tokens(model, prompts, **kwargs):
+    with LLM(model, tensor_parallel_size=2, **ENGINE, **kwargs) as llm:
+        tokens = engine_tokens(llm, prompts, NEW_TOKENS)
+        llm.check_pool_whole()
+    return tokens
+
+
+@pytest.mark.parametrize("method,scope", [("snapkv", "layer"), ("snapkv", "kv_head"), ("pyramidkv", "layer"),
+                                          ("pyramidkv", "kv_head"), ("knorm", "layer")])
+def test_tp2_equals_tp1_in_both_scopes(method, scope):
+    model = tiny_model("llama", layers=4)
+    prompts = random_prompts(LENGTHS)
+    knobs = dict(KNOBS[method], selection_scope=scope)
+    tp1 = engine_tokens(LLM(model, sparse_method=method, **ENGINE, **knobs), prompts, NEW_TOKENS)
+    if scope == "layer":
+        other = dict(knobs, selection_scope="kv_head")
+        assert tp1 != engine_tokens(LLM(model, sparse_method=method, **ENGINE, **other), prompts, NEW_TOKENS), (
+            "the scopes give the same output here, so this test could not tell a per-rank selection from an exact one")
+    tp2 = tp2_tokens(model, prompts, sparse_method=method, **knobs)
+    assert_same_greedy(tp2, tp1, model, prompts, NEW_TOKENS, cache_implementation=method, cache_config=knobs)
+
+
+def test_per_rank_layer_scope_selects_from_the_ranks_own_heads():
+    model = tiny_model("llama", layers=4)
+    prompts = random_prompts(LENGTHS)
+    layer = dict(KNOBS["snapkv"], selection_scope="layer")
+    per_head = dict(KNOBS["snapkv"], selection_scope="kv_head")
+    tp1_layer = engine_tokens(LLM(model, sparse_method="snapkv", **ENGINE, **layer), prompts, NEW_TOKENS)
+    tp1_per_head = engine_tokens(LLM(model, sparse_method="snapkv", **ENGINE, **per_head), prompts, NEW_TOKENS)
+    assert tp1_layer != tp1_per_head
+    per_rank = tp2_tokens(model, prompts, sparse_method="snapkv", tp_selection="per_rank", **layer)
+    assert_same_greedy(per_rank, tp1_per_head, model, prompts, NEW_TOKENS, cache_implementation="snapkv",
+                       cache_config=per_head)
+
+
+def test_per_rank_omnikv_runs_and_differs_from_exact_only_after_the_prompt():
+    """OmniKV per rank: each rank tops its own heads' scores. The prompt (full attention) is the same, so the first
+    token equals TP=1's; later tokens may differ by design, and here do (the knob really changes the selection)."""
+    model = tiny_model("llama", layers=4)
+    prompts = random_prompts(LENGTHS)
+    knobs = KNOBS["omnikv"]
+    tp1 = engine_tokens(LLM(model, sparse_method="omnikv", **ENGINE, **knobs), prompts, NEW_TOKENS)
+    per_rank = tp2_tokens(model, prompts, sparse_method="omnikv", tp_selection="per_rank", **knobs)
+    assert [t[0] for t in per_rank] == [t[0] for t in tp1]
+    assert per_rank != tp1, "per-rank selection gave TP=1's output: the knob would be untested"
+    assert all(len(t) == NEW_TOKENS for t in per_rank)
+
+
+def test_tp_selection_is_validated():
+    with pytest.raises(ValueError, match="tp_selection='all'"):
+        LLM(tiny_model("llama", layers=1), tp_selection="all", **ENGINE)
