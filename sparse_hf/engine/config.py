@@ -13,7 +13,7 @@ import torch
 from ..methods import get_method
 
 #: Methods the engine runs today. DeltaKV needs a latent pool (a later issue).
-ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv")
+ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o")
 
 #: How token selections are made under tensor parallelism (``tp_selection``): ``"exact"`` combines the ranks'
 #: per-token scores (an all-reduce) before every selection that spans heads on several ranks, so TP=N selects what

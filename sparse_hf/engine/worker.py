@@ -20,6 +20,7 @@ from .config import EngineConfig, build_method
 from .kv_pool import KVPool
 from .model import EngineModel
 from .runner import ModelRunner
+from .scored_pool import ScoredKVPool, ScoredModelRunner
 from .weights import init_random_weights, iter_safetensors, load_weights
 
 #: Slots per layer on CPU when ``num_kv_slots`` is not given.
@@ -92,10 +93,12 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
         if tp is None or tp.rank == 0:
             warnings.warn(f"max_model_len={max_model_len} exceeds the pool's {slots} slots; capped to {slots}")
         max_model_len = slots
-    pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs, max_model_len,
-                  evicts, spec.dtype, device)
-    runner = ModelRunner(model, pool, method, compute_logits=tp is None or tp.rank == 0)
-    if device.type == "cuda" and not cfg.enforce_eager:
+    scored = getattr(method, "accumulates_attention", False)          # H2O: scores beside the pool, eager decode
+    pool = (ScoredKVPool if scored else KVPool)(model.num_layers, model.num_kv_heads, model.head_dim, slots,
+                                                cfg.max_num_seqs, max_model_len, evicts, spec.dtype, device)
+    runner = (ScoredModelRunner if scored else ModelRunner)(model, pool, method,
+                                                            compute_logits=tp is None or tp.rank == 0)
+    if device.type == "cuda" and not cfg.enforce_eager and not scored:
         from .graphs import DecodeGraphs
         runner.graphs = DecodeGraphs(model, pool, cfg.max_num_seqs, runner.attention)
     return Shard(model, pool, runner, method, max_model_len)

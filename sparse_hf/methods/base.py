@@ -162,6 +162,11 @@ class EvictionMethod(SparseMethod):
             ``[B, Hkv, L]`` float32 (float64 for float64 inputs)."""
         raise NotImplementedError(f"{self.name} does not accumulate attention")
 
+    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """:meth:`accumulate` for one decode query whose attention logits are already known (the engine's decode
+        attention returns them): ``logits [B, H, L]`` (``-inf`` where masked) -> ``[B, Hkv, L]`` float32."""
+        raise NotImplementedError(f"{self.name} does not accumulate attention")
+
     def prefill_keep_scored(self, layer_idx: int, valid: torch.Tensor, scores: torch.Tensor):
         """Accumulating methods: ``(idx, ok)`` to keep once the prompt is complete, from ``scores [B, Hkv, L]``
         (the prompt's accumulated attention mass), or ``None``."""
