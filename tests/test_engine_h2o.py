@@ -114,3 +114,18 @@ def test_h2o_decodes_eagerly():
     assert isinstance(llm.runner, ScoredModelRunner) and llm.runner.graphs is None
     with pytest.raises(ValueError, match="decodes eagerly"):
         ScoredModelRunner(llm.model, llm.pool, llm.method, graphs=object())
+
+
+@pytest.mark.gpu
+def test_h2o_on_gpu_equals_hf_path():
+    """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots."""
+    model = tiny_model("llama", layers=3).to("cuda", torch.float32)
+    prompts = random_prompts(LENGTHS, seed=3)
+    llm = LLM(model, max_model_len=256, num_kv_slots=1024, chunk_prefill_size=16, sparse_method="h2o", **FRACTION)
+    assert llm.runner.graphs is None
+    ours = engine_tokens(llm, prompts, NEW_TOKENS)
+    for prompt, got in zip(prompts, ours):
+        ref, logits = hf_greedy_with_logits(model, prompt, NEW_TOKENS, cache_implementation="h2o",
+                                            cache_config=FRACTION)
+        assert_greedy_equal(got, ref, logits.cpu(), rel_tol=1e-3)
+    llm.pool.check_whole()

@@ -7,11 +7,15 @@
   oracle: per-rank layer scope at TP=2 == kv_head scope at TP=1 (and != layer scope at TP=1).
 """
 
+import math
+
 import pytest
+import torch
 
 from engine_helpers import engine_tokens, random_prompts
 from helpers import tiny_model
 from sparse_hf.engine import LLM
+from sparse_hf.methods import get_method
 from test_engine_methods import KNOBS
 from test_engine_tp import ENGINE, LENGTHS, assert_same_greedy
 
@@ -69,3 +73,33 @@ def test_per_rank_omnikv_runs_and_differs_from_exact_only_after_the_prompt():
 def test_tp_selection_is_validated():
     with pytest.raises(ValueError, match="tp_selection='all'"):
         LLM(tiny_model("llama", layers=1), tp_selection="all", **ENGINE)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "knorm"])
+def test_reduce_heads_hook_gives_the_all_heads_selection(method):
+    """The methods' ``reduce_heads`` hook without processes: each half of the heads (a rank) runs ``prefill_keep``
+    twice, first recording its partial reduction, then with a reducer that returns the combination of both halves
+    (what the all-reduce computes); both halves must keep what one call over every head keeps."""
+    B, H, Hkv, L, D, W = 2, 8, 4, 48, 8, 4
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(B, Hkv, L, D, generator=g) * torch.rand(B, Hkv, L, 1, generator=g).add(0.3)
+    queries = torch.randn(B, H, W, D, generator=g)
+    valid = torch.ones(B, Hkv, L, dtype=torch.bool)
+    knobs = dict(num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=7, selection_scope="layer")
+    if method != "knorm":
+        knobs.update(window_size=4, pool_kernel_size=3)
+    m = get_method(method)(get_method(method).build_config(**knobs)[0], 2)
+    args = lambda r: (keys[:, 2 * r: 2 * r + 2], valid[:, 2 * r: 2 * r + 2],  # noqa: E731
+                      queries[:, 4 * r: 4 * r + 4], None, 1 / math.sqrt(D))
+    partial = {}
+    for r in (0, 1):
+        m.prefill_keep(0, *args(r), reduce_heads=lambda x, op, r=r: partial.setdefault(r, (x.clone(), op))[0])
+    (a, op), (b, op_b) = partial[0], partial[1]
+    assert op == op_b == ("mean" if method == "knorm" else "max")
+    combined = torch.maximum(a, b) if op == "max" else (a + b) / 2
+    whole = m.prefill_keep(0, keys, valid, queries, None, 1 / math.sqrt(D))
+    for r in (0, 1):
+        idx, ok = m.prefill_keep(0, *args(r), reduce_heads=lambda x, op: combined.clone())
+        assert torch.equal(idx, whole[0][:, :2]) and torch.equal(ok, whole[1][:, :2])
+    alone = m.prefill_keep(0, *args(0))
+    assert not torch.equal(alone[0], whole[0][:, :2]), "a rank's own heads select the same: the test proves nothing"
