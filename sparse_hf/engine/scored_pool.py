@@ -31,15 +31,15 @@ class ScoredKVPool(KVPool):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.scores = [torch.zeros(self.num_slots + 1, self.num_kv_heads, dtype=torch.float32, device=self.device)
-                       for _ in range(self.num_layers)]
+        #: ``[layers, S + 1, Hkv]`` float32; ``scores[l]`` is layer ``l``'s (slot-major, like ``k[l]``).
+        self.scores = torch.zeros(self.num_layers, self.num_slots + 1, self.num_kv_heads, dtype=torch.float32,
+                                  device=self.device)
+        self._group_layers = torch.tensor(self.layers_of, device=self.device).view(self.num_groups, -1, 1)
 
     def allocate(self, rows: list[int], counts: list[int]) -> torch.Tensor:
-        """:meth:`KVPool.allocate`, and the new slots start with no attention."""
-        slot_mapping = super().allocate(rows, counts)
-        for g, layers in enumerate(self.layers_of):
-            for layer in layers:
-                self.scores[layer].index_fill_(0, slot_mapping[g], 0.0)
+        """:meth:`KVPool.allocate`, and the new slots start with no attention (one write for every layer)."""
+        slot_mapping = super().allocate(rows, counts)                                          # [G, T]
+        self.scores[self._group_layers, slot_mapping.unsqueeze(1)] = 0.0
         return slot_mapping
 
     def add_scores(self, layer: int, slots: torch.Tensor, mass: torch.Tensor) -> None:
