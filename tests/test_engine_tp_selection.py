@@ -103,3 +103,20 @@ def test_reduce_heads_hook_gives_the_all_heads_selection(method):
         assert torch.equal(idx, whole[0][:, :2]) and torch.equal(ok, whole[1][:, :2])
     alone = m.prefill_keep(0, *args(0))
     assert not torch.equal(alone[0], whole[0][:, :2]), "a rank's own heads select the same: the test proves nothing"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["snapkv", "knorm"])
+def test_gpu_tp2_layer_scope_equals_tp1(method):
+    """The layer-scope all-reduce over NCCL (fp32, so that only rounding order differs). Needs two GPUs."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    model = tiny_model("llama", layers=4).cuda()
+    prompts = random_prompts(LENGTHS)
+    knobs = dict(KNOBS[method], selection_scope="layer")
+    engine = dict(ENGINE, dtype=torch.float32, sparse_method=method, **knobs)
+    tp1 = engine_tokens(LLM(model, **engine), prompts, NEW_TOKENS)
+    with LLM(model, tensor_parallel_size=2, **engine) as llm:
+        tp2 = engine_tokens(llm, prompts, NEW_TOKENS)
+        llm.check_pool_whole()
+    assert_same_greedy(tp2, tp1, model, prompts, NEW_TOKENS, cache_implementation=method, cache_config=knobs)
