@@ -116,6 +116,23 @@ def test_h2o_decodes_eagerly():
         ScoredModelRunner(llm.model, llm.pool, llm.method, graphs=object())
 
 
+@pytest.mark.parametrize("method,knobs", [("h2o", FRACTION), ("pyramidkv", dict(
+    num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=6, window_size=4))])
+def test_triton_decode_kernels_equal_hf_path(method, knobs):
+    """The GPU's decode path on the CPU: the Triton kernels (interpreted) read the pool with per-row lengths that
+    are a strided view (``lens[g]`` of the ``[G, B]`` table). Regression: with mixed lengths, rows ``b >= 1`` read
+    other layers' lengths and the output left the HF path's at the second token (found on the H200)."""
+    model = tiny_model("llama", layers=2)
+    prompts = random_prompts((20, 50, 9), seed=3)
+    llm = LLM(model, num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16, sparse_method=method, **knobs)
+    llm.runner.attention.backend = "triton"
+    ours = engine_tokens(llm, prompts, 12)
+    for prompt, got in zip(prompts, ours):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 12, cache_implementation=method,
+                                                        cache_config=knobs))
+    llm.pool.check_whole()
+
+
 @pytest.mark.gpu
 def test_h2o_on_gpu_equals_hf_path():
     """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots."""
