@@ -120,7 +120,7 @@ class ScoredModelRunner(ModelRunner):
         if graphs is not None:
             raise ValueError(f"{method.name} re-scores every token at every decode step and decodes eagerly; "
                              "build it without CUDA graphs")
-        super().__init__(model, pool, method, None, compute_logits)
+        super().__init__(model, pool, method, graphs=None, compute_logits=compute_logits)
         self.attention = ScoredPoolAttention(pool, method, getattr(model, "tp", None))
         model.set_backend(self.attention)
         self.row_budget: dict[int, int] = {}
