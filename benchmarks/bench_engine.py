@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks splitting the heads (one GPU each)")
+    p.add_argument("--tp-selection", default="exact", choices=["exact", "per_rank"],
+                   help="with --tensor-parallel-size > 1: all-reduce selection scores (exact) or select per rank")
     p.add_argument("--load", default=None, metavar="N,MIN,MAX,NEW",
                    help="also a load test: N requests, prompt lengths MIN..MAX, NEW output tokens each, arriving "
                         "together and as a Poisson stream (e.g. 64,1024,32768,256)")
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         llm = LLM(config, max_model_len=max_len, max_num_seqs=max([b for _, b in cases] + ([load[0]] if load else [])),
                   max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                  tensor_parallel_size=args.tensor_parallel_size,
+                  tensor_parallel_size=args.tensor_parallel_size, tp_selection=args.tp_selection,
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up: kernels, graphs

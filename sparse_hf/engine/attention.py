@@ -87,13 +87,17 @@ class PoolAttention:
     ``method`` is the core sparse method (or ``None``); only OmniKV (the ``"mask"`` family) changes attention
     itself: eviction methods act on the pool after the step (see :mod:`.runner`). ``tp``: the
     :class:`~.tp.TPGroup` when this rank holds only some heads: OmniKV's per-token scores are then all-reduced
-    (max) before the top-k, so every rank selects the tokens that one rank with all heads would.
+    (max) before the top-k, and so are the scores of eviction selections shared by a layer's heads
+    (``reduce_heads``), so every rank selects the tokens that one rank with all heads would; unless the group's
+    ``exact_selection`` is off (``tp_selection="per_rank"``): then each rank selects from its own heads.
     """
 
     def __init__(self, pool, method=None, tp=None):
         self.pool = pool
         self.method = method
-        self.reduce_scores = tp.all_reduce_max if tp is not None and tp.size > 1 else None
+        exact = tp is not None and tp.size > 1 and tp.exact_selection
+        self.reduce_scores = tp.all_reduce_max if exact else None
+        self.reduce_heads = tp.reduce_heads if exact else None
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
         self.ctx: StepContext | None = None

@@ -13,7 +13,13 @@ import torch
 from ..methods import get_method
 
 #: Methods the engine runs today. DeltaKV needs a latent pool (a later issue).
-ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv")
+ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o")
+
+#: How token selections are made under tensor parallelism (``tp_selection``): ``"exact"`` combines the ranks'
+#: per-token scores (an all-reduce) before every selection that spans heads on several ranks, so TP=N selects what
+#: TP=1 does; ``"per_rank"`` lets each rank select from its own heads (the reference engine's behaviour: one
+#: collective less per selection, output not equal to TP=1). Per-KV-head selections are exact either way.
+TP_SELECTIONS = ("exact", "per_rank")
 
 
 def _positive_int(name: str, value) -> None:
@@ -36,6 +42,7 @@ class EngineConfig:
         num_kv_slots: pool size in tokens per layer; ``None`` sizes it from ``gpu_memory_utilization`` (CUDA) or
             from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU).
         sparse_method: ``None`` (full attention) or one of :data:`ENGINE_METHODS`.
+        tp_selection: one of :data:`TP_SELECTIONS` (only matters with ``tensor_parallel_size > 1``).
     """
 
     max_model_len: int | None = None
@@ -46,6 +53,7 @@ class EngineConfig:
     enforce_eager: bool = False
     num_kv_slots: int | None = None
     sparse_method: str | None = None
+    tp_selection: str = "exact"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_prefill_size"):
@@ -59,6 +67,10 @@ class EngineConfig:
         if self.chunk_prefill_size > self.max_num_batched_tokens:
             raise ValueError(f"chunk_prefill_size={self.chunk_prefill_size} exceeds max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}; lower the first or raise the second")
+        if self.tp_selection not in TP_SELECTIONS:
+            raise ValueError(f"tp_selection={self.tp_selection!r}: expected 'exact' (TP=N selects the tokens TP=1 "
+                             "selects; scores are all-reduced across ranks) or 'per_rank' (each rank selects from its "
+                             "own heads, as the reference engine does: cheaper, output differs from TP=1)")
         if self.sparse_method is not None:
             get_method(self.sparse_method)              # unknown name: ValueError listing the valid ones
             if self.sparse_method not in ENGINE_METHODS:

@@ -71,15 +71,6 @@ def _weights_for_ranks(model, tensors, tp_size: int):
     return {name: t.detach().cpu() for name, t in tensors}
 
 
-def _check_tp_method(method) -> None:
-    """Bad knobs fail before any rank starts; a selection shared by all heads of a layer at prefill (SnapKV's
-    ``selection_scope="layer"``) would need its scores all-reduced across ranks, which is not wired yet."""
-    if method is not None and getattr(method.config, "selection_scope", "kv_head") == "layer":
-        raise NotImplementedError(f"{method.name} with selection_scope='layer' is not yet supported with "
-                                  "tensor_parallel_size > 1; use selection_scope='kv_head' (exact under tensor "
-                                  "parallelism) or tensor_parallel_size=1")
-
-
 def _start_ranks(spec, tp_size: int, device: torch.device):
     """Start (spawn) or join (torchrun) the tensor-parallel group. Returns ``(TPGroup, Driver, device)`` on rank 0;
     on the other ranks of a torchrun launch it serves rank 0 and then ends the process."""
@@ -134,14 +125,17 @@ class LLM:
     process, runs the scheduler and the sampler; the script needs an ``if __name__ == "__main__":`` guard, as for
     any spawned process). Under ``torchrun --nproc-per-node N`` (or across nodes) every rank runs the same script:
     on rank 0 ``LLM(...)`` returns the engine, on the other ranks it serves rank 0 until the engine is closed and
-    then exits the process (code after ``LLM(...)`` runs on rank 0 only)."""
+    then exits the process (code after ``LLM(...)`` runs on rank 0 only). ``tp_selection``: ``"exact"`` (default:
+    selections spanning heads on several ranks all-reduce their scores first, so TP=N outputs what TP=1 does) or
+    ``"per_rank"`` (each rank selects from its own heads; see :data:`~.config.TP_SELECTIONS`)."""
 
     def __init__(self, model, tokenizer=None, *, dtype=None, device=None, max_model_len=None,
                  gpu_memory_utilization=0.9, max_num_seqs=64, max_num_batched_tokens=8192, chunk_prefill_size=2048,
-                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1, **sparse_knobs):
+                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1,
+                 tp_selection="exact", **sparse_knobs):
         self.config = EngineConfig(max_model_len, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
-                                   sparse_method)
+                                   sparse_method, tp_selection)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
         device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype or default_dtype(device)
@@ -151,7 +145,7 @@ class LLM:
         self.tp, self.driver = None, None
         if tensor_parallel_size != 1:
             check_divisible(hf_config, tensor_parallel_size)
-            _check_tp_method(build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers))
+            build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers)   # bad knobs fail before spawning
             self.tp, self.driver, device = _start_ranks(spec, tensor_parallel_size, device)
         self.device = device
         try:

@@ -140,7 +140,8 @@ class ModelRunner:
             queries = q.unsqueeze(0) if q is not None else None                      # [1, H, W, D]
             qvalid = torch.ones(1, q.shape[1], dtype=torch.bool, device=self.device) if q is not None else None
             attn = self.model.layers[layer].self_attn
-            self._apply(g, row, method.prefill_keep(layer, keys, valid, queries, qvalid, attn.scale))
+            self._apply(g, row, method.prefill_keep(layer, keys, valid, queries, qvalid, attn.scale,
+                                                    reduce_heads=self.attention.reduce_heads))
 
     def _apply(self, group: int, row: int, plan) -> None:
         if plan is None:
