@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine_helpers import engine_tokens, random_prompts
+from engine_helpers import engine_tokens, greedy_params, random_prompts
 from helpers import tiny_model
 from sparse_hf.engine import LLM
 from sparse_hf.engine.graphs import DecodeGraphs
@@ -33,3 +33,48 @@ def test_static_decode_path_equals_eager(method, knobs):
     assert {b for b, _ in graphs.graphs} >= {4} and {w for _, w in graphs.graphs} == {256}
     llm.pool.check_whole()
     assert graphs.slot_mapping[:, 3:].eq(llm.pool.scratch_slot).all()     # padding rows wrote only the scratch
+
+
+def test_decode_inputs_staging_and_padding():
+    import numpy as np
+    import torch
+
+    from sparse_hf.engine.decode_inputs import DecodeInputs
+
+    inputs = DecodeInputs(max_rows=4, num_groups=2, scratch_slot=99, device=torch.device("cpu"))
+    inputs.stage([5, 6, 7], [10, 11, 12], [2, 0, 3], np.array([[10, 11, 12], [4, 5, 6]]), padded=4)
+    assert inputs.ids.tolist() == [5, 6, 7, 0] and inputs.positions.tolist() == [10, 11, 12, 0]
+    assert inputs.rows.tolist() == [2, 0, 3, 0]
+    assert inputs.cols.tolist() == [[10, 11, 12, 0], [4, 5, 6, 0]]
+    assert inputs.lens.dtype == torch.int32 and inputs.lens.tolist() == [[11, 12, 13, 0], [5, 6, 7, 0]]
+    mapping = inputs.set_slots(torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32), padded=4)
+    assert mapping.tolist() == [[1, 2, 3, 99], [4, 5, 6, 99]]
+    mapping = inputs.set_slots(torch.tensor([[8], [9]], dtype=torch.int32), padded=2)    # narrower step
+    assert inputs.slot_mapping.tolist() == [[8, 99, 99, 99], [9, 99, 99, 99]]            # stale slots reset
+
+
+def test_decode_step_makes_no_device_tensor_from_host_lists(monkeypatch):
+    """Regression: the decode step built its inputs with ``torch.tensor(list, device=...)`` (a blocking
+    host-to-device copy on CUDA that waits for the GPU); now one staged copy carries them all."""
+    import torch
+
+    model = tiny_model("qwen2", layers=2)
+    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4)
+    for i, prompt in enumerate(random_prompts((9, 14), seed=3)):
+        llm.add_request(f"r{i}", prompt, greedy_params(6))
+    while any(r.in_prefill for r in llm.requests.values()) or not llm.scheduler.running:
+        llm.step()
+    calls = []
+    for name in ("tensor", "as_tensor"):
+        inner = getattr(torch, name)
+
+        def spy(*args, _inner=inner, _name=name, **kwargs):
+            if kwargs.get("device") is not None:
+                calls.append(_name)
+            return _inner(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    for _ in range(3):
+        assert llm.step()
+    assert calls == []
+

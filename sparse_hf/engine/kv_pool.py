@@ -54,6 +54,8 @@ class KVPool:
         self.tables = torch.zeros(G, max_rows, max_len, dtype=torch.int32, device=device)       # [G, rows, W]
         self.lens = np.zeros((G, max_rows), dtype=np.int64)
         self.device = device
+        self._group_index = torch.arange(G, device=device).view(G, 1)                       # [G, 1]
+        self._layers_per_group = np.array([len(layers) for layers in self.layers_of], dtype=np.int64)
         #: Rows released since the last :meth:`take_released` when recording (tensor parallelism: rank 0 sends them
         #: to the other ranks with the next step, so their pools free the same rows); ``None``: not recording.
         self.released: list[int] | None = None
@@ -69,7 +71,7 @@ class KVPool:
 
     def row_tokens(self, row: int) -> int:
         """Slots row ``row`` holds, summed over all layers."""
-        return int(sum(self.lens[g, row] * len(self.layers_of[g]) for g in range(self.num_groups)))
+        return int(self.lens[:, row] @ self._layers_per_group)
 
     def bytes_per_slot(self) -> int:
         """Bytes of one token's K and V over every layer."""
@@ -110,6 +112,33 @@ class KVPool:
                     torch.as_tensor(pos, device=self.device)] = slots
         np.add.at(self.lens, (slice(None), np.asarray(rows, dtype=np.int64)), np.asarray(counts, dtype=np.int64))
         return slots.long()
+
+    def allocate_decode(self, rows: list[int], rows_dev: torch.Tensor, cols_dev: torch.Tensor) -> torch.Tensor:
+        """One new slot for each of ``rows`` (distinct) in every group: the decode step's :meth:`allocate`, with no
+        host-to-device copy of its own (the table entries are written from the step's device inputs).
+
+        Args:
+            rows: the ``B`` rows (host); rows_dev: ``[B]`` long, the same on the device.
+            cols_dev: ``[G, B]`` long on the device, each row's slot count before this token (``lens[:, rows]``):
+                the table column of the new slot.
+
+        Returns:
+            ``[G, B]`` int32 slot ids (a view of the free stack: consume it in this step).
+        """
+        B = len(rows)
+        if B > self.num_free():
+            raise RuntimeError(f"KV pool exhausted: {B} slots needed, {self.num_free()} free (scheduler bug)")
+        if (self.lens[:, rows] >= self.max_len).any():
+            raise RuntimeError(f"a row outgrew the slot table width {self.max_len} (max_model_len)")
+        tops = self.free_top
+        if all(t == tops[0] for t in tops):
+            slots = self.free[:, tops[0] - B: tops[0]]
+        else:
+            slots = torch.stack([self.free[g, t - B: t] for g, t in enumerate(tops)])
+        self.free_top = [t - B for t in tops]
+        self.tables[self._group_index, rows_dev.view(1, B), cols_dev] = slots
+        self.lens[:, rows] += 1
+        return slots
 
     def _push_free(self, g: int, slots: torch.Tensor) -> None:
         n = slots.numel()

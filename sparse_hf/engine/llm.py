@@ -255,7 +255,7 @@ class LLM:
             return outputs
         if done:
             params = [r.params for r in done]
-            steps = torch.tensor([len(r.output_token_ids) for r in done], device=logits.device)
+            steps = torch.tensor([len(r.output_token_ids) for r in done])          # host: no blocking copy
             tokens = self.sampler(logits, params, steps, self.eos_token_ids).tolist()
             now = time.perf_counter()
             for req, token in zip(done, tokens):
