@@ -10,7 +10,7 @@ then measures over ``--steps`` decode steps:
 - ``step_ms``: the wall time of ``LLM.step()`` as a user sees it (median);
 - ``gpu_ms``: the GPU time of the decode step alone, from replaying the step's captured CUDA graph back to back
   (what the step would cost with zero host overhead);
-- ``phases_ms``: host time of each phase of a step (schedule, plan, slot allocation, graph input copies + replay
+- ``phases_ms``: host time of each phase of a step (schedule, slot allocation, staging the inputs, graph replay
   launch, sampling incl. its device sync, output processing), from wrappers around those calls;
 - a cProfile table of the Python functions with the most own time over the steps.
 
@@ -213,8 +213,11 @@ def main(argv=None) -> int:
     timer = PhaseTimer()
     timer.wrap(llm.scheduler, "schedule", "schedule")
     timer.wrap(llm.pool, "allocate", "pool.allocate")
+    timer.wrap(llm.pool, "allocate_decode", "pool.allocate_decode")
+    timer.wrap(llm.runner.inputs, "stage", "inputs.stage (pinned buffer + one async copy)")
     if llm.runner.graphs is not None:
-        timer.wrap(llm.runner.graphs, "run", "graphs.run (copies + replay launch + logits clone)")
+        timer.wrap(llm.runner.graphs.inputs, "stage", "inputs.stage (pinned buffer + one async copy)")
+        timer.wrap(llm.runner.graphs, "run", "graphs.run (slot copy + replay launch)")
     timer.wrap(llm.runner, "decode", "runner.decode (all of the forward step)")
     timer.wrap(llm, "sampler", "sampler (incl. device sync)")
     timer.wrap(llm.output_processor, "update", "output update (per request)")
