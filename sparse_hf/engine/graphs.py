@@ -49,7 +49,7 @@ class DecodeGraphs:
         inp = self.inputs
         tables = self.pool.tables[:, :, :w].index_select(1, inp.rows[:b])             # [G, b, w]
         self.attention.ctx = StepContext(inp.slot_mapping[:, :b], tables=tables, lens=inp.lens[:, :b])
-        self.logits[:b].copy_(self.model.logits(self.model(inp.ids[:b], inp.positions[:b])))
+        self.model.logits(self.model(inp.ids[:b], inp.positions[:b]), out=self.logits[:b])
         self.attention.ctx = None
 
     def _capture(self, b: int, w: int) -> None:

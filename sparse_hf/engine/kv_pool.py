@@ -94,19 +94,12 @@ class KVPool:
             each new token's K/V goes in each group.
         """
         T = int(sum(counts))
-        if T > self.num_free():
-            raise RuntimeError(f"KV pool exhausted: {T} slots needed, {self.num_free()} free (scheduler bug)")
-        tops = self.free_top
-        if all(t == tops[0] for t in tops):
-            slots = self.free[:, tops[0] - T: tops[0]]
-        else:
-            slots = torch.stack([self.free[g, t - T: t] for g, t in enumerate(tops)])
-        self.free_top = [t - T for t in tops]
         row_of = np.repeat(np.asarray(rows, dtype=np.int64), counts)                       # [T]
         offset = np.arange(T) - np.repeat(np.cumsum(counts) - np.asarray(counts), counts)  # position within row
         pos = self.lens[:, row_of] + offset[None, :]                                       # [G, T]
         if (pos >= self.max_len).any():
             raise RuntimeError(f"a row outgrew the slot table width {self.max_len} (max_model_len)")
+        slots = self._pop_free(T)
         g_idx = torch.arange(self.num_groups, device=self.device).view(-1, 1).expand(-1, T)
         self.tables[g_idx, torch.as_tensor(row_of, device=self.device).expand(self.num_groups, T),
                     torch.as_tensor(pos, device=self.device)] = slots
@@ -126,18 +119,23 @@ class KVPool:
             ``[G, B]`` int32 slot ids (a view of the free stack: consume it in this step).
         """
         B = len(rows)
-        if B > self.num_free():
-            raise RuntimeError(f"KV pool exhausted: {B} slots needed, {self.num_free()} free (scheduler bug)")
         if (self.lens[:, rows] >= self.max_len).any():
             raise RuntimeError(f"a row outgrew the slot table width {self.max_len} (max_model_len)")
-        tops = self.free_top
-        if all(t == tops[0] for t in tops):
-            slots = self.free[:, tops[0] - B: tops[0]]
-        else:
-            slots = torch.stack([self.free[g, t - B: t] for g, t in enumerate(tops)])
-        self.free_top = [t - B for t in tops]
+        slots = self._pop_free(B)
         self.tables[self._group_index, rows_dev.view(1, B), cols_dev] = slots
         self.lens[:, rows] += 1
+        return slots
+
+    def _pop_free(self, n: int) -> torch.Tensor:
+        """Take ``n`` slots off every group's free stack: ``[G, n]`` int32 (a view when the stacks are level)."""
+        if n > self.num_free():
+            raise RuntimeError(f"KV pool exhausted: {n} slots needed, {self.num_free()} free (scheduler bug)")
+        tops = self.free_top
+        if all(t == tops[0] for t in tops):
+            slots = self.free[:, tops[0] - n: tops[0]]
+        else:
+            slots = torch.stack([self.free[g, t - n: t] for g, t in enumerate(tops)])
+        self.free_top = [t - n for t in tops]
         return slots
 
     def _push_free(self, g: int, slots: torch.Tensor) -> None:

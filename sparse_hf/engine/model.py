@@ -212,6 +212,10 @@ class EngineModel(nn.Module):
             x, residual = layer(x, residual, positions)
         return self.norm(x, residual)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n, V]`` float32 logits; with ``out`` (``[n, V]`` float32) they are cast straight into it (one
+        kernel less than a cast and a copy)."""
         weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
+        if out is not None:
+            return out.copy_(F.linear(hidden, weight))
         return F.linear(hidden, weight).float()
