@@ -59,12 +59,14 @@ def bench_attention(length: int, batch: int, splits: list[int | None], dtype, de
     vv = v.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
     idx = tables.unsqueeze(1).expand(batch, hkv, length)
     nbytes = 2 * S * hkv * d * k.element_size() + S * 4
-    for split in splits:
-        chosen = plan_splits(length, batch * hkv, device, split)
-        us = time_us(lambda: sparse_decode_attention(q, kk, vv, idx, num_indices=lens, scale=d ** -0.5,
-                                                     split_size=split), device)
-        emit("attention", us, nbytes, length=length, batch=batch, split_size=chosen[0], num_splits=chosen[1],
-             block_n=chosen[2], default=split is None)
+    tiles = [(64, 4)] if device.type != "cuda" else [(64, 4), (64, 8), (128, 4), (128, 8), (32, 4)]
+    for block_n, warps in tiles:
+        for split in splits:
+            chosen = plan_splits(length, batch * hkv, device, split, max_block=block_n)
+            us = time_us(lambda: sparse_decode_attention(q, kk, vv, idx, num_indices=lens, scale=d ** -0.5,
+                                                         split_size=split, block_n=block_n, num_warps=warps), device)
+            emit("attention", us, nbytes, length=length, batch=batch, split_size=chosen[0], num_splits=chosen[1],
+                 block_n=chosen[2], num_warps=warps, default=split is None and (block_n, warps) == (64, 4))
 
 
 def bench_gemms(batch: int, dtype, device, sizes) -> None:
