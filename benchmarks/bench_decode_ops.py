@@ -1,5 +1,6 @@
 """Bandwidth of the pieces of an engine decode step, one at a time (no model build): the decode attention kernel
-over a slot pool at several split-K sizes, the GEMMs of a Qwen2.5-7B layer at M = 1 and 8, and the fused layer ops.
+over a slot pool at several split-K sizes and tiles, the GEMMs of a Qwen2.5-7B layer at M = 1 and 8 (cuBLAS and
+the skinny Triton GEMM at several tiles), and the fused layer ops.
 
     python benchmarks/bench_decode_ops.py [--cases 131072x1,4096x8] [--splits 256,512,1024,2048,4096]
     python benchmarks/bench_decode_ops.py --small          # CPU smoke run (tiny sizes, torch/interpreted kernels)
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from sparse_hf.kernels import rms_norm, rope_qkv, silu_mul, sparse_decode_attention
 from sparse_hf.kernels.dispatch import plan_splits
+from sparse_hf.kernels.skinny_gemm import skinny_linear
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB = 3584, 28, 4, 128, 18944, 152064
 
@@ -69,13 +71,23 @@ def bench_attention(length: int, batch: int, splits: list[int | None], dtype, de
                  block_n=chosen[2], num_warps=warps, default=split is None and (block_n, warps) == (64, 4))
 
 
-def bench_gemms(batch: int, dtype, device, sizes) -> None:
+#: (block_n, block_k, num_stages, num_warps) of the weight-streaming kernel tried against cuBLAS.
+SKINNY_CONFIGS = ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 6, 4), (64, 256, 3, 8))
+
+
+def bench_gemms(batch: int, dtype, device, sizes, configs=SKINNY_CONFIGS) -> None:
+    """cuBLAS (``F.linear``) and the skinny Triton GEMM (each config) on each ``(name, K, N)`` weight."""
     x = torch.randn(batch, max(i for _, i, _ in sizes), dtype=dtype, device=device)
     for name, n_in, n_out in sizes:
         w = torch.randn(n_out, n_in, dtype=dtype, device=device)
         xi = x[:, :n_in].contiguous()
-        us = time_us(lambda: F.linear(xi, w), device)
-        emit(f"gemm_{name}", us, w.numel() * w.element_size() + batch * (n_in + n_out) * 2, m=batch, k=n_in, n=n_out)
+        nbytes = w.numel() * w.element_size() + batch * (n_in + n_out) * 2
+        emit(f"gemm_{name}", time_us(lambda: F.linear(xi, w), device), nbytes, m=batch, k=n_in, n=n_out, impl="cublas")
+        for bn, bk, stages, warps in configs:
+            us = time_us(lambda: skinny_linear(xi, w, backend="triton", block_n=bn, block_k=bk, num_stages=stages,
+                                               num_warps=warps), device)
+            emit(f"gemm_{name}", us, nbytes, m=batch, k=n_in, n=n_out, impl="skinny", block_n=bn, block_k=bk,
+                 num_stages=stages, num_warps=warps)
         del w
 
 
@@ -108,7 +120,7 @@ def main(argv=None) -> int:
     splits = [None] + [int(s) for s in args.splits.split(",") if s]
     if args.small:
         bench_attention(512, 1, [None, 128], dtype, device, hkv=2, heads=4, d=16)
-        bench_gemms(2, dtype, device, [("tiny", 64, 96)])
+        bench_gemms(2, dtype, device, [("tiny", 64, 96)], configs=((16, 32, 2, 4),))
         bench_layer_ops(2, dtype, device, hidden=64, inter=96, heads=4, hkv=2, d=16)
         return 0
     with torch.inference_mode():

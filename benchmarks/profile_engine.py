@@ -172,7 +172,12 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25, help="rows of the cProfile / kernel table")
     p.add_argument("--kernels", action="store_true",
                    help="device time per kernel of eager decode steps (torch.profiler) instead of the host profile")
+    p.add_argument("--skinny-gemm", action="store_true",
+                   help="decode linears through the skinny Triton GEMM instead of cuBLAS (engine.model.SKINNY_GEMM)")
     args = p.parse_args(argv)
+    if args.skinny_gemm:
+        import sparse_hf.engine.model as engine_model
+        engine_model.SKINNY_GEMM = True
     extra, shape = {}, "qwen2.5-7b"
     if args.small:
         shape, args.case, args.steps, args.budget, args.chunk_prefill_size = "tiny", "96x2", 6, 48, 64
@@ -232,7 +237,7 @@ def main(argv=None) -> int:
 
     phases = {label: round(statistics.median(v), 3) for label, v in timer.ms.items()}
     calls = {label: round(len(v) / args.steps, 2) for label, v in timer.ms.items()}
-    report = dict(case=args.case, method=args.method, knobs=knobs, device=str(llm.device),
+    report = dict(case=args.case, method=args.method, knobs=knobs, skinny_gemm=args.skinny_gemm, device=str(llm.device),
                   step_ms=round(statistics.median(plain), 3), step_ms_instrumented=round(statistics.median(wrapped), 3),
                   gpu_ms=round(gpu, 3) if gpu else None,
                   host_overhead_ms=round(statistics.median(plain) - gpu, 3) if gpu else None,

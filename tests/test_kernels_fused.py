@@ -136,3 +136,27 @@ def test_bad_input_errors():
                  k_pool=torch.zeros(4, HKV, D, device=DEV))
     with pytest.raises(ValueError, match="even"):
         silu_mul(_rand(T, 7))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 40, 24), (5, 64, 50), (16, 300, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_kernel(dtype, m, k, n, bias):
+    from sparse_hf.kernels.skinny_gemm import skinny_linear
+
+    x, w = _rand(m, k, dtype=dtype, seed=8), _rand(n, k, dtype=dtype, seed=9)
+    b = _rand(n, dtype=dtype, seed=10) if bias else None
+    out = skinny_linear(x, w, b, backend="triton", block_n=16, block_k=32)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    assert out.shape == (m, n) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **({torch.float32: dict(atol=1e-4, rtol=1e-4)}.get(dtype, TOL[dtype])))
+
+
+def test_skinny_linear_falls_back_beyond_16_rows_and_on_bad_shapes():
+    from sparse_hf.kernels.skinny_gemm import skinny_linear
+
+    x, w = _rand(17, 8), _rand(4, 8, seed=1)
+    assert torch.equal(skinny_linear(x, w), torch.nn.functional.linear(x, w))
+    with pytest.raises(ValueError, match="weight"):
+        skinny_linear(x, _rand(4, 9))

@@ -19,10 +19,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_hf.kernels import rms_norm, rope_qkv, silu_mul
+from sparse_hf.kernels.skinny_gemm import skinny_linear
 
 #: Backend of the fused layer ops (``"auto"``: Triton on CUDA, the torch references elsewhere). Tests set ``"triton"``
 #: to run the kernels under the Triton interpreter on CPU.
 OPS_BACKEND = "auto"
+#: Decode-sized linears (at most 16 rows, fp16/bf16 on CUDA) through the weight-streaming Triton GEMM
+#: (:func:`sparse_hf.kernels.skinny_gemm.skinny_linear`) instead of cuBLAS; off until measured faster on the GPU.
+SKINNY_GEMM = False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the skinny Triton GEMM when :data:`SKINNY_GEMM` is on (it falls back by itself for prefill
+    sizes and CPU tensors)."""
+    if SKINNY_GEMM:
+        return skinny_linear(x, weight, bias, backend=OPS_BACKEND)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "MistralForCausalLM": "llama"}
@@ -98,7 +117,7 @@ class Attention(nn.Module):
         bias = family == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(hf_config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.qkv_proj = Linear(hf_config.hidden_size, q_size + 2 * kv_size, bias=bias)
         self.o_proj = RowParallelLinear(q_size, hf_config.hidden_size, bool(getattr(hf_config, "attention_bias", False)),
                                         tp)
         self.qk_norm = family == "qwen3"
@@ -123,7 +142,7 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, -1))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """A linear layer whose input features are split across tensor-parallel ranks: each rank multiplies its
     share, the partial outputs are summed by an all-reduce, then the (replicated) bias is added once.
     Without ``tp`` it is a plain ``nn.Linear``."""
@@ -135,7 +154,7 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is None or self.tp.size == 1:
             return super().forward(x)
-        out = self.tp.all_reduce_sum(F.linear(x, self.weight))
+        out = self.tp.all_reduce_sum(linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -148,7 +167,7 @@ class MLP(nn.Module):
         if act not in ("silu", "swish"):
             raise NotImplementedError(f"hidden_act={act!r}: the engine supports silu MLPs")
         self.inter = hf_config.intermediate_size // (tp.size if tp is not None else 1)    # this rank's columns
-        self.gate_up_proj = nn.Linear(hf_config.hidden_size, 2 * self.inter, bias=False)
+        self.gate_up_proj = Linear(hf_config.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = RowParallelLinear(self.inter, hf_config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +218,7 @@ class EngineModel(nn.Module):
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         if not self.tied:
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+            self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         self.rotary = rotary
 
     def set_backend(self, backend) -> None:
@@ -217,5 +236,5 @@ class EngineModel(nn.Module):
         kernel less than a cast and a copy)."""
         weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
         if out is not None:
-            return out.copy_(F.linear(hidden, weight))
-        return F.linear(hidden, weight).float()
+            return out.copy_(linear(hidden, weight))
+        return linear(hidden, weight).float()
