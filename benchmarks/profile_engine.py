@@ -7,7 +7,7 @@
 For one case it prefills ``batch`` random prompts of ``length`` tokens (random weights, Qwen2.5-7B shape, bf16),
 then measures over ``--steps`` decode steps:
 
-- ``step_ms``: the wall time of ``LLM.step()`` as a user sees it (median);
+- ``step_ms``: the wall time of ``LLM.step()`` as a user sees it (median over back-to-back steps);
 - ``gpu_ms``: the GPU time of the decode step alone, from replaying the step's captured CUDA graph back to back
   (what the step would cost with zero host overhead);
 - ``phases_ms``: host time of each phase of a step (schedule, slot allocation, staging the inputs, graph replay
@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25, help="rows of the cProfile / kernel table")
     p.add_argument("--kernels", action="store_true",
                    help="device time per kernel of eager decode steps (torch.profiler) instead of the host profile")
+    p.add_argument("--no-decode-ahead", action="store_true", help="read each step's tokens before the next launch")
     p.add_argument("--skinny-gemm", action="store_true",
                    help="decode linears through the skinny Triton GEMM instead of cuBLAS (engine.model.SKINNY_GEMM)")
     args = p.parse_args(argv)
@@ -188,6 +189,7 @@ def main(argv=None) -> int:
               max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
               sparse_method=None if args.method == "vanilla" else args.method, enforce_eager=args.kernels,
               **knobs, **extra)
+    llm.decode_ahead = llm.decode_ahead and not args.no_decode_ahead
     vocab = llm.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 8, ignore_eos=True)
@@ -203,10 +205,12 @@ def main(argv=None) -> int:
         return 0
 
     def timed_steps(n: int) -> list[float]:
+        """Wall time of each of ``n`` back-to-back steps (no sync between them: with decode-ahead a step's GPU work
+        overlaps the previous step's host work, and a sync per step would hide that)."""
+        if llm.device.type == "cuda":
+            torch.cuda.synchronize()
         out = []
         for _ in range(n):
-            if llm.device.type == "cuda":
-                torch.cuda.synchronize()
             t0 = time.perf_counter()
             llm.step()
             out.append((time.perf_counter() - t0) * 1e3)
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
 
     phases = {label: round(statistics.median(v), 3) for label, v in timer.ms.items()}
     calls = {label: round(len(v) / args.steps, 2) for label, v in timer.ms.items()}
-    report = dict(case=args.case, method=args.method, knobs=knobs, skinny_gemm=args.skinny_gemm, device=str(llm.device),
+    report = dict(case=args.case, method=args.method, knobs=knobs, skinny_gemm=args.skinny_gemm,
+                  decode_ahead=llm.decode_ahead, device=str(llm.device),
                   step_ms=round(statistics.median(plain), 3), step_ms_instrumented=round(statistics.median(wrapped), 3),
                   gpu_ms=round(gpu, 3) if gpu else None,
                   host_overhead_ms=round(statistics.median(plain) - gpu, 3) if gpu else None,

@@ -156,13 +156,14 @@ class ModelRunner:
 
     # -- decode ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, plan: DecodePlan) -> torch.Tensor | None:
+    def decode(self, plan: DecodePlan, device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """One token for each row of the plan. Returns ``[B, V]`` float32 (``None`` if this rank computes no
         logits); with CUDA graphs a view of the graphs' output buffer, valid until the next decode step.
 
         Host work is kept off the GPU's path: the step's inputs go up in one pinned, non-blocking copy
         (:class:`~.decode_inputs.DecodeInputs`), slot allocation writes the tables from those device inputs, and
-        nothing here waits for the GPU."""
+        nothing here waits for the GPU. ``device_ids``: ``[B]`` token ids already on the device, used instead of
+        ``plan.ids`` (a step launched before the previous step's tokens reach the host, :mod:`.decode_ahead`)."""
         pool = self.pool
         rows = plan.rows
         B = len(rows)
@@ -171,6 +172,8 @@ class ModelRunner:
         inputs = self.graphs.inputs if use_graph else self.inputs
         b = self.graphs.bucket(B) if use_graph else B
         inputs.stage(plan.ids, plan.positions, rows, lens_before, b)
+        if device_ids is not None:
+            inputs.ids[:B].copy_(device_ids)
         slots = pool.allocate_decode(rows, inputs.rows[:B], inputs.cols[:, :B])       # [G, B] int32
         width = int(lens_before.max()) + 1
         if use_graph:
