@@ -5,9 +5,9 @@ the skinny Triton GEMM at several tiles), and the fused layer ops.
     python benchmarks/bench_decode_ops.py [--cases 131072x1,4096x8] [--splits 256,512,1024,2048,4096]
     python benchmarks/bench_decode_ops.py --small          # CPU smoke run (tiny sizes, torch/interpreted kernels)
 
-Each line is a JSON object: ``op``, shape, ``us`` (median of CUDA-event timed repeats) and ``gbps`` = the bytes the op
-must move (weights or K/V read, outputs written) over its time, to compare with the copy bandwidth (~4.25 TB/s on an
-H200). The attention rows say which split size reaches the bandwidth on one long row (few ``B * Hkv`` programs).
+Each line is a JSON object: ``op``, shape, ``us`` (device time per call, from calls replayed in a CUDA graph) and
+``gbps`` = the bytes the op must move (weights or K/V read, outputs written) over its time, to compare with the copy
+bandwidth (~4.25 TB/s on an H200). The attention rows say which split size reaches the bandwidth on one long row (few ``B * Hkv`` programs).
 """
 
 from __future__ import annotations
@@ -28,19 +28,31 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB = 3584, 28, 4, 128, 18944, 15206
 
 
 def time_us(fn, device: torch.device, repeats: int = 20) -> float:
+    """Device time of one ``fn()`` call: ``repeats`` calls captured in one CUDA graph, replayed and timed with
+    events (so host launch overhead, ~20-100 us for a Triton launch from Python, is not counted). CPU: wall time."""
     fn()
     if device.type != "cuda":
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(repeats):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
     times = []
-    for _ in range(repeats):
+    for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / repeats)
     return statistics.median(times)
 
 
@@ -84,7 +96,8 @@ def bench_gemms(batch: int, dtype, device, sizes, configs=SKINNY_CONFIGS) -> Non
         nbytes = w.numel() * w.element_size() + batch * (n_in + n_out) * 2
         emit(f"gemm_{name}", time_us(lambda: F.linear(xi, w), device), nbytes, m=batch, k=n_in, n=n_out, impl="cublas")
         for bn, bk, stages, warps in configs:
-            us = time_us(lambda: skinny_linear(xi, w, backend="triton", block_n=bn, block_k=bk, num_stages=stages,
+            backend = "triton" if device.type == "cuda" else "auto"       # CPU smoke run: F.linear
+            us = time_us(lambda: skinny_linear(xi, w, backend=backend, block_n=bn, block_k=bk, num_stages=stages,
                                                num_warps=warps), device)
             emit(f"gemm_{name}", us, nbytes, m=batch, k=n_in, n=n_out, impl="skinny", block_n=bn, block_k=bk,
                  num_stages=stages, num_warps=warps)
