@@ -146,3 +146,14 @@ def test_decode_ahead_with_abort_and_late_request(monkeypatch):
     assert drive(llm) == drive(LLM(model, **kw))
     assert launches
     llm.pool.check_whole()
+
+
+def test_step_outputs_share_one_prompt_copy():
+    """Regression: every step's RequestOutput copied the whole prompt (~0.6 ms of host time per step at 128K)."""
+    llm = LLM(tiny_model("llama", layers=2), num_kv_slots=256, max_model_len=64)
+    prompt = random_prompts((20,), seed=7)[0]
+    llm.add_request("r", prompt, greedy_params(4))
+    req = llm.requests["r"]
+    outs = [o for _ in range(4) for o in llm.step()]
+    assert len(outs) >= 3 and all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
+    assert outs[0].prompt_token_ids == prompt and outs[0].prompt_token_ids is not req.prompt_token_ids
