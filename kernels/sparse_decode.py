@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, is_interpreted, next_pow2, plan_splits, tl, triton, use_triton
+from .dispatch import (DECODE_PROGRAMS_PER_SM, HAS_TRITON, is_interpreted, next_pow2, plan_splits, tl, triton,
+                       use_triton)
 from .group_tiles import load_group_query, online_softmax_step, store_group_output
 from .reference import _check_gqa, sparse_decode_attention_ref
 
@@ -168,7 +169,8 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if n == 0 or L == 0 or B == 0:
         return out.zero_()
     qk = q if q.dtype == k.dtype else q.to(k.dtype)
-    split_size, S, block_n = plan_splits(n, B * Hkv, q.device, split_size, max_block=block_n)
+    split_size, S, block_n = plan_splits(n, B * Hkv, q.device, split_size, max_block=block_n,
+                                         programs_per_sm=DECODE_PROGRAMS_PER_SM)
     if S > 1:
         o_part = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, H, S, dtype=torch.float32, device=q.device)

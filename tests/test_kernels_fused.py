@@ -152,3 +152,13 @@ def test_skinny_linear_falls_back_beyond_16_rows_and_on_bad_shapes():
     assert torch.equal(skinny_linear(x, w), torch.nn.functional.linear(x, w))
     with pytest.raises(ValueError, match="weight"):
         skinny_linear(x, _rand(4, 9))
+
+
+def test_decode_kernels_aim_for_four_programs_per_sm(monkeypatch):
+    """The decode split heuristic (tuned on an H200): one 128K row with 4 KV heads on 132 SMs -> 1024-token splits."""
+    import sparse_hf.kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "num_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    assert dispatch.plan_splits(131072, 4, dev, programs_per_sm=dispatch.DECODE_PROGRAMS_PER_SM)[:2] == (1024, 128)
+    assert dispatch.plan_splits(131072, 4, dev)[:2] == (2048, 64)              # the default stays two per SM
