@@ -83,8 +83,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-#: Programs per SM the decode kernels aim for when they choose their own split (an H200 sweep, 2026-12-02: four per SM
-#: beat two by ~10% at one 128K row, split 1024 vs 2048, and at 8 rows of 4K, split 256 vs 512).
+#: Programs per SM the decode kernels aim for when they choose their own split. An H200 sweep (2026-12-02, single
+#: launches, so absolute times include launch overhead; the differences between splits are the kernel's) found split
+#: 1024 ~15 us faster than 2048 per call at one 128K row, and 256 a few us faster than 512 at 8 rows of 4K: both what
+#: four programs per SM choose. Not yet re-measured inside the engine's CUDA graph.
 DECODE_PROGRAMS_PER_SM = 4
 
 
