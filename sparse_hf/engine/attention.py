@@ -101,12 +101,23 @@ class PoolAttention:
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
         self.ctx: StepContext | None = None
+        self._stored_layer: int | None = None        # the layer whose K/V the model stored itself (kv_destination)
+
+    def kv_destination(self, layer: int):
+        """``(k_pool, v_pool, slot_mapping)`` where this step's new K/V of ``layer`` go (``[S, Hkv, D]`` twice,
+        ``[T]``), for a model that stores them in its fused RoPE kernel; the next ``attend(layer, ...)`` then skips
+        its own store. A backend that stores K/V elsewhere returns ``None`` (the model then leaves it to
+        ``attend``)."""
+        self._stored_layer = layer
+        return self.pool.k[layer], self.pool.v[layer], self.ctx.slot_mapping[self.pool.group_of[layer]]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` (post-RoPE) -> ``[T, H, D]``."""
         ctx = self.ctx
         g = self.pool.group_of[layer]
-        self.pool.write(layer, ctx.slot_mapping[g], k, v)
+        if self._stored_layer != layer:
+            self.pool.write(layer, ctx.slot_mapping[g], k, v)
+        self._stored_layer = None
         if ctx.segments:
             return self._prefill(layer, g, q, scale)
         return self._decode(layer, g, q, scale)

@@ -13,6 +13,7 @@ import torch
 
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
+from .decode_ahead import can_decode_ahead, launch_ahead, still_running, take_in_flight
 from .runner import plan_decode, plan_prefill
 from .scheduler import Scheduler
 from .tp import check_divisible, launched_by_torchrun
@@ -164,6 +165,9 @@ class LLM:
         self.output_processor = OutputProcessor(self.tokenizer or _NoText(), self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
+        #: Launch a decode step before the previous one's tokens are read (:mod:`.decode_ahead`); CUDA graphs only.
+        self.decode_ahead = self.device.type == "cuda" and self.driver is None
+        self.in_flight = None
         self._ids = itertools.count()
 
     @property
@@ -231,7 +235,15 @@ class LLM:
         """Run one step; returns the requests that got a token, finished or were aborted since the last step."""
         outputs = [r.output() for r in self._aborted]
         self._aborted.clear()
-        kind, batch = self.scheduler.schedule()
+        ahead = take_in_flight(self)
+        if ahead is not None:                       # the decode step launched during the previous step()
+            kind, (done, logits) = "ahead", ahead
+            for req in done:
+                if still_running(self, req):
+                    req.num_computed += 1
+                    req.kept_kv_tokens = self.pool.row_tokens(req.row)
+        else:
+            kind, batch = self.scheduler.schedule()
         if kind == "prefill":
             logits = self._run(plan_prefill(batch))
             for req, n in batch:
@@ -245,14 +257,19 @@ class LLM:
                 req.num_computed += 1
                 req.kept_kv_tokens = self.pool.row_tokens(req.row)
             done = batch
-        else:
+        elif kind != "ahead":
             return outputs
         if done:
             params = [r.params for r in done]
-            steps = torch.tensor([len(r.output_token_ids) for r in done], device=logits.device)
-            tokens = self.sampler(logits, params, steps, self.eos_token_ids).tolist()
+            steps = torch.tensor([len(r.output_token_ids) for r in done])          # host: no blocking copy
+            sampled = self.sampler(logits, params, steps, self.eos_token_ids)      # [B] on the device
+            if kind != "prefill" and self.decode_ahead and can_decode_ahead(self, done):
+                self.in_flight = launch_ahead(self, done, sampled)                 # before reading the tokens
+            tokens = sampled.tolist()
             now = time.perf_counter()
             for req, token in zip(done, tokens):
+                if kind == "ahead" and not still_running(self, req):
+                    continue                        # finished or aborted after this step was launched
                 self._append(req, int(token), now)
                 outputs.append(req.output())
         return outputs

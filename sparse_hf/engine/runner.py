@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .attention import PoolAttention, Segment, StepContext
+from .decode_inputs import DecodeInputs
 
 
 @dataclass
@@ -87,6 +88,8 @@ class ModelRunner:
         self.query_windows: dict[int, dict[int, torch.Tensor]] = {}
         # All slots of a row are live: the methods' ``valid`` masks are views of this (no allocation per call).
         self._all_valid = torch.ones(1, pool.num_kv_heads, pool.max_len, dtype=torch.bool, device=self.device)
+        #: Eager decode steps' inputs (a CUDA-graph step uses ``graphs.inputs``, the buffers its graphs read).
+        self.inputs = DecodeInputs(pool.max_rows, pool.num_groups, pool.scratch_slot, self.device)
 
     def run(self, plan) -> torch.Tensor | None:
         return self.prefill(plan) if isinstance(plan, PrefillPlan) else self.decode(plan)
@@ -154,25 +157,33 @@ class ModelRunner:
 
     # -- decode ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, plan: DecodePlan) -> torch.Tensor | None:
+    def decode(self, plan: DecodePlan, device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """One token for each row of the plan. Returns ``[B, V]`` float32 (``None`` if this rank computes no
-        logits)."""
+        logits); with CUDA graphs a view of the graphs' output buffer, valid until the next decode step.
+
+        Host work is kept off the GPU's path: the step's inputs go up in one pinned, non-blocking copy
+        (:class:`~.decode_inputs.DecodeInputs`), slot allocation writes the tables from those device inputs, and
+        nothing here waits for the GPU. ``device_ids``: ``[B]`` token ids already on the device, used instead of
+        ``plan.ids`` (a step launched before the previous step's tokens reach the host, :mod:`.decode_ahead`)."""
         pool = self.pool
         rows = plan.rows
         B = len(rows)
-        slot_mapping = pool.allocate(rows, [1] * B)                                  # [G, B]
-        ids = torch.tensor(plan.ids, device=self.device)
-        positions = torch.tensor(plan.positions, device=self.device)
-        lens_host = pool.lens[:, rows]                                               # [G, B]
-        width = int(lens_host.max())
-        if self.graphs is not None and self.graphs.can_run(B):
-            logits = self.graphs.run(ids, positions, slot_mapping, torch.tensor(rows, device=self.device),
-                                     torch.as_tensor(lens_host.astype(np.int32)).to(self.device), width)
+        lens_before = pool.lens[:, rows]                                              # [G, B] host
+        use_graph = self.graphs is not None and self.graphs.can_run(B)
+        inputs = self.graphs.inputs if use_graph else self.inputs
+        b = self.graphs.bucket(B) if use_graph else B
+        inputs.stage(plan.ids, plan.positions, rows, lens_before, b)
+        if device_ids is not None:
+            inputs.ids[:B].copy_(device_ids)
+        slots = pool.allocate_decode(rows, inputs.rows[:B], inputs.cols[:, :B])       # [G, B] int32
+        width = int(lens_before.max()) + 1
+        if use_graph:
+            logits = self.graphs.run(B, slots, width)
         else:
-            tables = pool.tables[:, torch.tensor(rows, device=self.device), :width]  # [G, B, width]
-            lens = torch.as_tensor(lens_host.astype(np.int32)).to(self.device)
-            self.attention.ctx = StepContext(slot_mapping, tables=tables, lens=lens)
-            hidden = self.model(ids, positions)
+            lens = inputs.lens[:, :B]
+            tables = pool.tables[:, :, :width].index_select(1, inputs.rows[:B])       # [G, B, width]
+            self.attention.ctx = StepContext(slots.long(), tables=tables, lens=lens)
+            hidden = self.model(inputs.ids[:B], inputs.positions[:B])
             logits = self.model.logits(hidden) if self.compute_logits else None
             self.attention.ctx = None
         if self.evicts and self.method.evicts_during_decode:
