@@ -62,6 +62,8 @@ def run_case(llm, length: int, batch: int, new_tokens: int, bandwidth: float | N
                   step_ms=round(step * 1e3, 3) if step else None, total_s=round(total, 3))
     if cuda:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(llm.device) / 2**30, 2)
+        held = weight_bytes + sum(t.numel() * t.element_size() for t in llm.pool.k + llm.pool.v)
+        result["peak_beyond_weights_kv_gib"] = round((torch.cuda.max_memory_allocated(llm.device) - held) / 2**30, 2)
     if bandwidth and step:
         m = llm.model
         token_bytes = 2 * m.num_kv_heads * m.head_dim * llm.pool.k[0].element_size()   # one token, one layer

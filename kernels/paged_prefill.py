@@ -175,6 +175,10 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         return out
     if tiles is None:
         tiles = prefill_tiles(segments, block_m, q.device)
+    elif tiles.shape != (sum(-(-s[2] // block_m) for s in segments), 5) or tiles.device != q.device:
+        raise ValueError(f"tiles {tuple(tiles.shape)} on {tiles.device} do not match these segments at BLOCK_M="
+                         f"{block_m}; build them with prefill_tiles(segments, launch_config(segments, device, "
+                         f"config)[0], device)")
     qk = q if q.dtype == k_pool.dtype else q.to(k_pool.dtype)
     dot_f32, prec = dot_config(_paged_prefill_kernel, k_pool.dtype)
     _paged_prefill_kernel[(H, tiles.shape[0])](

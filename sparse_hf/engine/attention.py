@@ -2,12 +2,15 @@
 
 ``PoolAttention.attend(layer, q, k, v, scale)`` first stores the step's K/V at their slots, then:
 
-- prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally, by
-  gathering the row's slots and running SDPA with a lower-right causal bias (a Triton kernel over the slot table is a
-  later optimisation);
+- prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally (lower-right).
+  On CUDA one launch of :func:`~sparse_hf.kernels.paged_prefill_attention` serves every chunk of the step, reading
+  K/V in place through the slot tables (no copy of the context); elsewhere (CPU) each chunk gathers its row's slots
+  and runs SDPA with a lower-right causal bias (:func:`chunk_attention`);
 - decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
   (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
-  every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read.
+  every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read;
+- mixed (``ctx.segments`` and ``ctx.tables``): the step's first ``sum(seg.length)`` tokens are prompt chunks (as
+  in prefill), the rest one decode token per row of ``ctx.tables`` (as in decode).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attention, sparse_decode_attention
+from sparse_hf.kernels.dispatch import kernels_run_fused
+from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
 
 
 @dataclass
@@ -39,10 +44,11 @@ class StepContext:
 
     Attributes:
         slot_mapping: ``[G, T]`` long, slot of each new token per slot group.
-        segments: prefill chunks (empty for a decode step).
-        tables: decode only, ``[G, B, W]`` int32 slot tables of the batch rows.
-        lens: decode only, ``[G, B]`` int32 slots per row (the new token included).
+        segments: prefill chunks (empty for a decode step); in a mixed step they are the first tokens.
+        tables: decode rows only, ``[G, B, W]`` int32 slot tables of the batch rows (``None``: no decode rows).
+        lens: decode rows only, ``[G, B]`` int32 slots per row (the new token included).
         window: prompt queries to remember per chunk (the method's observation window; 0 = none).
+        prefill_tiles: the paged prefill kernel's work list, built at the step's first layer (``None`` before).
     """
 
     slot_mapping: torch.Tensor
@@ -51,6 +57,11 @@ class StepContext:
     lens: torch.Tensor | None = None
     window: int = 0
     selection: torch.Tensor | None = None            # OmniKV: [B, K] slot ids (-1 = none) of the current step
+    prefill_tiles: torch.Tensor | None = None
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(seg.length for seg in self.segments)
 
 
 def pool_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
@@ -103,20 +114,32 @@ class PoolAttention:
         ctx = self.ctx
         g = self.pool.group_of[layer]
         self.pool.write(layer, ctx.slot_mapping[g], k, v)
-        if ctx.segments:
+        if not ctx.segments:
+            return self._decode(layer, g, q, scale)
+        if ctx.tables is None:
             return self._prefill(layer, g, q, scale)
-        return self._decode(layer, g, q, scale)
+        n = ctx.num_prefill_tokens                                               # a mixed step
+        return torch.cat([self._prefill(layer, g, q[:n], scale), self._decode(layer, g, q[n:], scale)])
 
     def _prefill(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Every chunk of the step: one paged-kernel launch on CUDA, SDPA per chunk elsewhere."""
         ctx, pool = self.ctx, self.pool
+        if ctx.window:
+            for seg in ctx.segments:
+                seg.windows[layer] = q[seg.start + seg.length - min(ctx.window, seg.length):
+                                       seg.start + seg.length].transpose(0, 1)       # [H, w, D]
+        if kernels_run_fused(q):
+            segments = [(seg.row, seg.start, seg.length, seg.context) for seg in ctx.segments]
+            if ctx.prefill_tiles is None:
+                ctx.prefill_tiles = prefill_tiles(segments, launch_config(segments, q.device)[0], q.device)
+            return paged_prefill_attention(q, pool.k[layer], pool.v[layer], pool.tables[g], segments, scale,
+                                           tiles=ctx.prefill_tiles)
         out = torch.empty_like(q)
         for seg in ctx.segments:
             slots = pool.tables[g, seg.row, : seg.context].long()
             qs = q[seg.start: seg.start + seg.length]
             out[seg.start: seg.start + seg.length] = chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots],
                                                                      scale)
-            if ctx.window:
-                seg.windows[layer] = qs[-ctx.window:].transpose(0, 1)          # [H, w, D]
         return out
 
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
