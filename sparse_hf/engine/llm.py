@@ -13,7 +13,7 @@ import torch
 
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
-from .runner import plan_decode, plan_prefill
+from .runner import plan_decode, plan_mixed, plan_prefill
 from .scheduler import Scheduler
 from .tp import check_divisible, launched_by_torchrun
 from .weights import iter_safetensors
@@ -138,10 +138,11 @@ class LLM:
 
     def __init__(self, model, tokenizer=None, *, dtype=None, device=None, max_model_len=None,
                  gpu_memory_utilization=0.9, max_num_seqs=64, max_num_batched_tokens=8192, chunk_prefill_size=2048,
-                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1, **sparse_knobs):
+                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1, mixed_steps=True,
+                 **sparse_knobs):
         self.config = EngineConfig(max_model_len, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
-                                   sparse_method)
+                                   sparse_method, mixed_steps)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
         device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype or default_dtype(device)
@@ -238,21 +239,23 @@ class LLM:
         outputs = [r.output() for r in self._aborted]
         self._aborted.clear()
         kind, batch = self.scheduler.schedule()
+        chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
         if kind == "prefill":
-            logits = self._run(plan_prefill(batch))
-            for req, n in batch:
-                req.num_computed += n
-            done = [req for req, _ in batch if req.num_computed == req.num_tokens]
-            for req in done:
-                req.kept_kv_tokens = self.pool.row_tokens(req.row)
+            logits = self._run(plan_prefill(chunks))
         elif kind == "decode":
-            logits = self._run(plan_decode(batch))
-            for req in batch:
-                req.num_computed += 1
-                req.kept_kv_tokens = self.pool.row_tokens(req.row)
-            done = batch
+            logits = self._run(plan_decode(decoding))
+        elif kind == "mixed":
+            logits = self._run(plan_mixed(chunks, decoding))      # logits: completed prompts, then decode rows
         else:
             return outputs
+        for req, n in chunks:
+            req.num_computed += n
+        done = [req for req, _ in chunks if req.num_computed == req.num_tokens]
+        for req in decoding:
+            req.num_computed += 1
+        done += decoding
+        for req in done:
+            req.kept_kv_tokens = self.pool.row_tokens(req.row)
         if done:
             params = [r.params for r in done]
             steps = torch.tensor([len(r.output_token_ids) for r in done], device=logits.device)
