@@ -58,6 +58,20 @@ def row(kind: str, name: str, seconds: float | None, n_pairs: int, **extra) -> d
     return r
 
 
+def per_backend(kind: str, name: str, fn, n_pairs: int, reps: int) -> list[dict]:
+    """``fn`` timed under each SDPA backend alone (``None`` where that backend cannot run it)."""
+    rows = []
+    for backend_name, backend in BACKENDS.items():
+        try:
+            with sdpa_kernel([backend]):
+                t = timed(fn, reps)
+        except Exception as e:
+            t = None
+            print(json.dumps(dict(kind="error", backend=backend_name, error=str(e)[:200])), flush=True)
+        rows.append(row(kind, f"{name} {backend_name}", t, n_pairs))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=131072)
@@ -102,14 +116,7 @@ def main(argv=None) -> int:
         return chunk_attention(qc, k_pool[s], v_pool[s], scale)
 
     results.append(row("last_chunk", "sdpa gathered (engine before)", timed(gathered_sdpa), pairs(n, L)))
-    for name, backend in BACKENDS.items():
-        try:
-            with sdpa_kernel([backend]):
-                t = timed(gathered_sdpa)
-        except Exception as e:
-            t = None
-            print(json.dumps(dict(kind="error", backend=name, error=str(e)[:200])), flush=True)
-        results.append(row("last_chunk", f"sdpa gathered {name}", t, pairs(n, L)))
+    results += per_backend("last_chunk", "sdpa gathered", gathered_sdpa, pairs(n, L), 3)
     if not args.skip_whole:
         chunks = [(0, 0, min(n, L - s), s + min(n, L - s)) for s in range(0, L, n)]   # q is sliced per chunk
         best = min((r for r in results if r.get("name") == "triton contiguous" and r["ms"]), key=lambda r: r["ms"])
@@ -131,14 +138,7 @@ def main(argv=None) -> int:
             return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
 
         results.append(row("whole_prompt", "sdpa one call (HF)", timed(hf_whole, 2), total_pairs))
-        for name, backend in BACKENDS.items():
-            try:
-                with sdpa_kernel([backend]):
-                    t = timed(hf_whole, 2)
-            except Exception as e:
-                t = None
-                print(json.dumps(dict(kind="error", backend=name, error=str(e)[:200])), flush=True)
-            results.append(row("whole_prompt", f"sdpa one call {name}", t, total_pairs))
+        results += per_backend("whole_prompt", "sdpa one call", hf_whole, total_pairs, 2)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
