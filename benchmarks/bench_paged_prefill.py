@@ -58,6 +58,36 @@ def row(kind: str, name: str, seconds: float | None, n_pairs: int, **extra) -> d
     return r
 
 
+def _sdpa_lse(op: str, q, k, v, causal: bool, scale: float):
+    """``(out [1, H, n, D], lse [1, H, n] natural log)`` of one SDPA kernel called directly (GQA: K/V heads are
+    repeated when the kernel refuses fewer KV heads)."""
+    def call(kk, vv):
+        if op == "flash":
+            r = torch.ops.aten._scaled_dot_product_flash_attention(q, kk, vv, 0.0, causal, False, scale=scale)
+        else:
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, kk, vv, None, True, 0.0, causal, False,
+                                                                    scale=scale)
+        return r[0], r[1].reshape(q.shape[:3]).float()
+    try:
+        return call(k, v)
+    except RuntimeError:
+        G = q.shape[1] // k.shape[1]
+        return call(k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1))
+
+
+def split_attention(op: str, q, k_prefix, v_prefix, k_self, v_self, scale: float):
+    """A chunk's attention as SDPA over its earlier keys (no mask) plus causal SDPA over its own keys, merged by
+    log-sum-exp: ``q`` ``[1, H, n, D]``, K/V ``[1, Hkv, *, D]``. The SDPA route to lower-right causal attention
+    that keeps the fastest (unmasked / square-causal) kernels."""
+    o2, l2 = _sdpa_lse(op, q, k_self, v_self, True, scale)
+    if k_prefix.shape[2] == 0:
+        return o2
+    o1, l1 = _sdpa_lse(op, q, k_prefix, v_prefix, False, scale)
+    m = torch.maximum(l1, l2)
+    w1, w2 = (l1 - m).exp().unsqueeze(-1), (l2 - m).exp().unsqueeze(-1)
+    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+
+
 def per_backend(kind: str, name: str, fn, n_pairs: int, reps: int) -> list[dict]:
     """``fn`` timed under each SDPA backend alone (``None`` where that backend cannot run it)."""
     rows = []
@@ -117,6 +147,23 @@ def main(argv=None) -> int:
 
     results.append(row("last_chunk", "sdpa gathered (engine before)", timed(gathered_sdpa), pairs(n, L)))
     results += per_backend("last_chunk", "sdpa gathered", gathered_sdpa, pairs(n, L), 3)
+
+    def split_chunk(op, table, q_chunk, context):
+        s = table[0, :context].long()
+        k, v = k_pool[s].transpose(0, 1).unsqueeze(0), v_pool[s].transpose(0, 1).unsqueeze(0)
+        m = q_chunk.shape[0]
+        return split_attention(op, q_chunk.transpose(0, 1).unsqueeze(0), k[:, :, :context - m], v[:, :, :context - m],
+                               k[:, :, context - m:], v[:, :, context - m:], scale)[0].transpose(0, 1)
+
+    for op in ("flash", "cudnn"):
+        try:
+            err = float((split_chunk(op, shuffled, qc, L).float() - want.float()).abs().max())
+            t = timed(lambda: split_chunk(op, shuffled, qc, L))
+        except Exception as e:
+            t, err = None, None
+            print(json.dumps(dict(kind="error", split=op, error=str(e)[:200])), flush=True)
+        results.append(row("last_chunk", f"sdpa split prefix+diagonal {op} (gathered)", t, pairs(n, L),
+                           max_abs_err=err))
     if not args.skip_whole:
         chunks = [(0, 0, min(n, L - s), s + min(n, L - s)) for s in range(0, L, n)]   # q is sliced per chunk
         best = min((r for r in results if r.get("name") == "triton contiguous" and r["ms"]), key=lambda r: r["ms"])
@@ -139,6 +186,16 @@ def main(argv=None) -> int:
 
         results.append(row("whole_prompt", "sdpa one call (HF)", timed(hf_whole, 2), total_pairs))
         results += per_backend("whole_prompt", "sdpa one call", hf_whole, total_pairs, 2)
+        for op in ("flash", "cudnn"):
+            def split_whole():
+                for c in chunks:
+                    split_chunk(op, contiguous, q[c[3] - c[2]: c[3]], c[3])
+            try:
+                t = timed(split_whole, 2)
+            except Exception as e:
+                t = None
+                print(json.dumps(dict(kind="error", split=op, error=str(e)[:200])), flush=True)
+            results.append(row("whole_prompt", f"sdpa split chunked {op}", t, total_pairs))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=1)
