@@ -137,12 +137,17 @@ def main(argv=None) -> int:
                    help="also a load test: N requests, prompt lengths MIN..MAX, NEW output tokens each, arriving "
                         "together and as a Poisson stream (e.g. 64,1024,32768,256)")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate of the load test (requests/s)")
+    p.add_argument("--prefill-route", default=None,
+                   help="how prompt chunks attend: paged, split, gather, or a comma list to run the cases under each "
+                        "(default: the engine's choice; see PoolAttention._prefill)")
     p.add_argument("--load-arrivals", default="together,poisson", help="which load arrivals to run (comma list)")
     p.add_argument("--load-mixed", default="on,off", help="load test with mixed steps on, off, or both (comma list)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short cases")
     p.add_argument("--output", default=None, help="write the JSON here (default: stdout only)")
     args = p.parse_args(argv)
     extra = {}
+    if args.prefill_route and not set(args.prefill_route.split(",")) <= {"paged", "split", "gather"}:
+        p.error(f"--prefill-route {args.prefill_route!r}: expected a comma list of paged, split, gather")
     if args.small:
         args.shape, args.cases, args.new_tokens, args.budget, args.chunk_prefill_size = "tiny", "96x2,160x1", 4, 48, 64
         args.load = "6,16,64,4"
@@ -171,9 +176,11 @@ def main(argv=None) -> int:
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up: kernels, graphs
-        for length, batch in cases:
+        routes = args.prefill_route.split(",") if args.prefill_route else [llm.runner.attention.prefill_route]
+        for route, (length, batch) in [(route, case) for route in routes for case in cases]:
+            llm.runner.attention.prefill_route = route
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
-            r.update(method=method, knobs=knobs)
+            r.update(method=method, knobs=knobs, prefill_route=llm.runner.attention.prefill_route)
             report["results"].append(r)
             print(json.dumps(r), flush=True)
         if load is not None:

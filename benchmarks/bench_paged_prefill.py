@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sparse_hf.engine import sdpa_split
 from sparse_hf.engine.attention import chunk_attention
+from sparse_hf.engine.sdpa_split import split_chunk_attention
 from sparse_hf.kernels.paged_prefill import CONFIGS, launch_config, paged_prefill_attention, prefill_tiles
 
 H, HKV, D = 28, 4, 128
@@ -58,34 +60,10 @@ def row(kind: str, name: str, seconds: float | None, n_pairs: int, **extra) -> d
     return r
 
 
-def _sdpa_lse(op: str, q, k, v, causal: bool, scale: float):
-    """``(out [1, H, n, D], lse [1, H, n] natural log)`` of one SDPA kernel called directly (GQA: K/V heads are
-    repeated when the kernel refuses fewer KV heads)."""
-    def call(kk, vv):
-        if op == "flash":
-            r = torch.ops.aten._scaled_dot_product_flash_attention(q, kk, vv, 0.0, causal, False, scale=scale)
-        else:
-            r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, kk, vv, None, True, 0.0, causal, False,
-                                                                    scale=scale)
-        return r[0], r[1].reshape(q.shape[:3]).float()
-    try:
-        return call(k, v)
-    except RuntimeError:
-        G = q.shape[1] // k.shape[1]
-        return call(k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1))
-
-
-def split_attention(op: str, q, k_prefix, v_prefix, k_self, v_self, scale: float):
-    """A chunk's attention as SDPA over its earlier keys (no mask) plus causal SDPA over its own keys, merged by
-    log-sum-exp: ``q`` ``[1, H, n, D]``, K/V ``[1, Hkv, *, D]``. The SDPA route to lower-right causal attention
-    that keeps the fastest (unmasked / square-causal) kernels."""
-    o2, l2 = _sdpa_lse(op, q, k_self, v_self, True, scale)
-    if k_prefix.shape[2] == 0:
-        return o2
-    o1, l1 = _sdpa_lse(op, q, k_prefix, v_prefix, False, scale)
-    m = torch.maximum(l1, l2)
-    w1, w2 = (l1 - m).exp().unsqueeze(-1), (l2 - m).exp().unsqueeze(-1)
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+def use_split_kernel(op: str) -> None:
+    """Make the engine's split route use SDPA kernel ``op`` only (``"cudnn"`` or ``"flash"``)."""
+    sdpa_split.KERNELS = (op,)
+    sdpa_split._working.clear()
 
 
 def per_backend(kind: str, name: str, fn, n_pairs: int, reps: int) -> list[dict]:
@@ -148,22 +126,23 @@ def main(argv=None) -> int:
     results.append(row("last_chunk", "sdpa gathered (engine before)", timed(gathered_sdpa), pairs(n, L)))
     results += per_backend("last_chunk", "sdpa gathered", gathered_sdpa, pairs(n, L), 3)
 
-    def split_chunk(op, table, q_chunk, context):
-        s = table[0, :context].long()
-        k, v = k_pool[s].transpose(0, 1).unsqueeze(0), v_pool[s].transpose(0, 1).unsqueeze(0)
+    def split_chunk(table, q_chunk, context):
+        """The engine's split route for one chunk: earlier slots gathered, own K/V as the step holds them."""
         m = q_chunk.shape[0]
-        return split_attention(op, q_chunk.transpose(0, 1).unsqueeze(0), k[:, :, :context - m], v[:, :, :context - m],
-                               k[:, :, context - m:], v[:, :, context - m:], scale)[0].transpose(0, 1)
+        s = table[0, :context - m].long()
+        own = table[0, context - m: context].long()
+        return split_chunk_attention(q_chunk, k_pool[s], v_pool[s], k_pool[own], v_pool[own], scale)
 
     for op in ("flash", "cudnn"):
+        use_split_kernel(op)
         try:
-            err = float((split_chunk(op, shuffled, qc, L).float() - want.float()).abs().max())
-            t = timed(lambda: split_chunk(op, shuffled, qc, L))
+            err = float((split_chunk(shuffled, qc, L).float() - want.float()).abs().max())
+            t = timed(lambda: split_chunk(shuffled, qc, L))
         except Exception as e:
             t, err = None, None
             print(json.dumps(dict(kind="error", split=op, error=str(e)[:200])), flush=True)
         results.append(row("last_chunk", f"sdpa split prefix+diagonal {op} (gathered)", t, pairs(n, L),
-                           max_abs_err=err))
+                           max_abs_err=err, kernel_used=sdpa_split._working.get(False)))
     if not args.skip_whole:
         chunks = [(0, 0, min(n, L - s), s + min(n, L - s)) for s in range(0, L, n)]   # q is sliced per chunk
         best = min((r for r in results if r.get("name") == "triton contiguous" and r["ms"]), key=lambda r: r["ms"])
@@ -187,9 +166,11 @@ def main(argv=None) -> int:
         results.append(row("whole_prompt", "sdpa one call (HF)", timed(hf_whole, 2), total_pairs))
         results += per_backend("whole_prompt", "sdpa one call", hf_whole, total_pairs, 2)
         for op in ("flash", "cudnn"):
+            use_split_kernel(op)
+
             def split_whole():
                 for c in chunks:
-                    split_chunk(op, contiguous, q[c[3] - c[2]: c[3]], c[3])
+                    split_chunk(contiguous, q[c[3] - c[2]: c[3]], c[3])
             try:
                 t = timed(split_whole, 2)
             except Exception as e:

@@ -4,8 +4,10 @@
 
 - prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally (lower-right).
   On CUDA one launch of :func:`~sparse_hf.kernels.paged_prefill_attention` serves every chunk of the step, reading
-  K/V in place through the slot tables (no copy of the context); elsewhere (CPU) each chunk gathers its row's slots
-  and runs SDPA with a lower-right causal bias (:func:`chunk_attention`);
+  K/V in place through the slot tables (no copy of the context), or (``prefill_route="split"``) SDPA's fused kernels
+  run each chunk as unmasked attention over its earlier slots plus square-causal attention over itself, merged
+  (:mod:`.sdpa_split`); elsewhere (CPU) each chunk gathers its row's slots and runs SDPA with a lower-right causal
+  bias (:func:`chunk_attention`);
 - decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
   (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
   every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read;
@@ -24,6 +26,8 @@ from torch.nn.attention.bias import causal_lower_right
 from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attention, sparse_decode_attention
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
+
+from .sdpa_split import split_chunk_attention
 
 
 @dataclass
@@ -107,6 +111,8 @@ class PoolAttention:
         self.reduce_scores = tp.all_reduce_max if tp is not None and tp.size > 1 else None
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
+        #: How prompt chunks attend (see :meth:`_prefill`): the paged kernel where Triton runs, else SDPA.
+        self.prefill_route = "paged" if kernels_run_fused(pool.k[0]) else "gather"
         self.ctx: StepContext | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -117,29 +123,38 @@ class PoolAttention:
         if not ctx.segments:
             return self._decode(layer, g, q, scale)
         if ctx.tables is None:
-            return self._prefill(layer, g, q, scale)
+            return self._prefill(layer, g, q, k, v, scale)
         n = ctx.num_prefill_tokens                                               # a mixed step
-        return torch.cat([self._prefill(layer, g, q[:n], scale), self._decode(layer, g, q[n:], scale)])
+        return torch.cat([self._prefill(layer, g, q[:n], k[:n], v[:n], scale), self._decode(layer, g, q[n:], scale)])
 
-    def _prefill(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Every chunk of the step: one paged-kernel launch on CUDA, SDPA per chunk elsewhere."""
+    def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """Every chunk of the step, by :attr:`prefill_route`: ``"paged"`` one paged-kernel launch for all chunks,
+        ``"split"`` SDPA per chunk over its gathered earlier slots plus its own K/V (``k``, ``v``: the step's),
+        ``"gather"`` SDPA per chunk over its gathered slots with a lower-right causal bias."""
         ctx, pool = self.ctx, self.pool
         if ctx.window:
             for seg in ctx.segments:
                 seg.windows[layer] = q[seg.start + seg.length - min(ctx.window, seg.length):
                                        seg.start + seg.length].transpose(0, 1)       # [H, w, D]
-        if kernels_run_fused(q):
+        if self.prefill_route == "paged":
             segments = [(seg.row, seg.start, seg.length, seg.context) for seg in ctx.segments]
             if ctx.prefill_tiles is None:
                 ctx.prefill_tiles = prefill_tiles(segments, launch_config(segments, q.device)[0], q.device)
             return paged_prefill_attention(q, pool.k[layer], pool.v[layer], pool.tables[g], segments, scale,
-                                           tiles=ctx.prefill_tiles)
+                                           self.backend, tiles=ctx.prefill_tiles)
         out = torch.empty_like(q)
         for seg in ctx.segments:
-            slots = pool.tables[g, seg.row, : seg.context].long()
             qs = q[seg.start: seg.start + seg.length]
-            out[seg.start: seg.start + seg.length] = chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots],
-                                                                     scale)
+            if self.prefill_route == "split":
+                slots = pool.tables[g, seg.row, : seg.context - seg.length].long()
+                own = slice(seg.start, seg.start + seg.length)
+                o = split_chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots], k[own].to(qs.dtype),
+                                          v[own].to(qs.dtype), scale)
+            else:
+                slots = pool.tables[g, seg.row, : seg.context].long()
+                o = chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots], scale)
+            out[seg.start: seg.start + seg.length] = o
         return out
 
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
