@@ -61,8 +61,10 @@ def row(kind: str, name: str, seconds: float | None, n_pairs: int, **extra) -> d
 
 
 def use_split_kernel(op: str) -> None:
-    """Make the engine's split route use SDPA kernel ``op`` only (``"cudnn"`` or ``"flash"``)."""
+    """Make the engine's split route use SDPA kernel ``op`` only (``"cudnn"`` or ``"flash"``; KV heads repeated
+    where the kernel refuses GQA)."""
     sdpa_split.KERNELS = (op,)
+    sdpa_split.ALLOW_REPEAT = True
     sdpa_split._working.clear()
 
 

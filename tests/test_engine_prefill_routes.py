@@ -8,17 +8,16 @@ import torch
 
 from engine_helpers import engine_tokens, random_prompts
 from helpers import tiny_model
-from sparse_hf.engine import LLM, sdpa_split
+from sparse_hf.engine import LLM, attention, sdpa_split
 from sparse_hf.engine.attention import chunk_attention
 
 KNOBS = dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8, window_size=8)
 
 
 def math_sdpa(kernel, q, k, v, causal, scale):
-    """What the fused SDPA ops return, in plain torch: ``(out, natural-log lse)``; refuses fewer KV heads like a
-    kernel without GQA would (so the head-repeat fallback runs too)."""
-    if k.shape[1] != q.shape[1]:
-        raise RuntimeError("stand-in: no GQA")
+    """What the fused SDPA ops return (cuDNN: GQA allowed), in plain torch: ``(out, natural-log lse)``."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     s = q.float() @ k.float().transpose(-1, -2) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
@@ -41,23 +40,51 @@ def test_split_chunk_attention_equals_lower_right_causal(split_on_cpu):
     torch.testing.assert_close(first, chunk_attention(q, k[:7], v[:7], 0.3), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", [None, "snapkv"], ids=["vanilla", "snapkv"])
-def test_prefill_routes_give_equal_outputs(method, split_on_cpu):
-    """Chunked prompts (several chunks per prompt, several prompts per step) with mixed steps; snapkv also checks
-    the observation-window queries each route records."""
+def routes_tokens(method, routes, prompts, new_tokens=6):
     model = tiny_model("llama", layers=2)
-    prompts = random_prompts((37, 21, 50), seed=7)
     tokens = {}
-    for route, backend in (("gather", "torch"), ("paged", "torch"), ("paged", "triton"), ("split", "torch")):
+    for route, backend in routes:
         llm = LLM(model, num_kv_slots=512, max_model_len=96, chunk_prefill_size=16, max_num_batched_tokens=24,
                   sparse_method=method, **(KNOBS if method else {}))
         llm.runner.attention.prefill_route = route
-        if route == "paged":
-            llm.runner.attention.backend = backend         # "triton": the kernel under the interpreter
-        tokens[route, backend] = engine_tokens(llm, prompts, 6)
+        llm.runner.attention.backend = backend             # "triton": the paged kernel under the interpreter
+        tokens[route, backend] = engine_tokens(llm, prompts, new_tokens)
+        assert llm.runner.attention.prefill_route == route
         llm.pool.check_whole()
+    return tokens
+
+
+@pytest.mark.parametrize("method", [None, "snapkv"], ids=["vanilla", "snapkv"])
+def test_prefill_routes_give_equal_outputs(method, split_on_cpu, monkeypatch):
+    """Chunked prompts (several chunks per prompt, several prompts per step) with mixed steps; snapkv also checks
+    the observation-window queries each route records. ``auto`` splits the chunks of at least 12 queries here and
+    runs the others through one paged launch."""
+    monkeypatch.setattr(attention, "SPLIT_MIN_QUERIES", 12)
+    prompts = random_prompts((37, 21, 50), seed=7)
+    tokens = routes_tokens(method, [("gather", "torch"), ("paged", "torch"), ("paged", "triton"),
+                                    ("split", "torch"), ("auto", "torch")], prompts)
     first = tokens["gather", "torch"]
     assert all(t == first for t in tokens.values()), tokens
+
+
+def test_auto_route_falls_back_to_paged_without_cudnn(monkeypatch):
+    """Where no cuDNN kernel takes the split route, ``auto`` runs the paged kernel from then on (same output)."""
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("stand-in: no cuDNN here")
+
+    monkeypatch.setattr(sdpa_split, "_call", no_kernel)
+    monkeypatch.setattr(sdpa_split, "_working", {})
+    monkeypatch.setattr(attention, "SPLIT_MIN_QUERIES", 12)
+    model = tiny_model("llama", layers=2)
+    prompts = random_prompts((37, 21), seed=8)
+    llm = LLM(model, num_kv_slots=512, max_model_len=96, chunk_prefill_size=16)
+    llm.runner.attention.prefill_route = "auto"
+    got = engine_tokens(llm, prompts, 5)
+    assert llm.runner.attention.prefill_route == "paged"
+    assert got == engine_tokens(LLM(model, num_kv_slots=512, max_model_len=96, chunk_prefill_size=16), prompts, 5)
+    llm.runner.attention.prefill_route = "split"
+    with pytest.raises(sdpa_split.SplitUnavailable, match="paged"):
+        engine_tokens(llm, prompts[:1], 1)
 
 
 @pytest.mark.gpu

@@ -27,7 +27,11 @@ from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attent
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
 
-from .sdpa_split import split_chunk_attention
+from .sdpa_split import SplitUnavailable, split_chunk_attention
+
+#: A chunk of at least this many queries takes the split cuDNN route under ``prefill_route="auto"``; shorter ones
+#: share one paged-kernel launch (per-call overhead would dominate two SDPA calls and a merge per small chunk).
+SPLIT_MIN_QUERIES = 1024
 
 
 @dataclass
@@ -111,8 +115,8 @@ class PoolAttention:
         self.reduce_scores = tp.all_reduce_max if tp is not None and tp.size > 1 else None
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
-        #: How prompt chunks attend (see :meth:`_prefill`): the paged kernel where Triton runs, else SDPA.
-        self.prefill_route = "paged" if kernels_run_fused(pool.k[0]) else "gather"
+        #: How prompt chunks attend (see :meth:`_prefill`): ``"auto"`` where Triton runs (CUDA), else ``"gather"``.
+        self.prefill_route = "auto" if kernels_run_fused(pool.k[0]) else "gather"
         self.ctx: StepContext | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -129,32 +133,48 @@ class PoolAttention:
 
     def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
-        """Every chunk of the step, by :attr:`prefill_route`: ``"paged"`` one paged-kernel launch for all chunks,
-        ``"split"`` SDPA per chunk over its gathered earlier slots plus its own K/V (``k``, ``v``: the step's),
-        ``"gather"`` SDPA per chunk over its gathered slots with a lower-right causal bias."""
+        """Every chunk of the step (``k``, ``v``: the step's own K/V), by :attr:`prefill_route`:
+
+        - ``"paged"``: one launch of the paged Triton kernel for every chunk;
+        - ``"split"``: per chunk, cuDNN SDPA over its gathered earlier slots plus its own K/V (:mod:`.sdpa_split`);
+        - ``"auto"`` (CUDA): chunks of at least :data:`SPLIT_MIN_QUERIES` queries split, the rest paged; where
+          cuDNN cannot run the split route, paged from then on;
+        - ``"gather"`` (CPU): per chunk, SDPA over its gathered slots with a lower-right causal bias.
+        """
         ctx, pool = self.ctx, self.pool
         if ctx.window:
             for seg in ctx.segments:
                 seg.windows[layer] = q[seg.start + seg.length - min(ctx.window, seg.length):
                                        seg.start + seg.length].transpose(0, 1)       # [H, w, D]
-        if self.prefill_route == "paged":
-            segments = [(seg.row, seg.start, seg.length, seg.context) for seg in ctx.segments]
-            if ctx.prefill_tiles is None:
-                ctx.prefill_tiles = prefill_tiles(segments, launch_config(segments, q.device)[0], q.device)
-            return paged_prefill_attention(q, pool.k[layer], pool.v[layer], pool.tables[g], segments, scale,
-                                           self.backend, tiles=ctx.prefill_tiles)
-        out = torch.empty_like(q)
-        for seg in ctx.segments:
-            qs = q[seg.start: seg.start + seg.length]
-            if self.prefill_route == "split":
-                slots = pool.tables[g, seg.row, : seg.context - seg.length].long()
-                own = slice(seg.start, seg.start + seg.length)
-                o = split_chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots], k[own].to(qs.dtype),
-                                          v[own].to(qs.dtype), scale)
-            else:
+        route = self.prefill_route
+        if route == "gather":
+            out = torch.empty_like(q)
+            for seg in ctx.segments:
                 slots = pool.tables[g, seg.row, : seg.context].long()
-                o = chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots], scale)
-            out[seg.start: seg.start + seg.length] = o
+                out[seg.start: seg.start + seg.length] = chunk_attention(
+                    q[seg.start: seg.start + seg.length], pool.k[layer][slots], pool.v[layer][slots], scale)
+            return out
+        splits = [route == "split" or (route == "auto" and seg.length >= SPLIT_MIN_QUERIES) for seg in ctx.segments]
+        split = [seg for seg, s in zip(ctx.segments, splits) if s]
+        paged = [(seg.row, seg.start, seg.length, seg.context) for seg, s in zip(ctx.segments, splits) if not s]
+        out = None
+        if paged:
+            if ctx.prefill_tiles is None:
+                ctx.prefill_tiles = prefill_tiles(paged, launch_config(paged, q.device)[0], q.device)
+            out = paged_prefill_attention(q, pool.k[layer], pool.v[layer], pool.tables[g], paged, scale,
+                                          self.backend, tiles=ctx.prefill_tiles)
+        out = torch.empty_like(q) if out is None else out
+        for seg in split:
+            slots = pool.tables[g, seg.row, : seg.context - seg.length].long()
+            own = slice(seg.start, seg.start + seg.length)
+            try:
+                out[own] = split_chunk_attention(q[own], pool.k[layer][slots], pool.v[layer][slots],
+                                                 k[own].to(q.dtype), v[own].to(q.dtype), scale)
+            except SplitUnavailable:
+                if route == "split":
+                    raise
+                self.prefill_route, ctx.prefill_tiles = "paged", None              # no cuDNN here: paged from now on
+                return self._prefill(layer, g, q, k, v, scale)
         return out
 
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -98,8 +98,8 @@ class DecodeGraphs:
 def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
     ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
-    gathered K/V, and head-repeated K/V in case SDPA lacks GQA), estimated from shapes; none where the paged
-    prefill kernel runs."""
+    gathered K/V, and head-repeated K/V in case SDPA lacks GQA; only the gathered K/V where Triton runs), estimated
+    from shapes."""
     from sparse_hf.kernels.dispatch import kernels_run_fused
 
     from .attention import PoolAttention, Segment
@@ -125,7 +125,8 @@ def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, devic
     torch.cuda.empty_cache()
     elt = torch.tensor([], dtype=dtype).element_size()
     H, Hkv, D = model.num_heads, model.num_kv_heads, model.head_dim
-    # The paged prefill kernel reads the context in place: no gathered copy (the SDPA path's extra) on CUDA.
+    # Where Triton runs, a chunk reads the context in place (paged kernel) or gathers only its earlier K/V (the split
+    # cuDNN route); elsewhere SDPA gathers K/V and may repeat them per query head.
     fused = kernels_run_fused(torch.empty(0, dtype=dtype, device=device))
-    context_extra = 0 if fused else max_model_len * D * elt * 2 * (H + Hkv)
+    context_extra = max_model_len * D * elt * 2 * (Hkv if fused else H + Hkv)
     return int(peak + context_extra)
