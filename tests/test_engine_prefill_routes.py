@@ -96,3 +96,11 @@ def test_gpu_split_route_matches_chunk_attention():
     v = torch.randn(5000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     got = sdpa_split.split_chunk_attention(q, k[:4000], v[:4000], k[4000:], v[4000:], 128 ** -0.5)
     torch.testing.assert_close(got.float(), chunk_attention(q, k, v, 128 ** -0.5).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_split_route_refused_by_torch_checks_on_cpu(monkeypatch):
+    """Without the stand-in, torch's own eligibility check refuses cuDNN for CPU tensors: a clear SplitUnavailable."""
+    monkeypatch.setattr(sdpa_split, "_working", {})
+    q, k = torch.randn(4, 6, 16), torch.randn(9, 2, 16)
+    with pytest.raises(sdpa_split.SplitUnavailable, match="cudnn"):
+        sdpa_split.split_chunk_attention(q, k[:5], k[:5], k[5:], k[5:], 0.25)

@@ -25,7 +25,21 @@ class SplitUnavailable(RuntimeError):
     """No SDPA kernel of :data:`KERNELS` runs the call here (no cuDNN, or it refuses GQA)."""
 
 
+def _accepts(kernel: str, q, k, v, causal: bool) -> bool:
+    """torch's own eligibility check of ``kernel`` for this call (dtype, head dim, GQA, cuDNN version guards), the
+    checks ``F.scaled_dot_product_attention`` runs before it picks a kernel; the private ops below skip them."""
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_cudnn_attention, can_use_flash_attention
+
+        params = SDPAParams(q, k, v, None, 0.0, causal, k.shape[1] != q.shape[1])
+    except (ImportError, TypeError, RuntimeError):          # an older torch: let the kernel itself refuse
+        return True
+    return bool((can_use_cudnn_attention if kernel == "cudnn" else can_use_flash_attention)(params, False))
+
+
 def _call(kernel: str, q, k, v, causal: bool, scale: float):
+    if not _accepts(kernel, q, k, v, causal):
+        raise RuntimeError(f"torch's checks refuse {kernel} attention for q {tuple(q.shape)}, k {tuple(k.shape)}")
     if kernel == "cudnn":
         r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
     else:
