@@ -3,11 +3,11 @@
 ``PoolAttention.attend(layer, q, k, v, scale)`` first stores the step's K/V at their slots, then:
 
 - prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally (lower-right).
-  On CUDA one launch of :func:`~sparse_hf.kernels.paged_prefill_attention` serves every chunk of the step, reading
-  K/V in place through the slot tables (no copy of the context), or (``prefill_route="split"``) SDPA's fused kernels
-  run each chunk as unmasked attention over its earlier slots plus square-causal attention over itself, merged
-  (:mod:`.sdpa_split`); elsewhere (CPU) each chunk gathers its row's slots and runs SDPA with a lower-right causal
-  bias (:func:`chunk_attention`);
+  On CUDA a long chunk runs cuDNN's fused SDPA as unmasked attention over its gathered earlier slots plus
+  square-causal attention over itself, merged by log-sum-exp (:mod:`.sdpa_split`, the fastest route measured on
+  the H200), and the short chunks of a step share one launch of :func:`~sparse_hf.kernels.paged_prefill_attention`,
+  which reads K/V in place through the slot tables (also the route wherever cuDNN cannot run). Elsewhere (CPU) each
+  chunk gathers its row's slots and runs SDPA with a lower-right causal bias (:func:`chunk_attention`);
 - decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
   (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
   every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read;
