@@ -362,3 +362,36 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a fused gate/up projection ``[T, 2 * I]`` (gate first) -> ``[T, I]``."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                                segments, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of packed prompt chunks over their rows' pool slots (torch version of
+    :func:`~sparse_hf.kernels.paged_prefill.paged_prefill_attention`; gathers each row's K/V).
+
+    Args:
+        q: ``[T, H, D]``; k_pool, v_pool: ``[S, Hkv, D]``; tables: ``[rows, W]`` int slot table.
+        segments: ``[(row, start, length, context), ...]``: queries ``start .. start + length`` are the last
+            ``length`` of the row's ``context`` tokens; query ``i`` of the chunk sees keys
+            ``0 .. context - length + i`` (lower-right causal). Queries outside every segment get zeros.
+
+    Returns:
+        ``[T, H, D]`` in ``q.dtype``.
+    """
+    T, H, D = q.shape
+    Hkv = k_pool.shape[1]
+    G = H // Hkv
+    cdt = _compute_dtype(q)
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.zeros_like(q)
+    for row, start, n, context in segments:
+        slots = tables[row, :context].long()
+        k, v = k_pool[slots].to(cdt), v_pool[slots].to(cdt)                     # [L, Hkv, D]
+        qs = q[start: start + n].to(cdt).view(n, Hkv, G, D)
+        s = torch.einsum("nhgd,lhd->hgnl", qs, k) * scale                        # [Hkv, G, n, L]
+        seen = torch.arange(context, device=q.device).view(1, -1) <= (
+            torch.arange(n, device=q.device).view(-1, 1) + context - n)          # [n, L]
+        p = _safe_softmax_weights(s.masked_fill(~seen, float("-inf")))
+        o = torch.einsum("hgnl,lhd->nhgd", p, v) / p.sum(-1).permute(2, 0, 1).unsqueeze(-1)
+        out[start: start + n] = o.reshape(n, H, D).to(q.dtype)
+    return out

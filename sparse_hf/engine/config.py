@@ -43,6 +43,10 @@ class EngineConfig:
             from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU).
         sparse_method: ``None`` (full attention) or one of :data:`ENGINE_METHODS`.
         tp_selection: one of :data:`TP_SELECTIONS` (only matters with ``tensor_parallel_size > 1``).
+        mixed_steps: while some requests decode and others wait to prefill, one step carries the decode rows (one
+            token each) together with prompt chunks, up to ``max_num_batched_tokens`` tokens in all
+            (Sarathi-style), so decode rows do not stall behind long prefills; ``False`` alternates prefill steps
+            and decode steps. A step of decode rows only still replays a CUDA graph either way.
     """
 
     max_model_len: int | None = None
@@ -54,6 +58,7 @@ class EngineConfig:
     num_kv_slots: int | None = None
     sparse_method: str | None = None
     tp_selection: str = "exact"
+    mixed_steps: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_prefill_size"):
@@ -64,6 +69,8 @@ class EngineConfig:
             _positive_int("num_kv_slots", self.num_kv_slots)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r}: expected a fraction in (0, 1]")
+        if not isinstance(self.mixed_steps, bool):
+            raise ValueError(f"mixed_steps={self.mixed_steps!r}: expected True or False")
         if self.chunk_prefill_size > self.max_num_batched_tokens:
             raise ValueError(f"chunk_prefill_size={self.chunk_prefill_size} exceeds max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}; lower the first or raise the second")

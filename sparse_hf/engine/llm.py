@@ -14,7 +14,7 @@ import torch
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
 from .decode_ahead import can_decode_ahead, launch_ahead, still_running, take_in_flight
-from .runner import plan_decode, plan_prefill
+from .runner import plan_decode, plan_mixed, plan_prefill
 from .scheduler import Scheduler
 from .tp import check_divisible, launched_by_torchrun
 from .weights import iter_safetensors
@@ -133,10 +133,10 @@ class LLM:
     def __init__(self, model, tokenizer=None, *, dtype=None, device=None, max_model_len=None,
                  gpu_memory_utilization=0.9, max_num_seqs=64, max_num_batched_tokens=8192, chunk_prefill_size=2048,
                  enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1,
-                 tp_selection="exact", **sparse_knobs):
+                 tp_selection="exact", mixed_steps=True, **sparse_knobs):
         self.config = EngineConfig(max_model_len, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
-                                   sparse_method, tp_selection)
+                                   sparse_method, tp_selection, mixed_steps)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
         device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype or default_dtype(device)
@@ -244,26 +244,28 @@ class LLM:
                     req.kept_kv_tokens = self.pool.row_tokens(req.row)
         else:
             kind, batch = self.scheduler.schedule()
-        if kind == "prefill":
-            logits = self._run(plan_prefill(batch))
-            for req, n in batch:
+            chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
+            if kind == "prefill":
+                logits = self._run(plan_prefill(chunks))
+            elif kind == "decode":
+                logits = self._run(plan_decode(decoding))
+            elif kind == "mixed":
+                logits = self._run(plan_mixed(chunks, decoding))      # logits: completed prompts, then decode rows
+            else:
+                return outputs
+            for req, n in chunks:
                 req.num_computed += n
-            done = [req for req, _ in batch if req.num_computed == req.num_tokens]
+            done = [req for req, _ in chunks if req.num_computed == req.num_tokens]
+            for req in decoding:
+                req.num_computed += 1
+            done += decoding
             for req in done:
                 req.kept_kv_tokens = self.pool.row_tokens(req.row)
-        elif kind == "decode":
-            logits = self._run(plan_decode(batch))
-            for req in batch:
-                req.num_computed += 1
-                req.kept_kv_tokens = self.pool.row_tokens(req.row)
-            done = batch
-        elif kind != "ahead":
-            return outputs
         if done:
             params = [r.params for r in done]
             steps = torch.tensor([len(r.output_token_ids) for r in done])          # host: no blocking copy
             sampled = self.sampler(logits, params, steps, self.eos_token_ids)      # [B] on the device
-            if kind != "prefill" and self.decode_ahead and can_decode_ahead(self, done):
+            if kind in ("decode", "ahead") and self.decode_ahead and can_decode_ahead(self, done):
                 self.in_flight = launch_ahead(self, done, sampled)                 # before reading the tokens
             tokens = sampled.tolist()
             now = time.perf_counter()

@@ -95,8 +95,9 @@ class ScoredPoolAttention(PoolAttention):
     """:class:`~.attention.PoolAttention` that also accumulates every query's attention mass into the pool's
     scores (the method must accumulate attention; the pool must be a :class:`ScoredKVPool`)."""
 
-    def _prefill(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        out = super()._prefill(layer, g, q, scale)
+    def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        out = super()._prefill(layer, g, q, k, v, scale)
         pool = self.pool
         for seg in self.ctx.segments:
             slots = pool.tables[g, seg.row, : seg.context].long()                       # [C] (nothing evicted yet)
