@@ -20,7 +20,7 @@ class KNormConfig(TopTokensConfig):
 
     method_name = "knorm"
 
-    selection_scope: str = knob("kv_head", check_selection_scope,
+    selection_scope: str = knob("layer", check_selection_scope,
                                 "kv_head: each KV head keeps its lowest-norm keys; layer: one selection for all KV "
                                 "heads, by the mean over KV heads of the key norms")
 

@@ -56,7 +56,7 @@ class SnapKVConfig(TopTokensConfig):
     window_size: int = knob(32, check_positive, "last prompt queries that score the tokens")
     pool_kernel_size: int = knob(7, check_odd, "max-pool width over the scores (odd)")
     snapkv_num_full_layers: int = knob(0, check_count, "first layers that keep everything")
-    selection_scope: str = knob("kv_head", check_selection_scope,
+    selection_scope: str = knob("layer", check_selection_scope,
                                 "kv_head: each KV head keeps its own tokens (max over its query heads); layer: one "
                                 "selection for all KV heads (max over all query heads, the reference)")
 
