@@ -169,8 +169,8 @@ def test_scratch_slots_follow_the_budget_and_are_counted():
                                         ("llama", torch.bfloat16), ("qwen3", torch.bfloat16)])
 @pytest.mark.parametrize("budget", [6, 0.25])
 def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
-    """Graph decode (opt-in for DeltaKV: cuda_graph=True); flush and scratch re-size steps run eagerly and the graph is captured
-    again after them, token for token the same as eager decode."""
+    """Graph decode (the default on CUDA); flush and scratch re-size steps run eagerly and the graph is captured again
+    after them, token for token the same as eager decode."""
     model = tiny_model(arch, layers=4).to("cuda", dtype)
     ids, mask = left_padded_batch((50, 38))
     ids, mask = ids.cuda(), mask.cuda()
@@ -178,7 +178,7 @@ def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
     cfg["compressor"] = cfg["compressor"].to("cuda", dtype)
     kw = dict(new_tokens=60, cache_implementation="deltakv", return_dict_in_generate=True, output_logits=True)
     eager = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=False), **kw)
-    graph = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=True), **kw)   # opt-in for DeltaKV
+    graph = greedy(model, ids, mask, cache_config=cfg, **kw)   # cuda_graph unset: graphs by default
     assert getattr(eager.past_key_values, "graph_decoder", None) is None
     assert graph.past_key_values.graph_decoder.captures >= 2
     assert torch.equal(eager.sequences, graph.sequences)

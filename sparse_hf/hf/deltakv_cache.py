@@ -270,9 +270,6 @@ class CompressedCache(SelectionCache):
         raw, counts = self._flush_counts(layer, layer.seen)
         if not any(counts):
             return
-        decoder = getattr(self, "graph_decoder", None)
-        if decoder is not None:      # new state tensors: a captured step must be captured again
-            decoder.graph = None
         n = layer.num_slots
         valid = layer.positions[:, 0] >= 0                                 # [B, n]
         ar = torch.arange(n, device=valid.device)

@@ -38,6 +38,7 @@ class DeltaKVLayer(SlotLayer):
         self.col_offset = None
         # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
         self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
+        self.state_version = 0     # + 1 whenever the compressed state or its column tables change (a flush)
 
     # -- raw slots and scratch slots in one buffer --------------------------------------------------------------
     @property
@@ -61,6 +62,21 @@ class DeltaKVLayer(SlotLayer):
         self._refresh_views()
         if self.frozen:
             self.freeze()
+
+    def buffer_signature(self) -> tuple:
+        """``SlotLayer``'s, plus everything else a static decode step reads: the raw positions (and pre-norm keys),
+        the per-flush column tables and the compressed state's tensors, with a version that every flush bumps. A
+        flush re-allocates these without touching the slot buffers, so without them here a CUDA graph captured
+        before a flush would be replayed after it on freed memory (an out-of-bounds gather on the H200)."""
+        def describe(t):
+            return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+        tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.comp_cols, self.comp_cols_safe,
+                   self.comp_absent]
+        if self.state is not None:
+            s = self.state
+            tensors += [s.comp_pos, s.center_x, s.center_pos, s.fathers, *(s.latent or ())]
+        return (super().buffer_signature(), self.scratch, self.state_version, *map(describe, tensors))
 
     def scratch_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``K [B, Hkv, scratch, D]``, ``V``, columns ``[B, Hkv, scratch]``: views of the scratch slots."""
@@ -124,6 +140,7 @@ class DeltaKVLayer(SlotLayer):
 
     def set_columns(self) -> None:
         """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step."""
+        self.state_version += 1
         self.all_offsets, valid = all_offsets(self.state)
         self.comp_absent = ~valid
         self.comp_cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(self.comp_absent, -1)

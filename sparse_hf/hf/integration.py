@@ -114,9 +114,6 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
         return "assisted generation"
     if getattr(cache.method, "accumulates_attention", False):
         return "the method re-scores every token at every decode step (H2O)"
-    if cache.cuda_graph is None and getattr(cache.method, "family", "") == "compress":
-        # a replay hit a device-side assert at 4096 x 8 in the 7B shape on the H200 (docs/benchmarks.md, run H)
-        return "DeltaKV replays decode graphs only with cuda_graph=True (opt-in until its graph path is fixed)"
     if not cache.decoding():
         return "the prompt is not complete"
     if not all(getattr(layer, "frozen", False) for layer in cache.layers):
