@@ -147,21 +147,47 @@ def test_eager_steps_are_predicted_before_they_run():
     assert flushes >= 5 and resizes >= 1
 
 
-def test_scratch_slots_follow_the_budget_and_are_counted():
+def test_scratch_slots_follow_the_budget_and_are_counted_once():
     _, cache, step = _decoder(budget=0.25)
     for _ in range(6):
         step()
     usage = sparse_hf.kv_usage(cache)
-    for layer in cache.layers:
-        if isinstance(layer, DeltaKVLayer):
-            n, top = layer.state.width, int(0.25 * layer.seen)
-            assert min(n, top) <= layer.scratch <= n
-            k_s, v_s, cols_s = layer.scratch_views()
-            assert k_s.shape[2] == layer.scratch and k_s.data_ptr() != layer._k.data_ptr()
-            parts = layer.bytes_by_part()
-            assert parts["scratch slots (the compressed tokens a decode step rebuilds)"] == sum(
-                t.numel() * t.element_size() for t in (k_s, v_s, cols_s))
+    layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
+    shared = layers[0].shared
+    key = "shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)"
+    for layer in layers:
+        n, top = layer.state.width, int(0.25 * layer.seen)
+        assert min(n, top) <= layer.scratch <= n
+        assert layer.shared is shared                                     # one work buffer for every layer
+        k_s, v_s, cols_s = layer.scratch_views()
+        assert k_s.shape[2] == layer.scratch and k_s.data_ptr() != layer._k.data_ptr()
+        assert shared.k.shape[2] >= layer.capacity + layer.scratch
+        assert layer.bytes_by_part()[key] == (shared.nbytes() if layer is layers[0] else 0)
+    assert shared.nbytes() == sum(t.numel() * t.element_size() for t in (shared.k, shared.v, shared.pos))
     assert usage.bytes == sum(layer.allocated_bytes() for layer in cache.layers)
+    # the raw slots of a compressed layer stop at the sinks and two recent buffers (a flush leaves one)
+    assert all(layer.capacity <= KNOBS["num_sink_tokens"] + 2 * KNOBS["num_recent_tokens"] for layer in layers)
+
+
+def test_sharing_the_scratch_changes_no_token_and_saves_its_bytes(monkeypatch):
+    # the same static decode with a scratch of each layer's own (a SharedScratch per layer): the same tokens and
+    # logits up to rounding (the raw room differs, so the attention pass is of another length), fewer bytes shared
+    from sparse_hf.hf import deltakv_layer
+
+    model = tiny_model("qwen2", layers=5)
+    ids, mask = left_padded_batch((50, 31))
+    cfg = _config(model, 0.25, bits=4)
+    shared = _generate(model, ids, mask, cfg, True, monkeypatch, new=30)
+    monkeypatch.setattr(CompressedCache, "make_layer", lambda self, i: sparse_hf.hf.cache.SlotLayer()
+                        if i in self.method.full_layers else deltakv_layer.DeltaKVLayer())
+    own = _generate(model, ids, mask, cfg, True, monkeypatch, new=30)
+    assert torch.equal(shared.sequences, own.sequences)
+    for a, b in zip(shared.logits, own.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    compressed = sum(isinstance(layer, DeltaKVLayer) for layer in own.past_key_values.layers)
+    saved = sparse_hf.kv_usage(own.past_key_values).bytes - sparse_hf.kv_usage(shared.past_key_values).bytes
+    one = own.past_key_values.layers[-1].shared.nbytes()
+    assert compressed == 3 and saved >= (compressed - 1) * one * 0.9
 
 
 @pytest.mark.gpu

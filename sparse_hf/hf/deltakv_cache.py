@@ -37,7 +37,7 @@ from ..deltakv.quant import check_bits
 from ..deltakv.rope import unrotate
 from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
-from .deltakv_layer import DeltaKVLayer
+from .deltakv_layer import DeltaKVLayer, SharedScratch
 from .layer import SlotLayer
 from .selection_cache import SelectionCache, sparse_decode_attention
 
@@ -94,7 +94,22 @@ class CompressedCache(SelectionCache):
         self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
 
     def make_layer(self, layer_idx: int):
-        return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
+        if layer_idx in self.method.full_layers:
+            return SlotLayer()
+        if not hasattr(self, "shared_scratch"):     # one work buffer for every compressed layer; the first counts it
+            self.shared_scratch = SharedScratch()
+            return DeltaKVLayer(self.shared_scratch, reports_shared=True)
+        return DeltaKVLayer(self.shared_scratch, reports_shared=False)
+
+    def set_reserve(self, tokens: int) -> None:
+        """As for every cache, but a compressed layer's raw slots never need more than its sinks and two recent
+        buffers (a flush leaves one): their room stops there, which keeps the per-step copy to the shared scratch
+        small."""
+        super().set_reserve(tokens)
+        bound = self.clustering.num_sink + 2 * self.sparse_config.num_recent_tokens
+        for layer in self.layers:
+            if isinstance(layer, DeltaKVLayer):
+                layer.max_slots = bound
 
     def observe(self, logits, valid, length):
         self.obs_scores = self.method.decode_scores(logits, valid)
@@ -150,10 +165,18 @@ class CompressedCache(SelectionCache):
             scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
             pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0])
             cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)              # [B, scratch]
-            k_s, v_s, cols_s = layer.scratch_views()
-            rebuild_kv(state, pick, self.projections, module.layer_idx, k_s.shape[1], k_s.shape[-1],
-                       module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None), out=(k_s, v_s))
-            cols_s.copy_(cols.unsqueeze(1).expand_as(cols_s))
+            if not self.capturing:
+                layer.reserve_work()
+            k_w, v_w, cols_w = layer.work_views()          # raw slots, then the rebuilt tokens (shared buffer)
+            cap = layer.capacity
+            k_w[:, :, :cap].copy_(layer._k)
+            v_w[:, :, :cap].copy_(layer._v)
+            cols_w[:, :, :cap].copy_(layer._pos)
+            rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1],
+                       module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None),
+                       out=(k_w[:, :, cap:], v_w[:, :, cap:]))
+            cols_w[:, :, cap:].copy_(cols.unsqueeze(1).expand(cols.shape[0], k_w.shape[1], cols.shape[1]))
+            return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
 
