@@ -53,7 +53,7 @@ def _gpu_code_paths(monkeypatch):
         monkeypatch.setattr(module, "kernels_run_fused", lambda t: True)
 
 
-def _replay_like_graph_decoder(model, cache, steps, start_pos, token):
+def _replay_like_graph_decoder(model, cache, steps, start_pos: torch.Tensor, token):
     """Steps decided as :meth:`GraphDecoder.step` decides them (eager / warm-up + capture / replay), run eagerly, with
     the external reads of each replayed step compared with the capture's (the first replay after it reads what the
     capture read: nothing runs between them). Returns the number of replays and of captures."""
@@ -62,7 +62,7 @@ def _replay_like_graph_decoder(model, cache, steps, start_pos, token):
     signature = captured = None
     replays = captures = 0
     for i in range(steps):
-        pos.fill_(start_pos + i)
+        pos.copy_(start_pos + i)
         replay = decoder._room() and signature is not None and decoder._signature() == signature
         with torch.inference_mode():
             if replay:
@@ -84,17 +84,18 @@ def _replay_like_graph_decoder(model, cache, steps, start_pos, token):
     return replays, captures
 
 
-@pytest.mark.parametrize("budget", [6, 0.25])
-def test_a_replay_reads_only_what_its_capture_read_across_flushes(budget, monkeypatch):
+@pytest.mark.parametrize("budget,padded", [(6, False), (0.25, False), (0.25, True)])
+def test_a_replay_reads_only_what_its_capture_read_across_flushes(budget, padded, monkeypatch):
     _gpu_code_paths(monkeypatch)
-    model, cache, step = _decoder(budget=budget)
+    model, cache, step = _decoder(budget=budget, padded=padded, layers=5 if padded else 4)
     for _ in range(2):
         step()
     layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
     counts = [list(layer.state.counts) for layer in layers]
-    seen = cache.layers[0].seen
+    # the next positions of each row (its columns minus its padding), as generate would pass them
+    start = cache.layers[0].seen - torch.tensor(layers[0].pad).view(-1, 1)
     token = torch.randint(1, 100, (2, 1), generator=torch.Generator().manual_seed(5))
-    replays, captures = _replay_like_graph_decoder(model, cache, 30, seen, token)
+    replays, captures = _replay_like_graph_decoder(model, cache, 40, start, token)
     assert counts != [list(layer.state.counts) for layer in layers]     # raw buffers flushed in between
     assert replays >= 5 and captures >= 3
 

@@ -44,18 +44,22 @@ def test_static_decode_matches_the_concatenating_path(arch, budget, bits, monkey
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _decoder(arch="llama", budget=0.25, prompt=40):
+def _decoder(arch="llama", budget=0.25, prompt=40, layers=4, padded=False):
     """A model and a DeltaKV cache after the prompt and one generated token, and ``step()`` (one decode step)."""
-    model = tiny_model(arch, layers=4)
+    model = tiny_model(arch, layers=layers)
     ids = torch.randint(1, 100, (2, prompt), generator=torch.Generator().manual_seed(2))
-    out = greedy(model, ids, torch.ones_like(ids), new_tokens=2, cache_implementation="deltakv",
+    mask = torch.ones_like(ids)
+    if padded:
+        ids, mask = left_padded_batch((prompt, prompt - 13))
+    out = greedy(model, ids, mask, new_tokens=2, cache_implementation="deltakv",
                  cache_config=_config(model, budget), return_dict_in_generate=True)
     cache = out.past_key_values
-    state = dict(tok=out.sequences[:, -1:], pos=out.sequences.shape[1] - 1)
+    pad = (mask == 0).sum(-1, keepdim=True)                     # a row's positions start after its padding
+    state = dict(tok=out.sequences[:, -1:], pos=out.sequences.shape[1] - 1 - pad)
 
     def step():
         with torch.inference_mode():
-            logits = model(input_ids=state["tok"], position_ids=torch.full((2, 1), state["pos"]),
+            logits = model(input_ids=state["tok"], position_ids=state["pos"],
                            past_key_values=cache, use_cache=True).logits[:, -1]
         state["tok"], state["pos"] = logits.argmax(-1, keepdim=True), state["pos"] + 1
         return logits
@@ -188,6 +192,31 @@ def test_sharing_the_scratch_changes_no_token_and_saves_its_bytes(monkeypatch):
     saved = sparse_hf.kv_usage(own.past_key_values).bytes - sparse_hf.kv_usage(shared.past_key_values).bytes
     one = own.past_key_values.layers[-1].shared.nbytes()
     assert compressed == 3 and saved >= (compressed - 1) * one * 0.9
+
+
+@pytest.mark.parametrize("budget", [6, 0.25])
+def test_the_compressed_layers_share_one_pick_per_step(budget, monkeypatch):
+    # every compressed layer holds the same tokens at the same columns (left padding, flushes during decode), so a
+    # static step picks once (one top-k over the filter scores), not once per layer
+    from sparse_hf.methods.deltakv import DeltaKV
+
+    calls = []
+    original = DeltaKV.pick_static
+    monkeypatch.setattr(DeltaKV, "pick_static", lambda self, *a: calls.append(1) or original(self, *a))
+    _, cache, step = _decoder(budget=budget, layers=6, padded=True)
+    layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
+    assert len(layers) == 4
+    static_steps = 0
+    for _ in range(20):
+        calls.clear()
+        step()
+        for layer in layers[1:]:
+            assert torch.equal(layer.comp_cols, layers[0].comp_cols)
+            assert layer.state.counts == layers[0].state.counts and layer.scratch == layers[0].scratch
+        if all(layer.static_ok for layer in layers):
+            assert len(calls) == 1
+            static_steps += 1
+    assert static_steps >= 15
 
 
 @pytest.mark.gpu
