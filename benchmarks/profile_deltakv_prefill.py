@@ -40,6 +40,33 @@ def _timed(owner, name, label, totals, device):
     setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 
+def _center_search_micro(length, device, dtype, dim=1024, step=10, sink=4):
+    """One layer's prompt-end center search at ``length`` tokens (``x [1, L, dim]``, every ``step``-th a center),
+    timed with the fp32 GEMM and with the half-precision GEMM (fp32 accumulation), and how many fathers agree."""
+    from sparse_hf.deltakv import clustering
+
+    x = torch.randn(1, length, dim, device=device).to(dtype)
+    pos = torch.arange(length, device=device).view(1, -1)
+    is_center = (pos < sink) | ((pos - sink) % step == 0)
+    centers, cpos = x[:, is_center[0]], pos[:, is_center[0]]
+
+    def visible(i, j):
+        return sink + -(-max(0, j - sink) // step)
+
+    out, ms = {}, {}
+    for name, half in (("fp32", False), ("half", True)):
+        clustering.HALF_GEMM_SCORES = half
+        for rep in range(2):                               # the first call warms up cuBLAS
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out[name] = clustering.nearest_centers(x, centers, pos, cpos, 1, "l2", visible_prefix=visible)
+            torch.cuda.synchronize()
+            ms[name] = round(1e3 * (time.perf_counter() - t), 2)
+    clustering.HALF_GEMM_SCORES = True
+    return dict(ms=ms, agree=round((out["fp32"] == out["half"]).float().mean().item(), 6),
+                half_gemm_ran=clustering._half_gemm_ok)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--length", type=int, default=131072)
@@ -97,7 +124,8 @@ def main(argv=None):
         parts = layer.bytes_by_part() if isinstance(layer, DeltaKVLayer) else {"filter layers (raw)": layer.allocated_bytes()}
         for key, value in parts.items():
             by_part[key] += value
-    print(json.dumps(dict(
+    micro = _center_search_micro(length, device, dtype) if device.type == "cuda" else None
+    print(json.dumps(dict(center_search_one_layer=micro,
         length=length, bits=args.bits, ttft_s=round(ttft, 3), flush_s=round(totals.pop("flush (all)"), 3),
         parts_s={k: round(v, 3) for k, v in totals.items()},
         decode_step_ms=round(1e3 * sorted(steps)[len(steps) // 2], 2) if steps else None,
