@@ -44,6 +44,9 @@ class SharedScratch:
 
     def views(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``k, v, pos`` slots ``[start, stop)``."""
+        if self.k is None or self.k.shape[2] < stop:
+            raise RuntimeError(f"the shared DeltaKV scratch holds {0 if self.k is None else self.k.shape[2]} slots, "
+                               f"{stop} are needed: reserve() it first (an eager step, not inside a graph capture)")
         return self.k[:, :, start:stop], self.v[:, :, start:stop], self.pos[:, :, start:stop]
 
     def signature(self) -> tuple:
