@@ -163,37 +163,40 @@ class CompressedCache(SelectionCache):
         if state is not None and state.width and layer.scratch:
             if self.obs_scores is None:
                 return None
-            pick, cols = self._static_pick(layer)
             if not self.capturing:
                 layer.reserve_work()
             k_w, v_w, cols_w = layer.work_views()          # raw slots, then the rebuilt tokens (shared buffer)
             cap = layer.capacity
+            rope = module.__dict__["_sparse_hf_rotary"]
+            pick, cols, cos_sin = self._static_pick(layer, rope, v_w[:, :, cap:])
             k_w[:, :, :cap].copy_(layer._k)
             v_w[:, :, :cap].copy_(layer._v)
             cols_w[:, :, :cap].copy_(layer._pos)
-            rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1],
-                       module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None),
-                       out=(k_w[:, :, cap:], v_w[:, :, cap:]))
+            rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1], rope,
+                       getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin)
             cols_w[:, :, cap:].copy_(cols.unsqueeze(1).expand(cols.shape[0], k_w.shape[1], cols.shape[1]))
             return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
 
-    def _static_pick(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pick [B, scratch]`` offsets and their columns ``[B, scratch]`` (``-1``: not read) of a static decode step.
+    def _static_pick(self, layer, rope, like: torch.Tensor):
+        """``pick [B, scratch]`` offsets, their columns ``[B, scratch]`` (``-1``: not read) and ``rope``'s
+        ``(cos, sin)`` at their positions (``like [B, Hkv, scratch, Dv]`` gives the dtype) for a static decode step.
 
         Every compressed layer holds the same tokens (the same flushes of the same positions), so the layers of one
-        step share one pick: one top-k over the filter layer's scores per step, not one per layer (at 128K that is a
-        top-13K of ~118K scores per row). Shared while the host-side key (scores, length, counts, width) matches."""
-        key = (layer.seen, layer.scratch, tuple(layer.state.counts), layer.state.width)
+        step share one pick and one RoPE table: one top-k over the filter layer's scores per step, not one per layer
+        (at 128K that is a top-13K of ~118K scores per row). Shared while the host-side key (scores, length, counts,
+        width, rotary, dtype) matches."""
+        key = (layer.seen, layer.scratch, tuple(layer.state.counts), layer.state.width, id(rope), like.dtype)
         memo = self._pick_memo
-        if memo is not None and memo[0] is self.obs_scores and memo[1] == key:
-            return memo[2]
+        if memo is not None and memo[0] is self.obs_scores and memo[1] is rope and memo[2] == key:
+            return memo[3]
         scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
         pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0])
         cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)                  # [B, scratch]
-        self._pick_memo = (self.obs_scores, key, (pick, cols))
-        return pick, cols
+        cos, sin = rope(like.transpose(1, 2), layer.state.comp_pos.gather(1, pick.clamp(min=0)).long())
+        self._pick_memo = (self.obs_scores, rope, key, (pick, cols, (cos.contiguous(), sin.contiguous())))
+        return self._pick_memo[3]
 
     def _scratch_width(self, layer, length: int) -> int:
         """Scratch slots a static decode step at logical length ``length`` can use: the current width while it
