@@ -19,7 +19,8 @@ from test_deltakv_static import _decoder
 
 class _ExternalReads(TorchDispatchMode):
     """Records every tensor an op of the traced region reads that the region did not create itself, as
-    ``(op, storage address, storage offset, shape, stride, dtype)``: what a captured CUDA graph bakes in."""
+    ``(op, storage address, storage offset, shape, stride, dtype)``: what a captured CUDA graph bakes in. View ops
+    are left out (they read no data)."""
 
     def __init__(self):
         super().__init__()
@@ -36,7 +37,9 @@ class _ExternalReads(TorchDispatchMode):
         inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         seen = {self._storage(t) for t in inputs}
         for t in inputs:
-            if self._storage(t) not in self._made:
+            # a view reads no data (no kernel in a graph, host metadata only); ops that may alias (``to``) are
+            # views to the dispatcher, so their fresh outputs are still noted below
+            if not func.is_view and self._storage(t) not in self._made:
                 self.reads.append((str(func), self._storage(t), t.storage_offset(), tuple(t.shape),
                                    tuple(t.stride()), t.dtype))
         out = func(*args, **kwargs)
@@ -56,7 +59,8 @@ def _gpu_code_paths(monkeypatch):
 def _replay_like_graph_decoder(model, cache, steps, start_pos: torch.Tensor, token):
     """Steps decided as :meth:`GraphDecoder.step` decides them (eager / warm-up + capture / replay), run eagerly, with
     the external reads of each replayed step compared with the capture's (the first replay after it reads what the
-    capture read: nothing runs between them). Returns the number of replays and of captures."""
+    capture read: nothing runs between them). A replayed step runs as the capture ran it (``cache.capturing``: no
+    eager bookkeeping inside), then :meth:`maintain_layer` as after a replay. Returns the replays and captures."""
     decoder = GraphDecoder(model, cache)     # not cache.graph_decoder: as the bench drives it
     ids, pos = token.clone(), torch.empty_like(token)
     signature = captured = None
@@ -65,9 +69,15 @@ def _replay_like_graph_decoder(model, cache, steps, start_pos: torch.Tensor, tok
         pos.copy_(start_pos + i)
         replay = decoder._room() and signature is not None and decoder._signature() == signature
         with torch.inference_mode():
-            if replay:
-                with _ExternalReads() as rec:
-                    logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            if replay:       # what a replay runs: the captured step (no eager work inside), then maintain_layer
+                cache.capturing = True
+                try:
+                    with _ExternalReads() as rec:
+                        logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+                finally:
+                    cache.capturing = False
+                for layer_idx in range(len(cache.layers)):
+                    cache.maintain_layer(layer_idx)
                 if captured is None:
                     captured = rec.reads
                 else:

@@ -112,16 +112,25 @@ def test_a_static_decode_step_reads_no_device_value_and_keeps_its_buffers(monkey
     model, cache, step = _decoder()
     counter = _SyncCounter(monkeypatch, cache)
     checked = 0
+    flushed = 0
     for _ in range(12):
         reason = cache.eager_step_reason()
         before = _buffers(cache)
-        step()
-        if reason is None:                 # a step a CUDA graph would replay
+        counts = list(cache.layers[-1].state.counts)
+        if reason is None:                 # a step a CUDA graph would replay: the captured part, then maintain_layer
+            cache.capturing = True
+            step()
+            cache.capturing = False
             assert counter.calls == [], counter.calls
             assert _buffers(cache) == before
             checked += 1
+            for i in range(len(cache.layers)):
+                cache.maintain_layer(i)    # a flush step's flush (host reads allowed: it runs between replays)
+            flushed += counts != cache.layers[-1].state.counts
+        else:
+            step()
         counter.calls.clear()
-    assert checked >= 4
+    assert checked >= 8 and flushed >= 2
     # the instrumentation does see the cache's host reads: a prompt's end reads each row's padding (once)
     fresh = sparse_hf.build_cache("deltakv", model.config, _config(model, 0.25))
     prompt = _SyncCounter(monkeypatch, fresh)
@@ -130,25 +139,44 @@ def test_a_static_decode_step_reads_no_device_value_and_keeps_its_buffers(monkey
     assert "tolist" in prompt.calls
 
 
-def test_eager_steps_are_predicted_before_they_run():
-    # every step that flushes a raw buffer or re-sizes the scratch slots is announced by eager_step_reason
+def test_eager_steps_are_predicted_before_they_run(monkeypatch):
+    # every step that re-sizes the scratch slots at its start is announced by eager_step_reason, and no other; a
+    # flush step is not (it replays; its flush runs after it), and its flush sizes the scratch up to the next flush,
+    # so re-sizes at a step's start are (nearly) gone
     _, cache, step = _decoder(budget=0.25)
     layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
-    flushes = resizes = 0
-    for _ in range(30):
+    events = []
+    in_flush = []
+    original_flush, original_set = CompressedCache._flush, DeltaKVLayer.set_scratch
+
+    def flush(self, *args):
+        in_flush.append(1)
+        try:
+            return original_flush(self, *args)
+        finally:
+            in_flush.pop()
+
+    def set_scratch(self, width):
+        if width != self.scratch:
+            events.append("flush resize" if in_flush else "start resize")
+        return original_set(self, width)
+
+    monkeypatch.setattr(CompressedCache, "_flush", flush)
+    monkeypatch.setattr(DeltaKVLayer, "set_scratch", set_scratch)
+    flushes = start_resizes = flush_resizes = 0
+    for _ in range(40):
         reason = cache.eager_step_reason()
         counts = [list(layer.state.counts) for layer in layers]
-        scratch = [layer.scratch for layer in layers]
+        events.clear()
         step()
-        flushed = counts != [list(layer.state.counts) for layer in layers]
-        resized = scratch != [layer.scratch for layer in layers]
-        flushes += flushed
-        resizes += resized and not flushed
-        if flushed or resized:
+        flushes += counts != [list(layer.state.counts) for layer in layers]
+        start_resizes += "start resize" in events
+        flush_resizes += "flush resize" in events
+        if "start resize" in events:
             assert reason is not None
         else:
             assert reason is None, reason
-    assert flushes >= 5 and resizes >= 1
+    assert flushes >= 8 and flush_resizes >= 1 and start_resizes <= 1
 
 
 def test_scratch_slots_follow_the_budget_and_are_counted_once():

@@ -93,6 +93,7 @@ class CompressedCache(SelectionCache):
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
         self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
         self._pick_memo = None                        # (scores, host key, (pick, cols)): shared by a step's layers
+        self._modules: dict[int, torch.nn.Module] = {}   # compressed layer -> its attention module
 
     def make_layer(self, layer_idx: int):
         if layer_idx in self.method.full_layers:
@@ -112,6 +113,15 @@ class CompressedCache(SelectionCache):
             if isinstance(layer, DeltaKVLayer):
                 layer.max_slots = bound
 
+    def maintain_layer(self, layer_idx: int) -> None:
+        """After a replayed decode step (a CUDA graph runs no Python): the raw-buffer flush that the step's attention
+        runs eagerly. A flush changes only this layer's state for later steps, so flushing after the whole step
+        gives the outputs of flushing right after the layer's attention; the flush step itself replays."""
+        layer = self.layers[layer_idx]
+        module = self._modules.get(layer_idx)
+        if isinstance(layer, DeltaKVLayer) and module is not None and self.prompt_complete(layer):
+            self._flush(module, layer)
+
     def observe(self, logits, valid, length):
         self.obs_scores = self.method.decode_scores(logits, valid)
         self.selection = None
@@ -124,6 +134,7 @@ class CompressedCache(SelectionCache):
                 self.obs_scores = None
             return super().attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         layer = self.layers[i]
+        self._modules[i] = module          # for the flush a replayed step leaves to maintain_layer
         B, H, q_len, D = query.shape
         # Pre-RoPE keys are recovered by inverse RoPE at flush time, except behind a k_norm (Qwen3), which
         # cannot be inverted: there the k_proj output is kept for the raw buffer.
@@ -211,8 +222,9 @@ class CompressedCache(SelectionCache):
 
     def eager_step_reason(self) -> str | None:
         """Why the next one-token decode step must run eagerly (not replay a CUDA graph), or ``None``: a layer's
-        raw buffer flushes at that step (new state tensors: the graph is captured again after it), its scratch
-        width must change, or the last step could not take the static path. Host ints only (no sync)."""
+        scratch width must change at its start, or the last step could not take the static path. Host ints only (no
+        sync). A step that flushes a raw buffer replays: its flush runs after it (:meth:`maintain_layer`), and the
+        graph is captured again at the next step (new state tensors, see ``DeltaKVLayer.buffer_signature``)."""
         for layer in self.layers:
             if not isinstance(layer, DeltaKVLayer):
                 continue
@@ -220,8 +232,6 @@ class CompressedCache(SelectionCache):
                 return "a DeltaKV layer's last decode step was not static (e.g. no filter-layer scores)"
             if layer.state is None:
                 return "the prompt is not compressed yet"
-            if any(self._flush_counts(layer, layer.seen + 1)[1]):
-                return "a DeltaKV raw buffer flushes at this step (run eagerly, then captured again)"
             if self._scratch_width(layer, layer.seen + 1) != layer.scratch:
                 return "the DeltaKV scratch slots are re-sized at this step"
         return None
@@ -328,3 +338,7 @@ class CompressedCache(SelectionCache):
         rank_src = torch.where(rank < S, rank, rank + torch.tensor(counts, device=valid.device).view(B, 1))
         ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
         layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]
+        if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
+            layer.set_scratch(min(state.width, self.method.top_count(layer.seen + self.sparse_config.num_recent_tokens,
+                                                                     prefill=False)))
+            layer.reserve_work()

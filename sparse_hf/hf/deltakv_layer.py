@@ -37,10 +37,11 @@ class SharedScratch:
                 and k.dtype == like_k.dtype and k.device == like_k.device)
         if same and k.shape[2] >= slots:
             return
-        length = slots + (64 if same else 0)     # a little room, so a budget that grows re-allocates rarely
-        self.k = like_k.new_empty(B, Hkv, length, D)
-        self.v = like_v.new_empty(B, Hkv, length, like_v.shape[-1])
-        self.pos = torch.full((B, Hkv, length), -1, dtype=torch.long, device=like_k.device)
+        # exactly: it grows at flushes (then a captured graph is re-captured anyway), its contents are per step
+        self.k = self.v = self.pos = None
+        self.k = like_k.new_empty(B, Hkv, slots, D)
+        self.v = like_v.new_empty(B, Hkv, slots, like_v.shape[-1])
+        self.pos = torch.full((B, Hkv, slots), -1, dtype=torch.long, device=like_k.device)
 
     def views(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``k, v, pos`` slots ``[start, stop)``."""
