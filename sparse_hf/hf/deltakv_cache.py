@@ -11,14 +11,15 @@ Each row compresses its own tokens: its sinks are its first ``num_sink_tokens`` 
 flushed by its own count, so a row's output does not depend on the other rows (or their padding).
 
 Decode with static shapes (``static_decode``): once the prompt is complete a layer is frozen (appends at a
-device-side slot counter) and its buffers end in ``scratch`` slots, as many as the budget rebuilds (fixed between
-flushes). A one-token step picks the filter layer's top compressed tokens (:meth:`DeltaKV.pick_static`, no host
-value of the length), rebuilds them with the fused kernel (:func:`sparse_hf.kernels.deltakv_rebuild_kv`) into
-the scratch slots and attends over raw + scratch slots in one dense sparse-decode pass: no host sync, no new
-buffer, so a CUDA graph captures it. The steps that flush a raw buffer (every ``num_recent_tokens`` steps per row)
-or re-size the scratch slots change shapes: :meth:`CompressedCache.eager_step_reason` announces them, they run
-eagerly and the graph is captured again after them (a flush rebuilds the state's tensors; making it static too
-would need preallocated state for the whole generation).
+device-side slot counter). A one-token step picks the filter layer's top compressed tokens once for all layers
+(:meth:`DeltaKV.pick_static`, no host value of the length), and each compressed layer copies its raw slots into the
+cache's :class:`SharedScratch`, rebuilds the picks after them with the fused kernel
+(:func:`sparse_hf.kernels.deltakv_rebuild_kv`) and attends over both in one dense sparse-decode pass: no host sync,
+no new buffer, so a CUDA graph captures it. A flush (every ``num_recent_tokens`` steps per row) runs after its step
+(inside ``attend`` eagerly, in :meth:`CompressedCache.maintain_layer` after a replay) and makes new state tensors,
+so the graph is captured again at the next step (``DeltaKVLayer.buffer_signature``); it also sizes the scratch up to
+the next flush. :meth:`CompressedCache.eager_step_reason` names the steps that must run eagerly (a scratch re-size at
+a step's start, a step after a non-static one).
 """
 
 from __future__ import annotations
