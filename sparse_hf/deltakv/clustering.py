@@ -128,12 +128,15 @@ def _nearest_block(x, centers, token_pos, center_pos, k, metric, center_valid):
     scores = _half_gemm_scores(x, centers, metric)
     if scores is None:
         scores = center_scores(x.to(dtype), centers.to(dtype), metric)
-    visible = center_pos.unsqueeze(-2) <= token_pos.unsqueeze(-1)  # [B, N, M]
+    hidden = center_pos.unsqueeze(-2) > token_pos.unsqueeze(-1)   # [B, N, M]: not visible (causality)
     if center_valid is not None:
-        visible = visible & center_valid.unsqueeze(-2)
-    scores = scores.masked_fill_(~visible, float("-inf"))   # a fresh tensor in both paths
+        hidden.logical_or_(center_valid.logical_not().unsqueeze(-2))
+    scores = scores.masked_fill_(hidden, float("-inf"))   # a fresh tensor in both paths
     kk = min(k, centers.shape[-2])
-    top, ids = torch.topk(scores, kk, dim=-1) if kk > 0 else (scores[..., :0], scores[..., :0].long())
+    if kk == 1:   # one father (the usual case): a max reduction, several times faster than top-k on CUDA
+        top, ids = scores.max(-1, keepdim=True)
+    else:
+        top, ids = torch.topk(scores, kk, dim=-1) if kk > 0 else (scores[..., :0], scores[..., :0].long())
     ids = ids.masked_fill(top == float("-inf"), -1)
     if kk < k:
         ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], k - kk), -1)], dim=-1)
