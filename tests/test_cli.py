@@ -243,6 +243,16 @@ def test_bench_knob_overrides_the_budget_rule(tmp_path):
     assert "full_attn_layers" not in by_method["snapkv"]
 
 
+def test_bench_knob_values_that_are_numbers_become_numbers():
+    # deltakv's kv_quant_bits checks for the int 4: "--knob deltakv:kv_quant_bits=4" failed as the string "4"
+    from sparse_hf.bench_cli import parse_knob
+
+    assert parse_knob("deltakv:kv_quant_bits=4") == ("deltakv", "kv_quant_bits", 4)
+    assert parse_knob("snapkv:num_top_tokens=0.25") == ("snapkv", "num_top_tokens", 0.25)
+    assert parse_knob("omnikv:full_attn_layers=0,1") == ("omnikv", "full_attn_layers", "0,1")
+    assert parse_knob("deltakv:cluster_metric=cosine") == ("deltakv", "cluster_metric", "cosine")
+
+
 def test_bench_defaults_fit_the_device():
     from sparse_hf.bench import SHAPES as BENCH_SHAPES
     from sparse_hf.bench_cli import CPU_DEFAULTS, GPU_DEFAULTS, SHAPES, parse_cases
