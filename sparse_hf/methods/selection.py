@@ -32,13 +32,54 @@ def sink_recent_candidates(valid: torch.Tensor, num_sink: int, num_recent: int):
 
 
 def priority_order(prio: torch.Tensor) -> torch.Tensor:
-    """Slot indices ``[..., L]`` by decreasing ``prio``; equal priorities in slot order.
+    """Slot indices ``[..., L]`` by decreasing ``prio``; equal priorities in slot order (the reference rule).
 
     Slots are in logical order and padding slots never tie with real ones (they are ``-inf``), so a tie goes to
     the token that comes first in its row: a rule independent of left padding (``topk`` breaks ties by where
     the slot lies in the buffer, which padding shifts), so a prompt keeps the same tokens alone or batched.
+    A full stable sort: the selection paths call :func:`top_priority`, which returns its first ``k`` columns.
     """
     return prio.sort(dim=-1, descending=True, stable=True).indices
+
+
+#: Float dtypes whose values fit float32 exactly, so :func:`priority_keys` can encode them in 32 bits.
+_KEYED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def priority_keys(prio: torch.Tensor) -> torch.Tensor:
+    """One int64 per slot that orders like ``(prio, -slot)``: ``[..., L]`` float -> ``[..., L]`` int64, all distinct.
+
+    The high 32 bits are ``prio`` as float32 mapped to an order-preserving int32 (non-negative floats keep their
+    bits, negative ones get their magnitude bits flipped, so ``-inf < ... < -0 == +0 < ... < inf < NaN``); the low
+    32 bits are ``L - 1 - slot``, so among equal priorities the earlier slot has the larger key. ``-0.0`` is taken
+    as ``+0.0`` and every NaN as one value above ``inf``: exactly the ties and the NaN placement of
+    ``torch.sort(descending=True, stable=True)``. ``prio`` must be float32, bfloat16 or float16 (exact in float32).
+    """
+    if prio.dtype not in _KEYED_DTYPES:
+        raise TypeError(f"priority_keys takes float32, bfloat16 or float16 priorities, got {prio.dtype} "
+                        "(float64 does not fit 32 bits exactly; use priority_order)")
+    L = prio.shape[-1]
+    if L > 2**32:
+        raise ValueError(f"priority_keys packs slot indices in 32 bits; {L} slots is too many")
+    x = prio.float()
+    x = torch.where(x == 0, torch.zeros_like(x), x)                       # -0.0 ties with +0.0
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x)  # one NaN (sign and payload dropped)
+    bits = x.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()       # int32 order == float order
+    tiebreak = torch.arange(L - 1, -1, -1, device=prio.device, dtype=torch.long)
+    return ordered * 2**32 + tiebreak
+
+
+def top_priority(prio: torch.Tensor, k: int) -> torch.Tensor:
+    """``priority_order(prio)[..., :k]`` without sorting all ``L`` slots: ``[..., L]`` -> ``[..., min(k, L)]``.
+
+    A ``topk`` over :func:`priority_keys`, which are distinct, so the result (set and order) is the stable sort's
+    whatever ``topk``'s own tie rule. float64 priorities fall back to the full sort.
+    """
+    k = min(int(k), prio.shape[-1])
+    if prio.dtype not in _KEYED_DTYPES:
+        return priority_order(prio)[..., :k]
+    return priority_keys(prio).topk(k, dim=-1, largest=True, sorted=True).indices
 
 
 def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int, num_recent: int,
@@ -70,7 +111,7 @@ def select_keep(valid: torch.Tensor, scores: torch.Tensor | None, num_sink: int,
     K = int(budget.max())
     prio = torch.where(is_cand, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     prio = torch.where(protected, torch.full_like(prio, float("inf")), prio)
-    idx = priority_order(prio)[..., :K]                                        # [B, Hkv, K], priority order
+    idx = top_priority(prio, K)                                                # [B, Hkv, K], priority order
     ok = torch.arange(K, device=valid.device).view(1, 1, K) < budget.unsqueeze(-1)
     order_key = torch.where(ok, idx, idx + L)                                  # fillers sort last
     order = order_key.argsort(dim=-1)
@@ -94,7 +135,7 @@ def select_keep_static(valid: torch.Tensor, scores: torch.Tensor, num_sink: int,
     protected = is_sink | is_recent
     prio = torch.where(is_cand, scores.float(), float("-inf"))
     prio = torch.where(protected, float("inf"), prio)
-    idx = priority_order(prio)[..., :min(k, L)]
+    idx = top_priority(prio, k)
     vals = prio.gather(-1, idx)
     if torch.is_tensor(num_top):
         num_top = num_top.view(B, 1, 1)
