@@ -105,3 +105,14 @@ def test_a_row_keeps_the_same_tokens_alone_and_in_a_left_padded_batch():
         # all tied: the middle tokens kept are the earliest candidates (slots 3..9), not the ones topk would pick
         if bool((rows[0] == 0).all()):
             assert want[0][0] == list(range(0, 10)) + list(range(lengths[-1] - 5, lengths[-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_priority_on_cuda_equals_the_stable_sort(dtype):
+    """CUDA's ``topk`` and ``sort`` have their own tie rules; the packed keys make both agree with the CPU rule."""
+    prio = tied_scores((2, 28, 4099), levels=5, seed=7, dtype=dtype)
+    for k in (1, 100, 4099):
+        want = priority_order(prio)[..., :k]
+        assert torch.equal(top_priority(prio.cuda(), k).cpu(), want)
+        assert torch.equal(priority_order(prio.cuda())[..., :k].cpu(), want)
