@@ -1,6 +1,6 @@
-"""``top_priority`` (a ``topk`` over packed ``(score, -slot)`` keys) selects exactly what the stable-sort rule
-``priority_order`` does: same slots, same order, on ties, infinities, NaN, signed zeros, bf16/fp16 inputs and
-padded batches. The CPU/GPU timing is ``benchmarks/bench_selection_topk.py``."""
+"""``top_priority`` (off CUDA a ``topk`` over packed ``(score, -slot)`` keys, on CUDA the stable sort of canonical
+priorities) selects exactly what the rule ``priority_order`` does: same slots, same order, on ties, infinities, NaN,
+signed zeros, bf16/fp16 inputs and padded batches, on every device. Timing: ``benchmarks/bench_selection_topk.py``."""
 
 import pytest
 import torch
@@ -30,6 +30,8 @@ def test_top_priority_equals_stable_sort_prefix(dtype, levels):
         reference = priority_order(prio)
         for k in (0, 1, 7, 40, 96, 97, 500):
             assert torch.equal(top_priority(prio, k), reference[..., :k]), (dtype, levels, seed, k)
+            if dtype != torch.float64:
+                assert torch.equal(_keys_topk(prio, k), reference[..., :k]), (dtype, levels, seed, k)
 
 
 def test_bf16_scores_with_distinct_float32_values_rank_as_their_bf16_values():
@@ -107,12 +109,29 @@ def test_a_row_keeps_the_same_tokens_alone_and_in_a_left_padded_batch():
             assert want[0][0] == list(range(0, 10)) + list(range(lengths[-1] - 5, lengths[-1]))
 
 
+def _keys_topk(prio, k):
+    return priority_keys(prio).topk(min(k, prio.shape[-1]), dim=-1).indices
+
+
+def test_priority_order_against_a_python_oracle_with_signed_zeros_and_nans():
+    """The rule itself, written independently: decreasing value, ``-0.0 == +0.0``, every NaN equal and above
+    ``inf``, ties to the earlier slot."""
+    prio = tied_scores((3, 200), levels=3, seed=11)
+    for row, order in zip(prio.tolist(), priority_order(prio).tolist()):
+        rank = [(float("inf"), 1) if v != v else (v + 0.0, 0) for v in row]     # NaN above inf
+        want = sorted(range(len(row)), key=lambda i: (-rank[i][1], -rank[i][0], i))
+        assert order == want
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_top_priority_on_cuda_equals_the_stable_sort(dtype):
-    """CUDA's ``topk`` and ``sort`` have their own tie rules; the packed keys make both agree with the CPU rule."""
+def test_cuda_selection_equals_the_cpu_rule(dtype):
+    """CUDA's sort orders by bits (-0.0 < +0.0, negative NaNs lowest) and its topk breaks ties its own way; the
+    canonical priorities and the packed keys make every path pick the CPU rule's slots (an H200 run of the raw
+    sort differed from the CPU at the top-1 of tied scores with signed NaNs)."""
     prio = tied_scores((2, 28, 4099), levels=5, seed=7, dtype=dtype)
     for k in (1, 100, 4099):
         want = priority_order(prio)[..., :k]
         assert torch.equal(top_priority(prio.cuda(), k).cpu(), want)
         assert torch.equal(priority_order(prio.cuda())[..., :k].cpu(), want)
+        assert torch.equal(_keys_topk(prio.cuda(), k).cpu(), want)
