@@ -72,21 +72,3 @@ def test_cli_flag_and_default_reach_the_training_model(workdir, tmp_path):  # no
     with pytest.raises(ValueError, match="--mse_target"):
         parse_args(argv(workdir, tmp_path / "x", "--mse_target", "both"))
 
-
-@pytest.mark.parametrize("target", ["layer", "raw_pass"])
-def test_gradient_checkpointing_gives_the_same_gradients_for_both_targets(target):
-    """Regression: the raw pass's targets were dropped at the end of forward, so the backward recomputation of a
-    checkpointed layer compared against the same pass instead (raw_pass gradients off by up to 8e-4 here)."""
-    grads = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
-        model = DeltaKVTrainingModel(base, DeltaKVCompressor.for_model(base.config, kv_compressed_size=8),
-                                     mse_target=target)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model(torch.arange(80).remainder(128).view(2, 40))["loss"].backward()
-        grads.append([p.grad.clone() for p in model.compressor.parameters()])
-        model.release()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
