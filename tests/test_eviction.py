@@ -179,13 +179,17 @@ def test_cuda_graph_knob_falls_back_to_eager_on_cpu():
     assert torch.equal(a, b)
 
 
-def test_knorm_keeps_the_lowest_key_norms():
-    """KNorm's kept prompt tokens, against a per-row, per-head loop over the full cache's keys."""
+@pytest.mark.parametrize("scope,arch", [("kv_head", "qwen3"), ("layer", "llama")])
+def test_knorm_keeps_the_lowest_key_norms(scope, arch):
+    """KNorm's kept prompt tokens, against a per-row, per-head loop over the full cache's keys (``layer`` scope:
+    one set per row, by the mean over KV heads of the key norms). The layer scope runs on Llama: Qwen3's k_norm
+    makes every key norm of a random tiny model ~sqrt(D), so the mean over heads ties to 1e-6 and only rounding
+    would decide."""
     from transformers import DynamicCache
 
-    model = tiny_model("qwen3", layers=2)
+    model = tiny_model(arch, layers=2)
     ids, mask = left_padded_batch((40, 33))
-    cfg = SMALL["knorm"]
+    cfg = dict(SMALL["knorm"], selection_scope=scope)
     out = greedy(model, ids, mask, new_tokens=1, cache_implementation="knorm", cache_config=cfg,
                  return_dict_in_generate=True)
     full = DynamicCache(config=model.config)
@@ -198,7 +202,8 @@ def test_knorm_keeps_the_lowest_key_norms():
             cols = [c for c in range(P) if mask[b, c]]
             cands = cols[cfg["num_sink_tokens"]:len(cols) - cfg["num_recent_tokens"]]
             for h in range(keys.shape[1]):
-                norms = {c: float(keys[b, h, c].norm()) for c in cands}
+                heads = range(keys.shape[1]) if scope == "layer" else [h]
+                norms = {c: sum(float(keys[b, g, c].norm()) for g in heads) / len(heads) for c in cands}
                 chosen = sorted(cands, key=lambda c: norms[c])[:cfg["num_top_tokens"]]
                 expect = sorted(cols[:cfg["num_sink_tokens"]] + chosen + cols[len(cols) - cfg["num_recent_tokens"]:])
                 kept = sorted(p for p in layer.positions[b, h].tolist() if 0 <= p < P)
