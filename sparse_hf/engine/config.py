@@ -12,8 +12,8 @@ import torch
 
 from ..methods import get_method
 
-#: Methods the engine runs today. DeltaKV needs a latent pool (a later issue).
-ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv")
+#: Methods the engine runs today (DeltaKV: a compressed store beside the raw pool, see ``deltakv_store``).
+ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "deltakv")
 
 
 def _positive_int(name: str, value) -> None:
@@ -81,6 +81,9 @@ def build_method(name: str | None, knobs: dict, num_layers: int):
     config, runtime = method_class.build_config(**knobs)
     if runtime.cuda_graph is not None:
         raise ValueError("cuda_graph is an HF-path knob; the engine captures decode graphs unless enforce_eager=True")
+    if name == "deltakv":
+        from .deltakv_store import require_compressor
+        require_compressor(runtime)             # before any rank starts
     if getattr(config, "chunk_prefill_accel_omnikv", False):
         raise NotImplementedError("chunk_prefill_accel_omnikv is not yet supported in the engine; leave it False")
     return method_class(config, num_layers)

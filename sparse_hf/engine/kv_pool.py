@@ -34,10 +34,13 @@ class KVPool:
         num_slots: ``S``, slots per layer (each holds all KV heads of one token).
         max_rows: rows of the slot tables (``max_num_seqs``); max_len: ``W``, table width (``max_model_len``).
         per_layer_groups: one slot group per layer (eviction methods) instead of one for all layers.
+        layer_groups: the group of each layer (``[num_layers]`` ints from 0), overriding ``per_layer_groups``
+            (DeltaKV: its filter layers in one group, its compressed layers in another).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, max_rows: int,
-                 max_len: int, per_layer_groups: bool, dtype: torch.dtype, device: torch.device):
+                 max_len: int, per_layer_groups: bool, dtype: torch.dtype, device: torch.device,
+                 layer_groups: list[int] | None = None):
         self.num_layers, self.num_slots, self.max_rows, self.max_len = num_layers, num_slots, max_rows, max_len
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         # One extra slot (``scratch_slot``) takes the K/V writes of padding rows of a CUDA-graph batch.
@@ -45,9 +48,11 @@ class KVPool:
         self.k = [torch.zeros(num_slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
                   for _ in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
-        G = num_layers if per_layer_groups else 1
+        if layer_groups is None:
+            layer_groups = [layer if per_layer_groups else 0 for layer in range(num_layers)]
+        G = max(layer_groups) + 1
         self.num_groups = G
-        self.group_of = [layer if per_layer_groups else 0 for layer in range(num_layers)]
+        self.group_of = list(layer_groups)
         self.layers_of = [[layer for layer in range(num_layers) if self.group_of[layer] == g] for g in range(G)]
         self.free = torch.arange(num_slots, dtype=torch.int32, device=device).repeat(G, 1)       # [G, S]
         self.free_top = [num_slots] * G

@@ -90,9 +90,19 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
         if tp is None or tp.rank == 0:
             warnings.warn(f"max_model_len={max_model_len} exceeds the pool's {slots} slots; capped to {slots}")
         max_model_len = slots
+    compute_logits = tp is None or tp.rank == 0
+    if method is not None and method.name == "deltakv":       # a compressed store beside the raw pool (eager)
+        from .deltakv_attention import DeltaKVRunner
+        from .deltakv_store import DeltaKVPool, prepare_deltakv
+
+        method, projections = prepare_deltakv(method, spec.sparse_knobs, spec.hf_config)
+        pool = DeltaKVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs,
+                           max_model_len, spec.dtype, device, method)
+        runner = DeltaKVRunner(model, pool, method, projections.to(device), compute_logits=compute_logits)
+        return Shard(model, pool, runner, method, max_model_len)
     pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs, max_model_len,
                   evicts, spec.dtype, device)
-    runner = ModelRunner(model, pool, method, compute_logits=tp is None or tp.rank == 0)
+    runner = ModelRunner(model, pool, method, compute_logits=compute_logits)
     if device.type == "cuda" and not cfg.enforce_eager:
         from .graphs import DecodeGraphs
         runner.graphs = DecodeGraphs(model, pool, cfg.max_num_seqs, runner.attention)

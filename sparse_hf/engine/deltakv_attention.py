@@ -1,0 +1,186 @@
+"""DeltaKV's attention and flushes in the engine, over a :class:`~.deltakv_store.DeltaKVPool`.
+
+Prefill is plain causal attention over raw slots in every layer (nothing of a row is compressed before its prompt
+ends, as on the HF path). After the step the completed prompts, and after each decode step its rows, flush: a
+row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest buffer tokens in every compressed
+layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to the pool.
+
+A decode step (eager): the filter layers attend to every raw token; the observation layer's scores (OmniKV's
+:meth:`decode_scores`, by position) pick, per row, the top ``num_top_tokens`` of the row's compressed tokens
+(all of them when the budget covers them), which the core :func:`~sparse_hf.deltakv.state.rebuild_kv` rebuilds
+(fused kernel entry); each compressed layer attends to its raw sinks + buffer and the rebuilt tokens.
+
+Tensor parallelism: the compressor reads all KV heads' ``concat(K, V)``, so a flush all-gathers the ranks' heads
+(every rank then holds the same latents, computed from the same input); a rebuild yields every head and a rank
+keeps its own. The observation scores are all-reduced (max) before the pick, so every rank picks what TP=1 picks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+
+from ..deltakv.rope import unrotate
+from ..deltakv.state import flush, rebuild_kv
+from .attention import PoolAttention
+from .runner import ModelRunner
+
+#: The pool group of the compressed layers (group 0: the filter layers).
+COMPRESSED = 1
+
+
+class DeltaKVAttention(PoolAttention):
+    """:class:`~.attention.PoolAttention` whose decode step reads rebuilt tokens in the compressed layers.
+
+    Args:
+        pool: a :class:`~.deltakv_store.DeltaKVPool`; method: the core ``DeltaKV``; projections: the compressor's
+        ``DeltaKVProjections``; rotary: the model's :class:`~.model.Rotary`; tp: a ``TPGroup`` or ``None``.
+    """
+
+    def __init__(self, pool, method, projections, rotary, tp=None):
+        super().__init__(pool, method, tp)
+        self.projections, self.rotary = projections, rotary
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.kv_heads = projections.kv_heads                                    # all ranks' heads
+        self.heads = tp.shard(self.kv_heads) if self.tp is not None else slice(None)
+        self.rows: list[int] = []          # the decode step's rows (set by the runner)
+        self.scores: torch.Tensor | None = None   # [B, W] observation scores by position, this step
+
+    def rope(self, like: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, k, D]`` at positions ``pos [B, k]`` (what :func:`rebuild_kv` takes)."""
+        return self.rotary.cos[pos].to(like.dtype), self.rotary.sin[pos].to(like.dtype)
+
+    # -- decode ---------------------------------------------------------------------------------------------
+    def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.method.is_full(layer):
+            if self.method.is_observer(layer):
+                return self._observe(layer, q, self.ctx.tables[g], self.ctx.lens[g], scale)
+            return super()._decode(layer, g, q, scale)            # full attention over the raw slots
+        return self._decode_compressed(layer, g, q, scale)
+
+    def _observe(self, layer, q, tables, lens, scale):
+        """Full attention plus the per-position scores (``self.scores``) the compressed layers pick by."""
+        flat = tables.long()
+        keys = self.pool.k[layer][flat].permute(0, 2, 1, 3)                      # [B, Hkv, W, D]
+        values = self.pool.v[layer][flat].permute(0, 2, 1, 3)
+        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
+        valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
+        scores = self.method.decode_scores(logits, valid)                          # [B, W]
+        self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores
+        return out
+
+    def _pick(self, row: int, b: int, state) -> torch.Tensor:
+        """``[1, k]`` offsets of row ``row``'s compressed tokens to rebuild: its top ``num_top_tokens`` by the
+        observation scores (a fraction of its length), or all of them when the budget covers them."""
+        n = state.counts[0]
+        top = self.method.top_count(int(self.pool.lens[0, row]), prefill=False)
+        if self.scores is None or top >= n:
+            return torch.arange(n, device=state.comp_pos.device).view(1, n)
+        scores = self.scores[b].gather(0, state.comp_pos[0].long())
+        return scores.topk(top).indices.view(1, top)
+
+    def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens."""
+        pool, store = self.pool, self.pool.store
+        tables, lens = self.ctx.tables[g].long(), self.ctx.lens[g]               # [B, W], [B]
+        B, W = tables.shape
+        rebuilt = []
+        for b, row in enumerate(self.rows):
+            if store.count(row) == 0:
+                rebuilt.append(None)
+                continue
+            state = store.state(row, layer)
+            keys, values, _ = rebuild_kv(state, self._pick(row, b, state), self.projections, layer, self.kv_heads,
+                                         pool.head_dim, self.rope)
+            rebuilt.append((keys[0, self.heads], values[0, self.heads]))          # [Hkv, k, D]
+        widest = max((r[0].shape[1] for r in rebuilt if r is not None), default=0)
+        keys = pool.k[layer][tables].permute(0, 2, 1, 3)                         # [B, Hkv, W, D]
+        values = pool.v[layer][tables].permute(0, 2, 1, 3)
+        ar = torch.arange(W + widest, device=q.device)
+        valid = (ar.view(1, -1) < lens.view(-1, 1)).clone()                       # [B, W + widest]
+        if widest:
+            pad = (B, keys.shape[1], widest, keys.shape[-1])
+            keys, values = torch.cat([keys, keys.new_zeros(pad)], 2), torch.cat([values, values.new_zeros(pad)], 2)
+            for b, r in enumerate(rebuilt):
+                if r is not None:
+                    k = r[0].shape[1]
+                    keys[b, :, W:W + k], values[b, :, W:W + k] = r[0].to(keys.dtype), r[1].to(values.dtype)
+                    valid[b, W:W + k] = True
+        indices = torch.where(valid, ar.view(1, -1), -1).unsqueeze(1).expand(B, keys.shape[1], W + widest)
+        return sparse_decode_attention(q, keys, values, indices, scale=scale, backend=self.backend)
+
+
+class DeltaKVRunner(ModelRunner):
+    """:class:`~.runner.ModelRunner` with DeltaKV's attention, and the flushes after each step."""
+
+    def __init__(self, model, pool, method, projections, graphs=None, compute_logits: bool = True):
+        super().__init__(model, pool, method, graphs, compute_logits)
+        self.projections = projections
+        self.attention = DeltaKVAttention(pool, method, projections, model.rotary, getattr(model, "tp", None))
+        model.set_backend(self.attention)
+
+    def prefill(self, plan):
+        logits = super().prefill(plan)
+        self.flush(plan.completing)
+        return logits
+
+    def decode(self, plan):
+        self.attention.rows = list(plan.rows)
+        logits = super().decode(plan)
+        self.attention.scores = None
+        self.flush(plan.rows)
+        return logits
+
+    # -- compression ----------------------------------------------------------------------------------------
+    def _raw_x(self, layer: int, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE ``x = concat(K, V)`` of all KV heads of group-1 slots ``slots [m]`` at positions ``pos [m]``:
+        ``[1, m, Dx]`` (under tensor parallelism the ranks' heads are gathered)."""
+        pool = self.pool
+        m = slots.shape[0]
+        post = pool.k[layer][slots].float().transpose(0, 1).unsqueeze(0)          # [1, Hkv, m, D]
+        cos, sin = self.rotary_tables(pos)
+        k = unrotate(post, cos, sin)[0].transpose(0, 1).reshape(m, -1)            # [m, Hkv * D]
+        v = pool.v[layer][slots].reshape(m, -1)
+        k, v = k.to(v.dtype), v
+        tp = self.attention.tp
+        if tp is not None:
+            k, v = all_gather_columns(k, tp), all_gather_columns(v, tp)
+        return torch.cat([k, v], -1).unsqueeze(0)
+
+    def rotary_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(cos, sin)`` ``[1, m, D]`` at positions ``pos [m]``."""
+        rotary = self.model.rotary
+        return rotary.cos[pos].unsqueeze(0).float(), rotary.sin[pos].unsqueeze(0).float()
+
+    def flush(self, rows: list[int]) -> None:
+        """Compress, in every compressed layer, the oldest buffer tokens of each of ``rows`` whose buffer holds twice
+        ``num_recent_tokens`` (:meth:`DeltaKV.flush_count`, the HF path's rule), and free their raw slots."""
+        pool, store = self.pool, self.pool.store
+        S = store.clustering.num_sink
+        for row in rows:
+            n = int(pool.lens[COMPRESSED, row])
+            count = self.method.flush_count(max(0, n - S))
+            if not count:
+                continue
+            first = store.count(row) == 0
+            lo = 0 if first else S                   # a row's first flush also records its sinks as centers
+            slots = pool.tables[COMPRESSED, row, lo:S + count].long()
+            pos = torch.tensor(pool.raw_positions(row, lo, S + count), device=self.device)
+            for layer in store.layers:
+                x = self._raw_x(layer, slots, pos)
+                at = pos.view(1, -1)
+                sinks = (x[:, :S], at[:, :S]) if first else None
+                flush(store.state(row, layer), x[:, S - lo:], at[:, S - lo:], [count], self.projections, layer,
+                      sinks)
+            keep = torch.cat([torch.arange(S), torch.arange(S + count, n)]).to(self.device)
+            pool.keep(COMPRESSED, row, keep.view(1, -1).expand(pool.num_kv_heads, -1))
+
+
+def all_gather_columns(x: torch.Tensor, tp) -> torch.Tensor:
+    """``[m, c]`` on each rank -> ``[m, size * c]``: the ranks' columns side by side, in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.data_group)
+    return torch.cat(parts, -1)
