@@ -1,0 +1,98 @@
+"""DeltaKV in the engine: greedy output equals the HF path's deltakv at the same knobs (batched, mixed lengths,
+chunked prefill, quantised latents, count and fraction budgets), compressed raw slots really return to the pool,
+the pool and the compressed store are empty after the requests, and bad set-ups fail clearly.
+
+The engine compresses each row on its own (per-row states), as the HF path does per row, so each prompt is checked
+against a one-row HF run; near-ties of a tiny random model are judged by the HF logits (``assert_greedy_equal``)."""
+
+import pytest
+import torch
+
+import sparse_hf  # noqa: F401  (registers the HF-path caches)
+from engine_helpers import assert_greedy_equal, engine_tokens, greedy_params, hf_greedy, hf_greedy_with_logits, \
+    random_prompts
+from helpers import tiny_model
+from sparse_hf.deltakv import DeltaKVCompressor
+from sparse_hf.engine import LLM
+
+KNOBS = dict(full_attn_layers=[0, 2], num_sink_tokens=2, num_recent_tokens=4, cluster_ratio=0.25,
+             deltakv_neighbor_count=2)
+ENGINE = dict(num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16)
+
+
+def compressor(model, latent=16):
+    torch.manual_seed(0)
+    return DeltaKVCompressor.for_model(model.config, kv_compressed_size=latent)
+
+
+@pytest.mark.parametrize("arch,budget,bits", [("llama", 6, 0), ("qwen2", 0.25, 4), ("llama", 10, 8),
+                                              ("qwen2", 1000, 0)])
+def test_engine_equals_hf_path(arch, budget, bits):
+    model = tiny_model(arch, layers=4)
+    comp = compressor(model)
+    knobs = dict(KNOBS, num_top_tokens=budget, kv_quant_bits=bits)
+    prompts = random_prompts((20, 50, 77))
+    llm = LLM(model, sparse_method="deltakv", compressor=comp, **ENGINE, **knobs)
+    ours = engine_tokens(llm, prompts, 30)
+    for prompt, got in zip(prompts, ours):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 30, cache_implementation="deltakv",
+                                                        cache_config=dict(knobs, compressor=comp)))
+    vanilla = [hf_greedy(model, p, 30) for p in prompts]
+    assert ours != vanilla, "knobs too loose: deltakv changed nothing, so the test would prove nothing"
+    llm.pool.check_whole()
+
+
+def test_compressed_slots_return_to_the_pool():
+    """After the prompt a row holds only sinks + buffer in the compressed layers' group; the rest is latents."""
+    model = tiny_model("llama", layers=4)
+    llm = LLM(model, num_kv_slots=128, max_model_len=128, sparse_method="deltakv", compressor=compressor(model),
+              num_top_tokens=6, **KNOBS)
+    llm.add_request("a", random_prompts((90,), seed=3)[0], greedy_params(12))
+    llm.step()                                                         # the whole prompt, then its flush
+    row = llm.requests["a"].row
+    pool = llm.pool
+    # 90 tokens: 2 sinks, a buffer of 88 -> 84 compressed (multiples of 4 while 4..7 stay raw): 6 raw slots left
+    assert int(pool.lens[0, row]) == 90 and int(pool.lens[1, row]) == 6 and pool.store.count(row) == 84
+    assert pool.free_top == [128 - 90, 128 - 6]
+    assert pool.row_tokens(row) == 2 * 90 + 2 * 6 + 2 * 84
+    assert pool.store.nbytes() > 0
+    seen = set()
+    while llm.has_unfinished_requests():
+        llm.step()
+        if llm.requests:
+            n = int(pool.lens[1, row])
+            assert 2 + 4 <= n < 2 + 8, n                                # sinks + a buffer of recent..2*recent-1
+            seen.add(pool.store.count(row))
+    assert len(seen) > 1, "no flush happened during decode"
+    pool.check_whole()
+
+
+def test_preemption_and_many_requests_leave_the_pool_whole():
+    model = tiny_model("qwen2", layers=3)
+    llm = LLM(model, num_kv_slots=160, max_model_len=128, chunk_prefill_size=32, max_num_seqs=4,
+              sparse_method="deltakv", compressor=compressor(model), num_top_tokens=4,
+              **dict(KNOBS, full_attn_layers=[0]))
+    prompts = random_prompts((60, 45, 70, 30, 52), seed=5)
+    outs = llm.generate(prompts, greedy_params(20))
+    assert all(len(o.token_ids) == 20 for o in outs)
+    assert any(o.metrics["num_preemptions"] for o in outs), "the pool was large enough: nothing was tested"
+    llm.pool.check_whole()
+
+
+def test_clear_errors():
+    model = tiny_model("llama", layers=4)
+    with pytest.raises(ValueError, match="needs a compressor"):
+        LLM(model, num_kv_slots=64, sparse_method="deltakv", num_top_tokens=4)
+    other = tiny_model("llama", layers=3)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        LLM(model, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(other), num_top_tokens=4)
+    torch.manual_seed(0)
+    partial = DeltaKVCompressor.for_model(model.config, kv_compressed_size=16, compressed_layers=[1])
+    with pytest.raises(ValueError, match="no weights for layers"):
+        LLM(model, num_kv_slots=64, sparse_method="deltakv", compressor=partial, num_top_tokens=4,
+            full_attn_layers=[0])
+    qwen3 = tiny_model("qwen3", layers=4)
+    with pytest.raises(NotImplementedError, match="Qwen3"):
+        LLM(qwen3, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(qwen3), num_top_tokens=4)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        LLM(model, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(model), cuda_graph=True)
