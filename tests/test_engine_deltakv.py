@@ -96,3 +96,24 @@ def test_clear_errors():
         LLM(qwen3, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(qwen3), num_top_tokens=4)
     with pytest.raises(ValueError, match="cuda_graph"):
         LLM(model, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(model), cuda_graph=True)
+
+
+def test_tp2_equals_tp1():
+    """Under tensor parallelism a flush all-gathers every rank's heads (the compressor reads all of concat(K, V)),
+    every rank keeps the same latents and rebuilds its own heads, and the observation scores are all-reduced
+    (max) before the pick: TP=2 (gloo, two processes) gives TP=1's tokens, and both ranks' pools end whole."""
+    model = tiny_model("llama", layers=4)
+    comp = compressor(model)
+    knobs = dict(KNOBS, num_top_tokens=6, compressor=comp)
+    prompts = random_prompts((20, 50, 77))
+    tp1 = engine_tokens(LLM(model, sparse_method="deltakv", **ENGINE, **knobs), prompts, 30)
+    with LLM(model, tensor_parallel_size=2, sparse_method="deltakv", **ENGINE, **knobs) as llm:
+        assert llm.pool.num_kv_heads == 1
+        tp2 = engine_tokens(llm, prompts, 30)
+        llm.check_pool_whole()
+    for prompt, a, b in zip(prompts, tp2, tp1):
+        if a != b:          # the all-reduce sums in another order: only a near-tie of the reference may part them
+            ref, logits = hf_greedy_with_logits(model, prompt, 30, cache_implementation="deltakv",
+                                                cache_config=knobs)
+            assert_greedy_equal(a, ref, logits)
+            assert_greedy_equal(b, ref, logits)

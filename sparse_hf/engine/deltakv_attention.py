@@ -83,8 +83,9 @@ class DeltaKVAttention(PoolAttention):
     def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens."""
         pool, store = self.pool, self.pool.store
-        tables, lens = self.ctx.tables[g].long(), self.ctx.lens[g]               # [B, W], [B]
-        B, W = tables.shape
+        W = int(pool.lens[g, self.rows].max())          # the group's own width: sinks + buffers, not the length
+        tables, lens = self.ctx.tables[g, :, :W].long(), self.ctx.lens[g]        # [B, W], [B]
+        B = tables.shape[0]
         rebuilt = []
         for b, row in enumerate(self.rows):
             if store.count(row) == 0:
