@@ -159,6 +159,8 @@ class DeltaKVRunner(ModelRunner):
         ``num_recent_tokens`` (:meth:`DeltaKV.flush_count`, the HF path's rule), and free their raw slots."""
         pool, store = self.pool, self.pool.store
         S = store.clustering.num_sink
+        if not store.layers:                         # every layer a filter layer: nothing to compress
+            return
         for row in rows:
             n = int(pool.lens[COMPRESSED, row])
             count = self.method.flush_count(max(0, n - S))
