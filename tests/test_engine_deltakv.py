@@ -45,15 +45,18 @@ def test_engine_equals_hf_path(arch, budget, bits):
 def test_compressed_slots_return_to_the_pool():
     """After the prompt a row holds only sinks + buffer in the compressed layers' group; the rest is latents."""
     model = tiny_model("llama", layers=4)
-    llm = LLM(model, num_kv_slots=128, max_model_len=128, sparse_method="deltakv", compressor=compressor(model),
-              num_top_tokens=6, **KNOBS)
+    llm = LLM(model, num_kv_slots=400, max_model_len=128, max_num_seqs=4, sparse_method="deltakv",
+              compressor=compressor(model), num_top_tokens=6, **KNOBS)
+    pool = llm.pool
+    # the memory of 400 full slots: the compressed layers' group holds one whole prompt plus 4 rows' sinks + buffers
+    filt, comp = pool.group_slots
+    assert comp == 128 + 4 * (2 + 2 * 4) < filt
     llm.add_request("a", random_prompts((90,), seed=3)[0], greedy_params(12))
     llm.step()                                                         # the whole prompt, then its flush
     row = llm.requests["a"].row
-    pool = llm.pool
     # 90 tokens: 2 sinks, a buffer of 88 -> 84 compressed (multiples of 4 while 4..7 stay raw): 6 raw slots left
     assert int(pool.lens[0, row]) == 90 and int(pool.lens[1, row]) == 6 and pool.store.count(row) == 84
-    assert pool.free_top == [128 - 90, 128 - 6]
+    assert pool.free_top == [filt - 90, comp - 6]
     assert pool.row_tokens(row) == 2 * 90 + 2 * 6 + 2 * 84
     assert pool.store.nbytes() > 0
     seen = set()
@@ -65,6 +68,28 @@ def test_compressed_slots_return_to_the_pool():
             seen.add(pool.store.count(row))
     assert len(seen) > 1, "no flush happened during decode"
     pool.check_whole()
+
+
+def test_the_same_memory_runs_more_requests_together():
+    """The memory of ``num_kv_slots`` full slots holds more rows with deltakv: its compressed layers keep only
+    sinks + buffers raw (plus small latents), so its filter layers get more slots than a vanilla pool has."""
+    model = tiny_model("llama", layers=4)
+    prompts = random_prompts((100,) * 12, seed=9)        # a vanilla pool of 1000 slots holds 9 of them at most
+
+    def peak_running(**kw):
+        llm = LLM(model, num_kv_slots=1000, max_model_len=128, max_num_seqs=12, chunk_prefill_size=64, **kw)
+        for i, p in enumerate(prompts):
+            llm.add_request(str(i), p, greedy_params(20))
+        peak = 0
+        while llm.has_unfinished_requests():
+            llm.step()
+            peak = max(peak, sum(not r.in_prefill for r in llm.scheduler.running))
+        llm.check_pool_whole()
+        return peak
+    ours = peak_running(sparse_method="deltakv", compressor=compressor(model, latent=8), num_top_tokens=6,
+                        **dict(KNOBS, full_attn_layers=[0]))
+    vanilla = peak_running()
+    assert vanilla <= 1000 // 101 < ours, (vanilla, ours)
 
 
 def test_preemption_and_many_requests_leave_the_pool_whole():

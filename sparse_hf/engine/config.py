@@ -34,7 +34,8 @@ class EngineConfig:
         chunk_prefill_size: prompt tokens of one request per prefill step.
         enforce_eager: ``True`` turns CUDA-graph decode off.
         num_kv_slots: pool size in tokens per layer; ``None`` sizes it from ``gpu_memory_utilization`` (CUDA) or
-            from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU).
+            from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU). DeltaKV splits the memory of that many
+            full slots between its filter layers and its compressed layers (``deltakv_store.split_slots``).
         sparse_method: ``None`` (full attention) or one of :data:`ENGINE_METHODS`.
     """
 

@@ -73,6 +73,40 @@ def prepare_deltakv(method, knobs: dict, hf_config):
     return method, projections
 
 
+def compressed_bytes_per_token(method, projections, kv_dtype: torch.dtype) -> float:
+    """An upper bound of the store's bytes per compressed token and layer: its latent (as
+    :func:`~sparse_hf.deltakv.quant.quantize` stores it), father ids (int32, the widest), its position, and its share
+    of a raw center (``concat(K, V)`` of every KV head, one per ``step`` tokens)."""
+    from ..deltakv.quant import quantize
+
+    cl = method.clustering()
+    latent = quantize(torch.zeros(1, projections.latent_size, dtype=projections.dtype), cl.quant_bits).nbytes()
+    center = projections.kv_dim * torch.tensor([], dtype=kv_dtype).element_size() + 4
+    return latent + 4 * cl.neighbor_count + 4 + center / cl.step
+
+
+def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                max_model_len: int, max_rows: int) -> list[int]:
+    """Slots per layer of the two groups ``[filter, compressed]`` that ``budget_bytes`` pays for.
+
+    The compressed layers' raw group needs room for one whole prompt (a prompt stays raw until it ends) plus every
+    other row's sinks and buffer (``< S + 2 * recent``); the filter group gets the rest. Each filter slot also
+    reserves its token's compressed bytes in every compressed layer, so the store can never outgrow the memory:
+    a token is compressed only while it holds a filter slot, so admission by free slots counts both stores."""
+    raw = 2 * kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()      # one token, one layer
+    layers = method.num_layers
+    compressed = len(method.sparse_layers())
+    c = method.config
+    per_filter = (layers - compressed) * raw + compressed * compressed_bytes_per_token(method, projections,
+                                                                                        kv_dtype) + 4
+    per_compressed = compressed * raw + 4
+    need = max_model_len + max_rows * (c.num_sink_tokens + 2 * c.num_recent_tokens)
+    filt = int((budget_bytes - need * per_compressed) // per_filter)
+    if filt < need:                          # too little memory for the split: one size for both groups
+        filt = need = int(budget_bytes // (per_filter + per_compressed))
+    return [filt, need]
+
+
 class DeltaKVStore:
     """The compressed tokens of every row: one core ``CompressedState`` (batch 1) per compressed layer and row,
     created at the row's first flush and dropped when the row is released. Every compressed layer of a row
@@ -105,11 +139,11 @@ class DeltaKVPool(KVPool):
     """The raw pool of DeltaKV (group 0: filter layers, group 1: compressed layers; see the module docstring) and
     its :class:`DeltaKVStore`. Releasing a row frees both; :meth:`check_whole` checks both."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, max_rows: int,
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, group_slots: list[int], max_rows: int,
                  max_len: int, dtype: torch.dtype, device: torch.device, method):
         groups = [0 if method.is_full(layer) else 1 for layer in range(num_layers)]
-        super().__init__(num_layers, num_kv_heads, head_dim, num_slots, max_rows, max_len, False, dtype, device,
-                         layer_groups=groups)
+        super().__init__(num_layers, num_kv_heads, head_dim, group_slots[0], max_rows, max_len, False, dtype, device,
+                         layer_groups=groups, group_slots=group_slots[:max(groups) + 1])
         self.store = DeltaKVStore(method.sparse_layers(), method.clustering())
 
     def raw_positions(self, row: int, start: int, stop: int) -> list[int]:

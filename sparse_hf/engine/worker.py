@@ -93,10 +93,19 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
     compute_logits = tp is None or tp.rank == 0
     if method is not None and method.name == "deltakv":       # a compressed store beside the raw pool (eager)
         from .deltakv_attention import DeltaKVRunner
-        from .deltakv_store import DeltaKVPool, prepare_deltakv
+        from .deltakv_store import DeltaKVPool, prepare_deltakv, split_slots
 
         method, projections = prepare_deltakv(method, spec.sparse_knobs, spec.hf_config)
-        pool = DeltaKVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs,
+        # The memory of `slots` full slots, split between the filter and the compressed layers' groups.
+        budget = slots * (2 * model.num_layers * model.num_kv_heads * model.head_dim
+                          * torch.tensor([], dtype=spec.dtype).element_size() + 4)
+        group_slots = split_slots(budget, method, projections, model.num_kv_heads, model.head_dim, spec.dtype,
+                                  max_model_len, cfg.max_num_seqs)
+        if max_model_len > group_slots[1] and (tp is None or tp.rank == 0):
+            warnings.warn(f"max_model_len={max_model_len} exceeds the {group_slots[1]} raw slots of deltakv's "
+                          f"compressed layers; capped to {group_slots[1]}")
+        max_model_len = min(max_model_len, group_slots[1])
+        pool = DeltaKVPool(model.num_layers, model.num_kv_heads, model.head_dim, group_slots, cfg.max_num_seqs,
                            max_model_len, spec.dtype, device, method)
         runner = DeltaKVRunner(model, pool, method, projections.to(device), compute_logits=compute_logits)
         return Shard(model, pool, runner, method, max_model_len)
