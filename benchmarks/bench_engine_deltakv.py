@@ -91,7 +91,9 @@ def main(argv=None) -> int:
         for length, batch in cases:
             held.clear()
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
-            r.update(method=method, knobs=shown, num_kv_slots=llm.pool.num_slots, **held)
+            groups = llm.pool.group_slots
+            # rows of 131072 tokens the pool holds after their prompts (deltakv: its filter group bounds it)
+            r.update(method=method, knobs=shown, group_slots=groups, rows_at_128k=groups[0] // 131072, **held)
             print(json.dumps(r), flush=True)
         llm.check_pool_whole()
         llm.close()
