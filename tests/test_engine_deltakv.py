@@ -10,7 +10,7 @@ import torch
 
 import sparse_hf  # noqa: F401  (registers the HF-path caches)
 from engine_helpers import assert_greedy_equal, engine_tokens, greedy_params, hf_greedy, hf_greedy_with_logits, \
-    random_prompts
+    peak_decoding_rows, random_prompts
 from helpers import tiny_model
 from sparse_hf.deltakv import DeltaKVCompressor
 from sparse_hf.engine import LLM
@@ -78,12 +78,7 @@ def test_the_same_memory_runs_more_requests_together():
 
     def peak_running(**kw):
         llm = LLM(model, num_kv_slots=1000, max_model_len=128, max_num_seqs=12, chunk_prefill_size=64, **kw)
-        for i, p in enumerate(prompts):
-            llm.add_request(str(i), p, greedy_params(20))
-        peak = 0
-        while llm.has_unfinished_requests():
-            llm.step()
-            peak = max(peak, sum(not r.in_prefill for r in llm.scheduler.running))
+        peak = peak_decoding_rows(llm, prompts, 20)
         llm.check_pool_whole()
         return peak
     ours = peak_running(sparse_method="deltakv", compressor=compressor(model, latent=8), num_top_tokens=6,
