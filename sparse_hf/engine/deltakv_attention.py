@@ -44,8 +44,7 @@ class DeltaKVAttention(PoolAttention):
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.kv_heads = projections.kv_heads                                    # all ranks' heads
         self.heads = tp.shard(self.kv_heads) if self.tp is not None else slice(None)
-        self.rows: list[int] = []          # the decode step's rows (set by the runner)
-        self.scores: torch.Tensor | None = None   # [B, W] observation scores by position, this step
+        self.begin_step([])
 
     def rope(self, like: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[B, k, D]`` at positions ``pos [B, k]`` (what :func:`rebuild_kv` takes)."""
@@ -68,47 +67,67 @@ class DeltaKVAttention(PoolAttention):
         valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
         scores = self.method.decode_scores(logits, valid)                          # [B, W]
         self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores
+        self._picks = {}                                    # the layers after this one pick by the new scores
         return out
 
+    def begin_step(self, rows: list[int]) -> None:
+        """Start a decode step of ``rows`` (the runner calls it): what the layers share is computed once."""
+        self.rows, self.scores, self._picks, self._layout = list(rows), None, {}, None
+
+    def _rebuild_count(self, row: int) -> int:
+        """Compressed tokens of ``row`` a step rebuilds: its top ``num_top_tokens`` (a fraction of its length), or
+        all of them when the budget covers them. Host ints only."""
+        n = self.pool.store.count(row)
+        return min(n, self.method.top_count(int(self.pool.lens[0, row]), prefill=False))
+
     def _pick(self, row: int, b: int, state) -> torch.Tensor:
-        """``[1, k]`` offsets of row ``row``'s compressed tokens to rebuild: its top ``num_top_tokens`` by the
-        observation scores (a fraction of its length), or all of them when the budget covers them."""
-        n = state.counts[0]
-        top = self.method.top_count(int(self.pool.lens[0, row]), prefill=False)
-        if self.scores is None or top >= n:
-            return torch.arange(n, device=state.comp_pos.device).view(1, n)
-        scores = self.scores[b].gather(0, state.comp_pos[0].long())
-        return scores.topk(top).indices.view(1, top)
+        """``[1, k]`` offsets of the row's compressed tokens to rebuild, best first by the observation scores. Every
+        compressed layer of a row holds the same tokens, so the pick is made once per observation layer."""
+        pick = self._picks.get(row)
+        if pick is None:
+            n, k = state.counts[0], self._rebuild_count(row)
+            if k >= n:
+                pick = torch.arange(n, device=state.comp_pos.device).view(1, n)
+            else:
+                pick = self.scores[b].gather(0, state.comp_pos[0].long()).topk(k).indices.view(1, k)
+            self._picks[row] = pick
+        return pick
+
+    def _step_layout(self, g: int, device):
+        """``(W, widths, tables [B, W], indices [B, Hkv, W + max(widths)])`` of this step, the same in every compressed
+        layer: each row's group-``g`` raw slots (sinks + buffer) first, then its ``widths[b]`` rebuilt tokens."""
+        if self._layout is None:
+            pool = self.pool
+            W = int(pool.lens[g, self.rows].max())       # the group's own width: sinks + buffers, not the length
+            widths = [self._rebuild_count(row) for row in self.rows]
+            L = W + max(widths, default=0)
+            lens = self.ctx.lens[g].long().view(-1, 1)
+            ar = torch.arange(L, device=device).view(1, L)
+            valid = torch.where(ar < W, ar < lens, ar - W < torch.tensor(widths, device=device).view(-1, 1))
+            indices = torch.where(valid, ar, -1).unsqueeze(1).expand(len(self.rows), pool.num_kv_heads, L)
+            self._layout = (W, widths, self.ctx.tables[g, :, :W].long(), indices)
+        return self._layout
 
     def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens."""
+        """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens, written side by side
+        into one ``[B, Hkv, W + k, D]`` buffer (the rebuild writes into it in place, without tensor parallelism)."""
         pool, store = self.pool, self.pool.store
-        W = int(pool.lens[g, self.rows].max())          # the group's own width: sinks + buffers, not the length
-        tables, lens = self.ctx.tables[g, :, :W].long(), self.ctx.lens[g]        # [B, W], [B]
-        B = tables.shape[0]
-        rebuilt = []
-        for b, row in enumerate(self.rows):
-            if store.count(row) == 0:
-                rebuilt.append(None)
+        W, widths, tables, indices = self._step_layout(g, q.device)
+        B, Hkv, L = indices.shape
+        keys = pool.k[layer].new_empty(B, Hkv, L, pool.head_dim)
+        values = pool.v[layer].new_empty(B, Hkv, L, pool.v[layer].shape[-1])
+        keys[:, :, :W] = pool.k[layer][tables].permute(0, 2, 1, 3)
+        values[:, :, :W] = pool.v[layer][tables].permute(0, 2, 1, 3)
+        for b, (row, k) in enumerate(zip(self.rows, widths)):
+            if not k:
                 continue
             state = store.state(row, layer)
-            keys, values, _ = rebuild_kv(state, self._pick(row, b, state), self.projections, layer, self.kv_heads,
-                                         pool.head_dim, self.rope)
-            rebuilt.append((keys[0, self.heads], values[0, self.heads]))          # [Hkv, k, D]
-        widest = max((r[0].shape[1] for r in rebuilt if r is not None), default=0)
-        keys = pool.k[layer][tables].permute(0, 2, 1, 3)                         # [B, Hkv, W, D]
-        values = pool.v[layer][tables].permute(0, 2, 1, 3)
-        ar = torch.arange(W + widest, device=q.device)
-        valid = (ar.view(1, -1) < lens.view(-1, 1)).clone()                       # [B, W + widest]
-        if widest:
-            pad = (B, keys.shape[1], widest, keys.shape[-1])
-            keys, values = torch.cat([keys, keys.new_zeros(pad)], 2), torch.cat([values, values.new_zeros(pad)], 2)
-            for b, r in enumerate(rebuilt):
-                if r is not None:
-                    k = r[0].shape[1]
-                    keys[b, :, W:W + k], values[b, :, W:W + k] = r[0].to(keys.dtype), r[1].to(values.dtype)
-                    valid[b, W:W + k] = True
-        indices = torch.where(valid, ar.view(1, -1), -1).unsqueeze(1).expand(B, keys.shape[1], W + widest)
+            at = (slice(b, b + 1), slice(None), slice(W, W + k))
+            out = None if self.tp is not None else (keys[at], values[at])
+            kb, vb, _ = rebuild_kv(state, self._pick(row, b, state), self.projections, layer, self.kv_heads,
+                                   pool.head_dim, self.rope, out=out)
+            if out is None:                                   # every head rebuilt: this rank keeps its own
+                keys[at], values[at] = kb[:, self.heads], vb[:, self.heads]
         return sparse_decode_attention(q, keys, values, indices, scale=scale, backend=self.backend)
 
 
@@ -127,9 +146,9 @@ class DeltaKVRunner(ModelRunner):
         return logits
 
     def decode(self, plan):
-        self.attention.rows = list(plan.rows)
+        self.attention.begin_step(plan.rows)
         logits = super().decode(plan)
-        self.attention.scores = None
+        self.attention.begin_step([])
         self.flush(plan.rows)
         return logits
 
