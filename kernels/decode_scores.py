@@ -190,7 +190,7 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         lse_part = torch.empty(B, H, S, dtype=torch.float32, device=dev)
     else:
         o_part = lse_part = out
-    lens = lengths.to(device=dev, dtype=torch.int32) if lengths is not None else out
+    lens = lengths.to(device=dev, dtype=torch.int32).contiguous() if lengths is not None else out
     if valid is not None:
         val = valid.to(device=dev, dtype=torch.bool).expand(B, L).view(torch.uint8)
         sva = val.stride()

@@ -171,7 +171,7 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         lse_part = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out                                                # unused
-    nidx = num_indices.to(device=q.device, dtype=torch.int32) if num_indices is not None else indices
+    nidx = num_indices.to(device=q.device, dtype=torch.int32).contiguous() if num_indices is not None else indices
     dot_f32, prec = dot_config(_sparse_decode_kernel, k.dtype)
     _sparse_decode_kernel[(B * Hkv, S)](
         qk, k, v, indices, nidx, o_part, lse_part, out,

@@ -137,3 +137,29 @@ def test_tp2_equals_tp1():
                                                 cache_config=knobs)
             assert_greedy_equal(a, ref, logits)
             assert_greedy_equal(b, ref, logits)
+
+
+def test_the_triton_kernels_in_the_engine_give_the_torch_tokens(monkeypatch):
+    """The fused rebuild (writing in place into the step's strided K/V buffer) and the sparse decode kernel, under
+    the Triton interpreter on CPU, give the torch references' tokens and logits."""
+    from functools import partial
+
+    from sparse_hf.deltakv import state as core
+    from sparse_hf.kernels import HAS_TRITON, deltakv_rebuild_kv
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    model = tiny_model("qwen2", layers=4)
+    knobs = dict(KNOBS, num_top_tokens=5, kv_quant_bits=4, compressor=compressor(model))
+    prompts = random_prompts((30, 23), seed=4)
+
+    def run():
+        llm = LLM(model, sparse_method="deltakv", **ENGINE, **knobs)
+        if core.deltakv_rebuild_kv is not deltakv_rebuild_kv:
+            llm.runner.attention.backend = "triton"
+        out = engine_tokens(llm, prompts, 8)
+        llm.pool.check_whole()
+        return out
+    torch_tokens = run()
+    monkeypatch.setattr(core, "deltakv_rebuild_kv", partial(deltakv_rebuild_kv, backend="triton"))
+    assert run() == torch_tokens
