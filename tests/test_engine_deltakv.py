@@ -165,3 +165,41 @@ def test_the_triton_kernels_in_the_engine_give_the_torch_tokens(monkeypatch):
     torch_tokens = run()
     monkeypatch.setattr(core, "deltakv_rebuild_kv", partial(deltakv_rebuild_kv, backend="triton"))
     assert run() == torch_tokens
+
+
+def test_aborts_and_arrivals_leave_the_pool_and_store_empty():
+    import random
+
+    from engine_helpers import run_mixed_requests
+
+    model = tiny_model("llama", layers=4)
+    llm = LLM(model, num_kv_slots=120, max_model_len=40, max_num_seqs=6, chunk_prefill_size=4,
+              max_num_batched_tokens=8, sparse_method="deltakv", compressor=compressor(model), num_top_tokens=3,
+              **dict(KNOBS, num_sink_tokens=1, num_recent_tokens=2))
+    finished, aborted = run_mixed_requests(llm, random.Random(1), 40, max_prompt=14, max_burst=5)
+    assert len(finished) == 40 and aborted
+    llm.pool.check_whole()
+
+
+@pytest.mark.parametrize("bits,at_least", [(0, 1.8), (4, 2.4)])
+def test_the_split_for_the_7b_shape(bits, at_least):
+    """The memory of a vanilla pool holds this many times more tokens in deltakv's filter layers (the bound on rows
+    after their prompts) for Qwen2.5-7B's KV shape (28 layers, 4 KV heads of 128, bf16), the default filter layers,
+    a latent-256 compressor and an H200's pool (1.9M vanilla slots, 109 GB), with room for one 131072-token prompt
+    raw in the compressed layers: 1.84x with bf16 latents, 2.45x with int4 latents."""
+    from transformers import Qwen2Config
+
+    from sparse_hf.engine.config import build_method
+    from sparse_hf.engine.deltakv_store import split_slots
+
+    config = Qwen2Config(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_size=3584)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        comp = DeltaKVCompressor.for_model(config, kv_compressed_size=256).to(torch.bfloat16)
+    method = build_method("deltakv", dict(compressor=comp, kv_quant_bits=bits, num_top_tokens=2048,
+                                          num_sink_tokens=4, num_recent_tokens=64), 28)
+    vanilla = 1_900_000
+    per_slot = 2 * 28 * 4 * 128 * 2 + 4
+    filt, compressed = split_slots(vanilla * per_slot, method, comp.projections, 4, 128, torch.bfloat16, 131072, 8)
+    assert compressed == 131072 + 8 * (4 + 2 * 64)                        # a prompt + 8 rows of sinks + buffers
+    assert filt >= at_least * vanilla, filt / vanilla
