@@ -24,7 +24,7 @@ from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attent
 from ..deltakv.rope import unrotate
 from ..deltakv.state import flush, rebuild_kv
 from .attention import PoolAttention
-from .runner import ModelRunner
+from .runner import DecodePlan, ModelRunner, PrefillPlan
 
 #: The pool group of the compressed layers (group 0: the filter layers).
 COMPRESSED = 1
@@ -139,6 +139,12 @@ class DeltaKVRunner(ModelRunner):
         self.projections = projections
         self.attention = DeltaKVAttention(pool, method, projections, model.rotary, getattr(model, "tp", None))
         model.set_backend(self.attention)
+
+    def run(self, plan):
+        if not isinstance(plan, (PrefillPlan, DecodePlan)):     # e.g. a step mixing prompt chunks and decode rows
+            raise NotImplementedError(f"deltakv runs prefill and decode steps only, not {type(plan).__name__}: a "
+                                      "compressed row's raw table is not indexed by position")
+        return super().run(plan)
 
     def prefill(self, plan):
         logits = super().prefill(plan)
