@@ -59,6 +59,7 @@ def test_compressed_slots_return_to_the_pool():
     assert pool.free_top == [filt - 90, comp - 6]
     assert pool.row_tokens(row) == 2 * 90 + 2 * 6 + 2 * 84
     assert pool.store.nbytes() > 0
+    assert llm.stats()["kv_usage"] == pytest.approx((2 * 90 + 2 * 6) / (2 * filt + 2 * comp))
     seen = set()
     while llm.has_unfinished_requests():
         llm.step()

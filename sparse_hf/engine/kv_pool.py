@@ -77,6 +77,10 @@ class KVPool:
         """Slots in use, summed over groups (times the group's layers: the tokens held over all layers)."""
         return sum((self.group_slots[g] - top) * len(self.layers_of[g]) for g, top in enumerate(self.free_top))
 
+    def total_slots(self) -> int:
+        """Slots of every layer together (groups may differ in size)."""
+        return sum(self.group_slots[g] * len(self.layers_of[g]) for g in range(self.num_groups))
+
     def row_tokens(self, row: int) -> int:
         """Slots row ``row`` holds, summed over all layers."""
         return int(sum(self.lens[g, row] * len(self.layers_of[g]) for g in range(self.num_groups)))
