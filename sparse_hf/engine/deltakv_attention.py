@@ -71,21 +71,38 @@ class DeltaKVAttention(PoolAttention):
         return out
 
     def begin_step(self, rows: list[int]) -> None:
-        """Start a decode step of ``rows`` (the runner calls it): what the layers share is computed once."""
-        self.rows, self.scores, self._picks, self._layout = list(rows), None, {}, None
+        """Start a decode step of ``rows`` before its new token is allocated (the runner calls it, outside any graph
+        capture): the host-side layout the compressed layers share (``widths``: rebuilt tokens per row)."""
+        self.rows = list(rows)
+        self.widths = [self._rebuild_count(row, int(self.pool.lens[0, row]) + 1) for row in self.rows]
+        raw = int(self.pool.lens[COMPRESSED, self.rows].max()) + 1 if self.rows and self.pool.num_groups > 1 else 0
+        if raw > self.raw_width:
+            raise RuntimeError(f"a deltakv row would hold {raw} raw tokens in its compressed layers, more than sinks "
+                               f"+ 2 * num_recent_tokens = {self.raw_width} (a flush was skipped)")
+        self.reset_caches()
 
-    def _rebuild_count(self, row: int) -> int:
-        """Compressed tokens of ``row`` a step rebuilds: its top ``num_top_tokens`` (a fraction of its length), or
-        all of them when the budget covers them. Host ints only."""
-        n = self.pool.store.count(row)
-        return min(n, self.method.top_count(int(self.pool.lens[0, row]), prefill=False))
+    def _rebuild_count(self, row: int, length: int) -> int:
+        """Compressed tokens of ``row`` (``length`` tokens with the step's new one) a step rebuilds: its top
+        ``num_top_tokens`` (a fraction of its length), or all of them when the budget covers them. Host ints only."""
+        return min(self.pool.store.count(row), self.method.top_count(length, prefill=False))
+
+    def reset_caches(self) -> None:
+        """Forget what the layers of one forward share (scores, picks, layout): a captured graph recomputes them."""
+        self.scores, self._picks, self._layout = None, {}, None
+
+    @property
+    def raw_width(self) -> int:
+        """Raw slots a row holds at most in the compressed layers during a decode step: its sinks and a buffer that
+        flushes once it holds ``2 * num_recent_tokens`` (a static width, so a decode step has static shapes)."""
+        c = self.method.config
+        return c.num_sink_tokens + 2 * c.num_recent_tokens
 
     def _pick(self, row: int, b: int, state) -> torch.Tensor:
         """``[1, k]`` offsets of the row's compressed tokens to rebuild, best first by the observation scores. Every
         compressed layer of a row holds the same tokens, so the pick is made once per observation layer."""
         pick = self._picks.get(row)
         if pick is None:
-            n, k = state.counts[0], self._rebuild_count(row)
+            n, k = state.counts[0], self.widths[b]
             if k >= n:
                 pick = torch.arange(n, device=state.comp_pos.device).view(1, n)
             else:
@@ -94,25 +111,27 @@ class DeltaKVAttention(PoolAttention):
         return pick
 
     def _step_layout(self, g: int, device):
-        """``(W, widths, tables [B, W], indices [B, Hkv, W + max(widths)])`` of this step, the same in every compressed
-        layer: each row's group-``g`` raw slots (sinks + buffer) first, then its ``widths[b]`` rebuilt tokens."""
+        """``(W, tables [B, W], indices [B, Hkv, W + max(widths)])`` of this step, the same in every compressed layer:
+        each row's group-``g`` raw slots (sinks + buffer, ``W`` the static :attr:`raw_width`) first, then its
+        ``widths[b]`` rebuilt tokens. Built from device tensors and constants only (CUDA-graph safe)."""
         if self._layout is None:
-            pool = self.pool
-            W = int(pool.lens[g, self.rows].max())       # the group's own width: sinks + buffers, not the length
-            widths = [self._rebuild_count(row) for row in self.rows]
-            L = W + max(widths, default=0)
-            lens = self.ctx.lens[g].long().view(-1, 1)
+            tables = self.ctx.tables[g, :, :self.raw_width].long()
+            B, W = tables.shape
+            L = W + max(self.widths, default=0)
             ar = torch.arange(L, device=device).view(1, L)
-            valid = torch.where(ar < W, ar < lens, ar - W < torch.tensor(widths, device=device).view(-1, 1))
-            indices = torch.where(valid, ar, -1).unsqueeze(1).expand(len(self.rows), pool.num_kv_heads, L)
-            self._layout = (W, widths, self.ctx.tables[g, :, :W].long(), indices)
+            valid = ar < self.ctx.lens[g].long().view(-1, 1)                       # the raw slots
+            for b, k in enumerate(self.widths):
+                valid[b, W:W + k] = True                                             # the rebuilt tokens
+            indices = torch.where(valid, ar, -1).unsqueeze(1).expand(B, self.pool.num_kv_heads, L)
+            self._layout = (W, tables, indices)
         return self._layout
 
     def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens, written side by side
         into one ``[B, Hkv, W + k, D]`` buffer (the rebuild writes into it in place, without tensor parallelism)."""
         pool, store = self.pool, self.pool.store
-        W, widths, tables, indices = self._step_layout(g, q.device)
+        W, tables, indices = self._step_layout(g, q.device)
+        widths = self.widths
         B, Hkv, L = indices.shape
         keys = pool.k[layer].new_empty(B, Hkv, L, pool.head_dim)
         values = pool.v[layer].new_empty(B, Hkv, L, pool.v[layer].shape[-1])
