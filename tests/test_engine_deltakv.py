@@ -204,3 +204,29 @@ def test_the_split_for_the_7b_shape(bits, at_least):
     filt, compressed = split_slots(vanilla * per_slot, method, comp.projections, 4, 128, torch.bfloat16, 131072, 8)
     assert compressed == 131072 + 8 * (4 + 2 * 64)                        # a prompt + 8 rows of sinks + buffers
     assert filt >= at_least * vanilla, filt / vanilla
+
+
+def test_graph_decode_bookkeeping(monkeypatch):
+    """The CUDA-graph decode's bookkeeping on CPU, with a stand-in graph that replays by running the captured step
+    again: a capture at each change of rows, widths or store version (a flush), replays in between, the eager
+    tokens, and nothing carried over from the warm-up (the layers' shared picks are recomputed in the forward)."""
+    from sparse_hf.engine.deltakv_graphs import DeltaKVGraphs
+
+    class StandIn(DeltaKVGraphs):
+        def _capture(self, key):
+            self._forward()                                    # the warm-up
+            self.graph, self.key = type("G", (), {"replay": staticmethod(self._forward)})(), key
+            self.captures += 1
+
+    model = tiny_model("llama", layers=4)
+    knobs = dict(KNOBS, num_top_tokens=5, compressor=compressor(model))
+    prompts = random_prompts((20, 50, 77))
+    eager = engine_tokens(LLM(model, sparse_method="deltakv", **ENGINE, **knobs), prompts, 30)
+    llm = LLM(model, sparse_method="deltakv", **ENGINE, **knobs)
+    graphs = llm.runner.graphs = StandIn(llm.model, llm.pool, llm.runner.attention)
+    replays = []
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda *a: replays.append(graphs._key(a[-1]) == graphs.key) or run(*a))
+    assert engine_tokens(llm, prompts, 30) == eager
+    assert 0 < graphs.captures < len(replays) and sum(replays) == len(replays) - graphs.captures
+    llm.pool.check_whole()

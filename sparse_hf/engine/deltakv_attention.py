@@ -222,6 +222,7 @@ class DeltaKVRunner(ModelRunner):
                       sinks)
             keep = torch.cat([torch.arange(S), torch.arange(S + count, n)]).to(self.device)
             pool.keep(COMPRESSED, row, keep.view(1, -1).expand(pool.num_kv_heads, -1))
+            store.version += 1
 
 
 def all_gather_columns(x: torch.Tensor, tp) -> torch.Tensor:

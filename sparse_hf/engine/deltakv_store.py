@@ -115,6 +115,8 @@ class DeltaKVStore:
     def __init__(self, layers: list[int], clustering):
         self.layers, self.clustering = list(layers), clustering
         self.states: dict[int, dict[int, CompressedState]] = {}       # row -> layer -> state
+        #: Bumped whenever a state's tensors change (a flush, a released row): a captured decode step is stale.
+        self.version = 0
 
     def count(self, row: int) -> int:
         """Compressed tokens of ``row`` (in each compressed layer)."""
@@ -129,6 +131,7 @@ class DeltaKVStore:
 
     def release(self, row: int) -> None:
         self.states.pop(row, None)
+        self.version += 1
 
     def nbytes(self) -> int:
         """Bytes of every latent, center, father id and position held."""

@@ -91,7 +91,7 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
             warnings.warn(f"max_model_len={max_model_len} exceeds the pool's {slots} slots; capped to {slots}")
         max_model_len = slots
     compute_logits = tp is None or tp.rank == 0
-    if method is not None and method.name == "deltakv":       # a compressed store beside the raw pool (eager)
+    if method is not None and method.name == "deltakv":       # a compressed store beside the raw pool
         from .deltakv_attention import DeltaKVRunner
         from .deltakv_store import DeltaKVPool, prepare_deltakv, split_slots
 
@@ -108,6 +108,9 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
         pool = DeltaKVPool(model.num_layers, model.num_kv_heads, model.head_dim, group_slots, cfg.max_num_seqs,
                            max_model_len, spec.dtype, device, method)
         runner = DeltaKVRunner(model, pool, method, projections.to(device), compute_logits=compute_logits)
+        if device.type == "cuda" and not cfg.enforce_eager:
+            from .deltakv_graphs import DeltaKVGraphs
+            runner.graphs = DeltaKVGraphs(model, pool, runner.attention)
         return Shard(model, pool, runner, method, max_model_len)
     pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs, max_model_len,
                   evicts, spec.dtype, device)
