@@ -94,6 +94,9 @@ def main(argv=None) -> int:
             groups = llm.pool.group_slots
             # rows of 131072 tokens the pool holds after their prompts (deltakv: its filter group bounds it)
             r.update(method=method, knobs=shown, group_slots=groups, rows_at_128k=groups[0] // 131072, **held)
+            graphs = llm.runner.graphs
+            if method == "deltakv" and graphs is not None:          # captured decode, or why not
+                r.update(graph_captures=graphs.captures, graph_failed=graphs.failed)
             print(json.dumps(r), flush=True)
         llm.check_pool_whole()
         llm.close()
