@@ -302,6 +302,6 @@ def test_generate_engine_equals_hf_path_and_reports_kept_kv(tmp_path, capsys):
 
 
 def test_generate_engine_refuses_methods_it_does_not_serve(tmp_path):
-    report, _, err = run_cli(tmp_path, "generate", "--engine", "--method", "deltakv")
-    assert_one_line_error(report, err, "--engine", "deltakv")
+    report, _, err = run_cli(tmp_path, "generate", "--engine", "--method", "h2o")
+    assert_one_line_error(report, err, "--engine", "h2o")
     assert not report["transformers"], report         # refused before any model loads
