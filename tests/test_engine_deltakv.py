@@ -206,7 +206,8 @@ def test_the_split_for_the_7b_shape(bits, at_least):
     assert filt >= at_least * vanilla, filt / vanilla
 
 
-def test_graph_decode_bookkeeping(monkeypatch):
+@pytest.mark.parametrize("budget", [5, 0.25])
+def test_graph_decode_bookkeeping(monkeypatch, budget):
     """The CUDA-graph decode's bookkeeping on CPU, with a stand-in graph that replays by running the captured step
     again: a capture at each change of rows, widths or store version (a flush), replays in between, the eager
     tokens, and nothing carried over from the warm-up (the layers' shared picks are recomputed in the forward)."""
@@ -219,7 +220,7 @@ def test_graph_decode_bookkeeping(monkeypatch):
             self.captures += 1
 
     model = tiny_model("llama", layers=4)
-    knobs = dict(KNOBS, num_top_tokens=5, compressor=compressor(model))
+    knobs = dict(KNOBS, num_top_tokens=budget, compressor=compressor(model))
     prompts = random_prompts((20, 50, 77))
     eager = engine_tokens(LLM(model, sparse_method="deltakv", **ENGINE, **knobs), prompts, 30)
     llm = LLM(model, sparse_method="deltakv", **ENGINE, **knobs)

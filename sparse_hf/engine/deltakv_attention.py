@@ -5,10 +5,11 @@ ends, as on the HF path). After the step the completed prompts, and after each d
 row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest buffer tokens in every compressed
 layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to the pool.
 
-A decode step (eager): the filter layers attend to every raw token; the observation layer's scores (OmniKV's
-:meth:`decode_scores`, by position) pick, per row, the top ``num_top_tokens`` of the row's compressed tokens
-(all of them when the budget covers them), which the core :func:`~sparse_hf.deltakv.state.rebuild_kv` rebuilds
-(fused kernel entry); each compressed layer attends to its raw sinks + buffer and the rebuilt tokens.
+A decode step (static shapes: :mod:`.deltakv_graphs` captures it on CUDA): the filter layers attend to every raw
+token; the observation layer's scores (OmniKV's :meth:`decode_scores`, by position) pick, per row, the top
+``num_top_tokens`` of the row's compressed tokens (all of them when the budget covers them), which the core
+:func:`~sparse_hf.deltakv.state.rebuild_kv` rebuilds (fused kernel entry); each compressed layer attends to its raw
+sinks + buffer and the rebuilt tokens.
 
 Tensor parallelism: the compressor reads all KV heads' ``concat(K, V)``, so a flush all-gathers the ranks' heads
 (every rank then holds the same latents, computed from the same input); a rebuild yields every head and a rank
@@ -21,6 +22,7 @@ import torch
 
 from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
 
+from ..config import resolve_counts
 from ..deltakv.rope import unrotate
 from ..deltakv.state import flush, rebuild_kv
 from .attention import PoolAttention
@@ -44,6 +46,7 @@ class DeltaKVAttention(PoolAttention):
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.kv_heads = projections.kv_heads                                    # all ranks' heads
         self.heads = tp.shard(self.kv_heads) if self.tp is not None else slice(None)
+        self._widths: dict[int, tuple[int, int]] = {}      # row -> (compressed count, rebuild width)
         self.begin_step([])
 
     def rope(self, like: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,19 +75,28 @@ class DeltaKVAttention(PoolAttention):
 
     def begin_step(self, rows: list[int]) -> None:
         """Start a decode step of ``rows`` before its new token is allocated (the runner calls it, outside any graph
-        capture): the host-side layout the compressed layers share (``widths``: rebuilt tokens per row)."""
+        capture): the host-side layout the compressed layers share (``widths``: rebuild slots per row)."""
         self.rows = list(rows)
-        self.widths = [self._rebuild_count(row, int(self.pool.lens[0, row]) + 1) for row in self.rows]
+        self.widths = [self._rebuild_width(row, int(self.pool.lens[0, row]) + 1) for row in self.rows]
         raw = int(self.pool.lens[COMPRESSED, self.rows].max()) + 1 if self.rows and self.pool.num_groups > 1 else 0
         if raw > self.raw_width:
             raise RuntimeError(f"a deltakv row would hold {raw} raw tokens in its compressed layers, more than sinks "
                                f"+ 2 * num_recent_tokens = {self.raw_width} (a flush was skipped)")
         self.reset_caches()
 
-    def _rebuild_count(self, row: int, length: int) -> int:
-        """Compressed tokens of ``row`` (``length`` tokens with the step's new one) a step rebuilds: its top
-        ``num_top_tokens`` (a fraction of its length), or all of them when the budget covers them. Host ints only."""
-        return min(self.pool.store.count(row), self.method.top_count(length, prefill=False))
+    def _rebuild_width(self, row: int, length: int) -> int:
+        """Rebuild slots of ``row`` at a step of ``length`` tokens (with the new one): its top ``num_top_tokens`` (a
+        fraction of the length, or a count), at most its ``n`` compressed tokens. The width is kept while it still
+        covers the budget (``min(n, top) <= width <= n``), else set for ``num_recent_tokens`` more tokens, so a
+        fraction budget does not change the step's shapes at every step (the slots past the budget are masked on the
+        device, see :meth:`_step_layout`). Host ints only, as the HF path's ``_scratch_width``."""
+        n = self.pool.store.count(row)
+        kept = self._widths.get(row)
+        if kept is not None and kept[0] == n and min(n, self.method.top_count(length, prefill=False)) <= kept[1]:
+            return kept[1]
+        width = min(n, self.method.top_count(length + self.method.config.num_recent_tokens, prefill=False))
+        self._widths[row] = (n, width)
+        return width
 
     def reset_caches(self) -> None:
         """Forget what the layers of one forward share (scores, picks, layout): a captured graph recomputes them."""
@@ -98,15 +110,13 @@ class DeltaKVAttention(PoolAttention):
         return c.num_sink_tokens + 2 * c.num_recent_tokens
 
     def _pick(self, row: int, b: int, state) -> torch.Tensor:
-        """``[1, k]`` offsets of the row's compressed tokens to rebuild, best first by the observation scores. Every
-        compressed layer of a row holds the same tokens, so the pick is made once per observation layer."""
+        """``[1, k]`` offsets of the row's compressed tokens to rebuild, best first by the observation scores (the
+        first ``num_top_tokens`` are read). Every compressed layer of a row holds the same tokens, so the pick is made
+        once per observation layer."""
         pick = self._picks.get(row)
         if pick is None:
-            n, k = state.counts[0], self.widths[b]
-            if k >= n:
-                pick = torch.arange(n, device=state.comp_pos.device).view(1, n)
-            else:
-                pick = self.scores[b].gather(0, state.comp_pos[0].long()).topk(k).indices.view(1, k)
+            k = self.widths[b]
+            pick = self.scores[b].gather(0, state.comp_pos[0].long()).topk(k).indices.view(1, k)
             self._picks[row] = pick
         return pick
 
@@ -120,8 +130,9 @@ class DeltaKVAttention(PoolAttention):
             L = W + max(self.widths, default=0)
             ar = torch.arange(L, device=device).view(1, L)
             valid = ar < self.ctx.lens[g].long().view(-1, 1)                       # the raw slots
-            for b, k in enumerate(self.widths):
-                valid[b, W:W + k] = True                                             # the rebuilt tokens
+            top = resolve_counts(self.method.config.num_top_tokens, self.ctx.lens[0].long())   # [B], the budgets
+            for b, k in enumerate(self.widths):                                      # the rebuilt tokens, best first
+                valid[b, W:W + k] = ar[0, :k] < top[b]
             indices = torch.where(valid, ar, -1).unsqueeze(1).expand(B, self.pool.num_kv_heads, L)
             self._layout = (W, tables, indices)
         return self._layout
