@@ -3,11 +3,14 @@
     python benchmarks/bench_engine.py [--cases 4096x8,32768x2,131072x1] [--methods vanilla,snapkv,omnikv]
                                       [--budget 2048] [--output bench_engine.json]
     python benchmarks/bench_engine.py --load 64,1024,32768,256 --rate 2   # plus the load test
+    python benchmarks/bench_engine.py --cases 262144x1 --methods vanilla,snapkv --budget 2048 --new-tokens 32
     python benchmarks/bench_engine.py --small          # CPU smoke run (CI)
 
 Random weights in the Qwen2.5-7B shape (no download), bf16 on the GPU. One engine per method serves every case
 (its pool sized for the longest). A case submits ``batch`` prompts of ``length`` random tokens at once and decodes
 ``--new-tokens`` each. The roofline step is (weights + the KV the batch holds) / the measured copy bandwidth.
+The load test runs with mixed steps (decode rows riding along with prompt chunks) and without, on the same engine
+(``--load-mixed``), so its ITL percentiles show what mixing buys.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def run_case(llm, length: int, batch: int, new_tokens: int, bandwidth: float | N
                   step_ms=round(step * 1e3, 3) if step else None, total_s=round(total, 3))
     if cuda:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(llm.device) / 2**30, 2)
+        held = weight_bytes + sum(t.numel() * t.element_size() for t in llm.pool.k + llm.pool.v)
+        result["peak_beyond_weights_kv_gib"] = round((torch.cuda.max_memory_allocated(llm.device) - held) / 2**30, 2)
     if bandwidth and step:
         m = llm.model
         token_bytes = 2 * m.num_kv_heads * m.head_dim * llm.pool.k[0].element_size()   # one token, one layer
@@ -128,14 +133,23 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks splitting the heads (one GPU each)")
+    p.add_argument("--tp-selection", default="exact", choices=["exact", "per_rank"],
+                   help="with --tensor-parallel-size > 1: all-reduce selection scores (exact) or select per rank")
     p.add_argument("--load", default=None, metavar="N,MIN,MAX,NEW",
                    help="also a load test: N requests, prompt lengths MIN..MAX, NEW output tokens each, arriving "
                         "together and as a Poisson stream (e.g. 64,1024,32768,256)")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate of the load test (requests/s)")
+    p.add_argument("--prefill-route", default=None,
+                   help="how prompt chunks attend: paged, split, gather, or a comma list to run the cases under each "
+                        "(default: the engine's choice; see PoolAttention._prefill)")
+    p.add_argument("--load-arrivals", default="together,poisson", help="which load arrivals to run (comma list)")
+    p.add_argument("--load-mixed", default="on,off", help="load test with mixed steps on, off, or both (comma list)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short cases")
     p.add_argument("--output", default=None, help="write the JSON here (default: stdout only)")
     args = p.parse_args(argv)
     extra = {}
+    if args.prefill_route and not set(args.prefill_route.split(",")) <= {"paged", "split", "gather"}:
+        p.error(f"--prefill-route {args.prefill_route!r}: expected a comma list of paged, split, gather")
     if args.small:
         args.shape, args.cases, args.new_tokens, args.budget, args.chunk_prefill_size = "tiny", "96x2,160x1", 4, 48, 64
         args.load = "6,16,64,4"
@@ -145,6 +159,10 @@ def main(argv=None) -> int:
     load = [int(x) for x in args.load.split(",")] if args.load else None
     if load is not None and (len(load) != 4 or min(load) < 1 or load[1] > load[2]):
         p.error(f"--load {args.load!r}: expected N,MIN,MAX,NEW with 1 <= MIN <= MAX")
+    if not set(args.load_arrivals.split(",")) <= {"together", "poisson"} or \
+            not set(args.load_mixed.split(",")) <= {"on", "off"}:
+        p.error(f"--load-arrivals {args.load_arrivals!r} / --load-mixed {args.load_mixed!r}: expected comma lists "
+                "of together,poisson / on,off")
     longest = max([length for length, _ in cases] + ([load[2]] if load else []))
     max_len = longest + args.new_tokens + 8
     device = torch.device(extra.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
@@ -156,21 +174,25 @@ def main(argv=None) -> int:
         llm = LLM(config, max_model_len=max_len, max_num_seqs=max([b for _, b in cases] + ([load[0]] if load else [])),
                   max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
                   gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-                  tensor_parallel_size=args.tensor_parallel_size,
+                  tensor_parallel_size=args.tensor_parallel_size, tp_selection=args.tp_selection,
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up: kernels, graphs
-        for length, batch in cases:
+        routes = args.prefill_route.split(",") if args.prefill_route else [llm.runner.attention.prefill_route]
+        for route, (length, batch) in [(route, case) for route in routes for case in cases]:
+            llm.runner.attention.prefill_route = route
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
-            r.update(method=method, knobs=knobs)
+            r.update(method=method, knobs=knobs, prefill_route=llm.runner.attention.prefill_route)
             report["results"].append(r)
             print(json.dumps(r), flush=True)
         if load is not None:
-            for rate in (None, args.rate):
-                r = run_load(llm, *load, rate=rate)
-                r.update(method=method, knobs=knobs)
-                report.setdefault("load", []).append(r)
-                print(json.dumps(r), flush=True)
+            for mixed in args.load_mixed.split(","):
+                llm.config.mixed_steps = mixed == "on"                 # the scheduler reads it every step
+                for arrival in args.load_arrivals.split(","):
+                    r = run_load(llm, *load, rate=None if arrival == "together" else args.rate)
+                    r.update(method=method, knobs=knobs, mixed_steps=mixed == "on")
+                    report.setdefault("load", []).append(r)
+                    print(json.dumps(r), flush=True)
         llm.check_pool_whole()
         llm.close()
     if args.output:

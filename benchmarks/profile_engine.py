@@ -2,16 +2,22 @@
 
     python benchmarks/profile_engine.py --case 131072x1 --method vanilla [--budget 2048] [--steps 40]
     python benchmarks/profile_engine.py --small            # CPU smoke run
+    python benchmarks/profile_engine.py --case 4096x8 --kernels   # device time per kernel of an eager step
 
 For one case it prefills ``batch`` random prompts of ``length`` tokens (random weights, Qwen2.5-7B shape, bf16),
 then measures over ``--steps`` decode steps:
 
-- ``step_ms``: the wall time of ``LLM.step()`` as a user sees it (median);
+- ``step_ms``: the wall time of ``LLM.step()`` as a user sees it (median over back-to-back steps);
 - ``gpu_ms``: the GPU time of the decode step alone, from replaying the step's captured CUDA graph back to back
   (what the step would cost with zero host overhead);
-- ``phases_ms``: host time of each phase of a step (schedule, plan, slot allocation, graph input copies + replay
+- ``phases_ms``: host time of each phase of a step (schedule, slot allocation, staging the inputs, graph replay
   launch, sampling incl. its device sync, output processing), from wrappers around those calls;
 - a cProfile table of the Python functions with the most own time over the steps.
+
+With ``--kernels`` it instead builds the engine with ``enforce_eager=True`` and runs ``--steps`` decode steps under
+``torch.profiler``: every kernel's device time, grouped by name (launches per step, microseconds per launch, share
+of the step's kernel time) and by kind (GEMM, attention, norm, RoPE, elementwise, copy/index, ...), so a GPU run
+shows where the step's GPU time goes. On the CPU (``--small``) the same table lists the aten ops' own CPU time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import cProfile
 import io
 import json
 import pstats
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -71,6 +78,89 @@ def gpu_step_ms(llm, repeats: int = 30) -> float | None:
     return start.elapsed_time(end) / repeats
 
 
+#: Kernel kinds, first match wins (lower-cased kernel or op names).
+KERNEL_KINDS = (
+    ("gemm", r"gemm|gemv|cutlass|cublas|sm90_xmma|addmm|aten::mm|aten::bmm|aten::linear|matmul|splitk"),
+    ("attention", r"sparse_decode|decode_scores|merge_splits|flash|attention|sdpa|fmha"),
+    ("fused_norm", r"rms_norm|rmsnorm"),
+    ("fused_rope", r"rope|rotary"),
+    ("fused_silu", r"silu_mul|silu_and_mul"),
+    ("kv_store", r"store_slots|append"),
+    ("copy_index", r"copy|index|gather|scatter|cat|memcpy|memset|fill|arange"),
+    ("reduce_sample", r"reduce|argmax|max|sum|mean|softmax|sort"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pow|rsqrt|mul|add|neg|silu|to_copy|aten::"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def _device_us(evt) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(evt, attr, None)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def kernel_table(prof, steps: int, on_cuda: bool) -> dict:
+    """Per-name rows ``{name, kind, per_step, us_each, ms_per_step, share}`` sorted by time (the top 40), plus
+    totals by kind (over all rows).
+
+    On CUDA the rows are the device kernels (and memcpy/memset); on the CPU the aten ops' self CPU time."""
+    rows = []
+    for evt in prof.key_averages():
+        if on_cuda:
+            is_device = str(getattr(evt, "device_type", "")).endswith("CUDA")
+            total_us = _device_us(evt) if is_device else 0.0
+        else:
+            total_us = float(evt.self_cpu_time_total) if evt.key.startswith("aten::") else 0.0
+        if total_us <= 0 or evt.count == 0:
+            continue
+        rows.append(dict(name=evt.key[:120], kind=kernel_kind(evt.key), per_step=round(evt.count / steps, 2),
+                         us_each=round(total_us / evt.count, 2), ms_per_step=total_us / steps / 1e3))
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    total = sum(r["ms_per_step"] for r in rows) or 1.0
+    kinds = defaultdict(lambda: [0.0, 0.0])
+    for r in rows:
+        r["share"] = round(r["ms_per_step"] / total, 4)
+        kinds[r["kind"]][0] += r["ms_per_step"]
+        kinds[r["kind"]][1] += r["per_step"]
+        r["ms_per_step"] = round(r["ms_per_step"], 4)
+    by_kind = {k: dict(ms_per_step=round(v[0], 4), launches_per_step=round(v[1], 1), share=round(v[0] / total, 4))
+               for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
+    return dict(kernel_ms_per_step=round(total, 4), launches_per_step=round(sum(r["per_step"] for r in rows), 1),
+                by_kind=by_kind, kernels=rows[:40])
+
+
+def profile_kernels(llm, steps: int, rows: int, header: dict) -> None:
+    """Run ``steps`` eager decode steps under ``torch.profiler`` and print the kernel table (``KERNELS`` JSON)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = llm.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    if on_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            llm.step()
+        if on_cuda:
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / steps
+    table = kernel_table(prof, steps, on_cuda)
+    print("KERNELS " + json.dumps(dict(header, eager_step_ms_profiled=round(wall, 3), **table)), flush=True)
+    print(f"{'kernel':<90} {'kind':<13} {'/step':>6} {'us each':>9} {'ms/step':>8} {'share':>6}")
+    for r in table["kernels"][:rows]:
+        print(f"{r['name'][:90]:<90} {r['kind']:<13} {r['per_step']:>6} {r['us_each']:>9} {r['ms_per_step']:>8} "
+              f"{r['share']:>6.1%}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="131072x1")
@@ -79,8 +169,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--chunk-prefill-size", type=int, default=8192)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short case")
-    p.add_argument("--rows", type=int, default=25, help="rows of the cProfile table")
+    p.add_argument("--rows", type=int, default=25, help="rows of the cProfile / kernel table")
+    p.add_argument("--kernels", action="store_true",
+                   help="device time per kernel of eager decode steps (torch.profiler) instead of the host profile")
+    p.add_argument("--no-decode-ahead", action="store_true", help="read each step's tokens before the next launch")
+    p.add_argument("--skinny-gemm", action="store_true",
+                   help="decode linears through the skinny Triton GEMM instead of cuBLAS (engine.model.SKINNY_GEMM)")
     args = p.parse_args(argv)
+    if args.skinny_gemm:
+        import sparse_hf.engine.model as engine_model
+        engine_model.SKINNY_GEMM = True
     extra, shape = {}, "qwen2.5-7b"
     if args.small:
         shape, args.case, args.steps, args.budget, args.chunk_prefill_size = "tiny", "96x2", 6, 48, 64
@@ -89,7 +187,9 @@ def main(argv=None) -> int:
     knobs = {} if args.method == "vanilla" else budget_config(args.method, args.budget / length, length)
     llm = LLM(engine_config(shape), max_model_len=length + 3 * args.steps + 16, max_num_seqs=batch,
               max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
-              sparse_method=None if args.method == "vanilla" else args.method, **knobs, **extra)
+              sparse_method=None if args.method == "vanilla" else args.method, enforce_eager=args.kernels,
+              **knobs, **extra)
+    llm.decode_ahead = llm.decode_ahead and not args.no_decode_ahead
     vocab = llm.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=3 * args.steps + 8, ignore_eos=True)
@@ -99,12 +199,18 @@ def main(argv=None) -> int:
         llm.step()                                                   # prefill (and graph capture below)
     for _ in range(3):
         llm.step()                                                   # warm-up decode steps: capture, compile
+    if args.kernels:
+        profile_kernels(llm, args.steps, args.rows, dict(case=args.case, method=args.method, device=str(llm.device)))
+        llm.close()
+        return 0
 
     def timed_steps(n: int) -> list[float]:
+        """Wall time of each of ``n`` back-to-back steps (no sync between them: with decode-ahead a step's GPU work
+        overlaps the previous step's host work, and a sync per step would hide that)."""
+        if llm.device.type == "cuda":
+            torch.cuda.synchronize()
         out = []
         for _ in range(n):
-            if llm.device.type == "cuda":
-                torch.cuda.synchronize()
             t0 = time.perf_counter()
             llm.step()
             out.append((time.perf_counter() - t0) * 1e3)
@@ -116,8 +222,11 @@ def main(argv=None) -> int:
     timer = PhaseTimer()
     timer.wrap(llm.scheduler, "schedule", "schedule")
     timer.wrap(llm.pool, "allocate", "pool.allocate")
+    timer.wrap(llm.pool, "allocate_decode", "pool.allocate_decode")
+    timer.wrap(llm.runner.inputs, "stage", "inputs.stage (pinned buffer + one async copy)")
     if llm.runner.graphs is not None:
-        timer.wrap(llm.runner.graphs, "run", "graphs.run (copies + replay launch + logits clone)")
+        timer.wrap(llm.runner.graphs.inputs, "stage", "inputs.stage (pinned buffer + one async copy)")
+        timer.wrap(llm.runner.graphs, "run", "graphs.run (slot copy + replay launch)")
     timer.wrap(llm.runner, "decode", "runner.decode (all of the forward step)")
     timer.wrap(llm, "sampler", "sampler (incl. device sync)")
     timer.wrap(llm.output_processor, "update", "output update (per request)")
@@ -132,7 +241,8 @@ def main(argv=None) -> int:
 
     phases = {label: round(statistics.median(v), 3) for label, v in timer.ms.items()}
     calls = {label: round(len(v) / args.steps, 2) for label, v in timer.ms.items()}
-    report = dict(case=args.case, method=args.method, knobs=knobs, device=str(llm.device),
+    report = dict(case=args.case, method=args.method, knobs=knobs, skinny_gemm=args.skinny_gemm,
+                  decode_ahead=llm.decode_ahead, device=str(llm.device),
                   step_ms=round(statistics.median(plain), 3), step_ms_instrumented=round(statistics.median(wrapped), 3),
                   gpu_ms=round(gpu, 3) if gpu else None,
                   host_overhead_ms=round(statistics.median(plain) - gpu, 3) if gpu else None,

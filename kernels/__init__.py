@@ -11,9 +11,13 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
 - :func:`deltakv_rebuild_kv` -- DeltaKV's picked compressed tokens rebuilt (dequantise, ``up``, fathers' mean,
   k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads.
+- :func:`paged_prefill_attention` -- packed prompt chunks attend causally (lower-right) to their rows' slots in a
+  ``[S, Hkv, D]`` pool through a slot table, read in place (varlen flash attention; the engine's prefill).
 - :func:`append_kv` -- one decode token per row at a device-side slot counter (the HF path).
 - :func:`store_kv_slots` -- ``[T, Hkv, D]`` tokens into a ``[num_slots, Hkv, D]`` pool through a per-token
   ``slot_mapping`` (``-1`` skips) with their logical positions (the engine path).
+- :func:`rms_norm` (with the residual add), :func:`rope_qkv` (RoPE on a fused QKV, Qwen3's q/k norm, the K/V store
+  into the slot pool) and :func:`silu_mul` -- the engine's decoder-layer ops, one launch each.
 
 The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kernels.dispatch.use_triton`.
 """
@@ -22,8 +26,11 @@ from .append import append_kv, store_kv_slots
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
 from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
+from .fused_layer import rms_norm, rope_qkv, silu_mul
+from .paged_prefill import paged_prefill_attention
 from .reference import (append_kv_ref, decode_attention_with_scores_ref, deltakv_gather_latents_ref,
-                        deltakv_writeback_ref, snapkv_prefill_scores_ref,
+                        deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
+                        snapkv_prefill_scores_ref,
                         sparse_decode_attention_ref, store_kv_slots_ref)
 from .sparse_decode import sparse_decode_attention
 
@@ -39,10 +46,18 @@ __all__ = [
     "deltakv_writeback_ref",
     "store_kv_slots",
     "store_kv_slots_ref",
+    "paged_prefill_attention",
+    "paged_prefill_attention_ref",
     "decode_attention_with_scores",
     "decode_attention_with_scores_ref",
     "snapkv_prefill_scores",
     "snapkv_prefill_scores_ref",
     "sparse_decode_attention",
     "sparse_decode_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_qkv",
+    "rope_qkv_ref",
+    "silu_mul",
+    "silu_mul_ref",
 ]

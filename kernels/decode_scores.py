@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, next_pow2, plan_splits, tl, triton, use_triton
+from .dispatch import DECODE_PROGRAMS_PER_SM, HAS_TRITON, next_pow2, plan_splits, tl, triton, use_triton
 from .reference import (HEAD_REDUCES, SCORE_MODES, _check_gqa, decode_attention_with_scores_ref,
                         snapkv_prefill_scores_ref)
 from .group_tiles import load_group_query, online_softmax_step, store_group_output
@@ -184,12 +184,13 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if L == 0 or B == 0:
         return out.zero_(), (sc.amax(1) if score_mode == "all_max" else sc)
     qk = q if q.dtype == k.dtype else q.to(k.dtype)
-    split_size, S, block_n = plan_splits(L, B * Hkv, dev, split_size)
+    split_size, S, block_n = plan_splits(L, B * Hkv, dev, split_size, programs_per_sm=DECODE_PROGRAMS_PER_SM)
     if S > 1:
         o_part = torch.empty(B, H, S, D, dtype=torch.float32, device=dev)
         lse_part = torch.empty(B, H, S, dtype=torch.float32, device=dev)
     else:
         o_part = lse_part = out
+    # The kernel reads entry b at LEN + b: a strided view (a row of a [G, B] table) must be made contiguous.
     lens = lengths.to(device=dev, dtype=torch.int32).contiguous() if lengths is not None else out
     if valid is not None:
         val = valid.to(device=dev, dtype=torch.bool).expand(B, L).view(torch.uint8)

@@ -292,3 +292,106 @@ def deltakv_writeback_ref(pick: torch.Tensor, up_out: torch.Tensor | None, fathe
     k_out.copy_(kx.to(k_out.dtype))
     v_out.copy_(vx.to(v_out.dtype))
     return k_out, v_out
+
+
+# -- decoder-layer ops of the engine (fused by :mod:`sparse_hf.kernels.fused_layer`) --------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim, with transformers' rounding: ``weight * (x.float() * rsqrt(mean(x^2) + eps))
+    .to(x.dtype)``.
+
+    Args:
+        x: ``[..., N]``; weight: ``[N]``.
+        residual: optional ``[..., N]`` like ``x``: first ``residual += x`` in place (in ``x.dtype``, as
+            ``residual + hidden`` in transformers), then the sum is normalised.
+
+    Returns:
+        ``[..., N]`` in ``weight``'s and ``x``'s promoted dtype.
+    """
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in ``x.dtype`` (transformers' order and rounding); ``x`` ``[T, heads, D]``,
+    ``cos``/``sin`` ``[T, D]`` (any float dtype, cast to ``x.dtype`` first)."""
+    c = cos.unsqueeze(1).to(x.dtype)
+    s = sin.unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
+
+
+def rope_qkv_ref(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, q_norm: torch.Tensor | None = None,
+                 k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_pool: torch.Tensor | None = None,
+                 v_pool: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None):
+    """RoPE on the q and k parts of a fused QKV projection, in place, optionally after a per-head RMSNorm of q and
+    k (Qwen3) and followed by the store of k and v into a slot pool.
+
+    Args:
+        qkv: ``[T, (H + 2 * Hkv) * D]`` (last dim contiguous), rewritten in place.
+        positions: ``[T]`` int, each token's absolute position (row of ``cos``/``sin``).
+        cos, sin: ``[P, D]`` tables (``cos[p] = cos(p * inv_freq)`` repeated over both halves, scaling folded in).
+        q_norm, k_norm: optional ``[D]`` per-head RMSNorm weights (both or neither); eps: their epsilon.
+        k_pool, v_pool, slot_mapping: optional, as :func:`store_kv_slots_ref` (``[S, Hkv, D]``, ``[T]``).
+
+    Returns:
+        ``(q [T, H, D], k [T, Hkv, D], v [T, Hkv, D])`` views of ``qkv`` (q and k rotated).
+    """
+    T = qkv.shape[0]
+    D = cos.shape[-1]
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+    q, k, v = q.view(T, num_heads, D), k.view(T, num_kv_heads, D), v.view(T, num_kv_heads, D)
+    qn, kn = q, k
+    if q_norm is not None:
+        qn, kn = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
+    c, s = cos[positions], sin[positions]
+    q.copy_(rope_rotate_ref(qn, c, s))
+    k.copy_(rope_rotate_ref(kn, c, s))
+    if k_pool is not None:
+        store_kv_slots_ref(k_pool, v_pool, k, v, slot_mapping)
+    return q, k, v
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up projection ``[T, 2 * I]`` (gate first) -> ``[T, I]``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
+                                segments, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of packed prompt chunks over their rows' pool slots (torch version of
+    :func:`~sparse_hf.kernels.paged_prefill.paged_prefill_attention`; gathers each row's K/V).
+
+    Args:
+        q: ``[T, H, D]``; k_pool, v_pool: ``[S, Hkv, D]``; tables: ``[rows, W]`` int slot table.
+        segments: ``[(row, start, length, context), ...]``: queries ``start .. start + length`` are the last
+            ``length`` of the row's ``context`` tokens; query ``i`` of the chunk sees keys
+            ``0 .. context - length + i`` (lower-right causal). Queries outside every segment get zeros.
+
+    Returns:
+        ``[T, H, D]`` in ``q.dtype``.
+    """
+    T, H, D = q.shape
+    Hkv = k_pool.shape[1]
+    G = H // Hkv
+    cdt = _compute_dtype(q)
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.zeros_like(q)
+    for row, start, n, context in segments:
+        slots = tables[row, :context].long()
+        k, v = k_pool[slots].to(cdt), v_pool[slots].to(cdt)                     # [L, Hkv, D]
+        qs = q[start: start + n].to(cdt).view(n, Hkv, G, D)
+        s = torch.einsum("nhgd,lhd->hgnl", qs, k) * scale                        # [Hkv, G, n, L]
+        seen = torch.arange(context, device=q.device).view(1, -1) <= (
+            torch.arange(n, device=q.device).view(-1, 1) + context - n)          # [n, L]
+        p = _safe_softmax_weights(s.masked_fill(~seen, float("-inf")))
+        o = torch.einsum("hgnl,lhd->nhgd", p, v) / p.sum(-1).permute(2, 0, 1).unsqueeze(-1)
+        out[start: start + n] = o.reshape(n, H, D).to(q.dtype)
+    return out

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, is_interpreted, next_pow2, plan_splits, tl, triton, use_triton
+from .dispatch import (DECODE_PROGRAMS_PER_SM, HAS_TRITON, is_interpreted, next_pow2, plan_splits, tl, triton,
+                       use_triton)
 from .group_tiles import load_group_query, online_softmax_step, store_group_output
 from .reference import _check_gqa, sparse_decode_attention_ref
 
@@ -122,7 +123,8 @@ def dot_config(kernel, dtype: torch.dtype) -> tuple[bool, str | None]:
 
 def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                             num_indices: torch.Tensor | None = None, scale: float | None = None,
-                            backend: str = "auto", *, split_size: int | None = None, dense: bool = False) -> torch.Tensor:
+                            backend: str = "auto", *, split_size: int | None = None, dense: bool = False,
+                            block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """Attention of one query token per sequence over a list of cache positions, read in place.
 
     Args:
@@ -137,6 +139,8 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         split_size: index entries per split-K chunk; default picks one to fill the GPU.
         dense: ``indices`` is then a per-slot table ``[B, Hkv, L]`` (e.g. the cache's position table): slot ``j``
             is attended where ``indices[..., j] >= 0``. Saves building an index list every decode step.
+        block_n, num_warps: the Triton tile (index entries per inner step, at most ``block_n``) and warps per
+            program (launch tuning; the result does not depend on them beyond rounding).
 
     Returns:
         ``[B, H, D]`` in ``q.dtype`` (softmax in fp32; a row with no usable index gives zeros).
@@ -165,12 +169,14 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if n == 0 or L == 0 or B == 0:
         return out.zero_()
     qk = q if q.dtype == k.dtype else q.to(k.dtype)
-    split_size, S, block_n = plan_splits(n, B * Hkv, q.device, split_size)
+    split_size, S, block_n = plan_splits(n, B * Hkv, q.device, split_size, max_block=block_n,
+                                         programs_per_sm=DECODE_PROGRAMS_PER_SM)
     if S > 1:
         o_part = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     else:
         o_part = lse_part = out                                                # unused
+    # The kernel reads entry b at NIDX + b: a strided view (a row of a [G, B] table) must be made contiguous.
     nidx = num_indices.to(device=q.device, dtype=torch.int32).contiguous() if num_indices is not None else indices
     dot_f32, prec = dot_config(_sparse_decode_kernel, k.dtype)
     _sparse_decode_kernel[(B * Hkv, S)](
@@ -178,7 +184,8 @@ def sparse_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         scale * LOG2E, L, n, split_size, S,
         *qk.stride(), *k.stride(), *v.stride(), *indices.stride(), *out.stride(),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)), BLOCK_N=block_n,
-        HAS_NIDX=num_indices is not None, SPLIT=S > 1, DOT_F32=dot_f32, PREC=prec, DENSE=dense, num_warps=4,
+        HAS_NIDX=num_indices is not None, SPLIT=S > 1, DOT_F32=dot_f32, PREC=prec, DENSE=dense,
+        num_warps=num_warps,
     )
     if S > 1:
         merge_splits(o_part, lse_part, out)

@@ -93,7 +93,17 @@ def parse_knob(spec: str) -> tuple[str, str, str]:
     names = get_method(method).config_class.knob_names()
     if key not in names:
         raise ValueError(f"bad knob {spec!r}: {method} has no knob {key!r}; its knobs: {', '.join(sorted(names))}")
-    return method, key, value
+    return method, key, _number_or_text(value)
+
+
+def _number_or_text(value: str):
+    """``"4"`` -> 4, ``"0.25"`` -> 0.25 (knobs such as ``kv_quant_bits`` want numbers); anything else as given."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def check_methods(spec, on_cuda: bool) -> list[str]:

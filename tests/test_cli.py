@@ -243,6 +243,16 @@ def test_bench_knob_overrides_the_budget_rule(tmp_path):
     assert "full_attn_layers" not in by_method["snapkv"]
 
 
+def test_bench_knob_values_that_are_numbers_become_numbers():
+    # deltakv's kv_quant_bits checks for the int 4: "--knob deltakv:kv_quant_bits=4" failed as the string "4"
+    from sparse_hf.bench_cli import parse_knob
+
+    assert parse_knob("deltakv:kv_quant_bits=4") == ("deltakv", "kv_quant_bits", 4)
+    assert parse_knob("snapkv:num_top_tokens=0.25") == ("snapkv", "num_top_tokens", 0.25)
+    assert parse_knob("omnikv:full_attn_layers=0,1") == ("omnikv", "full_attn_layers", "0,1")
+    assert parse_knob("deltakv:cluster_metric=cosine") == ("deltakv", "cluster_metric", "cosine")
+
+
 def test_bench_defaults_fit_the_device():
     from sparse_hf.bench import SHAPES as BENCH_SHAPES
     from sparse_hf.bench_cli import CPU_DEFAULTS, GPU_DEFAULTS, SHAPES, parse_cases
@@ -299,9 +309,3 @@ def test_generate_engine_equals_hf_path_and_reports_kept_kv(tmp_path, capsys):
     kept_line = next(line for line in outputs[1].splitlines() if line.startswith("KV slots held"))
     kept, total = (int(x) for x in re.findall(r"(\d+) of (\d+)", kept_line)[0])
     assert 0 < kept < total, kept_line
-
-
-def test_generate_engine_refuses_methods_it_does_not_serve(tmp_path):
-    report, _, err = run_cli(tmp_path, "generate", "--engine", "--method", "h2o")
-    assert_one_line_error(report, err, "--engine", "h2o")
-    assert not report["transformers"], report         # refused before any model loads

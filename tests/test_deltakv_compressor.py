@@ -88,6 +88,8 @@ def test_no_visible_center_gives_zero_reference():
     ids = nearest_centers(torch.randn(1, 1, 4), c, torch.tensor([[0]]), torch.tensor([[3, 4]]), k=2)
     assert ids.tolist() == [[[-1, -1]]]
     assert torch.equal(reference_from_fathers(c, ids), torch.zeros(1, 1, 4))
+    one = nearest_centers(torch.randn(1, 1, 4), c, torch.tensor([[0]]), torch.tensor([[3, 4]]), k=1)   # the max path
+    assert one.tolist() == [[[-1]]]
 
 
 @pytest.mark.parametrize("down,up", [("linear", "linear"), ("mlp_gelu", "mlp_swiglu"), ("mlp_swiglu", "linear")])

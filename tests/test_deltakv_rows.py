@@ -65,10 +65,10 @@ def test_a_long_and_a_tiny_prompt_compress_the_long_one_and_save_memory():
     assert usage.bytes < 0.7 * usage.full_bytes, (usage.bytes, usage.full_bytes)   # was 1.93x before per-row
     per_layer_full = usage.full_bytes / len(out.past_key_values.layers)
     for layer in out.past_key_values.layers[2:]:                        # the compressed layers
-        # the scratch slots (K/V of the tokens a decode step rebuilds, ~ the budget) are the working set of a
-        # static decode step: counted in the usage above, bounded by the budget here
+        # the shared scratch (K/V of the tokens a decode step rebuilds, ~ the budget, once for all layers) is the
+        # working set of a static decode step: counted in the usage above, bounded by the budget here
         parts = layer.bytes_by_part()
-        scratch = parts["scratch slots (the compressed tokens a decode step rebuilds)"]
+        scratch = parts["shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)"]
         assert layer.allocated_bytes() - scratch < 0.4 * per_layer_full
         assert 0 < layer.scratch <= int(0.1 * (layer.seen + KNOBS["num_recent_tokens"]))
 

@@ -181,3 +181,25 @@ def test_a_flush_searches_block_by_block_with_the_same_fathers(monkeypatch):
     monkeypatch.setattr(clustering, "SCORE_BLOCK", 40)              # a few tokens per block
     got = run_flushes(rows, [[40, 25], [12, 30]], cl, proj)
     assert torch.equal(got.fathers, want.fathers) and torch.equal(got.latent.codes, want.latent.codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["l2", "dot"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_give_the_fp32_fathers(metric, dtype, monkeypatch):
+    # one half-precision GEMM with fp32 accumulation and output: exact products, fp32 sums (only their order
+    # differs from the fp32 GEMM), so the fathers are the fp32 path's (but for exact near-ties)
+    from sparse_hf.deltakv import clustering
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, N, M, D = 2, 4000, 400, 256
+    x = torch.randn(B, N, D, device="cuda", generator=g).to(dtype)
+    centers = torch.randn(B, M, D, device="cuda", generator=g).to(dtype)
+    token_pos = torch.arange(N, device="cuda").expand(B, N)
+    center_pos = (torch.arange(M, device="cuda") * 10).expand(B, M)
+    fast = clustering.nearest_centers(x, centers, token_pos, center_pos, 2, metric, block=1000)
+    assert clustering._half_gemm_ok is True                       # the half GEMM did run
+    monkeypatch.setattr(clustering, "HALF_GEMM_SCORES", False)
+    slow = clustering.nearest_centers(x, centers, token_pos, center_pos, 2, metric, block=1000)
+    assert (fast == slow).float().mean() > 0.999
+    assert torch.equal(fast[..., 0] == -1, slow[..., 0] == -1)

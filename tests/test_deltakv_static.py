@@ -44,18 +44,22 @@ def test_static_decode_matches_the_concatenating_path(arch, budget, bits, monkey
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def _decoder(arch="llama", budget=0.25, prompt=40):
+def _decoder(arch="llama", budget=0.25, prompt=40, layers=4, padded=False):
     """A model and a DeltaKV cache after the prompt and one generated token, and ``step()`` (one decode step)."""
-    model = tiny_model(arch, layers=4)
+    model = tiny_model(arch, layers=layers)
     ids = torch.randint(1, 100, (2, prompt), generator=torch.Generator().manual_seed(2))
-    out = greedy(model, ids, torch.ones_like(ids), new_tokens=2, cache_implementation="deltakv",
+    mask = torch.ones_like(ids)
+    if padded:
+        ids, mask = left_padded_batch((prompt, prompt - 13))
+    out = greedy(model, ids, mask, new_tokens=2, cache_implementation="deltakv",
                  cache_config=_config(model, budget), return_dict_in_generate=True)
     cache = out.past_key_values
-    state = dict(tok=out.sequences[:, -1:], pos=out.sequences.shape[1] - 1)
+    pad = (mask == 0).sum(-1, keepdim=True)                     # a row's positions start after its padding
+    state = dict(tok=out.sequences[:, -1:], pos=out.sequences.shape[1] - 1 - pad)
 
     def step():
         with torch.inference_mode():
-            logits = model(input_ids=state["tok"], position_ids=torch.full((2, 1), state["pos"]),
+            logits = model(input_ids=state["tok"], position_ids=state["pos"],
                            past_key_values=cache, use_cache=True).logits[:, -1]
         state["tok"], state["pos"] = logits.argmax(-1, keepdim=True), state["pos"] + 1
         return logits
@@ -108,16 +112,25 @@ def test_a_static_decode_step_reads_no_device_value_and_keeps_its_buffers(monkey
     model, cache, step = _decoder()
     counter = _SyncCounter(monkeypatch, cache)
     checked = 0
+    flushed = 0
     for _ in range(12):
         reason = cache.eager_step_reason()
         before = _buffers(cache)
-        step()
-        if reason is None:                 # a step a CUDA graph would replay
+        counts = list(cache.layers[-1].state.counts)
+        if reason is None:                 # a step a CUDA graph would replay: the captured part, then maintain_layer
+            cache.capturing = True
+            step()
+            cache.capturing = False
             assert counter.calls == [], counter.calls
             assert _buffers(cache) == before
             checked += 1
+            for i in range(len(cache.layers)):
+                cache.maintain_layer(i)    # a flush step's flush (host reads allowed: it runs between replays)
+            flushed += counts != cache.layers[-1].state.counts
+        else:
+            step()
         counter.calls.clear()
-    assert checked >= 4
+    assert checked >= 8 and flushed >= 2
     # the instrumentation does see the cache's host reads: a prompt's end reads each row's padding (once)
     fresh = sparse_hf.build_cache("deltakv", model.config, _config(model, 0.25))
     prompt = _SyncCounter(monkeypatch, fresh)
@@ -126,42 +139,112 @@ def test_a_static_decode_step_reads_no_device_value_and_keeps_its_buffers(monkey
     assert "tolist" in prompt.calls
 
 
-def test_eager_steps_are_predicted_before_they_run():
-    # every step that flushes a raw buffer or re-sizes the scratch slots is announced by eager_step_reason
+def test_eager_steps_are_predicted_before_they_run(monkeypatch):
+    # every step that re-sizes the scratch slots at its start is announced by eager_step_reason, and no other; a
+    # flush step is not (it replays; its flush runs after it), and its flush sizes the scratch up to the next flush,
+    # so re-sizes at a step's start are (nearly) gone
     _, cache, step = _decoder(budget=0.25)
     layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
-    flushes = resizes = 0
-    for _ in range(30):
+    events = []
+    in_flush = []
+    original_flush, original_set = CompressedCache._flush, DeltaKVLayer.set_scratch
+
+    def flush(self, *args):
+        in_flush.append(1)
+        try:
+            return original_flush(self, *args)
+        finally:
+            in_flush.pop()
+
+    def set_scratch(self, width):
+        if width != self.scratch:
+            events.append("flush resize" if in_flush else "start resize")
+        return original_set(self, width)
+
+    monkeypatch.setattr(CompressedCache, "_flush", flush)
+    monkeypatch.setattr(DeltaKVLayer, "set_scratch", set_scratch)
+    flushes = start_resizes = flush_resizes = 0
+    for _ in range(40):
         reason = cache.eager_step_reason()
         counts = [list(layer.state.counts) for layer in layers]
-        scratch = [layer.scratch for layer in layers]
+        events.clear()
         step()
-        flushed = counts != [list(layer.state.counts) for layer in layers]
-        resized = scratch != [layer.scratch for layer in layers]
-        flushes += flushed
-        resizes += resized and not flushed
-        if flushed or resized:
+        flushes += counts != [list(layer.state.counts) for layer in layers]
+        start_resizes += "start resize" in events
+        flush_resizes += "flush resize" in events
+        if "start resize" in events:
             assert reason is not None
         else:
             assert reason is None, reason
-    assert flushes >= 5 and resizes >= 1
+    assert flushes >= 8 and flush_resizes >= 1 and start_resizes <= 1
 
 
-def test_scratch_slots_follow_the_budget_and_are_counted():
+def test_scratch_slots_follow_the_budget_and_are_counted_once():
     _, cache, step = _decoder(budget=0.25)
     for _ in range(6):
         step()
     usage = sparse_hf.kv_usage(cache)
-    for layer in cache.layers:
-        if isinstance(layer, DeltaKVLayer):
-            n, top = layer.state.width, int(0.25 * layer.seen)
-            assert min(n, top) <= layer.scratch <= n
-            k_s, v_s, cols_s = layer.scratch_views()
-            assert k_s.shape[2] == layer.scratch and k_s.data_ptr() != layer._k.data_ptr()
-            parts = layer.bytes_by_part()
-            assert parts["scratch slots (the compressed tokens a decode step rebuilds)"] == sum(
-                t.numel() * t.element_size() for t in (k_s, v_s, cols_s))
+    layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
+    shared = layers[0].shared
+    key = "shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)"
+    for layer in layers:
+        n, top = layer.state.width, int(0.25 * layer.seen)
+        assert min(n, top) <= layer.scratch <= n
+        assert layer.shared is shared                                     # one work buffer for every layer
+        k_s, v_s, cols_s = layer.scratch_views()
+        assert k_s.shape[2] == layer.scratch and k_s.data_ptr() != layer._k.data_ptr()
+        assert shared.k.shape[2] >= layer.capacity + layer.scratch
+        assert layer.bytes_by_part()[key] == (shared.nbytes() if layer is layers[0] else 0)
+    assert shared.nbytes() == sum(t.numel() * t.element_size() for t in (shared.k, shared.v, shared.pos))
     assert usage.bytes == sum(layer.allocated_bytes() for layer in cache.layers)
+    # the raw slots of a compressed layer stop at the sinks and two recent buffers (a flush leaves one)
+    assert all(layer.capacity <= KNOBS["num_sink_tokens"] + 2 * KNOBS["num_recent_tokens"] for layer in layers)
+
+
+def test_sharing_the_scratch_changes_no_token_and_saves_its_bytes(monkeypatch):
+    # the same static decode with a scratch of each layer's own (a SharedScratch per layer): the same tokens and
+    # logits up to rounding (the raw room differs, so the attention pass is of another length), fewer bytes shared
+    from sparse_hf.hf import deltakv_layer
+
+    model = tiny_model("qwen2", layers=5)
+    ids, mask = left_padded_batch((50, 31))
+    cfg = _config(model, 0.25, bits=4)
+    shared = _generate(model, ids, mask, cfg, True, monkeypatch, new=30)
+    monkeypatch.setattr(CompressedCache, "make_layer", lambda self, i: sparse_hf.hf.cache.SlotLayer()
+                        if i in self.method.full_layers else deltakv_layer.DeltaKVLayer())
+    own = _generate(model, ids, mask, cfg, True, monkeypatch, new=30)
+    assert torch.equal(shared.sequences, own.sequences)
+    for a, b in zip(shared.logits, own.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    compressed = sum(isinstance(layer, DeltaKVLayer) for layer in own.past_key_values.layers)
+    saved = sparse_hf.kv_usage(own.past_key_values).bytes - sparse_hf.kv_usage(shared.past_key_values).bytes
+    one = own.past_key_values.layers[-1].shared.nbytes()
+    assert compressed == 3 and saved >= (compressed - 1) * one * 0.9
+
+
+@pytest.mark.parametrize("budget", [6, 0.25])
+def test_the_compressed_layers_share_one_pick_per_step(budget, monkeypatch):
+    # every compressed layer holds the same tokens at the same columns (left padding, flushes during decode), so a
+    # static step picks once (one top-k over the filter scores), not once per layer
+    from sparse_hf.methods.deltakv import DeltaKV
+
+    calls = []
+    original = DeltaKV.pick_static
+    monkeypatch.setattr(DeltaKV, "pick_static", lambda self, *a: calls.append(1) or original(self, *a))
+    _, cache, step = _decoder(budget=budget, layers=6, padded=True)
+    layers = [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
+    assert len(layers) == 4
+    static_steps = 0
+    for _ in range(20):
+        calls.clear()
+        step()
+        for layer in layers[1:]:
+            assert torch.equal(layer.comp_cols, layers[0].comp_cols)
+            assert layer.state.counts == layers[0].state.counts and layer.scratch == layers[0].scratch
+        if all(layer.static_ok for layer in layers):
+            assert len(calls) == 1
+            static_steps += 1
+    assert static_steps >= 15
 
 
 @pytest.mark.gpu
@@ -169,8 +252,8 @@ def test_scratch_slots_follow_the_budget_and_are_counted():
                                         ("llama", torch.bfloat16), ("qwen3", torch.bfloat16)])
 @pytest.mark.parametrize("budget", [6, 0.25])
 def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
-    """Graph decode (opt-in for DeltaKV: cuda_graph=True); flush and scratch re-size steps run eagerly and the graph is captured
-    again after them, token for token the same as eager decode."""
+    """Graph decode (the default on CUDA); flush and scratch re-size steps run eagerly and the graph is captured again
+    after them, token for token the same as eager decode."""
     model = tiny_model(arch, layers=4).to("cuda", dtype)
     ids, mask = left_padded_batch((50, 38))
     ids, mask = ids.cuda(), mask.cuda()
@@ -178,7 +261,7 @@ def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
     cfg["compressor"] = cfg["compressor"].to("cuda", dtype)
     kw = dict(new_tokens=60, cache_implementation="deltakv", return_dict_in_generate=True, output_logits=True)
     eager = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=False), **kw)
-    graph = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=True), **kw)   # opt-in for DeltaKV
+    graph = greedy(model, ids, mask, cache_config=cfg, **kw)   # cuda_graph unset: graphs by default
     assert getattr(eager.past_key_values, "graph_decoder", None) is None
     assert graph.past_key_values.graph_decoder.captures >= 2
     assert torch.equal(eager.sequences, graph.sequences)

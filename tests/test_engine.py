@@ -194,3 +194,20 @@ def test_no_starvation_under_a_stream_of_arrivals():
     assert finished_at["first"] <= 2 * 20 + 4
     order = [rid for rid in sorted(finished_at, key=finished_at.get) if rid.startswith("new")]
     assert order[:3] == ["new0", "new1", "new2"]
+
+
+@pytest.mark.skipif(not sparse_hf.kernels.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_layer_kernels_equal_torch_path(arch, monkeypatch):
+    """The engine's fused RMSNorm / RoPE(+q/k norm, + K/V store) / silu*mul kernels and the skinny GEMM
+    (interpreted on CPU) give the torch path's greedy tokens, through prefill chunks and decode steps."""
+    import sparse_hf.engine.model as engine_model
+
+    model = tiny_model(arch)
+    prompts = random_prompts((13, 6), seed=4)
+    llm = LLM(model, num_kv_slots=128, max_model_len=64, chunk_prefill_size=8)
+    torch_path = engine_tokens(llm, prompts, 4)
+    monkeypatch.setattr(engine_model, "OPS_BACKEND", "triton")
+    monkeypatch.setattr(engine_model, "SKINNY_GEMM", True)              # linears of <= 16 rows: the Triton GEMM
+    fused = engine_tokens(LLM(model, num_kv_slots=128, max_model_len=64, chunk_prefill_size=8), prompts, 4)
+    assert fused == torch_path

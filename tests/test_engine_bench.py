@@ -18,6 +18,20 @@ def test_bench_engine_small(tmp_path):
     for r in rows:
         assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["step_ms"] > 0
     load = report["load"]
-    assert len(load) == 6 and {r["arrival"] for r in load} == {"together", "poisson 2.0/s"}
+    assert len(load) == 12 and {r["arrival"] for r in load} == {"together", "poisson 2.0/s"}
+    assert sum(r["mixed_steps"] for r in load) == 6                 # each load run with and without mixed steps
     for r in load:
         assert r["output_tok_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0
+
+
+def test_bench_engine_case_beyond_the_models_positions(tmp_path, monkeypatch):
+    """A stand-in for the 262144x1 case: a prompt longer than the shape's max_position_embeddings (RoPE table and
+    slot tables follow max_model_len), vanilla and snapkv at a fixed budget, one engine per method."""
+    monkeypatch.setitem(bench_engine.SHAPES, "tiny", dict(bench_engine.SHAPES["tiny"], max_position_embeddings=64))
+    out = tmp_path / "long.json"
+    assert bench_engine.main(["--shape", "tiny", "--cases", "150x1", "--methods", "vanilla,snapkv", "--budget", "32",
+                              "--new-tokens", "3", "--chunk-prefill-size", "64", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["method"] for r in rows] == ["vanilla", "snapkv"]
+    assert all(r["length"] == 150 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert rows[1]["knobs"]["num_top_tokens"] + rows[1]["knobs"].get("num_recent_tokens", 0) <= 150

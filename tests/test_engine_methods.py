@@ -15,6 +15,7 @@ KNOBS = {
     "pyramidkv": dict(num_sink_tokens=4, num_recent_tokens=16, num_top_tokens=8, window_size=8),
     "knorm": dict(num_sink_tokens=4, num_recent_tokens=16, num_top_tokens=0.2),
     "omnikv": dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8, full_attn_layers=[0, 2]),
+    "h2o": dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8),
 }
 LENGTHS = (20, 50, 77)
 

@@ -93,13 +93,12 @@ def test_head_counts_must_divide():
         LLM(model, tensor_parallel_size=0, **ENGINE)
 
 
-def test_unsupported_method_under_tp_fails_before_spawning():
+def test_bad_knobs_under_tp_fail_before_spawning():
     model = tiny_model("llama", layers=2)
     with pytest.raises(ValueError, match="num_top_tokens"):
         LLM(model, tensor_parallel_size=2, sparse_method="snapkv", num_top_tokens=-3, **ENGINE)
-    with pytest.raises(NotImplementedError, match="selection_scope='layer'"):   # scores over all heads: not wired
-        LLM(model, tensor_parallel_size=2, sparse_method="snapkv", selection_scope="layer",
-            **ENGINE, **KNOBS["snapkv"])
+    with pytest.raises(ValueError, match="tp_selection='any'.*'exact'.*'per_rank'"):
+        LLM(model, tensor_parallel_size=2, tp_selection="any", sparse_method="omnikv", **ENGINE, **KNOBS["omnikv"])
 
 
 def test_killed_worker_raises_within_seconds():

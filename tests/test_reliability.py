@@ -242,11 +242,12 @@ def test_cuda_graph_decision():
         assert graph_blocker(cache, dict(inputs_embeds=torch.ones(2, 1, 64))) == "inputs other than input_ids=..."
     assert graph_blocker(cache_after("snapkv", dict(SMALL["snapkv"], cuda_graph=False)), step) == "cuda_graph=False"
     assert graph_blocker(cache_after("snapkv", SMALL["snapkv"], num_beams=2), step) == "beam search"
-    # DeltaKV: graphs are opt-in (cuda_graph=True); its decode is static but for the steps that flush a raw buffer,
-    # which run eagerly (tests/test_deltakv_static.py checks the steps in between)
-    assert graph_blocker(cache_after("deltakv", _deltakv_config(model)), step).startswith("DeltaKV replays")
-    deltakv = cache_after("deltakv", dict(_deltakv_config(model), cuda_graph=True))
-    assert graph_blocker(deltakv, step).startswith("a DeltaKV raw buffer flushes at this step")
+    # DeltaKV: graphs by default, as the other methods, flush steps included (their flush runs after the replay;
+    # tests/test_deltakv_static.py and test_deltakv_graph_replay.py check the steps)
+    for knobs in (_deltakv_config(model), dict(_deltakv_config(model), cuda_graph=True)):
+        assert graph_blocker(cache_after("deltakv", knobs), step) == "not on CUDA"
+    assert graph_blocker(cache_after("deltakv", dict(_deltakv_config(model), cuda_graph=False)), step) == \
+        "cuda_graph=False"
     fresh = sparse_hf.build_cache("snapkv", model.config)
     assert graph_blocker(fresh, step) == "the prompt is not complete"
     assert graph_blocker(None, step) == "not a sparse-hf cache"

@@ -242,7 +242,8 @@ def rms_norm_params(k_norm: Any) -> tuple[torch.Tensor | None, float]:
 
 def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int, kv_heads: int,
                head_dim: int, rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-               k_norm: Any = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               k_norm: Any = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Picked compressed tokens as attention reads them (``up(latent) + mean(fathers)``, centers as stored; then
     ``k_norm`` (Qwen3) and RoPE at each token's position), through the fused kernel entry
@@ -254,6 +255,8 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
             embedding); k_norm: the per-head RMS key norm module, or ``None``.
         out: ``(k_out [B, Hkv, k, D], v_out [B, Hkv, k, Dv])`` scratch slots to write into (e.g. views into a
             preallocated buffer, for a static-shape decode step); new tensors in ``center_x``'s dtype if ``None``.
+        cos_sin: ``rope``'s ``(cos, sin)`` at the picks' positions when the caller has them already (layers that
+            rebuild the same picks share one); computed here if ``None``.
 
     Returns:
         ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long).
@@ -265,7 +268,7 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
     if out is None:
         out = (cx.new_empty(B, kv_heads, k, head_dim), cx.new_empty(B, kv_heads, k, dv))
     pos = state.comp_pos.gather(1, pick.clamp(min=0)).long()
-    cos, sin = rope(out[1].transpose(1, 2), pos)
+    cos, sin = cos_sin if cos_sin is not None else rope(out[1].transpose(1, 2), pos)
     lat = state.latent or QuantizedLatent(None, None, None)
     weight, eps = rms_norm_params(k_norm)
     keys, values = deltakv_rebuild_kv(pick, lat.codes, lat.scale, lat.offset, state.fathers, cx,

@@ -2,12 +2,17 @@
 
 ``PoolAttention.attend(layer, q, k, v, scale)`` first stores the step's K/V at their slots, then:
 
-- prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally, by
-  gathering the row's slots and running SDPA with a lower-right causal bias (a Triton kernel over the slot table is a
-  later optimisation);
+- prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally (lower-right).
+  On CUDA a long chunk runs cuDNN's fused SDPA as unmasked attention over its gathered earlier slots plus
+  square-causal attention over itself, merged by log-sum-exp (:mod:`.sdpa_split`, the fastest route measured on
+  the H200), and the short chunks of a step share one launch of :func:`~sparse_hf.kernels.paged_prefill_attention`,
+  which reads K/V in place through the slot tables (also the route wherever cuDNN cannot run). Elsewhere (CPU) each
+  chunk gathers its row's slots and runs SDPA with a lower-right causal bias (:func:`chunk_attention`);
 - decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
   (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
-  every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read.
+  every token with ``decode_attention_with_scores`` and pick a selection that the sparse layers after them read;
+- mixed (``ctx.segments`` and ``ctx.tables``): the step's first ``sum(seg.length)`` tokens are prompt chunks (as
+  in prefill), the rest one decode token per row of ``ctx.tables`` (as in decode).
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attention, sparse_decode_attention
+from sparse_hf.kernels.dispatch import kernels_run_fused
+from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
+
+from .sdpa_split import SplitUnavailable, split_chunk_attention
+
+#: A chunk of at least this many queries takes the split cuDNN route under ``prefill_route="auto"``; shorter ones
+#: share one paged-kernel launch (per-call overhead would dominate two SDPA calls and a merge per small chunk).
+SPLIT_MIN_QUERIES = 1024
 
 
 @dataclass
@@ -39,10 +52,11 @@ class StepContext:
 
     Attributes:
         slot_mapping: ``[G, T]`` long, slot of each new token per slot group.
-        segments: prefill chunks (empty for a decode step).
-        tables: decode only, ``[G, B, W]`` int32 slot tables of the batch rows.
-        lens: decode only, ``[G, B]`` int32 slots per row (the new token included).
+        segments: prefill chunks (empty for a decode step); in a mixed step they are the first tokens.
+        tables: decode rows only, ``[G, B, W]`` int32 slot tables of the batch rows (``None``: no decode rows).
+        lens: decode rows only, ``[G, B]`` int32 slots per row (the new token included).
         window: prompt queries to remember per chunk (the method's observation window; 0 = none).
+        prefill_tiles: the paged prefill kernel's work list, built at the step's first layer (``None`` before).
     """
 
     slot_mapping: torch.Tensor
@@ -51,6 +65,11 @@ class StepContext:
     lens: torch.Tensor | None = None
     window: int = 0
     selection: torch.Tensor | None = None            # OmniKV: [B, K] slot ids (-1 = none) of the current step
+    prefill_tiles: torch.Tensor | None = None
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(seg.length for seg in self.segments)
 
 
 def pool_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
@@ -87,36 +106,90 @@ class PoolAttention:
     ``method`` is the core sparse method (or ``None``); only OmniKV (the ``"mask"`` family) changes attention
     itself: eviction methods act on the pool after the step (see :mod:`.runner`). ``tp``: the
     :class:`~.tp.TPGroup` when this rank holds only some heads: OmniKV's per-token scores are then all-reduced
-    (max) before the top-k, so every rank selects the tokens that one rank with all heads would.
+    (max) before the top-k, and so are the scores of eviction selections shared by a layer's heads
+    (``reduce_heads``), so every rank selects the tokens that one rank with all heads would; unless the group's
+    ``exact_selection`` is off (``tp_selection="per_rank"``): then each rank selects from its own heads.
     """
 
     def __init__(self, pool, method=None, tp=None):
         self.pool = pool
         self.method = method
-        self.reduce_scores = tp.all_reduce_max if tp is not None and tp.size > 1 else None
+        exact = tp is not None and tp.size > 1 and tp.exact_selection
+        self.reduce_scores = tp.all_reduce_max if exact else None
+        self.reduce_heads = tp.reduce_heads if exact else None
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
+        #: How prompt chunks attend (see :meth:`_prefill`): ``"auto"`` where Triton runs (CUDA), else ``"gather"``.
+        self.prefill_route = "auto" if kernels_run_fused(pool.k[0]) else "gather"
         self.ctx: StepContext | None = None
+        self._stored_layer: int | None = None        # the layer whose K/V the model stored itself (kv_destination)
+
+    def kv_destination(self, layer: int):
+        """``(k_pool, v_pool, slot_mapping)`` where this step's new K/V of ``layer`` go (``[S, Hkv, D]`` twice,
+        ``[T]``), for a model that stores them in its fused RoPE kernel; the next ``attend(layer, ...)`` then skips
+        its own store. A backend that stores K/V elsewhere returns ``None`` (the model then leaves it to
+        ``attend``)."""
+        self._stored_layer = layer
+        return self.pool.k[layer], self.pool.v[layer], self.ctx.slot_mapping[self.pool.group_of[layer]]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hkv, D]`` (post-RoPE) -> ``[T, H, D]``."""
         ctx = self.ctx
         g = self.pool.group_of[layer]
-        self.pool.write(layer, ctx.slot_mapping[g], k, v)
-        if ctx.segments:
-            return self._prefill(layer, g, q, scale)
-        return self._decode(layer, g, q, scale)
+        if self._stored_layer != layer:
+            self.pool.write(layer, ctx.slot_mapping[g], k, v)
+        self._stored_layer = None
+        if not ctx.segments:
+            return self._decode(layer, g, q, scale)
+        if ctx.tables is None:
+            return self._prefill(layer, g, q, k, v, scale)
+        n = ctx.num_prefill_tokens                                               # a mixed step
+        return torch.cat([self._prefill(layer, g, q[:n], k[:n], v[:n], scale), self._decode(layer, g, q[n:], scale)])
 
-    def _prefill(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """Every chunk of the step (``k``, ``v``: the step's own K/V), by :attr:`prefill_route`:
+
+        - ``"paged"``: one launch of the paged Triton kernel for every chunk;
+        - ``"split"``: per chunk, cuDNN SDPA over its gathered earlier slots plus its own K/V (:mod:`.sdpa_split`);
+        - ``"auto"`` (CUDA): chunks of at least :data:`SPLIT_MIN_QUERIES` queries split, the rest paged; where
+          cuDNN cannot run the split route, paged from then on;
+        - ``"gather"`` (CPU): per chunk, SDPA over its gathered slots with a lower-right causal bias.
+        """
         ctx, pool = self.ctx, self.pool
-        out = torch.empty_like(q)
-        for seg in ctx.segments:
-            slots = pool.tables[g, seg.row, : seg.context].long()
-            qs = q[seg.start: seg.start + seg.length]
-            out[seg.start: seg.start + seg.length] = chunk_attention(qs, pool.k[layer][slots], pool.v[layer][slots],
-                                                                     scale)
-            if ctx.window:
-                seg.windows[layer] = qs[-ctx.window:].transpose(0, 1)          # [H, w, D]
+        if ctx.window:
+            for seg in ctx.segments:
+                seg.windows[layer] = q[seg.start + seg.length - min(ctx.window, seg.length):
+                                       seg.start + seg.length].transpose(0, 1)       # [H, w, D]
+        route = self.prefill_route
+        if route == "gather":
+            out = torch.empty_like(q)
+            for seg in ctx.segments:
+                slots = pool.tables[g, seg.row, : seg.context].long()
+                out[seg.start: seg.start + seg.length] = chunk_attention(
+                    q[seg.start: seg.start + seg.length], pool.k[layer][slots], pool.v[layer][slots], scale)
+            return out
+        splits = [route == "split" or (route == "auto" and seg.length >= SPLIT_MIN_QUERIES) for seg in ctx.segments]
+        split = [seg for seg, s in zip(ctx.segments, splits) if s]
+        paged = [(seg.row, seg.start, seg.length, seg.context) for seg, s in zip(ctx.segments, splits) if not s]
+        out = None
+        if paged:
+            if ctx.prefill_tiles is None:
+                ctx.prefill_tiles = prefill_tiles(paged, launch_config(paged, q.device)[0], q.device)
+            out = paged_prefill_attention(q, pool.k[layer], pool.v[layer], pool.tables[g], paged, scale,
+                                          self.backend, tiles=ctx.prefill_tiles)
+        out = torch.empty_like(q) if out is None else out
+        for seg in split:
+            slots = pool.tables[g, seg.row, : seg.context - seg.length].long()
+            own = slice(seg.start, seg.start + seg.length)
+            try:
+                out[own] = split_chunk_attention(q[own], pool.k[layer][slots], pool.v[layer][slots],
+                                                 k[own].to(q.dtype), v[own].to(q.dtype), scale)
+            except SplitUnavailable:
+                if route == "split":
+                    raise
+                self.prefill_route, ctx.prefill_tiles = "paged", None              # no cuDNN here: paged from now on
+                return self._prefill(layer, g, q, k, v, scale)
         return out
 
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -13,7 +13,13 @@ import torch
 from ..methods import get_method
 
 #: Methods the engine runs today (DeltaKV: a compressed store beside the raw pool, see ``deltakv_store``).
-ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "deltakv")
+ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o", "deltakv")
+
+#: How token selections are made under tensor parallelism (``tp_selection``): ``"exact"`` combines the ranks'
+#: per-token scores (an all-reduce) before every selection that spans heads on several ranks, so TP=N selects what
+#: TP=1 does; ``"per_rank"`` lets each rank select from its own heads (the reference engine's behaviour: one
+#: collective less per selection, output not equal to TP=1). Per-KV-head selections are exact either way.
+TP_SELECTIONS = ("exact", "per_rank")
 
 
 def _positive_int(name: str, value) -> None:
@@ -37,6 +43,11 @@ class EngineConfig:
             from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU). DeltaKV splits the memory of that many
             full slots between its filter layers and its compressed layers (``deltakv_store.split_slots``).
         sparse_method: ``None`` (full attention) or one of :data:`ENGINE_METHODS`.
+        tp_selection: one of :data:`TP_SELECTIONS` (only matters with ``tensor_parallel_size > 1``).
+        mixed_steps: while some requests decode and others wait to prefill, one step carries the decode rows (one
+            token each) together with prompt chunks, up to ``max_num_batched_tokens`` tokens in all
+            (Sarathi-style), so decode rows do not stall behind long prefills; ``False`` alternates prefill steps
+            and decode steps. A step of decode rows only still replays a CUDA graph either way.
     """
 
     max_model_len: int | None = None
@@ -47,6 +58,8 @@ class EngineConfig:
     enforce_eager: bool = False
     num_kv_slots: int | None = None
     sparse_method: str | None = None
+    tp_selection: str = "exact"
+    mixed_steps: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_prefill_size"):
@@ -57,9 +70,15 @@ class EngineConfig:
             _positive_int("num_kv_slots", self.num_kv_slots)
         if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r}: expected a fraction in (0, 1]")
+        if not isinstance(self.mixed_steps, bool):
+            raise ValueError(f"mixed_steps={self.mixed_steps!r}: expected True or False")
         if self.chunk_prefill_size > self.max_num_batched_tokens:
             raise ValueError(f"chunk_prefill_size={self.chunk_prefill_size} exceeds max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}; lower the first or raise the second")
+        if self.tp_selection not in TP_SELECTIONS:
+            raise ValueError(f"tp_selection={self.tp_selection!r}: expected 'exact' (TP=N selects the tokens TP=1 "
+                             "selects; scores are all-reduced across ranks) or 'per_rank' (each rank selects from its "
+                             "own heads, as the reference engine does: cheaper, output differs from TP=1)")
         if self.sparse_method is not None:
             get_method(self.sparse_method)              # unknown name: ValueError listing the valid ones
             if self.sparse_method not in ENGINE_METHODS:

@@ -26,7 +26,7 @@ from ..config import resolve_counts
 from ..deltakv.rope import unrotate
 from ..deltakv.state import flush, rebuild_kv
 from .attention import PoolAttention
-from .runner import DecodePlan, ModelRunner, PrefillPlan
+from .runner import DecodePlan, MixedPlan, ModelRunner, PrefillPlan
 
 #: The pool group of the compressed layers (group 0: the filter layers).
 COMPRESSED = 1
@@ -171,9 +171,13 @@ class DeltaKVRunner(ModelRunner):
         model.set_backend(self.attention)
 
     def run(self, plan):
-        if not isinstance(plan, (PrefillPlan, DecodePlan)):     # e.g. a step mixing prompt chunks and decode rows
-            raise NotImplementedError(f"deltakv runs prefill and decode steps only, not {type(plan).__name__}: a "
-                                      "compressed row's raw table is not indexed by position")
+        if isinstance(plan, MixedPlan):   # prompt chunks, then the decode rows: two forwards (each flushes after)
+            first, second = self.prefill(plan.prefill), self.decode(plan.decode)
+            if not self.compute_logits:
+                return None
+            return second if first is None else torch.cat([first, second])
+        if not isinstance(plan, (PrefillPlan, DecodePlan)):
+            raise NotImplementedError(f"deltakv runs prefill, decode and mixed steps, not {type(plan).__name__}")
         return super().run(plan)
 
     def prefill(self, plan):
@@ -181,9 +185,9 @@ class DeltaKVRunner(ModelRunner):
         self.flush(plan.completing)
         return logits
 
-    def decode(self, plan):
+    def decode(self, plan, device_ids=None):
         self.attention.begin_step(plan.rows)
-        logits = super().decode(plan)
+        logits = super().decode(plan, device_ids)
         self.attention.begin_step([])
         self.flush(plan.rows)
         return logits

@@ -18,36 +18,41 @@ import warnings
 import torch
 
 from .attention import StepContext
+from .decode_inputs import DecodeInputs
 from .graphs import width_bucket
 
 
 class DeltaKVGraphs:
-    """The :class:`~.graphs.DecodeGraphs` interface (``can_run``, ``run``) for a
-    :class:`~.deltakv_attention.DeltaKVRunner`: ``attention`` is its :class:`~.deltakv_attention.DeltaKVAttention`."""
+    """The :class:`~.graphs.DecodeGraphs` interface (``inputs``, ``can_run``, ``bucket``, ``run``) for a
+    :class:`~.deltakv_attention.DeltaKVRunner`: ``attention`` is its :class:`~.deltakv_attention.DeltaKVAttention`.
+    A graph runs exactly the step's rows (no padding rows)."""
 
     def __init__(self, model, pool, attention):
         self.model, self.pool, self.attention = model, pool, attention
+        self.inputs = DecodeInputs(pool.max_rows, pool.num_groups, pool.scratch_slot, pool.device)
+        self.logits = torch.zeros(pool.max_rows, model.config.vocab_size, dtype=torch.float32, device=pool.device)
         self.key = None
         self.graph = None
-        self.buffers = None
         self.failed = False
         self.mempool = None
         self.captures = 0                  # how many graphs were captured (a test and a benchmark read it)
 
     def can_run(self, batch: int) -> bool:
-        return not self.failed
+        return not self.failed and batch <= self.inputs.max_rows
+
+    def bucket(self, batch: int) -> int:
+        return batch
 
     def _key(self, width: int) -> tuple:
         a = self.attention
         return tuple(a.rows), tuple(a.widths), self.pool.store.version, width_bucket(width, self.pool.max_len)
 
-    def _forward(self) -> None:
-        ids, positions, slot_mapping, rows, lens, logits, w = self.buffers
-        a = self.attention
+    def _forward(self, b: int, w: int) -> None:
+        inp, a = self.inputs, self.attention
         a.reset_caches()                                   # recomputed inside the graph, never carried over
-        tables = self.pool.tables[:, :, :w].index_select(1, rows)                     # [G, B, w]
-        a.ctx = StepContext(slot_mapping, tables=tables, lens=lens)
-        logits.copy_(self.model.logits(self.model(ids, positions)))
+        tables = self.pool.tables[:, :, :w].index_select(1, inp.rows[:b])              # [G, b, w]
+        a.ctx = StepContext(inp.slot_mapping[:, :b], tables=tables, lens=inp.lens[:, :b])
+        self.model.logits(self.model(inp.ids[:b], inp.positions[:b]), out=self.logits[:b])
         a.ctx = None
 
     def _capture(self, key) -> None:
@@ -55,35 +60,31 @@ class DeltaKVGraphs:
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
         self.graph = None
+        b, w = len(key[0]), key[-1]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._forward()
+            self._forward(b, w)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                self._forward()
+                self._forward(b, w)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph, self.key = graph, key
         self.captures += 1
 
-    def run(self, ids, positions, slot_mapping, rows, lens, width: int) -> torch.Tensor:
-        """As :meth:`DecodeGraphs.run`: ``[B]``, ``[B]``, ``[G, B]``, ``[B]``, ``[G, B]`` inputs and the longest
-        row's slot count -> ``[B, V]`` float32 logits."""
+    def run(self, batch: int, slots: torch.Tensor, width: int) -> torch.Tensor:
+        """As :meth:`DecodeGraphs.run`: the step's inputs are staged in ``self.inputs``; ``slots`` ``[G, batch]``;
+        ``width`` the longest row's slot count. Returns ``[batch, V]`` float32 logits (a view, valid until the next
+        step)."""
+        self.inputs.set_slots(slots, batch)
         key = self._key(width)
         if key != self.key:
-            B = ids.shape[0]
-            logits = torch.empty(B, self.model.config.vocab_size, dtype=torch.float32, device=ids.device)
-            self.buffers = (ids.clone(), positions.clone(), slot_mapping.clone(), rows.clone(),
-                            lens.contiguous().clone(), logits, key[-1])
             try:
                 self._capture(key)
             except Exception as exc:                       # noqa: BLE001  (eager from now on, same outputs)
                 warnings.warn(f"deltakv CUDA-graph capture failed ({type(exc).__name__}: {exc}); decoding eagerly")
                 self.failed, self.graph, self.key = True, None, None
-                self._forward()                            # this step, eagerly
-                return self.buffers[5].clone()
-        else:
-            for buffer, value in zip(self.buffers[:5], (ids, positions, slot_mapping, rows, lens)):
-                buffer.copy_(value)
+                self._forward(batch, key[-1])              # this step, eagerly
+                return self.logits[:batch]
         self.graph.replay()
-        return self.buffers[5].clone()
+        return self.logits[:batch]

@@ -1,7 +1,8 @@
 """CUDA-graph decode, one graph per batch-size bucket, and the activation profile that sizes the pool.
 
-A decode step has static shapes: every input lives in a preallocated buffer (token ids, positions, slot mapping
-``[G, B]``, batch rows, slot counts ``[G, B]``); the graph gathers the first ``w`` columns of the rows' slot tables
+A decode step has static shapes: every input lives in a preallocated buffer (a
+:class:`~.decode_inputs.DecodeInputs`: token ids, positions, batch rows, slot counts ``[G, B]`` uploaded in one
+copy, and the slot mapping ``[G, B]``); the graph gathers the first ``w`` columns of the rows' slot tables
 (``w`` a power-of-two bucket of the longest row; the kernels stop at each row's count) and runs the model and the
 LM head. A batch of ``B`` rows replays the graph of the smallest bucket ``b >= B`` (captured on first use); the
 ``b - B`` padding rows write to the pool's scratch slot and attend to nothing.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .attention import StepContext
+from .decode_inputs import DecodeInputs
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -36,21 +38,18 @@ class DecodeGraphs:
     def __init__(self, model, pool, max_num_seqs: int, attention):
         self.model, self.pool, self.attention = model, pool, attention
         self.buckets = batch_buckets(max_num_seqs)
-        dev, G, B = pool.device, pool.num_groups, max(self.buckets)
-        self.ids = torch.zeros(B, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((G, B), pool.scratch_slot, dtype=torch.long, device=dev)
-        self.rows = torch.zeros(B, dtype=torch.long, device=dev)
-        self.lens = torch.zeros(G, B, dtype=torch.int32, device=dev)
+        dev, B = pool.device, max(self.buckets)
+        self.inputs = DecodeInputs(B, pool.num_groups, pool.scratch_slot, dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # One output buffer for every graph, so no graph keeps its own [b, V] logits alive in the graph pool.
         self.logits = torch.zeros(B, model.config.vocab_size, dtype=torch.float32, device=dev)
         self.mempool = None                                  # one graph memory pool, made at the first capture
 
-    def _forward(self, b: int, w: int) -> torch.Tensor:
-        tables = self.pool.tables[:, :, :w].index_select(1, self.rows[:b])            # [G, b, w]
-        self.attention.ctx = StepContext(self.slot_mapping[:, :b], tables=tables, lens=self.lens[:, :b])
-        self.logits[:b].copy_(self.model.logits(self.model(self.ids[:b], self.positions[:b])))
+    def _forward(self, b: int, w: int) -> None:
+        inp = self.inputs
+        tables = self.pool.tables[:, :, :w].index_select(1, inp.rows[:b])             # [G, b, w]
+        self.attention.ctx = StepContext(inp.slot_mapping[:, :b], tables=tables, lens=inp.lens[:, :b])
+        self.model.logits(self.model(inp.ids[:b], inp.positions[:b]), out=self.logits[:b])
         self.attention.ctx = None
 
     def _capture(self, b: int, w: int) -> None:
@@ -68,37 +67,41 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         self.graphs[(b, w)] = graph
 
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        """``[G, max_batch]`` long: the slot mapping the graphs read (padding columns hold the scratch slot)."""
+        return self.inputs.slot_mapping
+
     def can_run(self, batch: int) -> bool:
         return batch <= self.buckets[-1]
 
-    def run(self, ids, positions, slot_mapping, rows, lens, width: int) -> torch.Tensor:
-        """Inputs as in an eager decode step (``[B]``, ``[B]``, ``[G, B]``, ``[B]``, ``[G, B]``; ``width``: the
-        longest row's slot count) -> ``[B, V]`` float32 logits."""
-        B = ids.shape[0]
-        b = next(size for size in self.buckets if size >= B)
+    def bucket(self, batch: int) -> int:
+        """The batch size of the graph that runs ``batch`` rows (the smallest bucket ``>= batch``)."""
+        return next(size for size in self.buckets if size >= batch)
+
+    def run(self, batch: int, slots: torch.Tensor, width: int) -> torch.Tensor:
+        """Replay the decode step of ``batch`` rows whose inputs are staged in ``self.inputs`` (padded to
+        :meth:`bucket`); ``slots``: ``[G, batch]`` the new tokens' slots; ``width``: the longest row's slot count.
+
+        Returns:
+            ``[batch, V]`` float32 logits: a view of the shared output buffer, valid until the next replay."""
+        b = self.bucket(batch)
         w = width_bucket(width, self.pool.max_len)
-        self.ids[:B].copy_(ids)
-        self.positions[:B].copy_(positions)
-        self.slot_mapping[:, :B].copy_(slot_mapping)
-        self.rows[:B].copy_(rows)
-        self.lens[:, :B].copy_(lens)
-        if b > B:                                             # padding rows: scratch slot, nothing to attend
-            self.ids[B:b].zero_()
-            self.positions[B:b].zero_()
-            self.slot_mapping[:, B:b].fill_(self.pool.scratch_slot)
-            self.rows[B:b].zero_()
-            self.lens[:, B:b].zero_()
+        self.inputs.set_slots(slots, b)
         if (b, w) not in self.graphs:
             self._capture(b, w)
         self.graphs[(b, w)].replay()
-        return self.logits[:B].clone()
+        return self.logits[:batch]
 
 
 @torch.inference_mode()
 def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
     ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
-    gathered K/V, and head-repeated K/V in case SDPA lacks GQA), estimated from shapes."""
+    gathered K/V, and head-repeated K/V in case SDPA lacks GQA; only the gathered K/V where Triton runs), estimated
+    from shapes."""
+    from sparse_hf.kernels.dispatch import kernels_run_fused
+
     from .attention import PoolAttention, Segment
     from .kv_pool import KVPool
 
@@ -122,5 +125,8 @@ def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, devic
     torch.cuda.empty_cache()
     elt = torch.tensor([], dtype=dtype).element_size()
     H, Hkv, D = model.num_heads, model.num_kv_heads, model.head_dim
-    context_extra = max_model_len * D * elt * 2 * (H + Hkv)
+    # Where Triton runs, a chunk reads the context in place (paged kernel) or gathers only its earlier K/V (the split
+    # cuDNN route); elsewhere SDPA gathers K/V and may repeat them per query head.
+    fused = kernels_run_fused(torch.empty(0, dtype=dtype, device=device))
+    context_extra = max_model_len * D * elt * 2 * (Hkv if fused else H + Hkv)
     return int(peak + context_extra)

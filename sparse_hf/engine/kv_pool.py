@@ -37,8 +37,8 @@ class KVPool:
         layer_groups: the group of each layer (``[num_layers]`` ints from 0), overriding ``per_layer_groups``
             (DeltaKV: its filter layers in one group, its compressed layers in another).
         group_slots: slots per layer of each group (default ``num_slots`` for all); ``num_slots`` is then the
-            smallest (what a row can count on in every layer). Groups of unequal sizes have no ``scratch_slot``
-            (no CUDA-graph decode).
+            smallest (what a row can count on in every layer). With groups of unequal sizes ``scratch_slot`` is
+            only scratch in the smallest group: no padding rows.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, max_rows: int,
@@ -52,7 +52,9 @@ class KVPool:
         self.num_layers, self.num_slots, self.max_rows, self.max_len = num_layers, num_slots, max_rows, max_len
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         # One extra slot (``scratch_slot``) takes the K/V writes of padding rows of a CUDA-graph batch.
-        self.scratch_slot = num_slots if len(set(self.group_slots)) == 1 else None
+        # With groups of unequal sizes it is a real slot of the larger groups: no padding rows then (DeltaKV's graphs
+        # run exactly the step's rows).
+        self.scratch_slot = num_slots
         self.k = [torch.zeros(self.group_slots[layer_groups[layer]] + 1, num_kv_heads, head_dim, dtype=dtype,
                               device=device) for layer in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
@@ -64,6 +66,8 @@ class KVPool:
         self.tables = torch.zeros(G, max_rows, max_len, dtype=torch.int32, device=device)       # [G, rows, W]
         self.lens = np.zeros((G, max_rows), dtype=np.int64)
         self.device = device
+        self._group_index = torch.arange(G, device=device).view(G, 1)                       # [G, 1]
+        self._layers_per_group = np.array([len(layers) for layers in self.layers_of], dtype=np.int64)
         #: Rows released since the last :meth:`take_released` when recording (tensor parallelism: rank 0 sends them
         #: to the other ranks with the next step, so their pools free the same rows); ``None``: not recording.
         self.released: list[int] | None = None
@@ -83,7 +87,7 @@ class KVPool:
 
     def row_tokens(self, row: int) -> int:
         """Slots row ``row`` holds, summed over all layers."""
-        return int(sum(self.lens[g, row] * len(self.layers_of[g]) for g in range(self.num_groups)))
+        return int(self.lens[:, row] @ self._layers_per_group)
 
     def bytes_per_slot(self) -> int:
         """Bytes of one token's K and V over every layer."""
@@ -107,24 +111,49 @@ class KVPool:
             each new token's K/V goes in each group.
         """
         T = int(sum(counts))
-        if T > self.num_free():
-            raise RuntimeError(f"KV pool exhausted: {T} slots needed, {self.num_free()} free (scheduler bug)")
-        tops = self.free_top
-        if all(t == tops[0] for t in tops):
-            slots = self.free[:, tops[0] - T: tops[0]]
-        else:
-            slots = torch.stack([self.free[g, t - T: t] for g, t in enumerate(tops)])
-        self.free_top = [t - T for t in tops]
         row_of = np.repeat(np.asarray(rows, dtype=np.int64), counts)                       # [T]
         offset = np.arange(T) - np.repeat(np.cumsum(counts) - np.asarray(counts), counts)  # position within row
         pos = self.lens[:, row_of] + offset[None, :]                                       # [G, T]
         if (pos >= self.max_len).any():
             raise RuntimeError(f"a row outgrew the slot table width {self.max_len} (max_model_len)")
+        slots = self._pop_free(T)
         g_idx = torch.arange(self.num_groups, device=self.device).view(-1, 1).expand(-1, T)
         self.tables[g_idx, torch.as_tensor(row_of, device=self.device).expand(self.num_groups, T),
                     torch.as_tensor(pos, device=self.device)] = slots
         np.add.at(self.lens, (slice(None), np.asarray(rows, dtype=np.int64)), np.asarray(counts, dtype=np.int64))
         return slots.long()
+
+    def allocate_decode(self, rows: list[int], rows_dev: torch.Tensor, cols_dev: torch.Tensor) -> torch.Tensor:
+        """One new slot for each of ``rows`` (distinct) in every group: the decode step's :meth:`allocate`, with no
+        host-to-device copy of its own (the table entries are written from the step's device inputs).
+
+        Args:
+            rows: the ``B`` rows (host); rows_dev: ``[B]`` long, the same on the device.
+            cols_dev: ``[G, B]`` long on the device, each row's slot count before this token (``lens[:, rows]``):
+                the table column of the new slot.
+
+        Returns:
+            ``[G, B]`` int32 slot ids (a view of the free stack: consume it in this step).
+        """
+        B = len(rows)
+        if (self.lens[:, rows] >= self.max_len).any():
+            raise RuntimeError(f"a row outgrew the slot table width {self.max_len} (max_model_len)")
+        slots = self._pop_free(B)
+        self.tables[self._group_index, rows_dev.view(1, B), cols_dev] = slots
+        self.lens[:, rows] += 1
+        return slots
+
+    def _pop_free(self, n: int) -> torch.Tensor:
+        """Take ``n`` slots off every group's free stack: ``[G, n]`` int32 (a view when the stacks are level)."""
+        if n > self.num_free():
+            raise RuntimeError(f"KV pool exhausted: {n} slots needed, {self.num_free()} free (scheduler bug)")
+        tops = self.free_top
+        if all(t == tops[0] for t in tops):
+            slots = self.free[:, tops[0] - n: tops[0]]
+        else:
+            slots = torch.stack([self.free[g, t - n: t] for g, t in enumerate(tops)])
+        self.free_top = [t - n for t in tops]
+        return slots
 
     def _push_free(self, g: int, slots: torch.Tensor) -> None:
         n = slots.numel()

@@ -13,7 +13,8 @@ import torch
 
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
-from .runner import plan_decode, plan_prefill
+from .decode_ahead import can_decode_ahead, launch_ahead, still_running, take_in_flight
+from .runner import plan_decode, plan_mixed, plan_prefill
 from .scheduler import Scheduler
 from .tp import check_divisible, launched_by_torchrun
 from .weights import iter_safetensors
@@ -71,15 +72,6 @@ def _weights_for_ranks(model, tensors, tp_size: int):
     return {name: t.detach().cpu() for name, t in tensors}
 
 
-def _check_tp_method(method) -> None:
-    """Bad knobs fail before any rank starts; a selection shared by all heads of a layer at prefill (SnapKV's
-    ``selection_scope="layer"``) would need its scores all-reduced across ranks, which is not wired yet."""
-    if method is not None and getattr(method.config, "selection_scope", "kv_head") == "layer":
-        raise NotImplementedError(f"{method.name} with selection_scope='layer' is not yet supported with "
-                                  "tensor_parallel_size > 1; use selection_scope='kv_head' (exact under tensor "
-                                  "parallelism) or tensor_parallel_size=1")
-
-
 def _start_ranks(spec, tp_size: int, device: torch.device):
     """Start (spawn) or join (torchrun) the tensor-parallel group. Returns ``(TPGroup, Driver, device)`` on rank 0;
     on the other ranks of a torchrun launch it serves rank 0 and then ends the process."""
@@ -134,14 +126,17 @@ class LLM:
     process, runs the scheduler and the sampler; the script needs an ``if __name__ == "__main__":`` guard, as for
     any spawned process). Under ``torchrun --nproc-per-node N`` (or across nodes) every rank runs the same script:
     on rank 0 ``LLM(...)`` returns the engine, on the other ranks it serves rank 0 until the engine is closed and
-    then exits the process (code after ``LLM(...)`` runs on rank 0 only)."""
+    then exits the process (code after ``LLM(...)`` runs on rank 0 only). ``tp_selection``: ``"exact"`` (default:
+    selections spanning heads on several ranks all-reduce their scores first, so TP=N outputs what TP=1 does) or
+    ``"per_rank"`` (each rank selects from its own heads; see :data:`~.config.TP_SELECTIONS`)."""
 
     def __init__(self, model, tokenizer=None, *, dtype=None, device=None, max_model_len=None,
                  gpu_memory_utilization=0.9, max_num_seqs=64, max_num_batched_tokens=8192, chunk_prefill_size=2048,
-                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1, **sparse_knobs):
+                 enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1,
+                 tp_selection="exact", mixed_steps=True, **sparse_knobs):
         self.config = EngineConfig(max_model_len, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
-                                   sparse_method)
+                                   sparse_method, tp_selection, mixed_steps)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
         device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype or default_dtype(device)
@@ -151,7 +146,7 @@ class LLM:
         self.tp, self.driver = None, None
         if tensor_parallel_size != 1:
             check_divisible(hf_config, tensor_parallel_size)
-            _check_tp_method(build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers))
+            build_method(sparse_method, sparse_knobs, hf_config.num_hidden_layers)   # bad knobs fail before spawning
             self.tp, self.driver, device = _start_ranks(spec, tensor_parallel_size, device)
         self.device = device
         try:
@@ -170,6 +165,9 @@ class LLM:
         self.output_processor = OutputProcessor(self.tokenizer or _NoText(), self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
+        #: Launch a decode step before the previous one's tokens are read (:mod:`.decode_ahead`); CUDA graphs only.
+        self.decode_ahead = self.device.type == "cuda" and self.driver is None
+        self.in_flight = None
         self._ids = itertools.count()
 
     @property
@@ -237,28 +235,43 @@ class LLM:
         """Run one step; returns the requests that got a token, finished or were aborted since the last step."""
         outputs = [r.output() for r in self._aborted]
         self._aborted.clear()
-        kind, batch = self.scheduler.schedule()
-        if kind == "prefill":
-            logits = self._run(plan_prefill(batch))
-            for req, n in batch:
+        ahead = take_in_flight(self)
+        if ahead is not None:                       # the decode step launched during the previous step()
+            kind, (done, logits) = "ahead", ahead
+            for req in done:
+                if still_running(self, req):
+                    req.num_computed += 1
+                    req.kept_kv_tokens = self.pool.row_tokens(req.row)
+        else:
+            kind, batch = self.scheduler.schedule()
+            chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
+            if kind == "prefill":
+                logits = self._run(plan_prefill(chunks))
+            elif kind == "decode":
+                logits = self._run(plan_decode(decoding))
+            elif kind == "mixed":
+                logits = self._run(plan_mixed(chunks, decoding))      # logits: completed prompts, then decode rows
+            else:
+                return outputs
+            for req, n in chunks:
                 req.num_computed += n
-            done = [req for req, _ in batch if req.num_computed == req.num_tokens]
+            done = [req for req, _ in chunks if req.num_computed == req.num_tokens]
+            for req in decoding:
+                req.num_computed += 1
+            done += decoding
             for req in done:
                 req.kept_kv_tokens = self.pool.row_tokens(req.row)
-        elif kind == "decode":
-            logits = self._run(plan_decode(batch))
-            for req in batch:
-                req.num_computed += 1
-                req.kept_kv_tokens = self.pool.row_tokens(req.row)
-            done = batch
-        else:
-            return outputs
         if done:
             params = [r.params for r in done]
-            steps = torch.tensor([len(r.output_token_ids) for r in done], device=logits.device)
-            tokens = self.sampler(logits, params, steps, self.eos_token_ids).tolist()
+            steps = torch.tensor([len(r.output_token_ids) for r in done])          # host: no blocking copy
+            sampled = self.sampler(logits, params, steps, self.eos_token_ids)      # [B] on the device
+            if kind in ("decode", "ahead") and self.decode_ahead and can_decode_ahead(self, done):
+                self.in_flight = launch_ahead(self, done, sampled)                 # before reading the tokens
+            tokens = sampled.tolist()
             now = time.perf_counter()
             for req, token in zip(done, tokens):
+                if kind == "ahead" and not still_running(self, req):
+                    continue                        # finished or aborted after this step was launched
                 self._append(req, int(token), now)
                 outputs.append(req.output())
         return outputs

@@ -18,6 +18,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_hf.kernels import rms_norm, rope_qkv, silu_mul
+from sparse_hf.kernels.skinny_gemm import skinny_linear
+
+#: Backend of the fused layer ops (``"auto"``: Triton on CUDA, the torch references elsewhere). Tests set ``"triton"``
+#: to run the kernels under the Triton interpreter on CPU.
+OPS_BACKEND = "auto"
+#: Decode-sized linears (at most 16 rows, fp16/bf16 on CUDA) through the weight-streaming Triton GEMM
+#: (:func:`sparse_hf.kernels.skinny_gemm.skinny_linear`) instead of cuBLAS; off until measured faster on the GPU.
+SKINNY_GEMM = False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, or the skinny Triton GEMM when :data:`SKINNY_GEMM` is on (it falls back by itself for prefill
+    sizes and CPU tensors)."""
+    if SKINNY_GEMM:
+        return skinny_linear(x, weight, bias, backend=OPS_BACKEND)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                  "MistralForCausalLM": "llama"}
 
@@ -40,18 +65,19 @@ def head_dim_of(hf_config) -> int:
 
 
 class RMSNorm(nn.Module):
-    """``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32 (as transformers does). ``x``: ``[..., dim]``."""
+    """``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32 (as transformers does). ``x``: ``[..., dim]``.
+
+    ``forward(x, residual)`` first adds ``x`` into ``residual`` in place and normalises the sum (the pre-norm
+    residual stream of a decoder layer). One fused kernel on CUDA, the torch reference elsewhere
+    (:func:`sparse_hf.kernels.rms_norm`)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, residual, backend=OPS_BACKEND)
 
 
 class Rotary(nn.Module):
@@ -74,13 +100,7 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[T, heads, D]``, ``positions``: ``[T]`` long -> rotated ``x``."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    # The rotation itself is :func:`sparse_hf.kernels.rope_qkv` (fused with the K/V store), fed from these tables.
 
 
 class Attention(nn.Module):
@@ -97,7 +117,7 @@ class Attention(nn.Module):
         bias = family == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(hf_config.hidden_size, q_size + 2 * kv_size, bias=bias)
+        self.qkv_proj = Linear(hf_config.hidden_size, q_size + 2 * kv_size, bias=bias)
         self.o_proj = RowParallelLinear(q_size, hf_config.hidden_size, bool(getattr(hf_config, "attention_bias", False)),
                                         tp)
         self.qk_norm = family == "qwen3"
@@ -108,20 +128,21 @@ class Attention(nn.Module):
         self.backend = None                           # set by the runner (``EngineModel.set_backend``)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[T, hidden]``, ``positions``: ``[T]`` -> ``[T, hidden]``."""
+        """``x``: ``[T, hidden]``, ``positions``: ``[T]`` -> ``[T, hidden]``.
+
+        RoPE (after Qwen3's q/k norm) runs in one kernel that also stores K/V at the step's slots when the backend
+        offers its pool (``kv_destination``); ``attend`` then skips its own store."""
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 1e-6)
+        destination = getattr(self.backend, "kv_destination", None)
+        dest = destination(self.layer_idx) if destination is not None else None
+        q, k, v = rope_qkv(self.qkv_proj(x), positions, self.rotary.cos, self.rotary.sin, self.num_heads,
+                           self.num_kv_heads, *norms, *(dest or (None, None, None)), backend=OPS_BACKEND)
         out = self.backend.attend(self.layer_idx, q, k, v, self.scale)          # [T, H, D]
         return self.o_proj(out.reshape(T, -1))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """A linear layer whose input features are split across tensor-parallel ranks: each rank multiplies its
     share, the partial outputs are summed by an all-reduce, then the (replicated) bias is added once.
     Without ``tp`` it is a plain ``nn.Linear``."""
@@ -133,7 +154,7 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp is None or self.tp.size == 1:
             return super().forward(x)
-        out = self.tp.all_reduce_sum(F.linear(x, self.weight))
+        out = self.tp.all_reduce_sum(linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 
@@ -146,12 +167,11 @@ class MLP(nn.Module):
         if act not in ("silu", "swish"):
             raise NotImplementedError(f"hidden_act={act!r}: the engine supports silu MLPs")
         self.inter = hf_config.intermediate_size // (tp.size if tp is not None else 1)    # this rank's columns
-        self.gate_up_proj = nn.Linear(hf_config.hidden_size, 2 * self.inter, bias=False)
+        self.gate_up_proj = Linear(hf_config.hidden_size, 2 * self.inter, bias=False)
         self.down_proj = RowParallelLinear(self.inter, hf_config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x), backend=OPS_BACKEND))
 
 
 class DecoderLayer(nn.Module):
@@ -162,9 +182,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor):
+        """``x``: the previous layer's output ``[T, hidden]``; ``residual``: the residual stream before it (``None``
+        at the first layer, where ``x`` is the embedding). Returns ``(mlp output, residual)``: the layer's result is
+        their sum, which the next norm adds (fused add + RMSNorm, the residual updated in place)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, positions), residual)
+        return self.mlp(h), residual
 
 
 class EngineModel(nn.Module):
@@ -191,7 +218,7 @@ class EngineModel(nn.Module):
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
         if not self.tied:
-            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+            self.lm_head = Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         self.rotary = rotary
 
     def set_backend(self, backend) -> None:
@@ -199,11 +226,15 @@ class EngineModel(nn.Module):
             layer.self_attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, positions)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions)
+        return self.norm(x, residual)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[n, V]`` float32 logits; with ``out`` (``[n, V]`` float32) they are cast straight into it (one
+        kernel less than a cast and a copy)."""
         weight = self.embed_tokens.weight if self.tied else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if out is not None:
+            return out.copy_(linear(hidden, weight))
+        return linear(hidden, weight).float()

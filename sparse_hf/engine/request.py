@@ -12,6 +12,7 @@ class RequestOutput:
     """A request's state after a step.
 
     Attributes:
+        prompt_token_ids: the prompt (one list shared by every output of the request: read-only).
         token_ids: every token generated so far; text: their detokenised text.
         finish_reason: ``None`` while running, else ``"stop"``, ``"length"`` or ``"abort"``.
         metrics: ``ttft_s``, ``decode_tok_s``, ``num_preemptions``, ``kept_kv_tokens`` (slots the request holds,
@@ -38,6 +39,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: Any):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        self._output_prompt: list[int] | None = None     # the prompt copy every RequestOutput shares (see output())
         self.output_token_ids: list[int] = []
         self.params = params
         self.row: int | None = None
@@ -82,5 +84,9 @@ class Request:
                 "num_preemptions": self.num_preemptions, "kept_kv_tokens": self.kept_kv_tokens}
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, list(self.prompt_token_ids), list(self.output_token_ids), self.text,
+        """The request's state now. ``prompt_token_ids`` is one copy of the prompt shared by all outputs of this
+        request (copying a 128K-token prompt at every step cost ~0.6 ms of host time per step): read-only."""
+        if self._output_prompt is None:
+            self._output_prompt = list(self.prompt_token_ids)
+        return RequestOutput(self.request_id, self._output_prompt, list(self.output_token_ids), self.text,
                              self.finished, self.finish_reason, self.metrics())

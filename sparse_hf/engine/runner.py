@@ -1,12 +1,13 @@
-"""One forward step: a prefill step (chunks of one or more requests) or a decode step (one token per row).
+"""One forward step: a prefill step (chunks of one or more requests), a decode step (one token per row), or a mixed
+step (prompt chunks and decode rows together).
 
 The runner turns scheduled requests into packed tensors and a :class:`~.attention.StepContext`, runs the model,
 and applies the eviction methods to the pool after the step: layer ``l``'s eviction only changes what layer ``l``
 reads at *later* steps, so running it after the whole forward equals running it right after layer ``l``'s
 attention (as the HF path does), and keeps the forward free of host syncs (CUDA graphs).
 
-A step is first described by a plan (:class:`PrefillPlan`, :class:`DecodePlan`: plain ints, no requests, no
-tensors) and then run. Under tensor parallelism rank 0 builds the plan from its scheduled requests and sends it
+A step is first described by a plan (:class:`PrefillPlan`, :class:`DecodePlan`, :class:`MixedPlan`: plain ints, no
+requests, no tensors) and then run. Under tensor parallelism rank 0 builds the plan from its scheduled requests and sends it
 to the other ranks, and every rank runs the same plan on its own heads and pool.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .attention import PoolAttention, Segment, StepContext
+from .decode_inputs import DecodeInputs
 
 
 @dataclass
@@ -40,6 +42,19 @@ class DecodePlan:
     rows: list
     ids: list
     positions: list
+
+
+@dataclass
+class MixedPlan:
+    """Prompt chunks (packed first) and decode rows (one token each, packed after them) in one step."""
+
+    prefill: PrefillPlan
+    decode: DecodePlan
+
+
+def plan_mixed(chunks: list, decoding: list) -> MixedPlan:
+    """The plan of a mixed step: prompt chunks ``[(request, n_tokens), ...]`` and decoding requests."""
+    return MixedPlan(plan_prefill(chunks), plan_decode(decoding))
 
 
 def plan_prefill(chunks: list) -> PrefillPlan:
@@ -87,8 +102,12 @@ class ModelRunner:
         self.query_windows: dict[int, dict[int, torch.Tensor]] = {}
         # All slots of a row are live: the methods' ``valid`` masks are views of this (no allocation per call).
         self._all_valid = torch.ones(1, pool.num_kv_heads, pool.max_len, dtype=torch.bool, device=self.device)
+        #: Eager decode steps' inputs (a CUDA-graph step uses ``graphs.inputs``, the buffers its graphs read).
+        self.inputs = DecodeInputs(pool.max_rows, pool.num_groups, pool.scratch_slot, self.device)
 
     def run(self, plan) -> torch.Tensor | None:
+        if isinstance(plan, MixedPlan):
+            return self.mixed(plan)
         return self.prefill(plan) if isinstance(plan, PrefillPlan) else self.decode(plan)
 
     # -- prefill --------------------------------------------------------------------------------------------
@@ -106,15 +125,50 @@ class ModelRunner:
         hidden = self.model(torch.tensor(plan.ids, device=self.device),
                             torch.tensor(plan.positions, device=self.device))
         self.attention.ctx = None
+        self._finish_chunks(segments, plan)
+        if not plan.completing or not self.compute_logits:
+            return None
+        return self.model.logits(hidden[torch.tensor(plan.last, device=self.device)])
+
+    def _finish_chunks(self, segments: list[Segment], plan: PrefillPlan) -> None:
+        """After a step with prompt chunks: remember their window queries; evict the prompts that completed."""
         if self.window:
             for seg in segments:
                 self._remember_queries(seg)
         if self.evicts:
             for row in plan.completing:
                 self._evict_prompt(row)
-        if not plan.completing or not self.compute_logits:
+
+    # -- mixed --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def mixed(self, plan: MixedPlan) -> torch.Tensor | None:
+        """Prompt chunks and decode rows in one eager forward (the decode rows read the pool through their slot
+        tables as in an eager decode step).
+
+        Returns:
+            ``[R + B, V]`` float32 logits: the last token of each row of ``plan.prefill.completing`` (in that order),
+            then each decode row (``None`` if this rank computes no logits).
+        """
+        pre, dec = plan.prefill, plan.decode
+        pool = self.pool
+        segments = [Segment(row, start, n, context) for row, start, n, context in pre.segments]
+        T = sum(seg.length for seg in segments)
+        slot_mapping = pool.allocate([seg.row for seg in segments] + dec.rows,
+                                     [seg.length for seg in segments] + [1] * len(dec.rows))    # [G, T + B]
+        lens_host = pool.lens[:, dec.rows]                                                     # [G, B]
+        tables = pool.tables[:, torch.tensor(dec.rows, device=self.device), :int(lens_host.max())]
+        lens = torch.as_tensor(lens_host.astype(np.int32)).to(self.device)
+        self.attention.ctx = StepContext(slot_mapping, segments, tables=tables, lens=lens, window=self.window)
+        hidden = self.model(torch.tensor(pre.ids + dec.ids, device=self.device),
+                            torch.tensor(pre.positions + dec.positions, device=self.device))
+        self.attention.ctx = None
+        self._finish_chunks(segments, pre)
+        if self.evicts and self.method.evicts_during_decode:
+            self._evict_decode(dec.rows)
+        if not self.compute_logits:
             return None
-        return self.model.logits(hidden[torch.tensor(plan.last, device=self.device)])
+        picks = pre.last + list(range(T, T + len(dec.rows)))
+        return self.model.logits(hidden[torch.tensor(picks, device=self.device)])
 
     def _remember_queries(self, seg: Segment) -> None:
         if seg.context == seg.length:                    # the row's first chunk: a new prompt
@@ -140,7 +194,8 @@ class ModelRunner:
             queries = q.unsqueeze(0) if q is not None else None                      # [1, H, W, D]
             qvalid = torch.ones(1, q.shape[1], dtype=torch.bool, device=self.device) if q is not None else None
             attn = self.model.layers[layer].self_attn
-            self._apply(g, row, method.prefill_keep(layer, keys, valid, queries, qvalid, attn.scale))
+            self._apply(g, row, method.prefill_keep(layer, keys, valid, queries, qvalid, attn.scale,
+                                                    reduce_heads=self.attention.reduce_heads))
 
     def _apply(self, group: int, row: int, plan) -> None:
         if plan is None:
@@ -153,25 +208,33 @@ class ModelRunner:
 
     # -- decode ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, plan: DecodePlan) -> torch.Tensor | None:
+    def decode(self, plan: DecodePlan, device_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """One token for each row of the plan. Returns ``[B, V]`` float32 (``None`` if this rank computes no
-        logits)."""
+        logits); with CUDA graphs a view of the graphs' output buffer, valid until the next decode step.
+
+        Host work is kept off the GPU's path: the step's inputs go up in one pinned, non-blocking copy
+        (:class:`~.decode_inputs.DecodeInputs`), slot allocation writes the tables from those device inputs, and
+        nothing here waits for the GPU. ``device_ids``: ``[B]`` token ids already on the device, used instead of
+        ``plan.ids`` (a step launched before the previous step's tokens reach the host, :mod:`.decode_ahead`)."""
         pool = self.pool
         rows = plan.rows
         B = len(rows)
-        slot_mapping = pool.allocate(rows, [1] * B)                                  # [G, B]
-        ids = torch.tensor(plan.ids, device=self.device)
-        positions = torch.tensor(plan.positions, device=self.device)
-        lens_host = pool.lens[:, rows]                                               # [G, B]
-        width = int(lens_host.max())
-        if self.graphs is not None and self.graphs.can_run(B):
-            logits = self.graphs.run(ids, positions, slot_mapping, torch.tensor(rows, device=self.device),
-                                     torch.as_tensor(lens_host.astype(np.int32)).to(self.device), width)
+        lens_before = pool.lens[:, rows]                                              # [G, B] host
+        use_graph = self.graphs is not None and self.graphs.can_run(B)
+        inputs = self.graphs.inputs if use_graph else self.inputs
+        b = self.graphs.bucket(B) if use_graph else B
+        inputs.stage(plan.ids, plan.positions, rows, lens_before, b)
+        if device_ids is not None:
+            inputs.ids[:B].copy_(device_ids)
+        slots = pool.allocate_decode(rows, inputs.rows[:B], inputs.cols[:, :B])       # [G, B] int32
+        width = int(lens_before.max()) + 1
+        if use_graph:
+            logits = self.graphs.run(B, slots, width)
         else:
-            tables = pool.tables[:, torch.tensor(rows, device=self.device), :width]  # [G, B, width]
-            lens = torch.as_tensor(lens_host.astype(np.int32)).to(self.device)
-            self.attention.ctx = StepContext(slot_mapping, tables=tables, lens=lens)
-            hidden = self.model(ids, positions)
+            lens = inputs.lens[:, :B]
+            tables = pool.tables[:, :, :width].index_select(1, inputs.rows[:B])       # [G, B, width]
+            self.attention.ctx = StepContext(slots.long(), tables=tables, lens=lens)
+            hidden = self.model(inputs.ids[:B], inputs.positions[:B])
             logits = self.model.logits(hidden) if self.compute_logits else None
             self.attention.ctx = None
         if self.evicts and self.method.evicts_during_decode:

@@ -31,7 +31,8 @@ class Sampler:
 
     - ``logits``: ``[B, V]`` float32 (cast if not), the last position of each row.
     - ``params``: ``B`` ``SamplingParams``.
-    - ``steps``: ``[B]`` long, the tokens each row has generated so far (before this one).
+    - ``steps``: ``[B]`` long, the tokens each row has generated so far (before this one); on the host or the
+      device (moved only when ``min_tokens`` or sampling needs it, so an all-greedy batch copies nothing).
     - ``eos_token_ids``: the model's EOS ids (needed for ``min_tokens`` to hold EOS back).
 
     Rows with ``steps < min_tokens`` cannot draw the ids that would end them (``stop_token_ids``, and EOS unless
@@ -48,7 +49,6 @@ class Sampler:
                              f"got {tuple(logits.shape)}")
         logits = logits.float()
         device = logits.device
-        steps = steps.to(device)
         logits = self._mask_ending_tokens(logits, params, steps, tuple(eos_token_ids))
         greedy_tokens = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
@@ -72,7 +72,7 @@ class Sampler:
         min_tokens = torch.tensor([p.min_tokens for p in params], device=device)
         rows_t = torch.tensor(rows, device=device)
         cols_t = torch.tensor(cols, device=device)
-        active = steps[rows_t] < min_tokens[rows_t]
+        active = steps.to(device)[rows_t] < min_tokens[rows_t]
         masked = logits.clone()
         masked[rows_t, cols_t] = torch.where(active, torch.tensor(float("-inf"), device=device),
                                              logits[rows_t, cols_t])

@@ -2,9 +2,13 @@
 
 Policy (plain Python, no model code):
 
-- A step is either a *prefill* step (chunks of up to ``chunk_prefill_size`` tokens of one or more requests,
-  ``max_num_batched_tokens`` in all) or a *decode* step (one token for every decoding row). They are separate
-  steps; when both kinds of work wait, they alternate, so neither starves.
+- A step is a *prefill* step (chunks of up to ``chunk_prefill_size`` tokens of one or more requests,
+  ``max_num_batched_tokens`` in all), a *decode* step (one token for every decoding row) or, with
+  ``mixed_steps`` (the default), a *mixed* step: when rows decode and prompts wait, one step carries every decoding
+  row's token plus prompt chunks filling the rest of ``max_num_batched_tokens`` (Sarathi-style), so decode rows
+  get a token every step instead of waiting out each prefill step, and their step shares the prefill's weight
+  reads. Without ``mixed_steps`` prefill and decode steps alternate, so neither starves. A step of decode rows
+  only stays a decode step (a CUDA graph).
 - Prefill serves requests in arrival order: first the ones already holding a row (mid-prompt), then waiting ones
   while fewer than ``max_num_seqs`` rows are taken. A chunk only takes free slots (a prompt holds one slot per
   token and layer until its eviction runs); a request that does not fit waits.
@@ -55,9 +59,15 @@ class Scheduler:
 
     # -- the step ----------------------------------------------------------------------------------------------
     def schedule(self):
-        """``("prefill", [(request, n_tokens), ...])``, ``("decode", [request, ...])`` or ``(None, [])``."""
+        """``("prefill", [(request, n_tokens), ...])``, ``("decode", [request, ...])``, ``("mixed", ([(request,
+        n_tokens), ...], [request, ...]))`` (prompt chunks, then decoding rows) or ``(None, [])``."""
         while True:
             decoding = [r for r in self.running if not r.in_prefill]
+            if decoding and self.config.mixed_steps and self._prefill_pending():
+                chunks = self._mixed_chunks(len(decoding))
+                if chunks:
+                    self.last_was_prefill = False
+                    return "mixed", (chunks, decoding)
             want_decode = bool(decoding) and (self.last_was_prefill or not self._prefill_pending())
             if not want_decode:
                 chunks = self._prefill_chunks()
@@ -82,10 +92,20 @@ class Scheduler:
     def _prefill_pending(self) -> bool:
         return bool(self.waiting) or any(r.in_prefill for r in self.running)
 
-    def _prefill_chunks(self) -> list:
+    def _mixed_chunks(self, num_decoding: int) -> list:
+        """Prompt chunks that fit next to ``num_decoding`` decode tokens (token budget and free slots), or ``[]``."""
+        budget = self.config.max_num_batched_tokens - num_decoding
+        free = self.pool.num_free() - num_decoding
+        if budget <= 0 or free <= 0:
+            return []
+        return self._prefill_chunks(budget, free)
+
+    def _prefill_chunks(self, budget: int | None = None, free: int | None = None) -> list:
+        """Chunks of prompts in arrival order within ``budget`` tokens (default ``max_num_batched_tokens``) and
+        ``free`` slots (default all free slots)."""
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
-        free = self.pool.num_free()
+        budget = cfg.max_num_batched_tokens if budget is None else budget
+        free = self.pool.num_free() if free is None else free
         chunks = []
         for req in [r for r in self.running if r.in_prefill]:
             n = min(cfg.chunk_prefill_size, req.num_tokens - req.num_computed, budget, free)

@@ -73,6 +73,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--tensor-parallel-size", type=_positive, default=1,
                    help="ranks that split the heads (one process each; under torchrun: the group's size)")
+    p.add_argument("--tp-selection", default="exact", choices=["exact", "per_rank"],
+                   help="exact: selections spanning ranks all-reduce their scores (TP=N outputs what TP=1 does); "
+                        "per_rank: each rank selects from its own heads (cheaper, output differs from TP=1)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -105,7 +108,8 @@ def build_llm(args):
                    gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=args.max_num_batched_tokens, chunk_prefill_size=args.chunk_prefill_size,
                    enforce_eager=args.enforce_eager, num_kv_slots=args.num_kv_slots,
-                   sparse_method=args.sparse_method, tensor_parallel_size=args.tensor_parallel_size, **knobs)
+                   sparse_method=args.sparse_method, tensor_parallel_size=args.tensor_parallel_size,
+                   tp_selection=args.tp_selection, **knobs)
     except (ValueError, TypeError, NotImplementedError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 

@@ -68,6 +68,8 @@ class TPGroup:
     data_group: object = None
     control_group: object = None
     owns_world: bool = True                 # the engine created the default group (and destroys it when done)
+    #: ``tp_selection == "exact"``: selections spanning heads of several ranks combine the ranks' scores first.
+    exact_selection: bool = True
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.data_group)
@@ -80,6 +82,15 @@ class TPGroup:
     def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.data_group)
         return x
+
+    def reduce_heads(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """This rank's reduction over its heads (``op`` ``"max"`` or ``"mean"``, ranks holding equal shares) ->
+        the reduction over every head of the group, in place (the methods' ``reduce_heads`` hook)."""
+        if op == "max":
+            return self.all_reduce_max(x)
+        if op == "mean":
+            return self.all_reduce_sum(x).div_(self.size)
+        raise ValueError(f"reduce_heads: op={op!r}, expected 'max' or 'mean'")
 
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of ``n`` rows (``n`` divisible by ``size``)."""

@@ -20,6 +20,7 @@ from .config import EngineConfig, build_method
 from .kv_pool import KVPool
 from .model import EngineModel
 from .runner import ModelRunner
+from .scored_pool import ScoredKVPool, ScoredModelRunner
 from .weights import init_random_weights, iter_safetensors, load_weights
 
 #: Slots per layer on CPU when ``num_kv_slots`` is not given.
@@ -66,6 +67,8 @@ def _tensors(weights):
 def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
     """The model (this rank's share when ``tp`` is a group of more than one), its pool and runner."""
     cfg = spec.config
+    if tp is not None:
+        tp.exact_selection = cfg.tp_selection == "exact"
     method = build_method(cfg.sparse_method, spec.sparse_knobs, spec.hf_config.num_hidden_layers)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(spec.dtype)        # parameters are born in dtype (no fp32 copy of a 7B model);
@@ -81,7 +84,8 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
         load_weights(model, tensors)
     model.eval().requires_grad_(False)
     evicts = method is not None and method.family == "evict"
-    slots = cfg.num_kv_slots or size_pool(model, cfg, spec.max_model_len, evicts, spec.dtype, device)
+    scored = getattr(method, "accumulates_attention", False)          # H2O: scores beside the pool, eager decode
+    slots = cfg.num_kv_slots or size_pool(model, cfg, spec.max_model_len, evicts, spec.dtype, device, scored)
     if tp is not None and tp.size > 1 and cfg.num_kv_slots is None:     # every rank must hold the same slot count
         count = torch.tensor([slots], dtype=torch.long, device=device)
         slots = int(tp.all_reduce_min(count).item())
@@ -112,17 +116,18 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
             from .deltakv_graphs import DeltaKVGraphs
             runner.graphs = DeltaKVGraphs(model, pool, runner.attention)
         return Shard(model, pool, runner, method, max_model_len)
-    pool = KVPool(model.num_layers, model.num_kv_heads, model.head_dim, slots, cfg.max_num_seqs, max_model_len,
-                  evicts, spec.dtype, device)
-    runner = ModelRunner(model, pool, method, compute_logits=compute_logits)
-    if device.type == "cuda" and not cfg.enforce_eager:
+    pool = (ScoredKVPool if scored else KVPool)(model.num_layers, model.num_kv_heads, model.head_dim, slots,
+                                                cfg.max_num_seqs, max_model_len, evicts, spec.dtype, device)
+    runner = (ScoredModelRunner if scored else ModelRunner)(model, pool, method,
+                                                            compute_logits=compute_logits)
+    if device.type == "cuda" and not cfg.enforce_eager and not scored:
         from .graphs import DecodeGraphs
         runner.graphs = DecodeGraphs(model, pool, cfg.max_num_seqs, runner.attention)
     return Shard(model, pool, runner, method, max_model_len)
 
 
 def size_pool(model, cfg: EngineConfig, max_model_len: int, evicts: bool, dtype: torch.dtype,
-              device: torch.device) -> int:
+              device: torch.device, scored: bool = False) -> int:
     """Slots per layer: on CPU ``min(max_num_seqs * max_model_len, 65536)``; on CUDA what fits in
     ``gpu_memory_utilization`` of the device after the weights and a profiled prefill step."""
     if device.type != "cuda":
@@ -132,7 +137,8 @@ def size_pool(model, cfg: EngineConfig, max_model_len: int, evicts: bool, dtype:
     total = torch.cuda.get_device_properties(device).total_memory
     groups = model.num_layers if evicts else 1
     per_slot = (2 * model.num_layers * model.num_kv_heads * model.head_dim
-                * torch.tensor([], dtype=dtype).element_size() + 4 * groups)   # K/V of every layer + free-stack entries
+                * torch.tensor([], dtype=dtype).element_size() + 4 * groups    # K/V of every layer + free-stack entries
+                + (4 * model.num_layers * model.num_kv_heads if scored else 0))  # + fp32 accumulated attention
     table_bytes = groups * cfg.max_num_seqs * max_model_len * 4 * 2
     free = int(total * cfg.gpu_memory_utilization) - peak - table_bytes
     slots = free // per_slot

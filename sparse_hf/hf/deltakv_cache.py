@@ -11,14 +11,15 @@ Each row compresses its own tokens: its sinks are its first ``num_sink_tokens`` 
 flushed by its own count, so a row's output does not depend on the other rows (or their padding).
 
 Decode with static shapes (``static_decode``): once the prompt is complete a layer is frozen (appends at a
-device-side slot counter) and its buffers end in ``scratch`` slots, as many as the budget rebuilds (fixed between
-flushes). A one-token step picks the filter layer's top compressed tokens (:meth:`DeltaKV.pick_static`, no host
-value of the length), rebuilds them with the fused kernel (:func:`sparse_hf.kernels.deltakv_rebuild_kv`) into
-the scratch slots and attends over raw + scratch slots in one dense sparse-decode pass: no host sync, no new
-buffer, so a CUDA graph captures it. The steps that flush a raw buffer (every ``num_recent_tokens`` steps per row)
-or re-size the scratch slots change shapes: :meth:`CompressedCache.eager_step_reason` announces them, they run
-eagerly and the graph is captured again after them (a flush rebuilds the state's tensors; making it static too
-would need preallocated state for the whole generation).
+device-side slot counter). A one-token step picks the filter layer's top compressed tokens once for all layers
+(:meth:`DeltaKV.pick_static`, no host value of the length), and each compressed layer copies its raw slots into the
+cache's :class:`SharedScratch`, rebuilds the picks after them with the fused kernel
+(:func:`sparse_hf.kernels.deltakv_rebuild_kv`) and attends over both in one dense sparse-decode pass: no host sync,
+no new buffer, so a CUDA graph captures it. A flush (every ``num_recent_tokens`` steps per row) runs after its step
+(inside ``attend`` eagerly, in :meth:`CompressedCache.maintain_layer` after a replay) and makes new state tensors,
+so the graph is captured again at the next step (``DeltaKVLayer.buffer_signature``); it also sizes the scratch up to
+the next flush. :meth:`CompressedCache.eager_step_reason` names the steps that must run eagerly (a scratch re-size at
+a step's start, a step after a non-static one).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ..deltakv.quant import check_bits
 from ..deltakv.rope import unrotate
 from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
-from .deltakv_layer import DeltaKVLayer
+from .deltakv_layer import DeltaKVLayer, SharedScratch
 from .layer import SlotLayer
 from .selection_cache import SelectionCache, sparse_decode_attention
 
@@ -92,9 +93,35 @@ class CompressedCache(SelectionCache):
         self.obs_scores = None
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
         self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
+        self._pick_memo = None                        # (scores, host key, (pick, cols)): shared by a step's layers
+        self._modules: dict[int, torch.nn.Module] = {}   # compressed layer -> its attention module
 
     def make_layer(self, layer_idx: int):
-        return SlotLayer() if layer_idx in self.method.full_layers else DeltaKVLayer()
+        if layer_idx in self.method.full_layers:
+            return SlotLayer()
+        if not hasattr(self, "shared_scratch"):     # one work buffer for every compressed layer; the first counts it
+            self.shared_scratch = SharedScratch()
+            return DeltaKVLayer(self.shared_scratch, reports_shared=True)
+        return DeltaKVLayer(self.shared_scratch, reports_shared=False)
+
+    def set_reserve(self, tokens: int) -> None:
+        """As for every cache, but a compressed layer's raw slots never need more than its sinks and two recent
+        buffers (a flush leaves one): their room stops there, which keeps the per-step copy to the shared scratch
+        small."""
+        super().set_reserve(tokens)
+        bound = self.clustering.num_sink + 2 * self.sparse_config.num_recent_tokens
+        for layer in self.layers:
+            if isinstance(layer, DeltaKVLayer):
+                layer.max_slots = bound
+
+    def maintain_layer(self, layer_idx: int) -> None:
+        """After a replayed decode step (a CUDA graph runs no Python): the raw-buffer flush that the step's attention
+        runs eagerly. A flush changes only this layer's state for later steps, so flushing after the whole step
+        gives the outputs of flushing right after the layer's attention; the flush step itself replays."""
+        layer = self.layers[layer_idx]
+        module = self._modules.get(layer_idx)
+        if isinstance(layer, DeltaKVLayer) and module is not None and self.prompt_complete(layer):
+            self._flush(module, layer)
 
     def observe(self, logits, valid, length):
         self.obs_scores = self.method.decode_scores(logits, valid)
@@ -108,6 +135,7 @@ class CompressedCache(SelectionCache):
                 self.obs_scores = None
             return super().attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         layer = self.layers[i]
+        self._modules[i] = module          # for the flush a replayed step leaves to maintain_layer
         B, H, q_len, D = query.shape
         # Pre-RoPE keys are recovered by inverse RoPE at flush time, except behind a k_norm (Qwen3), which
         # cannot be inverted: there the k_proj output is kept for the raw buffer.
@@ -147,15 +175,40 @@ class CompressedCache(SelectionCache):
         if state is not None and state.width and layer.scratch:
             if self.obs_scores is None:
                 return None
-            scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
-            pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0])
-            cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)              # [B, scratch]
-            k_s, v_s, cols_s = layer.scratch_views()
-            rebuild_kv(state, pick, self.projections, module.layer_idx, k_s.shape[1], k_s.shape[-1],
-                       module.__dict__["_sparse_hf_rotary"], getattr(module, "k_norm", None), out=(k_s, v_s))
-            cols_s.copy_(cols.unsqueeze(1).expand_as(cols_s))
+            if not self.capturing:
+                layer.reserve_work()
+            k_w, v_w, cols_w = layer.work_views()          # raw slots, then the rebuilt tokens (shared buffer)
+            cap = layer.capacity
+            rope = module.__dict__["_sparse_hf_rotary"]
+            pick, cols, cos_sin = self._static_pick(layer, rope, v_w[:, :, cap:])
+            k_w[:, :, :cap].copy_(layer._k)
+            v_w[:, :, :cap].copy_(layer._v)
+            cols_w[:, :, :cap].copy_(layer._pos)
+            rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1], rope,
+                       getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin)
+            cols_w[:, :, cap:].copy_(cols.unsqueeze(1).expand(cols.shape[0], k_w.shape[1], cols.shape[1]))
+            return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
+
+    def _static_pick(self, layer, rope, like: torch.Tensor):
+        """``pick [B, scratch]`` offsets, their columns ``[B, scratch]`` (``-1``: not read) and ``rope``'s
+        ``(cos, sin)`` at their positions (``like [B, Hkv, scratch, Dv]`` gives the dtype) for a static decode step.
+
+        Every compressed layer holds the same tokens (the same flushes of the same positions), so the layers of one
+        step share one pick and one RoPE table: one top-k over the filter layer's scores per step, not one per layer
+        (at 128K that is a top-13K of ~118K scores per row). Shared while the host-side key (scores, length, counts,
+        width, rotary, dtype) matches."""
+        key = (layer.seen, layer.scratch, tuple(layer.state.counts), layer.state.width, id(rope), like.dtype)
+        memo = self._pick_memo
+        if memo is not None and memo[0] is self.obs_scores and memo[1] is rope and memo[2] == key:
+            return memo[3]
+        scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+        pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0])
+        cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)                  # [B, scratch]
+        cos, sin = rope(like.transpose(1, 2), layer.state.comp_pos.gather(1, pick.clamp(min=0)).long())
+        self._pick_memo = (self.obs_scores, rope, key, (pick, cols, (cos.contiguous(), sin.contiguous())))
+        return self._pick_memo[3]
 
     def _scratch_width(self, layer, length: int) -> int:
         """Scratch slots a static decode step at logical length ``length`` can use: the current width while it
@@ -170,8 +223,9 @@ class CompressedCache(SelectionCache):
 
     def eager_step_reason(self) -> str | None:
         """Why the next one-token decode step must run eagerly (not replay a CUDA graph), or ``None``: a layer's
-        raw buffer flushes at that step (new state tensors: the graph is captured again after it), its scratch
-        width must change, or the last step could not take the static path. Host ints only (no sync)."""
+        scratch width must change at its start, or the last step could not take the static path. Host ints only (no
+        sync). A step that flushes a raw buffer replays: its flush runs after it (:meth:`maintain_layer`), and the
+        graph is captured again at the next step (new state tensors, see ``DeltaKVLayer.buffer_signature``)."""
         for layer in self.layers:
             if not isinstance(layer, DeltaKVLayer):
                 continue
@@ -179,8 +233,6 @@ class CompressedCache(SelectionCache):
                 return "a DeltaKV layer's last decode step was not static (e.g. no filter-layer scores)"
             if layer.state is None:
                 return "the prompt is not compressed yet"
-            if any(self._flush_counts(layer, layer.seen + 1)[1]):
-                return "a DeltaKV raw buffer flushes at this step (run eagerly, then captured again)"
             if self._scratch_width(layer, layer.seen + 1) != layer.scratch:
                 return "the DeltaKV scratch slots are re-sized at this step"
         return None
@@ -270,9 +322,6 @@ class CompressedCache(SelectionCache):
         raw, counts = self._flush_counts(layer, layer.seen)
         if not any(counts):
             return
-        decoder = getattr(self, "graph_decoder", None)
-        if decoder is not None:      # new state tensors: a captured step must be captured again
-            decoder.graph = None
         n = layer.num_slots
         valid = layer.positions[:, 0] >= 0                                 # [B, n]
         ar = torch.arange(n, device=valid.device)
@@ -290,3 +339,7 @@ class CompressedCache(SelectionCache):
         rank_src = torch.where(rank < S, rank, rank + torch.tensor(counts, device=valid.device).view(B, 1))
         ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
         layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]
+        if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
+            layer.set_scratch(min(state.width, self.method.top_count(layer.seen + self.sparse_config.num_recent_tokens,
+                                                                     prefill=False)))
+            layer.reserve_work()

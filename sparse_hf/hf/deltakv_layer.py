@@ -1,7 +1,8 @@
-"""``DeltaKVLayer``: one compressed layer of DeltaKV's HF cache (see :mod:`sparse_hf.hf.deltakv_cache`).
+"""``DeltaKVLayer``: one compressed layer of DeltaKV's HF cache (see :mod:`sparse_hf.hf.deltakv_cache`), and the
+:class:`SharedScratch` work buffer its decode steps share with the cache's other compressed layers.
 
-Its slot buffers hold the raw tokens (each row's sinks and recent buffer, then ``scratch`` slots for the tokens a
-decode step rebuilds); the compressed tokens live in a core :class:`~sparse_hf.deltakv.state.CompressedState`.
+Its slot buffers hold the raw tokens (each row's sinks and recent buffer); the compressed tokens live in a core
+:class:`~sparse_hf.deltakv.state.CompressedState`. The tokens a decode step rebuilds go to the shared scratch.
 """
 
 from __future__ import annotations
@@ -12,24 +13,74 @@ from ..deltakv.state import CompressedState, all_offsets
 from .layer import SlotLayer
 
 
-class DeltaKVLayer(SlotLayer):
-    """One compressed layer. Reuses ``SlotLayer``'s HF cache API; its slot buffers hold the raw tokens, then
-    ``scratch`` slots for the compressed tokens a decode step rebuilds.
+class SharedScratch:
+    """One work buffer for every compressed layer of a cache (layers run one after another, so one is enough).
 
-    Buffers ``_k``/``_v``/``_pos`` are ``[B, Hkv, capacity + scratch, D]``: raw slots first (``capacity`` of them),
-    then the scratch slots, whose K/V and columns every static decode step rewrites (``-1``: none). One dense pass
-    of the sparse decode kernel reads both (static shapes, no concatenation, CUDA-graph safe).
+    A static decode step of a layer copies its raw slots to the front (``[0, capacity)``), rebuilds its picked
+    compressed tokens right after them (``[capacity, capacity + scratch)``) and runs one dense sparse-decode pass over
+    ``[0, capacity + scratch)``: the same slots in the same order as one buffer of the layer's own would hold, without
+    a scratch of ``scratch`` slots in every layer (at a 0.1 budget that is a tenth of a full cache per layer).
+
+    Attributes:
+        k, v: ``[B, Hkv, L, D]`` / ``[B, Hkv, L, Dv]``; pos: ``[B, Hkv, L]`` long columns (``-1``: empty).
+    """
+
+    def __init__(self):
+        self.k = self.v = self.pos = None
+
+    def reserve(self, like_k: torch.Tensor, like_v: torch.Tensor, slots: int) -> None:
+        """Room for ``slots`` slots of buffers like ``like_k [B, Hkv, *, D]`` / ``like_v`` (new buffers, eagerly, when
+        they are too small or of another batch, head count, dtype or device; any captured graph is then stale)."""
+        B, Hkv, _, D = like_k.shape
+        k = self.k
+        same = (k is not None and k.shape[:2] == (B, Hkv) and k.shape[3] == D and self.v.shape[3] == like_v.shape[-1]
+                and k.dtype == like_k.dtype and k.device == like_k.device)
+        if same and k.shape[2] >= slots:
+            return
+        # exactly: it grows at flushes (then a captured graph is re-captured anyway), its contents are per step
+        self.k = self.v = self.pos = None
+        self.k = like_k.new_empty(B, Hkv, slots, D)
+        self.v = like_v.new_empty(B, Hkv, slots, like_v.shape[-1])
+        self.pos = torch.full((B, Hkv, slots), -1, dtype=torch.long, device=like_k.device)
+
+    def views(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``k, v, pos`` slots ``[start, stop)``."""
+        if self.k is None or self.k.shape[2] < stop:
+            raise RuntimeError(f"the shared DeltaKV scratch holds {0 if self.k is None else self.k.shape[2]} slots, "
+                               f"{stop} are needed: reserve() it first (an eager step, not inside a graph capture)")
+        return self.k[:, :, start:stop], self.v[:, :, start:stop], self.pos[:, :, start:stop]
+
+    def signature(self) -> tuple:
+        return (None,) if self.k is None else (self.k.data_ptr(), self.v.data_ptr(), self.pos.data_ptr(),
+                                               self.k.shape[2])
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+
+
+class DeltaKVLayer(SlotLayer):
+    """One compressed layer. Reuses ``SlotLayer``'s HF cache API; its slot buffers hold the raw tokens.
+
+    A static decode step rebuilds ``scratch`` compressed tokens into the cache's :class:`SharedScratch` (see
+    :meth:`work_views`), after a copy of the raw slots, and attends over both in one dense pass (static shapes, no
+    concatenation, CUDA-graph safe).
+
+    Args:
+        shared: the cache's work buffer (a layer of its own when ``None``).
+        reports_shared: this layer counts the shared buffer's bytes (exactly one layer of a cache does).
 
     Attributes:
         raw_kpre: ``[B, n, Hkv*D]`` pre-norm keys of the raw slots (``k_norm`` models only), else ``None``.
         raw_pos: ``[B, n]`` RoPE positions of the raw slots (views of ``[B, capacity]`` buffers).
         state: the compressed tokens (``None`` until the prompt is complete).
         pad: host list ``[B]``, padding columns per row (column = position + pad); ``col_offset`` the same ``[B, 1]``.
-        scratch: host int, the scratch slots (the rebuild width of a decode step; fixed between flushes).
+        scratch: host int, the rebuilt tokens of a decode step (fixed between flushes).
     """
 
-    def __init__(self):
+    def __init__(self, shared: SharedScratch | None = None, reports_shared: bool = True):
         super().__init__()
+        self.shared = shared if shared is not None else SharedScratch()
+        self.reports_shared = reports_shared
         self._raw_kpre = self._raw_pos = None
         self.scratch = 0
         self.static_ok = False     # whether the latest one-token decode step took the static path
@@ -38,34 +89,44 @@ class DeltaKVLayer(SlotLayer):
         self.col_offset = None
         # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
         self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
+        self.state_version = 0     # + 1 whenever the compressed state or its column tables change (a flush)
 
-    # -- raw slots and scratch slots in one buffer --------------------------------------------------------------
-    @property
-    def capacity(self) -> int:
-        """Raw slots (the scratch slots after them are not room for new tokens)."""
-        return 0 if self._k is None else self._k.shape[2] - self.scratch
+    def reset(self) -> None:
+        self.__init__(self.shared, self.reports_shared)
 
-    def _allocate(self, batch, kv_heads, head_dim, v_dim, capacity):
-        return super()._allocate(batch, kv_heads, head_dim, v_dim, capacity + self.scratch)
-
+    # -- the shared work buffer ----------------------------------------------------------------------------------
     def set_scratch(self, width: int) -> None:
-        """Re-size the scratch slots to ``width`` (new buffers, raw slots copied; eager, between decode steps)."""
-        if width == self.scratch or self._k is None:
-            return
-        B, Hkv, _, D = self._k.shape
-        cap, n = self.capacity, self.num_slots
+        """Rebuild ``width`` compressed tokens per decode step from now on (host int; eager, between decode steps)."""
         self.scratch = width
-        k, v, pos = self._allocate(B, Hkv, D, self._v.shape[-1], cap)
-        k[:, :, :n], v[:, :, :n], pos[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n], self._pos[:, :, :n]
-        self._k, self._v, self._pos = k, v, pos
-        self._refresh_views()
-        if self.frozen:
-            self.freeze()
+
+    def reserve_work(self) -> None:
+        """Make the shared buffer fit this layer's raw slots and scratch (eager: never while a graph is captured)."""
+        if self._k is not None:
+            self.shared.reserve(self._k, self._v, self.capacity + self.scratch)
+
+    def work_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``K [B, Hkv, capacity + scratch, D]``, ``V``, columns: the shared slots a static step attends over."""
+        return self.shared.views(0, self.capacity + self.scratch)
+
+    def buffer_signature(self) -> tuple:
+        """``SlotLayer``'s, plus everything else a static decode step reads: the raw positions (and pre-norm keys),
+        the per-flush column tables and the compressed state's tensors, with a version that every flush bumps. A
+        flush re-allocates these without touching the slot buffers, so without them here a CUDA graph captured
+        before a flush would be replayed after it on freed memory (an out-of-bounds gather on the H200)."""
+        def describe(t):
+            return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+        tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.comp_cols, self.comp_cols_safe,
+                   self.comp_absent]
+        if self.state is not None:
+            s = self.state
+            tensors += [s.comp_pos, s.center_x, s.center_pos, s.fathers, *(s.latent or ())]
+        return (super().buffer_signature(), self.shared.signature(), self.scratch, self.state_version,
+                *map(describe, tensors))
 
     def scratch_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``K [B, Hkv, scratch, D]``, ``V``, columns ``[B, Hkv, scratch]``: views of the scratch slots."""
-        cap = self.capacity
-        return self._k[:, :, cap:], self._v[:, :, cap:], self._pos[:, :, cap:]
+        """``K [B, Hkv, scratch, D]``, ``V``, columns ``[B, Hkv, scratch]``: the shared slots of the rebuilt tokens."""
+        return self.shared.views(self.capacity, self.capacity + self.scratch)
 
     @property
     def raw_pos(self) -> torch.Tensor | None:
@@ -124,6 +185,7 @@ class DeltaKVLayer(SlotLayer):
 
     def set_columns(self) -> None:
         """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step."""
+        self.state_version += 1
         self.all_offsets, valid = all_offsets(self.state)
         self.comp_absent = ~valid
         self.comp_cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(self.comp_absent, -1)
@@ -137,7 +199,7 @@ class DeltaKVLayer(SlotLayer):
         return sum(self.bytes_by_part().values())
 
     def used_bytes(self) -> int:
-        """Live raw slots plus everything beside them (latents, centers, ids, positions, scratch slots)."""
+        """Live raw slots plus everything beside them (latents, centers, ids, positions, the shared scratch)."""
         return self.allocated_bytes() - SlotLayer.allocated_bytes(self) + super().used_bytes()
 
     def bytes_by_part(self) -> dict[str, int]:
@@ -145,9 +207,9 @@ class DeltaKVLayer(SlotLayer):
         def size(t):
             return 0 if t is None else t.numel() * t.element_size()
 
-        scratch = sum(size(t) for t in self.scratch_views()) if self._k is not None else 0
-        parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self) - scratch,
-                 "scratch slots (the compressed tokens a decode step rebuilds)": scratch,
+        parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
+                 "shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)":
+                     self.shared.nbytes() if self.reports_shared else 0,
                  "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos)}
         return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 

@@ -92,7 +92,7 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
     Graphs are the default on CUDA (``cache.cuda_graph`` ``None``; ``False`` opts out) for one-token decode steps
     whose shapes are static: not beams (the cache is reordered every step), not ``output_attentions`` /
     ``output_hidden_states``, not while a prompt is still coming, not layers without a static decode mode, not
-    DeltaKV's steps that flush a raw buffer or re-size the scratch slots (``eager_step_reason``; the graph is
+    DeltaKV's steps that re-size the scratch slots or follow a non-static one (``eager_step_reason``; the graph is
     captured again after them), not assisted generation (drafts are verified several tokens at a time).
     """
     if not isinstance(cache, SparseCache):
@@ -114,14 +114,11 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
         return "assisted generation"
     if getattr(cache.method, "accumulates_attention", False):
         return "the method re-scores every token at every decode step (H2O)"
-    if cache.cuda_graph is None and getattr(cache.method, "family", "") == "compress":
-        # a replay hit a device-side assert at 4096 x 8 in the 7B shape on the H200 (docs/benchmarks.md, run H)
-        return "DeltaKV replays decode graphs only with cuda_graph=True (opt-in until its graph path is fixed)"
     if not cache.decoding():
         return "the prompt is not complete"
     if not all(getattr(layer, "frozen", False) for layer in cache.layers):
         return "a layer has no static decode mode"
-    eager = getattr(cache, "eager_step_reason", None)   # DeltaKV: flush / scratch re-size steps run eagerly
+    eager = getattr(cache, "eager_step_reason", None)   # DeltaKV: scratch re-size steps run eagerly
     reason = eager() if eager is not None else None
     if reason:
         return reason

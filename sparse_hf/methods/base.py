@@ -110,7 +110,8 @@ class EvictionMethod(SparseMethod):
         return 0
 
     def prefill_keep(self, layer_idx: int, keys: torch.Tensor, valid: torch.Tensor,
-                     queries: torch.Tensor | None, query_valid: torch.Tensor | None, scaling: float):
+                     queries: torch.Tensor | None, query_valid: torch.Tensor | None, scaling: float,
+                     reduce_heads=None):
         """Which slots to keep once the prompt is complete.
 
         Args:
@@ -119,6 +120,11 @@ class EvictionMethod(SparseMethod):
             queries: ``[B, H, W, D]`` the last ``query_window`` prompt queries, or ``None``.
             query_valid: ``[B, W]`` bool, which of those queries are real tokens.
             scaling: the attention softmax scale.
+            reduce_heads: ``None``, or (tensor parallelism, where ``keys``/``queries`` hold only this rank's
+                heads) ``reduce_heads(x, op)`` with ``op`` ``"max"`` or ``"mean"``: combines a per-rank reduction
+                over heads into the one over every head of the layer (what one rank holding all heads would
+                compute). Only selections shared by the heads of a layer (``selection_scope="layer"``) use it;
+                per-KV-head selections are exact on their own.
 
         Returns:
             ``(idx, ok)`` from :func:`~sparse_hf.methods.selection.select_keep` (``[B, Hkv, K]`` slot indices in
@@ -154,6 +160,11 @@ class EvictionMethod(SparseMethod):
 
         Returns:
             ``[B, Hkv, L]`` float32 (float64 for float64 inputs)."""
+        raise NotImplementedError(f"{self.name} does not accumulate attention")
+
+    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """:meth:`accumulate` for one decode query whose attention logits are already known (the engine's decode
+        attention returns them): ``logits [B, H, L]`` (``-inf`` where masked) -> ``[B, Hkv, L]`` float32."""
         raise NotImplementedError(f"{self.name} does not accumulate attention")
 
     def prefill_keep_scored(self, layer_idx: int, valid: torch.Tensor, scores: torch.Tensor):

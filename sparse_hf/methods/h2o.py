@@ -20,9 +20,36 @@ class H2OConfig(TopTokensConfig):
     method_name = "h2o"
 
 
+#: Elements of one ``[B, H, block, L]`` logits block of :func:`attention_mass` (64 MiB in float32): a long prompt
+#: scored chunk by chunk (the engine) takes fewer queries per block instead of gigabytes of temporaries.
+MASS_BLOCK_ELEMENTS = 1 << 24
+
+
+def attention_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of ``logits`` whose masked entries are ``-inf``; a row with no allowed entry gets
+    zeros (not NaN)."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def decode_attention_mass(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The attention mass one decode query gives every slot, from the logits its attention computed anyway.
+
+    Args:
+        logits: ``[B, H, L]`` ``scaling * q.k`` with masked slots ``-inf`` (what ``decode_attention_with_scores``
+            returns); num_kv_heads: ``Hkv``.
+
+    Returns:
+        ``[B, Hkv, L]`` float32: the probabilities summed over the ``G`` query heads of each KV head (what
+        :func:`attention_mass` gives for one query).
+    """
+    B, H, L = logits.shape
+    probs = attention_probabilities(logits.float())
+    return probs.view(B, num_kv_heads, H // num_kv_heads, L).sum(2)
+
+
 def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
                    query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
-                   block: int = 256) -> torch.Tensor:
+                   block: int | None = None) -> torch.Tensor:
     """Accumulated attention of a block of queries on every slot, per KV head.
 
     For every real query and query head: the causal softmax of ``scaling * q.k`` over the real slots whose
@@ -35,7 +62,8 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
         query_pos: ``[q]`` long logical columns of the queries.
         query_valid: ``[B, q]`` bool or ``None``.
         scaling: softmax scale.
-        block: queries per step (bounds the ``[B, H, block, L]`` temporary).
+        block: queries per step (bounds the ``[B, H, block, L]`` temporary); ``None``: up to 256, fewer where
+            ``L`` is long, so that the temporary stays under :data:`MASS_BLOCK_ELEMENTS` elements.
 
     Returns:
         ``[B, Hkv, L]`` in float32 (float64 for float64 inputs).
@@ -43,6 +71,8 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
     B, H, q, D = queries.shape
     Hkv, L = keys.shape[1], keys.shape[2]
     G = H // Hkv
+    if block is None:
+        block = max(1, min(256, MASS_BLOCK_ELEMENTS // max(1, B * H * L)))
     dtype = torch.promote_types(queries.dtype, torch.float32)
     k = keys.to(dtype)
     mass = torch.zeros(B, Hkv, L, dtype=dtype, device=keys.device)
@@ -52,7 +82,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
         logits = torch.einsum("bkgqd,bkld->bkgql", qb, k) * scaling             # [B, Hkv, G, q', L]
         allowed = key_valid.unsqueeze(2) & (key_pos.unsqueeze(2) <= query_pos[start:end].view(1, 1, -1, 1))
         logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        probs = attention_probabilities(logits)
         if query_valid is not None:
             probs = probs * query_valid[:, start:end].to(dtype).view(B, 1, 1, -1, 1)
         mass += probs.sum(dim=(2, 3))
@@ -77,6 +107,9 @@ class H2O(EvictionMethod):
     def accumulate(self, queries, keys, key_pos, key_valid, query_pos, query_valid, scaling):
         return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling)
 
+    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        return decode_attention_mass(logits, num_kv_heads)
+
     def row_budget(self, valid: torch.Tensor) -> torch.Tensor:
         """``[B]`` long: sinks + recent + top per row, top resolved against the row's real prompt tokens."""
         c = self.config
@@ -89,7 +122,7 @@ class H2O(EvictionMethod):
         top = (budget - c.num_sink_tokens - c.num_recent_tokens).clamp_min(0)
         return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, top)
 
-    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling, reduce_heads=None):
         """From every prompt query at once (``queries`` ``[B, H, L, D]``, slot ``i`` = column ``i``); the HF cache
         accumulates per prefill chunk instead (:meth:`accumulate` + :meth:`prefill_keep_scored`)."""
         L = keys.shape[2]

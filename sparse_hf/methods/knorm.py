@@ -20,18 +20,23 @@ class KNormConfig(TopTokensConfig):
 
     method_name = "knorm"
 
-    selection_scope: str = knob("kv_head", check_selection_scope,
+    selection_scope: str = knob("layer", check_selection_scope,
                                 "kv_head: each KV head keeps its lowest-norm keys; layer: one selection for all KV "
                                 "heads, by the mean over KV heads of the key norms")
 
 
-def knorm_scores(keys: torch.Tensor, candidates: torch.Tensor, scope: str = "kv_head") -> torch.Tensor:
+def knorm_scores(keys: torch.Tensor, candidates: torch.Tensor, scope: str = "kv_head",
+                 reduce_heads=None) -> torch.Tensor:
     """``keys`` ``[B, Hkv, L, D]`` -> scores ``-||k||`` (non-candidates ``-inf``): ``[B, Hkv, L]`` per KV head
     (``scope="kv_head"``), or ``[B, 1, L]`` ``-mean_h ||k_h||`` for the whole layer (``"layer"``; candidates of
-    KV head 0). The mean, not the min or max, so that no single head's outlier norm decides for the layer."""
+    KV head 0). The mean, not the min or max, so that no single head's outlier norm decides for the layer.
+    ``reduce_heads``: tensor parallelism (``"layer"`` only), ``reduce_heads(x, "mean")`` turns this rank's mean
+    over its KV heads into the mean over every KV head of the layer."""
     norms = keys.float().norm(dim=-1)                                          # [B, Hkv, L]
     if check_selection_scope("scope", scope) == "layer":
         norms, candidates = norms.mean(1, keepdim=True), candidates[:, :1]
+        if reduce_heads is not None:
+            norms = reduce_heads(norms, "mean")
     return (-norms).masked_fill(~candidates, float("-inf"))
 
 
@@ -43,7 +48,7 @@ class KNorm(EvictionMethod):
     name = "knorm"
     config_class = KNormConfig
 
-    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling, reduce_heads=None):
         c = self.config
         n_valid = valid.sum(-1).amax(-1)
         tops = resolve_counts(c.num_top_tokens, n_valid)
@@ -51,5 +56,5 @@ class KNorm(EvictionMethod):
             return None
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
         select = select_keep_shared if c.selection_scope == "layer" else select_keep
-        return select(valid, knorm_scores(keys, cand, c.selection_scope), c.num_sink_tokens, c.num_recent_tokens,
-                      tops)
+        scores = knorm_scores(keys, cand, c.selection_scope, reduce_heads)
+        return select(valid, scores, c.num_sink_tokens, c.num_recent_tokens, tops)

@@ -15,7 +15,7 @@ from .selection import (check_selection_scope, max_pool_scores, select_keep, sel
 
 def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor,
                   query_valid: torch.Tensor | None, scaling: float, pool_kernel_size: int,
-                  scope: str = "kv_head") -> torch.Tensor:
+                  scope: str = "kv_head", reduce_heads=None) -> torch.Tensor:
     """Importance of every candidate token as seen from an observation window of queries.
 
     Per query head: softmax of ``scaling * q.k`` over the candidate tokens only, averaged over the window's
@@ -30,6 +30,8 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
         scaling: softmax scale.
         pool_kernel_size: odd max-pool width (1 = no pooling).
         scope: ``"kv_head"`` or ``"layer"``.
+        reduce_heads: tensor parallelism (``scope="layer"`` only): ``reduce_heads(x, "max")`` turns this rank's max
+            over its heads into the max over every head of the layer (see ``EvictionMethod.prefill_keep``).
 
     Returns:
         float32 scores, ``[B, Hkv, L]`` (``"kv_head"``) or ``[B, 1, L]`` (``"layer"``, candidates of KV head 0);
@@ -39,6 +41,8 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
     # the heads without a [B, Hkv, G, W, L] tensor; max-pooling commutes with the head max, so pool after it.
     head_reduce = {"kv_head": "group", "layer": "all"}[check_selection_scope("scope", scope)]
     scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid, head_reduce=head_reduce)
+    if reduce_heads is not None and head_reduce == "all":
+        scores = reduce_heads(scores.contiguous(), "max")
     scores = max_pool_scores(scores, pool_kernel_size)
     return scores.masked_fill(~candidates[:, :scores.shape[1]], float("-inf"))
 
@@ -52,7 +56,7 @@ class SnapKVConfig(TopTokensConfig):
     window_size: int = knob(32, check_positive, "last prompt queries that score the tokens")
     pool_kernel_size: int = knob(7, check_odd, "max-pool width over the scores (odd)")
     snapkv_num_full_layers: int = knob(0, check_count, "first layers that keep everything")
-    selection_scope: str = knob("kv_head", check_selection_scope,
+    selection_scope: str = knob("layer", check_selection_scope,
                                 "kv_head: each KV head keeps its own tokens (max over its query heads); layer: one "
                                 "selection for all KV heads (max over all query heads, the reference)")
 
@@ -93,7 +97,7 @@ class SnapKV(EvictionMethod):
         """Middle tokens layer ``layer_idx`` keeps for a prompt of ``prompt_len`` tokens."""
         return resolve_count(self.config.num_top_tokens, prompt_len)
 
-    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling, reduce_heads=None):
         c = self.config
         if layer_idx < c.snapkv_num_full_layers or queries is None:
             return None
@@ -104,6 +108,7 @@ class SnapKV(EvictionMethod):
         if bool((keep >= n_valid).all()):
             return None                                                        # nothing to evict
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
-        scores = snapkv_scores(queries, keys, cand, query_valid, scaling, c.pool_kernel_size, c.selection_scope)
+        scores = snapkv_scores(queries, keys, cand, query_valid, scaling, c.pool_kernel_size, c.selection_scope,
+                               reduce_heads)
         select = select_keep_shared if c.selection_scope == "layer" else select_keep
         return select(valid, scores, c.num_sink_tokens, c.num_recent_tokens, tops)

@@ -51,7 +51,7 @@ class StreamingLLM(EvictionMethod):
         """A row is trimmed once it holds this many tokens, so a layer never needs more slots during decode."""
         return self.config.num_sink_tokens + self.config.num_recent_tokens + self.decode_slack
 
-    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling):
+    def prefill_keep(self, layer_idx, keys, valid, queries, query_valid, scaling, reduce_heads=None):
         return self._trim(valid, self.config.num_sink_tokens + self.config.num_recent_tokens)
 
     def decode_keep(self, layer_idx, valid, scores=None, row_budget=None):

@@ -1,0 +1,72 @@
+"""Decode one step ahead: launch decode step ``n + 1`` before step ``n``'s tokens reach the host.
+
+Why: a decode step ends with a device-to-host read of the sampled tokens; everything the host does after it
+(output processing, the next step's scheduling, input staging, the graph launch) leaves the GPU idle. When the
+next step is certain to be a decode step of the same rows, its inputs are all known except the token ids, which
+are on the device already (the sampler's output). So right after sampling step ``n`` the engine launches step
+``n + 1`` with those device ids, and only then reads step ``n``'s tokens; the host's per-step work overlaps the
+GPU's next step.
+
+When it is certain (checked before step ``n``'s tokens are known): every running request is in the batch, no
+request waits or is mid-prompt, the pool has a slot per row, no request can end at step ``n`` by length
+(``max_tokens`` or ``max_model_len``), the method evicts nothing during decode, and there is no tensor-parallel
+group. A request can still end at step ``n`` by EOS or a stop rule, or be aborted before the next ``step()``: its
+row's step ``n + 1`` work is then discarded (its slots were freed with the row; the work writes only there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .runner import DecodePlan
+
+
+@dataclass
+class InFlightDecode:
+    """A decode step launched ahead: its ``requests`` (in row order of the step) and ``[B, V]`` ``logits``."""
+
+    requests: list
+    logits: torch.Tensor
+
+
+def can_decode_ahead(llm, batch: list) -> bool:
+    """Whether the step after the decode step of ``batch`` (not yet sampled) is surely a decode of the same rows."""
+    runner, scheduler = llm.runner, llm.scheduler
+    if llm.driver is not None or runner.graphs is None or not runner.graphs.can_run(len(batch)):
+        return False
+    if runner.evicts and runner.method.evicts_during_decode:
+        return False
+    if scheduler.waiting or len(scheduler.running) != len(batch) or any(r.in_prefill for r in scheduler.running):
+        return False
+    if not all(still_running(llm, r) for r in batch):
+        return False
+    if llm.pool.num_free() < len(batch):
+        return False
+    # after step n's token: room for one more by max_tokens and max_model_len (so no 'length' finish at step n)
+    return all((r.params.max_tokens is None or len(r.output_token_ids) + 2 <= r.params.max_tokens)
+               and r.num_tokens + 2 <= llm.max_model_len for r in batch)
+
+
+def launch_ahead(llm, batch: list, tokens: torch.Tensor) -> InFlightDecode:
+    """Launch the decode step that feeds each request of ``batch`` the token sampled for it (``tokens`` ``[B]``,
+    on the device, not yet read). Positions: each request's next position once that token is appended."""
+    plan = DecodePlan([r.row for r in batch], [0] * len(batch), [r.num_tokens for r in batch])
+    return InFlightDecode(list(batch), llm.runner.decode(plan, device_ids=tokens))
+
+
+def take_in_flight(llm) -> tuple[list, torch.Tensor] | None:
+    """The step launched ahead, if any: ``(its requests, logits [B, V])``; ``None`` when there is none or none of
+    its requests still runs (then its work is simply dropped)."""
+    flight, llm.in_flight = llm.in_flight, None
+    if flight is None:
+        return None
+    if not any(llm.requests.get(r.request_id) is r and r.row is not None for r in flight.requests):
+        return None
+    return flight.requests, flight.logits
+
+
+def still_running(llm, req) -> bool:
+    """A request of a step launched ahead that has neither finished nor been aborted since."""
+    return llm.requests.get(req.request_id) is req and req.row is not None

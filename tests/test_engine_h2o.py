@@ -1,0 +1,148 @@
+"""H2O in the engine: accumulated attention beside the pool, eviction at every decode step.
+
+The engine equals the HF path's h2o at the same knobs (greedy, CPU fp32, mixed-length batches, chunked prefill),
+each row holds at most its budget once decoding, the pool is whole after mixed requests with aborts and
+preemption, and the batched compaction (``ScoredKVPool.keep_rows``) equals ``KVPool.keep`` row by row."""
+
+import random
+
+import pytest
+import torch
+
+import sparse_hf  # noqa: F401  (registers the HF-path caches)
+from engine_helpers import (assert_greedy_equal, engine_tokens, greedy_params, hf_greedy, hf_greedy_with_logits,
+                            random_prompts, run_mixed_requests)
+from helpers import tiny_model
+from sparse_hf.engine import LLM
+from sparse_hf.engine.kv_pool import KVPool
+from sparse_hf.engine.scored_pool import ScoredKVPool
+
+COUNT = dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8)
+FRACTION = dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=0.25)      # a budget per row
+LENGTHS = (20, 50, 77, 9)
+NEW_TOKENS = 40
+
+
+@pytest.mark.parametrize("arch,knobs,chunk", [("llama", COUNT, 16), ("qwen2", FRACTION, 16), ("qwen3", COUNT, 256),
+                                              ("llama", FRACTION, 7)])
+def test_engine_h2o_equals_hf_path(arch, knobs, chunk):
+    model = tiny_model(arch, layers=3)
+    prompts = random_prompts(LENGTHS, seed=3)
+    llm = LLM(model, num_kv_slots=1024, max_model_len=256, chunk_prefill_size=chunk, sparse_method="h2o", **knobs)
+    ours = engine_tokens(llm, prompts, NEW_TOKENS)
+    for prompt, got in zip(prompts, ours):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, NEW_TOKENS, cache_implementation="h2o",
+                                                        cache_config=knobs))
+    assert ours != [hf_greedy(model, p, NEW_TOKENS) for p in prompts], "knobs too loose: h2o changed nothing"
+    llm.pool.check_whole()
+
+
+def test_rows_hold_their_budget_while_decoding():
+    """Once its prompt is evicted a row never holds more than its budget in any layer (the new token of a step is
+    evicted in the same step), and short prompts grow up to it."""
+    model = tiny_model("qwen2", layers=2)
+    llm = LLM(model, num_kv_slots=512, max_model_len=160, chunk_prefill_size=32, sparse_method="h2o", **FRACTION)
+    for i, prompt in enumerate(random_prompts((90, 30, 5), seed=4)):
+        llm.add_request(str(i), prompt, greedy_params(30))
+    seen_full = set()
+    while llm.has_unfinished_requests():
+        llm.step()
+        for req in llm.scheduler.running:
+            if req.in_prefill:
+                continue
+            budget = llm.runner.row_budget[req.row]
+            held = llm.pool.lens[:, req.row]
+            assert held.max() <= budget and held.min() == held.max()
+            if held.max() == budget:
+                seen_full.add(req.request_id)
+    assert seen_full == {"0", "1", "2"}
+    llm.pool.check_whole()
+
+
+def test_pool_whole_after_mixed_requests_with_aborts_and_preemption():
+    model = tiny_model("llama", layers=2)
+    llm = LLM(model, num_kv_slots=24, max_model_len=24, max_num_seqs=6, chunk_prefill_size=4,
+              max_num_batched_tokens=8, sparse_method="h2o", num_sink_tokens=1, num_recent_tokens=2, num_top_tokens=2)
+    finished, aborted = run_mixed_requests(llm, random.Random(1), 60, max_prompt=14, max_burst=5)
+    assert len(finished) == 60 and aborted
+    assert any(o.metrics["num_preemptions"] for o in finished.values()), "no preemption: pool too large for the test"
+    llm.pool.check_whole()
+
+
+def test_keep_rows_equals_keep_row_by_row():
+    """The batched compaction (one gather and scatter for all rows) against :meth:`KVPool.keep` per row, on rows of
+    different lengths that keep different counts; the scores move with their tokens."""
+    torch.manual_seed(0)
+    args = dict(num_layers=2, num_kv_heads=3, head_dim=4, num_slots=64, max_rows=4, max_len=32,
+                per_layer_groups=True, dtype=torch.float32, device=torch.device("cpu"))
+    ours, ref = ScoredKVPool(**args), KVPool(**args)
+    lengths = [12, 5, 20]
+    for pool in (ours, ref):
+        pool.allocate([0, 1, 3], lengths)
+    for layer in range(2):
+        for a, b in ((ours.k[layer], ref.k[layer]), (ours.v[layer], ref.v[layer])):
+            a.copy_(torch.randn_like(a))
+            b.copy_(a)
+        ours.scores[layer].copy_(ours.k[layer][:, :, 0])        # a score that follows the token's K
+    rows, counts = [0, 3, 1], [7, 9, 5]
+    idx = torch.zeros(3, 3, 9, dtype=torch.long)
+    for i, (row, count) in enumerate(zip(rows, counts)):
+        n = lengths[[0, 1, 3].index(row)]
+        for h in range(3):
+            idx[i, h, :count] = torch.randperm(n)[:count].sort().values
+    group = 1
+    ours.keep_rows(group, rows, idx, counts)
+    for i, (row, count) in enumerate(zip(rows, counts)):
+        ref.keep(group, row, idx[i, :, :count])
+    assert (ours.lens == ref.lens).all() and ours.free_top == ref.free_top
+    assert sorted(ours.free[group, :ours.free_top[group]].tolist()) == sorted(
+        ref.free[group, :ref.free_top[group]].tolist())
+    for row, count in zip(rows, counts):
+        slots = ours.tables[group, row, :count].long()
+        assert torch.equal(ours.k[group][slots], ref.k[group][slots])
+        assert torch.equal(ours.v[group][slots], ref.v[group][slots])
+        assert torch.equal(ours.scores[group][slots], ours.k[group][slots][:, :, 0])
+    other = 0                                                  # layer 0 is another group: untouched
+    assert torch.equal(ours.k[other], ref.k[other])
+
+
+def test_h2o_decodes_eagerly():
+    from sparse_hf.engine.scored_pool import ScoredModelRunner
+
+    model = tiny_model("llama", layers=1)
+    llm = LLM(model, num_kv_slots=64, max_model_len=32, sparse_method="h2o", **COUNT)
+    assert isinstance(llm.runner, ScoredModelRunner) and llm.runner.graphs is None
+    with pytest.raises(ValueError, match="decodes eagerly"):
+        ScoredModelRunner(llm.model, llm.pool, llm.method, graphs=object())
+
+
+@pytest.mark.parametrize("method,knobs", [("h2o", FRACTION), ("pyramidkv", dict(
+    num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=6, window_size=4))])
+def test_triton_decode_kernels_equal_hf_path(method, knobs):
+    """The GPU's decode path on the CPU: the Triton kernels (interpreted) read the pool with per-row lengths that
+    are a strided view (``lens[g]`` of the ``[G, B]`` table). Regression: with mixed lengths, rows ``b >= 1`` read
+    other layers' lengths and the output left the HF path's at the second token (found on the H200)."""
+    model = tiny_model("llama", layers=2)
+    prompts = random_prompts((20, 50, 9), seed=3)
+    llm = LLM(model, num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16, sparse_method=method, **knobs)
+    llm.runner.attention.backend = "triton"
+    ours = engine_tokens(llm, prompts, 12)
+    for prompt, got in zip(prompts, ours):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 12, cache_implementation=method,
+                                                        cache_config=knobs))
+    llm.pool.check_whole()
+
+
+@pytest.mark.gpu
+def test_h2o_on_gpu_equals_hf_path():
+    """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots."""
+    model = tiny_model("llama", layers=3).to("cuda", torch.float32)
+    prompts = random_prompts(LENGTHS, seed=3)
+    llm = LLM(model, max_model_len=256, num_kv_slots=1024, chunk_prefill_size=16, sparse_method="h2o", **FRACTION)
+    assert llm.runner.graphs is None
+    ours = engine_tokens(llm, prompts, NEW_TOKENS)
+    for prompt, got in zip(prompts, ours):
+        ref, logits = hf_greedy_with_logits(model, prompt, NEW_TOKENS, cache_implementation="h2o",
+                                            cache_config=FRACTION)
+        assert_greedy_equal(got, ref, logits.cpu(), rel_tol=1e-3)
+    llm.pool.check_whole()
