@@ -19,7 +19,7 @@ import torch
 
 from .attention import StepContext
 from .decode_inputs import DecodeInputs
-from .graphs import width_bucket
+from .graphs import capture_step, width_bucket
 
 
 class DeltaKVGraphs:
@@ -61,15 +61,7 @@ class DeltaKVGraphs:
             self.mempool = torch.cuda.graph_pool_handle()
         self.graph = None
         b, w = len(key[0]), key[-1]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(b, w)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                self._forward(b, w)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph, self.key = graph, key
+        self.graph, self.key = capture_step(lambda: self._forward(b, w), self.mempool), key
         self.captures += 1
 
     def run(self, batch: int, slots: torch.Tensor, width: int) -> torch.Tensor:
