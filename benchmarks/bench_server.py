@@ -4,6 +4,7 @@ server, beside the same load through the engine in-process (``bench_engine.run_l
     python benchmarks/bench_server.py [--load 64,1024,32768,256] [--rate 2] [--methods vanilla,snapkv]
                                       [--budget 2048] [--output bench_server.json]
     python benchmarks/bench_server.py --small          # CPU smoke run (CI)
+    python benchmarks/bench_server.py --load 64,1024,8192,128 --arrivals together   # the H200 run (~2 minutes)
 
 Random weights in the Qwen2.5-7B shape (``bench_engine.engine_config``), bf16 on the GPU. ``--load N,MIN,MAX,NEW``:
 N prompts of random token ids with lengths uniform in [MIN, MAX], NEW output tokens each (``ignore_eos``),
@@ -85,6 +86,9 @@ def run_http_load(url: str, vocab: int, num: int, lo: int, hi: int, new_tokens: 
                 ttft_s=percentiles(ttft), itl_ms=percentiles(itl, 1e3))
 
 
+ARRIVALS = ("together", "poisson", "both")
+
+
 class _Server:
     """``build_app(llm)`` under uvicorn on 127.0.0.1 and a free port, in a thread (a context manager)."""
 
@@ -118,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="qwen2.5-7b")
     p.add_argument("--load", default="64,1024,32768,256", metavar="N,MIN,MAX,NEW")
     p.add_argument("--rate", type=float, default=2.0, help="Poisson arrival rate (requests/s)")
+    p.add_argument("--arrivals", choices=ARRIVALS, default="both",
+                   help="run the load arriving together, as a Poisson stream of --rate/s, or both (each per path)")
     p.add_argument("--methods", default="vanilla")
     p.add_argument("--budget", type=int, default=2048, help="KV tokens kept per layer by the sparse methods")
     p.add_argument("--chunk-prefill-size", type=int, default=8192)
@@ -131,7 +137,8 @@ def main(argv=None) -> int:
         extra = dict(device="cpu", num_kv_slots=2048)
     num, lo, hi, new = (int(x) for x in args.load.split(","))
     config = engine_config(args.shape)
-    report = dict(shape=args.shape, load=[num, lo, hi, new], rate=args.rate, results=[])
+    rates = {"together": [None], "poisson": [args.rate], "both": [None, args.rate]}[args.arrivals]
+    report = dict(shape=args.shape, load=[num, lo, hi, new], rates=rates, results=[])
     for method in args.methods.split(","):
         knobs = {} if method == "vanilla" else budget_config(method, args.budget / hi, hi)
         llm = LLM(config, max_model_len=hi + new + 8, max_num_seqs=num,
@@ -140,10 +147,10 @@ def main(argv=None) -> int:
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra)
         run_load(llm, 2, 16, 32, 2, rate=None)                                           # warm-up
         rows = [dict(method=method, path="in-process", **run_load(llm, num, lo, hi, new, rate=rate))
-                for rate in (None, args.rate)]
+                for rate in rates]
         with _Server(llm) as server:
             rows += [dict(method=method, path="http", **run_http_load(server.url, config.vocab_size, num, lo, hi, new,
-                                                                       rate)) for rate in (None, args.rate)]
+                                                                       rate)) for rate in rates]
         for row in rows:
             print(json.dumps(row), flush=True)
         report["results"] += rows

@@ -50,7 +50,9 @@ class CompressorArguments:
     num_sink: int = field(default=16, metadata={"help": "leading raw tokens per block (also centers)"})
     cluster_metric: str = field(default="l2", metadata={"help": "l2 | dot | cosine"})
     mse_weight: float = field(default=1.0, metadata={"help": "weight of the summed per-layer reconstruction MSE"})
-    mse_target: str = field(default="layer", metadata={"help": "layer (one pass) | raw_pass (reference, 2 passes)"})
+    mse_target: str = field(default="raw_pass", metadata={
+        "help": "raw_pass (the reference: MSE against a separate uncompressed pass; ~1.3x the step cost; default, "
+                "measured better in docs/deltakv_quality.md) | layer (against the same pass, one forward)"})
     text_field: str = field(default="text", metadata={"help": "column holding the documents"})
     split: str = field(default="train", metadata={"help": "dataset split, slicing allowed: 'train[:20%%]'"})
     max_blocks: int | None = field(default=None, metadata={"help": "use at most this many packed blocks"})

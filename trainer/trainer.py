@@ -37,7 +37,10 @@ class DeltaKVTrainingModel(nn.Module):
         compressor: shaped for ``base`` (checked); all its parameters are set trainable.
         num_sink, cluster_ratio, neighbor_count, metric: the clustering of :class:`ReconstructedKV`.
         mse_weight: weight of the summed per-layer MSE (1.0 in the reference).
-        mse_target: ``"layer"`` or ``"raw_pass"`` (see the module docstring).
+        mse_target: ``"layer"`` or ``"raw_pass"`` (see the module docstring). ``sparse-hf train-compressor``
+            defaults to ``"raw_pass"``, which trained the better compressor in ``docs/deltakv_quality.md``
+            ("Reconstruction target"); this class keeps ``"layer"``, the one-pass target that :meth:`measure`'s
+            "reconstruction MSE" and the PCA initialization's optimum refer to.
     """
 
     def __init__(self, base: nn.Module, compressor: DeltaKVCompressor, *, num_sink: int = 16,
@@ -81,7 +84,8 @@ class DeltaKVTrainingModel(nn.Module):
         self.patch.mode = "reconstruct"
         out = self.base(input_ids=input_ids, labels=labels if labels is not None else input_ids, use_cache=False)
         mse = self.patch.total_mse()
-        self.patch.targets.clear()
+        # the raw targets stay until the next forward clears them: gradient checkpointing re-runs the attention
+        # (and so the MSE) during backward, after this returns, and must compare against the same targets
         return {"loss": out.loss + self.mse_weight * mse, "ce_loss": out.loss.detach(), "recon_mse": mse.detach()}
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
