@@ -74,3 +74,14 @@ def run_mixed_requests(llm, rng, requests: int, max_prompt: int = 12, max_burst:
                 finished[out.request_id] = out
                 assert (out.finish_reason == "abort") == (out.request_id in aborted)
     return finished, aborted
+
+
+def peak_decoding_rows(llm, prompts, new_tokens: int) -> int:
+    """Submit ``prompts`` together and run them to the end: the most rows that decoded together in one step."""
+    for i, p in enumerate(prompts):
+        llm.add_request(str(i), p, greedy_params(new_tokens))
+    peak = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        peak = max(peak, sum(not r.in_prefill for r in llm.scheduler.running))
+    return peak

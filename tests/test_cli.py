@@ -309,9 +309,3 @@ def test_generate_engine_equals_hf_path_and_reports_kept_kv(tmp_path, capsys):
     kept_line = next(line for line in outputs[1].splitlines() if line.startswith("KV slots held"))
     kept, total = (int(x) for x in re.findall(r"(\d+) of (\d+)", kept_line)[0])
     assert 0 < kept < total, kept_line
-
-
-def test_generate_engine_refuses_methods_it_does_not_serve(tmp_path):
-    report, _, err = run_cli(tmp_path, "generate", "--engine", "--method", "deltakv")
-    assert_one_line_error(report, err, "--engine", "deltakv")
-    assert not report["transformers"], report         # refused before any model loads

@@ -145,7 +145,7 @@ def test_bad_input_errors():
         LLM(model, num_kv_slots=32, sparse_method="snapkv", num_top_tokenz=3)
     with pytest.raises(ValueError, match="without sparse_method"):
         LLM(model, num_kv_slots=32, num_top_tokens=3)
-    with pytest.raises(NotImplementedError, match="not yet supported in the engine"):
+    with pytest.raises(ValueError, match="deltakv' needs a compressor"):
         LLM(model, num_kv_slots=32, sparse_method="deltakv")
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(model, num_kv_slots=32, max_num_batched_tokens=0)

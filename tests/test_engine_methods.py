@@ -5,7 +5,7 @@ import pytest
 
 import sparse_hf  # noqa: F401  (registers the HF-path caches)
 from engine_helpers import (assert_greedy_equal, engine_tokens, greedy_params, hf_greedy, hf_greedy_with_logits,
-                            random_prompts)
+                            peak_decoding_rows, random_prompts)
 from helpers import tiny_model
 from sparse_hf.engine import LLM
 
@@ -57,12 +57,6 @@ def test_eviction_lets_more_requests_run_together():
     model = tiny_model("llama", layers=2)
     prompts = random_prompts((60, 60, 60, 60), seed=8)
     def peak_running(**kw):
-        llm = LLM(model, num_kv_slots=160, max_model_len=128, chunk_prefill_size=64, **kw)
-        for i, p in enumerate(prompts):
-            llm.add_request(str(i), p, greedy_params(6))
-        peak = 0
-        while llm.has_unfinished_requests():
-            llm.step()
-            peak = max(peak, sum(not r.in_prefill for r in llm.scheduler.running))
-        return peak
+        return peak_decoding_rows(LLM(model, num_kv_slots=160, max_model_len=128, chunk_prefill_size=64, **kw),
+                                  prompts, 6)
     assert peak_running(sparse_method="snapkv", **KNOBS["snapkv"]) > peak_running()

@@ -12,8 +12,8 @@ import torch
 
 from ..methods import get_method
 
-#: Methods the engine runs today. DeltaKV needs a latent pool (a later issue).
-ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o")
+#: Methods the engine runs today (DeltaKV: a compressed store beside the raw pool, see ``deltakv_store``).
+ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o", "deltakv")
 
 #: How token selections are made under tensor parallelism (``tp_selection``): ``"exact"`` combines the ranks'
 #: per-token scores (an all-reduce) before every selection that spans heads on several ranks, so TP=N selects what
@@ -40,7 +40,8 @@ class EngineConfig:
         chunk_prefill_size: prompt tokens of one request per prefill step.
         enforce_eager: ``True`` turns CUDA-graph decode off.
         num_kv_slots: pool size in tokens per layer; ``None`` sizes it from ``gpu_memory_utilization`` (CUDA) or
-            from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU).
+            from ``max_num_seqs * max_model_len`` capped at 65,536 (CPU). DeltaKV splits the memory of that many
+            full slots between its filter layers and its compressed layers (``deltakv_store.split_slots``).
         sparse_method: ``None`` (full attention) or one of :data:`ENGINE_METHODS`.
         tp_selection: one of :data:`TP_SELECTIONS` (only matters with ``tensor_parallel_size > 1``).
         mixed_steps: while some requests decode and others wait to prefill, one step carries the decode rows (one
@@ -100,6 +101,9 @@ def build_method(name: str | None, knobs: dict, num_layers: int):
     config, runtime = method_class.build_config(**knobs)
     if runtime.cuda_graph is not None:
         raise ValueError("cuda_graph is an HF-path knob; the engine captures decode graphs unless enforce_eager=True")
+    if name == "deltakv":
+        from .deltakv_store import require_compressor
+        require_compressor(runtime)             # before any rank starts
     if getattr(config, "chunk_prefill_accel_omnikv", False):
         raise NotImplementedError("chunk_prefill_accel_omnikv is not yet supported in the engine; leave it False")
     return method_class(config, num_layers)

@@ -31,6 +31,20 @@ def width_bucket(width: int, max_len: int) -> int:
     return min(w, max_len)
 
 
+def capture_step(forward, mempool) -> "torch.cuda.CUDAGraph":
+    """Run ``forward()`` once on a side stream (warm-up: Triton compilation, allocator), then capture it into a new
+    graph in ``mempool``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool, stream=stream):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
 class DecodeGraphs:
     """Captured decode steps of ``model`` over ``pool``, keyed by (batch bucket, table-width bucket) and captured
     on first use; ``attention`` is the :class:`~.attention.PoolAttention` the model calls."""
@@ -57,15 +71,7 @@ class DecodeGraphs:
         same K/V to the same slots as the replay that follows, so it changes nothing."""
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(b, w)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool, stream=stream):
-                self._forward(b, w)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graphs[(b, w)] = graph
+        self.graphs[(b, w)] = capture_step(lambda: self._forward(b, w), self.mempool)
 
     @property
     def slot_mapping(self) -> torch.Tensor:

@@ -34,23 +34,35 @@ class KVPool:
         num_slots: ``S``, slots per layer (each holds all KV heads of one token).
         max_rows: rows of the slot tables (``max_num_seqs``); max_len: ``W``, table width (``max_model_len``).
         per_layer_groups: one slot group per layer (eviction methods) instead of one for all layers.
+        layer_groups: the group of each layer (``[num_layers]`` ints from 0), overriding ``per_layer_groups``
+            (DeltaKV: its filter layers in one group, its compressed layers in another).
+        group_slots: slots per layer of each group (default ``num_slots`` for all); ``num_slots`` is then the
+            smallest (what a row can count on in every layer). With groups of unequal sizes ``scratch_slot`` is
+            only scratch in the smallest group: no padding rows.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, max_rows: int,
-                 max_len: int, per_layer_groups: bool, dtype: torch.dtype, device: torch.device):
+                 max_len: int, per_layer_groups: bool, dtype: torch.dtype, device: torch.device,
+                 layer_groups: list[int] | None = None, group_slots: list[int] | None = None):
+        if layer_groups is None:
+            layer_groups = [layer if per_layer_groups else 0 for layer in range(num_layers)]
+        G = max(layer_groups) + 1
+        self.group_slots = list(group_slots) if group_slots is not None else [num_slots] * G
+        num_slots = min(self.group_slots)
         self.num_layers, self.num_slots, self.max_rows, self.max_len = num_layers, num_slots, max_rows, max_len
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         # One extra slot (``scratch_slot``) takes the K/V writes of padding rows of a CUDA-graph batch.
+        # With groups of unequal sizes it is a real slot of the larger groups: no padding rows then (DeltaKV's graphs
+        # run exactly the step's rows).
         self.scratch_slot = num_slots
-        self.k = [torch.zeros(num_slots + 1, num_kv_heads, head_dim, dtype=dtype, device=device)
-                  for _ in range(num_layers)]
+        self.k = [torch.zeros(self.group_slots[layer_groups[layer]] + 1, num_kv_heads, head_dim, dtype=dtype,
+                              device=device) for layer in range(num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
-        G = num_layers if per_layer_groups else 1
         self.num_groups = G
-        self.group_of = [layer if per_layer_groups else 0 for layer in range(num_layers)]
+        self.group_of = list(layer_groups)
         self.layers_of = [[layer for layer in range(num_layers) if self.group_of[layer] == g] for g in range(G)]
-        self.free = torch.arange(num_slots, dtype=torch.int32, device=device).repeat(G, 1)       # [G, S]
-        self.free_top = [num_slots] * G
+        self.free = torch.arange(max(self.group_slots), dtype=torch.int32, device=device).repeat(G, 1)  # [G, S]
+        self.free_top = list(self.group_slots)
         self.tables = torch.zeros(G, max_rows, max_len, dtype=torch.int32, device=device)       # [G, rows, W]
         self.lens = np.zeros((G, max_rows), dtype=np.int64)
         self.device = device
@@ -67,7 +79,11 @@ class KVPool:
 
     def used_slots(self) -> int:
         """Slots in use, summed over groups (times the group's layers: the tokens held over all layers)."""
-        return sum((self.num_slots - top) * len(self.layers_of[g]) for g, top in enumerate(self.free_top))
+        return sum((self.group_slots[g] - top) * len(self.layers_of[g]) for g, top in enumerate(self.free_top))
+
+    def total_slots(self) -> int:
+        """Slots of every layer together (groups may differ in size)."""
+        return sum(self.group_slots[g] * len(self.layers_of[g]) for g in range(self.num_groups))
 
     def row_tokens(self, row: int) -> int:
         """Slots row ``row`` holds, summed over all layers."""
@@ -80,9 +96,10 @@ class KVPool:
     def check_whole(self) -> None:
         """Raise ``AssertionError`` unless every slot is free exactly once (no leak, no double free)."""
         for g in range(self.num_groups):
-            assert self.free_top[g] == self.num_slots, f"group {g}: {self.num_slots - self.free_top[g]} slots in use"
-            ids = torch.sort(self.free[g].long()).values.cpu()
-            assert torch.equal(ids, torch.arange(self.num_slots)), f"group {g}: free stack is not a permutation"
+            n = self.group_slots[g]
+            assert self.free_top[g] == n, f"group {g}: {n - self.free_top[g]} slots in use"
+            ids = torch.sort(self.free[g, :n].long()).values.cpu()
+            assert torch.equal(ids, torch.arange(n)), f"group {g}: free stack is not a permutation"
         assert not self.lens.any(), "rows still hold slots"
 
     # -- allocation ----------------------------------------------------------------------------------------------

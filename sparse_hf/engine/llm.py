@@ -228,7 +228,7 @@ class LLM:
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "kv_slots_per_layer": pool.num_slots, "kv_free_slots": pool.num_free(),
                 "kv_used_tokens_all_layers": pool.used_slots(),
-                "kv_usage": pool.used_slots() / (pool.num_slots * pool.num_layers)}
+                "kv_usage": pool.used_slots() / pool.total_slots()}
 
     # -- stepping --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

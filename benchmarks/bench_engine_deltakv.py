@@ -1,0 +1,109 @@
+"""Engine DeltaKV against engine vanilla: decode tok/s, TTFT, peak memory and the KV bytes each holds.
+
+    python benchmarks/bench_engine_deltakv.py [--cases 32768x2,131072x1] [--budget 2048] [--new-tokens 64]
+    python benchmarks/bench_engine_deltakv.py --small     # CPU smoke run
+
+Random weights in the Qwen2.5-7B shape, bf16 on the GPU, and a random DeltaKV compressor of the usual shape
+(latent = concat(K, V) / 4: 256 for the 7B shape), as ``sparse_hf.bench`` builds it (speed does not depend on the
+weights). Cases and timing are :func:`bench_engine.run_case`'s; one JSON line per case, plus the KV bytes held
+after the prompt (raw slots of every layer, and for DeltaKV its latents, centers, father ids and positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_engine import engine_config, run_case  # noqa: E402
+
+from sparse_hf.bench import DELTAKV_LATENT_FRACTION, budget_config, copy_bandwidth, parse_cases  # noqa: E402
+from sparse_hf.engine import LLM  # noqa: E402
+
+
+def random_compressor(config, dtype, device):
+    from sparse_hf.deltakv import DeltaKVCompressor
+    from sparse_hf.deltakv.compressor import model_kv_shape
+
+    _, kv_heads, head_dim = model_kv_shape(config)
+    torch.manual_seed(0)
+    comp = DeltaKVCompressor.for_model(config, kv_compressed_size=2 * kv_heads * head_dim // DELTAKV_LATENT_FRACTION)
+    return comp.to(device, dtype)
+
+
+def kv_bytes(llm) -> dict:
+    """Bytes of KV the engine holds now: raw slots in use (all layers) and the compressed store."""
+    pool = llm.pool
+    raw = pool.used_slots() * pool.bytes_per_slot() // pool.num_layers
+    store = getattr(pool, "store", None)
+    return dict(raw_kv_bytes=raw, compressed_bytes=store.nbytes() if store is not None else 0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen2.5-7b")
+    p.add_argument("--cases", default="32768x2,131072x1")
+    p.add_argument("--methods", default="vanilla,deltakv")
+    p.add_argument("--budget", type=int, default=2048, help="tokens a sparse layer reads per decode step")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--chunk-prefill-size", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short cases")
+    args = p.parse_args(argv)
+    extra = {}
+    if args.small:
+        args.shape, args.cases, args.new_tokens, args.budget, args.chunk_prefill_size = "tiny", "96x2,160x1", 4, 48, 64
+        extra = dict(device="cpu", num_kv_slots=1024)
+    cases = parse_cases(args.cases)
+    config = engine_config(args.shape)
+    longest = max(length for length, _ in cases)
+    device = torch.device(extra.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(device)
+    for method in args.methods.split(","):
+        knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest)
+        shown = dict(knobs)
+        if method == "deltakv" and args.small:
+            knobs["full_attn_layers"] = shown["full_attn_layers"] = [0]      # the tiny shape has 4 layers
+        if method == "deltakv":
+            knobs["compressor"] = random_compressor(config, dtype, device)
+        llm = LLM(config, max_model_len=longest + args.new_tokens + 8, max_num_seqs=max(b for _, b in cases),
+                  max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
+                  gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
+                  sparse_method=None if method == "vanilla" else method, **knobs, **extra)
+        weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
+        run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up
+        held = {}
+        step = llm.step
+
+        def step_and_measure():                      # the KV held right after each request's prompt
+            outs = step()
+            for o in outs:
+                if len(o.token_ids) == 1:
+                    held.update(kv_bytes(llm))
+            return outs
+
+        llm.step = step_and_measure
+        for length, batch in cases:
+            held.clear()
+            r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
+            groups = llm.pool.group_slots
+            # rows of 131072 tokens the pool holds after their prompts (deltakv: its filter group bounds it)
+            r.update(method=method, knobs=shown, group_slots=groups, rows_at_128k=groups[0] // 131072, **held)
+            graphs = llm.runner.graphs
+            if method == "deltakv" and graphs is not None:          # captured decode, or why not
+                r.update(graph_captures=graphs.captures, graph_failed=graphs.failed)
+            print(json.dumps(r), flush=True)
+        llm.check_pool_whole()
+        llm.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

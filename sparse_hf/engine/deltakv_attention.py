@@ -1,0 +1,249 @@
+"""DeltaKV's attention and flushes in the engine, over a :class:`~.deltakv_store.DeltaKVPool`.
+
+Prefill is plain causal attention over raw slots in every layer (nothing of a row is compressed before its prompt
+ends, as on the HF path). After the step the completed prompts, and after each decode step its rows, flush: a
+row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest buffer tokens in every compressed
+layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to the pool.
+
+A decode step (static shapes: :mod:`.deltakv_graphs` captures it on CUDA): the filter layers attend to every raw
+token; the observation layer's scores (OmniKV's :meth:`decode_scores`, by position) pick, per row, the top
+``num_top_tokens`` of the row's compressed tokens (all of them when the budget covers them), which the core
+:func:`~sparse_hf.deltakv.state.rebuild_kv` rebuilds (fused kernel entry); each compressed layer attends to its raw
+sinks + buffer and the rebuilt tokens.
+
+Tensor parallelism: the compressor reads all KV heads' ``concat(K, V)``, so a flush all-gathers the ranks' heads
+(every rank then holds the same latents, computed from the same input); a rebuild yields every head and a rank
+keeps its own. The observation scores are all-reduced (max) before the pick, so every rank picks what TP=1 picks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+
+from ..config import resolve_counts
+from ..deltakv.rope import unrotate
+from ..deltakv.state import flush, rebuild_kv
+from .attention import PoolAttention
+from .runner import DecodePlan, MixedPlan, ModelRunner, PrefillPlan
+
+#: The pool group of the compressed layers (group 0: the filter layers).
+COMPRESSED = 1
+
+
+class DeltaKVAttention(PoolAttention):
+    """:class:`~.attention.PoolAttention` whose decode step reads rebuilt tokens in the compressed layers.
+
+    Args:
+        pool: a :class:`~.deltakv_store.DeltaKVPool`; method: the core ``DeltaKV``; projections: the compressor's
+        ``DeltaKVProjections``; rotary: the model's :class:`~.model.Rotary`; tp: a ``TPGroup`` or ``None``.
+    """
+
+    def __init__(self, pool, method, projections, rotary, tp=None):
+        super().__init__(pool, method, tp)
+        self.projections, self.rotary = projections, rotary
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.kv_heads = projections.kv_heads                                    # all ranks' heads
+        self.heads = tp.shard(self.kv_heads) if self.tp is not None else slice(None)
+        self._widths: dict[int, tuple[int, int]] = {}      # row -> (compressed count, rebuild width)
+        self.begin_step([])
+
+    def rope(self, like: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, k, D]`` at positions ``pos [B, k]`` (what :func:`rebuild_kv` takes)."""
+        return self.rotary.cos[pos].to(like.dtype), self.rotary.sin[pos].to(like.dtype)
+
+    # -- decode ---------------------------------------------------------------------------------------------
+    def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.method.is_full(layer):
+            if self.method.is_observer(layer):
+                return self._observe(layer, q, self.ctx.tables[g], self.ctx.lens[g], scale)
+            return super()._decode(layer, g, q, scale)            # full attention over the raw slots
+        return self._decode_compressed(layer, g, q, scale)
+
+    def _observe(self, layer, q, tables, lens, scale):
+        """Full attention plus the per-position scores (``self.scores``) the compressed layers pick by."""
+        flat = tables.long()
+        keys = self.pool.k[layer][flat].permute(0, 2, 1, 3)                      # [B, Hkv, W, D]
+        values = self.pool.v[layer][flat].permute(0, 2, 1, 3)
+        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
+        valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
+        scores = self.method.decode_scores(logits, valid)                          # [B, W]
+        self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores
+        self._picks = {}                                    # the layers after this one pick by the new scores
+        return out
+
+    def begin_step(self, rows: list[int]) -> None:
+        """Start a decode step of ``rows`` before its new token is allocated (the runner calls it, outside any graph
+        capture): the host-side layout the compressed layers share (``widths``: rebuild slots per row)."""
+        self.rows = list(rows)
+        self.widths = [self._rebuild_width(row, int(self.pool.lens[0, row]) + 1) for row in self.rows]
+        raw = int(self.pool.lens[COMPRESSED, self.rows].max()) + 1 if self.rows and self.pool.num_groups > 1 else 0
+        if raw > self.raw_width:
+            raise RuntimeError(f"a deltakv row would hold {raw} raw tokens in its compressed layers, more than sinks "
+                               f"+ 2 * num_recent_tokens = {self.raw_width} (a flush was skipped)")
+        self.reset_caches()
+
+    def _rebuild_width(self, row: int, length: int) -> int:
+        """Rebuild slots of ``row`` at a step of ``length`` tokens (with the new one): its top ``num_top_tokens`` (a
+        fraction of the length, or a count), at most its ``n`` compressed tokens. The width is kept while it still
+        covers the budget (``min(n, top) <= width <= n``), else set for ``num_recent_tokens`` more tokens, so a
+        fraction budget does not change the step's shapes at every step (the slots past the budget are masked on the
+        device, see :meth:`_step_layout`). Host ints only, as the HF path's ``_scratch_width``."""
+        n = self.pool.store.count(row)
+        kept = self._widths.get(row)
+        if kept is not None and kept[0] == n and min(n, self.method.top_count(length, prefill=False)) <= kept[1]:
+            return kept[1]
+        width = min(n, self.method.top_count(length + self.method.config.num_recent_tokens, prefill=False))
+        self._widths[row] = (n, width)
+        return width
+
+    def reset_caches(self) -> None:
+        """Forget what the layers of one forward share (scores, picks, layout): a captured graph recomputes them."""
+        self.scores, self._picks, self._layout = None, {}, None
+
+    @property
+    def raw_width(self) -> int:
+        """Raw slots a row holds at most in the compressed layers during a decode step: its sinks and a buffer that
+        flushes once it holds ``2 * num_recent_tokens`` (a static width, so a decode step has static shapes)."""
+        c = self.method.config
+        return c.num_sink_tokens + 2 * c.num_recent_tokens
+
+    def _pick(self, row: int, b: int, state) -> torch.Tensor:
+        """``[1, k]`` offsets of the row's compressed tokens to rebuild, best first by the observation scores (the
+        first ``num_top_tokens`` are read). Every compressed layer of a row holds the same tokens, so the pick is made
+        once per observation layer."""
+        pick = self._picks.get(row)
+        if pick is None:
+            k = self.widths[b]
+            pick = self.scores[b].gather(0, state.comp_pos[0].long()).topk(k).indices.view(1, k)
+            self._picks[row] = pick
+        return pick
+
+    def _step_layout(self, g: int, device):
+        """``(W, tables [B, W], indices [B, Hkv, W + max(widths)])`` of this step, the same in every compressed layer:
+        each row's group-``g`` raw slots (sinks + buffer, ``W`` the static :attr:`raw_width`) first, then its
+        ``widths[b]`` rebuilt tokens. Built from device tensors and constants only (CUDA-graph safe)."""
+        if self._layout is None:
+            tables = self.ctx.tables[g, :, :self.raw_width].long()
+            B, W = tables.shape
+            L = W + max(self.widths, default=0)
+            ar = torch.arange(L, device=device).view(1, L)
+            valid = ar < self.ctx.lens[g].long().view(-1, 1)                       # the raw slots
+            top = resolve_counts(self.method.config.num_top_tokens, self.ctx.lens[0].long())   # [B], the budgets
+            for b, k in enumerate(self.widths):                                      # the rebuilt tokens, best first
+                valid[b, W:W + k] = ar[0, :k] < top[b]
+            indices = torch.where(valid, ar, -1).unsqueeze(1).expand(B, self.pool.num_kv_heads, L)
+            self._layout = (W, tables, indices)
+        return self._layout
+
+    def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens, written side by side
+        into one ``[B, Hkv, W + k, D]`` buffer (the rebuild writes into it in place, without tensor parallelism)."""
+        pool, store = self.pool, self.pool.store
+        W, tables, indices = self._step_layout(g, q.device)
+        widths = self.widths
+        B, Hkv, L = indices.shape
+        keys = pool.k[layer].new_empty(B, Hkv, L, pool.head_dim)
+        values = pool.v[layer].new_empty(B, Hkv, L, pool.v[layer].shape[-1])
+        keys[:, :, :W] = pool.k[layer][tables].permute(0, 2, 1, 3)
+        values[:, :, :W] = pool.v[layer][tables].permute(0, 2, 1, 3)
+        for b, (row, k) in enumerate(zip(self.rows, widths)):
+            if not k:
+                continue
+            state = store.state(row, layer)
+            at = (slice(b, b + 1), slice(None), slice(W, W + k))
+            out = None if self.tp is not None else (keys[at], values[at])
+            kb, vb, _ = rebuild_kv(state, self._pick(row, b, state), self.projections, layer, self.kv_heads,
+                                   pool.head_dim, self.rope, out=out)
+            if out is None:                                   # every head rebuilt: this rank keeps its own
+                keys[at], values[at] = kb[:, self.heads], vb[:, self.heads]
+        return sparse_decode_attention(q, keys, values, indices, scale=scale, backend=self.backend)
+
+
+class DeltaKVRunner(ModelRunner):
+    """:class:`~.runner.ModelRunner` with DeltaKV's attention, and the flushes after each step."""
+
+    def __init__(self, model, pool, method, projections, graphs=None, compute_logits: bool = True):
+        super().__init__(model, pool, method, graphs, compute_logits)
+        self.projections = projections
+        self.attention = DeltaKVAttention(pool, method, projections, model.rotary, getattr(model, "tp", None))
+        model.set_backend(self.attention)
+
+    def run(self, plan):
+        if isinstance(plan, MixedPlan):   # prompt chunks, then the decode rows: two forwards (each flushes after)
+            first, second = self.prefill(plan.prefill), self.decode(plan.decode)
+            if not self.compute_logits:
+                return None
+            return second if first is None else torch.cat([first, second])
+        if not isinstance(plan, (PrefillPlan, DecodePlan)):
+            raise NotImplementedError(f"deltakv runs prefill, decode and mixed steps, not {type(plan).__name__}")
+        return super().run(plan)
+
+    def prefill(self, plan):
+        logits = super().prefill(plan)
+        self.flush(plan.completing)
+        return logits
+
+    def decode(self, plan, device_ids=None):
+        self.attention.begin_step(plan.rows)
+        logits = super().decode(plan, device_ids)
+        self.attention.begin_step([])
+        self.flush(plan.rows)
+        return logits
+
+    # -- compression ----------------------------------------------------------------------------------------
+    def _raw_x(self, layer: int, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE ``x = concat(K, V)`` of all KV heads of group-1 slots ``slots [m]`` at positions ``pos [m]``:
+        ``[1, m, Dx]`` (under tensor parallelism the ranks' heads are gathered)."""
+        pool = self.pool
+        m = slots.shape[0]
+        post = pool.k[layer][slots].float().transpose(0, 1).unsqueeze(0)          # [1, Hkv, m, D]
+        cos, sin = self.rotary_tables(pos)
+        k = unrotate(post, cos, sin)[0].transpose(0, 1).reshape(m, -1)            # [m, Hkv * D]
+        v = pool.v[layer][slots].reshape(m, -1)
+        k, v = k.to(v.dtype), v
+        tp = self.attention.tp
+        if tp is not None:
+            k, v = all_gather_columns(k, tp), all_gather_columns(v, tp)
+        return torch.cat([k, v], -1).unsqueeze(0)
+
+    def rotary_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(cos, sin)`` ``[1, m, D]`` at positions ``pos [m]``."""
+        rotary = self.model.rotary
+        return rotary.cos[pos].unsqueeze(0).float(), rotary.sin[pos].unsqueeze(0).float()
+
+    def flush(self, rows: list[int]) -> None:
+        """Compress, in every compressed layer, the oldest buffer tokens of each of ``rows`` whose buffer holds twice
+        ``num_recent_tokens`` (:meth:`DeltaKV.flush_count`, the HF path's rule), and free their raw slots."""
+        pool, store = self.pool, self.pool.store
+        S = store.clustering.num_sink
+        if not store.layers:                         # every layer a filter layer: nothing to compress
+            return
+        for row in rows:
+            n = int(pool.lens[COMPRESSED, row])
+            count = self.method.flush_count(max(0, n - S))
+            if not count:
+                continue
+            first = store.count(row) == 0
+            lo = 0 if first else S                   # a row's first flush also records its sinks as centers
+            slots = pool.tables[COMPRESSED, row, lo:S + count].long()
+            pos = torch.tensor(pool.raw_positions(row, lo, S + count), device=self.device)
+            for layer in store.layers:
+                x = self._raw_x(layer, slots, pos)
+                at = pos.view(1, -1)
+                sinks = (x[:, :S], at[:, :S]) if first else None
+                flush(store.state(row, layer), x[:, S - lo:], at[:, S - lo:], [count], self.projections, layer,
+                      sinks)
+            keep = torch.cat([torch.arange(S), torch.arange(S + count, n)]).to(self.device)
+            pool.keep(COMPRESSED, row, keep.view(1, -1).expand(pool.num_kv_heads, -1))
+            store.version += 1
+
+
+def all_gather_columns(x: torch.Tensor, tp) -> torch.Tensor:
+    """``[m, c]`` on each rank -> ``[m, size * c]``: the ranks' columns side by side, in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.data_group)
+    return torch.cat(parts, -1)

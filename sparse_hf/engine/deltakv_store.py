@@ -1,0 +1,168 @@
+"""DeltaKV in the engine: the compressor set-up, and the pool beside which the compressed tokens live.
+
+Layout (``DeltaKVPool``, a :class:`~.kv_pool.KVPool` with two slot groups):
+
+- group 0: the filter layers (``full_attn_layers``): every token raw, as OmniKV keeps them (table index ==
+  position);
+- group 1: the compressed layers: per row its ``num_sink_tokens`` sinks, then its recent buffer, raw. Once a
+  row's buffer holds twice ``num_recent_tokens`` (the HF path's flush rule, :meth:`DeltaKV.flush_count`), its
+  oldest buffer tokens become latents + father ids (+ raw centers) in a core
+  :class:`~sparse_hf.deltakv.state.CompressedState` (one per compressed layer and row: ``DeltaKVStore``), and
+  their raw slots go back to group 1's free stack (the memory win).
+
+A row's table in group 1 is therefore ``[sinks, buffer]``: entry ``j`` holds position ``j`` for ``j < S`` and
+``j + compressed`` after (compression always takes the oldest buffer tokens), so positions need no storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..deltakv.state import CompressedState
+from .kv_pool import KVPool
+from .model import model_family
+
+
+def require_compressor(runtime) -> None:
+    """Raise ``ValueError`` (saying what to pass) unless the engine's knobs name a compressor."""
+    if runtime.compressor is None and not runtime.deltakv_path:
+        raise ValueError("sparse_method='deltakv' needs a compressor: LLM(..., sparse_method='deltakv', "
+                         "compressor=DeltaKVCompressor(...)) or deltakv_path='dir-or-hub-id' (or 'demo')")
+
+
+def load_projections(runtime, hf_config):
+    """The core :class:`~sparse_hf.deltakv.projections.DeltaKVProjections` of the engine's ``compressor=`` (a
+    ``DeltaKVCompressor`` or its projections) or ``deltakv_path=`` (a directory, Hub id or ``"demo"``), checked
+    against the model's KV shape. Raises ``ValueError`` with what to pass when neither is given."""
+    from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
+    from ..deltakv.projections import DeltaKVProjections
+
+    require_compressor(runtime)
+    comp = runtime.compressor if runtime.compressor is not None else DeltaKVCompressor.from_pretrained(
+        runtime.deltakv_path)
+    if isinstance(comp, DeltaKVCompressor):
+        comp.check_compatible(hf_config)
+        return comp.projections.eval()
+    if isinstance(comp, DeltaKVProjections):
+        comp.check_shape(*model_kv_shape(hf_config))
+        return comp.eval()
+    raise ValueError(f"compressor must be a DeltaKVCompressor (or its core DeltaKVProjections), got "
+                     f"{type(comp).__name__}")
+
+
+def prepare_deltakv(method, knobs: dict, hf_config):
+    """``(method, projections)``: the method rebuilt with the compressor's trained knobs as defaults (the caller's
+    explicit ``knobs`` win, as on the HF path), and the projections. Raises ``ValueError`` for a missing or
+    mismatched compressor, a compressor lacking a compressed layer, or latent bits the latent width rejects."""
+    from ..deltakv.quant import check_bits
+
+    if model_family(hf_config) == "qwen3":
+        raise NotImplementedError("deltakv in the engine does not support models with a key norm (Qwen3) yet: "
+                                  "their pre-norm keys would need their own store; use the HF path "
+                                  "(cache_implementation='deltakv')")
+    _, runtime = type(method).build_config(**knobs)
+    projections = load_projections(runtime, hf_config)
+    missing = [i for i in method.sparse_layers() if str(i) not in projections.layers]
+    if missing:
+        raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses (every "
+                         f"layer not in full_attn_layers={list(method.full_layers)})")
+    config = method.with_compressor_defaults(method.config, projections.serving_defaults(),
+                                             {k for k in knobs if k not in ("compressor", "deltakv_path")})
+    method = type(method)(config, method.num_layers)
+    check_bits(config.kv_quant_bits, projections.latent_size)
+    return method, projections
+
+
+def compressed_bytes_per_token(method, projections, kv_dtype: torch.dtype) -> float:
+    """An upper bound of the store's bytes per compressed token and layer: its latent (as
+    :func:`~sparse_hf.deltakv.quant.quantize` stores it), father ids (int32, the widest), its position, and its share
+    of a raw center (``concat(K, V)`` of every KV head, one per ``step`` tokens)."""
+    from ..deltakv.quant import quantize
+
+    cl = method.clustering()
+    latent = quantize(torch.zeros(1, projections.latent_size, dtype=projections.dtype), cl.quant_bits).nbytes()
+    center = projections.kv_dim * torch.tensor([], dtype=kv_dtype).element_size() + 4
+    return latent + 4 * cl.neighbor_count + 4 + center / cl.step
+
+
+def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                max_model_len: int, max_rows: int) -> list[int]:
+    """Slots per layer of the two groups ``[filter, compressed]`` that ``budget_bytes`` pays for.
+
+    The compressed layers' raw group needs room for one whole prompt (a prompt stays raw until it ends) plus every
+    other row's sinks and buffer (``< S + 2 * recent``); the filter group gets the rest. Each filter slot also
+    reserves its token's compressed bytes in every compressed layer, so the store can never outgrow the memory:
+    a token is compressed only while it holds a filter slot, so admission by free slots counts both stores."""
+    raw = 2 * kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()      # one token, one layer
+    layers = method.num_layers
+    compressed = len(method.sparse_layers())
+    c = method.config
+    per_filter = (layers - compressed) * raw + compressed * compressed_bytes_per_token(method, projections,
+                                                                                        kv_dtype) + 4
+    per_compressed = compressed * raw + 4
+    need = max_model_len + max_rows * (c.num_sink_tokens + 2 * c.num_recent_tokens)
+    filt = int((budget_bytes - need * per_compressed) // per_filter)
+    if filt < need:                          # too little memory for the split: one size for both groups
+        filt = need = int(budget_bytes // (per_filter + per_compressed))
+    return [filt, need]
+
+
+class DeltaKVStore:
+    """The compressed tokens of every row: one core ``CompressedState`` (batch 1) per compressed layer and row,
+    created at the row's first flush and dropped when the row is released. Every compressed layer of a row
+    compresses the same tokens (one flush rule over the shared group-1 table), so one count per row serves all."""
+
+    def __init__(self, layers: list[int], clustering):
+        self.layers, self.clustering = list(layers), clustering
+        self.states: dict[int, dict[int, CompressedState]] = {}       # row -> layer -> state
+        #: Bumped whenever a state's tensors change (a flush, a released row): a captured decode step is stale.
+        self.version = 0
+
+    def count(self, row: int) -> int:
+        """Compressed tokens of ``row`` (in each compressed layer)."""
+        states = self.states.get(row)
+        return states[self.layers[0]].counts[0] if states else 0
+
+    def state(self, row: int, layer: int) -> CompressedState:
+        states = self.states.setdefault(row, {})
+        if layer not in states:
+            states[layer] = CompressedState(1, self.clustering)
+        return states[layer]
+
+    def release(self, row: int) -> None:
+        self.states.pop(row, None)
+        self.version += 1
+
+    def nbytes(self) -> int:
+        """Bytes of every latent, center, father id and position held."""
+        return sum(sum(s.bytes_by_part().values()) for states in self.states.values() for s in states.values())
+
+
+class DeltaKVPool(KVPool):
+    """The raw pool of DeltaKV (group 0: filter layers, group 1: compressed layers; see the module docstring) and
+    its :class:`DeltaKVStore`. Releasing a row frees both; :meth:`check_whole` checks both."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, group_slots: list[int], max_rows: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device, method):
+        groups = [0 if method.is_full(layer) else 1 for layer in range(num_layers)]
+        super().__init__(num_layers, num_kv_heads, head_dim, group_slots[0], max_rows, max_len, False, dtype, device,
+                         layer_groups=groups, group_slots=group_slots[:max(groups) + 1])
+        self.store = DeltaKVStore(method.sparse_layers(), method.clustering())
+
+    def raw_positions(self, row: int, start: int, stop: int) -> list[int]:
+        """RoPE positions of group-1 table entries ``start .. stop - 1`` of ``row`` (sinks, then the buffer after the
+        compressed tokens)."""
+        S, n = self.store.clustering.num_sink, self.store.count(row)
+        return [j if j < S else j + n for j in range(start, stop)]
+
+    def release_row(self, row: int) -> None:
+        super().release_row(row)
+        self.store.release(row)
+
+    def row_tokens(self, row: int) -> int:
+        """Raw slots of ``row`` over all layers plus its compressed tokens (each counted once per layer)."""
+        return super().row_tokens(row) + self.store.count(row) * len(self.store.layers)
+
+    def check_whole(self) -> None:
+        super().check_whole()
+        assert not self.store.states, f"rows {sorted(self.store.states)} still hold compressed tokens"
