@@ -4,6 +4,7 @@
                                       [--budget 2048] [--output bench_engine.json]
     python benchmarks/bench_engine.py --load 64,1024,32768,256 --rate 2   # plus the load test
     python benchmarks/bench_engine.py --cases 262144x1 --methods vanilla,snapkv --budget 2048 --new-tokens 32
+    python benchmarks/bench_engine.py --hf-methods vanilla,hf-best,snapkv+graph   # our HF path in the same process
     python benchmarks/bench_engine.py --small          # CPU smoke run (CI)
 
 Random weights in the Qwen2.5-7B shape (no download), bf16 on the GPU. One engine per method serves every case
@@ -122,6 +123,35 @@ def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int
                 ttft_s=percentiles(ttft), itl_ms=percentiles(itl, 1e3))
 
 
+def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, device, bandwidth) -> list[dict]:
+    """The same cases through ``sparse-hf bench``'s ``run_case`` (HF ``generate``'s per-step path: HF vanilla,
+    HF's best, our HF caches), before any engine is built, so each table is one process. The HF model is freed
+    afterwards (an engine sizes its pool from the free memory). Sparse methods keep ``budget`` tokens per prompt."""
+    from sparse_hf.bench import BASELINES, build_model, check_methods
+    from sparse_hf.bench import run_case as hf_run_case
+
+    names = check_methods(methods, device.type == "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(shape, device, dtype)
+    fraction = lambda length: min(1.0, budget / length)  # noqa: E731
+    hf_run_case(model, device, 128, 1, "vanilla", None, 4, bandwidth)                     # warm-up
+    for name in names:                                      # Triton JIT and graph capture outside the timed cases
+        if name not in BASELINES:
+            hf_run_case(model, device, 512, 1, name, fraction(512), 4, bandwidth)
+    results = []
+    for length, batch in cases:
+        for name in names:
+            r = hf_run_case(model, device, length, batch, name, None if name in BASELINES else fraction(length),
+                            new_tokens, bandwidth)
+            r.update(path="hf")
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen2.5-7b", choices=sorted(SHAPES))
@@ -144,6 +174,10 @@ def main(argv=None) -> int:
                         "(default: the engine's choice; see PoolAttention._prefill)")
     p.add_argument("--load-arrivals", default="together,poisson", help="which load arrivals to run (comma list)")
     p.add_argument("--load-mixed", default="on,off", help="load test with mixed steps on, off, or both (comma list)")
+    p.add_argument("--hf-methods", default="",
+                   help="also run these through our HF path in the same process first, side by side with the engine "
+                        "(comma list: vanilla, hf-best, or a sparse method, +graph on CUDA; e.g. "
+                        "vanilla,hf-best,snapkv+graph); sparse ones keep --budget tokens of each prompt")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short cases")
     p.add_argument("--output", default=None, help="write the JSON here (default: stdout only)")
     args = p.parse_args(argv)
@@ -169,6 +203,8 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device)
     report = dict(shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   copy_bw_TBps=round(bandwidth / 1e12, 3) if bandwidth else None, budget=args.budget, results=[])
+    if args.hf_methods:
+        report["hf"] = run_hf_side(args.shape, args.hf_methods, cases, args.budget, args.new_tokens, device, bandwidth)
     for method in args.methods.split(","):
         knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest)
         llm = LLM(config, max_model_len=max_len, max_num_seqs=max([b for _, b in cases] + ([load[0]] if load else [])),

@@ -24,6 +24,24 @@ def test_bench_engine_small(tmp_path):
         assert r["output_tok_s"] > 0 and r["ttft_s"]["p50"] > 0 and r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0
 
 
+def test_bench_engine_runs_the_hf_path_in_the_same_process(tmp_path):
+    """``--hf-methods``: the same cases through our HF path first (one table, one process), with the engine's budget
+    in tokens turned into each prompt's fraction."""
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--small", "--methods", "vanilla", "--hf-methods", "vanilla,snapkv", "--load-arrivals",
+                              "together", "--load-mixed", "on", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    hf = report["hf"]
+    assert [(r["method"], r["L"], r["B"]) for r in hf] == [(m, L, B) for L, B in ((96, 2), (160, 1))
+                                                           for m in ("vanilla", "snapkv")]
+    for r in hf:
+        assert r["path"] == "hf" and r["decode_tok_s"] > 0 and r["ttft_s"] > 0
+        if r["method"] == "snapkv":                       # --small: budget 48 tokens per prompt
+            knobs = r["knobs"]
+            assert knobs["num_sink_tokens"] + knobs["num_recent_tokens"] + knobs["num_top_tokens"] == 48
+    assert [r["method"] for r in report["results"]] == ["vanilla", "vanilla"]
+
+
 def test_bench_engine_case_beyond_the_models_positions(tmp_path, monkeypatch):
     """A stand-in for the 262144x1 case: a prompt longer than the shape's max_position_embeddings (RoPE table and
     slot tables follow max_model_len), vanilla and snapkv at a fixed budget, one engine per method."""
