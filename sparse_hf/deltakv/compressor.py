@@ -241,6 +241,37 @@ class DeltaKVCompressor(PreTrainedModel):
                                      revision=revision, create_pr=create_pr)
 
 
+def resolve_compressor(compressor, deltakv_path, model_config) -> tuple[nn.Module, DeltaKVProjections]:
+    """``(compressor, projections)`` for serving: ``compressor`` (a :class:`DeltaKVCompressor` or its core
+    :class:`DeltaKVProjections`) or, when ``None``, the one :meth:`DeltaKVCompressor.from_pretrained` loads from
+    ``deltakv_path``; checked against ``model_config``'s KV shape and set to eval mode. The HF cache and the
+    engine both call this (raises ``ValueError`` for any other object)."""
+    comp = compressor if compressor is not None else DeltaKVCompressor.from_pretrained(deltakv_path)
+    if isinstance(comp, DeltaKVCompressor):
+        comp.check_compatible(model_config)
+        return comp.eval(), comp.projections
+    if isinstance(comp, DeltaKVProjections):
+        comp.check_shape(*model_kv_shape(model_config))
+        return comp.eval(), comp
+    raise ValueError(f"compressor must be a DeltaKVCompressor (or its core DeltaKVProjections), got "
+                     f"{type(comp).__name__}")
+
+
+def serving_method(method, projections: DeltaKVProjections, explicit_knobs):
+    """``method`` rebuilt for serving with ``projections``: every compressed layer must have weights, the
+    compressor's training knobs become the defaults (``explicit_knobs``, the names the caller set, win; a new
+    config, the caller's is never changed), and the latent bits must suit the latent width (``ValueError``)."""
+    from .quant import check_bits
+
+    missing = [i for i in method.sparse_layers() if str(i) not in projections.layers]
+    if missing:
+        raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses "
+                         f"(every layer not in full_attn_layers={list(method.full_layers)})")
+    config = method.with_compressor_defaults(method.config, projections.serving_defaults(), explicit_knobs)
+    check_bits(config.kv_quant_bits, projections.latent_size)
+    return type(method)(config, method.num_layers)
+
+
 def _register_auto_classes() -> None:
     """Let ``AutoConfig`` / ``AutoModel.from_pretrained`` open native compressor directories too."""
     from transformers import AutoConfig, AutoModel

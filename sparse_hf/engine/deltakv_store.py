@@ -30,46 +30,20 @@ def require_compressor(runtime) -> None:
                          "compressor=DeltaKVCompressor(...)) or deltakv_path='dir-or-hub-id' (or 'demo')")
 
 
-def load_projections(runtime, hf_config):
-    """The core :class:`~sparse_hf.deltakv.projections.DeltaKVProjections` of the engine's ``compressor=`` (a
-    ``DeltaKVCompressor`` or its projections) or ``deltakv_path=`` (a directory, Hub id or ``"demo"``), checked
-    against the model's KV shape. Raises ``ValueError`` with what to pass when neither is given."""
-    from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
-    from ..deltakv.projections import DeltaKVProjections
-
-    require_compressor(runtime)
-    comp = runtime.compressor if runtime.compressor is not None else DeltaKVCompressor.from_pretrained(
-        runtime.deltakv_path)
-    if isinstance(comp, DeltaKVCompressor):
-        comp.check_compatible(hf_config)
-        return comp.projections.eval()
-    if isinstance(comp, DeltaKVProjections):
-        comp.check_shape(*model_kv_shape(hf_config))
-        return comp.eval()
-    raise ValueError(f"compressor must be a DeltaKVCompressor (or its core DeltaKVProjections), got "
-                     f"{type(comp).__name__}")
-
-
 def prepare_deltakv(method, knobs: dict, hf_config):
     """``(method, projections)``: the method rebuilt with the compressor's trained knobs as defaults (the caller's
     explicit ``knobs`` win, as on the HF path), and the projections. Raises ``ValueError`` for a missing or
     mismatched compressor, a compressor lacking a compressed layer, or latent bits the latent width rejects."""
-    from ..deltakv.quant import check_bits
+    from ..deltakv.compressor import resolve_compressor, serving_method
 
     if model_family(hf_config) == "qwen3":
         raise NotImplementedError("deltakv in the engine does not support models with a key norm (Qwen3) yet: "
                                   "their pre-norm keys would need their own store; use the HF path "
                                   "(cache_implementation='deltakv')")
     _, runtime = type(method).build_config(**knobs)
-    projections = load_projections(runtime, hf_config)
-    missing = [i for i in method.sparse_layers() if str(i) not in projections.layers]
-    if missing:
-        raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses (every "
-                         f"layer not in full_attn_layers={list(method.full_layers)})")
-    config = method.with_compressor_defaults(method.config, projections.serving_defaults(),
-                                             {k for k in knobs if k not in ("compressor", "deltakv_path")})
-    method = type(method)(config, method.num_layers)
-    check_bits(config.kv_quant_bits, projections.latent_size)
+    require_compressor(runtime)
+    _, projections = resolve_compressor(runtime.compressor, runtime.deltakv_path, hf_config)
+    method = serving_method(method, projections, {k for k in knobs if k not in ("compressor", "deltakv_path")})
     return method, projections
 
 

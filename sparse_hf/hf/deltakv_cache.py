@@ -32,9 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from sparse_hf.kernels.dispatch import kernels_run_fused
 
 from ..config import MethodConfig, cache_config_dict
-from ..deltakv.compressor import DeltaKVCompressor, model_kv_shape
-from ..deltakv.projections import DeltaKVProjections
-from ..deltakv.quant import check_bits
+from ..deltakv.compressor import resolve_compressor, serving_method
 from ..deltakv.rope import unrotate
 from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
@@ -65,31 +63,14 @@ class CompressedCache(SelectionCache):
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
-        c, run = self.sparse_config, self.runtime
+        run = self.runtime
         self.method.check_runtime(run)
-        comp = run.compressor if run.compressor is not None else DeltaKVCompressor.from_pretrained(run.deltakv_path)
-        if isinstance(comp, DeltaKVCompressor):
-            comp.check_compatible(self.model_config)
-            projections = comp.projections
-        elif isinstance(comp, DeltaKVProjections):
-            projections = comp
-            projections.check_shape(*model_kv_shape(self.model_config))
-        else:
-            raise ValueError(f"compressor must be a DeltaKVCompressor (or its core DeltaKVProjections), got "
-                             f"{type(comp).__name__}")
-        missing = [i for i in self.method.sparse_layers() if str(i) not in projections.layers]
-        if missing:
-            raise ValueError(f"the compressor has no weights for layers {missing}, which deltakv compresses "
-                             f"(every layer not in full_attn_layers={list(self.method.full_layers)})")
-        self.compressor = comp.eval()
-        self.projections = projections
+        self.compressor, self.projections = resolve_compressor(run.compressor, run.deltakv_path, self.model_config)
         # Serving follows the compressor's training unless the caller set a knob: a new config, the caller's
         # stays as it was.
-        self.sparse_config = self.method.with_compressor_defaults(
-            c, projections.serving_defaults(), _explicit_knobs(sparse_config, knobs))
-        self.method = type(self.method)(self.sparse_config, self.num_layers)
+        self.method = serving_method(self.method, self.projections, _explicit_knobs(sparse_config, knobs))
+        self.sparse_config = self.method.config
         self.clustering = self.method.clustering()
-        check_bits(self.sparse_config.kv_quant_bits, projections.latent_size)
         self.obs_scores = None
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
         self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
