@@ -159,8 +159,10 @@ class PoolAttention:
         ctx, pool = self.ctx, self.pool
         if ctx.window:
             for seg in ctx.segments:
+                # a copy of the few window queries: a view would keep the layer's whole q (with fused RoPE, its
+                # whole qkv projection) alive until the prompt completes
                 seg.windows[layer] = q[seg.start + seg.length - min(ctx.window, seg.length):
-                                       seg.start + seg.length].transpose(0, 1)       # [H, w, D]
+                                       seg.start + seg.length].transpose(0, 1).clone()   # [H, w, D]
         route = self.prefill_route
         if route == "gather":
             out = torch.empty_like(q)
