@@ -36,22 +36,12 @@ class ScoredKVPool(KVPool):
                                   device=self.device)
         self._group_layers = torch.tensor(self.layers_of, device=self.device).view(self.num_groups, -1, 1)
 
-    def allocate(self, rows: list[int], counts: list[int]) -> torch.Tensor:
-        """:meth:`KVPool.allocate`, and the new slots start with no attention (one write for every layer)."""
-        slot_mapping = super().allocate(rows, counts)                                          # [G, T]
-        self._clear_scores(slot_mapping)
-        return slot_mapping
-
-    def allocate_decode(self, rows: list[int], rows_dev: torch.Tensor, cols_dev: torch.Tensor) -> torch.Tensor:
-        """:meth:`KVPool.allocate_decode`, and the new slots start with no attention: a freed slot that a decode
-        step reuses must not inherit the scores of the token that held it before."""
-        slots = super().allocate_decode(rows, rows_dev, cols_dev)                            # [G, B] int32
-        self._clear_scores(slots.long())
+    def _pop_free(self, n: int) -> torch.Tensor:
+        """:meth:`KVPool._pop_free` (every allocation, prefill or decode, takes its slots here), and the new slots
+        start with no attention: a reused slot must not inherit the scores of the token that held it before."""
+        slots = super()._pop_free(n)                                                            # [G, n] int32
+        self.scores[self._group_layers, slots.long().unsqueeze(1)] = 0.0                      # every layer at once
         return slots
-
-    def _clear_scores(self, slot_mapping: torch.Tensor) -> None:
-        """Zero every layer's scores at the new slots ``slot_mapping`` ``[G, T]`` (one write for all layers)."""
-        self.scores[self._group_layers, slot_mapping.unsqueeze(1)] = 0.0
 
     def add_scores(self, layer: int, slots: torch.Tensor, mass: torch.Tensor) -> None:
         """``scores[layer][slots[i]] += mass[i]`` (``slots`` ``[N]`` long, ``mass`` ``[N, Hkv]``; repeated slots
