@@ -185,6 +185,16 @@ def main(argv=None) -> int:
         extra = dict(device="cpu", num_kv_slots=1024)
     (length, batch), = parse_cases(args.case)
     knobs = {} if args.method == "vanilla" else budget_config(args.method, args.budget / length, length)
+    if args.method == "deltakv":                           # a random compressor of the usual shape (speed only)
+        try:
+            from bench_engine_deltakv import random_compressor
+        except ImportError:                                 # run from the repository root
+            from benchmarks.bench_engine_deltakv import random_compressor
+        on_gpu = "device" not in extra and torch.cuda.is_available()
+        if args.small:
+            knobs["full_attn_layers"] = [0]
+        knobs["compressor"] = random_compressor(engine_config(shape), torch.bfloat16 if on_gpu else torch.float32,
+                                                torch.device("cuda" if on_gpu else "cpu"))
     llm = LLM(engine_config(shape), max_model_len=length + 3 * args.steps + 16, max_num_seqs=batch,
               max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
               sparse_method=None if args.method == "vanilla" else args.method, enforce_eager=args.kernels,
@@ -241,7 +251,7 @@ def main(argv=None) -> int:
 
     phases = {label: round(statistics.median(v), 3) for label, v in timer.ms.items()}
     calls = {label: round(len(v) / args.steps, 2) for label, v in timer.ms.items()}
-    report = dict(case=args.case, method=args.method, knobs=knobs, skinny_gemm=args.skinny_gemm,
+    report = dict(case=args.case, method=args.method, knobs={k: v for k, v in knobs.items() if k != "compressor"}, skinny_gemm=args.skinny_gemm,
                   decode_ahead=llm.decode_ahead, device=str(llm.device),
                   step_ms=round(statistics.median(plain), 3), step_ms_instrumented=round(statistics.median(wrapped), 3),
                   gpu_ms=round(gpu, 3) if gpu else None,

@@ -31,6 +31,38 @@ class InFlightDecode:
     logits: torch.Tensor
 
 
+class TokenReader:
+    """Reads a step's sampled tokens ``[B]`` without waiting for work queued after them.
+
+    ``sampled.tolist()`` copies on the current stream, so it would wait for the decode step launched ahead (queued
+    after the sampler) and the host work would not overlap it at all (measured on an H200 at 4096x8: 5.92 ms per
+    step with the plain read against 5.37 ms without decode-ahead). :meth:`start` queues the device-to-host copy
+    into a pinned buffer *before* the next launch; :meth:`read` waits only for that copy.
+    """
+
+    def __init__(self, max_rows: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(max_rows, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.count = 0
+
+    def start(self, sampled: torch.Tensor) -> None:
+        """Queue the copy of ``sampled`` ``[B]`` (before launching anything that must not delay the read)."""
+        B = sampled.shape[0]
+        if B > self.host.shape[0]:
+            self.host = torch.empty(B, dtype=torch.long, pin_memory=self.cuda)
+        self.host[:B].copy_(sampled, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+        self.count = B
+
+    def read(self) -> list[int]:
+        """The tokens of the last :meth:`start`, once its copy is done."""
+        if self.cuda:
+            self.event.synchronize()
+        return self.host[:self.count].tolist()
+
+
 def can_decode_ahead(llm, batch: list) -> bool:
     """Whether the step after the decode step of ``batch`` (not yet sampled) is surely a decode of the same rows."""
     runner, scheduler = llm.runner, llm.scheduler

@@ -13,7 +13,7 @@ import torch
 
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
-from .decode_ahead import can_decode_ahead, launch_ahead, still_running, take_in_flight
+from .decode_ahead import TokenReader, can_decode_ahead, launch_ahead, still_running, take_in_flight
 from .runner import plan_decode, plan_mixed, plan_prefill
 from .scheduler import Scheduler
 from .tp import check_divisible, launched_by_torchrun
@@ -168,6 +168,7 @@ class LLM:
         #: Launch a decode step before the previous one's tokens are read (:mod:`.decode_ahead`); CUDA graphs only.
         self.decode_ahead = self.device.type == "cuda" and self.driver is None
         self.in_flight = None
+        self.token_reader = TokenReader(self.config.max_num_seqs, self.device)
         self._ids = itertools.count()
 
     @property
@@ -266,8 +267,11 @@ class LLM:
             steps = torch.tensor([len(r.output_token_ids) for r in done])          # host: no blocking copy
             sampled = self.sampler(logits, params, steps, self.eos_token_ids)      # [B] on the device
             if kind in ("decode", "ahead") and self.decode_ahead and can_decode_ahead(self, done):
+                self.token_reader.start(sampled)                   # queued before the next step, not after it
                 self.in_flight = launch_ahead(self, done, sampled)                 # before reading the tokens
-            tokens = sampled.tolist()
+                tokens = self.token_reader.read()
+            else:
+                tokens = sampled.tolist()
             now = time.perf_counter()
             for req, token in zip(done, tokens):
                 if kind == "ahead" and not still_running(self, req):
