@@ -125,6 +125,17 @@ def test_context_manager_releases():
     assert not hasattr(llm, "pool")
 
 
+def test_in_memory_model_keeps_its_dtype():
+    """An in-memory model runs in its own dtype unless ``dtype`` is given (an fp32 model given on CUDA used to run
+    in bf16 silently: its KV pool and weights were rounded, so it no longer matched HF ``generate``)."""
+    model = tiny_model("llama", layers=1)
+    assert LLM(model, max_model_len=64, num_kv_slots=128).dtype == torch.float32
+    half = LLM(tiny_model("llama", layers=1).to(torch.bfloat16), max_model_len=64, num_kv_slots=128)
+    assert half.dtype == torch.bfloat16 and half.pool.k[0].dtype == torch.bfloat16
+    forced = LLM(model, max_model_len=64, num_kv_slots=128, dtype=torch.bfloat16)
+    assert forced.dtype == torch.bfloat16 and next(forced.model.parameters()).dtype == torch.bfloat16
+
+
 def test_bad_input_errors():
     model = tiny_model("llama")
     llm = LLM(model, num_kv_slots=32, max_model_len=128)

@@ -117,6 +117,17 @@ def _default_device(model) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _default_model_dtype(model, device: torch.device) -> torch.dtype:
+    """An in-memory model's own floating dtype (an fp32 model runs in fp32, as it does under HF ``generate``: the
+    engine never silently computes in a lower precision than the model it was given); else
+    :func:`~.config.default_dtype` for the device (bf16 on CUDA, fp32 on CPU)."""
+    if isinstance(model, torch.nn.Module):
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is not None:
+            return param.dtype
+    return default_dtype(device)
+
+
 class LLM:
     """A serving engine over one device, or over ``tensor_parallel_size`` devices (one process per rank, heads
     split across ranks; see :mod:`.tp`). See :class:`~.config.EngineConfig` for the knobs; ``sparse_knobs`` are
@@ -139,7 +150,7 @@ class LLM:
                                    sparse_method, tp_selection, mixed_steps)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
         device = torch.device(device) if device is not None else _default_device(model)
-        self.dtype = dtype or default_dtype(device)
+        self.dtype = dtype or _default_model_dtype(model, device)
         spec = EngineSpec(hf_config, _weights_for_ranks(model, tensors, tensor_parallel_size), self.config,
                           dict(sparse_knobs), self.dtype, str(device),
                           self.config.max_model_len or hf_config.max_position_embeddings)
