@@ -96,7 +96,7 @@ def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int
     arrivals = [sum(gaps[: i + 1]) for i in range(num_requests)]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
-    added, finished, last_token, ttft, itl, tokens = 0, 0, {}, [], [], 0
+    added, finished, last_token, ttft, itl, tokens, max_running = 0, 0, {}, [], [], 0, 0
     while finished < num_requests:
         now = time.perf_counter() - start
         while added < num_requests and arrivals[added] <= now:
@@ -109,6 +109,7 @@ def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int
             continue
         outs = llm.step()
         t = time.perf_counter()
+        max_running = max(max_running, len(llm.scheduler.running))
         for o in outs:
             if o.finish_reason == "abort":
                 continue
@@ -120,7 +121,20 @@ def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int
     return dict(num_requests=num_requests, prompt_lens=[min_len, max_len], new_tokens=new_tokens,
                 arrival="together" if rate is None else f"poisson {rate}/s", wall_s=round(wall, 3),
                 requests_per_s=round(num_requests / wall, 3), output_tok_s=round(tokens / wall, 1),
-                ttft_s=percentiles(ttft), itl_ms=percentiles(itl, 1e3))
+                ttft_s=percentiles(ttft), itl_ms=percentiles(itl, 1e3), max_running=max_running)
+
+
+def rows_that_fit(llm, prompt_len: int, new_tokens: int, kept: int | None) -> int:
+    """Requests of ``prompt_len`` + ``new_tokens`` the pool holds at once (from its size; ``max_num_seqs``, the
+    rows the engine was built with, caps what it runs at once, and is reported beside). Vanilla: every row holds its whole context. An eviction method (``kept`` tokens per row
+    after the prompt): one prompt at a time holds all its slots until its eviction, the others ``kept +
+    new_tokens``. The tightest slot group (per-layer budgets) decides."""
+    slots = min(llm.pool.group_slots)
+    if kept is None:
+        fit = slots // (prompt_len + new_tokens)
+    else:
+        fit = 0 if slots < prompt_len else 1 + (slots - prompt_len) // (kept + new_tokens)
+    return fit
 
 
 def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, device, bandwidth) -> list[dict]:
@@ -222,6 +236,12 @@ def main(argv=None) -> int:
             report["results"].append(r)
             print(json.dumps(r), flush=True)
         if load is not None:
+            kept = None if method == "vanilla" or llm.runner.method.family == "mask" else args.budget
+            report.setdefault("capacity", []).append(dict(
+                method=method, pool_slots_per_layer=min(llm.pool.group_slots), prompt_len=load[2],
+                new_tokens=load[3], rows_that_fit=rows_that_fit(llm, load[2], load[3], kept),
+                max_num_seqs=llm.config.max_num_seqs))
+            print(json.dumps(report["capacity"][-1]), flush=True)
             for mixed in args.load_mixed.split(","):
                 llm.config.mixed_steps = mixed == "on"                 # the scheduler reads it every step
                 for arrival in args.load_arrivals.split(","):
