@@ -237,3 +237,21 @@ def test_father_ids_are_int16_until_the_centers_outgrow_it():
     assert _father_dtype(40001, None) == torch.int32
     assert _father_dtype(40001, torch.zeros(1, dtype=torch.int16)) == torch.int32
     assert _father_dtype(100, torch.zeros(1, dtype=torch.int32)) == torch.int32   # never narrows again
+
+
+def test_model_that_ran_deltakv_still_compiles_without_it():
+    """Once a model has run a sparse cache, ``import sparse_hf``'s attention and ``k_proj`` hooks stay on it. A later
+    ``torch.compile`` of a call without a sparse cache (HF's own compiled StaticCache path, run in the same process
+    by ``bench_engine.py --hf-methods``) must trace through them: the H200 run of 2026-12-02 failed there with
+    Dynamo's "unsupported method call setdefault" on the hooks' thread-local."""
+    model = tiny_model("qwen2", layers=4)
+    torch.manual_seed(0)
+    comp = DeltaKVCompressor.for_model(model.config, kv_compressed_size=8)
+    ids, mask = left_padded_batch((40, 33))
+    greedy(model, ids, mask, new_tokens=3, cache_implementation="deltakv",
+           cache_config=dict(BASE, compressor=comp, num_top_tokens=0.5, num_recent_tokens=4))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want)

@@ -51,6 +51,12 @@ _CALL = threading.local()
 
 
 def _attention_pre_hook(module, args, kwargs):
+    if not any(isinstance(kwargs.get(key), SparseCache) for key in _CACHE_KEYS):
+        # Not our cache: leave the call alone. Under torch.compile (HF's own StaticCache path on a model that once
+        # ran a sparse cache) Dynamo cannot trace the thread-local below, so it must not be touched there.
+        if not torch.compiler.is_compiling():
+            _CALL.__dict__.get("cache_of", {}).pop(id(module), None)
+        return args, kwargs
     calls = _CALL.__dict__.setdefault("cache_of", {})
     calls.pop(id(module), None)
     for key in _CACHE_KEYS:
@@ -69,6 +75,8 @@ def _raw_key_hook(attention):
     this thread's current call, for caches that compress raw keys (DeltaKV), keyed by layer; the cache pops
     it, so nothing outlives the layer's call and nothing is stored on the (shared) module."""
     def hook(_module, _args, output):
+        if torch.compiler.is_compiling():               # a compiled (non-sparse) call: no cache to feed
+            return
         ref = _CALL.__dict__.get("cache_of", {}).get(id(attention))
         cache = ref() if ref is not None else None
         if cache is not None:
