@@ -161,6 +161,10 @@ def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, d
             results.append(r)
             print(json.dumps(r), flush=True)
     del model
+    import gc
+
+    torch._dynamo.reset()          # hf-best's compiled graphs hold the HF model's weights (15 GB for the 7B shape):
+    gc.collect()                   # run L's engine rows counted them as "peak beyond weights + KV" before this
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results
