@@ -216,10 +216,8 @@ class PoolAttention:
         """OmniKV observation layer: full attention plus a new selection (``ctx.selection``, slot ids)."""
         pool = self.pool
         W = tables.shape[1]
-        flat = tables.long()
-        keys = pool.k[layer][flat].permute(0, 2, 1, 3)                           # [B, Hkv, W, D]
-        values = pool.v[layer][flat].permute(0, 2, 1, 3)
-        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
+        out, logits = decode_attention_with_scores(q, pool.k[layer], pool.v[layer], lengths=lens, scale=scale,
+                                                   backend=self.backend, table=tables)   # K/V read in place
         valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
         if self.reduce_scores is None:
             selection = self.method.select_decode(logits, valid, lens)

@@ -103,9 +103,8 @@ class ScoredPoolAttention(PoolAttention):
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         ctx, pool = self.ctx, self.pool
         tables, lens = ctx.tables[g].long(), ctx.lens[g]                                # [B, W], [B]
-        keys = pool.k[layer][tables].permute(0, 2, 1, 3)                                # [B, Hkv, W, D]
-        values = pool.v[layer][tables].permute(0, 2, 1, 3)
-        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
+        out, logits = decode_attention_with_scores(q, pool.k[layer], pool.v[layer], lengths=lens, scale=scale,
+                                                   backend=self.backend, table=tables)   # K/V read in place
         mass = self.method.accumulate_logits(logits, pool.num_kv_heads)                # [B, Hkv, W]
         live = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
         slots = torch.where(live, tables, pool.scratch_slot)
