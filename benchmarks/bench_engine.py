@@ -85,23 +85,29 @@ def percentiles(values: list[float], scale: float = 1.0) -> dict:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
+def load_requests(num_requests: int, min_len: int, max_len: int, vocab: int, rate: float | None):
+    """The load test's requests: ``(arrival times in s, prompts)``, ``num_requests`` prompts of uniform random
+    lengths in ``[min_len, max_len]`` arriving together (``rate=None``) or as a Poisson stream of ``rate``/s. The same
+    arguments give the same requests (the engine and HF ``generate`` serve the same load)."""
+    g = torch.Generator().manual_seed(num_requests)
+    lengths = torch.randint(min_len, max_len + 1, (num_requests,), generator=g).tolist()
+    gaps = (torch.empty(num_requests).exponential_(generator=g) / rate).tolist() if rate else [0.0] * num_requests
+    arrivals = [sum(gaps[: i + 1]) for i in range(num_requests)]
+    return arrivals, [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
 def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int, rate: float | None) -> dict:
     """``num_requests`` prompts of uniform random lengths in ``[min_len, max_len]``, arriving together
     (``rate=None``) or as a Poisson stream of ``rate`` requests/s: requests/s, output tok/s, TTFT and
     inter-token latency percentiles."""
-    g = torch.Generator().manual_seed(num_requests)
-    vocab = llm.model.config.vocab_size
-    lengths = torch.randint(min_len, max_len + 1, (num_requests,), generator=g).tolist()
-    gaps = (torch.empty(num_requests).exponential_(generator=g) / rate).tolist() if rate else [0.0] * num_requests
-    arrivals = [sum(gaps[: i + 1]) for i in range(num_requests)]
+    arrivals, prompts = load_requests(num_requests, min_len, max_len, llm.model.config.vocab_size, rate)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     added, finished, last_token, ttft, itl, tokens, max_running = 0, 0, {}, [], [], 0, 0
     while finished < num_requests:
         now = time.perf_counter() - start
         while added < num_requests and arrivals[added] <= now:
-            prompt = torch.randint(0, vocab, (lengths[added],), generator=g).tolist()
-            llm.add_request(f"load-{added}", prompt, params)
+            llm.add_request(f"load-{added}", prompts[added], params)
             last_token[f"load-{added}"] = start + arrivals[added]
             added += 1
         if not llm.has_unfinished_requests():
@@ -125,16 +131,48 @@ def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int
 
 
 def rows_that_fit(llm, prompt_len: int, new_tokens: int, kept: int | None) -> int:
-    """Requests of ``prompt_len`` + ``new_tokens`` the pool holds at once (from its size; ``max_num_seqs``, the
-    rows the engine was built with, caps what it runs at once, and is reported beside). Vanilla: every row holds its whole context. An eviction method (``kept`` tokens per row
-    after the prompt): one prompt at a time holds all its slots until its eviction, the others ``kept +
-    new_tokens``. The tightest slot group (per-layer budgets) decides."""
+    """Requests of ``prompt_len`` + ``new_tokens`` the pool holds at once, from its size (``max_num_seqs``, the rows
+    the engine was built with, caps what it runs at once; reported beside). Vanilla: every row holds its whole
+    context. An eviction method (``kept`` tokens per row after the prompt): one prompt at a time holds all its
+    slots until its eviction, the others ``kept + new_tokens``. The tightest slot group (per-layer budgets) decides."""
     slots = min(llm.pool.group_slots)
     if kept is None:
         fit = slots // (prompt_len + new_tokens)
     else:
         fit = 0 if slots < prompt_len else 1 + (slots - prompt_len) // (kept + new_tokens)
     return fit
+
+
+def run_hf_load(shape: str, load: list[int], device, batch: int = 8) -> dict:
+    """The load test's requests (arriving together) through HF ``generate`` (vanilla ``DynamicCache``, SDPA),
+    ``batch`` requests at a time in arrival order, left-padded: what serving them with plain Transformers gives.
+    Output tok/s and requests/s over the whole load; run before any engine is built (one process, one table)."""
+    from sparse_hf.bench import build_model
+
+    num_requests, min_len, max_len, new_tokens = load
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(shape, device, dtype)
+    _, prompts = load_requests(num_requests, min_len, max_len, model.config.vocab_size, None)
+    tokens, start = 0, time.perf_counter()
+    for first in range(0, num_requests, batch):
+        group = prompts[first: first + batch]
+        width = max(len(p) for p in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, p in enumerate(group):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        tokens += (out.shape[1] - width) * len(group)
+    wall = time.perf_counter() - start
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(path="hf generate", batch=batch, num_requests=num_requests, prompt_lens=[min_len, max_len],
+                new_tokens=new_tokens, arrival="together", wall_s=round(wall, 3),
+                requests_per_s=round(num_requests / wall, 3), output_tok_s=round(tokens / wall, 1))
 
 
 def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, device, bandwidth) -> list[dict]:
@@ -192,6 +230,8 @@ def main(argv=None) -> int:
                         "(default: the engine's choice; see PoolAttention._prefill)")
     p.add_argument("--load-arrivals", default="together,poisson", help="which load arrivals to run (comma list)")
     p.add_argument("--load-mixed", default="on,off", help="load test with mixed steps on, off, or both (comma list)")
+    p.add_argument("--load-hf", action="store_true",
+                   help="also serve the load test's requests (arriving together) with HF generate, 8 at a time, first")
     p.add_argument("--hf-methods", default="",
                    help="also run these through our HF path in the same process first, side by side with the engine "
                         "(comma list: vanilla, hf-best, or a sparse method, +graph on CUDA; e.g. "
@@ -221,6 +261,11 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device)
     report = dict(shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   copy_bw_TBps=round(bandwidth / 1e12, 3) if bandwidth else None, budget=args.budget, results=[])
+    if args.load_hf:
+        if load is None:
+            p.error("--load-hf needs --load N,MIN,MAX,NEW")
+        report["load_hf"] = run_hf_load(args.shape, load, device)
+        print(json.dumps(report["load_hf"]), flush=True)
     if args.hf_methods:
         report["hf"] = run_hf_side(args.shape, args.hf_methods, cases, args.budget, args.new_tokens, device, bandwidth)
     for method in args.methods.split(","):

@@ -53,3 +53,22 @@ def test_bench_engine_case_beyond_the_models_positions(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["vanilla", "snapkv"]
     assert all(r["length"] == 150 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
     assert rows[1]["knobs"]["num_top_tokens"] + rows[1]["knobs"].get("num_recent_tokens", 0) <= 150
+
+
+def test_load_runs_the_same_requests_through_hf_generate(tmp_path):
+    """``--load-hf``: the load's requests (the same prompts the engine gets) through HF ``generate`` 8 at a time,
+    every request producing its ``NEW`` tokens; and the capacity line (requests of the longest prompt that fit)."""
+    arrivals, prompts = bench_engine.load_requests(6, 16, 64, 100, rate=None)
+    assert arrivals == [0.0] * 6 and all(16 <= len(p) <= 64 for p in prompts)
+    assert bench_engine.load_requests(6, 16, 64, 100, rate=None)[1] == prompts        # same requests every time
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--small", "--methods", "vanilla,snapkv", "--load-hf", "--load-arrivals", "together",
+                              "--load-mixed", "on", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    hf = report["load_hf"]
+    assert hf["path"] == "hf generate" and hf["num_requests"] == 6 and hf["output_tok_s"] > 0
+    assert abs(hf["output_tok_s"] * hf["wall_s"] - 6 * 4) < 0.5                       # 6 requests x 4 new tokens
+    capacity = {c["method"]: c for c in report["capacity"]}
+    slots = capacity["vanilla"]["pool_slots_per_layer"]
+    assert capacity["vanilla"]["rows_that_fit"] == slots // (64 + 4)
+    assert capacity["snapkv"]["rows_that_fit"] >= capacity["vanilla"]["rows_that_fit"]
