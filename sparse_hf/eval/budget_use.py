@@ -20,7 +20,11 @@ import torch
 
 def full_layer_flags(cache, num_layers: int) -> list[bool]:
     """Per layer, whether the method makes it read everything (no method, e.g. a ``DynamicCache``: all)."""
-    method = getattr(cache, "method", None)
+    return method_full_layer_flags(getattr(cache, "method", None), num_layers)
+
+
+def method_full_layer_flags(method, num_layers: int) -> list[bool]:
+    """Per layer, whether ``method`` (a core method object, or ``None`` for the full cache) reads everything."""
     if method is None:
         return [True] * num_layers
     if hasattr(method, "is_full"):
@@ -84,3 +88,23 @@ def budget_use(cache) -> dict:
 
     return {"kept": mean(usage.kept_tokens), "read": mean(reads), "full_layer_share": sum(full) / max(1, num_layers),
             "context_tokens": usage.logical_tokens}
+
+
+def engine_budget_use(method, num_layers: int, kept_all_layers: int, context_tokens: int) -> dict:
+    """The :func:`budget_use` fields of one engine request, from what the engine reports when it ends:
+    ``kept_all_layers`` (``RequestOutput.metrics["kept_kv_tokens"]``: slots held summed over layers, DeltaKV's
+    compressed tokens included) and ``context_tokens`` (prompt + generated tokens whose K/V were written).
+
+    A full layer holds the whole context, so the sparse layers' mean is what remains after them. ``read`` is
+    known only where a layer reads what it holds (eviction methods and the full cache); OmniKV's and DeltaKV's
+    decode-time selections are not reported by the engine, so their ``read`` is ``None`` (shown as ``-``)."""
+    full = method_full_layer_flags(method, num_layers)
+    sparse = num_layers - sum(full)
+    if sparse == 0:
+        kept = float(context_tokens)
+    else:
+        kept = max(0.0, (kept_all_layers - sum(full) * context_tokens) / sparse)
+    family = getattr(method, "family", None)
+    read = kept if family in (None, "evict") or sparse == 0 else None
+    return {"kept": kept, "read": read, "full_layer_share": sum(full) / max(1, num_layers),
+            "context_tokens": context_tokens}
