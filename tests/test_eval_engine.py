@@ -93,6 +93,8 @@ def test_engine_eval_deltakv_with_a_compressor(model, tok, tmp_path):
 def test_knob_groups_give_each_prompt_its_own_budget():
     lengths = [2040, 2047, 2049, 2100, 2040]
     groups = knob_groups("snapkv", 0.1, lengths, None, budget_to_cache_config)
+    assert knob_groups("snapkv", 0.1, lengths, None, budget_to_cache_config, max_size=2) == [
+        (groups[0][0], [1, 2]), (groups[0][0], [0, 4]), (groups[1][0], [3])]     # longest first
     for knobs, indices in groups:
         for i in indices:
             assert knobs == budget_to_cache_config("snapkv", 0.1, lengths[i])

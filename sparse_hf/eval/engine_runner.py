@@ -15,31 +15,38 @@ from __future__ import annotations
 import json
 import time
 
-#: Rows the engine decodes together at most (a group larger than this queues; its results do not change).
-MAX_ENGINE_ROWS = 128
+#: Prompts one engine runs together at most (a larger knob group is split into batches of this size).
+MAX_ENGINE_ROWS = 64
 
 
 def knob_groups(method: str, budget: float, prompt_lens: list[int], cache_config: dict | None,
-                config_for) -> list[tuple[dict | None, list[int]]]:
+                config_for, max_size: int | None = None) -> list[tuple[dict | None, list[int]]]:
     """``[(knobs, indices)]``: the prompts (by index into ``prompt_lens``) that share ``method``'s knobs at
     ``budget``. ``config_for(method, budget, prompt_len, cache_config)`` is the eval's budget rule (``None``
-    for ``full``: one group)."""
+    for ``full``: one group). ``max_size`` splits larger groups (longest prompts first, so a batch holds similar
+    lengths), which bounds an engine's pool and lets results be written as each batch ends."""
     groups: dict[str, tuple[dict | None, list[int]]] = {}
     for i, n in enumerate(prompt_lens):
         knobs = config_for(method, budget, n, cache_config)
         key = json.dumps(knobs, sort_keys=True, default=str)
         groups.setdefault(key, (knobs, []))[1].append(i)
-    return list(groups.values())
+    if max_size is None:
+        return list(groups.values())
+    out = []
+    for knobs, indices in groups.values():
+        indices = sorted(indices, key=lambda i: -prompt_lens[i])
+        out += [(knobs, sorted(indices[j:j + max_size])) for j in range(0, len(indices), max_size)]
+    return out
 
 
 def engine_kwargs(method: str, knobs: dict | None, lengths: list[int], max_new: list[int], device) -> dict:
     """``LLM`` arguments that hold every request of a group at once: a pool of the group's prompt and output
     tokens (twice that for deltakv, whose pool memory is split between its filter layers and its compressed
     layers), ``max_model_len`` the longest request (a prompt of the model's whole context still gets its answer
-    tokens, as ``generate`` gives them), and one row per request (at most :data:`MAX_ENGINE_ROWS`)."""
+    tokens, as ``generate`` gives them), and one row per request."""
     need = [n + m + 1 for n, m in zip(lengths, max_new)]
-    rows = min(len(need), MAX_ENGINE_ROWS)
-    slots = sum(sorted(need, reverse=True)[:rows]) * (2 if method == "deltakv" else 1)
+    rows = len(need)
+    slots = sum(need) * (2 if method == "deltakv" else 1)
     slots = max(slots, 2 * max(need))
     kwargs = dict(max_model_len=max(need), max_num_seqs=rows, num_kv_slots=slots,
                   sparse_method=None if method == "full" else method, **(knobs or {}))
@@ -58,7 +65,8 @@ def engine_generate(model, tokenizer, method: str, budget: float, prompts: list[
     from ..engine import LLM, SamplingParams
     from .budget_use import engine_budget_use
 
-    for knobs, indices in knob_groups(method, budget, [len(p) for p in prompts], cache_config, config_for):
+    lengths = [len(p) for p in prompts]
+    for knobs, indices in knob_groups(method, budget, lengths, cache_config, config_for, MAX_ENGINE_ROWS):
         start = time.perf_counter()
         group_prompts = [prompts[i] for i in indices]
         group_new = [max_new[i] for i in indices]

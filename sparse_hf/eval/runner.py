@@ -9,6 +9,7 @@ scored, so an interrupted run resumes where it stopped: keys already in the file
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -155,11 +156,15 @@ def _generate_with_engine(model, tokenizer, todo, cache_config, max_new_tokens, 
                 prompts[id(s)] = encode_sample(tokenizer, s, use_chat_template)[0].tolist()
         ids = [prompts[id(s)] for s in samples]
         max_new = [max_new_tokens or s["max_new_tokens"] for s in samples]
+        start = time.perf_counter()
         for i, prediction, config, use, seconds in engine_generate(model, tokenizer, method, budget, ids, max_new,
                                                                    cache_config, budget_to_cache_config):
             write(dict(_record(method, budget, samples[i], prediction, len(ids[i]), config, use, seconds),
                        engine=True))
             bar.update(1)
+        if not progress:
+            print(f"engine: {method} @ {budget:g}: {len(samples)} prompts in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)
     bar.close()
 
 
