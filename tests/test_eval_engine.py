@@ -122,3 +122,26 @@ def test_demo_model_engine_eval_equals_hf_eval(tmp_path):
     hf, eng = both(demo, demo_tok, tmp_path, methods="full,snapkv,streamingllm,h2o", budgets=[0.25], **grid)
     assert_same_records(hf, eng)
     assert any(r["score"] == 1.0 for r in hf.values()), "the model found no needle: a weak comparison"
+
+
+def test_cli_engine_flag(model, tok, tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    import sparse_hf.engine.config as engine_config
+    from sparse_hf.eval.cli import main
+
+    loaded = []
+    fake = types.ModuleType("sparse_hf.models")
+    fake.load_model = lambda name, dtype, device: loaded.append(name) or (model, tok)
+    monkeypatch.setitem(sys.modules, "sparse_hf.models", fake)
+    base = ["eval", "--model", "demo", "--tasks", "niah_single", "--lengths", "256", "--depths", "0.5",
+            "--num-samples", "1", "--max-new-tokens", "2", "--no-progress", "--device", "cpu", "--engine",
+            "--budgets", "0.25", "--output-dir", str(tmp_path)]
+    assert main(base + ["--methods", "full,snapkv"]) == 0
+    records = list(read(tmp_path / "predictions.jsonl").values())
+    assert len(records) == 2 and all(r["engine"] for r in records)
+    assert "engine: snapkv @ 0.25: 1 prompts in" in capsys.readouterr().err
+    monkeypatch.setattr(engine_config, "ENGINE_METHODS", ("snapkv",))
+    assert main(base + ["--methods", "h2o"]) == 2 and loaded == ["demo"]      # refused before loading the model
+    assert "--engine: the engine does not run h2o" in capsys.readouterr().err

@@ -113,6 +113,13 @@ def run_eval_command(args) -> int:
                 corpus_path(args.corpus_file)
             except FileNotFoundError as exc:
                 raise UsageError(str(exc)) from None
+        if getattr(args, "engine", False):
+            from sparse_hf.engine.config import ENGINE_METHODS
+
+            missing = [m for m in args.methods if m not in ("full",) + ENGINE_METHODS]
+            if missing:
+                raise UsageError(f"--engine: the engine does not run {', '.join(missing)} (it runs "
+                                 f"{', '.join(ENGINE_METHODS)}); drop --engine for those methods")
         for method in args.methods:              # each method's knobs, as run_eval will build them
             if method != "full":
                 budget_to_cache_config(method, args.budgets[0], max(args.lengths), args.cache_config)

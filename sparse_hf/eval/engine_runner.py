@@ -43,12 +43,14 @@ def engine_kwargs(method: str, knobs: dict | None, lengths: list[int], max_new: 
     """``LLM`` arguments that hold every request of a group at once: a pool of the group's prompt and output
     tokens (twice that for deltakv, whose pool memory is split between its filter layers and its compressed
     layers), ``max_model_len`` the longest request (a prompt of the model's whole context still gets its answer
-    tokens, as ``generate`` gives them), and one row per request."""
+    tokens, as ``generate`` gives them), and one row per request. Decode runs eagerly: a batch lives for one
+    answer (at most a few dozen decode steps), and CUDA graphs would be captured again for every batch and for
+    every batch-size bucket it shrinks through, which costs more than they save."""
     need = [n + m + 1 for n, m in zip(lengths, max_new)]
     rows = len(need)
     slots = sum(need) * (2 if method == "deltakv" else 1)
     slots = max(slots, 2 * max(need))
-    kwargs = dict(max_model_len=max(need), max_num_seqs=rows, num_kv_slots=slots,
+    kwargs = dict(max_model_len=max(need), max_num_seqs=rows, num_kv_slots=slots, enforce_eager=True,
                   sparse_method=None if method == "full" else method, **(knobs or {}))
     if str(device).startswith("cuda"):
         kwargs["max_num_batched_tokens"] = 16384     # fewer, larger prefill steps on the GPU
