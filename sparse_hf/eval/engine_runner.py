@@ -16,7 +16,7 @@ import json
 import time
 
 #: Prompts one engine runs together at most (a larger knob group is split into batches of this size).
-MAX_ENGINE_ROWS = 64
+MAX_ENGINE_ROWS = 32   # 32 x 8K tokens: 12 GB of fp32 KV for SmolLM2, so 5 eval processes fit on one GPU
 
 
 def knob_groups(method: str, budget: float, prompt_lens: list[int], cache_config: dict | None,
