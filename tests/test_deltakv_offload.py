@@ -12,6 +12,7 @@ from sparse_hf.bench_cli import parse_knob
 from sparse_hf.deltakv import DeltaKVCompressor, offload
 from sparse_hf.deltakv.quant import QuantizedLatent, quantize
 from sparse_hf.deltakv.state import _write_rows
+from sparse_hf.hf.deltakv_cache import CompressedCache
 from sparse_hf.hf.deltakv_layer import DeltaKVLayer
 from sparse_hf.methods.deltakv import DeltaKVConfig
 from helpers import greedy, left_padded_batch, tiny_model
@@ -26,16 +27,28 @@ def _config(model, budget, bits, **extra):
     return dict(KNOBS, compressor=comp, num_top_tokens=budget, kv_quant_bits=bits, **extra)
 
 
+def _model(arch):
+    """A tiny model that never stops early (the random weights pick the EOS id within a few tokens otherwise)."""
+    model = tiny_model(arch, layers=4)
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def _layers(cache):
     return [layer for layer in cache.layers if isinstance(layer, DeltaKVLayer)]
 
 
-@pytest.mark.parametrize("arch,budget,bits", [("llama", 6, 0), ("qwen2", 0.25, 4), ("qwen3", 6, 8)])
-def test_offloaded_latents_give_the_same_tokens_and_logits(arch, budget, bits, monkeypatch):
+@pytest.mark.parametrize("arch,budget,bits,prefetch", [("llama", 6, 0, True), ("qwen2", 0.25, 4, True),
+                                                       ("qwen3", 6, 8, True), ("qwen2", 6, 4, False)])
+def test_offloaded_latents_give_the_same_tokens_and_logits(arch, budget, bits, prefetch, monkeypatch):
     # left padding (rows with different counts), flushes during decode, and a store that grows many times
-    # (capacity 1, 2, 4, ... rows instead of 256)
+    # (capacity 1, 2, 4, ... rows instead of 256); with and without the prefetch of the picked latents
     monkeypatch.setattr(offload, "MIN_CAPACITY", 1)
-    model = tiny_model(arch, layers=4)
+    monkeypatch.setattr(CompressedCache, "prefetch_offloaded", prefetch)
+    taken = []
+    take = offload.LatentPrefetch.take
+    monkeypatch.setattr(offload.LatentPrefetch, "take", lambda self, *a: taken.append(take(self, *a)) or taken[-1])
+    model = _model(arch)
     ids, mask = left_padded_batch((50, 31))
     kw = dict(new_tokens=30, cache_implementation="deltakv", output_logits=True, return_dict_in_generate=True)
     ref = greedy(model, ids, mask, cache_config=_config(model, budget, bits), **kw)
@@ -45,6 +58,11 @@ def test_offloaded_latents_give_the_same_tokens_and_logits(arch, budget, bits, m
         assert torch.equal(a, b)
     layers = _layers(off.past_key_values)
     assert all(layer.static_ok for layer in layers)                   # the static decode path ran
+    hits = sum(z is not None for z in taken)
+    assert hits > 20 if prefetch else hits == 0                       # every layer of a step took its prefetch
+    assert not prefetch or all(z is not None for z in taken[len(taken) // 2:])   # (at first: a later layer's
+    # scratch is sized when it runs, after the launch)
+    assert off.sequences.shape[1] == ids.shape[1] + 30
     assert all(layer.state.offloaded.capacity > 8 for layer in layers)    # it grew during the run
     for a, b in zip(_layers(ref.past_key_values), layers):
         assert a.state.counts == b.state.counts
@@ -57,7 +75,7 @@ def test_offloaded_latents_give_the_same_tokens_and_logits(arch, budget, bits, m
 
 
 def test_the_device_byte_count_leaves_the_latents_to_host_bytes():
-    model = tiny_model("qwen3", layers=4)
+    model = _model("qwen3")
     ids, mask = left_padded_batch((60, 45))
     kw = dict(new_tokens=6, cache_implementation="deltakv", return_dict_in_generate=True)
     ref = greedy(model, ids, mask, cache_config=_config(model, 6, 4), **kw).past_key_values
@@ -74,7 +92,7 @@ def test_the_device_byte_count_leaves_the_latents_to_host_bytes():
 
 
 def test_beam_search_reindexes_the_host_store():
-    model = tiny_model("qwen3", layers=4)
+    model = _model("qwen3")
     ids, mask = left_padded_batch((48, 20))
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=3,
               cache_implementation="deltakv", return_dict_in_generate=True)
@@ -124,6 +142,18 @@ def test_the_knob_is_checked_and_reaches_bench_and_the_engine():
         build_method("deltakv", _config(model, 6, 0, offload_latents=True), 4)
 
 
+def test_bench_reports_host_bytes_with_the_knob():
+    from sparse_hf.bench import build_model, run_case
+
+    cpu = torch.device("cpu")
+    model = build_model("tiny", cpu, torch.float32)
+    knobs = [("deltakv", "full_attn_layers", "0"), ("deltakv", "kv_quant_bits", 4)]
+    ref = run_case(model, cpu, 300, 1, "deltakv", 0.1, 3, None, knobs)
+    off = run_case(model, cpu, 300, 1, "deltakv", 0.1, 3, None, knobs + [("deltakv", "offload_latents", True)])
+    assert "kv_host_bytes" not in ref and off["kv_host_bytes"] > 0
+    assert off["kv_bytes"] < ref["kv_bytes"]
+
+
 def test_a_cpu_store_says_which_devices_it_supports():
     with pytest.raises(ValueError, match="CUDA and CPU"):
         offload.host_buffer((1, 4, 2), torch.int8, torch.device("meta"))
@@ -133,10 +163,11 @@ def test_a_cpu_store_says_which_devices_it_supports():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,bits", [("llama", 0), ("qwen3", 4), ("qwen2", 8)])
-def test_gpu_offload_matches_on_gpu_latents_eager_and_graph(arch, bits):
+def test_gpu_offload_matches_on_gpu_latents_eager_and_graph(arch, bits, monkeypatch):
     """bf16 on CUDA: the latents live in pinned host pages that the GPU reads in place; eager decode and CUDA-graph
     decode (re-captured after store growth and flushes) give the on-GPU layout's tokens."""
-    model = tiny_model(arch, layers=4).to("cuda", torch.bfloat16)
+    monkeypatch.setattr(offload, "MIN_CAPACITY", 1)          # the store grows (new pinned pages) during decode
+    model = _model(arch).to("cuda", torch.bfloat16)
     ids, mask = left_padded_batch((50, 38))
     ids, mask = ids.cuda(), mask.cuda()
     kw = dict(new_tokens=40, cache_implementation="deltakv", return_dict_in_generate=True, output_logits=True)

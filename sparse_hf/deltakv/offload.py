@@ -26,6 +26,8 @@ The capacity grows to powers of two (the pinned allocator rounds to them anyway)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .quant import QuantizedLatent
@@ -143,3 +145,55 @@ class OffloadedLatents:
     def nbytes(self) -> int:
         """Host bytes allocated (the whole capacity)."""
         return sum(h.numel() * h.element_size() for h in self.hosts if h is not None)
+
+
+class LatentPrefetch:
+    """One decode step's picked latents of every offloaded layer, gathered (and dequantised) from host memory on a
+    side CUDA stream as soon as the pick is known, so that the PCIe reads of later layers overlap the compute of
+    earlier ones; each layer's rebuild waits on its own event.
+
+    The pick is shared by the step's compressed layers (the filter layer's top tokens), so one launch at the first
+    compressed layer covers them all. CUDA-graph safe: the side stream forks from the current one (``wait_stream``)
+    and every layer joins it back (``wait_event``) before its rebuild, so a captured step holds the whole pattern.
+    On CPU the gathers run inline at launch (same values, same plumbing).
+
+    Memory: ``B * k * r`` values in ``dtype`` per layer while a step runs (the dequantised picks, which the rebuild
+    would allocate one layer at a time without the prefetch).
+    """
+
+    def __init__(self):
+        self.stream = None
+        self.pick = None
+        self.pending: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def launch(self, pick: torch.Tensor, latents: dict[int, QuantizedLatent], step: int, dtype: torch.dtype) -> None:
+        """Gather ``pick [B, k]``'s rows of each layer's ``latents`` (layer -> stored fields ``[B, N', w]``) into
+        ``[B, k, r]`` in ``dtype``; taken back with :meth:`take`."""
+        from sparse_hf.kernels import deltakv_gather_latents
+
+        self.pick, self.pending = pick, {}
+        side = None
+        if pick.is_cuda:
+            if self.stream is None or self.stream.device != pick.device:
+                self.stream = torch.cuda.Stream(pick.device)
+            side = self.stream
+            side.wait_stream(torch.cuda.current_stream(pick.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for layer, stored in latents.items():
+                z = deltakv_gather_latents(pick, stored.codes, stored.scale, stored.offset, step, dtype)
+                event = None
+                if side is not None:
+                    event = torch.cuda.Event()
+                    event.record(side)
+                self.pending[layer] = (z, event)
+
+    def take(self, layer: int, pick: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s prefetched latents ``[B, k, r]`` for ``pick``, or ``None`` when none were launched for this
+        layer and this very pick. The current stream waits for the layer's gather either way (a CUDA-graph capture
+        must join every forked stream)."""
+        if layer not in self.pending:
+            return None
+        z, event = self.pending.pop(layer)
+        if event is not None:
+            torch.cuda.current_stream(z.device).wait_event(event)
+        return z if pick is self.pick else None

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparse_hf.kernels import deltakv_rebuild_kv
+from sparse_hf.kernels import deltakv_rebuild_kv, deltakv_writeback
 
 from .clustering import METRICS, compress, nearest_centers, reconstruct, reference_from_fathers
 from .offload import OffloadedLatents
@@ -261,7 +261,7 @@ def rms_norm_params(k_norm: Any) -> tuple[torch.Tensor | None, float]:
 def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int, kv_heads: int,
                head_dim: int, rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                k_norm: Any = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, latents: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Picked compressed tokens as attention reads them (``up(latent) + mean(fathers)``, centers as stored; then
     ``k_norm`` (Qwen3) and RoPE at each token's position), through the fused kernel entry
@@ -275,6 +275,8 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
             preallocated buffer, for a static-shape decode step); new tensors in ``center_x``'s dtype if ``None``.
         cos_sin: ``rope``'s ``(cos, sin)`` at the picks' positions when the caller has them already (layers that
             rebuild the same picks share one); computed here if ``None``.
+        latents: ``[B, k, r]`` the picks' latents already gathered and dequantised in ``projections.dtype`` (e.g. by
+            :class:`~sparse_hf.deltakv.offload.LatentPrefetch`); gathered from ``state.latent`` if ``None``.
 
     Returns:
         ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long).
@@ -289,6 +291,11 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
     cos, sin = cos_sin if cos_sin is not None else rope(out[1].transpose(1, 2), pos)
     lat = state.latent or QuantizedLatent(None, None, None)
     weight, eps = rms_norm_params(k_norm)
+    if latents is not None and state.fathers is not None and state.fathers.shape[1] > 0:
+        up_out = projections.up(layer_idx, latents).contiguous()
+        keys, values = deltakv_writeback(pick, up_out, state.fathers, cx, cl.step, cl.num_sink, cos.contiguous(),
+                                         sin.contiguous(), out[0], out[1], weight, eps)
+        return keys, values, pos
     keys, values = deltakv_rebuild_kv(pick, lat.codes, lat.scale, lat.offset, state.fathers, cx,
                                       lambda z: projections.up(layer_idx, z), projections.dtype, cl.step,
                                       cl.num_sink, cos.contiguous(), sin.contiguous(), out[0], out[1], weight, eps)
