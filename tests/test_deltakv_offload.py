@@ -129,17 +129,12 @@ def test_in_place_writes_equal_write_rows(bits):
                                                            h is not None)
 
 
-def test_the_knob_is_checked_and_reaches_bench_and_the_engine():
-    from sparse_hf.engine.config import build_method
-
+def test_the_knob_is_checked_and_reaches_bench():
     with pytest.raises(ValueError, match="offload_latents"):
         DeltaKVConfig(offload_latents="yes")
     assert DeltaKVConfig(offload_latents=True).offload_latents is True
     assert parse_knob("deltakv:offload_latents=true") == ("deltakv", "offload_latents", True)
     assert parse_knob("deltakv:offload_latents=False") == ("deltakv", "offload_latents", False)
-    model = tiny_model("llama", layers=4)
-    with pytest.raises(NotImplementedError, match="offload_latents"):
-        build_method("deltakv", _config(model, 6, 0, offload_latents=True), 4)
 
 
 def test_bench_reports_host_bytes_with_the_knob():
@@ -191,3 +186,39 @@ def test_gpu_offload_matches_on_gpu_latents_eager_and_graph(arch, bits, monkeypa
                     assert host.is_pinned() and not host.is_cuda and view.is_cuda
                     assert field.data_ptr() == view.data_ptr() == host.data_ptr()
         assert kv_usage(off.past_key_values).host_bytes > 0
+
+
+def test_engine_offload_gives_the_same_tokens_and_more_filter_slots():
+    from engine_helpers import engine_tokens, random_prompts
+    from sparse_hf.engine import LLM
+
+    model = tiny_model("qwen2", layers=4)
+    knobs = dict(KNOBS, full_attn_layers=[0, 2], compressor=_config(model, 6, 4)["compressor"], num_top_tokens=6,
+                 kv_quant_bits=4, num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16)
+    prompts = random_prompts((20, 50, 77))
+    ref = LLM(model, sparse_method="deltakv", **knobs)
+    off = LLM(model, sparse_method="deltakv", offload_latents=True, **knobs)
+    host = []
+    step = off.step
+    off.step = lambda: (step(), host.append(off.pool.store.host_bytes()))[0]
+    assert engine_tokens(off, prompts, 30) == engine_tokens(ref, prompts, 30)
+    assert max(host) > 0
+    # the memory the latents took now pays for more filter slots (the store's device bytes no longer hold them)
+    assert off.pool.group_slots[0] > ref.pool.group_slots[0]
+    off.pool.check_whole()
+
+
+@pytest.mark.gpu
+def test_gpu_engine_offload_gives_the_same_tokens():
+    """The engine on CUDA (bf16, decode graphs): offloaded latents give the on-GPU store's tokens."""
+    from engine_helpers import engine_tokens, random_prompts
+    from sparse_hf.engine import LLM
+
+    model = tiny_model("llama", layers=4)
+    comp = _config(model, 6, 4)["compressor"].to("cuda", torch.bfloat16)
+    knobs = dict(KNOBS, full_attn_layers=[0, 2], compressor=comp, num_top_tokens=6, kv_quant_bits=4,
+                 num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16, device="cuda", dtype=torch.bfloat16)
+    prompts = random_prompts((20, 50, 77))
+    ref = engine_tokens(LLM(model, sparse_method="deltakv", **knobs), prompts, 30)
+    off_llm = LLM(model, sparse_method="deltakv", offload_latents=True, **knobs)
+    assert engine_tokens(off_llm, prompts, 30) == ref

@@ -12,6 +12,10 @@ Per row ``b`` (``n_b = counts[b]`` compressed tokens, at offsets ``j = 0 .. n_b 
   (``center_pos == -1``: no center there yet).
 - ``latent`` ``[B, N', r]`` (a :class:`QuantizedLatent`) and ``fathers [B, N', k]`` (indices into the centers) for
   the non-center offsets: offset ``j`` at ``j - j // step - 1``.
+
+With ``Clustering.offload_latents`` the ``latent`` fields are views of a host-memory store
+(:class:`~sparse_hf.deltakv.offload.OffloadedLatents`, pinned and read in place by the GPU), written in place by
+:func:`flush`; every other tensor stays on the compute device.
 """
 
 from __future__ import annotations

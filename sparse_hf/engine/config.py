@@ -104,9 +104,6 @@ def build_method(name: str | None, knobs: dict, num_layers: int):
     if name == "deltakv":
         from .deltakv_store import require_compressor
         require_compressor(runtime)             # before any rank starts
-    if getattr(config, "offload_latents", False):
-        raise NotImplementedError("offload_latents is not yet supported in the engine (its compressed store stays on "
-                                  "the GPU); leave it False, or use the HF path (cache_implementation='deltakv')")
     if getattr(config, "chunk_prefill_accel_omnikv", False):
         raise NotImplementedError("chunk_prefill_accel_omnikv is not yet supported in the engine; leave it False")
     return method_class(config, num_layers)

@@ -57,7 +57,14 @@ class CompressedCache(SelectionCache):
     """The ``deltakv`` cache. Knobs: OmniKV's plus ``compressor`` (a :class:`DeltaKVCompressor` or the core
     :class:`DeltaKVProjections`) or ``deltakv_path`` (a directory or Hub id), ``cluster_ratio``,
     ``deltakv_neighbor_count`` and ``cluster_metric``. Every clustering knob the compressor was trained with
-    (sinks, cluster ratio, neighbour count, metric) is the default; the caller's config is never changed."""
+    (sinks, cluster ratio, neighbour count, metric) is the default; the caller's config is never changed.
+
+    ``offload_latents=True`` keeps the latents (and their int8/int4 scales) in pinned host memory
+    (:mod:`sparse_hf.deltakv.offload`); father ids, centers, positions and the raw tokens stay on the GPU. The GPU
+    reads the picked latents in place across PCIe, so eager and CUDA-graph decode (``cuda_graph=True``) both work
+    with it, unchanged: a static step gathers every compressed layer's picks on a side stream as soon as the first
+    compressed layer has the pick (``prefetch_offloaded``), and each layer waits on its own event. On CPU the
+    latents stay in ordinary memory, through the same code."""
 
     needs_raw_keys = True
     static_decode = True   # one-token decode steps take the static-shape path (False: the concatenating one)

@@ -45,7 +45,7 @@ class DeltaKVConfig(OmniKVConfig):
                                       "l2 | dot | cosine; None: the compressor's training value, else l2")
     offload_latents: bool = knob(False, check_flag,
                                  "keep the latents (and their scales) in pinned host memory; a decode step reads only "
-                                 "the picked ones across PCIe (HF path, CUDA graphs included; not the engine)")
+                                 "the picked ones across PCIe (HF path and engine, CUDA graphs included)")
 
 
 #: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
