@@ -160,7 +160,8 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth, ove
                   knobs={k: v for k, v in knobs.items() if isinstance(v, (int, float, str))})
     if hasattr(cache, "method"):
         usage = kv_usage(cache)
-        result.update(kv_bytes=usage.bytes, kv_full_bytes=usage.full_bytes, kv_ratio=round(usage.ratio, 4))
+        result.update(kv_bytes=usage.bytes, kv_full_bytes=usage.full_bytes, kv_ratio=round(usage.ratio, 4),
+                      **({"kv_host_bytes": usage.host_bytes} if usage.host_bytes else {}))
     else:
         result.update(kv_bytes=batch * (length + steps) * token_bytes * cfg.num_hidden_layers, kv_ratio=1.0)
     if device.type == "cuda":

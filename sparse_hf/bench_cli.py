@@ -97,7 +97,10 @@ def parse_knob(spec: str) -> tuple[str, str, str]:
 
 
 def _number_or_text(value: str):
-    """``"4"`` -> 4, ``"0.25"`` -> 0.25 (knobs such as ``kv_quant_bits`` want numbers); anything else as given."""
+    """``"4"`` -> 4, ``"0.25"`` -> 0.25 (knobs such as ``kv_quant_bits`` want numbers), ``"true"``/``"false"`` ->
+    ``True``/``False`` (switches such as ``offload_latents``); anything else as given."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     for kind in (int, float):
         try:
             return kind(value)

@@ -16,6 +16,7 @@ class KVUsage:
             them (slot position tables; DeltaKV's latents, centers, father ids and positions).
         used_bytes: the same for live slots only.
         full_bytes: bytes a ``DynamicCache`` would hold for the same sequences.
+        host_bytes: bytes the cache holds in host memory instead (DeltaKV's ``offload_latents``); not in ``bytes``.
     """
 
     kept_tokens: list[list[int]] = field(default_factory=list)
@@ -23,6 +24,7 @@ class KVUsage:
     bytes: int = 0
     used_bytes: int = 0
     full_bytes: int = 0
+    host_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -34,7 +36,8 @@ class KVUsage:
         return (f"kept tokens per layer (max over rows): {per_layer}\n"
                 f"KV bytes: {self.bytes / 2**20:.2f} MiB allocated, {self.used_bytes / 2**20:.2f} MiB live, "
                 f"vs {self.full_bytes / 2**20:.2f} MiB for a full cache of {self.logical_tokens} tokens "
-                f"({100 * self.ratio:.1f}%)")
+                f"({100 * self.ratio:.1f}%)"
+                + (f"; {self.host_bytes / 2**20:.2f} MiB in host memory" if self.host_bytes else ""))
 
 
 def kv_usage(cache) -> KVUsage:
@@ -59,6 +62,7 @@ def kv_usage(cache) -> KVUsage:
         if hasattr(layer, "allocated_bytes"):
             report.bytes += layer.allocated_bytes()
             report.used_bytes += layer.used_bytes()
+            report.host_bytes += getattr(layer, "host_bytes", lambda: 0)()
         else:
             nbytes = keys.numel() * elem + layer.values.numel() * layer.values.element_size()
             report.bytes += nbytes

@@ -12,6 +12,10 @@ Per row ``b`` (``n_b = counts[b]`` compressed tokens, at offsets ``j = 0 .. n_b 
   (``center_pos == -1``: no center there yet).
 - ``latent`` ``[B, N', r]`` (a :class:`QuantizedLatent`) and ``fathers [B, N', k]`` (indices into the centers) for
   the non-center offsets: offset ``j`` at ``j - j // step - 1``.
+
+With ``Clustering.offload_latents`` the ``latent`` fields are views of a host-memory store
+(:class:`~sparse_hf.deltakv.offload.OffloadedLatents`, pinned and read in place by the GPU), written in place by
+:func:`flush`; every other tensor stays on the compute device.
 """
 
 from __future__ import annotations
@@ -22,22 +26,25 @@ from typing import Any, Callable
 
 import torch
 
-from sparse_hf.kernels import deltakv_rebuild_kv
+from sparse_hf.kernels import deltakv_rebuild_kv, deltakv_writeback
 
 from .clustering import METRICS, compress, nearest_centers, reconstruct, reference_from_fathers
+from .offload import OffloadedLatents
 from .quant import QuantizedLatent, check_bits, dequantize, quantize
 
 
 @dataclass(frozen=True)
 class Clustering:
     """The knobs of one compressed layer: sinks per row, distance between centers, fathers per token, the
-    similarity metric and the latent storage bits (0, 8 or 4)."""
+    similarity metric, the latent storage bits (0, 8 or 4) and whether the latents live in host memory
+    (:mod:`sparse_hf.deltakv.offload`)."""
 
     num_sink: int
     step: int
     neighbor_count: int = 1
     metric: str = "l2"
     quant_bits: int = 0
+    offload_latents: bool = False
 
     def __post_init__(self):
         if self.num_sink < 0 or self.step < 1 or self.neighbor_count < 1:
@@ -45,6 +52,8 @@ class Clustering:
         if self.metric not in METRICS:
             raise ValueError(f"cluster_metric={self.metric!r}: expected one of {', '.join(METRICS)}")
         check_bits(self.quant_bits)
+        if not isinstance(self.offload_latents, bool):
+            raise ValueError(f"offload_latents={self.offload_latents!r}: expected True or False")
 
     def num_centers(self, compressed: int) -> int:
         """Centers of a row with ``compressed`` tokens: its sinks plus one per ``step`` offsets."""
@@ -61,6 +70,7 @@ class CompressedState:
     Attributes:
         counts: host list ``[B]``, compressed tokens per row (host ints: the adapter plans flushes without syncs).
         comp_pos, center_x, center_pos, latent, fathers: as in the module docstring (``None`` until the first flush).
+        offloaded: with ``clustering.offload_latents``, the host store that ``latent`` views (else ``None``).
     """
 
     def __init__(self, batch: int, clustering: Clustering):
@@ -71,6 +81,7 @@ class CompressedState:
         self.center_pos: torch.Tensor | None = None
         self.latent: QuantizedLatent | None = None
         self.fathers: torch.Tensor | None = None
+        self.offloaded = OffloadedLatents() if clustering.offload_latents else None
 
     @property
     def width(self) -> int:
@@ -92,16 +103,24 @@ class CompressedState:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index.to(value.device)])
-        if self.latent is not None:
+        if self.offloaded is not None and self.latent is not None:
+            self.latent = self.offloaded.index_rows(index)
+        elif self.latent is not None:
             self.latent = QuantizedLatent(*(t if t is None else t[index.to(t.device)] for t in self.latent))
 
     def bytes_by_part(self) -> dict[str, int]:
+        """Bytes held on the compute device, by part (offloaded latents are :meth:`host_bytes`, not here)."""
         def size(*tensors):
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-        return {"latents": self.latent.nbytes() if self.latent is not None else 0,
-                "centers": size(self.center_x, self.center_pos), "father ids": size(self.fathers),
+        latents = {} if self.offloaded is not None else {
+            "latents": self.latent.nbytes() if self.latent is not None else 0}
+        return {**latents, "centers": size(self.center_x, self.center_pos), "father ids": size(self.fathers),
                 "positions": size(self.comp_pos)}
+
+    def host_bytes(self) -> int:
+        """Bytes held in host memory: the offloaded latents' whole capacity (0 without ``offload_latents``)."""
+        return self.offloaded.nbytes() if self.offloaded is not None else 0
 
 
 def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask: torch.Tensor,
@@ -179,9 +198,12 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     stored = quantize(latent, cl.quant_bits)
     width_l = max(cl.num_latents(n) for n in after)
     dest = j - j // step - 1
-    old = state.latent or QuantizedLatent(None, None, None)
-    state.latent = QuantizedLatent(*(None if new is None else _write_rows(prev, width_l, dest, other, new, 0)
-                                     for prev, new in zip(old, stored)))
+    if state.offloaded is not None:      # in place, in host memory
+        state.latent = state.offloaded.write(width_l, dest, other, stored)
+    else:
+        old = state.latent or QuantizedLatent(None, None, None)
+        state.latent = QuantizedLatent(*(None if new is None else _write_rows(prev, width_l, dest, other, new, 0)
+                                         for prev, new in zip(old, stored)))
     dtype = _father_dtype(width_c, state.fathers)
     prev = None if state.fathers is None else state.fathers.to(dtype)
     state.fathers = _write_rows(prev, width_l, dest, other, fathers.to(dtype), -1)
@@ -243,7 +265,7 @@ def rms_norm_params(k_norm: Any) -> tuple[torch.Tensor | None, float]:
 def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int, kv_heads: int,
                head_dim: int, rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                k_norm: Any = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, latents: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Picked compressed tokens as attention reads them (``up(latent) + mean(fathers)``, centers as stored; then
     ``k_norm`` (Qwen3) and RoPE at each token's position), through the fused kernel entry
@@ -257,6 +279,8 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
             preallocated buffer, for a static-shape decode step); new tensors in ``center_x``'s dtype if ``None``.
         cos_sin: ``rope``'s ``(cos, sin)`` at the picks' positions when the caller has them already (layers that
             rebuild the same picks share one); computed here if ``None``.
+        latents: ``[B, k, r]`` the picks' latents already gathered and dequantised in ``projections.dtype`` (e.g. by
+            :class:`~sparse_hf.deltakv.offload.LatentPrefetch`); gathered from ``state.latent`` if ``None``.
 
     Returns:
         ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long).
@@ -271,6 +295,11 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
     cos, sin = cos_sin if cos_sin is not None else rope(out[1].transpose(1, 2), pos)
     lat = state.latent or QuantizedLatent(None, None, None)
     weight, eps = rms_norm_params(k_norm)
+    if latents is not None and state.fathers is not None and state.fathers.shape[1] > 0:
+        up_out = projections.up(layer_idx, latents).contiguous()
+        keys, values = deltakv_writeback(pick, up_out, state.fathers, cx, cl.step, cl.num_sink, cos.contiguous(),
+                                         sin.contiguous(), out[0], out[1], weight, eps)
+        return keys, values, pos
     keys, values = deltakv_rebuild_kv(pick, lat.codes, lat.scale, lat.offset, state.fathers, cx,
                                       lambda z: projections.up(layer_idx, z), projections.dtype, cl.step,
                                       cl.num_sink, cos.contiguous(), sin.contiguous(), out[0], out[1], weight, eps)

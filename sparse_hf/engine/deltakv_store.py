@@ -48,13 +48,15 @@ def prepare_deltakv(method, knobs: dict, hf_config):
 
 
 def compressed_bytes_per_token(method, projections, kv_dtype: torch.dtype) -> float:
-    """An upper bound of the store's bytes per compressed token and layer: its latent (as
-    :func:`~sparse_hf.deltakv.quant.quantize` stores it), father ids (int32, the widest), its position, and its share
-    of a raw center (``concat(K, V)`` of every KV head, one per ``step`` tokens)."""
+    """An upper bound of the store's device bytes per compressed token and layer: its latent (as
+    :func:`~sparse_hf.deltakv.quant.quantize` stores it; none with ``offload_latents``, which keeps latents in host
+    memory), father ids (int32, the widest), its position, and its share of a raw center (``concat(K, V)`` of every KV
+    head, one per ``step`` tokens)."""
     from ..deltakv.quant import quantize
 
     cl = method.clustering()
-    latent = quantize(torch.zeros(1, projections.latent_size, dtype=projections.dtype), cl.quant_bits).nbytes()
+    latent = 0 if cl.offload_latents else quantize(torch.zeros(1, projections.latent_size, dtype=projections.dtype),
+                                                   cl.quant_bits).nbytes()
     center = projections.kv_dim * torch.tensor([], dtype=kv_dtype).element_size() + 4
     return latent + 4 * cl.neighbor_count + 4 + center / cl.step
 
@@ -108,8 +110,12 @@ class DeltaKVStore:
         self.version += 1
 
     def nbytes(self) -> int:
-        """Bytes of every latent, center, father id and position held."""
+        """Device bytes of every latent, center, father id and position held (offloaded latents: :meth:`host_bytes`)."""
         return sum(sum(s.bytes_by_part().values()) for states in self.states.values() for s in states.values())
+
+    def host_bytes(self) -> int:
+        """Host bytes of the offloaded latents (``offload_latents``), else 0."""
+        return sum(s.host_bytes() for states in self.states.values() for s in states.values())
 
 
 class DeltaKVPool(KVPool):

@@ -33,6 +33,7 @@ from sparse_hf.kernels.dispatch import kernels_run_fused
 
 from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import resolve_compressor, serving_method
+from ..deltakv.offload import LatentPrefetch
 from ..deltakv.rope import unrotate
 from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
@@ -56,10 +57,18 @@ class CompressedCache(SelectionCache):
     """The ``deltakv`` cache. Knobs: OmniKV's plus ``compressor`` (a :class:`DeltaKVCompressor` or the core
     :class:`DeltaKVProjections`) or ``deltakv_path`` (a directory or Hub id), ``cluster_ratio``,
     ``deltakv_neighbor_count`` and ``cluster_metric``. Every clustering knob the compressor was trained with
-    (sinks, cluster ratio, neighbour count, metric) is the default; the caller's config is never changed."""
+    (sinks, cluster ratio, neighbour count, metric) is the default; the caller's config is never changed.
+
+    ``offload_latents=True`` keeps the latents (and their int8/int4 scales) in pinned host memory
+    (:mod:`sparse_hf.deltakv.offload`); father ids, centers, positions and the raw tokens stay on the GPU. The GPU
+    reads the picked latents in place across PCIe, so eager and CUDA-graph decode (``cuda_graph=True``) both work
+    with it, unchanged: a static step gathers every compressed layer's picks on a side stream as soon as the first
+    compressed layer has the pick (``prefetch_offloaded``), and each layer waits on its own event. On CPU the
+    latents stay in ordinary memory, through the same code."""
 
     needs_raw_keys = True
     static_decode = True   # one-token decode steps take the static-shape path (False: the concatenating one)
+    prefetch_offloaded = True   # offload_latents: gather a static step's picked latents on a side stream, ahead
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
@@ -76,6 +85,7 @@ class CompressedCache(SelectionCache):
         self._over_budget_at = None                   # (length, [B, top] bool) of the current decode step
         self._pick_memo = None                        # (scores, host key, (pick, cols)): shared by a step's layers
         self._modules: dict[int, torch.nn.Module] = {}   # compressed layer -> its attention module
+        self._prefetch = LatentPrefetch() if self.clustering.offload_latents else None
 
     def make_layer(self, layer_idx: int):
         if layer_idx in self.method.full_layers:
@@ -161,20 +171,23 @@ class CompressedCache(SelectionCache):
             k_w, v_w, cols_w = layer.work_views()          # raw slots, then the rebuilt tokens (shared buffer)
             cap = layer.capacity
             rope = module.__dict__["_sparse_hf_rotary"]
-            pick, cols, cos_sin = self._static_pick(layer, rope, v_w[:, :, cap:])
+            pick, cols, cos_sin = self._static_pick(layer, rope, v_w[:, :, cap:], module.layer_idx)
             k_w[:, :, :cap].copy_(layer._k)
             v_w[:, :, :cap].copy_(layer._v)
             cols_w[:, :, :cap].copy_(layer._pos)
+            latents = self._prefetch.take(module.layer_idx, pick) if self._prefetch is not None else None
             rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1], rope,
-                       getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin)
+                       getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin,
+                       latents=latents)
             cols_w[:, :, cap:].copy_(cols.unsqueeze(1).expand(cols.shape[0], k_w.shape[1], cols.shape[1]))
             return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
 
-    def _static_pick(self, layer, rope, like: torch.Tensor):
+    def _static_pick(self, layer, rope, like: torch.Tensor, layer_idx: int):
         """``pick [B, scratch]`` offsets, their columns ``[B, scratch]`` (``-1``: not read) and ``rope``'s
         ``(cos, sin)`` at their positions (``like [B, Hkv, scratch, Dv]`` gives the dtype) for a static decode step.
+        With ``offload_latents`` a new pick also starts the prefetch of this and the later layers' picked latents.
 
         Every compressed layer holds the same tokens (the same flushes of the same positions), so the layers of one
         step share one pick and one RoPE table: one top-k over the filter layer's scores per step, not one per layer
@@ -189,7 +202,19 @@ class CompressedCache(SelectionCache):
         cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)                  # [B, scratch]
         cos, sin = rope(like.transpose(1, 2), layer.state.comp_pos.gather(1, pick.clamp(min=0)).long())
         self._pick_memo = (self.obs_scores, rope, key, (pick, cols, (cos.contiguous(), sin.contiguous())))
+        if self._prefetch is not None and self.prefetch_offloaded:
+            self._prefetch.launch(pick, {i: other.state.latent for i, other in enumerate(self.layers)
+                                         if i >= layer_idx and self._shares_pick(other, layer)},
+                                  self.clustering.step, self.projections.dtype)
         return self._pick_memo[3]
+
+    @staticmethod
+    def _shares_pick(other, layer) -> bool:
+        """Whether compressed layer ``other`` will reuse ``layer``'s pick at this step (the same compressed tokens
+        and scratch width; its length may still be one behind), with latents to gather."""
+        s, t = other.state if isinstance(other, DeltaKVLayer) else None, layer.state
+        return (s is not None and s.latent is not None and s.latent.codes.shape[1] > 0 and s.counts == t.counts
+                and s.width == t.width and other.scratch == layer.scratch)
 
     def _scratch_width(self, layer, length: int) -> int:
         """Scratch slots a static decode step at logical length ``length`` can use: the current width while it

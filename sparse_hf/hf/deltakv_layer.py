@@ -213,6 +213,11 @@ class DeltaKVLayer(SlotLayer):
                  "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos)}
         return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 
+    def host_bytes(self) -> int:
+        """Bytes this layer holds in host memory (the latents with ``offload_latents``; not in :meth:`allocated_bytes`,
+        which counts the compute device's)."""
+        return self.state.host_bytes() if self.state is not None else 0
+
     def kept_per_row(self) -> list[int]:
         raw = (self.positions[:, 0] >= 0).sum(-1)
         return [r + n for r, n in zip(raw.tolist(), self.compressed_per_row())]

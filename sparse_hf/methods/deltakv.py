@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..config import check_optional_positive, check_optional_ratio, knob, resolve_counts
+from ..config import check_flag, check_optional_positive, check_optional_ratio, knob, resolve_counts
 from ..deltakv.clustering import METRICS, center_step
 from ..deltakv.state import Clustering
 from .base import CompressionMethod
@@ -43,6 +43,9 @@ class DeltaKVConfig(OmniKVConfig):
                                               "None: the compressor's training value, else 1")
     cluster_metric: str | None = knob(None, check_optional_metric,
                                       "l2 | dot | cosine; None: the compressor's training value, else l2")
+    offload_latents: bool = knob(False, check_flag,
+                                 "keep the latents (and their scales) in pinned host memory; a decode step reads only "
+                                 "the picked ones across PCIe (HF path and engine, CUDA graphs included)")
 
 
 #: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
@@ -107,7 +110,8 @@ class DeltaKV(OmniKV, CompressionMethod):
         c = self.config
         return Clustering(num_sink=c.num_sink_tokens, step=self.step,
                           neighbor_count=c.deltakv_neighbor_count or TRAINED_KNOB_FALLBACKS["deltakv_neighbor_count"],
-                          metric=c.cluster_metric or TRAINED_KNOB_FALLBACKS["cluster_metric"], quant_bits=c.kv_quant_bits)
+                          metric=c.cluster_metric or TRAINED_KNOB_FALLBACKS["cluster_metric"], quant_bits=c.kv_quant_bits,
+                          offload_latents=c.offload_latents)
 
     def pick(self, scores: torch.Tensor | None, num_compressed: int, length: int) -> torch.Tensor | None:
         """Compressed tokens to rebuild at a decode step, per row, without host-device syncs.
