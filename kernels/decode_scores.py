@@ -25,14 +25,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_scores_kernel(
-        Q, K, V, LEN, VALID, OP, LP, OUT, SC,
+        Q, K, V, LEN, VALID, SLOT, OP, LP, OUT, SC,
         scale, L, split_size, num_splits,
-        sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sva_b, sva_l,
+        sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sva_b, sva_l, sst_b, sst_l,
         so_b, so_h, so_d, ss_b, ss_h, ss_l,
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_VALID: tl.constexpr, GROUP_MAX: tl.constexpr, SPLIT: tl.constexpr,
-        DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        DOT_F32: tl.constexpr, PREC: tl.constexpr, HAS_SLOTS: tl.constexpr = False,
     ):
         sp = tl.program_id(1)
         b, kvh, d, gm, dm, heads, q = load_group_query(Q, sq_b, sq_h, sq_d, HKV, G, D, BLOCK_G, BLOCK_D, DOT_F32)
@@ -59,8 +59,11 @@ if HAS_TRITON:
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * sva_b + offs * sva_l, mask=inr, other=0) != 0)
             kv_mask = ok[:, None] & dm[None, :]
-            kt = tl.load(k_base + offs[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-            vt = tl.load(v_base + offs[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
+            at = offs.to(tl.int64)
+            if HAS_SLOTS:                                   # position j lives at slot SLOT[b, j] of the pool
+                at = tl.load(SLOT + b * sst_b + offs * sst_l, mask=ok, other=0).to(tl.int64)
+            kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+            vt = tl.load(v_base + at[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
                 vt = vt.to(tl.float32)
@@ -149,7 +152,7 @@ else:  # pragma: no cover - exercised only without triton
 def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  lengths: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                                  scale: float | None = None, score_mode: str = "per_head", backend: str = "auto",
-                                 *, split_size: int | None = None):
+                                 *, split_size: int | None = None, slots: torch.Tensor | None = None):
     """Full decode attention of one query token plus per-token logits, in one pass over K.
 
     Args:
@@ -163,6 +166,10 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             Masked positions are ``-inf``.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
         split_size: positions per split-K chunk; default picks one to fill the GPU.
+        slots: optional ``[B, L]`` int slot table: ``k``/``v`` are then a slot pool ``[B, Hkv, S, D]`` (e.g. a
+            ``[S, Hkv, D]`` pool viewed with stride 0 over rows) and position ``j`` of row ``b`` is read from slot
+            ``slots[b, j]`` in place (an engine's observation layer: no gathered copy of the row's K/V). Entries
+            past ``lengths`` / outside ``valid`` are not read.
 
     Returns:
         ``(out, scores)``: ``out`` ``[B, H, D]`` in ``q.dtype`` (zeros for a row with no attended key).
@@ -172,7 +179,15 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     B, H, D, Hkv, L, G = _check_gqa(q, k)
     if v.shape != k.shape:
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+    if slots is not None:
+        if slots.dim() != 2 or slots.shape[0] != B:
+            raise ValueError(f"slots must be a [B={B}, L] slot table, got {tuple(slots.shape)}")
+        L = slots.shape[1]
     if not use_triton(backend, _decode_scores_kernel, q, k, v):
+        if slots is not None:                          # the reference reads a gathered copy
+            idx = slots.long().clamp(0, k.shape[2] - 1).view(B, 1, L, 1)
+            k = k.gather(2, idx.expand(B, Hkv, L, k.shape[-1]))
+            v = v.gather(2, idx.expand(B, Hkv, L, v.shape[-1]))
         return decode_attention_with_scores_ref(q, k, v, lengths, valid, scale, score_mode)
     if v.dtype != k.dtype:
         raise TypeError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
@@ -198,13 +213,14 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         val, sva = out, (0, 0)
     dot_f32, prec = dot_config(_decode_scores_kernel, k.dtype)
+    slot_table, sst = (slots, slots.stride()) if slots is not None else (out, (0, 0))
     _decode_scores_kernel[(B * Hkv, S)](
-        qk, k, v, lens, val, o_part, lse_part, out, sc,
+        qk, k, v, lens, val, slot_table, o_part, lse_part, out, sc,
         scale, L, split_size, S,
-        *qk.stride(), *k.stride(), *v.stride(), *sva, *out.stride(), *sc.stride(),
+        *qk.stride(), *k.stride(), *v.stride(), *sva, *sst, *out.stride(), *sc.stride(),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)), BLOCK_N=block_n,
         HAS_LEN=lengths is not None, HAS_VALID=valid is not None, GROUP_MAX=group_max, SPLIT=S > 1,
-        DOT_F32=dot_f32, PREC=prec, num_warps=4,
+        DOT_F32=dot_f32, PREC=prec, HAS_SLOTS=slots is not None, num_warps=4,
     )
     if S > 1:
         merge_splits(o_part, lse_part, out)
