@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
 from ..config import resolve_counts
 from ..deltakv.rope import unrotate
@@ -68,8 +69,12 @@ class DeltaKVAttention(PoolAttention):
         keys, values = pool_view(self.pool.k[layer], B), pool_view(self.pool.v[layer], B)
         out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend,
                                                    slots=tables)
-        valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
-        scores = self.method.decode_scores(logits, valid)                          # [B, W]
+        if range_softmax_max_kernel_runs(logits, self.backend):   # candidates: slots [sinks, lens - recent)
+            c = self.method.config
+            scores = range_softmax_max(logits, c.num_sink_tokens, lens.long() - c.num_recent_tokens)
+        else:
+            valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
+            scores = self.method.decode_scores(logits, valid)                      # [B, W]
         self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores
         self._picks = {}                                    # the layers after this one pick by the new scores
         return out
@@ -110,16 +115,18 @@ class DeltaKVAttention(PoolAttention):
         c = self.method.config
         return c.num_sink_tokens + 2 * c.num_recent_tokens
 
-    def _pick(self, row: int, b: int, state, like: torch.Tensor):
+    def _pick(self, row: int, b: int, like: torch.Tensor):
         """``(pick [1, k], (cos, sin) [1, k, D])``: offsets of the row's compressed tokens to rebuild, best first by
         the observation scores (the first ``num_top_tokens`` are read), and RoPE at their positions. Every
         compressed layer of a row holds the same tokens at the same positions, so both are made once per
         observation layer and shared by the layers after it."""
         got = self._picks.get(row)
         if got is None:
-            k = self.widths[b]
-            pick = self.scores[b].gather(0, state.comp_pos[0].long()).topk(k).indices.view(1, k)
-            got = self._picks[row] = (pick, self.rope(like, state.comp_pos.gather(1, pick).long()))
+            k, S, n = self.widths[b], self.pool.store.clustering.num_sink, self.pool.store.count(row)
+            # compressed offset j holds position S + j (a flush takes the oldest buffer tokens), and the filter
+            # layers' slot table is in position order: offset j's score is scores[b, S + j]
+            pick = self.scores[b, S:S + n].topk(k).indices.view(1, k)
+            got = self._picks[row] = (pick, self.rope(like, pick + S))
         return got
 
     def _step_layout(self, g: int, device):
@@ -165,7 +172,7 @@ class DeltaKVAttention(PoolAttention):
             state = store.state(row, layer)
             at = slice(B * W + b * K, B * W + b * K + k)
             slots = (keys[at].permute(1, 0, 2).unsqueeze(0), values[at].permute(1, 0, 2).unsqueeze(0))  # [1,Hkv,k,D]
-            pick, cos_sin = self._pick(row, b, state, k_pool)
+            pick, cos_sin = self._pick(row, b, k_pool)
             kb, vb, _ = rebuild_kv(state, pick, self.projections, layer, self.kv_heads, pool.head_dim, self.rope,
                                    out=None if self.tp is not None else slots, cos_sin=cos_sin)
             if self.tp is not None:                           # every head rebuilt: this rank keeps its own
