@@ -7,6 +7,8 @@ import torch
 from sparse_hf.kernels import decode_attention_with_scores
 from sparse_hf.kernels.dispatch import HAS_TRITON
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"            # the real kernel on a GPU machine
+
 
 def pool_case(B=3, H=4, Hkv=2, S=50, L=23, D=16):
     g = torch.Generator().manual_seed(1)
@@ -31,8 +33,10 @@ def test_slots_equal_a_gathered_copy(backend, score_mode):
     gathered_v = v_pool[slots.long()].permute(0, 2, 1, 3)
     ref_out, ref_scores = decode_attention_with_scores(q, gathered_k, gathered_v, lengths=lens, backend="torch",
                                                        score_mode=score_mode)
-    out, scores = decode_attention_with_scores(q, view(k_pool, B), view(v_pool, B), lengths=lens, backend=backend,
-                                               score_mode=score_mode, slots=slots)
+    dev = [t.to(DEVICE) for t in (q, k_pool, v_pool, lens, slots)]
+    out, scores = decode_attention_with_scores(dev[0], view(dev[1], B), view(dev[2], B), lengths=dev[3],
+                                               backend=backend, score_mode=score_mode, slots=dev[4])
+    out, scores = out.cpu(), scores.cpu()
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     assert scores.shape == ref_scores.shape
     finite = torch.isfinite(ref_scores)

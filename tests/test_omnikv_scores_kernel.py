@@ -10,6 +10,7 @@ from sparse_hf.methods.omnikv import omnikv_decode_scores
 from sparse_hf.methods.selection import sink_recent_candidates
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (interpreted on CPU)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"            # the real kernels on a GPU machine
 
 
 def expected(logits, lens, sink, recent):
@@ -26,7 +27,8 @@ def test_equals_the_torch_scores(split_size, block):
     lens = torch.tensor([150, 97, 13, 5])           # the last two rows: few candidates, then none
     logits = torch.randn(B, H, L, generator=g) * 4
     logits = logits.masked_fill(torch.arange(L).view(1, 1, L) >= lens.view(-1, 1, 1), float("-inf"))
-    got = range_softmax_max(logits, sink, lens - recent, split_size=split_size, block=block)
+    got = range_softmax_max(logits.to(DEVICE), sink, (lens - recent).to(DEVICE), split_size=split_size,
+                            block=block).cpu()
     want = expected(logits, lens, sink, recent)
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got), finite)
@@ -35,9 +37,9 @@ def test_equals_the_torch_scores(split_size, block):
 
 
 def test_dispatch_and_bad_input():
-    logits = torch.zeros(1, 2, 8)
+    logits = torch.zeros(1, 2, 8, device=DEVICE)
     assert not range_softmax_max_kernel_runs(logits, "torch")
-    assert not range_softmax_max_kernel_runs(logits, "auto")            # CPU tensors: the torch path
+    assert range_softmax_max_kernel_runs(logits, "auto") == (DEVICE == "cuda")   # CPU tensors: the torch path
     assert range_softmax_max_kernel_runs(logits, "triton")
     with pytest.raises(ValueError, match="float32"):
         range_softmax_max(logits.double(), 0, torch.tensor([8]))
