@@ -125,7 +125,10 @@ class DeltaKVAttention(PoolAttention):
             k, S, n = self.widths[b], self.pool.store.clustering.num_sink, self.pool.store.count(row)
             # compressed offset j holds position S + j (a flush takes the oldest buffer tokens), and the filter
             # layers' slot table is in position order: offset j's score is scores[b, S + j]
-            pick = self.scores[b, S:S + n].topk(k).indices.view(1, k)
+            # a count budget reads every one of the k picks (k <= the count), so their order does not matter: no
+            # sort of the top-k (a fraction budget may read only the best ones of the k: sorted, best first)
+            ordered = not isinstance(self.method.config.num_top_tokens, int)
+            pick = self.scores[b, S:S + n].topk(k, sorted=ordered).indices.view(1, k)
             got = self._picks[row] = (pick, self.rope(like, pick + S))
         return got
 
