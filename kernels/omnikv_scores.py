@@ -42,12 +42,12 @@ if HAS_TRITON:
             offs = n0 + tl.arange(0, BLOCK)
             s = tl.load(S + b * ss_b + h * ss_h + offs * ss_l, mask=offs < end, other=float("-inf"))
             m_new = tl.maximum(m, s)
-            z = z * tl.exp(tl.where(m_new == float("-inf"), 0.0, m - m_new)) + \
-                tl.where(s == float("-inf"), 0.0, tl.exp(s - tl.where(m_new == float("-inf"), 0.0, m_new)))
+            safe_new = tl.where(m_new == float("-inf"), 0.0, m_new)      # exp(-inf - safe) = 0, never inf - inf
+            z = z * tl.exp(m - safe_new) + tl.exp(s - safe_new)
             m = m_new
         mx = tl.max(m, 0)
         safe = tl.where(mx == float("-inf"), 0.0, mx)
-        tot = tl.sum(z * tl.exp(tl.where(m == float("-inf"), float("-inf"), m - safe)), 0)
+        tot = tl.sum(z * tl.exp(m - safe), 0)
         tl.store(M + pid * num_splits + sp, mx)
         tl.store(Z + pid * num_splits + sp, tot)
 
@@ -67,9 +67,9 @@ if HAS_TRITON:
             zs = tl.load(Z + (b * H + h) * num_splits + sp, mask=spm, other=0.0)
             mh = tl.max(ms, 0)
             safe = tl.where(mh == float("-inf"), 0.0, mh)
-            zh = tl.sum(zs * tl.exp(tl.where(ms == float("-inf"), float("-inf"), ms - safe)), 0)
+            zh = tl.sum(zs * tl.exp(ms - safe), 0)
             s = tl.load(S + b * ss_b + h * ss_h + offs * ss_l, mask=cand, other=float("-inf"))
-            p = tl.where(cand & (s > float("-inf")), tl.exp(s - safe) / tl.where(zh > 0, zh, 1.0), 0.0)
+            p = tl.exp(s - safe) / tl.where(zh > 0, zh, 1.0)                  # 0 where s is -inf
             best = tl.maximum(best, p)
         tl.store(OUT + b * so_b + offs, tl.where(cand, best, float("-inf")), mask=offs < L)
 else:  # pragma: no cover - exercised only without triton
