@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+from sparse_hf.kernels.gather_slots import gather_kv_slots
 from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
 from ..config import resolve_counts
@@ -137,7 +138,7 @@ class DeltaKVAttention(PoolAttention):
 
         A compressed layer's step buffer is token-major ``[B * W + B * K, Hkv, D]`` (``W`` the static
         :attr:`raw_width`, or the step's table width when narrower; ``K = max(widths)``): first every row's group-``g`` raw slots (sinks + buffer; slot
-        ``flat[b * W + j]`` of the pool at ``b * W + j``, gathered by one ``index_select``), then row ``b``'s
+        ``flat[b * W + j]`` of the pool at ``b * W + j``, gathered by one launch), then row ``b``'s
         ``widths[b]`` rebuilt tokens at ``B * W + b * K + i``. ``indices`` lists, per row, its live raw entries and
         its rebuilt tokens within the budget (``-1`` elsewhere). Built from device tensors and host ints only
         (CUDA-graph safe)."""
@@ -159,7 +160,8 @@ class DeltaKVAttention(PoolAttention):
     def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens, both in one
         token-major step buffer (see :meth:`_step_layout`; the rebuild writes into it in place, without tensor
-        parallelism). Per layer: two ``index_select`` (raw K, V), then per row the rebuild's kernels."""
+        parallelism). Per layer: one gather of the raw K and V (:func:`gather_kv_slots`), then per row the rebuild's
+        kernels."""
         pool, store = self.pool, self.pool.store
         W, flat, indices = self._step_layout(g, q.device)
         B, Hkv, L = indices.shape
@@ -167,8 +169,7 @@ class DeltaKVAttention(PoolAttention):
         k_pool, v_pool = pool.k[layer], pool.v[layer]
         keys = k_pool.new_empty(B * L, Hkv, k_pool.shape[-1])
         values = v_pool.new_empty(B * L, Hkv, v_pool.shape[-1])
-        torch.index_select(k_pool, 0, flat, out=keys[:B * W])
-        torch.index_select(v_pool, 0, flat, out=values[:B * W])
+        gather_kv_slots(k_pool, v_pool, flat, keys[:B * W], values[:B * W], backend=self.backend)
         for b, (row, k) in enumerate(zip(self.rows, self.widths)):
             if not k:
                 continue
