@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 #: aten ops that launch nothing on CUDA (views, metadata, allocation).
 NO_LAUNCH = {"view", "_unsafe_view", "as_strided", "expand", "permute", "slice", "select", "unsqueeze", "squeeze",
              "t", "transpose", "reshape", "alias", "detach", "empty", "empty_strided", "new_empty", "resize_",
-             "empty_like", "split", "split_with_sizes", "chunk", "unbind", "narrow", "lift_fresh", "_reshape_alias", "unfold",
+             "empty_like", "split", "split_with_sizes", "chunk", "unbind", "narrow", "lift_fresh", "_reshape_alias",
+             "unfold",
              "is_nonzero", "item", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "dim", "size",
              "stride", "_to_copy_noop", "view_as_real", "view_as_complex", "diagonal", "clone_noop",
              "set_", "_has_compatible_shallow_copy_type", "result_type"}

@@ -6,10 +6,13 @@ row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest
 layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to the pool.
 
 A decode step (static shapes: :mod:`.deltakv_graphs` captures it on CUDA): the filter layers attend to every raw
-token; the observation layer's scores (OmniKV's :meth:`decode_scores`, by position) pick, per row, the top
-``num_top_tokens`` of the row's compressed tokens (all of them when the budget covers them), which the core
-:func:`~sparse_hf.deltakv.state.rebuild_kv` rebuilds (fused kernel entry); each compressed layer attends to its raw
-sinks + buffer and the rebuilt tokens.
+token, read in place through the slot table; the observation layer's scores (OmniKV's :meth:`decode_scores`, by
+position; on CUDA the two passes of :func:`~sparse_hf.kernels.omnikv_scores.range_softmax_max`) pick, per row, the
+top ``num_top_tokens`` of the row's compressed tokens (all of them when the budget covers them), once per
+observation layer with their RoPE tables; each compressed layer gathers its raw sinks + buffer into a step buffer
+(one launch) beside which the core :func:`~sparse_hf.deltakv.state.rebuild_kv` writes the rebuilt tokens (fused
+kernels: gather latents, ``up``, writeback), and attends to both (``sparse_decode_attention``). About 7 launches
+per compressed layer and 8 per observation layer (``benchmarks/count_deltakv_launches.py`` counts them).
 
 Tensor parallelism: the compressor reads all KV heads' ``concat(K, V)``, so a flush all-gathers the ranks' heads
 (every rank then holds the same latents, computed from the same input); a rebuild yields every head and a rank
@@ -137,13 +140,13 @@ class DeltaKVAttention(PoolAttention):
         """``(W, flat [B * W], indices [B, Hkv, W + K])`` of this step, the same in every compressed layer.
 
         A compressed layer's step buffer is token-major ``[B * W + B * K, Hkv, D]`` (``W`` the static
-        :attr:`raw_width`, or the step's table width when narrower; ``K = max(widths)``): first every row's group-``g`` raw slots (sinks + buffer; slot
-        ``flat[b * W + j]`` of the pool at ``b * W + j``, gathered by one launch), then row ``b``'s
-        ``widths[b]`` rebuilt tokens at ``B * W + b * K + i``. ``indices`` lists, per row, its live raw entries and
-        its rebuilt tokens within the budget (``-1`` elsewhere). Built from device tensors and host ints only
-        (CUDA-graph safe)."""
+        :attr:`raw_width`, or the step's slot-table width when that is narrower; ``K = max(widths)``): first every
+        row's group-``g`` raw slots (sinks + buffer; slot ``flat[b * W + j]`` of the pool at ``b * W + j``, gathered
+        in one launch), then row ``b``'s ``widths[b]`` rebuilt tokens at ``B * W + b * K + i``. ``indices`` lists,
+        per row, its live raw entries and its rebuilt tokens within the budget (``-1`` elsewhere). Built from device
+        tensors and host ints only (CUDA-graph safe)."""
         if self._layout is None:
-            tables = self.ctx.tables[g, :, :self.raw_width]        # narrower while the step's tables are
+            tables = self.ctx.tables[g, :, :self.raw_width]        # [B, W]: W < raw_width while all rows are short
             B, W = tables.shape
             K = max(self.widths, default=0)
             j = torch.arange(W + K, device=device).view(1, W + K)
