@@ -85,3 +85,18 @@ def test_longest_prompt_is_the_largest_split_that_fits(bits):
     filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest + 1, 1)
     assert min(filt, need) < longest + 1
     assert 0.5 * 1_900_000 < longest < 1_900_000
+
+
+def test_bench_engine_deltakv_small_reports_the_memory_bounds(capsys):
+    import json
+
+    import bench_engine_deltakv
+
+    assert bench_engine_deltakv.main(["--small", "--kv-quant-bits", "4"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    vanilla = [r for r in rows if r["method"] == "vanilla"]
+    deltakv = [r for r in rows if r["method"] == "deltakv"]
+    assert vanilla and deltakv and deltakv[0]["knobs"]["kv_quant_bits"] == 4
+    assert vanilla[0]["longest_prompt_b1"] == vanilla[0]["group_slots"][0]
+    # the same memory (num_kv_slots): the prompt held raw in every layer until it ends bounds deltakv below vanilla
+    assert 0.5 * vanilla[0]["longest_prompt_b1"] < deltakv[0]["longest_prompt_b1"] < vanilla[0]["longest_prompt_b1"]
