@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from engine_helpers import engine_tokens, random_prompts
@@ -53,38 +52,6 @@ def test_latest_graph_of_both_graph_kinds():
     assert profile_engine.latest_graph(SimpleNamespace(graphs={1: "g1", 4: "g4"})) == "g4"
     assert profile_engine.latest_graph(SimpleNamespace(graph=None)) is None          # DeltaKVGraphs before capture
     assert profile_engine.latest_graph(SimpleNamespace(graph="g")) == "g"
-
-
-def seven_b_split_inputs(bits):
-    from transformers import Qwen2Config
-
-    from sparse_hf.engine.config import build_method
-
-    config = Qwen2Config(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_size=3584)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        comp = DeltaKVCompressor.for_model(config, kv_compressed_size=256).to(torch.bfloat16)
-    method = build_method("deltakv", dict(compressor=comp, kv_quant_bits=bits, num_top_tokens=2048,
-                                          num_sink_tokens=4, num_recent_tokens=64), 28)
-    return method, comp.projections
-
-
-@pytest.mark.parametrize("bits", [0, 4])
-def test_longest_prompt_is_the_largest_split_that_fits(bits):
-    """``longest_prompt``: the split at that length has room for it in both groups, one more token does not fit;
-    and it stays below a vanilla pool's (a prompt is held raw in every layer until it ends, and its filter slots
-    also reserve its compressed bytes)."""
-    from sparse_hf.engine.deltakv_store import longest_prompt, split_slots
-
-    method, proj = seven_b_split_inputs(bits)
-    per_vanilla_slot = 2 * 28 * 4 * 128 * 2 + 4
-    budget = 1_900_000 * per_vanilla_slot                           # an H200's pool
-    longest = longest_prompt(budget, method, proj, 4, 128, torch.bfloat16)
-    filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest, 1)
-    assert min(filt, need) >= longest
-    filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest + 1, 1)
-    assert min(filt, need) < longest + 1
-    assert 0.5 * 1_900_000 < longest < 1_900_000
 
 
 def test_bench_engine_deltakv_small_reports_the_memory_bounds(capsys):
