@@ -43,6 +43,21 @@ def kv_bytes(llm) -> dict:
     return dict(raw_kv_bytes=raw, compressed_bytes=store.nbytes() if store is not None else 0)
 
 
+def longest_prompt_at_batch_1(llm) -> int:
+    """The longest prompt one row could hold in this engine's KV memory: every slot for vanilla; for deltakv
+    :func:`~sparse_hf.engine.deltakv_store.longest_prompt` of the memory its two slot groups take."""
+    pool = llm.pool
+    if not hasattr(pool, "store"):
+        return pool.group_slots[0]
+    from sparse_hf.engine.deltakv_store import longest_prompt, slot_costs
+
+    runner = llm.runner
+    args = (runner.method, runner.projections, pool.num_kv_heads, pool.head_dim, pool.k[0].dtype)
+    per_filter, per_compressed, _ = slot_costs(*args)
+    budget = pool.group_slots[0] * per_filter + pool.group_slots[1] * per_compressed
+    return longest_prompt(int(budget), *args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen2.5-7b")
@@ -52,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--chunk-prefill-size", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    p.add_argument("--kv-quant-bits", type=int, default=0, choices=(0, 8, 4), help="deltakv latents: 0, int8, int4")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, short cases")
     args = p.parse_args(argv)
     extra = {}
@@ -66,6 +82,8 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device)
     for method in args.methods.split(","):
         knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest)
+        if method == "deltakv" and args.kv_quant_bits:
+            knobs["kv_quant_bits"] = args.kv_quant_bits
         shown = dict(knobs)
         if method == "deltakv" and args.small:
             knobs["full_attn_layers"] = shown["full_attn_layers"] = [0]      # the tiny shape has 4 layers
@@ -93,7 +111,8 @@ def main(argv=None) -> int:
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
             groups = llm.pool.group_slots
             # rows of 131072 tokens the pool holds after their prompts (deltakv: its filter group bounds it)
-            r.update(method=method, knobs=shown, group_slots=groups, rows_at_128k=groups[0] // 131072, **held)
+            r.update(method=method, knobs=shown, group_slots=groups, rows_at_128k=groups[0] // 131072,
+                     longest_prompt_b1=longest_prompt_at_batch_1(llm), **held)
             graphs = llm.runner.graphs
             if method == "deltakv" and graphs is not None:          # captured decode, or why not
                 r.update(graph_captures=graphs.captures, graph_failed=graphs.failed)

@@ -62,12 +62,22 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
+def latest_graph(graphs):
+    """The last captured decode graph of a runner's graphs: ``DecodeGraphs`` keeps one per batch bucket
+    (``graphs``, a dict), ``DeltaKVGraphs`` only its latest (``graph``); ``None`` when nothing was captured."""
+    if graphs is None:
+        return None
+    if getattr(graphs, "graph", None) is not None:
+        return graphs.graph
+    captured = getattr(graphs, "graphs", None)
+    return list(captured.values())[-1] if captured else None
+
+
 def gpu_step_ms(llm, repeats: int = 30) -> float | None:
     """GPU time of the last captured decode graph, replayed ``repeats`` times back to back."""
-    graphs = getattr(llm.runner, "graphs", None)
-    if graphs is None or not graphs.graphs or llm.device.type != "cuda":
+    graph = latest_graph(getattr(llm.runner, "graphs", None))
+    if graph is None or llm.device.type != "cuda":
         return None
-    graph = list(graphs.graphs.values())[-1]
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

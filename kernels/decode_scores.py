@@ -25,14 +25,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_scores_kernel(
-        Q, K, V, LEN, VALID, TABLE, OP, LP, OUT, SC,
+        Q, K, V, LEN, VALID, SLOT, OP, LP, OUT, SC,
         scale, L, split_size, num_splits,
-        sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sva_b, sva_l, st_b, st_l,
+        sq_b, sq_h, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sva_b, sva_l, sst_b, sst_l,
         so_b, so_h, so_d, ss_b, ss_h, ss_l,
         HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_LEN: tl.constexpr, HAS_VALID: tl.constexpr, HAS_TABLE: tl.constexpr, GROUP_MAX: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_VALID: tl.constexpr, GROUP_MAX: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_F32: tl.constexpr, PREC: tl.constexpr, HAS_SLOTS: tl.constexpr = False,
     ):
         sp = tl.program_id(1)
         b, kvh, d, gm, dm, heads, q = load_group_query(Q, sq_b, sq_h, sq_d, HKV, G, D, BLOCK_G, BLOCK_D, DOT_F32)
@@ -59,12 +59,11 @@ if HAS_TRITON:
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * sva_b + offs * sva_l, mask=inr, other=0) != 0)
             kv_mask = ok[:, None] & dm[None, :]
-            if HAS_TABLE:                                    # position -> pool slot (K/V read in place)
-                pos = tl.load(TABLE + b * st_b + offs * st_l, mask=ok, other=0).to(tl.int64)
-            else:
-                pos = offs
-            kt = tl.load(k_base + pos[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-            vt = tl.load(v_base + pos[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
+            at = offs.to(tl.int64)
+            if HAS_SLOTS:                                   # position j lives at slot SLOT[b, j] of the pool
+                at = tl.load(SLOT + b * sst_b + offs * sst_l, mask=ok, other=0).to(tl.int64)
+            kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+            vt = tl.load(v_base + at[:, None] * sv_l + d[None, :] * sv_d, mask=kv_mask, other=0.0)
             if DOT_F32:
                 kt = kt.to(tl.float32)
                 vt = vt.to(tl.float32)
@@ -153,7 +152,7 @@ else:  # pragma: no cover - exercised only without triton
 def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  lengths: torch.Tensor | None = None, valid: torch.Tensor | None = None,
                                  scale: float | None = None, score_mode: str = "per_head", backend: str = "auto",
-                                 *, split_size: int | None = None, table: torch.Tensor | None = None):
+                                 *, split_size: int | None = None, slots: torch.Tensor | None = None):
     """Full decode attention of one query token plus per-token logits, in one pass over K.
 
     Args:
@@ -167,32 +166,28 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             Masked positions are ``-inf``.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
         split_size: positions per split-K chunk; default picks one to fill the GPU.
-        table: optional ``[B, L]`` int slot ids: then ``k``, ``v`` are a slot-major pool ``[S, Hkv, D]`` and position
-            ``j`` of row ``b`` is slot ``table[b, j]``, read in place (an engine's observation layer would otherwise
-            gather a copy of every cached token first: at 128K, 268 MB written and read again per layer).
-            Entries at or past ``lengths[b]`` are never read.
+        slots: optional ``[B, L]`` int slot table: ``k``/``v`` are then a slot pool ``[B, Hkv, S, D]`` (e.g. a
+            ``[S, Hkv, D]`` pool viewed with stride 0 over rows) and position ``j`` of row ``b`` is read from slot
+            ``slots[b, j]`` in place (an engine's observation layer: no gathered copy of the row's K/V). Entries
+            past ``lengths`` / outside ``valid`` are not read.
 
     Returns:
         ``(out, scores)``: ``out`` ``[B, H, D]`` in ``q.dtype`` (zeros for a row with no attended key).
     """
     if score_mode not in SCORE_MODES:
         raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
-    if table is not None:
-        if k.dim() != 3 or v.shape != k.shape or table.dim() != 2 or table.shape[0] != q.shape[0] \
-                or table.is_floating_point():
-            raise ValueError(f"with a table, k and v must be a pool [S, Hkv, D] and table [B, L] int; got k "
-                             f"{tuple(k.shape)}, v {tuple(v.shape)}, table {tuple(table.shape)} ({table.dtype})")
-        if not use_triton(backend, _decode_scores_kernel, q, k, v):
-            slots = table.long()
-            return decode_attention_with_scores_ref(q, k[slots].permute(0, 2, 1, 3), v[slots].permute(0, 2, 1, 3),
-                                                    lengths, valid, scale, score_mode)
-        pool_k, pool_v = k, v
-        # a [B, Hkv, L, D] stand-in with the pool's strides: only shapes and strides are read from it below
-        k = v = pool_k.as_strided((q.shape[0], pool_k.shape[1], table.shape[1], pool_k.shape[2]), (0, 0, 0, 0))
     B, H, D, Hkv, L, G = _check_gqa(q, k)
     if v.shape != k.shape:
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
-    if table is None and not use_triton(backend, _decode_scores_kernel, q, k, v):
+    if slots is not None:
+        if slots.dim() != 2 or slots.shape[0] != B:
+            raise ValueError(f"slots must be a [B={B}, L] slot table, got {tuple(slots.shape)}")
+        L = slots.shape[1]
+    if not use_triton(backend, _decode_scores_kernel, q, k, v):
+        if slots is not None:                          # the reference reads a gathered copy
+            idx = slots.long().clamp(0, k.shape[2] - 1).view(B, 1, L, 1)
+            k = k.gather(2, idx.expand(B, Hkv, L, k.shape[-1]))
+            v = v.gather(2, idx.expand(B, Hkv, L, v.shape[-1]))
         return decode_attention_with_scores_ref(q, k, v, lengths, valid, scale, score_mode)
     if v.dtype != k.dtype:
         raise TypeError(f"k and v dtypes differ: {k.dtype} vs {v.dtype}")
@@ -218,21 +213,14 @@ def decode_attention_with_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         val, sva = out, (0, 0)
     dot_f32, prec = dot_config(_decode_scores_kernel, k.dtype)
-    if table is not None:
-        k, v = pool_k, pool_v
-        k_strides = (0, pool_k.stride(1), pool_k.stride(0), pool_k.stride(2))      # (b, h, slot, d)
-        v_strides = (0, pool_v.stride(1), pool_v.stride(0), pool_v.stride(2))
-        tab = table if table.dtype in (torch.int32, torch.int64) else table.long()
-        st = tab.stride()
-    else:
-        k_strides, v_strides, tab, st = k.stride(), v.stride(), out, (0, 0)
+    slot_table, sst = (slots, slots.stride()) if slots is not None else (out, (0, 0))
     _decode_scores_kernel[(B * Hkv, S)](
-        qk, k, v, lens, val, tab, o_part, lse_part, out, sc,
+        qk, k, v, lens, val, slot_table, o_part, lse_part, out, sc,
         scale, L, split_size, S,
-        *qk.stride(), *k_strides, *v_strides, *sva, *st, *out.stride(), *sc.stride(),
+        *qk.stride(), *k.stride(), *v.stride(), *sva, *sst, *out.stride(), *sc.stride(),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, next_pow2(G)), BLOCK_D=max(16, next_pow2(D)), BLOCK_N=block_n,
-        HAS_LEN=lengths is not None, HAS_VALID=valid is not None, HAS_TABLE=table is not None,
-        GROUP_MAX=group_max, SPLIT=S > 1, DOT_F32=dot_f32, PREC=prec, num_warps=4,
+        HAS_LEN=lengths is not None, HAS_VALID=valid is not None, GROUP_MAX=group_max, SPLIT=S > 1,
+        DOT_F32=dot_f32, PREC=prec, HAS_SLOTS=slots is not None, num_warps=4,
     )
     if S > 1:
         merge_splits(o_part, lse_part, out)

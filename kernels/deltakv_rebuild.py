@@ -70,20 +70,25 @@ if HAS_TRITON:
     def _token_x(CX, UP, FATH, b, j, cidx, row, is_center, offs, m,
                  scx_b, scx_m, su_b, su_k, sf_b, sf_n,
                  NBR: tl.constexpr, HAS_LAT: tl.constexpr):
-        """``x[offs]`` of one picked token (fp32): the center as stored, or ``up + mean(fathers)``."""
-        xc = tl.load(CX + b * scx_b + cidx * scx_m + offs, mask=m, other=0.0).to(tl.float32)
+        """``x[offs]`` of one picked token (fp32, any tile shape): the center as stored, or ``up + mean(fathers)``.
+        Only the side the token needs is read (a center's fathers and ``up`` row, a latent's center are not)."""
         if HAS_LAT:
+            rem = offs * 0 + is_center.to(tl.int32)                   # the token's kind, as a tile
+            lat = m & (rem == 0)
+            xc = tl.load(CX + b * scx_b + cidx * scx_m + offs, mask=m & (rem != 0), other=0.0).to(tl.float32)
             acc = offs.to(tl.float32) * 0.0
             cnt = 0.0
             for f in tl.static_range(NBR):
                 fid = tl.load(FATH + b * sf_b + row * sf_n + f).to(tl.int64)
                 ok = (fid >= 0).to(tl.float32)
-                got = tl.load(CX + b * scx_b + tl.maximum(fid, 0) * scx_m + offs, mask=m, other=0.0)
-                acc += got.to(tl.float32) * ok
+                got = tl.load(CX + b * scx_b + tl.maximum(fid, 0) * scx_m + offs, mask=lat & (rem * 0 + fid >= 0),
+                              other=0.0)
+                acc += got.to(tl.float32)
                 cnt += ok
-            up = tl.load(UP + b * su_b + j * su_k + offs, mask=m, other=0.0).to(tl.float32)
-            xl = up + acc / tl.maximum(cnt, 1.0)
-            xc = tl.where(is_center, xc, xl)
+            up = tl.load(UP + b * su_b + j * su_k + offs, mask=lat, other=0.0).to(tl.float32)
+            xc = tl.where(is_center, xc, up + acc / tl.maximum(cnt, 1.0))
+        else:
+            xc = tl.load(CX + b * scx_b + cidx * scx_m + offs, mask=m, other=0.0).to(tl.float32)
         return xc
 
     @triton.jit
@@ -92,12 +97,10 @@ if HAS_TRITON:
                           sp_b, sp_k, su_b, su_k, sf_b, sf_n, scx_b, scx_m, sc_b, sc_k, ss_b, ss_k,
                           sko_b, sko_h, sko_k, svo_b, svo_h, svo_k,
                           HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NBR: tl.constexpr,
-                          HALF_BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          BLOCK_H: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
                           HAS_LAT: tl.constexpr, HAS_KNORM: tl.constexpr):
-        # one program per (pick, KV head): K (two rotate-half halves) and V of that head
-        pid = tl.program_id(0)
-        h = (pid % HKV).to(tl.int64)
-        t = pid // HKV
+        # one program per pick: K of every KV head as two [BLOCK_H, D/2] rotate-half tiles, and V [BLOCK_H, DV]
+        t = tl.program_id(0)
         b = (t // k).to(tl.int64)
         j = (t % k).to(tl.int64)
         p = tl.load(PICK + b * sp_b + j * sp_k).to(tl.int64)
@@ -106,30 +109,35 @@ if HAS_TRITON:
         cidx = tl.minimum(num_sink + pc // step, n_centers - 1)
         row = _latent_row(p, step, n_lat)
         HALF: tl.constexpr = D // 2
+        h = tl.arange(0, BLOCK_H)
+        hm = h < HKV
         d = tl.arange(0, HALF_BLOCK)
         dm = d < HALF
-        lo = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, h * D + d, dm,
+        km = hm[:, None] & dm[None, :]
+        k_offs = h[:, None] * D + d[None, :]                                          # [BLOCK_H, HALF_BLOCK]
+        lo = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, k_offs, km,
                       scx_b, scx_m, su_b, su_k, sf_b, sf_n, NBR, HAS_LAT)
-        hi = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, h * D + HALF + d, dm,
+        hi = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, k_offs + HALF, km,
                       scx_b, scx_m, su_b, su_k, sf_b, sf_n, NBR, HAS_LAT)
         if HAS_KNORM:
-            inv = 1.0 / tl.sqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / D + eps)
-            lo = lo * inv * tl.load(KW + d, mask=dm, other=0.0).to(tl.float32)
-            hi = hi * inv * tl.load(KW + HALF + d, mask=dm, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / D + eps)            # [BLOCK_H]
+            lo = lo * inv[:, None] * tl.load(KW + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+            hi = hi * inv[:, None] * tl.load(KW + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
         cbase = COS + b * sc_b + j * sc_k
         sbase = SIN + b * ss_b + j * ss_k
-        c_lo = tl.load(cbase + d, mask=dm, other=0.0).to(tl.float32)
-        c_hi = tl.load(cbase + HALF + d, mask=dm, other=0.0).to(tl.float32)
-        s_lo = tl.load(sbase + d, mask=dm, other=0.0).to(tl.float32)
-        s_hi = tl.load(sbase + HALF + d, mask=dm, other=0.0).to(tl.float32)
-        kbase = KOUT + b * sko_b + h * sko_h + j * sko_k
-        tl.store(kbase + d, (lo * c_lo - hi * s_lo).to(KOUT.dtype.element_ty), mask=dm)
-        tl.store(kbase + HALF + d, (hi * c_hi + lo * s_hi).to(KOUT.dtype.element_ty), mask=dm)
+        c_lo = tl.load(cbase + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        c_hi = tl.load(cbase + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        s_lo = tl.load(sbase + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        s_hi = tl.load(sbase + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+        kbase = KOUT + b * sko_b + j * sko_k + h[:, None] * sko_h + d[None, :]
+        tl.store(kbase, (lo * c_lo - hi * s_lo).to(KOUT.dtype.element_ty), mask=km)
+        tl.store(kbase + HALF, (hi * c_hi + lo * s_hi).to(KOUT.dtype.element_ty), mask=km)
         e = tl.arange(0, BLOCK_DV)
-        em = e < DV
-        v = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, HKV * D + h * DV + e, em,
+        vm = hm[:, None] & (e < DV)[None, :]
+        v = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, HKV * D + h[:, None] * DV + e[None, :], vm,
                      scx_b, scx_m, su_b, su_k, sf_b, sf_n, NBR, HAS_LAT)
-        tl.store(VOUT + b * svo_b + h * svo_h + j * svo_k + e, v.to(VOUT.dtype.element_ty), mask=em)
+        tl.store(VOUT + b * svo_b + j * svo_k + h[:, None] * svo_h + e[None, :], v.to(VOUT.dtype.element_ty),
+                 mask=vm)
 
 
 def _check_last_contiguous(**tensors):
@@ -184,14 +192,15 @@ def deltakv_writeback(pick: torch.Tensor, up_out: torch.Tensor | None, fathers: 
         return k_out, v_out
     fath = fathers if has_lat else pick
     up = up_out if has_lat else center_x
-    _writeback_kernel[(B * k * Hkv,)](
+    _writeback_kernel[(B * k,)](
         pick, up, fath, center_x, cos, sin, k_norm_weight if k_norm_weight is not None else cos, k_out, v_out,
         k, step, num_sink, center_x.shape[1], fath.shape[1] if has_lat else 0, float(k_norm_eps),
         pick.stride(0), pick.stride(1), up.stride(0), up.stride(1), fath.stride(0), fath.stride(1),
         center_x.stride(0), center_x.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
-        HKV=Hkv, D=D, DV=Dv, NBR=fath.shape[-1] if has_lat else 1, HALF_BLOCK=next_pow2(D // 2),
-        BLOCK_DV=next_pow2(Dv), HAS_LAT=has_lat, HAS_KNORM=k_norm_weight is not None)
+        HKV=Hkv, D=D, DV=Dv, NBR=fath.shape[-1] if has_lat else 1, BLOCK_H=next_pow2(Hkv),
+        HALF_BLOCK=next_pow2(D // 2), BLOCK_DV=next_pow2(Dv), HAS_LAT=has_lat, HAS_KNORM=k_norm_weight is not None,
+        num_warps=2 if next_pow2(Hkv) * next_pow2(Dv) <= 512 else 4)
     return k_out, v_out
 
 

@@ -182,16 +182,10 @@ def test_aborts_and_arrivals_leave_the_pool_and_store_empty():
     llm.pool.check_whole()
 
 
-@pytest.mark.parametrize("bits,at_least", [(0, 1.8), (4, 2.4)])
-def test_the_split_for_the_7b_shape(bits, at_least):
-    """The memory of a vanilla pool holds this many times more tokens in deltakv's filter layers (the bound on rows
-    after their prompts) for Qwen2.5-7B's KV shape (28 layers, 4 KV heads of 128, bf16), the default filter layers,
-    a latent-256 compressor and an H200's pool (1.9M vanilla slots, 109 GB), with room for one 131072-token prompt
-    raw in the compressed layers: 1.84x with bf16 latents, 2.45x with int4 latents."""
+def seven_b_split_inputs(bits):
     from transformers import Qwen2Config
 
     from sparse_hf.engine.config import build_method
-    from sparse_hf.engine.deltakv_store import split_slots
 
     config = Qwen2Config(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_size=3584)
     torch.manual_seed(0)
@@ -199,9 +193,21 @@ def test_the_split_for_the_7b_shape(bits, at_least):
         comp = DeltaKVCompressor.for_model(config, kv_compressed_size=256).to(torch.bfloat16)
     method = build_method("deltakv", dict(compressor=comp, kv_quant_bits=bits, num_top_tokens=2048,
                                           num_sink_tokens=4, num_recent_tokens=64), 28)
+    return method, comp.projections
+
+
+@pytest.mark.parametrize("bits,at_least", [(0, 1.8), (4, 2.4)])
+def test_the_split_for_the_7b_shape(bits, at_least):
+    """The memory of a vanilla pool holds this many times more tokens in deltakv's filter layers (the bound on rows
+    after their prompts) for Qwen2.5-7B's KV shape (28 layers, 4 KV heads of 128, bf16), the default filter layers,
+    a latent-256 compressor and an H200's pool (1.9M vanilla slots, 109 GB), with room for one 131072-token prompt
+    raw in the compressed layers: 1.84x with bf16 latents, 2.45x with int4 latents."""
+    from sparse_hf.engine.deltakv_store import split_slots
+
+    method, proj = seven_b_split_inputs(bits)
     vanilla = 1_900_000
     per_slot = 2 * 28 * 4 * 128 * 2 + 4
-    filt, compressed = split_slots(vanilla * per_slot, method, comp.projections, 4, 128, torch.bfloat16, 131072, 8)
+    filt, compressed = split_slots(vanilla * per_slot, method, proj, 4, 128, torch.bfloat16, 131072, 8)
     assert compressed == 131072 + 8 * (4 + 2 * 64)                        # a prompt + 8 rows of sinks + buffers
     assert filt >= at_least * vanilla, filt / vanilla
 
@@ -232,3 +238,21 @@ def test_graph_decode_bookkeeping(monkeypatch, budget):
     assert engine_tokens(llm, prompts, 30) == eager
     assert 0 < graphs.captures < len(replays) and sum(replays) == len(replays) - graphs.captures
     llm.pool.check_whole()
+
+
+@pytest.mark.parametrize("bits", [0, 4])
+def test_longest_prompt_is_the_largest_split_that_fits(bits):
+    """``longest_prompt``: the split at that length has room for it in both groups, one more token does not fit;
+    and it stays below a vanilla pool's (a prompt is held raw in every layer until it ends, and its filter slots
+    also reserve its compressed bytes)."""
+    from sparse_hf.engine.deltakv_store import longest_prompt, split_slots
+
+    method, proj = seven_b_split_inputs(bits)
+    per_vanilla_slot = 2 * 28 * 4 * 128 * 2 + 4
+    budget = 1_900_000 * per_vanilla_slot                           # an H200's pool
+    longest = longest_prompt(budget, method, proj, 4, 128, torch.bfloat16)
+    filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest, 1)
+    assert min(filt, need) >= longest
+    filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest + 1, 1)
+    assert min(filt, need) < longest + 1
+    assert 0.5 * 1_900_000 < longest < 1_900_000

@@ -227,30 +227,6 @@ def test_decode_scores_empty_row(backend):
     close_scores(sc, reduce(ref_sc, Hkv, "group_max"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["per_head", "group_max"])
-def test_decode_scores_through_a_slot_table(backend, mode):
-    """``table=``: K/V read in place from a slot-major pool ``[S, Hkv, D]`` through per-row slot ids equal the
-    same attention over the gathered ``[B, Hkv, L, D]`` copy (what an engine's observation layer used to build)."""
-    H, Hkv, S, D = 4, 2, 97, 16
-    g = torch.Generator().manual_seed(11)
-    pool_k = torch.randn(S, Hkv, D, generator=g).to(DEV)
-    pool_v = torch.randn(S, Hkv, D, generator=g).to(DEV)
-    table = torch.stack([torch.randperm(S, generator=g)[:L] for _ in range(B)]).to(DEV, torch.int32)
-    lengths = torch.tensor([L - 5, 23], device=DEV)
-    table[1, 23:] = -7                                    # past the row's length: never read
-    q = rand_q(H)
-    out, sc = decode_attention_with_scores(q, pool_k, pool_v, lengths, score_mode=mode, backend=backend,
-                                           split_size=16, table=table)
-    gathered = table.clamp_min(0).long()
-    ref_out, ref_sc = naive_scores(q, pool_k[gathered].permute(0, 2, 1, 3), pool_v[gathered].permute(0, 2, 1, 3),
-                                   lengths)
-    close(out, ref_out)
-    close_scores(sc, reduce(ref_sc, Hkv, mode))
-    with pytest.raises(ValueError, match="pool"):
-        decode_attention_with_scores(q, pool_k[None], pool_v[None], lengths, backend=backend, table=table)
-
-
 @needs_triton
 def test_decode_scores_bf16():
     H, Hkv = 4, 2

@@ -283,7 +283,8 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
             :class:`~sparse_hf.deltakv.offload.LatentPrefetch`); gathered from ``state.latent`` if ``None``.
 
     Returns:
-        ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long).
+        ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long; ``None`` when
+        ``cos_sin`` is given: the caller placed the picks already).
     """
     cl = state.clustering
     B, k = pick.shape
@@ -291,8 +292,11 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
     dv = cx.shape[-1] // kv_heads - head_dim
     if out is None:
         out = (cx.new_empty(B, kv_heads, k, head_dim), cx.new_empty(B, kv_heads, k, dv))
-    pos = state.comp_pos.gather(1, pick.clamp(min=0)).long()
-    cos, sin = cos_sin if cos_sin is not None else rope(out[1].transpose(1, 2), pos)
+    if cos_sin is None:
+        pos = state.comp_pos.gather(1, pick.clamp(min=0)).long()
+        cos, sin = rope(out[1].transpose(1, 2), pos)
+    else:                                    # the caller's tables: no gather of positions (a decode step's launches)
+        pos, (cos, sin) = None, cos_sin
     lat = state.latent or QuantizedLatent(None, None, None)
     weight, eps = rms_norm_params(k_norm)
     if latents is not None and state.fathers is not None and state.fathers.shape[1] > 0:

@@ -216,8 +216,10 @@ class PoolAttention:
         """OmniKV observation layer: full attention plus a new selection (``ctx.selection``, slot ids)."""
         pool = self.pool
         W = tables.shape[1]
-        out, logits = decode_attention_with_scores(q, pool.k[layer], pool.v[layer], lengths=lens, scale=scale,
-                                                   backend=self.backend, table=tables)   # K/V read in place
+        B = q.shape[0]
+        out, logits = decode_attention_with_scores(q, pool_view(pool.k[layer], B), pool_view(pool.v[layer], B),
+                                                   lengths=lens, scale=scale, backend=self.backend,
+                                                   slots=tables)                       # K/V read in place
         valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
         if self.reduce_scores is None:
             selection = self.method.select_decode(logits, valid, lens)

@@ -6,10 +6,13 @@ row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest
 layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to the pool.
 
 A decode step (static shapes: :mod:`.deltakv_graphs` captures it on CUDA): the filter layers attend to every raw
-token; the observation layer's scores (OmniKV's :meth:`decode_scores`, by position) pick, per row, the top
-``num_top_tokens`` of the row's compressed tokens (all of them when the budget covers them), which the core
-:func:`~sparse_hf.deltakv.state.rebuild_kv` rebuilds (fused kernel entry); each compressed layer attends to its raw
-sinks + buffer and the rebuilt tokens.
+token, read in place through the slot table; the observation layer's scores (OmniKV's :meth:`decode_scores`, by
+position; on CUDA the two passes of :func:`~sparse_hf.kernels.omnikv_scores.range_softmax_max`) pick, per row, the
+top ``num_top_tokens`` of the row's compressed tokens (all of them when the budget covers them), once per
+observation layer with their RoPE tables; each compressed layer gathers its raw sinks + buffer into a step buffer
+(one launch) beside which the core :func:`~sparse_hf.deltakv.state.rebuild_kv` writes the rebuilt tokens (fused
+kernels: gather latents, ``up``, writeback), and attends to both (``sparse_decode_attention``). About 7 launches
+per compressed layer and 8 per observation layer (``benchmarks/count_deltakv_launches.py`` counts them).
 
 Tensor parallelism: the compressor reads all KV heads' ``concat(K, V)``, so a flush all-gathers the ranks' heads
 (every rank then holds the same latents, computed from the same input); a rebuild yields every head and a rank
@@ -21,11 +24,13 @@ from __future__ import annotations
 import torch
 
 from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
+from sparse_hf.kernels.gather_slots import gather_kv_slots
+from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
 from ..config import resolve_counts
 from ..deltakv.rope import unrotate
 from ..deltakv.state import flush, rebuild_kv
-from .attention import PoolAttention
+from .attention import PoolAttention, pool_view
 from .runner import DecodePlan, MixedPlan, ModelRunner, PrefillPlan
 
 #: The pool group of the compressed layers (group 0: the filter layers).
@@ -62,13 +67,18 @@ class DeltaKVAttention(PoolAttention):
         return self._decode_compressed(layer, g, q, scale)
 
     def _observe(self, layer, q, tables, lens, scale):
-        """Full attention plus the per-position scores (``self.scores``) the compressed layers pick by."""
-        flat = tables.long()
-        keys = self.pool.k[layer][flat].permute(0, 2, 1, 3)                      # [B, Hkv, W, D]
-        values = self.pool.v[layer][flat].permute(0, 2, 1, 3)
-        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend)
-        valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
-        scores = self.method.decode_scores(logits, valid)                          # [B, W]
+        """Full attention plus the per-position scores (``self.scores``) the compressed layers pick by. K/V are
+        read in place through the row's slot table (no gathered copy of a 128K row's K/V)."""
+        B = q.shape[0]
+        keys, values = pool_view(self.pool.k[layer], B), pool_view(self.pool.v[layer], B)
+        out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend,
+                                                   slots=tables)
+        if range_softmax_max_kernel_runs(logits, self.backend):   # candidates: slots [sinks, lens - recent)
+            c = self.method.config
+            scores = range_softmax_max(logits, c.num_sink_tokens, lens.long() - c.num_recent_tokens)
+        else:
+            valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
+            scores = self.method.decode_scores(logits, valid)                      # [B, W]
         self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores
         self._picks = {}                                    # the layers after this one pick by the new scores
         return out
@@ -109,56 +119,74 @@ class DeltaKVAttention(PoolAttention):
         c = self.method.config
         return c.num_sink_tokens + 2 * c.num_recent_tokens
 
-    def _pick(self, row: int, b: int, state) -> torch.Tensor:
-        """``[1, k]`` offsets of the row's compressed tokens to rebuild, best first by the observation scores (the
-        first ``num_top_tokens`` are read). Every compressed layer of a row holds the same tokens, so the pick is made
-        once per observation layer."""
-        pick = self._picks.get(row)
-        if pick is None:
-            k = self.widths[b]
-            pick = self.scores[b].gather(0, state.comp_pos[0].long()).topk(k).indices.view(1, k)
-            self._picks[row] = pick
-        return pick
+    def _pick(self, row: int, b: int, like: torch.Tensor):
+        """``(pick [1, k], (cos, sin) [1, k, D])``: offsets of the row's compressed tokens to rebuild, best first by
+        the observation scores (the first ``num_top_tokens`` are read), and RoPE at their positions. Every
+        compressed layer of a row holds the same tokens at the same positions, so both are made once per
+        observation layer and shared by the layers after it."""
+        got = self._picks.get(row)
+        if got is None:
+            k, S, n = self.widths[b], self.pool.store.clustering.num_sink, self.pool.store.count(row)
+            # compressed offset j holds position S + j (a flush takes the oldest buffer tokens), and the filter
+            # layers' slot table is in position order: offset j's score is scores[b, S + j]
+            # a count budget reads every one of the k picks (k <= the count), so their order does not matter: no
+            # sort of the top-k (a fraction budget may read only the best ones of the k: sorted, best first)
+            ordered = not isinstance(self.method.config.num_top_tokens, int)
+            pick = self.scores[b, S:S + n].topk(k, sorted=ordered).indices.view(1, k)
+            got = self._picks[row] = (pick, self.rope(like, pick + S))
+        return got
 
     def _step_layout(self, g: int, device):
-        """``(W, tables [B, W], indices [B, Hkv, W + max(widths)])`` of this step, the same in every compressed layer:
-        each row's group-``g`` raw slots (sinks + buffer, ``W`` the static :attr:`raw_width`) first, then its
-        ``widths[b]`` rebuilt tokens. Built from device tensors and constants only (CUDA-graph safe)."""
+        """``(W, flat [B * W], indices [B, Hkv, W + K])`` of this step, the same in every compressed layer.
+
+        A compressed layer's step buffer is token-major ``[B * W + B * K, Hkv, D]`` (``W`` the static
+        :attr:`raw_width`, or the step's slot-table width when that is narrower; ``K = max(widths)``): first every
+        row's group-``g`` raw slots (sinks + buffer; slot ``flat[b * W + j]`` of the pool at ``b * W + j``, gathered
+        in one launch), then row ``b``'s ``widths[b]`` rebuilt tokens at ``B * W + b * K + i``. ``indices`` lists,
+        per row, its live raw entries and its rebuilt tokens within the budget (``-1`` elsewhere). Built from device
+        tensors and host ints only (CUDA-graph safe)."""
         if self._layout is None:
-            tables = self.ctx.tables[g, :, :self.raw_width].long()
+            tables = self.ctx.tables[g, :, :self.raw_width]        # [B, W]: W < raw_width while all rows are short
             B, W = tables.shape
-            L = W + max(self.widths, default=0)
-            ar = torch.arange(L, device=device).view(1, L)
-            valid = ar < self.ctx.lens[g].long().view(-1, 1)                       # the raw slots
+            K = max(self.widths, default=0)
+            j = torch.arange(W + K, device=device).view(1, W + K)
+            rows = torch.arange(B, device=device).view(B, 1)
+            valid = j < self.ctx.lens[g].long().view(-1, 1)                        # the raw slots (lens <= W)
             top = resolve_counts(self.method.config.num_top_tokens, self.ctx.lens[0].long())   # [B], the budgets
             for b, k in enumerate(self.widths):                                      # the rebuilt tokens, best first
-                valid[b, W:W + k] = ar[0, :k] < top[b]
-            indices = torch.where(valid, ar, -1).unsqueeze(1).expand(B, self.pool.num_kv_heads, L)
-            self._layout = (W, tables, indices)
+                valid[b, W:W + k] = j[0, :k] < top[b]
+            at = torch.where(j < W, rows * W + j, B * W + rows * K + (j - W))
+            indices = torch.where(valid, at, -1).unsqueeze(1).expand(B, self.pool.num_kv_heads, W + K)
+            self._layout = (W, tables.reshape(-1).long(), indices)
         return self._layout
 
     def _decode_compressed(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens, written side by side
-        into one ``[B, Hkv, W + k, D]`` buffer (the rebuild writes into it in place, without tensor parallelism)."""
+        """Attention over each row's raw sinks + buffer (group 1) and its rebuilt picked tokens, both in one
+        token-major step buffer (see :meth:`_step_layout`; the rebuild writes into it in place, without tensor
+        parallelism). Per layer: one gather of the raw K and V (:func:`gather_kv_slots`), then per row the rebuild's
+        kernels."""
         pool, store = self.pool, self.pool.store
-        W, tables, indices = self._step_layout(g, q.device)
-        widths = self.widths
+        W, flat, indices = self._step_layout(g, q.device)
         B, Hkv, L = indices.shape
-        keys = pool.k[layer].new_empty(B, Hkv, L, pool.head_dim)
-        values = pool.v[layer].new_empty(B, Hkv, L, pool.v[layer].shape[-1])
-        keys[:, :, :W] = pool.k[layer][tables].permute(0, 2, 1, 3)
-        values[:, :, :W] = pool.v[layer][tables].permute(0, 2, 1, 3)
-        for b, (row, k) in enumerate(zip(self.rows, widths)):
+        K = L - W
+        k_pool, v_pool = pool.k[layer], pool.v[layer]
+        keys = k_pool.new_empty(B * L, Hkv, k_pool.shape[-1])
+        values = v_pool.new_empty(B * L, Hkv, v_pool.shape[-1])
+        gather_kv_slots(k_pool, v_pool, flat, keys[:B * W], values[:B * W], backend=self.backend)
+        for b, (row, k) in enumerate(zip(self.rows, self.widths)):
             if not k:
                 continue
             state = store.state(row, layer)
-            at = (slice(b, b + 1), slice(None), slice(W, W + k))
-            out = None if self.tp is not None else (keys[at], values[at])
-            kb, vb, _ = rebuild_kv(state, self._pick(row, b, state), self.projections, layer, self.kv_heads,
-                                   pool.head_dim, self.rope, out=out)
-            if out is None:                                   # every head rebuilt: this rank keeps its own
-                keys[at], values[at] = kb[:, self.heads], vb[:, self.heads]
-        return sparse_decode_attention(q, keys, values, indices, scale=scale, backend=self.backend)
+            at = slice(B * W + b * K, B * W + b * K + k)
+            slots = (keys[at].permute(1, 0, 2).unsqueeze(0), values[at].permute(1, 0, 2).unsqueeze(0))  # [1,Hkv,k,D]
+            pick, cos_sin = self._pick(row, b, k_pool)
+            kb, vb, _ = rebuild_kv(state, pick, self.projections, layer, self.kv_heads, pool.head_dim, self.rope,
+                                   out=None if self.tp is not None else slots, cos_sin=cos_sin)
+            if self.tp is not None:                           # every head rebuilt: this rank keeps its own
+                slots[0].copy_(kb[:, self.heads])
+                slots[1].copy_(vb[:, self.heads])
+        return sparse_decode_attention(q, pool_view(keys, B), pool_view(values, B), indices, scale=scale,
+                                       backend=self.backend)
 
 
 class DeltaKVRunner(ModelRunner):

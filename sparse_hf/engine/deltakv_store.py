@@ -61,6 +61,19 @@ def compressed_bytes_per_token(method, projections, kv_dtype: torch.dtype) -> fl
     return latent + 4 * cl.neighbor_count + 4 + center / cl.step
 
 
+def slot_costs(method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> tuple[float, int, int]:
+    """``(per_filter, per_compressed, per_row)``: the bytes of one slot of the filter group (its token raw in every
+    filter layer, plus the compressed bytes it reserves in every compressed layer, see :func:`split_slots`), of one
+    slot of the compressed layers' raw group, and the raw slots every row holds there besides a prompt (its sinks
+    and a buffer of up to ``2 * num_recent_tokens``)."""
+    raw = 2 * kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()      # one token, one layer
+    compressed = len(method.sparse_layers())
+    c = method.config
+    per_filter = (method.num_layers - compressed) * raw + compressed * compressed_bytes_per_token(
+        method, projections, kv_dtype) + 4
+    return per_filter, compressed * raw + 4, c.num_sink_tokens + 2 * c.num_recent_tokens
+
+
 def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
                 max_model_len: int, max_rows: int) -> list[int]:
     """Slots per layer of the two groups ``[filter, compressed]`` that ``budget_bytes`` pays for.
@@ -69,18 +82,25 @@ def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim:
     other row's sinks and buffer (``< S + 2 * recent``); the filter group gets the rest. Each filter slot also
     reserves its token's compressed bytes in every compressed layer, so the store can never outgrow the memory:
     a token is compressed only while it holds a filter slot, so admission by free slots counts both stores."""
-    raw = 2 * kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()      # one token, one layer
-    layers = method.num_layers
-    compressed = len(method.sparse_layers())
-    c = method.config
-    per_filter = (layers - compressed) * raw + compressed * compressed_bytes_per_token(method, projections,
-                                                                                        kv_dtype) + 4
-    per_compressed = compressed * raw + 4
-    need = max_model_len + max_rows * (c.num_sink_tokens + 2 * c.num_recent_tokens)
+    per_filter, per_compressed, per_row = slot_costs(method, projections, kv_heads, head_dim, kv_dtype)
+    need = max_model_len + max_rows * per_row
     filt = int((budget_bytes - need * per_compressed) // per_filter)
     if filt < need:                          # too little memory for the split: one size for both groups
         filt = need = int(budget_bytes // (per_filter + per_compressed))
     return [filt, need]
+
+
+def longest_prompt(budget_bytes: int, method, projections, kv_heads: int, head_dim: int,
+                   kv_dtype: torch.dtype) -> int:
+    """The longest prompt one row can hold in ``budget_bytes`` (the largest ``max_model_len`` whose
+    :func:`split_slots` at one row gives both groups room for it). A prompt is held raw in every layer until it
+    ends, so each of its tokens costs a filter slot *and* a compressed-group slot: more than a vanilla slot."""
+    lo, hi = 0, int(budget_bytes // sum(slot_costs(method, projections, kv_heads, head_dim, kv_dtype)[:2])) + 2
+    while lo + 1 < hi:                       # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        filt, need = split_slots(budget_bytes, method, projections, kv_heads, head_dim, kv_dtype, mid, 1)
+        lo, hi = (mid, hi) if min(filt, need) >= mid else (lo, mid)
+    return lo
 
 
 class DeltaKVStore:

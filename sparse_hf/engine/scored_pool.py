@@ -21,7 +21,7 @@ import torch
 
 from sparse_hf.kernels import decode_attention_with_scores
 
-from .attention import PoolAttention
+from .attention import PoolAttention, pool_view
 from .kv_pool import KVPool
 from .runner import ModelRunner
 
@@ -103,8 +103,10 @@ class ScoredPoolAttention(PoolAttention):
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         ctx, pool = self.ctx, self.pool
         tables, lens = ctx.tables[g].long(), ctx.lens[g]                                # [B, W], [B]
-        out, logits = decode_attention_with_scores(q, pool.k[layer], pool.v[layer], lengths=lens, scale=scale,
-                                                   backend=self.backend, table=tables)   # K/V read in place
+        B = q.shape[0]
+        out, logits = decode_attention_with_scores(q, pool_view(pool.k[layer], B), pool_view(pool.v[layer], B),
+                                                   lengths=lens, scale=scale, backend=self.backend,
+                                                   slots=tables)                       # K/V read in place
         mass = self.method.accumulate_logits(logits, pool.num_kv_heads)                # [B, Hkv, W]
         live = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
         slots = torch.where(live, tables, pool.scratch_slot)

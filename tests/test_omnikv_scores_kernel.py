@@ -1,0 +1,45 @@
+"""``range_softmax_max`` (two Triton passes, interpreted on CPU) against OmniKV's torch scores
+(``omnikv_decode_scores`` with the sink/recent candidate mask of a position-ordered row)."""
+
+import pytest
+import torch
+
+from sparse_hf.kernels.dispatch import HAS_TRITON
+from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
+from sparse_hf.methods.omnikv import omnikv_decode_scores
+from sparse_hf.methods.selection import sink_recent_candidates
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (interpreted on CPU)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"            # the real kernels on a GPU machine
+
+
+def expected(logits, lens, sink, recent):
+    B, H, L = logits.shape
+    valid = torch.arange(L).view(1, L) < lens.view(-1, 1)
+    _, _, cand = sink_recent_candidates(valid.unsqueeze(1), sink, recent)
+    return omnikv_decode_scores(logits, cand[:, 0])
+
+
+@pytest.mark.parametrize("split_size,block", [(64, 16), (8192, 32)])
+def test_equals_the_torch_scores(split_size, block):
+    g = torch.Generator().manual_seed(0)
+    B, H, L, sink, recent = 4, 6, 150, 4, 8
+    lens = torch.tensor([150, 97, 13, 5])           # the last two rows: few candidates, then none
+    logits = torch.randn(B, H, L, generator=g) * 4
+    logits = logits.masked_fill(torch.arange(L).view(1, 1, L) >= lens.view(-1, 1, 1), float("-inf"))
+    got = range_softmax_max(logits.to(DEVICE), sink, (lens - recent).to(DEVICE), split_size=split_size,
+                            block=block).cpu()
+    want = expected(logits, lens, sink, recent)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-7)
+    assert not finite[3].any()
+
+
+def test_dispatch_and_bad_input():
+    logits = torch.zeros(1, 2, 8, device=DEVICE)
+    assert not range_softmax_max_kernel_runs(logits, "torch")
+    assert range_softmax_max_kernel_runs(logits, "auto") == (DEVICE == "cuda")   # CPU tensors: the torch path
+    assert range_softmax_max_kernel_runs(logits, "triton")
+    with pytest.raises(ValueError, match="float32"):
+        range_softmax_max(logits.double(), 0, torch.tensor([8]))
