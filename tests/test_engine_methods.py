@@ -60,3 +60,28 @@ def test_eviction_lets_more_requests_run_together():
         return peak_decoding_rows(LLM(model, num_kv_slots=160, max_model_len=128, chunk_prefill_size=64, **kw),
                                   prompts, 6)
     assert peak_running(sparse_method="snapkv", **KNOBS["snapkv"]) > peak_running()
+
+
+def test_omnikv_triton_observation_path_gives_the_torch_tokens():
+    """An OmniKV observation layer through the Triton kernels (K/V read in place through the slot table, the
+    scores by ``range_softmax_max``'s two passes) gives the torch references' tokens: on CUDA when there is one,
+    else under the Triton interpreter on CPU."""
+    import os
+
+    import torch
+
+    from sparse_hf.kernels import HAS_TRITON
+
+    cuda = torch.cuda.is_available()
+    if not HAS_TRITON or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton, and CUDA or TRITON_INTERPRET=1")
+    model = tiny_model("llama", layers=4).to("cuda" if cuda else "cpu")
+    prompts = random_prompts((41, 23, 30), seed=6)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model, num_kv_slots=1024, max_model_len=128, chunk_prefill_size=16, enforce_eager=True,
+                  sparse_method="omnikv", **KNOBS["omnikv"])
+        llm.runner.attention.backend = backend
+        tokens[backend] = engine_tokens(llm, prompts, 10)
+        llm.pool.check_whole()
+    assert tokens["triton"] == tokens["torch"]

@@ -25,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attention, sparse_decode_attention
 from sparse_hf.kernels.dispatch import kernels_run_fused
+from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
 
 from .sdpa_split import SplitUnavailable, split_chunk_attention
@@ -211,6 +212,16 @@ class PoolAttention:
         indices = tables.unsqueeze(1).expand(B, Hkv, tables.shape[1])
         return sparse_decode_attention(q, k, v, indices, num_indices=lens, scale=scale, backend=self.backend)
 
+    def observation_scores(self, logits: torch.Tensor, lens: torch.Tensor) -> torch.Tensor | None:
+        """OmniKV's decode scores ``[B, W]`` of an observation layer's ``logits [B, H, W]`` by the two Triton passes
+        of :func:`~sparse_hf.kernels.omnikv_scores.range_softmax_max` where they run (a row's slot table is in
+        position order: its candidates are the slots ``[sinks, lens - recent)``), else ``None``: the method then
+        computes them with its torch specification (``decode_scores``)."""
+        if not range_softmax_max_kernel_runs(logits, self.backend):
+            return None
+        c = self.method.config
+        return range_softmax_max(logits, c.num_sink_tokens, lens.long() - c.num_recent_tokens)
+
     def _observe(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor,
                  scale: float) -> torch.Tensor:
         """OmniKV observation layer: full attention plus a new selection (``ctx.selection``, slot ids)."""
@@ -221,10 +232,8 @@ class PoolAttention:
                                                    lengths=lens, scale=scale, backend=self.backend,
                                                    slots=tables)                       # K/V read in place
         valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
-        if self.reduce_scores is None:
-            selection = self.method.select_decode(logits, valid, lens)
-        else:
-            selection = self.method.select_decode(logits, valid, lens, reduce_scores=self.reduce_scores)
+        selection = self.method.select_decode(logits, valid, lens, reduce_scores=self.reduce_scores,
+                                              scores=self.observation_scores(logits, lens))
         if selection is None:
             self.ctx.selection = None
         else:

@@ -25,7 +25,6 @@ import torch
 
 from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attention
 from sparse_hf.kernels.gather_slots import gather_kv_slots
-from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
 from ..config import resolve_counts
 from ..deltakv.rope import unrotate
@@ -73,10 +72,8 @@ class DeltaKVAttention(PoolAttention):
         keys, values = pool_view(self.pool.k[layer], B), pool_view(self.pool.v[layer], B)
         out, logits = decode_attention_with_scores(q, keys, values, lengths=lens, scale=scale, backend=self.backend,
                                                    slots=tables)
-        if range_softmax_max_kernel_runs(logits, self.backend):   # candidates: slots [sinks, lens - recent)
-            c = self.method.config
-            scores = range_softmax_max(logits, c.num_sink_tokens, lens.long() - c.num_recent_tokens)
-        else:
+        scores = self.observation_scores(logits, lens)
+        if scores is None:
             valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
             scores = self.method.decode_scores(logits, valid)                      # [B, W]
         self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores

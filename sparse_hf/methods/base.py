@@ -192,7 +192,8 @@ class SelectionMethod(SparseMethod):
         """Whether ``layer_idx`` is the last filter layer before a run of sparse layers (it selects for them)."""
         raise NotImplementedError
 
-    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor):
+    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, reduce_scores=None,
+                      scores: torch.Tensor | None = None):
         """An observer's selection at a decode step, with static shapes and no host-device sync.
 
         Args:
@@ -201,6 +202,8 @@ class SelectionMethod(SparseMethod):
             valid: ``[B, L]`` bool, slots holding a real token.
             lengths: ``[B]`` long device tensor, each row's number of real tokens (fraction budgets resolve
                 against it).
+            reduce_scores: ``[B, L] -> [B, L]`` applied to the scores before the top-k (tensor parallelism).
+            scores: the ``[B, L]`` scores already computed by the caller (a fused kernel), or ``None``.
 
         Returns:
             ``(idx, ok)`` each ``[B, K]`` (slot indices, which entries are real), ``K`` fixed by ``L`` only; or

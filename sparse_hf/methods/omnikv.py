@@ -91,20 +91,23 @@ class OmniKV(SelectionMethod):
         budget = self.config.num_top_tokens_in_prefill if prefill else self.config.num_top_tokens
         return resolve_count(budget, length)
 
-    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, reduce_scores=None):
+    def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, reduce_scores=None,
+                      scores: torch.Tensor | None = None):
         """Selection of an observation layer at a decode step (see :meth:`SelectionMethod.select_decode`).
 
         The output size is fixed by the slot count ``L`` (a fraction budget resolves against ``L`` for it and
         against ``lengths`` for each row's budget), so nothing here waits for the device. ``reduce_scores``: applied
         to the ``[B, L]`` scores before the top-k (tensor parallelism: an all-reduce max over the ranks, each of
-        which holds some of the heads, so every rank selects what one rank with all heads would)."""
+        which holds some of the heads, so every rank selects what one rank with all heads would). ``scores``: the
+        ``[B, L]`` :meth:`decode_scores` when the caller computed them already (a fused kernel), else ``None``."""
         c = self.config
         L = valid.shape[-1]
         top_max = self.top_count(L, prefill=False)
         if c.num_sink_tokens + c.num_recent_tokens + top_max >= L:
             return None
         top = resolve_counts(c.num_top_tokens, lengths)
-        scores = self.decode_scores(logits, valid)
+        if scores is None:
+            scores = self.decode_scores(logits, valid)
         if reduce_scores is not None:
             scores = reduce_scores(scores)
         idx, ok = select_keep_static(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens,
