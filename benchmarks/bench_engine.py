@@ -171,7 +171,7 @@ def run_hf_load(shape: str, load: list[int], device, batch: int = 8) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(path="hf generate", batch=batch, num_requests=num_requests, prompt_lens=[min_len, max_len],
-                new_tokens=new_tokens, arrival="together", wall_s=round(wall, 3),
+                new_tokens=new_tokens, arrival="together", output_tokens=tokens, wall_s=round(wall, 3),
                 requests_per_s=round(num_requests / wall, 3), output_tok_s=round(tokens / wall, 1))
 
 
