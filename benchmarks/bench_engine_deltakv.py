@@ -53,9 +53,10 @@ def longest_prompt_at_batch_1(llm) -> int:
 
     runner = llm.runner
     args = (runner.method, runner.projections, pool.num_kv_heads, pool.head_dim, pool.k[0].dtype)
-    per_filter, per_compressed, _ = slot_costs(*args)
+    pre_norm = bool(pool.pre_norm_k)                  # Qwen3: the compressed layers' slots hold pre-norm keys too
+    per_filter, per_compressed, _ = slot_costs(*args, pre_norm)
     budget = pool.group_slots[0] * per_filter + pool.group_slots[1] * per_compressed
-    return longest_prompt(int(budget), *args)
+    return longest_prompt(int(budget), *args, pre_norm)
 
 
 def main(argv=None) -> int:
