@@ -296,3 +296,25 @@ def test_longest_prompt_is_the_largest_split_that_fits(bits):
     filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest + 1, 1)
     assert min(filt, need) < longest + 1
     assert 0.5 * 1_900_000 < longest < 1_900_000
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_graph_decode_gives_the_eager_and_hf_tokens(arch):
+    """On the GPU (fp32, Triton kernels): the captured decode (Qwen3: the pre-norm keys stored from the graph's static
+    inputs, the fused rebuild with k_norm) gives the eager engine's tokens, and both the HF path's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_model(arch, layers=4).to("cuda")
+    comp = compressor(model)
+    knobs = dict(KNOBS, num_top_tokens=6, kv_quant_bits=4)
+    prompts = random_prompts((20, 50, 77))
+    eager = engine_tokens(LLM(model, sparse_method="deltakv", enforce_eager=True, compressor=comp, **ENGINE, **knobs),
+                          prompts, 30)
+    llm = LLM(model, sparse_method="deltakv", compressor=comp, **ENGINE, **knobs)
+    assert engine_tokens(llm, prompts, 30) == eager
+    assert llm.runner.graphs.captures > 0 and not llm.runner.graphs.failed
+    llm.pool.check_whole()
+    for prompt, got in zip(prompts, eager):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 30, cache_implementation="deltakv",
+                                                        cache_config=dict(knobs, compressor=comp)))
