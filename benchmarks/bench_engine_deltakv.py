@@ -39,6 +39,9 @@ def kv_bytes(llm) -> dict:
     """Bytes of KV the engine holds now: raw slots in use (all layers) and the compressed store."""
     pool = llm.pool
     raw = pool.used_slots() * pool.bytes_per_slot() // pool.num_layers
+    side = getattr(pool, "pre_norm_k", {})          # Qwen3: the pre-norm keys of the compressed layers' slots in use
+    if side:
+        raw += (pool.group_slots[1] - pool.free_top[1]) * sum(t[0].numel() * t.element_size() for t in side.values())
     store = getattr(pool, "store", None)
     return dict(raw_kv_bytes=raw, compressed_bytes=store.nbytes() if store is not None else 0)
 
