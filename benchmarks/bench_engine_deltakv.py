@@ -39,6 +39,9 @@ def kv_bytes(llm) -> dict:
     """Bytes of KV the engine holds now: raw slots in use (all layers) and the compressed store."""
     pool = llm.pool
     raw = pool.used_slots() * pool.bytes_per_slot() // pool.num_layers
+    side = getattr(pool, "pre_norm_k", {})          # Qwen3: the pre-norm keys of the compressed layers' slots in use
+    if side:
+        raw += (pool.group_slots[1] - pool.free_top[1]) * sum(t[0].numel() * t.element_size() for t in side.values())
     store = getattr(pool, "store", None)
     return dict(raw_kv_bytes=raw, compressed_bytes=store.nbytes() if store is not None else 0)
 
@@ -53,9 +56,10 @@ def longest_prompt_at_batch_1(llm) -> int:
 
     runner = llm.runner
     args = (runner.method, runner.projections, pool.num_kv_heads, pool.head_dim, pool.k[0].dtype)
-    per_filter, per_compressed, _ = slot_costs(*args)
+    pre_norm = bool(pool.pre_norm_k)                  # Qwen3: the compressed layers' slots hold pre-norm keys too
+    per_filter, per_compressed, _ = slot_costs(*args, pre_norm)
     budget = pool.group_slots[0] * per_filter + pool.group_slots[1] * per_compressed
-    return longest_prompt(int(budget), *args)
+    return longest_prompt(int(budget), *args, pre_norm)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
 """DeltaKV in the engine: greedy output equals the HF path's deltakv at the same knobs (batched, mixed lengths,
-chunked prefill, quantised latents, count and fraction budgets), compressed raw slots really return to the pool,
-the pool and the compressed store are empty after the requests, and bad set-ups fail clearly.
+chunked prefill, quantised latents, count and fraction budgets; Llama, Qwen2 and Qwen3, whose key norm makes the
+compressed layers keep pre-norm keys), compressed raw slots really return to the pool, the pool and the compressed
+store are empty after the requests, and bad set-ups fail clearly.
 
 The engine compresses each row on its own (per-row states), as the HF path does per row, so each prompt is checked
 against a one-row HF run; near-ties of a tiny random model are judged by the HF logits (``assert_greedy_equal``)."""
@@ -26,7 +27,7 @@ def compressor(model, latent=16):
 
 
 @pytest.mark.parametrize("arch,budget,bits", [("llama", 6, 0), ("qwen2", 0.25, 4), ("llama", 10, 8),
-                                              ("qwen2", 1000, 0)])
+                                              ("qwen2", 1000, 0), ("qwen3", 6, 8), ("qwen3", 0.25, 0)])
 def test_engine_equals_hf_path(arch, budget, bits):
     model = tiny_model(arch, layers=4)
     comp = compressor(model)
@@ -112,18 +113,54 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="no weights for layers"):
         LLM(model, num_kv_slots=64, sparse_method="deltakv", compressor=partial, num_top_tokens=4,
             full_attn_layers=[0])
-    qwen3 = tiny_model("qwen3", layers=4)
-    with pytest.raises(NotImplementedError, match="Qwen3"):
-        LLM(qwen3, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(qwen3), num_top_tokens=4)
     with pytest.raises(ValueError, match="cuda_graph"):
         LLM(model, num_kv_slots=64, sparse_method="deltakv", compressor=compressor(model), cuda_graph=True)
 
 
-def test_tp2_equals_tp1():
-    """Under tensor parallelism a flush all-gathers every rank's heads (the compressor reads all of concat(K, V)),
-    every rank keeps the same latents and rebuilds its own heads, and the observation scores are all-reduced
-    (max) before the pick: TP=2 (gloo, two processes) gives TP=1's tokens, and both ranks' pools end whole."""
-    model = tiny_model("llama", layers=4)
+def test_qwen3_keeps_pre_norm_keys_counted_in_the_split():
+    """Qwen3 is served (no refusal): its key norm cannot be undone, so the compressed layers' slots keep pre-norm
+    keys beside K/V. The memory split counts them: the pool's raw tensors plus the compressed bytes its filter slots
+    reserve fit the memory of ``num_kv_slots`` full slots, and a split that left them out would overrun it. A pool
+    without them for such a model is refused."""
+    from sparse_hf.engine.deltakv_attention import DeltaKVRunner
+    from sparse_hf.engine.deltakv_store import DeltaKVPool, compressed_bytes_per_token, split_slots
+
+    model = tiny_model("qwen3", layers=4)
+    llm = LLM(model, num_kv_slots=600, max_model_len=128, max_num_seqs=4, sparse_method="deltakv",
+              compressor=compressor(model), num_top_tokens=6, **KNOBS)
+    pool, method, proj = llm.pool, llm.runner.method, llm.runner.projections
+    assert sorted(pool.pre_norm_k) == method.sparse_layers() == [1, 3]
+    for layer, side in pool.pre_norm_k.items():
+        assert side.shape == pool.k[layer].shape and side.dtype == pool.k[layer].dtype
+    budget = 600 * (2 * 4 * 2 * 16 * 4 + 4)              # 600 full slots: 4 layers, 2 KV heads of 16, fp32, an id
+    per_latent = len(method.sparse_layers()) * compressed_bytes_per_token(method, proj, torch.float32)
+
+    def held(p):      # bytes of every slot (the scratch slot aside, as in a vanilla pool), ids, reserved latents
+        raw = sum(t[:-1].numel() * t.element_size() for layer in range(p.num_layers) for t in p.slot_tensors(layer))
+        return raw + 4 * sum(p.group_slots) + p.group_slots[0] * per_latent
+
+    split = split_slots(budget, method, proj, 2, 16, torch.float32, 128, 4, pre_norm_keys=True)
+    assert pool.group_slots == split and split[1] == 128 + 4 * (2 + 2 * 4)
+    assert held(pool) <= budget
+    uncounted = split_slots(budget, method, proj, 2, 16, torch.float32, 128, 4)
+    assert uncounted[0] > split[0]
+    wrong = DeltaKVPool(4, 2, 16, uncounted, 4, 128, torch.float32, pool.device, method, pre_norm_keys=True)
+    assert held(wrong) > budget
+    outs = llm.generate(random_prompts((90, 40), seed=3), greedy_params(10))
+    assert all(len(o.token_ids) == 10 for o in outs) and pool.store.version > 0
+    llm.pool.check_whole()
+    bare = DeltaKVPool(4, 2, 16, split, 4, 128, torch.float32, pool.device, method)
+    with pytest.raises(ValueError, match="pre-norm keys"):
+        DeltaKVRunner(llm.model, bare, method, proj)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tp2_equals_tp1(arch):
+    """Under tensor parallelism a flush all-gathers every rank's heads (the compressor reads all of concat(K, V);
+    Qwen3: each rank's pre-norm keys), every rank keeps the same latents and rebuilds its own heads, and the
+    observation scores are all-reduced (max) before the pick: TP=2 (gloo, two processes) gives TP=1's tokens, and
+    both ranks' pools end whole."""
+    model = tiny_model(arch, layers=4)
     comp = compressor(model)
     knobs = dict(KNOBS, num_top_tokens=6, compressor=comp)
     prompts = random_prompts((20, 50, 77))
@@ -140,9 +177,11 @@ def test_tp2_equals_tp1():
             assert_greedy_equal(b, ref, logits)
 
 
-def test_the_triton_kernels_in_the_engine_give_the_torch_tokens(monkeypatch):
-    """The fused rebuild (writing in place into the step's strided K/V buffer) and the decode kernels give the torch
-    references' tokens: on CUDA when there is one, else under the Triton interpreter on CPU."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_the_triton_kernels_in_the_engine_give_the_torch_tokens(monkeypatch, arch):
+    """The fused rebuild (writing in place into the step's strided K/V buffer; Qwen3: with its k_norm) and the
+    decode kernels give the torch references' tokens: on CUDA when there is one, else under the Triton interpreter
+    on CPU."""
     import os
     from functools import partial
 
@@ -152,7 +191,7 @@ def test_the_triton_kernels_in_the_engine_give_the_torch_tokens(monkeypatch):
     cuda = torch.cuda.is_available()
     if not HAS_TRITON or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("needs triton, and CUDA or TRITON_INTERPRET=1")
-    model = tiny_model("qwen2", layers=4).to("cuda" if cuda else "cpu")
+    model = tiny_model(arch, layers=4).to("cuda" if cuda else "cpu")
     knobs = dict(KNOBS, num_top_tokens=5, kv_quant_bits=4, compressor=compressor(model))
     prompts = random_prompts((30, 23), seed=4)
 
@@ -212,11 +251,12 @@ def test_the_split_for_the_7b_shape(bits, at_least):
     assert filt >= at_least * vanilla, filt / vanilla
 
 
-@pytest.mark.parametrize("budget", [5, 0.25])
-def test_graph_decode_bookkeeping(monkeypatch, budget):
+@pytest.mark.parametrize("arch,budget", [("llama", 5), ("llama", 0.25), ("qwen3", 5)])
+def test_graph_decode_bookkeeping(monkeypatch, arch, budget):
     """The CUDA-graph decode's bookkeeping on CPU, with a stand-in graph that replays by running the captured step
     again: a capture at each change of rows, widths or store version (a flush), replays in between, the eager
-    tokens, and nothing carried over from the warm-up (the layers' shared picks are recomputed in the forward)."""
+    tokens, and nothing carried over from the warm-up (the layers' shared picks are recomputed in the forward;
+    Qwen3's pre-norm keys are stored from the graph's static inputs)."""
     from sparse_hf.engine.deltakv_graphs import DeltaKVGraphs
 
     class StandIn(DeltaKVGraphs):
@@ -226,7 +266,7 @@ def test_graph_decode_bookkeeping(monkeypatch, budget):
             self.graph, self.key = type("G", (), {"replay": staticmethod(lambda: self._forward(b, w))})(), key
             self.captures += 1
 
-    model = tiny_model("llama", layers=4)
+    model = tiny_model(arch, layers=4)
     knobs = dict(KNOBS, num_top_tokens=budget, compressor=compressor(model))
     prompts = random_prompts((20, 50, 77))
     eager = engine_tokens(LLM(model, sparse_method="deltakv", **ENGINE, **knobs), prompts, 30)
@@ -256,3 +296,25 @@ def test_longest_prompt_is_the_largest_split_that_fits(bits):
     filt, need = split_slots(budget, method, proj, 4, 128, torch.bfloat16, longest + 1, 1)
     assert min(filt, need) < longest + 1
     assert 0.5 * 1_900_000 < longest < 1_900_000
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_cuda_graph_decode_gives_the_eager_and_hf_tokens(arch):
+    """On the GPU (fp32, Triton kernels): the captured decode (Qwen3: the pre-norm keys stored from the graph's static
+    inputs, the fused rebuild with k_norm) gives the eager engine's tokens, and both the HF path's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_model(arch, layers=4).to("cuda")
+    comp = compressor(model)
+    knobs = dict(KNOBS, num_top_tokens=6, kv_quant_bits=4)
+    prompts = random_prompts((20, 50, 77))
+    eager = engine_tokens(LLM(model, sparse_method="deltakv", enforce_eager=True, compressor=comp, **ENGINE, **knobs),
+                          prompts, 30)
+    llm = LLM(model, sparse_method="deltakv", compressor=comp, **ENGINE, **knobs)
+    assert engine_tokens(llm, prompts, 30) == eager
+    assert llm.runner.graphs.captures > 0 and not llm.runner.graphs.failed
+    llm.pool.check_whole()
+    for prompt, got in zip(prompts, eager):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 30, cache_implementation="deltakv",
+                                                        cache_config=dict(knobs, compressor=comp)))

@@ -14,6 +14,11 @@ observation layer with their RoPE tables; each compressed layer gathers its raw 
 kernels: gather latents, ``up``, writeback), and attends to both (``sparse_decode_attention``). About 7 launches
 per compressed layer and 8 per observation layer (``benchmarks/count_deltakv_launches.py`` counts them).
 
+Models with a key norm (Qwen3): the compressor reads keys before ``k_norm``, which cannot be undone, so the model
+hands each step's pre-norm keys to :meth:`DeltaKVAttention.store_pre_norm_keys` before its fused norm + RoPE
+kernel; they are stored at the compressed layers' slots (``DeltaKVPool.pre_norm_k``) and a flush reads them where
+other models invert RoPE. A rebuild applies ``k_norm`` and RoPE (as on the HF path).
+
 Tensor parallelism: the compressor reads all KV heads' ``concat(K, V)``, so a flush all-gathers the ranks' heads
 (every rank then holds the same latents, computed from the same input); a rebuild yields every head and a rank
 keeps its own. The observation scores are all-reduced (max) before the pick, so every rank picks what TP=1 picks.
@@ -41,17 +46,31 @@ class DeltaKVAttention(PoolAttention):
 
     Args:
         pool: a :class:`~.deltakv_store.DeltaKVPool`; method: the core ``DeltaKV``; projections: the compressor's
-        ``DeltaKVProjections``; rotary: the model's :class:`~.model.Rotary`; tp: a ``TPGroup`` or ``None``.
+        ``DeltaKVProjections``; rotary: the model's :class:`~.model.Rotary`; tp: a ``TPGroup`` or ``None``;
+        k_norms: layer -> its per-head RMS key norm (Qwen3's ``k_norm``; a rebuild applies it before RoPE), for
+        a model with one (the pool must then keep pre-norm keys).
     """
 
-    def __init__(self, pool, method, projections, rotary, tp=None):
+    def __init__(self, pool, method, projections, rotary, tp=None, k_norms: dict | None = None):
         super().__init__(pool, method, tp)
         self.projections, self.rotary = projections, rotary
+        self.k_norms = dict(k_norms or {})
+        if self.k_norms and not pool.pre_norm_k and pool.store.layers:
+            raise ValueError("deltakv on a model with a key norm needs a pool that keeps pre-norm keys: "
+                             "DeltaKVPool(..., pre_norm_keys=True) (see deltakv_store.keeps_pre_norm_keys)")
         self.tp = tp if tp is not None and tp.size > 1 else None
         self.kv_heads = projections.kv_heads                                    # all ranks' heads
         self.heads = tp.shard(self.kv_heads) if self.tp is not None else slice(None)
         self._widths: dict[int, tuple[int, int]] = {}      # row -> (compressed count, rebuild width)
         self.begin_step([])
+
+    def store_pre_norm_keys(self, layer: int, k: torch.Tensor) -> None:
+        """Keep this step's pre-norm keys ``k [T, Hkv, D]`` of ``layer`` (the model calls it before its key norm)
+        at the step's compressed-group slots, for a later flush; nothing for a filter layer or without a key norm.
+        Device ops only (CUDA-graph safe)."""
+        side = self.pool.pre_norm_k.get(layer)
+        if side is not None:
+            side[self.ctx.slot_mapping[COMPRESSED]] = k.to(side.dtype)
 
     def rope(self, like: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[B, k, D]`` at positions ``pos [B, k]`` (what :func:`rebuild_kv` takes)."""
@@ -178,7 +197,7 @@ class DeltaKVAttention(PoolAttention):
             slots = (keys[at].permute(1, 0, 2).unsqueeze(0), values[at].permute(1, 0, 2).unsqueeze(0))  # [1,Hkv,k,D]
             pick, cos_sin = self._pick(row, b, k_pool)
             kb, vb, _ = rebuild_kv(state, pick, self.projections, layer, self.kv_heads, pool.head_dim, self.rope,
-                                   out=None if self.tp is not None else slots, cos_sin=cos_sin)
+                                   self.k_norms.get(layer), out=None if self.tp is not None else slots, cos_sin=cos_sin)
             if self.tp is not None:                           # every head rebuilt: this rank keeps its own
                 slots[0].copy_(kb[:, self.heads])
                 slots[1].copy_(vb[:, self.heads])
@@ -192,7 +211,9 @@ class DeltaKVRunner(ModelRunner):
     def __init__(self, model, pool, method, projections, graphs=None, compute_logits: bool = True):
         super().__init__(model, pool, method, graphs, compute_logits)
         self.projections = projections
-        self.attention = DeltaKVAttention(pool, method, projections, model.rotary, getattr(model, "tp", None))
+        k_norms = {i: layer.self_attn.k_norm for i, layer in enumerate(model.layers) if layer.self_attn.qk_norm}
+        self.attention = DeltaKVAttention(pool, method, projections, model.rotary, getattr(model, "tp", None),
+                                          k_norms)
         model.set_backend(self.attention)
 
     def run(self, plan):
@@ -219,13 +240,18 @@ class DeltaKVRunner(ModelRunner):
 
     # -- compression ----------------------------------------------------------------------------------------
     def _raw_x(self, layer: int, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Pre-RoPE ``x = concat(K, V)`` of all KV heads of group-1 slots ``slots [m]`` at positions ``pos [m]``:
-        ``[1, m, Dx]`` (under tensor parallelism the ranks' heads are gathered)."""
+        """Pre-RoPE (and pre-norm) ``x = concat(K, V)`` of all KV heads of group-1 slots ``slots [m]`` at positions
+        ``pos [m]``: ``[1, m, Dx]`` (under tensor parallelism the ranks' heads are gathered). Keys are the pool's
+        pre-norm keys where it keeps them (a key norm), else the pool's keys with RoPE inverted."""
         pool = self.pool
         m = slots.shape[0]
-        post = pool.k[layer][slots].float().transpose(0, 1).unsqueeze(0)          # [1, Hkv, m, D]
-        cos, sin = self.rotary_tables(pos)
-        k = unrotate(post, cos, sin)[0].transpose(0, 1).reshape(m, -1)            # [m, Hkv * D]
+        side = pool.pre_norm_k.get(layer)
+        if side is not None:
+            k = side[slots].reshape(m, -1)                                         # [m, Hkv * D]
+        else:
+            post = pool.k[layer][slots].float().transpose(0, 1).unsqueeze(0)      # [1, Hkv, m, D]
+            cos, sin = self.rotary_tables(pos)
+            k = unrotate(post, cos, sin)[0].transpose(0, 1).reshape(m, -1)        # [m, Hkv * D]
         v = pool.v[layer][slots].reshape(m, -1)
         k, v = k.to(v.dtype), v
         tp = self.attention.tp

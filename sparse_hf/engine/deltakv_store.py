@@ -12,6 +12,12 @@ Layout (``DeltaKVPool``, a :class:`~.kv_pool.KVPool` with two slot groups):
 
 A row's table in group 1 is therefore ``[sinks, buffer]``: entry ``j`` holds position ``j`` for ``j < S`` and
 ``j + compressed`` after (compression always takes the oldest buffer tokens), so positions need no storage.
+
+The compressor reads keys before RoPE (and before a key norm). The pool holds them after both; without a key norm a
+flush recovers them by inverse RoPE (:func:`~sparse_hf.deltakv.rope.unrotate`). Behind Qwen3's ``k_norm``, which
+cannot be undone, every group-1 slot also holds its token's pre-norm key (``DeltaKVPool.pre_norm_k``, written by
+the model in the step that stores the slot, moved with it, counted in :func:`slot_costs`), as the HF path keeps the
+k_proj output of its raw tokens.
 """
 
 from __future__ import annotations
@@ -36,15 +42,17 @@ def prepare_deltakv(method, knobs: dict, hf_config):
     mismatched compressor, a compressor lacking a compressed layer, or latent bits the latent width rejects."""
     from ..deltakv.compressor import resolve_compressor, serving_method
 
-    if model_family(hf_config) == "qwen3":
-        raise NotImplementedError("deltakv in the engine does not support models with a key norm (Qwen3) yet: "
-                                  "their pre-norm keys would need their own store; use the HF path "
-                                  "(cache_implementation='deltakv')")
     _, runtime = type(method).build_config(**knobs)
     require_compressor(runtime)
     _, projections = resolve_compressor(runtime.compressor, runtime.deltakv_path, hf_config)
     method = serving_method(method, projections, {k for k in knobs if k not in ("compressor", "deltakv_path")})
     return method, projections
+
+
+def keeps_pre_norm_keys(hf_config) -> bool:
+    """Whether the model normalises keys before RoPE (Qwen3's ``k_norm``): then the compressed layers' raw slots
+    also keep each token's pre-norm key (``DeltaKVPool(pre_norm_keys=True)``), which inverse RoPE cannot recover."""
+    return model_family(hf_config) == "qwen3"
 
 
 def compressed_bytes_per_token(method, projections, kv_dtype: torch.dtype) -> float:
@@ -61,28 +69,34 @@ def compressed_bytes_per_token(method, projections, kv_dtype: torch.dtype) -> fl
     return latent + 4 * cl.neighbor_count + 4 + center / cl.step
 
 
-def slot_costs(method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> tuple[float, int, int]:
+def slot_costs(method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+               pre_norm_keys: bool = False) -> tuple[float, int, int]:
     """``(per_filter, per_compressed, per_row)``: the bytes of one slot of the filter group (its token raw in every
     filter layer, plus the compressed bytes it reserves in every compressed layer, see :func:`split_slots`), of one
-    slot of the compressed layers' raw group, and the raw slots every row holds there besides a prompt (its sinks
-    and a buffer of up to ``2 * num_recent_tokens``)."""
-    raw = 2 * kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()      # one token, one layer
+    slot of the compressed layers' raw group (with ``pre_norm_keys`` its pre-norm key too, see
+    :func:`keeps_pre_norm_keys`), and the raw slots every row holds there besides a prompt (its sinks and a buffer
+    of up to ``2 * num_recent_tokens``)."""
+    key = kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()           # one token's K, one layer
+    raw = 2 * key
     compressed = len(method.sparse_layers())
     c = method.config
     per_filter = (method.num_layers - compressed) * raw + compressed * compressed_bytes_per_token(
         method, projections, kv_dtype) + 4
-    return per_filter, compressed * raw + 4, c.num_sink_tokens + 2 * c.num_recent_tokens
+    per_compressed = compressed * (raw + (key if pre_norm_keys else 0)) + 4
+    return per_filter, per_compressed, c.num_sink_tokens + 2 * c.num_recent_tokens
 
 
 def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-                max_model_len: int, max_rows: int) -> list[int]:
+                max_model_len: int, max_rows: int, pre_norm_keys: bool = False) -> list[int]:
     """Slots per layer of the two groups ``[filter, compressed]`` that ``budget_bytes`` pays for.
 
     The compressed layers' raw group needs room for one whole prompt (a prompt stays raw until it ends) plus every
     other row's sinks and buffer (``< S + 2 * recent``); the filter group gets the rest. Each filter slot also
     reserves its token's compressed bytes in every compressed layer, so the store can never outgrow the memory:
-    a token is compressed only while it holds a filter slot, so admission by free slots counts both stores."""
-    per_filter, per_compressed, per_row = slot_costs(method, projections, kv_heads, head_dim, kv_dtype)
+    a token is compressed only while it holds a filter slot, so admission by free slots counts both stores.
+    ``pre_norm_keys``: the compressed group's slots also hold pre-norm keys (:func:`slot_costs`)."""
+    per_filter, per_compressed, per_row = slot_costs(method, projections, kv_heads, head_dim, kv_dtype,
+                                                     pre_norm_keys)
     need = max_model_len + max_rows * per_row
     filt = int((budget_bytes - need * per_compressed) // per_filter)
     if filt < need:                          # too little memory for the split: one size for both groups
@@ -91,14 +105,15 @@ def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim:
 
 
 def longest_prompt(budget_bytes: int, method, projections, kv_heads: int, head_dim: int,
-                   kv_dtype: torch.dtype) -> int:
+                   kv_dtype: torch.dtype, pre_norm_keys: bool = False) -> int:
     """The longest prompt one row can hold in ``budget_bytes`` (the largest ``max_model_len`` whose
     :func:`split_slots` at one row gives both groups room for it). A prompt is held raw in every layer until it
     ends, so each of its tokens costs a filter slot *and* a compressed-group slot: more than a vanilla slot."""
-    lo, hi = 0, int(budget_bytes // sum(slot_costs(method, projections, kv_heads, head_dim, kv_dtype)[:2])) + 2
+    args = (method, projections, kv_heads, head_dim, kv_dtype)
+    lo, hi = 0, int(budget_bytes // sum(slot_costs(*args, pre_norm_keys)[:2])) + 2
     while lo + 1 < hi:                       # invariant: lo fits, hi does not
         mid = (lo + hi) // 2
-        filt, need = split_slots(budget_bytes, method, projections, kv_heads, head_dim, kv_dtype, mid, 1)
+        filt, need = split_slots(budget_bytes, *args, mid, 1, pre_norm_keys)
         lo, hi = (mid, hi) if min(filt, need) >= mid else (lo, mid)
     return lo
 
@@ -140,14 +155,30 @@ class DeltaKVStore:
 
 class DeltaKVPool(KVPool):
     """The raw pool of DeltaKV (group 0: filter layers, group 1: compressed layers; see the module docstring) and
-    its :class:`DeltaKVStore`. Releasing a row frees both; :meth:`check_whole` checks both."""
+    its :class:`DeltaKVStore`. Releasing a row frees both; :meth:`check_whole` checks both.
+
+    ``pre_norm_keys`` (a model with a key norm, :func:`keeps_pre_norm_keys`): ``pre_norm_k[layer]``
+    ``[S1 + 1, Hkv, D]`` for each compressed layer, slot ``s`` the pre-norm (and pre-RoPE) key of the token in
+    group-1 slot ``s``; the model writes it beside K/V (:meth:`DeltaKVAttention.store_pre_norm_keys`), :meth:`keep`
+    moves it with its slot and a flush reads it instead of inverting RoPE. Empty without ``pre_norm_keys``."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, group_slots: list[int], max_rows: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device, method):
+                 max_len: int, dtype: torch.dtype, device: torch.device, method, pre_norm_keys: bool = False):
         groups = [0 if method.is_full(layer) else 1 for layer in range(num_layers)]
         super().__init__(num_layers, num_kv_heads, head_dim, group_slots[0], max_rows, max_len, False, dtype, device,
                          layer_groups=groups, group_slots=group_slots[:max(groups) + 1])
         self.store = DeltaKVStore(method.sparse_layers(), method.clustering())
+        self.pre_norm_k: dict[int, torch.Tensor] = {
+            layer: torch.zeros_like(self.k[layer]) for layer in method.sparse_layers()} if pre_norm_keys else {}
+
+    def slot_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """K, V and (compressed layers, ``pre_norm_keys``) the pre-norm keys: what a slot move carries."""
+        side = self.pre_norm_k.get(layer)
+        return super().slot_tensors(layer) + ((side,) if side is not None else ())
+
+    def raw_bytes(self) -> int:
+        """Device bytes of the raw slots of every layer (K, V and the pre-norm keys), allocated up front."""
+        return sum(t.numel() * t.element_size() for layer in range(self.num_layers) for t in self.slot_tensors(layer))
 
     def raw_positions(self, row: int, start: int, stop: int) -> list[int]:
         """RoPE positions of group-1 table entries ``start .. stop - 1`` of ``row`` (sinks, then the buffer after the

@@ -186,12 +186,17 @@ class KVPool:
         dst = table[:K].long()
         heads = torch.arange(self.num_kv_heads, device=self.device).view(-1, 1)
         for layer in self.layers_of[group]:
-            for pool in (self.k[layer], self.v[layer]):
+            for pool in self.slot_tensors(layer):
                 kept = pool[src, heads]                                                # [Hkv, K, D]
                 pool[dst.view(1, -1).expand_as(src), heads] = kept
         if K < n:
             self._push_free(group, table[K:n].clone())
         self.lens[group, row] = K
+
+    def slot_tensors(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """The ``[S + 1, Hkv, *]`` tensors of ``layer`` indexed by its slot ids (its K and V): what :meth:`keep`
+        moves. A pool that keeps more per slot (DeltaKV's pre-norm keys) adds its own."""
+        return self.k[layer], self.v[layer]
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` (``[T, Hkv, D]``) at slots ``slot_mapping`` (``[T]`` long) of ``layer``.

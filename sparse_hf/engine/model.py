@@ -131,12 +131,21 @@ class Attention(nn.Module):
         """``x``: ``[T, hidden]``, ``positions``: ``[T]`` -> ``[T, hidden]``.
 
         RoPE (after Qwen3's q/k norm) runs in one kernel that also stores K/V at the step's slots when the backend
-        offers its pool (``kv_destination``); ``attend`` then skips its own store."""
+        offers its pool (``kv_destination``); ``attend`` then skips its own store. Before that kernel a Qwen3 layer
+        hands its pre-norm keys ``[T, Hkv, D]`` to a backend that keeps them (``store_pre_norm_keys``: DeltaKV's
+        compressor reads keys before the norm)."""
         T = x.shape[0]
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 1e-6)
         destination = getattr(self.backend, "kv_destination", None)
         dest = destination(self.layer_idx) if destination is not None else None
-        q, k, v = rope_qkv(self.qkv_proj(x), positions, self.rotary.cos, self.rotary.sin, self.num_heads,
+        qkv = self.qkv_proj(x)
+        if self.qk_norm:                 # a backend that compresses keys takes them before the norm (not invertible)
+            keep_keys = getattr(self.backend, "store_pre_norm_keys", None)
+            if keep_keys is not None:
+                q_size, kv_size, _ = self.sizes
+                keep_keys(self.layer_idx, qkv[:, q_size:q_size + kv_size].unflatten(-1, (self.num_kv_heads,
+                                                                                            self.head_dim)))
+        q, k, v = rope_qkv(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads,
                            self.num_kv_heads, *norms, *(dest or (None, None, None)), backend=OPS_BACKEND)
         out = self.backend.attend(self.layer_idx, q, k, v, self.scale)          # [T, H, D]
         return self.o_proj(out.reshape(T, -1))

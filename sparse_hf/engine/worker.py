@@ -97,20 +97,21 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
     compute_logits = tp is None or tp.rank == 0
     if method is not None and method.name == "deltakv":       # a compressed store beside the raw pool
         from .deltakv_attention import DeltaKVRunner
-        from .deltakv_store import DeltaKVPool, prepare_deltakv, split_slots
+        from .deltakv_store import DeltaKVPool, keeps_pre_norm_keys, prepare_deltakv, split_slots
 
         method, projections = prepare_deltakv(method, spec.sparse_knobs, spec.hf_config)
+        pre_norm = keeps_pre_norm_keys(spec.hf_config)           # Qwen3: pre-norm keys beside the compressed slots
         # The memory of `slots` full slots, split between the filter and the compressed layers' groups.
         budget = slots * (2 * model.num_layers * model.num_kv_heads * model.head_dim
                           * torch.tensor([], dtype=spec.dtype).element_size() + 4)
         group_slots = split_slots(budget, method, projections, model.num_kv_heads, model.head_dim, spec.dtype,
-                                  max_model_len, cfg.max_num_seqs)
+                                  max_model_len, cfg.max_num_seqs, pre_norm)
         if max_model_len > group_slots[1] and (tp is None or tp.rank == 0):
             warnings.warn(f"max_model_len={max_model_len} exceeds the {group_slots[1]} raw slots of deltakv's "
                           f"compressed layers; capped to {group_slots[1]}")
         max_model_len = min(max_model_len, group_slots[1])
         pool = DeltaKVPool(model.num_layers, model.num_kv_heads, model.head_dim, group_slots, cfg.max_num_seqs,
-                           max_model_len, spec.dtype, device, method)
+                           max_model_len, spec.dtype, device, method, pre_norm)
         runner = DeltaKVRunner(model, pool, method, projections.to(device), compute_logits=compute_logits)
         if device.type == "cuda" and not cfg.enforce_eager:
             from .deltakv_graphs import DeltaKVGraphs
