@@ -11,6 +11,8 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
 - :func:`deltakv_rebuild_kv` -- DeltaKV's picked compressed tokens rebuilt (dequantise, ``up``, fathers' mean,
   k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads.
+- :func:`attention_mass` -- H2O's accumulated attention mass ``[B, Hkv, L]`` of a block of queries (causal by
+  logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits.
 - :func:`paged_prefill_attention` -- packed prompt chunks attend causally (lower-right) to their rows' slots in a
   ``[S, Hkv, D]`` pool through a slot table, read in place (varlen flash attention; the engine's prefill).
 - :func:`append_kv` -- one decode token per row at a device-side slot counter (the HF path).
@@ -23,6 +25,7 @@ The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kern
 """
 
 from .append import append_kv, store_kv_slots
+from .attention_mass import attention_mass, attention_mass_ref, attention_probabilities
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
 from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
@@ -38,6 +41,9 @@ __all__ = [
     "HAS_TRITON",
     "append_kv",
     "append_kv_ref",
+    "attention_mass",
+    "attention_mass_ref",
+    "attention_probabilities",
     "kernels_run_fused",
     "deltakv_gather_latents",
     "deltakv_gather_latents_ref",

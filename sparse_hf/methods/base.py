@@ -148,7 +148,8 @@ class EvictionMethod(SparseMethod):
 
     # -- accumulated attention (H2O-style methods) ----------------------------------------------------------------
     def accumulate(self, queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
-                   query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                   query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float, *,
+                   backend: str = "auto", slots: torch.Tensor | None = None) -> torch.Tensor:
         """Attention mass that ``q`` new queries give the slots, to add to the running scores.
 
         Args:
@@ -157,6 +158,8 @@ class EvictionMethod(SparseMethod):
             query_pos: ``[q]`` long logical column of each query (causality: a query sees columns <= its own).
             query_valid: ``[B, q]`` bool or ``None`` (all real).
             scaling: softmax scale.
+            backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (the kernel backend rules of ``sparse_hf.kernels``).
+            slots: optional ``[B, L]`` slot table: ``keys`` is then a slot pool ``[B, Hkv, S, D]`` read in place.
 
         Returns:
             ``[B, Hkv, L]`` float32 (float64 for float64 inputs)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TopTokensConfig, resolve_counts
+from ..kernels import attention_mass, attention_probabilities
 from .base import EvictionMethod
 from .selection import select_keep
 
@@ -18,17 +19,6 @@ class H2OConfig(TopTokensConfig):
     hitters are kept beyond sinks and recent tokens, at prefill and at every decode step."""
 
     method_name = "h2o"
-
-
-#: Elements of one ``[B, H, block, L]`` logits block of :func:`attention_mass` (64 MiB in float32): a long prompt
-#: scored chunk by chunk (the engine) takes fewer queries per block instead of gigabytes of temporaries.
-MASS_BLOCK_ELEMENTS = 1 << 24
-
-
-def attention_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis of ``logits`` whose masked entries are ``-inf``; a row with no allowed entry gets
-    zeros (not NaN)."""
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 def decode_attention_mass(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -47,48 +37,6 @@ def decode_attention_mass(logits: torch.Tensor, num_kv_heads: int) -> torch.Tens
     return probs.view(B, num_kv_heads, H // num_kv_heads, L).sum(2)
 
 
-def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
-                   query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
-                   block: int | None = None) -> torch.Tensor:
-    """Accumulated attention of a block of queries on every slot, per KV head.
-
-    For every real query and query head: the causal softmax of ``scaling * q.k`` over the real slots whose
-    logical column is at most the query's. The result is the **sum** of those probabilities over the queries and
-    over the ``G`` query heads of each KV head (the total attention mass that KV head's token received).
-
-    Args:
-        queries: ``[B, H, q, D]``; keys: ``[B, Hkv, L, D]``.
-        key_pos: ``[B, Hkv, L]`` long logical columns; key_valid: ``[B, Hkv, L]`` bool.
-        query_pos: ``[q]`` long logical columns of the queries.
-        query_valid: ``[B, q]`` bool or ``None``.
-        scaling: softmax scale.
-        block: queries per step (bounds the ``[B, H, block, L]`` temporary); ``None``: up to 256, fewer where
-            ``L`` is long, so that the temporary stays under :data:`MASS_BLOCK_ELEMENTS` elements.
-
-    Returns:
-        ``[B, Hkv, L]`` in float32 (float64 for float64 inputs).
-    """
-    B, H, q, D = queries.shape
-    Hkv, L = keys.shape[1], keys.shape[2]
-    G = H // Hkv
-    if block is None:
-        block = max(1, min(256, MASS_BLOCK_ELEMENTS // max(1, B * H * L)))
-    dtype = torch.promote_types(queries.dtype, torch.float32)
-    k = keys.to(dtype)
-    mass = torch.zeros(B, Hkv, L, dtype=dtype, device=keys.device)
-    for start in range(0, q, block):
-        end = min(q, start + block)
-        qb = queries[:, :, start:end].to(dtype).view(B, Hkv, G, end - start, D)
-        logits = torch.einsum("bkgqd,bkld->bkgql", qb, k) * scaling             # [B, Hkv, G, q', L]
-        allowed = key_valid.unsqueeze(2) & (key_pos.unsqueeze(2) <= query_pos[start:end].view(1, 1, -1, 1))
-        logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
-        probs = attention_probabilities(logits)
-        if query_valid is not None:
-            probs = probs * query_valid[:, start:end].to(dtype).view(B, 1, 1, -1, 1)
-        mass += probs.sum(dim=(2, 3))
-    return mass
-
-
 class H2O(EvictionMethod):
     """Keeps sink + the ``num_top_tokens`` heavy hitters + recent tokens, per KV head.
 
@@ -104,8 +52,12 @@ class H2O(EvictionMethod):
     evicts_during_decode = True
     accumulates_attention = True
 
-    def accumulate(self, queries, keys, key_pos, key_valid, query_pos, query_valid, scaling):
-        return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling)
+    def accumulate(self, queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, *,
+                   backend: str = "auto", slots: torch.Tensor | None = None):
+        """:func:`~sparse_hf.kernels.attention_mass` (Triton on CUDA, the torch reference elsewhere; ``backend`` and
+        the optional ``[B, L]`` slot table ``slots`` as there)."""
+        return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, backend=backend,
+                              slots=slots)
 
     def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         return decode_attention_mass(logits, num_kv_heads)

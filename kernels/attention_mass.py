@@ -1,0 +1,262 @@
+"""Accumulated attention mass (H2O's token score) of a block of queries, without materialising the logits.
+
+Why: H2O scores every slot by the total causal-softmax probability it receives from every query, summed over the
+``G`` query heads of its KV head. The torch reference (:func:`attention_mass_ref`) walks the queries in blocks of
+``[B, Hkv, G, block, L]`` float32 logits; at a 128K prompt that is terabytes of memory traffic per layer. The
+Triton path streams keys twice instead, like :func:`~sparse_hf.kernels.decode_scores.snapkv_prefill_scores`:
+
+- pass 1, one program per (row ``b``, KV head, block of query rows, key split): per query row (a query and one of
+  the group's heads) the log2-sum-exp2 over its allowed keys (split-K partials merged in torch);
+- pass 2, one program per (row ``b``, KV head, key block, row split): the probabilities ``exp2(s - lse)`` of that
+  key block summed over the (valid) query rows in fp32 (row-split partials summed in torch, no atomics: the result
+  is deterministic).
+
+A key is allowed for a query when it is valid and its logical position is at most the query's (``key_pos <=
+query_pos``), so chunks that attend to earlier slots and evicted (non-contiguous) positions are exact. Tiles that
+no query of a block may see (every valid key after the block's last query) are skipped in both passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import HAS_TRITON, next_pow2, plan_splits, tl, triton, use_triton
+from .sparse_decode import LOG2E, dot_config
+
+#: Elements of one ``[B, H, block, L]`` logits block of :func:`attention_mass_ref` (64 MiB in float32): a long
+#: prompt scored chunk by chunk takes fewer queries per block instead of gigabytes of temporaries.
+MASS_BLOCK_ELEMENTS = 1 << 24
+
+#: Query rows (query x head pairs) and keys per tile: pass 1 (log-sum-exp) and pass 2 (probability sums).
+LSE_BLOCK_ROWS, LSE_BLOCK_KEYS = 128, 64
+MASS_BLOCK_ROWS, MASS_BLOCK_KEYS = 64, 128
+
+
+def attention_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of ``logits`` whose masked entries are ``-inf``; a row with no allowed entry gets
+    zeros (not NaN)."""
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def attention_mass_ref(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
+                       query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
+                       block: int | None = None) -> torch.Tensor:
+    """Accumulated attention of a block of queries on every slot, per KV head (torch version, the specification).
+
+    For every real query and query head: the causal softmax of ``scaling * q.k`` over the real slots whose
+    logical column is at most the query's. The result is the **sum** of those probabilities over the queries and
+    over the ``G`` query heads of each KV head (the total attention mass that KV head's token received).
+
+    Args:
+        queries: ``[B, H, q, D]``; keys: ``[B, Hkv, L, D]``.
+        key_pos: ``[B, Hkv, L]`` long logical columns; key_valid: ``[B, Hkv, L]`` bool.
+        query_pos: ``[q]`` long logical columns of the queries.
+        query_valid: ``[B, q]`` bool or ``None``.
+        scaling: softmax scale.
+        block: queries per step (bounds the ``[B, H, block, L]`` temporary); ``None``: up to 256, fewer where
+            ``L`` is long, so that the temporary stays under :data:`MASS_BLOCK_ELEMENTS` elements.
+
+    Returns:
+        ``[B, Hkv, L]`` in float32 (float64 for float64 inputs).
+    """
+    B, H, q, D = queries.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    G = H // Hkv
+    if block is None:
+        block = max(1, min(256, MASS_BLOCK_ELEMENTS // max(1, B * H * L)))
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    k = keys.to(dtype)
+    mass = torch.zeros(B, Hkv, L, dtype=dtype, device=keys.device)
+    for start in range(0, q, block):
+        end = min(q, start + block)
+        qb = queries[:, :, start:end].to(dtype).reshape(B, Hkv, G, end - start, D)
+        logits = torch.einsum("bkgqd,bkld->bkgql", qb, k) * scaling             # [B, Hkv, G, q', L]
+        allowed = key_valid.unsqueeze(2) & (key_pos.unsqueeze(2) <= query_pos[start:end].view(1, 1, -1, 1))
+        logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
+        probs = attention_probabilities(logits)
+        if query_valid is not None:
+            probs = probs * query_valid[:, start:end].to(dtype).view(B, 1, 1, -1, 1)
+        mass += probs.sum(dim=(2, 3))
+    return mass
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mass_kernel(
+        Q, K, SLOT, KPOS, KVAL, QPOS, QVAL, LSE, OUT,
+        qk_scale, T, L, key_split, row_split, lse_cols,
+        sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_l, sk_d, sst_b, sst_l,
+        skp_b, skp_h, skp_l, skv_b, skv_h, skv_l, sqv_b, sqv_q,
+        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        MASS_PASS: tl.constexpr, HAS_QV: tl.constexpr, HAS_SLOTS: tl.constexpr,
+        DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    ):
+        # Query rows t = query * G + g (query head kvh * G + g) of one KV group, T = q * G of them. Pass 1
+        # (MASS_PASS=False): program (b * HKV + kvh, row block, key split) -> LSE[b, kvh, t, split], the log2-sum-exp2
+        # of scale * log2(e) * q.k over its allowed keys. Pass 2: program (b * HKV + kvh, key block, row split) ->
+        # OUT[split, b, kvh, key] = sum over the split's valid rows of exp2(s - lse).
+        pid = tl.program_id(0)
+        b = (pid // HKV).to(tl.int64)
+        kvh = (pid % HKV).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        q_base = Q + b * sq_b + kvh * G * sq_h
+        k_base = K + b * sk_b + kvh * sk_h
+        kp_base = KPOS + b * skp_b + kvh * skp_h
+        kv_base = KVAL + b * skv_b + kvh * skv_h
+        lse_base = LSE + (b * HKV + kvh) * T * lse_cols
+        if MASS_PASS:
+            offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            inr = offs < L
+            kp = tl.load(kp_base + offs * skp_l, mask=inr, other=0)
+            ok = inr & (tl.load(kv_base + offs * skv_l, mask=inr, other=0) != 0)
+            kmin = tl.min(tl.where(ok, kp, 9223372036854775807), 0)
+            at = offs.to(tl.int64)
+            if HAS_SLOTS:                                   # key j lives at slot SLOT[b, j] of the pool
+                at = tl.load(SLOT + b * sst_b + offs * sst_l, mask=ok, other=0).to(tl.int64)
+            kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=ok[:, None] & dm[None, :], other=0.0)
+            if DOT_F32:
+                kt = kt.to(tl.float32)
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            r_start = tl.program_id(2) * row_split
+            r_end = tl.minimum(r_start + row_split, T)
+            for t0 in range(r_start, r_end, BLOCK_R):
+                t = t0 + tl.arange(0, BLOCK_R)
+                rm = t < r_end
+                qi = t // G
+                qpos = tl.load(QPOS + qi, mask=rm, other=-1)
+                if tl.max(qpos, 0) >= kmin:                 # some row of the block sees some key of the tile
+                    qt = tl.load(q_base + (t % G)[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
+                                 mask=rm[:, None] & dm[None, :], other=0.0)
+                    if DOT_F32:
+                        qt = qt.to(tl.float32)
+                    if HAS_QV:
+                        rm = rm & (tl.load(QVAL + b * sqv_b + qi * sqv_q, mask=rm, other=0) != 0)
+                    lse = tl.load(lse_base + t, mask=rm, other=0.0)
+                    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
+                    allowed = rm[:, None] & ok[None, :] & (kp[None, :] <= qpos[:, None])
+                    acc += tl.sum(tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0), 0)
+            tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, acc, mask=inr)
+        else:
+            t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rm = t < T
+            qi = t // G
+            qpos = tl.load(QPOS + qi, mask=rm, other=-1)
+            qmax = tl.max(qpos, 0)
+            qt = tl.load(q_base + (t % G)[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
+                         mask=rm[:, None] & dm[None, :], other=0.0)
+            if DOT_F32:
+                qt = qt.to(tl.float32)
+            m = tl.full([BLOCK_R], -1.0e30, tl.float32)
+            l = tl.zeros([BLOCK_R], tl.float32)
+            start = tl.program_id(2) * key_split
+            end = tl.minimum(start + key_split, L)
+            for n0 in range(start, end, BLOCK_N):
+                offs = n0 + tl.arange(0, BLOCK_N)
+                inr = offs < end
+                kp = tl.load(kp_base + offs * skp_l, mask=inr, other=0)
+                ok = inr & (tl.load(kv_base + offs * skv_l, mask=inr, other=0) != 0)
+                if tl.min(tl.where(ok, kp, 9223372036854775807), 0) <= qmax:
+                    at = offs.to(tl.int64)
+                    if HAS_SLOTS:
+                        at = tl.load(SLOT + b * sst_b + offs * sst_l, mask=ok, other=0).to(tl.int64)
+                    kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=ok[:, None] & dm[None, :],
+                                 other=0.0)
+                    if DOT_F32:
+                        kt = kt.to(tl.float32)
+                    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
+                    s = tl.where(ok[None, :] & (kp[None, :] <= qpos[:, None]), s, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(s, 1))
+                    l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+                    m = m_new
+            lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+            tl.store(lse_base + t * lse_cols + tl.program_id(2), lse, mask=rm)
+else:  # pragma: no cover - exercised only without triton
+    _mass_kernel = None
+
+
+def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots):
+    if queries.dim() != 4 or keys.dim() != 4:
+        raise ValueError(f"queries must be [B, H, q, D] and keys [B, Hkv, L, D], got {tuple(queries.shape)} and "
+                         f"{tuple(keys.shape)}")
+    B, H, q, D = queries.shape
+    Hkv = keys.shape[1]
+    if keys.shape[0] != B or keys.shape[3] != D or H % Hkv:
+        raise ValueError(f"shape mismatch: queries {tuple(queries.shape)}, keys {tuple(keys.shape)} "
+                         "(need the same B and D, and H a multiple of Hkv)")
+    if slots is not None and (slots.dim() != 2 or slots.shape[0] != B or slots.is_floating_point()):
+        raise ValueError(f"slots must be a [B={B}, L] integer slot table, got {tuple(slots.shape)} {slots.dtype}")
+    L = slots.shape[1] if slots is not None else keys.shape[2]
+    for name, t in (("key_pos", key_pos), ("key_valid", key_valid)):
+        if tuple(t.shape) != (B, Hkv, L):
+            raise ValueError(f"{name} must be [B, Hkv, L] = {(B, Hkv, L)}, got {tuple(t.shape)}")
+    if tuple(query_pos.shape) != (q,):
+        raise ValueError(f"query_pos must be [q] = ({q},), got {tuple(query_pos.shape)}")
+    if query_valid is not None and tuple(query_valid.shape) != (B, q):
+        raise ValueError(f"query_valid must be [B, q] = {(B, q)} or None, got {tuple(query_valid.shape)}")
+    return B, H, q, D, Hkv, L
+
+
+def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
+                   query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
+                   block: int | None = None, *, backend: str = "auto", slots: torch.Tensor | None = None,
+                   key_split: int | None = None, row_split: int | None = None) -> torch.Tensor:
+    """:func:`attention_mass_ref`'s result, by the Triton kernel where :func:`~.dispatch.use_triton` says.
+
+    Args (beyond :func:`attention_mass_ref`'s, whose ``block`` only the torch path uses):
+        queries, keys: any strides; fp16/bf16/fp32 for Triton (queries are cast to the keys' dtype).
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        slots: optional ``[B, L]`` int slot table: ``keys`` is then a slot pool ``[B, Hkv, S, D]`` (e.g. a
+            ``[S, Hkv, D]`` pool viewed with stride 0 over rows) and key ``j`` of row ``b`` is read from slot
+            ``slots[b, j]`` in place (the engine's prefill); ``key_pos``/``key_valid``/the result are indexed by
+            ``j``. Invalid keys' slots are not read.
+        key_split, row_split: keys per split of pass 1 and query rows (``q * G``) per split of pass 2; default
+            picks them to fill the GPU (tests set them to exercise the merges).
+
+    Returns:
+        ``[B, Hkv, L]`` float32 (float64 for float64 inputs, which take the torch path).
+    """
+    B, H, q, D, Hkv, L = _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots)
+    if not use_triton(backend, _mass_kernel, queries, keys):
+        if slots is not None:                          # the reference reads a gathered copy
+            idx = slots.long().clamp(0, keys.shape[2] - 1).view(B, 1, L, 1)
+            keys = keys.gather(2, idx.expand(B, Hkv, L, D))
+        return attention_mass_ref(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, block)
+    G, T, dev = H // Hkv, q * H // Hkv, keys.device
+    out = torch.zeros(B, Hkv, L, dtype=torch.float32, device=dev)
+    if B == 0 or L == 0 or q == 0:
+        return out
+    qk = queries if queries.dtype == keys.dtype else queries.to(keys.dtype)
+    kpos = key_pos.to(device=dev, dtype=torch.int64)
+    kval = key_valid.to(device=dev, dtype=torch.bool).view(torch.uint8)
+    qpos = query_pos.to(device=dev, dtype=torch.int64).contiguous()
+    qval = query_valid.to(device=dev, dtype=torch.bool).view(torch.uint8) if query_valid is not None else kval
+    slot_table = slots.to(dev) if slots is not None else qpos
+    dot_f32, prec = dot_config(_mass_kernel, keys.dtype)
+    meta = dict(HKV=Hkv, G=G, D=D, BLOCK_D=max(16, next_pow2(D)), HAS_QV=query_valid is not None,
+                HAS_SLOTS=slots is not None, DOT_F32=dot_f32, PREC=prec, num_warps=8 if D >= 128 else 4)
+    strides = (*qk.stride(), *keys.stride(), *(slot_table.stride() if slots is not None else (0, 0)),
+               *kpos.stride(), *kval.stride(), *(qval.stride() if query_valid is not None else (0, 0)))
+    scale = float(scaling) * LOG2E
+
+    row_blocks = -(-T // LSE_BLOCK_ROWS)
+    key_split, ks, _ = plan_splits(L, B * Hkv * row_blocks, dev, key_split, max_block=LSE_BLOCK_KEYS)
+    lse = torch.empty(B, Hkv, T, ks, dtype=torch.float32, device=dev)
+    _mass_kernel[(B * Hkv, row_blocks, ks)](qk, keys, slot_table, kpos, kval, qpos, qval, lse, out,
+                                            scale, T, L, key_split, 0, ks, *strides, BLOCK_R=LSE_BLOCK_ROWS,
+                                            BLOCK_N=LSE_BLOCK_KEYS, MASS_PASS=False, **meta)
+    if ks > 1:                                          # merge the key splits' log2-sum-exp2
+        m = lse.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        lse = m + torch.log2(torch.exp2(lse - m).sum(-1, keepdim=True))
+    lse = lse.contiguous()                              # [B, Hkv, T, 1]
+
+    key_blocks = -(-L // MASS_BLOCK_KEYS)
+    row_split, rs, _ = plan_splits(T, B * Hkv * key_blocks, dev, row_split, max_block=MASS_BLOCK_ROWS)
+    part = out if rs == 1 else torch.empty(rs, B, Hkv, L, dtype=torch.float32, device=dev)
+    _mass_kernel[(B * Hkv, key_blocks, rs)](qk, keys, slot_table, kpos, kval, qpos, qval, lse, part,
+                                            scale, T, L, 0, row_split, 1, *strides, BLOCK_R=MASS_BLOCK_ROWS,
+                                            BLOCK_N=MASS_BLOCK_KEYS, MASS_PASS=True, **meta)
+    return out if rs == 1 else part.sum(0)
