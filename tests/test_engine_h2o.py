@@ -133,6 +133,46 @@ def test_triton_decode_kernels_equal_hf_path(method, knobs):
     llm.pool.check_whole()
 
 
+def test_h2o_triton_prefill_and_decode_give_the_torch_tokens():
+    """The engine's H2O through the Triton kernels (the prefill's ``attention_mass`` reading the pool in place
+    through the slot table, chunks that attend to earlier chunks; the decode scores) gives the torch backend's
+    tokens: on CUDA when there is one, else under the Triton interpreter on CPU."""
+    import os
+
+    from sparse_hf.kernels import HAS_TRITON
+
+    cuda = torch.cuda.is_available()
+    if not HAS_TRITON or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("needs triton, and CUDA or TRITON_INTERPRET=1")
+    model = tiny_model("qwen2", layers=3).to("cuda" if cuda else "cpu")
+    prompts = random_prompts((41, 23, 70), seed=6)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model, num_kv_slots=1024, max_model_len=128, chunk_prefill_size=16, sparse_method="h2o",
+                  **FRACTION)
+        llm.runner.attention.backend = backend
+        tokens[backend] = engine_tokens(llm, prompts, 10)
+        llm.pool.check_whole()
+    assert tokens["triton"] == tokens["torch"]
+
+
+def test_add_scores_adds_to_live_slots_and_ignores_the_scratch_slot():
+    """The gather-add-scatter of :meth:`ScoredKVPool.add_scores` (many entries at the scratch slot, as the decode
+    step sends for table positions past a row's length) adds each live slot's mass once."""
+    pool = ScoredKVPool(num_layers=1, num_kv_heads=2, head_dim=4, num_slots=16, max_rows=2, max_len=8,
+                        per_layer_groups=False, dtype=torch.float32, device=torch.device("cpu"))
+    pool.scores[0].copy_(torch.arange(34, dtype=torch.float32).view(17, 2))
+    before = pool.scores[0].clone()
+    slots = torch.tensor([3, pool.scratch_slot, 7, pool.scratch_slot, 0, pool.scratch_slot])
+    mass = torch.arange(12, dtype=torch.float32).view(6, 2) + 100
+    pool.add_scores(0, slots, mass)
+    want = before.clone()
+    for i in (0, 2, 4):
+        want[slots[i]] += mass[i]
+    live = torch.arange(17) != pool.scratch_slot
+    assert torch.equal(pool.scores[0][live], want[live])
+
+
 @pytest.mark.gpu
 def test_h2o_on_gpu_equals_hf_path():
     """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots."""

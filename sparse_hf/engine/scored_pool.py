@@ -5,7 +5,8 @@
   allocated and moved with its token when eviction compacts a row.
 - :class:`ScoredPoolAttention`: the pool attention that also adds every query's attention mass to the scores of
   the row's slots: a prefill chunk through ``method.accumulate`` (causal, over the row's earlier slots and the
-  chunk), a decode token from the logits its attention returns anyway (``decode_attention_with_scores`` +
+  chunk; on CUDA the Triton ``attention_mass`` reads the pool in place through the row's slot table), a decode
+  token from the logits its attention returns anyway (``decode_attention_with_scores`` +
   ``method.accumulate_logits``).
 - :class:`ScoredModelRunner`: at prompt end each layer keeps ``method.prefill_keep_scored`` and the row's budget
   (``method.row_budget``) is remembered; after every decode step the rows over their budget run
@@ -44,9 +45,13 @@ class ScoredKVPool(KVPool):
         return slots
 
     def add_scores(self, layer: int, slots: torch.Tensor, mass: torch.Tensor) -> None:
-        """``scores[layer][slots[i]] += mass[i]`` (``slots`` ``[N]`` long, ``mass`` ``[N, Hkv]``; repeated slots
-        add up, so entries without a token can all point at :attr:`scratch_slot`)."""
-        self.scores[layer].index_put_((slots,), mass.to(torch.float32), accumulate=True)
+        """``scores[layer][slots[i]] += mass[i]`` (``slots`` ``[N]`` long, ``mass`` ``[N, Hkv]``). The live slots of
+        one step are distinct (a slot holds one token of one row); entries without a token may all point at
+        :attr:`scratch_slot`, whose score is garbage. So a gather, an add and a scatter do it: no
+        ``index_put_(accumulate=True)``, which sorts the ``N`` indices on CUDA (``N`` = every slot of every decoding
+        row, per layer and step)."""
+        scores = self.scores[layer]
+        scores[slots] = scores[slots] + mass.to(torch.float32)
 
     def row_scores(self, layer: int, table: torch.Tensor) -> torch.Tensor:
         """``table`` ``[R, L]`` slot ids -> their scores ``[R, Hkv, L]``."""
@@ -89,15 +94,17 @@ class ScoredPoolAttention(PoolAttention):
                  scale: float) -> torch.Tensor:
         out = super()._prefill(layer, g, q, k, v, scale)
         pool = self.pool
+        Hkv = pool.num_kv_heads
+        keys = pool_view(pool.k[layer], 1)                                             # [1, Hkv, S, D] in place
         for seg in self.ctx.segments:
-            slots = pool.tables[g, seg.row, : seg.context].long()                       # [C] (nothing evicted yet)
-            keys = pool.k[layer][slots].permute(1, 0, 2).unsqueeze(0)                   # [1, Hkv, C, D]
+            slots = pool.tables[g, seg.row: seg.row + 1, : seg.context]                 # [1, C] (none evicted yet)
             queries = q[seg.start: seg.start + seg.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             cols = torch.arange(seg.context, device=q.device)
-            mass = self.method.accumulate(queries, keys, cols.expand(1, pool.num_kv_heads, -1),
-                                          torch.ones_like(keys[..., 0], dtype=torch.bool),
-                                          cols[seg.context - seg.length:], None, scale)  # [1, Hkv, C]
-            pool.add_scores(layer, slots, mass[0].T)
+            every = torch.ones((), dtype=torch.bool, device=q.device).expand(1, Hkv, seg.context)
+            mass = self.method.accumulate(queries, keys, cols.expand(1, Hkv, -1), every,
+                                          cols[seg.context - seg.length:], None, scale, backend=self.backend,
+                                          slots=slots)                                 # [1, Hkv, C]
+            pool.add_scores(layer, slots[0].long(), mass[0].T)
         return out
 
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
