@@ -83,6 +83,41 @@ def attention_mass_ref(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch
 if HAS_TRITON:
 
     @triton.jit
+    def _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l):
+        """Logical positions ``kp``, validity ``ok`` and the smallest valid position ``kmin`` of a key tile."""
+        kp = tl.load(kp_base + offs * skp_l, mask=inr, other=0)
+        ok = inr & (tl.load(kv_base + offs * skv_l, mask=inr, other=0) != 0)
+        return kp, ok, tl.min(tl.where(ok, kp, 9223372036854775807), 0)
+
+    @triton.jit
+    def _load_keys(k_base, slot_row, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS: tl.constexpr,
+                   DOT_F32: tl.constexpr):
+        """The valid keys of a tile ``[BLOCK_N, BLOCK_D]`` (0 elsewhere), through the slot table if any."""
+        at = offs.to(tl.int64)
+        if HAS_SLOTS:                                       # key j lives at slot SLOT[b, j] of the pool
+            at = tl.load(slot_row + offs * sst_l, mask=ok, other=0).to(tl.int64)
+        kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=ok[:, None] & dm[None, :], other=0.0)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        return kt
+
+    @triton.jit
+    def _row_positions(QPOS, t, end, G: tl.constexpr):
+        """Rows ``t`` below ``end``: their mask, query index ``t // G`` and logical position (-1 past ``end``)."""
+        rm = t < end
+        qi = t // G
+        return rm, qi, tl.load(QPOS + qi, mask=rm, other=-1)
+
+    @triton.jit
+    def _load_query_rows(q_base, t, rm, d, dm, sq_h, sq_q, sq_d, G: tl.constexpr, DOT_F32: tl.constexpr):
+        """Query rows ``t`` (query ``t // G``, the group's head ``t % G``) ``[BLOCK_R, BLOCK_D]``."""
+        qt = tl.load(q_base + (t % G)[:, None] * sq_h + (t // G)[:, None] * sq_q + d[None, :] * sq_d,
+                     mask=rm[:, None] & dm[None, :], other=0.0)
+        if DOT_F32:
+            qt = qt.to(tl.float32)
+        return qt
+
+    @triton.jit
     def _mass_kernel(
         Q, K, SLOT, KPOS, KVAL, QPOS, QVAL, LSE, OUT,
         qk_scale, T, L, key_split, row_split, lse_cols,
@@ -110,28 +145,16 @@ if HAS_TRITON:
         if MASS_PASS:
             offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
             inr = offs < L
-            kp = tl.load(kp_base + offs * skp_l, mask=inr, other=0)
-            ok = inr & (tl.load(kv_base + offs * skv_l, mask=inr, other=0) != 0)
-            kmin = tl.min(tl.where(ok, kp, 9223372036854775807), 0)
-            at = offs.to(tl.int64)
-            if HAS_SLOTS:                                   # key j lives at slot SLOT[b, j] of the pool
-                at = tl.load(SLOT + b * sst_b + offs * sst_l, mask=ok, other=0).to(tl.int64)
-            kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=ok[:, None] & dm[None, :], other=0.0)
-            if DOT_F32:
-                kt = kt.to(tl.float32)
+            kp, ok, kmin = _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l)
+            kt = _load_keys(k_base, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS, DOT_F32)
             acc = tl.zeros([BLOCK_N], tl.float32)
             r_start = tl.program_id(2) * row_split
             r_end = tl.minimum(r_start + row_split, T)
             for t0 in range(r_start, r_end, BLOCK_R):
                 t = t0 + tl.arange(0, BLOCK_R)
-                rm = t < r_end
-                qi = t // G
-                qpos = tl.load(QPOS + qi, mask=rm, other=-1)
+                rm, qi, qpos = _row_positions(QPOS, t, r_end, G)
                 if tl.max(qpos, 0) >= kmin:                 # some row of the block sees some key of the tile
-                    qt = tl.load(q_base + (t % G)[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
-                                 mask=rm[:, None] & dm[None, :], other=0.0)
-                    if DOT_F32:
-                        qt = qt.to(tl.float32)
+                    qt = _load_query_rows(q_base, t, rm, d, dm, sq_h, sq_q, sq_d, G, DOT_F32)
                     if HAS_QV:
                         rm = rm & (tl.load(QVAL + b * sqv_b + qi * sqv_q, mask=rm, other=0) != 0)
                     lse = tl.load(lse_base + t, mask=rm, other=0.0)
@@ -141,14 +164,9 @@ if HAS_TRITON:
             tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, acc, mask=inr)
         else:
             t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-            rm = t < T
-            qi = t // G
-            qpos = tl.load(QPOS + qi, mask=rm, other=-1)
+            rm, qi, qpos = _row_positions(QPOS, t, T, G)
             qmax = tl.max(qpos, 0)
-            qt = tl.load(q_base + (t % G)[:, None] * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d,
-                         mask=rm[:, None] & dm[None, :], other=0.0)
-            if DOT_F32:
-                qt = qt.to(tl.float32)
+            qt = _load_query_rows(q_base, t, rm, d, dm, sq_h, sq_q, sq_d, G, DOT_F32)
             m = tl.full([BLOCK_R], -1.0e30, tl.float32)
             l = tl.zeros([BLOCK_R], tl.float32)
             start = tl.program_id(2) * key_split
@@ -156,16 +174,10 @@ if HAS_TRITON:
             for n0 in range(start, end, BLOCK_N):
                 offs = n0 + tl.arange(0, BLOCK_N)
                 inr = offs < end
-                kp = tl.load(kp_base + offs * skp_l, mask=inr, other=0)
-                ok = inr & (tl.load(kv_base + offs * skv_l, mask=inr, other=0) != 0)
-                if tl.min(tl.where(ok, kp, 9223372036854775807), 0) <= qmax:
-                    at = offs.to(tl.int64)
-                    if HAS_SLOTS:
-                        at = tl.load(SLOT + b * sst_b + offs * sst_l, mask=ok, other=0).to(tl.int64)
-                    kt = tl.load(k_base + at[:, None] * sk_l + d[None, :] * sk_d, mask=ok[:, None] & dm[None, :],
-                                 other=0.0)
-                    if DOT_F32:
-                        kt = kt.to(tl.float32)
+                kp, ok, kmin = _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l)
+                if kmin <= qmax:
+                    kt = _load_keys(k_base, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS,
+                                    DOT_F32)
                     s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
                     s = tl.where(ok[None, :] & (kp[None, :] <= qpos[:, None]), s, float("-inf"))
                     m_new = tl.maximum(m, tl.max(s, 1))
@@ -174,7 +186,7 @@ if HAS_TRITON:
             lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
             tl.store(lse_base + t * lse_cols + tl.program_id(2), lse, mask=rm)
 else:  # pragma: no cover - exercised only without triton
-    _mass_kernel = None
+    _mass_kernel = _key_tile = _load_keys = _row_positions = _load_query_rows = None
 
 
 def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots):

@@ -16,6 +16,7 @@ from helpers import tiny_model
 from sparse_hf.engine import LLM
 from sparse_hf.engine.kv_pool import KVPool
 from sparse_hf.engine.scored_pool import ScoredKVPool
+from test_attention_mass import needs_triton
 
 COUNT = dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8)
 FRACTION = dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=0.25)      # a budget per row
@@ -133,18 +134,12 @@ def test_triton_decode_kernels_equal_hf_path(method, knobs):
     llm.pool.check_whole()
 
 
+@needs_triton
 def test_h2o_triton_prefill_and_decode_give_the_torch_tokens():
     """The engine's H2O through the Triton kernels (the prefill's ``attention_mass`` reading the pool in place
     through the slot table, chunks that attend to earlier chunks; the decode scores) gives the torch backend's
     tokens: on CUDA when there is one, else under the Triton interpreter on CPU."""
-    import os
-
-    from sparse_hf.kernels import HAS_TRITON
-
-    cuda = torch.cuda.is_available()
-    if not HAS_TRITON or not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        pytest.skip("needs triton, and CUDA or TRITON_INTERPRET=1")
-    model = tiny_model("qwen2", layers=3).to("cuda" if cuda else "cpu")
+    model = tiny_model("qwen2", layers=3).to("cuda" if torch.cuda.is_available() else "cpu")
     prompts = random_prompts((41, 23, 70), seed=6)
     tokens = {}
     for backend in ("torch", "triton"):
