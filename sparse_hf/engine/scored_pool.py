@@ -45,7 +45,8 @@ class ScoredKVPool(KVPool):
         return slots
 
     def add_scores(self, layer: int, slots: torch.Tensor, mass: torch.Tensor) -> None:
-        """``scores[layer][slots[i]] += mass[i]`` (``slots`` ``[N]`` long, ``mass`` ``[N, Hkv]``). The live slots of
+        """``scores[layer][slots[i]] += mass[i]`` (``slots`` ``[...]`` long, ``mass`` ``[..., Hkv]``, any strides: the
+        decode step passes ``[B, W]`` and a transposed ``[B, W, Hkv]`` view, no copy). The live slots of
         one step are distinct (a slot holds one token of one row); entries without a token may all point at
         :attr:`scratch_slot`, whose score is garbage. So a gather, an add and a scatter do it: no
         ``index_put_(accumulate=True)``, which sorts the ``N`` indices on CUDA (``N`` = every slot of every decoding
@@ -117,7 +118,7 @@ class ScoredPoolAttention(PoolAttention):
         mass = self.method.accumulate_logits(logits, pool.num_kv_heads)                # [B, Hkv, W]
         live = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
         slots = torch.where(live, tables, pool.scratch_slot)
-        pool.add_scores(layer, slots.reshape(-1), mass.permute(0, 2, 1).reshape(-1, pool.num_kv_heads))
+        pool.add_scores(layer, slots, mass.transpose(1, 2))                            # [B, W], [B, W, Hkv]
         return out
 
 
