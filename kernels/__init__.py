@@ -12,7 +12,8 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`deltakv_rebuild_kv` -- DeltaKV's picked compressed tokens rebuilt (dequantise, ``up``, fathers' mean,
   k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads.
 - :func:`attention_mass` -- H2O's accumulated attention mass ``[B, Hkv, L]`` of a block of queries (causal by
-  logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits.
+  logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits;
+  :func:`decode_attention_mass` the same for one decode query from its ``[B, H, L]`` logits.
 - :func:`paged_prefill_attention` -- packed prompt chunks attend causally (lower-right) to their rows' slots in a
   ``[S, Hkv, D]`` pool through a slot table, read in place (varlen flash attention; the engine's prefill).
 - :func:`append_kv` -- one decode token per row at a device-side slot counter (the HF path).
@@ -25,7 +26,8 @@ The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kern
 """
 
 from .append import append_kv, store_kv_slots
-from .attention_mass import attention_mass, attention_mass_ref, attention_probabilities
+from .attention_mass import (attention_mass, attention_mass_ref, attention_probabilities, decode_attention_mass,
+                             decode_attention_mass_ref)
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
 from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
@@ -54,6 +56,8 @@ __all__ = [
     "store_kv_slots_ref",
     "paged_prefill_attention",
     "paged_prefill_attention_ref",
+    "decode_attention_mass",
+    "decode_attention_mass_ref",
     "decode_attention_with_scores",
     "decode_attention_with_scores_ref",
     "snapkv_prefill_scores",

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from sparse_hf.kernels import HAS_TRITON, attention_mass, attention_mass_ref
+from sparse_hf.kernels import (HAS_TRITON, attention_mass, attention_mass_ref, decode_attention_mass,
+                               decode_attention_mass_ref)
 
 needs_triton = pytest.mark.skipif(
     not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -141,6 +142,28 @@ def test_half_inputs(dtype):
     torch.testing.assert_close(got, attention_mass_ref(*case, 0.25), rtol=2e-2, atol=2e-3)
 
 
+@needs_triton
+@pytest.mark.parametrize("H,Hkv,split_size", [(8, 2, None), (7, 1, 40), (4, 4, 128), (6, 2, 33)])
+def test_decode_mass_from_logits_equals_the_reference_and_one_query_attention_mass(H, Hkv, split_size):
+    """The decode step's mass from the ``[B, H, L]`` logits (rows of different lengths, ``-inf`` past them, one row
+    with no key at all): the torch reference, and :func:`attention_mass` of that one query (float64)."""
+    B, L, D = 3, 300, 16
+    g = torch.Generator().manual_seed(3)
+    queries, keys = torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    lengths = torch.tensor([300, 121, 0])
+    live = torch.arange(L).view(1, L) < lengths.view(B, 1)
+    G = H // Hkv
+    logits = torch.einsum("bhd,bhld->bhl", queries[:, :, 0], keys.repeat_interleave(G, 1)) * 0.4
+    logits = logits.masked_fill(~live.view(B, 1, L), float("-inf"))
+    got = decode_attention_mass(logits, Hkv, "triton", split_size=split_size)
+    torch.testing.assert_close(got, decode_attention_mass_ref(logits, Hkv), rtol=1e-5, atol=1e-6)
+    key_pos = torch.arange(L).expand(B, Hkv, L)
+    exact = float64_mass(queries, keys, key_pos, live.view(B, 1, L).expand(B, Hkv, L), torch.tensor([L]), None,
+                         0.4)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
 def test_bad_inputs_say_what_is_wrong():
     queries, keys, key_pos, key_valid, query_pos, query_valid = make_case(B=2, H=8, Hkv=2, q=4, L=16)
     with pytest.raises(ValueError, match="H a multiple of Hkv"):
@@ -151,6 +174,8 @@ def test_bad_inputs_say_what_is_wrong():
         attention_mass(queries, keys, key_pos, key_valid, query_pos[:2], query_valid, 0.3)
     with pytest.raises(ValueError, match="slots must be"):
         attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, 0.3, slots=torch.zeros(16))
+    with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+        decode_attention_mass(torch.zeros(1, 6, 5), 4)
 
 
 def test_auto_backend_on_cpu_is_the_reference():
@@ -162,10 +187,15 @@ def test_auto_backend_on_cpu_is_the_reference():
 
 @pytest.mark.gpu
 def test_kernel_equals_reference_on_cuda_at_a_realistic_size():
-    """4K keys, a 1K-query chunk after 3K earlier slots, Qwen2.5-7B's 28/4 heads and 128 dims, bf16 and fp32."""
+    """4K keys, a 1K-query chunk after 3K earlier slots, Qwen2.5-7B's 28/4 heads and 128 dims, bf16 and fp32; the
+    decode mass from 128K logits."""
     for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
         case = make_case(B=1, H=28, Hkv=4, q=1024, L=4096, D=128, dtype=dtype, device="cuda")
         ref = attention_mass_ref(*case, 128 ** -0.5)
         got = attention_mass(*case, 128 ** -0.5, backend="triton")
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * 0.1)
         torch.testing.assert_close(got.sum(), ref.sum(), rtol=1e-3, atol=0)
+    logits = torch.randn(2, 28, 131072, device="cuda") * 3
+    logits[1, :, 70000:] = float("-inf")                               # a shorter row
+    torch.testing.assert_close(decode_attention_mass(logits, 4, "triton"), decode_attention_mass_ref(logits, 4),
+                               rtol=1e-4, atol=1e-6)

@@ -115,7 +115,7 @@ class ScoredPoolAttention(PoolAttention):
         out, logits = decode_attention_with_scores(q, pool_view(pool.k[layer], B), pool_view(pool.v[layer], B),
                                                    lengths=lens, scale=scale, backend=self.backend,
                                                    slots=tables)                       # K/V read in place
-        mass = self.method.accumulate_logits(logits, pool.num_kv_heads)                # [B, Hkv, W]
+        mass = self.method.accumulate_logits(logits, pool.num_kv_heads, backend=self.backend)  # [B, Hkv, W]
         live = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
         slots = torch.where(live, tables, pool.scratch_slot)
         pool.add_scores(layer, slots, mass.transpose(1, 2))                            # [B, W], [B, W, Hkv]

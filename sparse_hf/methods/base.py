@@ -165,9 +165,10 @@ class EvictionMethod(SparseMethod):
             ``[B, Hkv, L]`` float32 (float64 for float64 inputs)."""
         raise NotImplementedError(f"{self.name} does not accumulate attention")
 
-    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int, *, backend: str = "auto") -> torch.Tensor:
         """:meth:`accumulate` for one decode query whose attention logits are already known (the engine's decode
-        attention returns them): ``logits [B, H, L]`` (``-inf`` where masked) -> ``[B, Hkv, L]`` float32."""
+        attention returns them): ``logits [B, H, L]`` (``-inf`` where masked) -> ``[B, Hkv, L]`` float32
+        (``backend`` as in ``sparse_hf.kernels``)."""
         raise NotImplementedError(f"{self.name} does not accumulate attention")
 
     def prefill_keep_scored(self, layer_idx: int, valid: torch.Tensor, scores: torch.Tensor):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TopTokensConfig, resolve_counts
-from ..kernels import attention_mass, attention_probabilities
+from ..kernels import attention_mass, decode_attention_mass
 from .base import EvictionMethod
 from .selection import select_keep
 
@@ -19,22 +19,6 @@ class H2OConfig(TopTokensConfig):
     hitters are kept beyond sinks and recent tokens, at prefill and at every decode step."""
 
     method_name = "h2o"
-
-
-def decode_attention_mass(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """The attention mass one decode query gives every slot, from the logits its attention computed anyway.
-
-    Args:
-        logits: ``[B, H, L]`` ``scaling * q.k`` with masked slots ``-inf`` (what ``decode_attention_with_scores``
-            returns); num_kv_heads: ``Hkv``.
-
-    Returns:
-        ``[B, Hkv, L]`` float32: the probabilities summed over the ``G`` query heads of each KV head (what
-        :func:`attention_mass` gives for one query).
-    """
-    B, H, L = logits.shape
-    probs = attention_probabilities(logits.float())
-    return probs.view(B, num_kv_heads, H // num_kv_heads, L).sum(2)
 
 
 class H2O(EvictionMethod):
@@ -59,8 +43,8 @@ class H2O(EvictionMethod):
         return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, backend=backend,
                               slots=slots)
 
-    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        return decode_attention_mass(logits, num_kv_heads)
+    def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int, *, backend: str = "auto") -> torch.Tensor:
+        return decode_attention_mass(logits, num_kv_heads, backend)
 
     def row_budget(self, valid: torch.Tensor) -> torch.Tensor:
         """``[B]`` long: sinks + recent + top per row, top resolved against the row's real prompt tokens."""
