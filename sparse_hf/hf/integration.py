@@ -51,7 +51,8 @@ _CALL = threading.local()
 
 
 def _attention_pre_hook(module, args, kwargs):
-    if not any(isinstance(kwargs.get(key), SparseCache) for key in _CACHE_KEYS):
+    cache = next((c for c in map(kwargs.get, _CACHE_KEYS) if isinstance(c, SparseCache)), None)
+    if cache is None:
         # Not our cache: leave the call alone. Under torch.compile (HF's own StaticCache path on a model that once
         # ran a sparse cache) Dynamo cannot trace the thread-local below, so it must not be touched there.
         if not torch.compiler.is_compiling():
@@ -59,14 +60,10 @@ def _attention_pre_hook(module, args, kwargs):
         return args, kwargs
     calls = _CALL.__dict__.setdefault("cache_of", {})
     calls.pop(id(module), None)
-    for key in _CACHE_KEYS:
-        cache = kwargs.get(key)
-        if isinstance(cache, SparseCache):
-            cache.hooked = True
-            kwargs[CACHE_KWARG] = cache
-            if getattr(cache, "needs_raw_keys", False):
-                calls[id(module)] = weakref.ref(cache)   # weak: a finished call's cache is not kept alive
-            break
+    cache.hooked = True
+    kwargs[CACHE_KWARG] = cache
+    if getattr(cache, "needs_raw_keys", False):
+        calls[id(module)] = weakref.ref(cache)           # weak: a finished call's cache is not kept alive
     return args, kwargs
 
 
