@@ -213,8 +213,26 @@ def main(argv: list[str] | None = None) -> int:
         parse_args(argv)
     except ValueError as exc:
         _one_line_error(exc)
-    run(argv)
+    try:
+        run(argv)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun, wait for every rank and tear the process group down before the interpreter exits.
+
+    Leaving a gloo group to interpreter shutdown let one rank abort ("terminate called without an active exception",
+    SIGABRT) while the other still used it; CI saw it once in the two-process training test.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
