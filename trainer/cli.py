@@ -215,13 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         _one_line_error(exc)
     try:
         run(argv)
-    finally:
-        _close_process_group()
+    except BaseException:
+        _close_process_group(wait_for_ranks=False)   # a failed rank must not wait for the others at a barrier
+        raise
+    _close_process_group(wait_for_ranks=True)
     return 0
 
 
-def _close_process_group() -> None:
-    """Under torchrun, wait for every rank and tear the process group down before the interpreter exits.
+def _close_process_group(wait_for_ranks: bool) -> None:
+    """Under torchrun, tear the process group down before the interpreter exits (after a barrier on success).
 
     Leaving a gloo group to interpreter shutdown let one rank abort ("terminate called without an active exception",
     SIGABRT) while the other still used it; CI saw it once in the two-process training test.
@@ -229,10 +231,9 @@ def _close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        try:
+        if wait_for_ranks:
             dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover
