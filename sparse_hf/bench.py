@@ -110,6 +110,8 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth, ove
         model.set_attn_implementation("sdpa")
     ids = torch.randint(100, cfg.vocab_size - 100, (batch, length), device=device)
     cache, knobs = _make_cache(model, method, budget, length, steps, overrides)
+    if graph and hasattr(cache, "plan_generation"):   # DeltaKV: reserve for every step, so flushes keep the graph
+        cache.plan_generation(length, steps + 1)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -191,22 +191,60 @@ def test_a_reserved_state_flushes_in_place_to_the_growing_values(bits, offload):
         fixed.reserve(5)
 
 
+def test_the_automatic_default_plans_only_on_cuda():
+    # cuda_graph unset: graphs run on CUDA only, so only there is the capacity reserved up front; never with False
+    model = tiny_model("llama", layers=4)
+    ids, mask = left_padded_batch((50, 31))
+    for graph in (None, False):
+        cfg = _config(model, 6)
+        if graph is not None:
+            cfg["cuda_graph"] = graph
+        out = greedy(model, ids, mask, new_tokens=6, cache_implementation="deltakv", cache_config=cfg,
+                     return_dict_in_generate=True)
+        cache = out.past_key_values
+        assert cache.planned_length is None and all(
+            layer.state.capacity == 0 for layer in cache.layers if isinstance(layer, DeltaKVLayer))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch,dtype,budget,bits", [("llama", torch.bfloat16, 0.25, 4), ("qwen3", torch.float32, 6, 0),
-                                                    ("qwen2", torch.bfloat16, 6, 8)])
-def test_generate_with_cuda_graphs_captures_once_per_batch_shape(arch, dtype, budget, bits):
+@pytest.mark.parametrize("cuda_graph", [True, None])
+@pytest.mark.parametrize("arch,dtype,budget,bits,offload", [
+    ("llama", torch.bfloat16, 0.25, 4, False), ("qwen3", torch.float32, 6, 0, False),
+    ("qwen2", torch.bfloat16, 6, 8, True)])
+def test_generate_with_cuda_graphs_captures_once_per_batch_shape(arch, dtype, budget, bits, offload, cuda_graph):
     model = tiny_model(arch, layers=4).to("cuda", dtype)
     ids, mask = left_padded_batch((50, 38))
     ids, mask = ids.cuda(), mask.cuda()
-    cfg = _config(model, budget, bits)
+    cfg = dict(_config(model, budget, bits), offload_latents=offload)
     cfg["compressor"] = cfg["compressor"].to("cuda", dtype)
-    kw = dict(new_tokens=40, min_new_tokens=40, cache_implementation="deltakv", return_dict_in_generate=True, output_logits=True)
+    kw = dict(new_tokens=40, min_new_tokens=40, cache_implementation="deltakv", return_dict_in_generate=True,
+              output_logits=True)
     eager = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=False), **kw)
-    graph = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=True), **kw)
+    graph = greedy(model, ids, mask, cache_config=dict(cfg, **({} if cuda_graph is None else {"cuda_graph": True})),
+                   **kw)
     layer = next(x for x in graph.past_key_values.layers if isinstance(x, DeltaKVLayer))
-    assert layer.state.width >= 4 * KNOBS["num_recent_tokens"] + 50 - 2 * KNOBS["num_recent_tokens"]   # >= 4 flushes
+    # the prompt's end leaves at most 2 * recent raw tokens; 40 steps later >= 4 more flushes of recent each
+    assert layer.state.width >= 50 - KNOBS["num_sink_tokens"] - 2 * KNOBS["num_recent_tokens"] + 4 * KNOBS[
+        "num_recent_tokens"]
+    assert graph.past_key_values.planned_length == 50 + 40
     assert graph.past_key_values.graph_decoder.captures == 1
     assert torch.equal(eager.sequences, graph.sequences)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, b in zip(eager.logits, graph.logits):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("bits,offload", [(8, False), (4, True)])
+def test_beam_search_reindexes_the_reserved_stores(bits, offload):
+    # beams reorder the rows at every step (graphs are off for them, the plan is made anyway): the reserved stores
+    # follow the rows, and the tokens are the growing state's
+    model = tiny_model("llama", layers=4)
+    ids, mask = left_padded_batch((50, 31))
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False,
+              cache_implementation="deltakv", return_dict_in_generate=True)
+    cfg = dict(_config(model, 6, bits), offload_latents=offload)
+    grown = model.generate(**kw, cache_config=dict(cfg, cuda_graph=False))
+    fixed = model.generate(**kw, cache_config=dict(cfg, cuda_graph=True))
+    assert torch.equal(grown.sequences, fixed.sequences)
+    layer = next(x for x in fixed.past_key_values.layers if isinstance(x, DeltaKVLayer))
+    assert layer.state.capacity and layer.state.comp_pos.shape[1] == layer.state.capacity

@@ -16,10 +16,16 @@ device-side slot counter). A one-token step picks the filter layer's top compres
 cache's :class:`SharedScratch`, rebuilds the picks after them with the fused kernel
 (:func:`sparse_hf.kernels.deltakv_rebuild_kv`) and attends over both in one dense sparse-decode pass: no host sync,
 no new buffer, so a CUDA graph captures it. A flush (every ``num_recent_tokens`` steps per row) runs after its step
-(inside ``attend`` eagerly, in :meth:`CompressedCache.maintain_layer` after a replay) and makes new state tensors,
-so the graph is captured again at the next step (``DeltaKVLayer.buffer_signature``); it also sizes the scratch up to
-the next flush. :meth:`CompressedCache.eager_step_reason` names the steps that must run eagerly (a scratch re-size at
-a step's start, a step after a non-static one).
+(inside ``attend`` eagerly, in :meth:`CompressedCache.maintain_layer` after a replay).
+
+With a plan (:meth:`CompressedCache.plan_generation`: ``generate`` makes one when decode runs from CUDA graphs, from
+``max_new_tokens``) the capacity is fixed: the compressed state, raw slots, filter layers and scratch are sized for
+the final length at the prompt's end, a flush writes into the same tensors, and the scratch width stays the largest
+any step needs (the kernels mask the rest by the device-side counts), so one captured graph serves every flush.
+Without a plan a flush makes new state tensors, so the graph is captured again at the next step
+(``DeltaKVLayer.buffer_signature``), and it sizes the scratch up to the next flush.
+:meth:`CompressedCache.eager_step_reason` names the steps that must run eagerly (a scratch re-size at a step's start,
+a step after a non-static one).
 """
 
 from __future__ import annotations
@@ -88,14 +94,25 @@ class CompressedCache(SelectionCache):
         self._modules: dict[int, torch.nn.Module] = {}   # compressed layer -> its attention module
         self._prefetch = LatentPrefetch() if self.clustering.offload_latents else None
         self.planned_length: int | None = None        # plan_generation: the logical length decode will reach
+        self._announced: tuple[int, int] | None = None   # (prompt, new tokens) from generate, until the device is known
 
     # -- fixed capacity (CUDA graphs) --------------------------------------------------------------------------------
     def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
-        """As for every cache; with ``cuda_graph=True`` and a known ``max_new_tokens`` also
-        :meth:`plan_generation`, so that no flush re-allocates what a captured decode step reads."""
+        """As for every cache; and when decode will run from CUDA graphs (``cuda_graph=True``, or the automatic
+        default on a CUDA device: decided at the prompt's first :meth:`update`, which knows the device) with a known
+        ``max_new_tokens``, :meth:`plan_generation`, so that no flush re-allocates what a captured step reads."""
         super().announce_new_tokens(max_new_tokens, prompt_length)
-        if self.cuda_graph and max_new_tokens:
-            self.plan_generation(prompt_length, int(max_new_tokens))
+        self._announced = None
+        if self.cuda_graph is not False and max_new_tokens:
+            self._announced = (int(prompt_length), int(max_new_tokens))
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._announced is not None:   # the prompt's first K/V: before any layer allocates its slots
+            prompt, new = self._announced
+            self._announced = None
+            if self.cuda_graph or key_states.is_cuda:
+                self.plan_generation(prompt, new)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def plan_generation(self, prompt_length: int, new_tokens: int) -> None:
         """Reserve, up front, every buffer a decode step reads for a generation of ``new_tokens`` after a prompt of
@@ -111,8 +128,8 @@ class CompressedCache(SelectionCache):
           final length); steps that need fewer mask the rest on the device (``-1`` columns).
 
         The memory is allocated up front, so ``kv_usage`` reports it from the prompt's end: what the generation's
-        final length needs, no more (if it stops early, the unused room stays reserved). Called by ``generate`` for
-        ``cuda_graph=True``; a caller that drives decode itself (``sparse-hf bench``) may call it after setting
+        final length needs, no more (if it stops early, the unused room stays reserved). Called by ``generate`` when
+        decode runs from graphs (see :meth:`announce_new_tokens`); a caller that drives decode itself (``sparse-hf bench``) may call it after setting
         ``prefill_target``. Without a plan (e.g. a cache built and driven by hand) the state grows at each flush and
         the graph is captured again after it, as before. Decoding past the planned length stays correct: the state
         then grows again (and graphs are re-captured)."""
