@@ -248,3 +248,13 @@ def test_beam_search_reindexes_the_reserved_stores(bits, offload):
     assert torch.equal(grown.sequences, fixed.sequences)
     layer = next(x for x in fixed.past_key_values.layers if isinstance(x, DeltaKVLayer))
     assert layer.state.capacity and layer.state.comp_pos.shape[1] == layer.state.capacity
+
+
+def test_max_length_plans_like_max_new_tokens():
+    model = tiny_model("llama", layers=4)
+    ids, mask = left_padded_batch((50, 31))
+    runs = [model.generate(input_ids=ids, attention_mask=mask, do_sample=False, cache_implementation="deltakv",
+                           cache_config=dict(_config(model, 6), cuda_graph=True), return_dict_in_generate=True,
+                           min_new_tokens=14, **length) for length in (dict(max_new_tokens=14), dict(max_length=64))]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].past_key_values.planned_length == runs[1].past_key_values.planned_length == 64
