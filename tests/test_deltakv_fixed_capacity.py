@@ -258,3 +258,19 @@ def test_max_length_plans_like_max_new_tokens():
                            min_new_tokens=14, **length) for length in (dict(max_new_tokens=14), dict(max_length=64))]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     assert runs[0].past_key_values.planned_length == runs[1].past_key_values.planned_length == 64
+
+
+def test_a_second_turn_re_plans_and_keeps_the_tokens():
+    # the second generate call continues the cache: its plan grows the reservation once, to the new final length
+    from test_multiturn import configs, two_turns
+
+    model = tiny_model("llama", layers=4)
+    runs = [two_turns(model, cache_implementation="deltakv", output_logits=True,
+                      cache_config=dict(configs(model, False)["deltakv"], cuda_graph=graph)) for graph in (False, True)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    cache = runs[1].past_key_values
+    assert cache.planned_length == runs[1].sequences.shape[1]
+    state = next(x for x in cache.layers if isinstance(x, DeltaKVLayer)).state
+    assert state.width <= state.capacity == state.comp_pos.shape[1]
