@@ -149,10 +149,7 @@ class CompressedState:
                 store[:, :prev.shape[1]] = prev
             self._stores[name] = store
             setattr(self, name, store[:, :width])
-        B, C = dest.shape
-        tail = values.shape[2:]
-        idx = torch.where(mask, dest, width).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
-        store.scatter_(1, idx, values.to(store.dtype))
+        _scatter_rows(store, dest, mask, values, width)
 
     def _write_latents(self, width: int, dest: torch.Tensor, mask: torch.Tensor, stored: QuantizedLatent) -> None:
         """The latent fields at ``width`` rows, ``stored`` written at ``dest`` where ``mask`` (host memory with
@@ -177,9 +174,7 @@ class CompressedState:
                     store[:, :prev.shape[1]] = prev
                 self._stores[key] = store
                 prev = store[:, :width]
-            B, C = dest.shape
-            store.scatter_(1, torch.where(mask, dest, width).view(B, C, 1).expand(B, C, new.shape[-1]),
-                           new.to(store.dtype))
+            _scatter_rows(store, dest, mask, new, width)
             fields.append(prev)
         self.latent = QuantizedLatent(*fields)
 
@@ -245,15 +240,22 @@ def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask
                 values: torch.Tensor, fill) -> torch.Tensor:
     """``store [B, W, *]`` grown to ``width`` with ``values[b, i]`` written at ``[b, dest[b, i]]`` where
     ``mask[b, i]`` (``dest``/``mask`` ``[B, C]``, ``values [B, C, *]``). No host-device sync."""
-    B, C = dest.shape
-    tail = values.shape[2:]
+    B = dest.shape[0]
     dtype = values.dtype if store is None else store.dtype
-    out = torch.full((B, width + 1, *tail), fill, dtype=dtype, device=values.device)   # +1: a column for masked
+    out = torch.full((B, width + 1, *values.shape[2:]), fill, dtype=dtype, device=values.device)   # +1: masked
     if store is not None:
         out[:, :store.shape[1]] = store
-    idx = torch.where(mask, dest, width).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
-    out.scatter_(1, idx, values.to(dtype))
+    _scatter_rows(out, dest, mask, values, width)
     return out[:, :width].contiguous()
+
+
+def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, dump: int) -> None:
+    """``out[b, dest[b, i]] = values[b, i]`` where ``mask[b, i]``, else into row ``dump`` of ``out`` (a row no
+    reader uses): a masked write with no host-device sync. ``out [B, W, *]``, ``dest``/``mask [B, C]``."""
+    B, C = dest.shape
+    tail = values.shape[2:]
+    idx = torch.where(mask, dest, dump).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
+    out.scatter_(1, idx, values.to(out.dtype))
 
 
 def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:

@@ -129,8 +129,8 @@ class CompressedCache(SelectionCache):
 
         The memory is allocated up front, so ``kv_usage`` reports it from the prompt's end: what the generation's
         final length needs, no more (if it stops early, the unused room stays reserved). Called by ``generate`` when
-        decode runs from graphs (see :meth:`announce_new_tokens`); a caller that drives decode itself (``sparse-hf bench``) may call it after setting
-        ``prefill_target``. Without a plan (e.g. a cache built and driven by hand) the state grows at each flush and
+        decode runs from graphs (see :meth:`announce_new_tokens`); a caller that drives decode itself (``sparse-hf
+        bench``) may call it before the prompt. Without a plan (e.g. a cache built and driven by hand) the state grows at each flush and
         the graph is captured again after it, as before. Decoding past the planned length stays correct: the state
         then grows again (and graphs are re-captured)."""
         if prompt_length < 0 or new_tokens < 0:
@@ -300,7 +300,8 @@ class CompressedCache(SelectionCache):
         state = layer.state
         if state is not None and state.capacity and self.planned_length is not None:
             # a reserved capacity: one width for every step up to the planned length (past it: growth again)
-            horizon = self.planned_length if length <= self.planned_length else length + self.sparse_config.num_recent_tokens
+            recent = self.sparse_config.num_recent_tokens
+            horizon = self.planned_length if length <= self.planned_length else length + recent
             return min(state.capacity, self.method.top_count(horizon, prefill=False))
         n = state.width if state is not None else 0
         if n == 0:
