@@ -178,7 +178,7 @@ def test_gpu_offload_matches_on_gpu_latents_eager_and_graph(arch, bits, monkeypa
         for a, b in zip(ref.logits, off.logits):
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
         if graph:
-            assert off.past_key_values.graph_decoder.captures >= 2
+            assert off.past_key_values.graph_decoder.captures >= 1   # planned capacity: no re-capture per flush
         for layer in _layers(off.past_key_values):
             store = layer.state.offloaded
             for host, view, field in zip(store.hosts, store.views, layer.state.latent):

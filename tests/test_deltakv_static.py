@@ -252,8 +252,8 @@ def test_the_compressed_layers_share_one_pick_per_step(budget, monkeypatch):
                                         ("llama", torch.bfloat16), ("qwen3", torch.bfloat16)])
 @pytest.mark.parametrize("budget", [6, 0.25])
 def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
-    """Graph decode (the default on CUDA); flush and scratch re-size steps run eagerly and the graph is captured again
-    after them, token for token the same as eager decode."""
+    """Graph decode (the default on CUDA), token for token the same as eager decode; ``generate`` plans the capacity
+    (``CompressedCache.plan_generation``), so flushes keep the captured graph (tests/test_deltakv_fixed_capacity.py)."""
     model = tiny_model(arch, layers=4).to("cuda", dtype)
     ids, mask = left_padded_batch((50, 38))
     ids, mask = ids.cuda(), mask.cuda()
@@ -263,7 +263,7 @@ def test_cuda_graph_decode_matches_eager_decode(arch, dtype, budget):
     eager = greedy(model, ids, mask, cache_config=dict(cfg, cuda_graph=False), **kw)
     graph = greedy(model, ids, mask, cache_config=cfg, **kw)   # cuda_graph unset: graphs by default
     assert getattr(eager.past_key_values, "graph_decoder", None) is None
-    assert graph.past_key_values.graph_decoder.captures >= 2
+    assert graph.past_key_values.graph_decoder.captures >= 1
     assert torch.equal(eager.sequences, graph.sequences)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, b in zip(eager.logits, graph.logits):

@@ -114,15 +114,20 @@ class OffloadedLatents:
         if any(v is not None and v.is_cuda for v in old_views):
             torch.cuda.current_stream(next(v for v in old_views if v is not None).device).synchronize()
 
-    def write(self, width: int, dest: torch.Tensor, mask: torch.Tensor, values: QuantizedLatent) -> QuantizedLatent:
+    def write(self, width: int, dest: torch.Tensor, mask: torch.Tensor, values: QuantizedLatent,
+              exact: bool = False) -> QuantizedLatent:
         """Write ``values`` (fields ``[B, C, w]`` on the compute device) at latent rows ``dest [B, C]`` where
         ``mask [B, C]``, after growing to ``width`` rows (the state's ``_write_rows`` contract, in place); returns
-        :meth:`latent`. No host-device sync unless the capacity grows."""
+        :meth:`latent`. No host-device sync unless the capacity grows.
+
+        ``exact``: a store of exactly ``width + 1`` rows (a reserved capacity,
+        :meth:`~sparse_hf.deltakv.state.CompressedState.reserve`: ``width`` is then the same at every write, so
+        the views keep their addresses and shapes), not a power of two."""
         B, C = dest.shape
         device = dest.device
         if not self.views or width + 1 > self.capacity:
             old_views, old_width = self.views, self.width
-            self._allocate(values, B, _capacity(width), device)
+            self._allocate(values, B, width + 1 if exact else _capacity(width), device)
             self._move_from(old_views, lambda new, old: new[:, :old_width].copy_(old[:, :old_width]))
         self.width = width
         dump = self.capacity - 1   # > width - 1: masked entries land past every row's latents

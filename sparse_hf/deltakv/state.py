@@ -16,6 +16,15 @@ Per row ``b`` (``n_b = counts[b]`` compressed tokens, at offsets ``j = 0 .. n_b 
 With ``Clustering.offload_latents`` the ``latent`` fields are views of a host-memory store
 (:class:`~sparse_hf.deltakv.offload.OffloadedLatents`, pinned and read in place by the GPU), written in place by
 :func:`flush`; every other tensor stays on the compute device.
+
+**Reserved capacity** (:meth:`CompressedState.reserve`, for CUDA-graph decode when the final length is known): every
+tensor above is allocated once for ``capacity`` compressed tokens per row (``N = capacity``, ``M`` and ``N'`` the
+centers and latents of that many) and every later :func:`flush` writes into the same memory, so a captured decode
+step that reads them stays valid. Their second dims are then the capacity, not the widest row's count
+(:attr:`CompressedState.width` still is); the unused tail holds ``-1`` positions and father ids, zero centers and
+latents, which every reader already masks (the per-row counts are ``comp_pos >= 0``). A flush past the capacity
+re-allocates exactly what it needs (as without a reservation). Without a reservation (the default, and the engine's
+use) the tensors grow to ``max(counts)`` at each flush, as before.
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ class CompressedState:
         counts: host list ``[B]``, compressed tokens per row (host ints: the adapter plans flushes without syncs).
         comp_pos, center_x, center_pos, latent, fathers: as in the module docstring (``None`` until the first flush).
         offloaded: with ``clustering.offload_latents``, the host store that ``latent`` views (else ``None``).
+        capacity: reserved compressed tokens per row (0: none, the tensors grow at each flush); see :meth:`reserve`.
     """
 
     def __init__(self, batch: int, clustering: Clustering):
@@ -82,6 +92,91 @@ class CompressedState:
         self.latent: QuantizedLatent | None = None
         self.fathers: torch.Tensor | None = None
         self.offloaded = OffloadedLatents() if clustering.offload_latents else None
+        self.capacity = 0
+        # with a capacity: field name -> its [B, rows + 1, *] store (the last row takes masked scatter writes); the
+        # attribute of the same name is the store's [:, :rows] view
+        self._stores: dict[str, torch.Tensor] = {}
+
+    def reserve(self, capacity: int) -> None:
+        """Hold room for ``capacity`` compressed tokens per row from now on: the next :func:`flush` (or
+        :meth:`allocate`) allocates every tensor for it once, and flushes up to it write in place (same
+        ``data_ptr``s, same shapes). Never below the tokens already held; 0 keeps today's growth."""
+        capacity = int(capacity)
+        if capacity < 0 or (capacity and capacity < self.width):
+            raise ValueError(f"CompressedState.reserve({capacity}): the state already holds {self.width} compressed "
+                             f"tokens in a row; reserve at least that many (or 0 for no reservation)")
+        self.capacity = capacity
+
+    def field_widths(self, compressed: int) -> tuple[int, int, int]:
+        """``(M, N, N')``: the centers, compressed offsets and latent rows of ``compressed`` tokens per row."""
+        cl = self.clustering
+        return cl.num_centers(compressed), compressed, cl.num_latents(compressed)
+
+    def allocate(self, x_like: torch.Tensor, latent_like: QuantizedLatent) -> None:
+        """Allocate every tensor for the reserved capacity now, before any token is compressed (so that a decode
+        step captured before the first flush reads the tensors every later flush writes). ``x_like [B, *, Dx]``
+        gives the batch, center width, dtype and device, ``latent_like`` the stored latent fields' widths and
+        dtypes (e.g. ``quantize`` of a ``[B, 0, r]`` tensor). A no-op without a capacity."""
+        if not self.capacity:
+            return
+        B, dev = x_like.shape[0], x_like.device
+        m, n, n_lat = self.field_widths(self.capacity)
+        none = torch.zeros(B, 0, dtype=torch.long, device=dev)
+        empty = none.bool()
+        self._write("center_x", m, none, empty, x_like[:, :0], 0)
+        self._write("center_pos", m, none, empty, none.to(torch.int32), -1)
+        self._write("comp_pos", n, none, empty, none.to(torch.int32), -1)
+        self._write_latents(n_lat, none, empty, QuantizedLatent(*(None if t is None else t[:, :0].to(dev)
+                                                                   for t in latent_like)))
+        self._write("fathers", n_lat, none, empty, none.new_zeros(B, 0, self.clustering.neighbor_count)
+                    .to(_father_dtype(m, None)), -1)
+
+    def _write(self, name: str, width: int, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor,
+               fill) -> None:
+        """Field ``name`` at ``width`` rows, with ``values[b, i]`` written at ``[b, dest[b, i]]`` where ``mask``
+        (see :func:`_write_rows`). With a capacity, in place in the field's store (a new store only when ``width``
+        differs from the store's: the first write, or a flush past the capacity)."""
+        prev = getattr(self, name)
+        if not self.capacity:
+            setattr(self, name, _write_rows(prev, width, dest, mask, values, fill))
+            return
+        store = self._stores.get(name)
+        if store is None or store.shape[1] != width + 1:
+            B = dest.shape[0]
+            dtype = values.dtype if prev is None else prev.dtype
+            store = torch.full((B, width + 1, *values.shape[2:]), fill, dtype=dtype, device=values.device)
+            if prev is not None:
+                store[:, :prev.shape[1]] = prev
+            self._stores[name] = store
+            setattr(self, name, store[:, :width])
+        _scatter_rows(store, dest, mask, values, width)
+
+    def _write_latents(self, width: int, dest: torch.Tensor, mask: torch.Tensor, stored: QuantizedLatent) -> None:
+        """The latent fields at ``width`` rows, ``stored`` written at ``dest`` where ``mask`` (host memory with
+        ``offload_latents``)."""
+        if self.offloaded is not None:      # in place, in host memory
+            self.latent = self.offloaded.write(width, dest, mask, stored, exact=bool(self.capacity))
+            return
+        old = self.latent or QuantizedLatent(None, None, None)
+        fields = []
+        for name, prev, new in zip(("codes", "scale", "offset"), old, stored):
+            if new is None:
+                fields.append(None)
+                continue
+            if not self.capacity:
+                fields.append(_write_rows(prev, width, dest, mask, new, 0))
+                continue
+            key = "latent." + name
+            store = self._stores.get(key)
+            if store is None or store.shape[1] != width + 1:
+                store = new.new_zeros(dest.shape[0], width + 1, new.shape[-1])
+                if prev is not None:
+                    store[:, :prev.shape[1]] = prev
+                self._stores[key] = store
+                prev = store[:, :width]
+            _scatter_rows(store, dest, mask, new, width)
+            fields.append(prev)
+        self.latent = QuantizedLatent(*fields)
 
     @property
     def width(self) -> int:
@@ -99,6 +194,17 @@ class CompressedState:
     def index_rows(self, index: torch.Tensor, host_index: list[int]) -> None:
         """Keep rows ``index`` (device ``[B']``; ``host_index`` the same as a list), e.g. for beam search."""
         self.counts = [self.counts[i] for i in host_index]
+        if self._stores:                 # a reservation: the stores follow the rows, the fields view them again
+            self._stores = {key: store[index.to(store.device)] for key, store in self._stores.items()}
+            for name in ("comp_pos", "center_x", "center_pos", "fathers"):
+                if name in self._stores:
+                    setattr(self, name, self._stores[name][:, :-1])
+            if self.offloaded is not None and self.latent is not None:
+                self.latent = self.offloaded.index_rows(index)
+            elif self.latent is not None:
+                self.latent = QuantizedLatent(*(None if t is None else self._stores["latent." + f][:, :-1]
+                                                for f, t in zip(("codes", "scale", "offset"), self.latent)))
+            return
         for name in ("comp_pos", "center_x", "center_pos", "fathers"):
             value = getattr(self, name)
             if value is not None:
@@ -109,14 +215,21 @@ class CompressedState:
             self.latent = QuantizedLatent(*(t if t is None else t[index.to(t.device)] for t in self.latent))
 
     def bytes_by_part(self) -> dict[str, int]:
-        """Bytes held on the compute device, by part (offloaded latents are :meth:`host_bytes`, not here)."""
-        def size(*tensors):
+        """Bytes held on the compute device, by part (offloaded latents are :meth:`host_bytes`, not here). With a
+        reserved capacity this is the whole reservation (allocated up front), not the tokens held so far."""
+        def size(*names):
+            tensors = [self._stores.get(n, getattr(self, n, None)) for n in names]
             return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-        latents = {} if self.offloaded is not None else {
-            "latents": self.latent.nbytes() if self.latent is not None else 0}
-        return {**latents, "centers": size(self.center_x, self.center_pos), "father ids": size(self.fathers),
-                "positions": size(self.comp_pos)}
+        if self.offloaded is not None:
+            latents = {}
+        elif any(k.startswith("latent.") for k in self._stores):
+            latents = {"latents": sum(t.numel() * t.element_size() for k, t in self._stores.items()
+                                      if k.startswith("latent."))}
+        else:
+            latents = {"latents": self.latent.nbytes() if self.latent is not None else 0}
+        return {**latents, "centers": size("center_x", "center_pos"), "father ids": size("fathers"),
+                "positions": size("comp_pos")}
 
     def host_bytes(self) -> int:
         """Bytes held in host memory: the offloaded latents' whole capacity (0 without ``offload_latents``)."""
@@ -127,15 +240,22 @@ def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask
                 values: torch.Tensor, fill) -> torch.Tensor:
     """``store [B, W, *]`` grown to ``width`` with ``values[b, i]`` written at ``[b, dest[b, i]]`` where
     ``mask[b, i]`` (``dest``/``mask`` ``[B, C]``, ``values [B, C, *]``). No host-device sync."""
-    B, C = dest.shape
-    tail = values.shape[2:]
+    B = dest.shape[0]
     dtype = values.dtype if store is None else store.dtype
-    out = torch.full((B, width + 1, *tail), fill, dtype=dtype, device=values.device)   # +1: a column for masked
+    out = torch.full((B, width + 1, *values.shape[2:]), fill, dtype=dtype, device=values.device)   # +1: masked
     if store is not None:
         out[:, :store.shape[1]] = store
-    idx = torch.where(mask, dest, width).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
-    out.scatter_(1, idx, values.to(dtype))
+    _scatter_rows(out, dest, mask, values, width)
     return out[:, :width].contiguous()
+
+
+def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, dump: int) -> None:
+    """``out[b, dest[b, i]] = values[b, i]`` where ``mask[b, i]``, else into row ``dump`` of ``out`` (a row no
+    reader uses): a masked write with no host-device sync. ``out [B, W, *]``, ``dest``/``mask [B, C]``."""
+    B, C = dest.shape
+    tail = values.shape[2:]
+    idx = torch.where(mask, dest, dump).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
+    out.scatter_(1, idx, values.to(out.dtype))
 
 
 def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:
@@ -167,9 +287,20 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     if len(counts) != B or max(counts, default=0) > C:
         raise ValueError(f"flush: counts {counts} do not fit x of shape {tuple(x.shape)}")
     after = [n + c for n, c in zip(state.counts, counts)]
+    if state.capacity and max(after) > state.capacity:    # past the reservation: re-allocate what is needed
+        state.capacity = max(after)
+    # the tensors' widths: the reservation's, else what the widest row needs now
+    width_c, width_n, width_l = state.field_widths(state.capacity or max(after))
+    if not state.capacity:
+        width_c = max(cl.num_centers(n) for n in after)
+        width_l = max(cl.num_latents(n) for n in after)
     if state.center_x is None:
-        state.center_x = x.new_zeros(B, S, x.shape[-1])
-        state.center_pos = torch.full((B, S), -1, dtype=torch.int32, device=dev)
+        if state.capacity:
+            state._write("center_x", width_c, pos[:, :0].long(), pos[:, :0].bool(), x[:, :0], 0)
+            state._write("center_pos", width_c, pos[:, :0].long(), pos[:, :0].bool(), pos[:, :0].to(torch.int32), -1)
+        else:
+            state.center_x = x.new_zeros(B, S, x.shape[-1])
+            state.center_pos = torch.full((B, S), -1, dtype=torch.int32, device=dev)
     first = [b for b in range(B) if state.counts[b] == 0 and counts[b] > 0]
     if first:
         if sinks is None:
@@ -182,31 +313,28 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     live = torch.arange(C, device=dev).view(1, C) < torch.tensor(counts, device=dev).view(B, 1)
     is_center = live & (j % step == 0)
     other = live & ~is_center
-    width_c = max(cl.num_centers(n) for n in after)
-    state.center_x = _write_rows(state.center_x, width_c, S + j // step, is_center, x, 0)
+    state._write("center_x", width_c, S + j // step, is_center, x, 0)
     pos = pos.to(torch.int32)
-    state.center_pos = _write_rows(state.center_pos, width_c, S + j // step, is_center, pos, -1)
-    state.comp_pos = _write_rows(state.comp_pos, max(after), j, live, pos, -1)
+    state._write("center_pos", width_c, S + j // step, is_center, pos, -1)
+    state._write("comp_pos", width_n, j, live, pos, -1)
     before = list(state.counts)
 
     def visible_prefix(i: int, j: int) -> int:   # centers of offsets < start + j (+ the sinks), widest row
         return S + max(-(-(n + j) // step) for n in before)
 
-    fathers = nearest_centers(x, state.center_x, pos, state.center_pos, cl.neighbor_count, cl.metric,
-                              center_valid=state.center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
-    latent = compress(x, reference_from_fathers(state.center_x, fathers), projections, layer_idx)
+    used_c = max(cl.num_centers(n) for n in after)          # the centers written so far (a reservation's tail: none)
+    centers, center_pos = state.center_x[:, :used_c], state.center_pos[:, :used_c]
+    fathers = nearest_centers(x, centers, pos, center_pos, cl.neighbor_count, cl.metric,
+                              center_valid=center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
+    latent = compress(x, reference_from_fathers(centers, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
-    width_l = max(cl.num_latents(n) for n in after)
     dest = j - j // step - 1
-    if state.offloaded is not None:      # in place, in host memory
-        state.latent = state.offloaded.write(width_l, dest, other, stored)
-    else:
-        old = state.latent or QuantizedLatent(None, None, None)
-        state.latent = QuantizedLatent(*(None if new is None else _write_rows(prev, width_l, dest, other, new, 0)
-                                         for prev, new in zip(old, stored)))
+    state._write_latents(width_l, dest, other, stored)
     dtype = _father_dtype(width_c, state.fathers)
-    prev = None if state.fathers is None else state.fathers.to(dtype)
-    state.fathers = _write_rows(prev, width_l, dest, other, fathers.to(dtype), -1)
+    if state.fathers is not None and state.fathers.dtype != dtype:     # widened: a new store (rare)
+        state._stores.pop("fathers", None)
+        state.fathers = state.fathers.to(dtype)
+    state._write("fathers", width_l, dest, other, fathers.to(dtype), -1)
     state.counts = after
 
 

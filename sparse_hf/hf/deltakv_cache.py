@@ -16,10 +16,16 @@ device-side slot counter). A one-token step picks the filter layer's top compres
 cache's :class:`SharedScratch`, rebuilds the picks after them with the fused kernel
 (:func:`sparse_hf.kernels.deltakv_rebuild_kv`) and attends over both in one dense sparse-decode pass: no host sync,
 no new buffer, so a CUDA graph captures it. A flush (every ``num_recent_tokens`` steps per row) runs after its step
-(inside ``attend`` eagerly, in :meth:`CompressedCache.maintain_layer` after a replay) and makes new state tensors,
-so the graph is captured again at the next step (``DeltaKVLayer.buffer_signature``); it also sizes the scratch up to
-the next flush. :meth:`CompressedCache.eager_step_reason` names the steps that must run eagerly (a scratch re-size at
-a step's start, a step after a non-static one).
+(inside ``attend`` eagerly, in :meth:`CompressedCache.maintain_layer` after a replay).
+
+With a plan (:meth:`CompressedCache.plan_generation`: ``generate`` makes one when decode runs from CUDA graphs, from
+``max_new_tokens``) the capacity is fixed: the compressed state, raw slots, filter layers and scratch are sized for
+the final length at the prompt's end, a flush writes into the same tensors, and the scratch width stays the largest
+any step needs (the kernels mask the rest by the device-side counts), so one captured graph serves every flush.
+Without a plan a flush makes new state tensors, so the graph is captured again at the next step
+(``DeltaKVLayer.buffer_signature``), and it sizes the scratch up to the next flush.
+:meth:`CompressedCache.eager_step_reason` names the steps that must run eagerly (a scratch re-size at a step's start,
+a step after a non-static one).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from sparse_hf.kernels.dispatch import kernels_run_fused
 from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import resolve_compressor, serving_method
 from ..deltakv.offload import LatentPrefetch
+from ..deltakv.quant import quantize
 from ..deltakv.rope import unrotate
 from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
@@ -86,6 +93,73 @@ class CompressedCache(SelectionCache):
         self._pick_memo = None                        # (scores, host key, (pick, cols)): shared by a step's layers
         self._modules: dict[int, torch.nn.Module] = {}   # compressed layer -> its attention module
         self._prefetch = LatentPrefetch() if self.clustering.offload_latents else None
+        self.planned_length: int | None = None        # plan_generation: the logical length decode will reach
+        self._announced: tuple[int, int] | None = None   # (prompt, new tokens) from generate, until the device is known
+
+    # -- fixed capacity (CUDA graphs) --------------------------------------------------------------------------------
+    def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
+        """As for every cache; and when decode will run from CUDA graphs (``cuda_graph=True``, or the automatic
+        default on a CUDA device: decided at the prompt's first :meth:`update`, which knows the device) with a known
+        ``max_new_tokens``, :meth:`plan_generation`, so that no flush re-allocates what a captured step reads."""
+        super().announce_new_tokens(max_new_tokens, prompt_length)
+        self._announced = None
+        if self.cuda_graph is not False and max_new_tokens:
+            self._announced = (int(prompt_length), int(max_new_tokens))
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._announced is not None:   # the prompt's first K/V: before any layer allocates its slots
+            prompt, new = self._announced
+            self._announced = None
+            if self.cuda_graph or key_states.is_cuda:
+                self.plan_generation(prompt, new)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def plan_generation(self, prompt_length: int, new_tokens: int) -> None:
+        """Reserve, up front, every buffer a decode step reads for a generation of ``new_tokens`` after a prompt of
+        ``prompt_length`` logical columns (padding included), so that flushes write into the same tensors and a
+        captured CUDA graph stays valid (one capture per batch shape instead of one per flush):
+
+        - each compressed layer's :class:`CompressedState` gets the capacity of the most tokens a row can have
+          compressed at that length (latents, scales, centers, father ids, positions; the host store with
+          ``offload_latents``), allocated at the prompt's end, before any flush;
+        - the raw slots take their whole bound (sinks + two recent buffers), the filter layers room for every new
+          token;
+        - the scratch holds the most tokens any step until then rebuilds (with a fraction budget, the budget at the
+          final length); steps that need fewer mask the rest on the device (``-1`` columns).
+
+        The memory is allocated up front, so ``kv_usage`` reports it from the prompt's end: what the generation's
+        final length needs, no more (if it stops early, the unused room stays reserved). Called by ``generate`` when
+        decode runs from graphs (see :meth:`announce_new_tokens`); a caller that drives decode itself (``sparse-hf
+        bench``) may call it before the prompt. Without a plan (e.g. a cache built and driven by hand) the state grows at each flush and
+        the graph is captured again after it, as before. Decoding past the planned length stays correct: the state
+        then grows again (and graphs are re-captured)."""
+        if prompt_length < 0 or new_tokens < 0:
+            raise ValueError(f"plan_generation({prompt_length}, {new_tokens}): expected non-negative lengths")
+        self.planned_length = int(prompt_length) + int(new_tokens)
+        self.set_reserve(int(new_tokens) + 1)
+        for layer in self.layers:
+            if isinstance(layer, DeltaKVLayer) and layer.state is not None:   # a continued generation
+                self._reserve_state(layer)
+
+    def _planned_compressed(self) -> int:
+        """The most compressed tokens a row holds at the planned length: a multiple of ``num_recent_tokens`` (flushes
+        compress whole buffers) that leaves the sinks and at least one recent buffer raw."""
+        recent = self.sparse_config.num_recent_tokens
+        return max(0, (self.planned_length - self.clustering.num_sink - recent) // recent * recent)
+
+    def _reserve_state(self, layer) -> None:
+        """Give ``layer``'s state the planned capacity and allocate it now (eagerly, between steps)."""
+        state = layer.state
+        cap = max(self._planned_compressed(), state.width)
+        if not cap or cap == state.capacity:
+            return
+        state.reserve(cap)
+        B, Hkv, _, D = layer.keys.shape
+        like = layer.values.new_empty(B, 0, Hkv * (D + layer.values.shape[-1]))
+        latent = quantize(torch.zeros(B, 0, self.projections.latent_size, dtype=self.projections.dtype,
+                                      device=like.device), self.clustering.quant_bits)
+        state.allocate(like, latent)
+        layer.set_columns()
 
     def make_layer(self, layer_idx: int):
         if layer_idx in self.method.full_layers:
@@ -104,6 +178,8 @@ class CompressedCache(SelectionCache):
         for layer in self.layers:
             if isinstance(layer, DeltaKVLayer):
                 layer.max_slots = bound
+                if self.planned_length is not None:   # a plan: the whole bound at once, no growth during decode
+                    layer.reserve = bound
 
     def maintain_layer(self, layer_idx: int) -> None:
         """After a replayed decode step (a CUDA graph runs no Python): the raw-buffer flush that the step's attention
@@ -161,9 +237,9 @@ class CompressedCache(SelectionCache):
         rebuilt (fused kernel) into the layer's scratch slots, then one dense sparse-decode pass reads the raw and
         scratch slots in place. ``None`` when this step cannot be static (no filter scores to pick by)."""
         state = layer.state
-        if state is not None and state.width and layer.scratch != self._scratch_width(layer, layer.seen):
+        if layer.reads_compressed and layer.scratch != self._scratch_width(layer, layer.seen):
             return None                   # scratch slots not sized for this length: never drop tokens silently
-        if state is not None and state.width and layer.scratch:
+        if layer.reads_compressed and layer.scratch:
             if self.obs_scores is None:
                 return None
             if not self.capturing:
@@ -198,7 +274,8 @@ class CompressedCache(SelectionCache):
         if memo is not None and memo[0] is self.obs_scores and memo[1] is rope and memo[2] == key:
             return memo[3]
         scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
-        pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0])
+        held = layer.width_dev if layer.state.capacity else None      # a reserved capacity: scores has a tail
+        pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0], held)
         cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)                  # [B, scratch]
         cos, sin = rope(like.transpose(1, 2), layer.state.comp_pos.gather(1, pick.clamp(min=0)).long())
         self._pick_memo = (self.obs_scores, rope, key, (pick, cols, (cos.contiguous(), sin.contiguous())))
@@ -220,7 +297,13 @@ class CompressedCache(SelectionCache):
         """Scratch slots a static decode step at logical length ``length`` can use: the current width while it
         still serves (``min(N, top) <= width <= N``), else ``min(N, top)`` at ``num_recent_tokens`` more tokens
         (a flush comes about that often, so fraction budgets re-size rarely). Host ints only."""
-        n = layer.state.width if layer.state is not None else 0
+        state = layer.state
+        if state is not None and state.capacity and self.planned_length is not None:
+            # a reserved capacity: one width for every step up to the planned length (past it: growth again)
+            recent = self.sparse_config.num_recent_tokens
+            horizon = self.planned_length if length <= self.planned_length else length + recent
+            return min(state.capacity, self.method.top_count(horizon, prefill=False))
+        n = state.width if state is not None else 0
         if n == 0:
             return 0
         if min(n, self.method.top_count(length, prefill=False)) <= layer.scratch <= n:
@@ -273,7 +356,7 @@ class CompressedCache(SelectionCache):
         pick = None
         if q_len == 1 and self.obs_scores is not None:
             scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
-            pick = self.method.pick(scores, scores.shape[1], layer.seen)
+            pick = self.method.pick(scores, layer.state.width, layer.seen)   # scores may have a reserved tail
         if pick is None:
             pick, cols = layer.all_offsets, layer.comp_cols
         else:   # an absent offset (a row with fewer tokens) carries column -1; a row's own budget may cut more
@@ -324,6 +407,8 @@ class CompressedCache(SelectionCache):
             layer.state = CompressedState(B, self.clustering)
             layer.pad = (layer.positions[:, 0] < 0).sum(-1).tolist()
             layer.col_offset = torch.tensor(layer.pad, device=layer.keys.device).view(B, 1)
+            if self.planned_length is not None:
+                self._reserve_state(layer)
         state = layer.state
         raw, counts = self._flush_counts(layer, layer.seen)
         if not any(counts):
@@ -346,6 +431,9 @@ class CompressedCache(SelectionCache):
         ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
         layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]
         if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
-            layer.set_scratch(min(state.width, self.method.top_count(layer.seen + self.sparse_config.num_recent_tokens,
-                                                                     prefill=False)))
+            if state.capacity and self.planned_length is not None:
+                layer.set_scratch(self._scratch_width(layer, layer.seen))     # planned: the same width throughout
+            else:
+                layer.set_scratch(min(state.width, self.method.top_count(
+                    layer.seen + self.sparse_config.num_recent_tokens, prefill=False)))
             layer.reserve_work()

@@ -89,7 +89,8 @@ class DeltaKVLayer(SlotLayer):
         self.col_offset = None
         # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
         self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
-        self.state_version = 0     # + 1 whenever the compressed state or its column tables change (a flush)
+        self.width_dev = None      # [1] long: the widest row's compressed count, on the device (per flush)
+        self.state_version = 0     # + 1 whenever a flush re-allocates the compressed state or its column tables
 
     def reset(self) -> None:
         self.__init__(self.shared, self.reports_shared)
@@ -117,7 +118,7 @@ class DeltaKVLayer(SlotLayer):
             return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
         tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.comp_cols, self.comp_cols_safe,
-                   self.comp_absent]
+                   self.comp_absent, self.width_dev]
         if self.state is not None:
             s = self.state
             tensors += [s.comp_pos, s.center_x, s.center_pos, s.fathers, *(s.latent or ())]
@@ -183,13 +184,30 @@ class DeltaKVLayer(SlotLayer):
         if kpre is not None:
             self._raw_kpre[:, :K] = kpre
 
+    @property
+    def reads_compressed(self) -> bool:
+        """Whether a static decode step rebuilds compressed tokens: once some are held, or from the prompt's end when
+        the state has a reserved capacity (its tensors exist before the first flush; their ``-1`` tail is masked)."""
+        return self.state is not None and self.state.comp_pos is not None
+
     def set_columns(self) -> None:
-        """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step."""
-        self.state_version += 1
+        """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step. With a
+        reserved capacity (same state tensors at every flush) the tables are rewritten in place, so a captured
+        decode step stays valid; otherwise they are new tensors (and ``state_version`` moves)."""
         self.all_offsets, valid = all_offsets(self.state)
-        self.comp_absent = ~valid
-        self.comp_cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(self.comp_absent, -1)
-        self.comp_cols_safe = self.comp_cols.clamp(min=0)
+        absent = ~valid
+        cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(absent, -1)
+        in_place = (self.state.capacity and self.comp_cols is not None and self.comp_cols.shape == cols.shape
+                    and self.width_dev is not None and self.width_dev.device == cols.device)
+        if in_place:
+            self.comp_absent.copy_(absent)
+            self.comp_cols.copy_(cols)
+            self.comp_cols_safe.copy_(cols.clamp(min=0))
+        else:
+            self.state_version += 1
+            self.comp_absent, self.comp_cols, self.comp_cols_safe = absent, cols, cols.clamp(min=0)
+            self.width_dev = torch.zeros(1, dtype=torch.long, device=cols.device)
+        self.width_dev.fill_(self.state.width)
 
     def compressed_per_row(self) -> list[int]:
         """Compressed tokens per row."""
@@ -235,5 +253,5 @@ class DeltaKVLayer(SlotLayer):
             host = [0] * index.shape[0] if same else index.tolist()
             self.pad = [self.pad[i] for i in host]
             self.state.index_rows(index, host)
-            if self.state.width:
+            if self.state.comp_pos is not None:
                 self.set_columns()

@@ -235,7 +235,10 @@ def _wrap_prefill(original):
         if isinstance(cache, SparseCache):
             mask = model_kwargs.get("attention_mask")
             cache.prefill_target = max(input_ids.shape[1], mask.shape[1] if mask is not None else 0)
-            cache.announce_new_tokens(generation_config.max_new_tokens, cache.prefill_target)
+            new_tokens = generation_config.max_new_tokens
+            if new_tokens is None and generation_config.max_length:   # max_length only: Transformers made it final
+                new_tokens = max(0, generation_config.max_length - input_ids.shape[1])
+            cache.announce_new_tokens(new_tokens, cache.prefill_target)
             cache.graph_blocked = "beam search" if (generation_config.num_beams or 1) > 1 else None
         return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
 

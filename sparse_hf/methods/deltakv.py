@@ -131,8 +131,8 @@ class DeltaKV(OmniKV, CompressionMethod):
             return None
         return scores.topk(top, dim=-1).indices
 
-    def pick_static(self, scores: torch.Tensor, width: int, length: torch.Tensor, padding: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick_static(self, scores: torch.Tensor, width: int, length: torch.Tensor, padding: torch.Tensor,
+                    compressed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`pick` with a static shape, for a decode step a CUDA graph can capture (no host value of the length).
 
         Args:
@@ -141,6 +141,8 @@ class DeltaKV(OmniKV, CompressionMethod):
                 length the step serves (the cache re-sizes it eagerly when that no longer holds).
             length: ``[1]`` (or ``[B]``) long device tensor, the logical length (padding included).
             padding: ``[B]`` long, each row's padding columns.
+            compressed: ``[1]`` long device tensor, the widest row's compressed count, when ``scores`` is wider
+                than that (a state with a reserved capacity, its tail ``-inf``); ``None``: ``N``.
 
         Returns:
             ``pick [B, width]`` offsets (best first) and ``keep [B, width]`` bool: the ranks :meth:`pick` plus
@@ -152,7 +154,8 @@ class DeltaKV(OmniKV, CompressionMethod):
         top = resolve_counts(budget, length.expand(B))                         # [B], the same in every row
         per_row = resolve_counts(budget, length - padding)                     # [B], each row's own budget
         rank = torch.arange(width, device=scores.device).view(1, width)
-        return pick, (rank < per_row.view(B, 1)) | (top >= N).view(B, 1)
+        held = N if compressed is None else compressed
+        return pick, (rank < per_row.view(B, 1)) | (top >= held).view(B, 1)
 
     def over_row_budget(self, padding: torch.Tensor, length: int) -> torch.Tensor | None:
         """``[B, k]`` bool: which of :meth:`pick`'s ranks lie past each row's own budget, a fraction of that row's
