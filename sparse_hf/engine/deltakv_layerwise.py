@@ -16,9 +16,9 @@ The output is the chunked prefill's: every token attends to the raw prompt befor
 path), and the compressed state equals the one the chunked prefill's flush leaves after the prompt (same inputs, same
 function). Only the order of the work differs (on CPU, at the same chunk size, the same floats).
 
-Transient memory: the staging (2 or 3 x ``[n, Hkv, D]``) and the hidden states between layers (``x`` and the
-residual, ``[n, hidden]`` each), on the device or (``hidden_on_host``) in pinned host memory, streamed chunk by chunk
-(on CUDA through a copy stream, so the next chunk's upload and the last one's download overlap the compute).
+Transient memory: the staging (2 or 3 x ``[n, Hkv, D]``) and the hidden states between layers (the residual stream
+``[n, hidden]``), on the device or (``hidden_on_host``) in pinned host memory, streamed chunk by chunk (on CUDA
+through a copy stream, so the next chunk's upload and the last one's download overlap the compute).
 :func:`~.deltakv_store.layerwise_bytes_per_token` counts them; the memory split reserves them
 (:func:`~.deltakv_store.split_slots`).
 
@@ -132,68 +132,56 @@ class StagingAttention:
 
 
 class HiddenStates:
-    """``x`` and the residual of every prompt token between layers (``[n, hidden]`` each), on the device or in
-    pinned host memory (``host``: preallocated pinned buffers, reused across steps).
+    """The residual stream of every prompt token between layers, ``h [n, hidden]`` (a layer's output ``x`` already
+    added to its residual: what the next layer's fused add + RMSNorm would compute first, rounded the same way, so
+    one tensor instead of two), on the device or in pinned host memory (``host``: a preallocated pinned buffer,
+    reused across steps).
 
-    :meth:`load` returns a chunk's pair on the device, :meth:`save` writes it back. In host memory on CUDA the copies
-    run on a side stream: :meth:`prefetch` starts the next chunk's upload before the current chunk's compute, and a
-    save's download waits only for that chunk's compute. On the CPU (and on the device) the same calls are plain
-    views and copies."""
+    :meth:`load` returns a chunk's states on the device, :meth:`save` writes them back. In host memory on CUDA the
+    copies run on a side stream: :meth:`prefetch` starts a chunk's upload before the current chunk's compute, and a
+    save's download waits only for its chunk's compute. Elsewhere the same calls are views and copies."""
 
-    def __init__(self, n: int, hidden: int, dtype: torch.dtype, device: torch.device, host: tuple | None = None):
+    def __init__(self, n: int, hidden: int, dtype: torch.dtype, device: torch.device, host: torch.Tensor | None = None):
         self.device, self.on_host = device, host is not None
-        if self.on_host:
-            self.x, self.res = host[0][:n], host[1][:n]
-        else:
-            self.x = torch.empty(n, hidden, dtype=dtype, device=device)
-            self.res = torch.empty_like(self.x)
-        cuda = self.on_host and device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if cuda else None
-        self._ahead: dict[tuple[int, int], tuple] = {}            # (lo, hi) -> (x, res, event) uploading
+        self.h = host[:n] if self.on_host else torch.empty(n, hidden, dtype=dtype, device=device)
+        self.stream = torch.cuda.Stream(device) if self.on_host and device.type == "cuda" else None
+        self._ahead: dict[tuple[int, int], tuple] = {}            # (lo, hi) -> (states, event), uploading
 
     def prefetch(self, lo: int, hi: int) -> None:
         """Start uploading chunk ``[lo, hi)`` (host memory on CUDA; a no-op elsewhere)."""
         if self.stream is None or (lo, hi) in self._ahead:
             return
         with torch.cuda.stream(self.stream):
-            x = self.x[lo:hi].to(self.device, non_blocking=True)
-            res = self.res[lo:hi].to(self.device, non_blocking=True)
+            h = self.h[lo:hi].to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        self._ahead[(lo, hi)] = (x, res, done)
+        self._ahead[(lo, hi)] = (h, done)
 
-    def load(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk ``[lo, hi)``'s ``(x, residual)`` on the device (the residual may be updated in place)."""
-        if not self.on_host:
-            return self.x[lo:hi], self.res[lo:hi]
+    def load(self, lo: int, hi: int) -> torch.Tensor:
+        """Chunk ``[lo, hi)``'s states on the device (the caller may update them in place, then :meth:`save`)."""
         if self.stream is None:
-            return self.x[lo:hi].to(self.device), self.res[lo:hi].to(self.device)
+            return self.h[lo:hi].to(self.device)                  # a view unless host memory on another device
         self.prefetch(lo, hi)
-        x, res, done = self._ahead.pop((lo, hi))
+        h, done = self._ahead.pop((lo, hi))
         current = torch.cuda.current_stream(self.device)
         current.wait_event(done)
-        x.record_stream(current)                  # allocated on the copy stream, used on this one
-        res.record_stream(current)
-        return x, res
+        h.record_stream(current)                  # allocated on the copy stream, used on this one
+        return h
 
-    def save(self, lo: int, hi: int, x: torch.Tensor, res: torch.Tensor) -> None:
-        """Write chunk ``[lo, hi)``'s new ``(x, residual)`` back (a no-op for a residual updated in place)."""
+    def save(self, lo: int, hi: int, h: torch.Tensor) -> None:
+        """Write chunk ``[lo, hi)``'s new states ``h`` back (nothing to do when ``h`` is the stored view)."""
         if self.stream is None:
-            for dst, src in ((self.x, x), (self.res, res)):
-                if src.data_ptr() != dst[lo:hi].data_ptr():
-                    dst[lo:hi].copy_(src)
+            if h.data_ptr() != self.h[lo:hi].data_ptr():
+                self.h[lo:hi].copy_(h)
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))          # after the chunk's compute
         with torch.cuda.stream(self.stream):
-            self.x[lo:hi].copy_(x, non_blocking=True)
-            self.res[lo:hi].copy_(res, non_blocking=True)
-        x.record_stream(self.stream)
-        res.record_stream(self.stream)
+            self.h[lo:hi].copy_(h, non_blocking=True)
+        h.record_stream(self.stream)
 
     def finish(self) -> None:
-        """Wait for the side stream's copies (before the pinned buffers are reused)."""
+        """Wait for the side stream's copies (before the pinned buffer is reused)."""
         if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self.stream.synchronize()
 
 
@@ -212,12 +200,12 @@ class LayerwisePrefill:
 
     def __init__(self, runner):
         self.runner = runner
-        self._host: tuple[torch.Tensor, torch.Tensor] | None = None     # pinned (x, residual), grown on demand
+        self._host: torch.Tensor | None = None          # pinned hidden states (``hidden_on_host``), grown on demand
 
-    def _host_buffers(self, n: int, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._host is None or self._host[0].shape[0] < n or self._host[0].dtype != dtype:
-            pin = self.runner.device.type == "cuda"
-            self._host = tuple(torch.empty(n, hidden, dtype=dtype, pin_memory=pin) for _ in range(2))
+    def _host_buffer(self, n: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._host is None or self._host.shape[0] < n or self._host.dtype != dtype:
+            self._host = None
+            self._host = torch.empty(n, hidden, dtype=dtype, pin_memory=self.runner.device.type == "cuda")
         return self._host
 
     @torch.inference_mode()
@@ -234,31 +222,28 @@ class LayerwisePrefill:
         keep = torch.cat([torch.arange(min(S, n)), torch.arange(S + count, n)]).to(device) if count else None
         ids = torch.tensor(plan.ids, device=device)
         positions = torch.arange(n, device=device)
-        dtype = pool.k[0].dtype
-        stage = StagingAttention(n, pool.num_kv_heads, pool.head_dim, dtype, device, bool(pool.pre_norm_k))
-        hidden_size = model.config.hidden_size
-        act_dtype = model.embed_tokens.weight.dtype
-        hidden = HiddenStates(n, hidden_size, act_dtype, device,
-                              self._host_buffers(n, hidden_size, act_dtype) if plan.hidden_on_host else None)
+        stage = StagingAttention(n, pool.num_kv_heads, pool.head_dim, pool.k[0].dtype, device, bool(pool.pre_norm_k))
+        size, dtype = model.config.hidden_size, model.embed_tokens.weight.dtype
+        states = HiddenStates(n, size, dtype, device,
+                              self._host_buffer(n, size, dtype) if plan.hidden_on_host else None)
         chunks = [(lo, min(n, lo + plan.chunk)) for lo in range(0, n, plan.chunk)]
         model.set_backend(stage)
         try:
             for index, layer in enumerate(model.layers):
                 for c, (lo, hi) in enumerate(chunks):
                     if index == 0:
-                        x, res = model.embed_tokens(ids[lo:hi]), None
+                        h = model.embed_tokens(ids[lo:hi])
                     else:
-                        x, res = hidden.load(lo, hi)
+                        h = states.load(lo, hi)
                         upcoming = _upcoming(chunks, index, c, len(model.layers))
                         if upcoming is not None:           # its upload overlaps this chunk's compute
-                            hidden.prefetch(*upcoming)
+                            states.prefetch(*upcoming)
                     stage.set_chunk(lo, hi, positions[lo:hi])
-                    x, res = layer(x, res, positions[lo:hi])
-                    hidden.save(lo, hi, x, res)
+                    x, residual = layer(h, None, positions[lo:hi])     # residual is h, updated in place
+                    states.save(lo, hi, residual.add_(x))
                 self._store_layer(index, row, stage, slots, keep, count, positions)
-            x, res = hidden.load(n - 1, n)
-            last = model.norm(x, res)
-            hidden.finish()
+            last = model.norm(states.load(n - 1, n))
+            states.finish()
         finally:
             model.set_backend(runner.attention)
         if count:

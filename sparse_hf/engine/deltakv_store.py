@@ -98,9 +98,9 @@ def layerwise_bytes_per_token(kv_heads: int, head_dim: int, kv_dtype: torch.dtyp
                               hidden_on_host: bool = False) -> int:
     """Transient device bytes per prompt token of a layer-wise prefill (:mod:`.deltakv_layerwise`): the staging K
     and V of one layer (``[n, Hkv, D]`` each; with ``pre_norm_keys`` the pre-norm keys too), plus the hidden
-    states between layers (``x`` and the residual, ``[n, hidden]`` each) unless they live in host memory."""
+    states between layers (``[n, hidden]``) unless they live in host memory."""
     key = kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()
-    hidden = 0 if hidden_on_host else 2 * hidden_size * torch.tensor([], dtype=hidden_dtype or kv_dtype).element_size()
+    hidden = 0 if hidden_on_host else hidden_size * torch.tensor([], dtype=hidden_dtype or kv_dtype).element_size()
     return (3 if pre_norm_keys else 2) * key + hidden
 
 
