@@ -279,7 +279,9 @@ def test_tp2_equals_tp1(arch):
     prompts = random_prompts((20, 77), seed=3)
     tp1 = engine_tokens(LLM(model, sparse_method="deltakv", **ENGINE, **knobs), prompts, 20)
     with LLM(model, tensor_parallel_size=2, sparse_method="deltakv", **ENGINE, **knobs) as llm:
+        kinds = record_kinds(llm)
         tp2 = engine_tokens(llm, prompts, 20)
+        assert kinds.count("layerwise") == 2
         llm.check_pool_whole()
     if tp2 != tp1:
         check_against_hf(model, prompts, tp1, knobs, 20)
