@@ -57,8 +57,8 @@ class EngineConfig:
             and decode steps. A step of decode rows only still replays a CUDA graph either way.
         deltakv_prefill: one of :data:`DELTAKV_PREFILLS` (DeltaKV only). A layer-wise prompt is a step of its own:
             the decode rows wait during it (as in the reference engine's batch-1 long-prompt path).
-        layerwise_hidden_on_host: a layer-wise prefill keeps the hidden states between layers (``[n, hidden]`` twice)
-            in pinned host memory instead of on the device (streamed chunk by chunk; less device memory per token).
+        layerwise_hidden_on_host: a layer-wise prefill keeps the hidden states between layers (``[n, hidden]``) in
+            pinned host memory instead of on the device (streamed chunk by chunk; less device memory per token).
     """
 
     max_model_len: int | None = None

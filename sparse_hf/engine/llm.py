@@ -275,11 +275,9 @@ class LLM:
                     req.kept_kv_tokens = self.pool.row_tokens(req.row)
         else:
             kind, batch = self.scheduler.schedule()
-            if kind == "layerwise":                  # one prompt, layer by layer (decode rows wait)
-                chunks, decoding = [(batch, batch.num_tokens)], []
-            else:
-                chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
-            if kind == "layerwise":
+            chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
+            if kind == "layerwise":                  # one whole prompt, layer by layer (decode rows wait)
+                chunks = [(batch, batch.num_tokens)]
                 logits = self._run(plan_layerwise(batch, self.config))
             elif kind == "prefill":
                 logits = self._run(plan_prefill(chunks))

@@ -15,8 +15,8 @@ Policy (plain Python, no model code):
 - DeltaKV's layer-wise prompts (``layerwise``, a :class:`~.deltakv_layerwise.LayerwiseRoute`) run as a step of
   their own, one prompt each, when it is their turn in arrival order (no prompt mid-way through its chunks, and
   not right after another prefill step while rows decode: decode rows wait during such a step, one step at a time)
-  and their footprint fits: a slot per token in the filter layers, sinks + buffer in the compressed ones. Prompts
-  behind one wait for it.
+  and their footprint fits with a slot to spare per row (so the next decode step needs no preemption): a slot per
+  token in the filter layers, sinks + buffer in the compressed ones. Prompts behind one wait for it.
 - Under memory pressure (a decode step lacks slots, or nothing at all can run) the most recently arrived running
   request is preempted: its slots are freed and it goes back to the front of the queue, to be recomputed.
 """
@@ -109,7 +109,8 @@ class Scheduler:
         if (decoding and self.last_was_prefill) or any(r.in_prefill for r in self.running):
             return None
         req = self.waiting[0]
-        if any(n > free for n, free in zip(self.layerwise.slots(req.num_tokens), self.pool.free_top)):
+        headroom = len(self.running) + 1                  # the next decode step's token of every row, its own too
+        if any(n + headroom > free for n, free in zip(self.layerwise.slots(req.num_tokens), self.pool.free_top)):
             return None                                   # waits until slots free up
         self.waiting.popleft()
         self._admit(req)
