@@ -21,7 +21,7 @@ from sparse_hf.engine import deltakv_store
 KNOBS = dict(full_attn_layers=[0, 2], num_sink_tokens=2, num_recent_tokens=4, cluster_ratio=0.25,
              deltakv_neighbor_count=2)
 ENGINE = dict(num_kv_slots=1024, max_model_len=256, chunk_prefill_size=16)
-#: 7 < sinks + 2 * recent (no flush at the prompt's end); 130 spans 9 chunks of 16 and compresses 120 tokens.
+#: 7 < sinks + 2 * recent (no flush at the prompt's end); 130 spans 9 chunks of 16 and compresses 124 tokens.
 LENGTHS = (7, 20, 50, 77, 130)
 
 
@@ -48,11 +48,16 @@ def check_against_hf(model, prompts, outs, knobs, new_tokens):
                                                         cache_config=knobs))
 
 
-@pytest.mark.parametrize("arch,budget,bits", [("llama", 6, 0), ("qwen2", 0.25, 4), ("qwen3", 6, 8),
-                                              ("qwen3", 0.25, 0)])
-def test_layerwise_equals_chunked_and_hf(arch, budget, bits):
+@pytest.mark.parametrize("arch,budget,bits,block", [("llama", 6, 0, 65536), ("qwen2", 0.25, 4, 65536),
+                                                    ("qwen3", 6, 8, 65536), ("qwen3", 0.25, 0, 65536),
+                                                    ("llama", 0.25, 4, 11), ("qwen3", 6, 0, 9)])
+def test_layerwise_equals_chunked_and_hf(monkeypatch, arch, budget, bits, block):
     """Every prompt runs layer-wise, one step each, with decode steps of the other rows between them (continuous
-    batching); the tokens are the chunked engine's and the HF path's."""
+    batching); the tokens are the chunked engine's and the HF path's. ``block``: a compressed layer's prompt is
+    flushed in blocks of that many tokens (11 and 9: several flushes per layer, block edges off the center grid)."""
+    from sparse_hf.engine import deltakv_layerwise
+
+    monkeypatch.setattr(deltakv_layerwise, "FLUSH_BLOCK", block)
     model = tiny_model(arch, layers=4)
     knobs = dict(KNOBS, num_top_tokens=budget, kv_quant_bits=bits, compressor=compressor(model))
     prompts = random_prompts(LENGTHS, seed=2)
@@ -68,6 +73,51 @@ def test_layerwise_equals_chunked_and_hf(arch, budget, bits):
     if ours != chunked:          # other packing, other float sums: only near-ties of the reference may part them
         check_against_hf(model, prompts, chunked, knobs, 30)
     check_against_hf(model, prompts, ours, knobs, 30)
+
+
+def prefilled(llm, prompt):
+    """Run ``prompt``'s prefill (and its first token) alone in ``llm``; its row."""
+    llm.add_request("p", prompt, greedy_params(4))
+    while not llm.requests["p"].output_token_ids:
+        llm.step()
+    return llm.requests["p"].row
+
+
+@pytest.mark.parametrize("arch,block", [("llama", 65536), ("llama", 9), ("qwen3", 65536), ("qwen3", 11)])
+def test_layerwise_leaves_the_chunked_prefills_pool_and_store(monkeypatch, arch, block):
+    """After one prompt's prefill the row's raw slots (filter layers: every token; compressed layers: sinks +
+    buffer, Qwen3 with pre-norm keys) and every compressed layer's latents, fathers, centers and positions equal the
+    chunked prefill's (flushed in one call, or in blocks of ``block`` tokens)."""
+    from sparse_hf.engine import deltakv_layerwise
+
+    monkeypatch.setattr(deltakv_layerwise, "FLUSH_BLOCK", block)
+    model = tiny_model(arch, layers=4)
+    knobs = dict(KNOBS, num_top_tokens=6, kv_quant_bits=4, compressor=compressor(model))
+    prompt = random_prompts((130,), seed=7)[0]
+    pools = []
+    for mode in ("chunked", "layerwise"):
+        llm = LLM(model, sparse_method="deltakv", deltakv_prefill=mode, **ENGINE, **knobs)
+        pools.append((llm.pool, prefilled(llm, prompt)))
+    (ref, r0), (got, r1) = pools
+    assert (ref.lens[:, r0] == got.lens[:, r1]).all() and ref.store.count(r0) == got.store.count(r1) == 124
+    for layer in range(4):
+        g = ref.group_of[layer]
+        n = int(ref.lens[g, r0])
+        a, b = ref.tables[g, r0, :n].long(), got.tables[g, r1, :n].long()
+        for x, y in zip(ref.slot_tensors(layer), got.slot_tensors(layer)):
+            torch.testing.assert_close(y[b], x[a], rtol=1e-5, atol=1e-5)
+        if g == 0:
+            continue
+        s, t = ref.store.state(r0, layer), got.store.state(r1, layer)
+        assert s.counts == t.counts
+        for name in ("comp_pos", "center_pos"):
+            assert torch.equal(getattr(s, name), getattr(t, name)), name
+        assert torch.equal(s.fathers.long(), t.fathers.long())
+        torch.testing.assert_close(t.center_x, s.center_x, rtol=1e-5, atol=1e-5)
+        for x, y in zip(s.latent, t.latent):
+            if x is not None:
+                torch.testing.assert_close(y.float(), x.float(), rtol=1e-4, atol=1e-4)
+    assert len(pools[0][0].pre_norm_k) == (2 if arch == "qwen3" else 0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
