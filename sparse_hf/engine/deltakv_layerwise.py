@@ -248,8 +248,8 @@ class LayerwisePrefill:
                     states.save(lo, hi, residual.add_(x))
                 self._store_layer(index, row, stage, slots, keep, count, positions)
             last = model.norm(states.load(n - 1, n))
-            states.finish()
         finally:
+            states.finish()
             model.set_backend(runner.attention)
         if count:
             pool.store.version += 1
