@@ -338,6 +338,30 @@ def test_tp2_equals_tp1(arch):
         check_against_hf(model, prompts, tp2, knobs, 20)
 
 
+@pytest.mark.parametrize("num_chunks,num_layers", [(1, 3), (2, 3), (5, 4)])
+def test_prefetch_reads_only_saved_hidden_states(num_chunks, num_layers):
+    """The CUDA host-memory path uploads a chunk ahead of its use (``_upcoming``); its copies run in issue order on
+    one stream, so a prefetch is correct only if the save it reads (that chunk, the layer before) was issued first.
+    Replays the pass's order of saves and prefetches (layer 0 embeds, so its chunks are saved, never loaded)."""
+    from sparse_hf.engine.deltakv_layerwise import _upcoming
+
+    chunks = [(i, i + 1) for i in range(num_chunks)]
+    saved = set()                                         # (layer, chunk) whose save was issued
+    prefetched = 0
+    for layer in range(num_layers):
+        for c, chunk in enumerate(chunks):
+            if layer:
+                assert (layer - 1, c) in saved                           # the load itself
+                upcoming = _upcoming(chunks, layer, c, num_layers)
+                if upcoming is not None:
+                    target = (layer, c + 1) if c + 1 < num_chunks else (layer + 1, 0)     # the next load
+                    assert upcoming == chunks[target[1]] and target[0] < num_layers
+                    assert (target[0] - 1, target[1]) in saved, (layer, c, target)
+                    prefetched += 1
+            saved.add((layer, c))
+    assert prefetched == (0 if num_chunks == 1 else (num_layers - 1) * num_chunks - 1)
+
+
 def test_clear_errors():
     model = tiny_model("llama", layers=4)
     with pytest.raises(ValueError, match="deltakv_prefill='fast'"):
