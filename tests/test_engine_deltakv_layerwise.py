@@ -1,7 +1,8 @@
 """DeltaKV's layer-wise prefill in the engine (``deltakv_prefill``): a prompt run layer by layer over a dense staging
 K/V, each compressed layer flushed as soon as it is done, gives the chunked prefill's and the HF path's greedy
 tokens (Llama, Qwen2, Qwen3; count and fraction budgets; quantised latents; prompts shorter than sinks + 2 * recent,
-prompts spanning many chunks), while other requests decode before and after it; the pool and the store end whole
+prompts spanning many chunks; flushes in one call or several blocks) and leaves the chunked prefill's raw slots and
+compressed state, while other requests decode before and after it; the pool and the store end whole
 after aborts and a failure mid-step; preemption still works; a prompt only the layer-wise path can hold is served
 under ``auto`` and refused clearly under ``chunked``; the memory accounting (``longest_prompt``) matches what an
 engine built with that budget admits; TP=2 gives TP=1's tokens."""
