@@ -21,6 +21,13 @@ ENGINE_METHODS = ("streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o
 #: collective less per selection, output not equal to TP=1). Per-KV-head selections are exact either way.
 TP_SELECTIONS = ("exact", "per_rank")
 
+#: How DeltaKV prompts prefill (``deltakv_prefill``): ``"chunked"`` runs every layer on each chunk (the prompt stays
+#: raw in every layer until it ends, so the compressed layers' group must hold it whole); ``"layerwise"`` runs each
+#: prompt as a step of its own, layer by layer over all its chunks, compressing each compressed layer as soon as it is
+#: done (only sinks + buffer stay raw there: longer prompts fit); ``"auto"`` runs prompts the compressed group has no
+#: room for (longer than ``deltakv_store.AUTO_CHUNKED_TOKENS``, or than the pool allows) layer-wise, the rest chunked.
+DELTAKV_PREFILLS = ("auto", "chunked", "layerwise")
+
 
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -48,6 +55,10 @@ class EngineConfig:
             token each) together with prompt chunks, up to ``max_num_batched_tokens`` tokens in all
             (Sarathi-style), so decode rows do not stall behind long prefills; ``False`` alternates prefill steps
             and decode steps. A step of decode rows only still replays a CUDA graph either way.
+        deltakv_prefill: one of :data:`DELTAKV_PREFILLS` (DeltaKV only). A layer-wise prompt is a step of its own:
+            the decode rows wait during it (as in the reference engine's batch-1 long-prompt path).
+        layerwise_hidden_on_host: a layer-wise prefill keeps the hidden states between layers (``[n, hidden]``) in
+            pinned host memory instead of on the device (streamed chunk by chunk; less device memory per token).
     """
 
     max_model_len: int | None = None
@@ -60,6 +71,8 @@ class EngineConfig:
     sparse_method: str | None = None
     tp_selection: str = "exact"
     mixed_steps: bool = True
+    deltakv_prefill: str = "auto"
+    layerwise_hidden_on_host: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_prefill_size"):
@@ -72,6 +85,14 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization!r}: expected a fraction in (0, 1]")
         if not isinstance(self.mixed_steps, bool):
             raise ValueError(f"mixed_steps={self.mixed_steps!r}: expected True or False")
+        if self.deltakv_prefill not in DELTAKV_PREFILLS:
+            raise ValueError(f"deltakv_prefill={self.deltakv_prefill!r}: expected 'auto' (long prompts layer-wise, "
+                             "the rest chunked), 'chunked' or 'layerwise'")
+        if not isinstance(self.layerwise_hidden_on_host, bool):
+            raise ValueError(f"layerwise_hidden_on_host={self.layerwise_hidden_on_host!r}: expected True or False")
+        if self.sparse_method != "deltakv" and (self.deltakv_prefill == "layerwise" or self.layerwise_hidden_on_host):
+            raise ValueError("deltakv_prefill='layerwise' and layerwise_hidden_on_host=True apply to "
+                             f"sparse_method='deltakv' only (got sparse_method={self.sparse_method!r}); drop them")
         if self.chunk_prefill_size > self.max_num_batched_tokens:
             raise ValueError(f"chunk_prefill_size={self.chunk_prefill_size} exceeds max_num_batched_tokens="
                              f"{self.max_num_batched_tokens}; lower the first or raise the second")

@@ -1,9 +1,11 @@
 """DeltaKV's attention and flushes in the engine, over a :class:`~.deltakv_store.DeltaKVPool`.
 
 Prefill is plain causal attention over raw slots in every layer (nothing of a row is compressed before its prompt
-ends, as on the HF path). After the step the completed prompts, and after each decode step its rows, flush: a
-row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest buffer tokens in every compressed
-layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to the pool.
+ends, as on the HF path), or, for a prompt too long for that, layer by layer (:mod:`.deltakv_layerwise`: the same
+tokens, each compressed layer flushed as soon as it is done). After a chunked step the completed prompts, and after
+each decode step its rows, flush: a row whose group-1 buffer holds twice ``num_recent_tokens`` compresses its oldest
+buffer tokens in every compressed layer (core :func:`~sparse_hf.deltakv.state.flush`) and returns their raw slots to
+the pool.
 
 A decode step (static shapes: :mod:`.deltakv_graphs` captures it on CUDA): the filter layers attend to every raw
 token, read in place through the slot table; the observation layer's scores (OmniKV's :meth:`decode_scores`, by
@@ -35,6 +37,7 @@ from ..config import resolve_counts
 from ..deltakv.rope import unrotate
 from ..deltakv.state import flush, rebuild_kv
 from .attention import PoolAttention, pool_view
+from .deltakv_layerwise import LayerwisePlan, LayerwisePrefill
 from .runner import DecodePlan, MixedPlan, ModelRunner, PrefillPlan
 
 #: The pool group of the compressed layers (group 0: the filter layers).
@@ -215,8 +218,11 @@ class DeltaKVRunner(ModelRunner):
         self.attention = DeltaKVAttention(pool, method, projections, model.rotary, getattr(model, "tp", None),
                                           k_norms)
         model.set_backend(self.attention)
+        self.layerwise = LayerwisePrefill(self)
 
     def run(self, plan):
+        if isinstance(plan, LayerwisePlan):      # one prompt, layer by layer (:mod:`.deltakv_layerwise`)
+            return self.layerwise.run(plan)
         if isinstance(plan, MixedPlan):   # prompt chunks, then the decode rows: two forwards (each flushes after)
             first, second = self.prefill(plan.prefill), self.decode(plan.decode)
             if not self.compute_logits:
@@ -232,6 +238,10 @@ class DeltaKVRunner(ModelRunner):
         return logits
 
     def decode(self, plan, device_ids=None):
+        if self.pool.num_groups > 1:     # a recompute whose last chunk ended one token short: the prompt's flush
+            lens = self.pool.lens[COMPRESSED, plan.rows]
+            if (lens >= self.attention.raw_width).any():
+                self.flush([row for row, n in zip(plan.rows, lens) if n >= self.attention.raw_width])
         self.attention.begin_step(plan.rows)
         logits = super().decode(plan, device_ids)
         self.attention.begin_step([])
@@ -241,23 +251,42 @@ class DeltaKVRunner(ModelRunner):
     # -- compression ----------------------------------------------------------------------------------------
     def _raw_x(self, layer: int, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE (and pre-norm) ``x = concat(K, V)`` of all KV heads of group-1 slots ``slots [m]`` at positions
-        ``pos [m]``: ``[1, m, Dx]`` (under tensor parallelism the ranks' heads are gathered). Keys are the pool's
-        pre-norm keys where it keeps them (a key norm), else the pool's keys with RoPE inverted."""
+        ``pos [m]``: ``[1, m, Dx]`` (see :meth:`compressor_input`)."""
         pool = self.pool
-        m = slots.shape[0]
         side = pool.pre_norm_k.get(layer)
-        if side is not None:
-            k = side[slots].reshape(m, -1)                                         # [m, Hkv * D]
+        keys = side[slots] if side is not None else pool.k[layer][slots]
+        return self.compressor_input(keys, pool.v[layer][slots], pos, pre_norm=side is not None)
+
+    def compressor_input(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, pre_norm: bool) -> torch.Tensor:
+        """What the compressor reads of ``m`` tokens: ``[1, m, Dx]`` pre-RoPE (and pre-norm) ``concat(K, V)`` of all
+        KV heads (under tensor parallelism the ranks' heads are gathered). ``k``, ``v``: ``[m, Hkv, D]`` as stored
+        (``pre_norm``: ``k`` holds pre-norm keys, a key norm's model; else post-RoPE keys, whose RoPE at ``pos [m]``
+        is inverted)."""
+        m = k.shape[0]
+        if pre_norm:
+            k = k.reshape(m, -1)                                                   # [m, Hkv * D]
         else:
-            post = pool.k[layer][slots].float().transpose(0, 1).unsqueeze(0)      # [1, Hkv, m, D]
+            post = k.float().transpose(0, 1).unsqueeze(0)                           # [1, Hkv, m, D]
             cos, sin = self.rotary_tables(pos)
             k = unrotate(post, cos, sin)[0].transpose(0, 1).reshape(m, -1)        # [m, Hkv * D]
-        v = pool.v[layer][slots].reshape(m, -1)
+        v = v.reshape(m, -1)
         k, v = k.to(v.dtype), v
         tp = self.attention.tp
         if tp is not None:
             k, v = all_gather_columns(k, tp), all_gather_columns(v, tp)
         return torch.cat([k, v], -1).unsqueeze(0)
+
+    def compress_layer(self, row: int, layer: int, x: torch.Tensor, pos: torch.Tensor, count: int,
+                       first: bool) -> None:
+        """Compress ``row``'s ``count`` oldest buffer tokens of ``layer`` (core :func:`~sparse_hf.deltakv.state.flush`).
+        ``x [1, m, Dx]`` / ``pos [m]``: the row's sinks then those tokens when it is the row's ``first`` flush (its
+        sinks become centers), else those tokens only."""
+        S = self.pool.store.clustering.num_sink
+        lo = 0 if first else S
+        at = pos.view(1, -1)
+        sinks = (x[:, :S], at[:, :S]) if first else None
+        flush(self.pool.store.state(row, layer), x[:, S - lo:], at[:, S - lo:], [count], self.projections, layer,
+              sinks)
 
     def rotary_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(cos, sin)`` ``[1, m, D]`` at positions ``pos [m]``."""
@@ -281,11 +310,7 @@ class DeltaKVRunner(ModelRunner):
             slots = pool.tables[COMPRESSED, row, lo:S + count].long()
             pos = torch.tensor(pool.raw_positions(row, lo, S + count), device=self.device)
             for layer in store.layers:
-                x = self._raw_x(layer, slots, pos)
-                at = pos.view(1, -1)
-                sinks = (x[:, :S], at[:, :S]) if first else None
-                flush(store.state(row, layer), x[:, S - lo:], at[:, S - lo:], [count], self.projections, layer,
-                      sinks)
+                self.compress_layer(row, layer, self._raw_x(layer, slots, pos), pos, count, first)
             keep = torch.cat([torch.arange(S), torch.arange(S + count, n)]).to(self.device)
             pool.keep(COMPRESSED, row, keep.view(1, -1).expand(pool.num_kv_heads, -1))
             store.version += 1

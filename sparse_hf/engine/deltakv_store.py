@@ -86,35 +86,82 @@ def slot_costs(method, projections, kv_heads: int, head_dim: int, kv_dtype: torc
     return per_filter, per_compressed, c.num_sink_tokens + 2 * c.num_recent_tokens
 
 
+#: ``deltakv_prefill="auto"``: group 1 keeps room for a raw prompt of up to this many tokens (chunked prefill, which
+#: batches with decode rows); longer prompts run layer-wise (:mod:`.deltakv_layerwise`), which holds no prompt raw
+#: in more than one compressed layer. 65,536 is the reference engine's threshold for its batch-1 long-prompt path;
+#: for Qwen2.5-7B (21 compressed layers, bf16) that room costs 2.8 GB, 2.6% of an H200's 109 GB pool, and shorter
+#: prompts keep batching with decode rows (a layer-wise prompt is a step of its own: decode rows wait during it).
+AUTO_CHUNKED_TOKENS = 65536
+
+
+def layerwise_bytes_per_token(kv_heads: int, head_dim: int, kv_dtype: torch.dtype, pre_norm_keys: bool = False,
+                              hidden_size: int = 0, hidden_dtype: torch.dtype | None = None,
+                              hidden_on_host: bool = False) -> int:
+    """Transient device bytes per prompt token of a layer-wise prefill (:mod:`.deltakv_layerwise`): the staging K
+    and V of one layer (``[n, Hkv, D]`` each; with ``pre_norm_keys`` the pre-norm keys too), plus the hidden
+    states between layers (``[n, hidden]``) unless they live in host memory."""
+    key = kv_heads * head_dim * torch.tensor([], dtype=kv_dtype).element_size()
+    hidden = 0 if hidden_on_host else hidden_size * torch.tensor([], dtype=hidden_dtype or kv_dtype).element_size()
+    return (3 if pre_norm_keys else 2) * key + hidden
+
+
 def split_slots(budget_bytes: int, method, projections, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
-                max_model_len: int, max_rows: int, pre_norm_keys: bool = False) -> list[int]:
+                max_model_len: int, max_rows: int, pre_norm_keys: bool = False, chunked_room: int | None = None,
+                layerwise_per_token: float = 0) -> list[int]:
     """Slots per layer of the two groups ``[filter, compressed]`` that ``budget_bytes`` pays for.
 
-    The compressed layers' raw group needs room for one whole prompt (a prompt stays raw until it ends) plus every
-    other row's sinks and buffer (``< S + 2 * recent``); the filter group gets the rest. Each filter slot also
-    reserves its token's compressed bytes in every compressed layer, so the store can never outgrow the memory:
-    a token is compressed only while it holds a filter slot, so admission by free slots counts both stores.
+    The compressed layers' raw group holds every row's sinks and buffer (``< S + 2 * recent``) plus room for
+    ``chunked_room`` raw prompt tokens (default ``max_model_len``: a whole prompt, which the chunked prefill holds
+    raw until it ends); the filter group gets the rest. With less room than ``max_model_len``, longer prompts run
+    layer-wise: then ``layerwise_per_token * max_model_len`` bytes (its staging and hidden states,
+    :func:`layerwise_bytes_per_token`) come off the budget first. Each filter slot also reserves its token's
+    compressed bytes in every compressed layer, so the store can never outgrow the memory: a token is compressed
+    only while it holds a filter slot, so admission by free slots counts both stores.
     ``pre_norm_keys``: the compressed group's slots also hold pre-norm keys (:func:`slot_costs`)."""
     per_filter, per_compressed, per_row = slot_costs(method, projections, kv_heads, head_dim, kv_dtype,
                                                      pre_norm_keys)
-    need = max_model_len + max_rows * per_row
+    room = max_model_len if chunked_room is None else min(chunked_room, max_model_len)
+    need = room + max_rows * per_row
+    if room < max_model_len:
+        budget_bytes -= layerwise_per_token * max_model_len
     filt = int((budget_bytes - need * per_compressed) // per_filter)
     if filt < need:                          # too little memory for the split: one size for both groups
-        filt = need = int(budget_bytes // (per_filter + per_compressed))
+        filt = need = int(max(budget_bytes, 0) // (per_filter + per_compressed))
     return [filt, need]
 
 
+def chunked_room(deltakv_prefill: str) -> int | None:
+    """The ``chunked_room`` of :func:`split_slots` under the engine's ``deltakv_prefill`` knob: a whole prompt
+    (``"chunked"``), none (``"layerwise"``), or :data:`AUTO_CHUNKED_TOKENS` (``"auto"``)."""
+    return {"chunked": None, "layerwise": 0, "auto": AUTO_CHUNKED_TOKENS}[deltakv_prefill]
+
+
+def runs_layerwise(deltakv_prefill: str, max_model_len: int) -> bool:
+    """Whether some prompt up to ``max_model_len`` tokens may run layer-wise: the split then reserves its transient
+    bytes, and a row may be as long as the filter group (not the compressed group) holds."""
+    room = chunked_room(deltakv_prefill)
+    return room is not None and room < max_model_len
+
+
 def longest_prompt(budget_bytes: int, method, projections, kv_heads: int, head_dim: int,
-                   kv_dtype: torch.dtype, pre_norm_keys: bool = False) -> int:
+                   kv_dtype: torch.dtype, pre_norm_keys: bool = False, layerwise_per_token: float | None = None) -> int:
     """The longest prompt one row can hold in ``budget_bytes`` (the largest ``max_model_len`` whose
-    :func:`split_slots` at one row gives both groups room for it). A prompt is held raw in every layer until it
-    ends, so each of its tokens costs a filter slot *and* a compressed-group slot: more than a vanilla slot."""
+    :func:`split_slots` at one row gives it room).
+
+    Chunked prefill (``layerwise_per_token=None``): a prompt is held raw in every layer until it ends, so each of
+    its tokens costs a filter slot *and* a compressed-group slot: more than a vanilla slot. Layer-wise prefill
+    (``layerwise_per_token``: :func:`layerwise_bytes_per_token`): each token costs a filter slot plus its transient
+    staging (and hidden-state) bytes; the compressed group only keeps the row's sinks and buffer."""
     args = (method, projections, kv_heads, head_dim, kv_dtype)
-    lo, hi = 0, int(budget_bytes // sum(slot_costs(*args, pre_norm_keys)[:2])) + 2
+    per_filter, per_compressed, per_row = slot_costs(*args, pre_norm_keys)
+    layerwise = layerwise_per_token is not None
+    lo, hi = 0, int(budget_bytes // (per_filter if layerwise else per_filter + per_compressed)) + 2
+    extra = dict(chunked_room=0, layerwise_per_token=layerwise_per_token) if layerwise else {}
     while lo + 1 < hi:                       # invariant: lo fits, hi does not
         mid = (lo + hi) // 2
-        filt, need = split_slots(budget_bytes, *args, mid, 1, pre_norm_keys)
-        lo, hi = (mid, hi) if min(filt, need) >= mid else (lo, mid)
+        filt, need = split_slots(budget_bytes, *args, mid, 1, pre_norm_keys, **extra)
+        fits = filt >= mid and need >= min(mid, per_row) if layerwise else min(filt, need) >= mid
+        lo, hi = (mid, hi) if fits else (lo, mid)
     return lo
 
 
@@ -189,6 +236,25 @@ class DeltaKVPool(KVPool):
     def release_row(self, row: int) -> None:
         super().release_row(row)
         self.store.release(row)
+
+    def allocate_groups(self, row: int, counts: list[int]) -> list[torch.Tensor]:
+        """Append ``counts[g]`` new slots to the empty row ``row`` in each group ``g`` (unlike :meth:`allocate`, a
+        different count per group: a layer-wise prefill keeps a prompt's every token in the filter layers but only
+        its sinks and buffer in the compressed ones). Returns each group's new slot ids (``[counts[g]]`` long)."""
+        if self.lens[:, row].any():
+            raise RuntimeError(f"allocate_groups: row {row} already holds slots")
+        if max(counts) > self.max_len or any(n > top for n, top in zip(counts, self.free_top)):
+            raise RuntimeError(f"KV pool exhausted or row too long: {counts} slots needed, {self.free_top} free, "
+                               f"table width {self.max_len} (scheduler bug)")
+        out = []
+        for g, n in enumerate(counts):
+            top = self.free_top[g]
+            slots = self.free[g, top - n:top].clone()
+            self.free_top[g] = top - n
+            self.tables[g, row, :n] = slots
+            self.lens[g, row] = n
+            out.append(slots.long())
+        return out
 
     def row_tokens(self, row: int) -> int:
         """Raw slots of ``row`` over all layers plus its compressed tokens (each counted once per layer)."""

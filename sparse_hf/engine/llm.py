@@ -13,6 +13,7 @@ import torch
 
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
+from .deltakv_layerwise import layerwise_route, plan_layerwise
 from .decode_ahead import TokenReader, can_decode_ahead, launch_ahead, still_running, take_in_flight
 from .runner import plan_decode, plan_mixed, plan_prefill
 from .scheduler import Scheduler
@@ -144,10 +145,12 @@ class LLM:
     def __init__(self, model, tokenizer=None, *, dtype=None, device=None, max_model_len=None,
                  gpu_memory_utilization=0.9, max_num_seqs=64, max_num_batched_tokens=8192, chunk_prefill_size=2048,
                  enforce_eager=False, num_kv_slots=None, sparse_method=None, tensor_parallel_size=1,
-                 tp_selection="exact", mixed_steps=True, **sparse_knobs):
+                 tp_selection="exact", mixed_steps=True, deltakv_prefill="auto", layerwise_hidden_on_host=False,
+                 **sparse_knobs):
         self.config = EngineConfig(max_model_len, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
                                    min(chunk_prefill_size, max_num_batched_tokens), enforce_eager, num_kv_slots,
-                                   sparse_method, tp_selection, mixed_steps)
+                                   sparse_method, tp_selection, mixed_steps, deltakv_prefill,
+                                   layerwise_hidden_on_host)
         hf_config, tensors, self.tokenizer, self.eos_token_ids = _load_source(model, tokenizer)
         device = torch.device(device) if device is not None else _default_device(model)
         self.dtype = dtype or _default_model_dtype(model, device)
@@ -171,7 +174,7 @@ class LLM:
         self.max_model_len = shard.max_model_len
         if self.driver is not None:
             self.pool.released = []                 # rows freed on rank 0 go to the other ranks with the next step
-        self.scheduler = Scheduler(self.config, self.pool)
+        self.scheduler = Scheduler(self.config, self.pool, layerwise_route(self.config, self.pool, self.method))
         self.sampler = Sampler()
         self.output_processor = OutputProcessor(self.tokenizer or _NoText(), self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -205,10 +208,7 @@ class LLM:
         ids = self._tokenize(prompt)
         if not ids:
             raise ValueError("empty prompt")
-        if len(ids) + 1 > self.pool.num_slots:
-            raise ValueError(f"prompt of {len(ids)} tokens can never fit the KV pool of {self.pool.num_slots} slots "
-                             "per layer; raise num_kv_slots or gpu_memory_utilization, or lower max_num_seqs / "
-                             "max_model_len")
+        self._check_fits(len(ids))
         if len(ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len="
                              f"{self.max_model_len}; raise max_model_len or shorten the prompt")
@@ -219,6 +219,25 @@ class LLM:
         req.text_state = self.output_processor.new_state(ids, params, max_total_len=self.max_model_len)
         self.requests[request_id] = req
         self.scheduler.add(req)
+
+    def _check_fits(self, n: int) -> None:
+        """Raise ``ValueError`` (naming the knobs) when a prompt of ``n`` tokens can never fit the empty pool."""
+        route = self.scheduler.layerwise
+        if route is not None and route.takes(n):           # DeltaKV, layer-wise: per group (filter, compressed)
+            need, room = route.slots(n), self.pool.group_slots
+            if all(k + 1 <= r for k, r in zip(need, room)):
+                return
+            raise ValueError(f"prompt of {n} tokens can never fit the KV pool: its layer-wise prefill needs {n + 1} "
+                             f"slots in deltakv's filter layers, which hold {room[0]}; raise num_kv_slots or "
+                             "gpu_memory_utilization, or lower max_num_seqs / max_model_len")
+        if n + 1 > self.pool.num_slots:
+            hint = ""
+            if self.method is not None and self.method.name == "deltakv" and self.config.deltakv_prefill == "chunked":
+                hint = (" (deltakv_prefill='chunked' holds a whole prompt raw in every layer; 'auto' or 'layerwise' "
+                        "prefills long prompts layer by layer and holds longer ones)")
+            raise ValueError(f"prompt of {n} tokens can never fit the KV pool of {self.pool.num_slots} slots per layer"
+                             f"{hint}; raise num_kv_slots or gpu_memory_utilization, or lower max_num_seqs / "
+                             "max_model_len")
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its slots return to the pool and the next ``step()`` reports it (``"abort"``)."""
@@ -257,7 +276,10 @@ class LLM:
         else:
             kind, batch = self.scheduler.schedule()
             chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
-            if kind == "prefill":
+            if kind == "layerwise":                  # one whole prompt, layer by layer (decode rows wait)
+                chunks = [(batch, batch.num_tokens)]
+                logits = self._run(plan_layerwise(batch, self.config))
+            elif kind == "prefill":
                 logits = self._run(plan_prefill(chunks))
             elif kind == "decode":
                 logits = self._run(plan_decode(decoding))

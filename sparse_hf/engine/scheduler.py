@@ -12,6 +12,11 @@ Policy (plain Python, no model code):
 - Prefill serves requests in arrival order: first the ones already holding a row (mid-prompt), then waiting ones
   while fewer than ``max_num_seqs`` rows are taken. A chunk only takes free slots (a prompt holds one slot per
   token and layer until its eviction runs); a request that does not fit waits.
+- DeltaKV's layer-wise prompts (``layerwise``, a :class:`~.deltakv_layerwise.LayerwiseRoute`) run as a step of
+  their own, one prompt each, when it is their turn in arrival order (no prompt mid-way through its chunks, and
+  not right after another prefill step while rows decode: decode rows wait during such a step, one step at a time)
+  and their footprint fits with a slot to spare per row (so the next decode step needs no preemption): a slot per
+  token in the filter layers, sinks + buffer in the compressed ones. Prompts behind one wait for it.
 - Under memory pressure (a decode step lacks slots, or nothing at all can run) the most recently arrived running
   request is preempted: its slots are freed and it goes back to the front of the queue, to be recomputed.
 """
@@ -22,10 +27,11 @@ from collections import deque
 
 
 class Scheduler:
-    """Args: config: :class:`~.config.EngineConfig`; pool: :class:`~.kv_pool.KVPool`."""
+    """Args: config: :class:`~.config.EngineConfig`; pool: :class:`~.kv_pool.KVPool`; layerwise: which prompts run
+    layer-wise (a :class:`~.deltakv_layerwise.LayerwiseRoute`, or ``None``: none)."""
 
-    def __init__(self, config, pool):
-        self.config, self.pool = config, pool
+    def __init__(self, config, pool, layerwise=None):
+        self.config, self.pool, self.layerwise = config, pool, layerwise
         self.waiting: deque = deque()
         self.running: list = []                     # requests holding a row, in arrival order
         self.free_rows = list(range(pool.max_rows - 1, -1, -1))
@@ -60,9 +66,13 @@ class Scheduler:
     # -- the step ----------------------------------------------------------------------------------------------
     def schedule(self):
         """``("prefill", [(request, n_tokens), ...])``, ``("decode", [request, ...])``, ``("mixed", ([(request,
-        n_tokens), ...], [request, ...]))`` (prompt chunks, then decoding rows) or ``(None, [])``."""
+        n_tokens), ...], [request, ...]))`` (prompt chunks, then decoding rows), ``("layerwise", request)`` (its whole
+        prompt, layer by layer) or ``(None, [])``."""
         while True:
             decoding = [r for r in self.running if not r.in_prefill]
+            whole = self._layerwise_prompt(bool(decoding))
+            if whole is not None:
+                return "layerwise", whole
             if decoding and self.config.mixed_steps and self._prefill_pending():
                 chunks = self._mixed_chunks(len(decoding))
                 if chunks:
@@ -88,6 +98,24 @@ class Scheduler:
             if len(self.running) == 1 and self.waiting == deque():
                 raise RuntimeError("the KV pool cannot hold the one running request (scheduler invariant broken)")
             self.preempt_newest()
+
+    def _runs_layerwise(self, req) -> bool:
+        return self.layerwise is not None and self.layerwise.takes(req.num_tokens)
+
+    def _layerwise_prompt(self, decoding: bool):
+        """The waiting head, admitted, when it runs layer-wise now (see the module docstring), else ``None``."""
+        if not self.waiting or not self.free_rows or not self._runs_layerwise(self.waiting[0]):
+            return None
+        if (decoding and self.last_was_prefill) or any(r.in_prefill for r in self.running):
+            return None
+        req = self.waiting[0]
+        headroom = len(self.running) + 1                  # the next decode step's token of every row, its own too
+        if any(n + headroom > free for n, free in zip(self.layerwise.slots(req.num_tokens), self.pool.free_top)):
+            return None                                   # waits until slots free up
+        self.waiting.popleft()
+        self._admit(req)
+        self.last_was_prefill = True
+        return req
 
     def _prefill_pending(self) -> bool:
         return bool(self.waiting) or any(r.in_prefill for r in self.running)
@@ -115,6 +143,8 @@ class Scheduler:
             budget, free = budget - n, free - n
         while self.waiting and budget > 0 and self.free_rows:
             req = self.waiting[0]
+            if self._runs_layerwise(req):      # its own step (:meth:`_layerwise_prompt`); later prompts wait for it
+                break
             n = min(cfg.chunk_prefill_size, req.num_tokens, budget)
             if n > free:                       # waits until slots free up (no partial first chunk below a chunk)
                 break

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import EngineConfig, build_method
+from .deltakv_store import runs_layerwise
 from .kv_pool import KVPool
 from .model import EngineModel
 from .runner import ModelRunner
@@ -90,26 +91,33 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
         count = torch.tensor([slots], dtype=torch.long, device=device)
         slots = int(tp.all_reduce_min(count).item())
     max_model_len = spec.max_model_len
-    if not evicts and max_model_len > slots:
+    deltakv = method is not None and method.name == "deltakv"
+    layerwise = deltakv and runs_layerwise(cfg.deltakv_prefill, max_model_len)   # a prompt may outgrow vanilla's pool
+    if not evicts and max_model_len > slots and not layerwise:
         if tp is None or tp.rank == 0:
             warnings.warn(f"max_model_len={max_model_len} exceeds the pool's {slots} slots; capped to {slots}")
         max_model_len = slots
     compute_logits = tp is None or tp.rank == 0
-    if method is not None and method.name == "deltakv":       # a compressed store beside the raw pool
+    if deltakv:                                                # a compressed store beside the raw pool
         from .deltakv_attention import DeltaKVRunner
-        from .deltakv_store import DeltaKVPool, keeps_pre_norm_keys, prepare_deltakv, split_slots
+        from .deltakv_store import DeltaKVPool, chunked_room, keeps_pre_norm_keys, layerwise_bytes_per_token, \
+            prepare_deltakv, split_slots
 
         method, projections = prepare_deltakv(method, spec.sparse_knobs, spec.hf_config)
         pre_norm = keeps_pre_norm_keys(spec.hf_config)           # Qwen3: pre-norm keys beside the compressed slots
         # The memory of `slots` full slots, split between the filter and the compressed layers' groups.
         budget = slots * (2 * model.num_layers * model.num_kv_heads * model.head_dim
                           * torch.tensor([], dtype=spec.dtype).element_size() + 4)
+        transient = layerwise_bytes_per_token(model.num_kv_heads, model.head_dim, spec.dtype, pre_norm,
+                                              spec.hf_config.hidden_size, spec.dtype, cfg.layerwise_hidden_on_host)
         group_slots = split_slots(budget, method, projections, model.num_kv_heads, model.head_dim, spec.dtype,
-                                  max_model_len, cfg.max_num_seqs, pre_norm)
-        if max_model_len > group_slots[1] and (tp is None or tp.rank == 0):
-            warnings.warn(f"max_model_len={max_model_len} exceeds the {group_slots[1]} raw slots of deltakv's "
-                          f"compressed layers; capped to {group_slots[1]}")
-        max_model_len = min(max_model_len, group_slots[1])
+                                  max_model_len, cfg.max_num_seqs, pre_norm, chunked_room(cfg.deltakv_prefill),
+                                  transient)
+        holds = group_slots[0] if layerwise else group_slots[1]       # a layer-wise prompt keeps no raw prompt there
+        if max_model_len > holds and (tp is None or tp.rank == 0):
+            warnings.warn(f"max_model_len={max_model_len} exceeds the {holds} raw slots of deltakv's "
+                          f"{'filter' if layerwise else 'compressed'} layers; capped to {holds}")
+        max_model_len = min(max_model_len, holds)
         pool = DeltaKVPool(model.num_layers, model.num_kv_heads, model.head_dim, group_slots, cfg.max_num_seqs,
                            max_model_len, spec.dtype, device, method, pre_norm)
         runner = DeltaKVRunner(model, pool, method, projections.to(device), compute_logits=compute_logits)
