@@ -274,6 +274,9 @@ def test_api_key_and_per_request_sparse_knobs():
     (["serve", "DIR", "--sparse-knobs", "{bad"], "--sparse-knobs"),
     (["serve", "DIR", "--sparse-method", "nope"], "nope"),
     (["serve", "DIR", "--sparse-method", "snapkv", "--sparse-knobs", '{"no_such_knob": 1}'], "no_such_knob"),
+    (["serve", "DIR", "--deltakv-prefill", "sideways"], "sideways"),
+    (["serve", "DIR", "--sparse-method", "snapkv", "--deltakv-prefill", "layerwise"], "deltakv"),
+    (["serve", "DIR", "--sparse-method", "snapkv", "--layerwise-hidden-on-host"], "deltakv"),
 ])
 def test_serve_argument_errors_are_one_line_exit_2(argv, words, capsys, tiny_model_dir):
     from sparse_hf.cli import main

@@ -50,8 +50,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.error = _fail   # one line and exit 2, not the usage block
     p.add_argument("model", help="a model directory (config.json + safetensors), or 'demo' (SmolLM2-135M-Instruct)")
-    p.add_argument("--sparse-method", default=None,
-                   help="streamingllm | snapkv | pyramidkv | knorm | omnikv (default: full attention)")
+    from .config import DELTAKV_PREFILLS, ENGINE_METHODS
+
+    p.add_argument("--sparse-method", default=None, choices=ENGINE_METHODS,
+                   help=" | ".join(ENGINE_METHODS) + " (default: full attention)")
     p.add_argument("--sparse-knobs", default="{}",
                    help="JSON dict of the method's knobs (the HF path's cache_config names), e.g. "
                         "'{\"num_top_tokens\": 2048, \"num_recent_tokens\": 128}'")
@@ -73,6 +75,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--tensor-parallel-size", type=_positive, default=1,
                    help="ranks that split the heads (one process each; under torchrun: the group's size)")
+    p.add_argument("--deltakv-prefill", default="auto", choices=DELTAKV_PREFILLS,
+                   help="deltakv only: 'auto' (long prompts layer by layer, the rest in chunks), 'chunked' or "
+                        "'layerwise' (see the README's engine knobs)")
+    p.add_argument("--layerwise-hidden-on-host", action="store_true",
+                   help="deltakv only: a layer-wise prefill keeps its hidden states in pinned host memory "
+                        "(longer prompts fit on the GPU)")
     p.add_argument("--tp-selection", default="exact", choices=["exact", "per_rank"],
                    help="exact: selections spanning ranks all-reduce their scores (TP=N outputs what TP=1 does); "
                         "per_rank: each rank selects from its own heads (cheaper, output differs from TP=1)")
@@ -109,7 +117,8 @@ def build_llm(args):
                    max_num_batched_tokens=args.max_num_batched_tokens, chunk_prefill_size=args.chunk_prefill_size,
                    enforce_eager=args.enforce_eager, num_kv_slots=args.num_kv_slots,
                    sparse_method=args.sparse_method, tensor_parallel_size=args.tensor_parallel_size,
-                   tp_selection=args.tp_selection, **knobs)
+                   tp_selection=args.tp_selection, deltakv_prefill=args.deltakv_prefill,
+                   layerwise_hidden_on_host=args.layerwise_hidden_on_host, **knobs)
     except (ValueError, TypeError, NotImplementedError) as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
