@@ -56,14 +56,14 @@ def test_layerwise_equals_chunked_and_hf(monkeypatch, arch, budget, bits, block)
     """Every prompt runs layer-wise, one step each, with decode steps of the other rows between them (continuous
     batching); the tokens are the chunked engine's and the HF path's. ``block``: a compressed layer's prompt is
     flushed in blocks of that many tokens (11 and 9: several flushes per layer, block edges off the center grid)."""
-    from sparse_hf.engine import deltakv_layerwise
+    from sparse_hf.engine import deltakv_attention
 
-    monkeypatch.setattr(deltakv_layerwise, "FLUSH_BLOCK", block)
     model = tiny_model(arch, layers=4)
     knobs = dict(KNOBS, num_top_tokens=budget, kv_quant_bits=bits, compressor=compressor(model))
     prompts = random_prompts(LENGTHS, seed=2)
     chunked = engine_tokens(LLM(model, sparse_method="deltakv", deltakv_prefill="chunked", **ENGINE, **knobs),
-                            prompts, 30)
+                            prompts, 30)                       # every flush in one call
+    monkeypatch.setattr(deltakv_attention, "FLUSH_BLOCK", block)
     llm = LLM(model, sparse_method="deltakv", deltakv_prefill="layerwise", **ENGINE, **knobs)
     kinds = record_kinds(llm)
     ours = engine_tokens(llm, prompts, 30)
@@ -89,18 +89,26 @@ def test_layerwise_leaves_the_chunked_prefills_pool_and_store(monkeypatch, arch,
     """After one prompt's prefill the row's raw slots (filter layers: every token; compressed layers: sinks +
     buffer, Qwen3 with pre-norm keys) and every compressed layer's latents, fathers, centers and positions equal the
     chunked prefill's (flushed in one call, or in blocks of ``block`` tokens)."""
-    from sparse_hf.engine import deltakv_layerwise
+    from sparse_hf.engine import deltakv_attention
 
-    monkeypatch.setattr(deltakv_layerwise, "FLUSH_BLOCK", block)
     model = tiny_model(arch, layers=4)
     knobs = dict(KNOBS, num_top_tokens=6, kv_quant_bits=4, compressor=compressor(model))
     prompt = random_prompts((130,), seed=7)[0]
     pools = []
     for mode in ("chunked", "layerwise"):
+        if mode == "layerwise":       # the chunked reference flushed in one call
+            monkeypatch.setattr(deltakv_attention, "FLUSH_BLOCK", block)
         llm = LLM(model, sparse_method="deltakv", deltakv_prefill=mode, **ENGINE, **knobs)
         pools.append((llm.pool, prefilled(llm, prompt)))
     (ref, r0), (got, r1) = pools
-    assert (ref.lens[:, r0] == got.lens[:, r1]).all() and ref.store.count(r0) == got.store.count(r1) == 124
+    assert_same_row(ref, r0, got, r1, compressed=124)
+    assert len(pools[0][0].pre_norm_k) == (2 if arch == "qwen3" else 0)
+
+
+def assert_same_row(ref, r0, got, r1, compressed: int) -> None:
+    """Row ``r1`` of pool ``got`` holds what row ``r0`` of ``ref`` holds: raw slots of every layer (with pre-norm
+    keys), and every compressed layer's counts, positions, fathers, centers and latents."""
+    assert (ref.lens[:, r0] == got.lens[:, r1]).all() and ref.store.count(r0) == got.store.count(r1) == compressed
     for layer in range(4):
         g = ref.group_of[layer]
         n = int(ref.lens[g, r0])
@@ -118,7 +126,27 @@ def test_layerwise_leaves_the_chunked_prefills_pool_and_store(monkeypatch, arch,
         for x, y in zip(s.latent, t.latent):
             if x is not None:
                 torch.testing.assert_close(y.float(), x.float(), rtol=1e-4, atol=1e-4)
-    assert len(pools[0][0].pre_norm_k) == (2 if arch == "qwen3" else 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_chunked_flush_in_blocks_equals_one_call(monkeypatch, arch):
+    """The chunked prefill's prompt-end flush, in blocks of 9 tokens (several calls per layer, off the center
+    grid), leaves the row and the store as one call does; so do the decode-time flushes after it."""
+    from sparse_hf.engine import deltakv_attention
+
+    model = tiny_model(arch, layers=4)
+    knobs = dict(KNOBS, num_top_tokens=6, kv_quant_bits=4, compressor=compressor(model))
+    prompt = random_prompts((130,), seed=7)[0]
+    pools, tokens = [], []
+    for block in (65536, 9):
+        monkeypatch.setattr(deltakv_attention, "FLUSH_BLOCK", block)
+        llm = LLM(model, sparse_method="deltakv", deltakv_prefill="chunked", **ENGINE, **knobs)
+        pools.append((llm.pool, prefilled(llm, prompt)))
+        tokens.append(engine_tokens(LLM(model, sparse_method="deltakv", deltakv_prefill="chunked", **ENGINE, **knobs),
+                                    [prompt], 40))
+    (ref, r0), (got, r1) = pools
+    assert_same_row(ref, r0, got, r1, compressed=124)
+    assert tokens[0] == tokens[1]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -42,6 +42,11 @@ from .runner import DecodePlan, MixedPlan, ModelRunner, PrefillPlan
 
 #: The pool group of the compressed layers (group 0: the filter layers).
 COMPRESSED = 1
+#: A flush compresses at most this many tokens per :func:`~sparse_hf.deltakv.state.flush` call (one call per block,
+#: in order: the same latents, fathers and centers as one call, as the decode-time flushes rely on), so its own
+#: intermediates (``concat(K, V)``, the fp32 inverse RoPE, the projection: ~7 KB a token for a 7B model) stay near
+#: 0.5 GB whatever the prompt's length (a chunked or a layer-wise prompt's flush).
+FLUSH_BLOCK = 65536
 
 
 class DeltaKVAttention(PoolAttention):
@@ -288,6 +293,18 @@ class DeltaKVRunner(ModelRunner):
         flush(self.pool.store.state(row, layer), x[:, S - lo:], at[:, S - lo:], [count], self.projections, layer,
               sinks)
 
+    def compress_in_blocks(self, row: int, layer: int, count: int, first: bool, read) -> None:
+        """Compress ``row``'s ``count`` oldest buffer tokens of ``layer`` in blocks of :data:`FLUSH_BLOCK` tokens.
+        ``read(start, stop)`` returns ``(x [1, m, Dx], pos [m])`` of the row's table entries ``start .. stop - 1``
+        (:meth:`compressor_input`); the row's ``first`` flush reads its sinks with the first block (they become
+        centers)."""
+        S = self.pool.store.clustering.num_sink
+        for lo in range(0, count, FLUSH_BLOCK):
+            hi = min(count, lo + FLUSH_BLOCK)
+            with_sinks = first and lo == 0
+            x, pos = read(0 if with_sinks else S + lo, S + hi)
+            self.compress_layer(row, layer, x, pos, hi - lo, with_sinks)
+
     def rotary_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 ``(cos, sin)`` ``[1, m, D]`` at positions ``pos [m]``."""
         rotary = self.model.rotary
@@ -305,12 +322,15 @@ class DeltaKVRunner(ModelRunner):
             count = self.method.flush_count(max(0, n - S))
             if not count:
                 continue
-            first = store.count(row) == 0
-            lo = 0 if first else S                   # a row's first flush also records its sinks as centers
-            slots = pool.tables[COMPRESSED, row, lo:S + count].long()
-            pos = torch.tensor(pool.raw_positions(row, lo, S + count), device=self.device)
+            first = store.count(row) == 0            # a row's first flush also records its sinks as centers
+            slots = pool.tables[COMPRESSED, row, :S + count].long()
+            pos = torch.tensor(pool.raw_positions(row, 0, S + count), device=self.device)   # before any compress
+
+            def read(start, stop, layer):
+                return self._raw_x(layer, slots[start:stop], pos[start:stop]), pos[start:stop]
+
             for layer in store.layers:
-                self.compress_layer(row, layer, self._raw_x(layer, slots, pos), pos, count, first)
+                self.compress_in_blocks(row, layer, count, first, lambda a, b, layer=layer: read(a, b, layer))
             keep = torch.cat([torch.arange(S), torch.arange(S + count, n)]).to(self.device)
             pool.keep(COMPRESSED, row, keep.view(1, -1).expand(pool.num_kv_heads, -1))
             store.version += 1

@@ -9,8 +9,9 @@ every layer). After a layer's last chunk:
 - a filter layer stores every token in the row's group-0 slots;
 - a compressed layer compresses at once, with the engine's own flush (:meth:`DeltaKVRunner.compress_layer`, the
   core :func:`~sparse_hf.deltakv.state.flush` at the HF path's rule :meth:`DeltaKV.flush_count`, in blocks of
-  :data:`FLUSH_BLOCK` tokens), and stores only what stays raw (sinks + the buffer the rule leaves) in the row's
-  group-1 slots (Qwen3: with their pre-norm keys, which the staging keeps beside K/V: no inverse RoPE needed).
+  :data:`~.deltakv_attention.FLUSH_BLOCK` tokens), and stores only what stays raw (sinks + the buffer the rule
+  leaves) in the row's group-1 slots (Qwen3: with their pre-norm keys, which the staging keeps beside K/V: no
+  inverse RoPE needed).
 
 The output is the chunked prefill's: every token attends to the raw prompt before it in every layer (as on the HF
 path), and the compressed state equals the one the chunked prefill's flush leaves after the prompt (same inputs, same
@@ -38,11 +39,6 @@ from .sdpa_split import SplitUnavailable, split_chunk_attention
 
 #: The pool group of the compressed layers (as in :mod:`.deltakv_attention`).
 COMPRESSED = 1
-#: A compressed layer's prompt is flushed in blocks of this many tokens (one :func:`~sparse_hf.deltakv.state.flush`
-#: call each, in order: the same latents, fathers and centers as one call, as the decode-time flushes rely on), so the
-#: flush's own intermediates (``concat(K, V)``, the fp32 inverse RoPE, the projection: ~7 KB a token for a 7B
-#: model) stay near 0.5 GB instead of growing with the prompt.
-FLUSH_BLOCK = 65536
 
 
 @dataclass
@@ -266,13 +262,13 @@ class LayerwisePrefill:
             pool.write(layer, slots[g], stage.k, stage.v)
             return
         pre = stage.pre
-        S = pool.store.clustering.num_sink
-        for lo in range(0, count, FLUSH_BLOCK):       # the first block with the sinks (they become centers)
-            hi = min(count, lo + FLUSH_BLOCK)
-            part = slice(0 if lo == 0 else S + lo, S + hi)
-            x = runner.compressor_input((pre if pre is not None else stage.k)[part], stage.v[part], positions[part],
-                                        pre_norm=pre is not None)
-            runner.compress_layer(row, layer, x, positions[part], hi - lo, first=lo == 0)
+        keys = pre if pre is not None else stage.k
+
+        def read(start, stop):        # the prompt's tokens start .. stop - 1 (table entry == position before a flush)
+            return runner.compressor_input(keys[start:stop], stage.v[start:stop], positions[start:stop],
+                                           pre_norm=pre is not None), positions[start:stop]
+
+        runner.compress_in_blocks(row, layer, count, True, read)
         at = keep if keep is not None else slice(0, n)
         pool.write(layer, slots[g], stage.k[at], stage.v[at])
         if pre is not None:
