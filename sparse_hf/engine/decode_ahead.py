@@ -8,7 +8,9 @@ are on the device already (the sampler's output). So right after sampling step `
 GPU's next step.
 
 When it is certain (checked before step ``n``'s tokens are known): every running request is in the batch, no
-request waits or is mid-prompt, the pool has a slot per row, no request can end at step ``n`` by length
+request waits, is mid-prompt or replays its generated tokens after a preemption (a replayed token is a forced
+input from the host, not the sampled one: such steps run without decode-ahead, which costs nothing measurable as
+only preempted requests replay), the pool has a slot per row, no request can end at step ``n`` by length
 (``max_tokens`` or ``max_model_len``), the method evicts nothing during decode, and there is no tensor-parallel
 group. A request can still end at step ``n`` by EOS or a stop rule, or be aborted before the next ``step()``: its
 row's step ``n + 1`` work is then discarded (its slots were freed with the row; the work writes only there).
@@ -71,6 +73,8 @@ def can_decode_ahead(llm, batch: list) -> bool:
     if runner.evicts and runner.method.evicts_during_decode:
         return False
     if scheduler.waiting or len(scheduler.running) != len(batch) or any(r.in_prefill for r in scheduler.running):
+        return False
+    if any(not r.samples for r in batch):                 # a replaying row: its next input comes from the host
         return False
     if not all(still_running(llm, r) for r in batch):
         return False
