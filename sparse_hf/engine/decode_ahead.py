@@ -72,9 +72,9 @@ def can_decode_ahead(llm, batch: list) -> bool:
         return False
     if runner.evicts and runner.method.evicts_during_decode:
         return False
+    # every running row sampled at step n: none replays (a replaying row samples nothing, so is not in ``batch``;
+    # its next input is a generated token from the host, not a sampled one on the device)
     if scheduler.waiting or len(scheduler.running) != len(batch) or any(r.in_prefill for r in scheduler.running):
-        return False
-    if any(not r.samples for r in batch):                 # a replaying row: its next input comes from the host
         return False
     if not all(still_running(llm, r) for r in batch):
         return False
