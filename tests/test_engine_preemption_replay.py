@@ -9,6 +9,7 @@ and streaming (``llm.step()``) shows each token once.
 """
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -153,6 +154,57 @@ def test_tp2_under_preemption_equals_tp1():
         llm.check_pool_whole()
     assert any(generated > 1 for generated, _, _ in log)
     assert [o.token_ids for o in outs] == tp1
+
+
+def uncaptured_graphs(llm):
+    """The engine's CUDA-graph decode path on CPU: its static inputs and bookkeeping, each "graph" replayed by
+    running the step it would capture (as in ``test_engine_graphs`` and ``test_engine_deltakv``)."""
+    from sparse_hf.engine.deltakv_graphs import DeltaKVGraphs
+    from test_engine_graphs import ReplayWithoutCapture
+
+    if llm.method is None or llm.method.name != "deltakv":
+        return ReplayWithoutCapture(llm.model, llm.pool, llm.config.max_num_seqs, llm.runner.attention)
+
+    class Uncaptured(DeltaKVGraphs):
+        def _capture(self, key):
+            b, w = len(key[0]), key[-1]
+            self.graph, self.key = SimpleNamespace(replay=lambda: self._forward(b, w)), key
+    return Uncaptured(llm.model, llm.pool, llm.runner.attention)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "omnikv", "deltakv"])
+def test_graph_path_and_decode_ahead_with_replaying_rows(monkeypatch, name):
+    """Replayed tokens are staged like any decode input, so graph steps run replaying rows; decode-ahead (whose
+    next ids come from the sampler on the device) never launches while a row replays, and runs again after."""
+    import sparse_hf.engine.llm as llm_module
+
+    model = tiny_model("llama", layers=4)
+    knobs = method_knobs(name, model)
+    _, lengths, slots = CASES[name]
+    prompts = random_prompts(lengths, seed=4)
+    ref = [o.token_ids for o in engine(model, 2048, **knobs).generate(prompts, greedy_params(NEW_TOKENS))]
+    llm = engine(model, slots, **knobs)
+    graphs = llm.runner.graphs = uncaptured_graphs(llm)
+    llm.decode_ahead = True
+    log = record_preemptions(llm)
+    launches, replaying_graph_steps = [], []
+    launch, run = llm_module.launch_ahead, graphs.run
+
+    def checked_launch(engine_, batch, tokens):
+        assert not any(r.replaying for r in engine_.scheduler.running)
+        launches.append(len(batch))
+        return launch(engine_, batch, tokens)
+
+    def counted_run(*args):
+        replaying_graph_steps.append(any(r.replaying for r in llm.scheduler.running))   # rows of this step
+        return run(*args)
+    monkeypatch.setattr(llm_module, "launch_ahead", checked_launch)
+    monkeypatch.setattr(graphs, "run", counted_run)
+    outs = llm.generate(prompts, greedy_params(NEW_TOKENS))
+    llm.check_pool_whole()
+    assert any(generated > 1 for generated, _, _ in log)
+    assert any(replaying_graph_steps) and launches
+    assert [o.token_ids for o in outs] == ref
 
 
 @pytest.mark.gpu
