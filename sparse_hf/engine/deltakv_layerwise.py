@@ -47,8 +47,8 @@ FLUSH_BLOCK = 65536
 
 @dataclass
 class LayerwisePlan:
-    """One prompt's layer-wise prefill: its ``row`` (empty), token ``ids`` (its ``prefill_end`` tokens: after a
-    preemption, full attention's generated tokens too; a sparse method replays them as decode steps), the ``chunk`` size, and where the hidden states live."""
+    """One prompt's layer-wise prefill: its ``row`` (empty), token ``ids`` (the prompt: after a preemption
+    the generated tokens are replayed as decode steps), the ``chunk`` size, and where the hidden states live."""
 
     row: int
     ids: list
