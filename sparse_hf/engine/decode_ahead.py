@@ -8,7 +8,9 @@ are on the device already (the sampler's output). So right after sampling step `
 GPU's next step.
 
 When it is certain (checked before step ``n``'s tokens are known): every running request is in the batch, no
-request waits or is mid-prompt, the pool has a slot per row, no request can end at step ``n`` by length
+request waits, is mid-prompt or replays its generated tokens after a preemption (a replayed token is a forced
+input from the host, not the sampled one: such steps run without decode-ahead, which costs nothing measurable as
+only preempted requests replay), the pool has a slot per row, no request can end at step ``n`` by length
 (``max_tokens`` or ``max_model_len``), the method evicts nothing during decode, and there is no tensor-parallel
 group. A request can still end at step ``n`` by EOS or a stop rule, or be aborted before the next ``step()``: its
 row's step ``n + 1`` work is then discarded (its slots were freed with the row; the work writes only there).
@@ -70,6 +72,8 @@ def can_decode_ahead(llm, batch: list) -> bool:
         return False
     if runner.evicts and runner.method.evicts_during_decode:
         return False
+    # every running row sampled at step n: none replays (a replaying row samples nothing, so is not in ``batch``;
+    # its next input is a generated token from the host, not a sampled one on the device)
     if scheduler.waiting or len(scheduler.running) != len(batch) or any(r.in_prefill for r in scheduler.running):
         return False
     if not all(still_running(llm, r) for r in batch):

@@ -43,8 +43,8 @@ COMPRESSED = 1
 
 @dataclass
 class LayerwisePlan:
-    """One prompt's layer-wise prefill: its ``row`` (empty), token ``ids`` (the whole sequence: a preempted
-    request's generated tokens too), the ``chunk`` size, and where the hidden states live."""
+    """One prompt's layer-wise prefill: its ``row`` (empty), token ``ids`` (the prompt: after a preemption
+    the generated tokens are replayed as decode steps), the ``chunk`` size, and where the hidden states live."""
 
     row: int
     ids: list
@@ -54,7 +54,7 @@ class LayerwisePlan:
 
 def plan_layerwise(req, config) -> LayerwisePlan:
     """The plan of ``req``'s layer-wise prefill under engine knobs ``config``."""
-    return LayerwisePlan(req.row, [req.token(p) for p in range(req.num_tokens)], config.chunk_prefill_size,
+    return LayerwisePlan(req.row, [req.token(p) for p in range(req.prefill_end)], config.chunk_prefill_size,
                          config.layerwise_hidden_on_host)
 
 

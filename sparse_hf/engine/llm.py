@@ -102,6 +102,17 @@ def _start_ranks(spec, tp_size: int, device: torch.device):
     return tp, Driver(tp), device
 
 
+def _sampling_rows(stepped: list, logits):
+    """``(requests, logits [R, V])`` of the rows of a step that get a new token: ``stepped`` (one per logits row)
+    less a replaying request's prompt and replayed tokens (:class:`~.request.Request`), whose logits are dropped:
+    nothing is sampled, appended, checked for a stop or streamed for them."""
+    done = [r for r in stepped if r.samples]
+    if len(done) == len(stepped) or logits is None:
+        return done, logits
+    keep = [i for i, r in enumerate(stepped) if r.samples]
+    return done, logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+
+
 class _NoText:
     """Stands in for a tokenizer when there is none (token-id prompts): every text is empty."""
 
@@ -268,7 +279,7 @@ class LLM:
         self._aborted.clear()
         ahead = take_in_flight(self)
         if ahead is not None:                       # the decode step launched during the previous step()
-            kind, (done, logits) = "ahead", ahead
+            kind, (done, logits) = "ahead", ahead   # (never with a replaying row: can_decode_ahead)
             for req in done:
                 if still_running(self, req):
                     req.num_computed += 1
@@ -277,7 +288,7 @@ class LLM:
             kind, batch = self.scheduler.schedule()
             chunks, decoding = {"prefill": (batch, []), "decode": ([], batch), "mixed": batch}.get(kind, ([], []))
             if kind == "layerwise":                  # one whole prompt, layer by layer (decode rows wait)
-                chunks = [(batch, batch.num_tokens)]
+                chunks = [(batch, batch.prefill_end)]
                 logits = self._run(plan_layerwise(batch, self.config))
             elif kind == "prefill":
                 logits = self._run(plan_prefill(chunks))
@@ -289,12 +300,13 @@ class LLM:
                 return outputs
             for req, n in chunks:
                 req.num_computed += n
-            done = [req for req, _ in chunks if req.num_computed == req.num_tokens]
+            stepped = [req for req, _ in chunks if req.num_computed == req.prefill_end]    # the logits' rows
             for req in decoding:
                 req.num_computed += 1
-            done += decoding
-            for req in done:
+            stepped += decoding
+            for req in stepped:
                 req.kept_kv_tokens = self.pool.row_tokens(req.row)
+            done, logits = _sampling_rows(stepped, logits)
         if done:
             params = [r.params for r in done]
             steps = torch.tensor([len(r.output_token_ids) for r in done])          # host: no blocking copy

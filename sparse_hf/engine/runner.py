@@ -67,16 +67,19 @@ def plan_prefill(chunks: list) -> PrefillPlan:
         plan.positions.extend(range(first, first + n))
         plan.segments.append((req.row, start, n, first + n))
         start += n
-        if first + n == req.num_tokens:
+        if first + n == req.prefill_end:
             plan.completing.append(req.row)
             plan.last.append(start - 1)
     return plan
 
 
 def plan_decode(requests: list) -> DecodePlan:
-    """The plan of a decode step (each request holds ``num_tokens - 1`` computed tokens)."""
-    return DecodePlan([r.row for r in requests], [r.output_token_ids[-1] for r in requests],
-                      [r.num_tokens - 1 for r in requests])
+    """The plan of a decode step: each request's first token without K/V, at its position. That is the newest
+    token (``num_tokens - 1`` computed), or for a replaying request an already generated one (a forced input:
+    :class:`~.request.Request`); either way the host knows it, so the plan, the CUDA-graph inputs and the other
+    tensor-parallel ranks get it like any other step input."""
+    return DecodePlan([r.row for r in requests], [r.token(r.num_computed) for r in requests],
+                      [r.num_computed for r in requests])
 
 
 class ModelRunner:

@@ -5,7 +5,8 @@ One call handles a whole decode batch ``[B, V]`` with one set of tensor ops; per
 exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)`` i.i.d. per token draws exactly from ``p``. The noise of a
 seeded row depends only on ``(seed, step)`` (a generator reseeded per row and step from a mixed 64-bit key), so a
 seeded request gets the same token from the same logits whatever else is in its batch; unseeded rows draw their
-noise from the default generator in one call. The only host sync is one read of ``steps`` when the batch has
+noise from the default generator in one call. A request replaying its generated tokens after a preemption samples
+nothing during the replay (:class:`~.request.Request`), so its next token draws at the same step as uninterrupted. The only host sync is one read of ``steps`` when the batch has
 seeded rows.
 """
 

@@ -18,7 +18,11 @@ Policy (plain Python, no model code):
   and their footprint fits with a slot to spare per row (so the next decode step needs no preemption): a slot per
   token in the filter layers, sinks + buffer in the compressed ones. Prompts behind one wait for it.
 - Under memory pressure (a decode step lacks slots, or nothing at all can run) the most recently arrived running
-  request is preempted: its slots are freed and it goes back to the front of the queue, to be recomputed.
+  request is preempted: its slots are freed and it goes back to the front of the queue, to be recomputed (full
+  attention: prompt and generated tokens as one prompt; a sparse method: the prompt, then the generated tokens
+  replayed as decode steps, see :class:`~.request.Request`). A replaying row is a decode row like any other (one
+  slot per step); preempted again, it starts over. The oldest request is never preempted while another runs, so
+  none starves.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ class Scheduler:
         self.running: list = []                     # requests holding a row, in arrival order
         self.free_rows = list(range(pool.max_rows - 1, -1, -1))
         self.last_was_prefill = False
+        #: Preempted requests replay their generated tokens as decode steps (every sparse method: its decode-time
+        #: state differs from a prefill's); full attention recomputes them as a prompt.
+        self.replays = config.sparse_method is not None
 
     def add(self, req) -> None:
         self.waiting.append(req)
@@ -60,7 +67,7 @@ class Scheduler:
     def preempt_newest(self) -> None:
         victim = max(self.running, key=lambda r: r.arrival_time)
         self.release(victim)
-        victim.preempt()
+        victim.preempt(replay=self.replays)
         self.waiting.appendleft(victim)
 
     # -- the step ----------------------------------------------------------------------------------------------
@@ -100,7 +107,7 @@ class Scheduler:
             self.preempt_newest()
 
     def _runs_layerwise(self, req) -> bool:
-        return self.layerwise is not None and self.layerwise.takes(req.num_tokens)
+        return self.layerwise is not None and self.layerwise.takes(req.prefill_end)
 
     def _layerwise_prompt(self, decoding: bool):
         """The waiting head, admitted, when it runs layer-wise now (see the module docstring), else ``None``."""
@@ -110,7 +117,7 @@ class Scheduler:
             return None
         req = self.waiting[0]
         headroom = len(self.running) + 1                  # the next decode step's token of every row, its own too
-        if any(n + headroom > free for n, free in zip(self.layerwise.slots(req.num_tokens), self.pool.free_top)):
+        if any(n + headroom > free for n, free in zip(self.layerwise.slots(req.prefill_end), self.pool.free_top)):
             return None                                   # waits until slots free up
         self.waiting.popleft()
         self._admit(req)
@@ -136,7 +143,7 @@ class Scheduler:
         free = self.pool.num_free() if free is None else free
         chunks = []
         for req in [r for r in self.running if r.in_prefill]:
-            n = min(cfg.chunk_prefill_size, req.num_tokens - req.num_computed, budget, free)
+            n = min(cfg.chunk_prefill_size, req.prefill_end - req.num_computed, budget, free)
             if n <= 0:
                 break
             chunks.append((req, n))
@@ -145,7 +152,7 @@ class Scheduler:
             req = self.waiting[0]
             if self._runs_layerwise(req):      # its own step (:meth:`_layerwise_prompt`); later prompts wait for it
                 break
-            n = min(cfg.chunk_prefill_size, req.num_tokens, budget)
+            n = min(cfg.chunk_prefill_size, req.prefill_end, budget)
             if n > free:                       # waits until slots free up (no partial first chunk below a chunk)
                 break
             self.waiting.popleft()
