@@ -243,10 +243,6 @@ class DeltaKVRunner(ModelRunner):
         return logits
 
     def decode(self, plan, device_ids=None):
-        if self.pool.num_groups > 1:     # a recompute whose last chunk ended one token short: the prompt's flush
-            lens = self.pool.lens[COMPRESSED, plan.rows]
-            if (lens >= self.attention.raw_width).any():
-                self.flush([row for row, n in zip(plan.rows, lens) if n >= self.attention.raw_width])
         self.attention.begin_step(plan.rows)
         logits = super().decode(plan, device_ids)
         self.attention.begin_step([])
