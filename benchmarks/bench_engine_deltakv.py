@@ -99,9 +99,9 @@ def layout_report(shape: str, vanilla_slots: int, bits: int, offload: bool = Fal
     budget = vanilla_slots * (2 * layers * kv_heads * head_dim * 2 + 4)
     got = longest_prompts(budget, method, comp.projections, kv_heads, head_dim, torch.bfloat16, False,
                           config.hidden_size, torch.bfloat16)
+    ratios = {k.replace("longest_prompt_b1", "x_vanilla"): round(v / vanilla_slots, 3) for k, v in got.items()}
     return dict(shape=shape, kv_quant_bits=bits, offload_latents=offload, vanilla=vanilla_slots,
-                compressed_layers=len(method.sparse_layers()), **got, **{k.replace("longest_prompt_b1", "x_vanilla"): round(v / vanilla_slots, 3)
-                          for k, v in got.items()})
+                compressed_layers=len(method.sparse_layers()), **got, **ratios)
 
 
 def main(argv=None) -> int:

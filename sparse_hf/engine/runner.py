@@ -7,8 +7,8 @@ reads at *later* steps, so running it after the whole forward equals running it 
 attention (as the HF path does), and keeps the forward free of host syncs (CUDA graphs).
 
 A step is first described by a plan (:class:`PrefillPlan`, :class:`DecodePlan`, :class:`MixedPlan`: plain ints, no
-requests, no tensors) and then run. Under tensor parallelism rank 0 builds the plan from its scheduled requests and sends it
-to the other ranks, and every rank runs the same plan on its own heads and pool.
+requests, no tensors) and then run. Under tensor parallelism rank 0 builds the plan from its scheduled requests and
+sends it to the other ranks, and every rank runs the same plan on its own heads and pool.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ exponential race: ``argmax(p / q)`` with ``q ~ Exp(1)`` i.i.d. per token draws e
 seeded row depends only on ``(seed, step)`` (a generator reseeded per row and step from a mixed 64-bit key), so a
 seeded request gets the same token from the same logits whatever else is in its batch; unseeded rows draw their
 noise from the default generator in one call. A request replaying its generated tokens after a preemption samples
-nothing during the replay (:class:`~.request.Request`), so its next token draws at the same step as uninterrupted. The only host sync is one read of ``steps`` when the batch has
-seeded rows.
+nothing during the replay (:class:`~.request.Request`), so its next token draws at the same step as uninterrupted.
+The only host sync is one read of ``steps`` when the batch has seeded rows.
 """
 
 from __future__ import annotations

@@ -130,8 +130,8 @@ class CompressedCache(SelectionCache):
         The memory is allocated up front, so ``kv_usage`` reports it from the prompt's end: what the generation's
         final length needs, no more (if it stops early, the unused room stays reserved). Called by ``generate`` when
         decode runs from graphs (see :meth:`announce_new_tokens`); a caller that drives decode itself (``sparse-hf
-        bench``) may call it before the prompt. Without a plan (e.g. a cache built and driven by hand) the state grows at each flush and
-        the graph is captured again after it, as before. Decoding past the planned length stays correct: the state
+        bench``) may call it before the prompt. Without a plan (e.g. a cache built and driven by hand) the state
+        grows at each flush and the graph is captured again after it, as before. Decoding past the planned length stays correct: the state
         then grows again (and graphs are re-captured)."""
         if prompt_length < 0 or new_tokens < 0:
             raise ValueError(f"plan_generation({prompt_length}, {new_tokens}): expected non-negative lengths")
