@@ -1,0 +1,359 @@
+"""A seeded randomized differential fuzzer for the HF path and the engine (CPU, fp32): the pieces of
+``test_fuzz_differential.py``, and a command line for long local runs.
+
+Each case is drawn from one integer seed (:func:`draw_case`): a tiny random Llama/Qwen2/Qwen3 (layers, query and
+KV heads, GQA, head dim), a method (full attention or any engine method) with random knobs (count and fraction
+budgets, sinks, recent, window, pooling, selection scope, pyramid schedule, filter layers, DeltaKV's compressor and
+clustering knobs), some prompts (shorter than sinks + recent, on chunk boundaries, longer than the budget), engine
+knobs (``chunk_prefill_size``, ``max_num_batched_tokens``, ``max_num_seqs``, ``mixed_steps``, DeltaKV's prefill
+route), arrival steps (late requests join after others have decoded) and per-request ``max_tokens``, with some
+requests sampled under a seed. :func:`check_case` then compares what the README promises is equal:
+
+1. ``engine_vs_alone``: each request's engine output in the drawn run equals the same request alone in a fresh
+   engine (greedy and seeded sampling: the output never depends on the other rows);
+2. ``engine_vs_hf``: greedy engine output equals our HF path's same method and knobs, one row at a time
+   (``hf_generate``: ``model.generate(..., cache_implementation=method, cache_config=knobs)``);
+3. ``hf_batched_vs_rows``: the HF path on the left-padded batch equals the per-row loop;
+4. ``unlimited_vs_dynamic``: at an unlimited budget (drawn for a fifth of the cases, every method but the lossy
+   DeltaKV) the HF path equals plain ``generate`` (``DynamicCache``), batched and per row.
+
+Greedy differences are judged by the reference's logits (``assert_greedy_equal``): a difference where the top two
+logits tie within rounding is a valid greedy continuation, any other is a failure.
+
+The pool is always roomy (``num_kv_slots`` far above what the requests need), so nothing is preempted: preemption
+is a separate, documented path (recompute) with its own tests. A case that preempts is reported as a failure of the
+fuzzer's set-up, not of the engine.
+
+Command line: ``python tests/fuzz_differential.py FIRST_SEED COUNT`` prints one JSON line per failing case and a
+summary; ``SPARSE_HF_FUZZ_CASES`` / ``SPARSE_HF_FUZZ_SEED`` size the pytest run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import sparse_hf  # noqa: F401  (registers the HF-path caches)
+from engine_helpers import assert_greedy_equal, hf_greedy_with_logits
+from helpers import ARCHS, VOCAB
+from sparse_hf.engine import LLM, SamplingParams
+from sparse_hf.engine.config import ENGINE_METHODS
+from sparse_hf.methods import get_method
+
+METHODS = (None,) + ENGINE_METHODS
+MAX_PROMPT = 96
+#: Ample slots: every request of a case fits with room to spare, so no case preempts.
+NUM_KV_SLOTS = 4096
+
+
+@dataclass
+class Case:
+    """One drawn case: everything needed to replay it (``draw_case(seed)`` rebuilds it)."""
+
+    seed: int
+    arch: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    method: str | None
+    knobs: dict
+    unlimited: bool
+    prompt_lengths: list[int]
+    max_tokens: list[int]
+    arrivals: list[int]                 # step before which each request is added (0: at the start)
+    sample_seeds: list[int | None]      # None: greedy; else temperature-0.8 sampling under this seed
+    engine: dict = field(default_factory=dict)
+    latent: int = 0                     # DeltaKV compressor latent size
+
+    def label(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+
+# -- drawing -------------------------------------------------------------------------------------------------------
+def _draw_layers_list(rng: random.Random, layers: int) -> list[int]:
+    return sorted({0} | {layer for layer in range(1, layers) if rng.random() < 0.35})
+
+
+def _draw_budget(rng: random.Random) -> int | float:
+    return rng.choice([rng.randint(0, 24), rng.randint(1, 40), round(rng.uniform(0.05, 0.6), 3), 1.0])
+
+
+def _draw_knobs(rng: random.Random, method: str, layers: int, unlimited: bool) -> dict:
+    sinks = rng.choice([0, 1, 2, 4, rng.randint(0, 8)])
+    recent = rng.choice([1, 2, 4, 8, rng.randint(1, 24)])
+    knobs = dict(num_sink_tokens=sinks, num_recent_tokens=recent)
+    if method != "streamingllm":
+        knobs["num_top_tokens"] = _draw_budget(rng)
+    if method in ("snapkv", "pyramidkv"):
+        knobs["window_size"] = rng.randint(1, recent)
+        knobs["pool_kernel_size"] = rng.choice([1, 3, 5, 7])
+        knobs["snapkv_num_full_layers"] = rng.choice([0, 0, rng.randint(0, layers - 1)])
+    if method in ("snapkv", "pyramidkv", "knorm"):
+        knobs["selection_scope"] = rng.choice(["layer", "kv_head"])
+    if method == "pyramidkv":
+        knobs["pyramid_start_layer"] = rng.randint(0, layers - 1)
+        knobs["pyramid_start_ratio"] = round(rng.uniform(0.2, 1.0), 2)
+        knobs["pyramid_least_ratio"] = round(rng.uniform(0.01, knobs["pyramid_start_ratio"]), 2)
+        knobs["pyramid_least_layer"] = rng.choice([None, rng.randint(knobs["pyramid_start_layer"], layers - 1)])
+    if method in ("omnikv", "deltakv"):
+        knobs["full_attn_layers"] = _draw_layers_list(rng, layers)
+    if method == "deltakv":
+        knobs["cluster_ratio"] = rng.choice([0.1, 0.25, 0.5, round(rng.uniform(0.05, 1.0), 2)])
+        knobs["deltakv_neighbor_count"] = rng.randint(1, 3)
+        knobs["cluster_metric"] = rng.choice(["l2", "dot", "cosine"])
+        knobs["kv_quant_bits"] = rng.choice([0, 0, 4, 8])
+    if unlimited:                       # nothing leaves: every method must give plain generate's tokens
+        if method == "streamingllm":
+            knobs["num_recent_tokens"] = 4 * MAX_PROMPT
+        else:
+            knobs["num_top_tokens"] = rng.choice([1.0, 4 * MAX_PROMPT])
+            knobs["num_recent_tokens"] = max(recent, 16)          # H2O: decode tokens never push one out
+        if method == "pyramidkv":
+            knobs.update(pyramid_start_ratio=1.0, pyramid_least_ratio=1.0)
+    return knobs
+
+
+def _draw_length(rng: random.Random, knobs: dict, chunk: int) -> int:
+    short = knobs.get("num_sink_tokens", 8) + knobs.get("num_recent_tokens", 128)
+    kind = rng.randrange(4)
+    if kind == 0:                                                   # shorter than sinks + recent
+        n = rng.randint(1, max(1, min(short, MAX_PROMPT)))
+    elif kind == 1:                                                 # on (or next to) a chunk boundary
+        n = chunk * rng.randint(1, max(1, MAX_PROMPT // chunk)) + rng.choice([-1, 0, 0, 1])
+    else:                                                           # anything, mostly past the budget
+        n = rng.randint(1, MAX_PROMPT)
+    return max(1, min(n, MAX_PROMPT))
+
+
+def draw_case(seed: int) -> Case:
+    """The case of ``seed`` (a valid config: knob draws the method rejects are drawn again)."""
+    rng = random.Random(seed)
+    arch = rng.choice(ARCHS)
+    layers = rng.randint(2, 5)
+    kv_heads = rng.choice([1, 2, 4])
+    heads = kv_heads * rng.choice([1, 2, 4])
+    head_dim = rng.choice([8, 16, 32])
+    method = rng.choice(METHODS)
+    unlimited = method not in (None, "deltakv") and rng.random() < 0.2
+    knobs = {}
+    if method is not None:
+        for _ in range(100):
+            knobs = _draw_knobs(rng, method, layers, unlimited)
+            try:
+                get_method(method).build_config(**knobs)
+                get_method(method)(get_method(method).build_config(**knobs)[0], layers)
+                break
+            except ValueError:
+                continue
+        else:
+            raise AssertionError(f"seed {seed}: no valid knobs for {method} in 100 draws")
+    chunk = rng.choice([3, 7, 8, 16, 32, 256])
+    engine = dict(chunk_prefill_size=chunk, max_num_batched_tokens=chunk * rng.choice([1, 1, 2, 3]) + rng.randint(0, 3),
+                  mixed_steps=rng.random() < 0.7)
+    n_req = rng.randint(1, 4)
+    engine["max_num_seqs"] = rng.randint(1, n_req + 1)
+    if method == "deltakv":
+        engine["deltakv_prefill"] = rng.choice(["auto", "auto", "chunked", "layerwise"])
+    lengths = [_draw_length(rng, knobs, chunk) for _ in range(n_req)]
+    max_tokens = [rng.randint(1, 14) for _ in range(n_req)]
+    arrivals = [0] + [rng.choice([0, rng.randint(1, 12)]) for _ in range(n_req - 1)]
+    sample_seeds = [rng.randrange(1 << 16) if rng.random() < 0.25 else None for _ in range(n_req)]
+    return Case(seed, arch, layers, heads, kv_heads, head_dim, method, knobs, unlimited, lengths, max_tokens,
+                arrivals, sample_seeds, engine, latent=rng.choice([8, 16]) if method == "deltakv" else 0)
+
+
+# -- building ------------------------------------------------------------------------------------------------------
+def build_model(case: Case):
+    """The tiny random decoder of ``case`` (fp32, eval), hidden size ``heads * head_dim``, random norm weights."""
+    torch.manual_seed(case.seed)
+    hidden = case.heads * case.head_dim
+    common = dict(hidden_size=hidden, num_hidden_layers=case.layers, num_attention_heads=case.heads,
+                  num_key_value_heads=case.kv_heads, intermediate_size=2 * hidden, vocab_size=VOCAB,
+                  max_position_embeddings=512)
+    if case.arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        cls, cfg = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[case.arch]
+        model = cls(cfg(head_dim=case.head_dim, **common))
+    with torch.no_grad():              # random norm weights: Qwen3's q/k norms at 1 would give every key one norm,
+        for name, p in model.named_parameters():       # so KNorm's ranking would be rounding noise
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def runtime_knobs(case: Case, model) -> dict:
+    """The DeltaKV compressor (a random one of the drawn latent size, as the DeltaKV tests build it), else none."""
+    if case.method != "deltakv":
+        return {}
+    from sparse_hf.deltakv import DeltaKVCompressor
+
+    torch.manual_seed(case.seed + 1)
+    return dict(compressor=DeltaKVCompressor.for_model(model.config, kv_compressed_size=case.latent))
+
+
+def prompts_of(case: Case) -> list[list[int]]:
+    g = torch.Generator().manual_seed(case.seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in case.prompt_lengths]
+
+
+def params_of(case: Case, i: int) -> SamplingParams:
+    seed = case.sample_seeds[i]
+    if seed is None:
+        return SamplingParams(temperature=0.0, max_tokens=case.max_tokens[i], ignore_eos=True)
+    return SamplingParams(temperature=0.8, top_p=0.9, max_tokens=case.max_tokens[i], seed=seed, ignore_eos=True)
+
+
+def make_engine(case: Case, model, runtime: dict) -> LLM:
+    max_len = sum(case.prompt_lengths) + max(case.max_tokens) + 8      # DeltaKV: every prompt raw at once
+    method = dict(sparse_method=case.method, **case.knobs, **runtime) if case.method else {}
+    return LLM(model, num_kv_slots=NUM_KV_SLOTS, max_model_len=max_len, **case.engine, **method)
+
+
+def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: list[int]) -> dict[int, list[int]]:
+    """Requests ``which`` (adding request ``i`` before step ``arrivals[k]``) in one fresh engine: tokens by index.
+
+    Raises ``AssertionError`` if a request was preempted (the pool is meant to be roomy) or the pool leaks."""
+    llm = make_engine(case, model, runtime)
+    prompts = prompts_of(case)
+    pending = sorted(zip(arrivals, which))
+    outs, step = {}, 0
+    while pending or llm.has_unfinished_requests():
+        if not llm.has_unfinished_requests():
+            step = max(step, pending[0][0])                 # idle: the next arrival comes now
+        while pending and pending[0][0] <= step:
+            i = pending.pop(0)[1]
+            llm.add_request(str(i), prompts[i], params_of(case, i))
+        for o in llm.step():
+            if o.finished:
+                assert o.metrics["num_preemptions"] == 0, "fuzzer set-up: a request was preempted (pool too small)"
+                outs[int(o.request_id)] = o.token_ids
+        step += 1
+        assert step < 10_000, "engine made no progress"
+    llm.pool.check_whole()
+    return outs
+
+
+def hf_kwargs(case: Case, runtime: dict) -> dict:
+    if case.method is None:
+        return {}
+    return dict(cache_implementation=case.method, cache_config=dict(case.knobs, **runtime))
+
+
+def hf_batched(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> list[list[int]]:
+    """HF ``generate`` greedy on the left-padded batch of ``prompts`` (pad id 0, EOS ignored): the new tokens."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, **kwargs)
+    return out[:, width:].tolist()
+
+
+def _greedy_mismatch(got: list[int], ref: list[int], ref_logits: torch.Tensor) -> str | None:
+    """``None`` if ``got`` equals ``ref`` up to a near-tie of ``ref_logits`` (``assert_greedy_equal``), else why."""
+    try:
+        assert_greedy_equal(got, ref, ref_logits)
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
+def _judged_mismatch(got: list[int], ref: list[int], judge: list[int], judge_logits: torch.Tensor) -> str | None:
+    """Like :func:`_greedy_mismatch` where ``ref`` has no logits of its own: ``judge``'s logits decide a difference
+    only where ``judge`` followed ``ref`` up to it (the same prefix, so the same logits), else any difference fails."""
+    if got == ref:
+        return None
+    i = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    if i < len(got) and i < len(ref) and judge[:i + 1] == ref[:i + 1]:
+        return _greedy_mismatch(got[:i + 1], ref[:i + 1], judge_logits)
+    return f"first difference at step {i}: {got} vs {ref}"
+
+
+def check_case(case: Case) -> list[str]:
+    """Run every comparison of the module docstring on ``case``; the failures, each ``"check: why"``."""
+    failures = []
+    model = build_model(case)
+    runtime = runtime_knobs(case, model)
+    prompts = prompts_of(case)
+    n = len(prompts)
+    everyone = run_engine(case, model, runtime, list(range(n)), case.arrivals)
+    alone = {i: run_engine(case, model, runtime, [i], [0])[i] for i in range(n)}
+    greedy_rows = [i for i in range(n) if case.sample_seeds[i] is None]
+    new_tokens = max((case.max_tokens[i] for i in greedy_rows), default=0)
+    hf = {i: hf_greedy_with_logits(model, prompts[i], new_tokens, **hf_kwargs(case, runtime)) for i in greedy_rows}
+
+    def cut(i, tokens_logits):
+        tokens, logits = tokens_logits
+        return tokens[:case.max_tokens[i]], logits[:case.max_tokens[i]]
+
+    for i in range(n):                                   # 1. a request's output never depends on the other rows
+        if case.sample_seeds[i] is not None:
+            why = None if everyone[i] == alone[i] else f"seeded sampling: {everyone[i]} vs alone {alone[i]}"
+        else:
+            why = _judged_mismatch(everyone[i], alone[i], *cut(i, hf[i]))
+        if why:
+            failures.append(f"engine_vs_alone row {i}: {why}")
+    for i in greedy_rows:                                # 2. the engine gives our HF path's tokens
+        why = _greedy_mismatch(alone[i], *cut(i, hf[i]))
+        if why:
+            failures.append(f"engine_vs_hf row {i}: {why}")
+    if len(greedy_rows) > 1:                             # 3. a left-padded batch equals the per-row loop
+        batched = hf_batched(model, [prompts[i] for i in greedy_rows], new_tokens, **hf_kwargs(case, runtime))
+        for i, got in zip(greedy_rows, batched):
+            why = _greedy_mismatch(got, *hf[i])
+            if why:
+                failures.append(f"hf_batched_vs_rows row {i}: {why}")
+    if case.unlimited and greedy_rows:                   # 4. nothing evicted: plain generate's tokens
+        plain = {i: hf_greedy_with_logits(model, prompts[i], new_tokens) for i in greedy_rows}
+        for i in greedy_rows:
+            why = _greedy_mismatch(hf[i][0], *plain[i])
+            if why:
+                failures.append(f"unlimited_vs_dynamic row {i}: {why}")
+        if len(greedy_rows) > 1:
+            rows = [prompts[i] for i in greedy_rows]
+            ours = hf_batched(model, rows, new_tokens, **hf_kwargs(case, runtime))
+            ref = hf_batched(model, rows, new_tokens)
+            for i, a, b in zip(greedy_rows, ours, ref):
+                why = _judged_mismatch(a, b, *plain[i])
+                if why:
+                    failures.append(f"unlimited_vs_dynamic batched row {i}: {why}")
+    return failures
+
+
+def run_cases(first_seed: int, count: int, stream=None) -> list[tuple[Case, list[str]]]:
+    """Check ``count`` cases from ``first_seed``; the failing ones (an exception counts as a failure)."""
+    failing = []
+    for seed in range(first_seed, first_seed + count):
+        case = draw_case(seed)
+        try:
+            failures = check_case(case)
+        except Exception as e:                      # noqa: BLE001  (a crash is a finding too)
+            failures = [f"exception: {type(e).__name__}: {e}"]
+        if stream is not None and (seed - first_seed) % 50 == 0:
+            print(f"seed {seed}: {len(failing)} failing so far", file=sys.stderr, flush=True)
+        if failures:
+            failing.append((case, failures))
+            if stream is not None:
+                print(json.dumps({"case": asdict(case), "failures": failures}, default=str), file=stream, flush=True)
+    return failing
+
+
+if __name__ == "__main__":
+    import time
+
+    first, count = int(sys.argv[1]), int(sys.argv[2])
+    start = time.time()
+    bad = run_cases(first, count, sys.stdout)
+    print(json.dumps({"cases": count, "first_seed": first, "failing": len(bad), "seconds": round(time.time() - start)}),
+          flush=True)
