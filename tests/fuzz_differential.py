@@ -13,7 +13,9 @@ requests sampled under a seed. :func:`check_case` then compares what the README 
    engine (greedy and seeded sampling: the output never depends on the other rows);
 2. ``engine_vs_hf``: greedy engine output equals our HF path's same method and knobs, one row at a time
    (``hf_generate``: ``model.generate(..., cache_implementation=method, cache_config=knobs)``);
-3. ``hf_batched_vs_rows``: the HF path on the left-padded batch equals the per-row loop;
+3. ``hf_batched_vs_rows``: the HF path on the left-padded batch equals the per-row loop, and
+   ``hf_chunked_vs_whole``: with ``generate(prefill_chunk_size=...)`` (the drawn engine chunk) it equals the
+   whole-prompt prefill;
 4. ``unlimited_vs_dynamic``: at an unlimited budget (drawn for a fifth of the cases, every method but the lossy
    DeltaKV) the HF path equals plain ``generate`` (``DynamicCache``), batched and per row.
 
@@ -86,12 +88,12 @@ def _draw_budget(rng: random.Random) -> int | float:
 
 def _draw_knobs(rng: random.Random, method: str, layers: int, unlimited: bool) -> dict:
     sinks = rng.choice([0, 1, 2, 4, rng.randint(0, 8)])
-    recent = rng.choice([1, 2, 4, 8, rng.randint(1, 24)])
+    recent = rng.choice([0, 1, 2, 4, 8, rng.randint(1, 24)])
     knobs = dict(num_sink_tokens=sinks, num_recent_tokens=recent)
     if method != "streamingllm":
         knobs["num_top_tokens"] = _draw_budget(rng)
     if method in ("snapkv", "pyramidkv"):
-        knobs["window_size"] = rng.randint(1, recent)
+        knobs["window_size"] = rng.randint(1, max(1, recent))      # recent < window_size is refused: drawn again
         knobs["pool_kernel_size"] = rng.choice([1, 3, 5, 7])
         knobs["snapkv_num_full_layers"] = rng.choice([0, 0, rng.randint(0, layers - 1)])
     if method in ("snapkv", "pyramidkv", "knorm"):
@@ -156,13 +158,13 @@ def draw_case(seed: int) -> Case:
     chunk = rng.choice([3, 7, 8, 16, 32, 256])
     engine = dict(chunk_prefill_size=chunk, max_num_batched_tokens=chunk * rng.choice([1, 1, 2, 3]) + rng.randint(0, 3),
                   mixed_steps=rng.random() < 0.7)
-    n_req = rng.randint(1, 4)
+    n_req = rng.randint(1, 5)
     engine["max_num_seqs"] = rng.randint(1, n_req + 1)
     if method == "deltakv":
         engine["deltakv_prefill"] = rng.choice(["auto", "auto", "chunked", "layerwise"])
     lengths = [_draw_length(rng, knobs, chunk) for _ in range(n_req)]
-    max_tokens = [rng.randint(1, 14) for _ in range(n_req)]
-    arrivals = [0] + [rng.choice([0, rng.randint(1, 12)]) for _ in range(n_req - 1)]
+    max_tokens = [rng.randint(1, 14) if rng.random() < 0.8 else rng.randint(15, 40) for _ in range(n_req)]
+    arrivals = [0] + [rng.choice([0, rng.randint(1, 20)]) for _ in range(n_req - 1)]
     sample_seeds = [rng.randrange(1 << 16) if rng.random() < 0.25 else None for _ in range(n_req)]
     return Case(seed, arch, layers, heads, kv_heads, head_dim, method, knobs, unlimited, lengths, max_tokens,
                 arrivals, sample_seeds, engine, latent=rng.choice([8, 16]) if method == "deltakv" else 0)
@@ -208,7 +210,8 @@ def params_of(case: Case, i: int) -> SamplingParams:
     seed = case.sample_seeds[i]
     if seed is None:
         return SamplingParams(temperature=0.0, max_tokens=case.max_tokens[i], ignore_eos=True)
-    return SamplingParams(temperature=0.8, top_p=0.9, max_tokens=case.max_tokens[i], seed=seed, ignore_eos=True)
+    return SamplingParams(temperature=0.8, top_p=0.9, top_k=[0, 5, 40][seed % 3], max_tokens=case.max_tokens[i],
+                          seed=seed, ignore_eos=True)
 
 
 def make_engine(case: Case, model, runtime: dict) -> LLM:
@@ -314,6 +317,14 @@ def check_case(case: Case) -> list[str]:
             why = _greedy_mismatch(got, *hf[i])
             if why:
                 failures.append(f"hf_batched_vs_rows row {i}: {why}")
+        chunk = case.engine["chunk_prefill_size"]
+        if chunk < max(case.prompt_lengths):           # 3'. HF chunked prefill equals the whole prompt at once
+            chunked = hf_batched(model, [prompts[i] for i in greedy_rows], new_tokens, prefill_chunk_size=chunk,
+                                 **hf_kwargs(case, runtime))
+            for i, a, b in zip(greedy_rows, chunked, batched):
+                why = _judged_mismatch(a, b, *hf[i])
+                if why:
+                    failures.append(f"hf_chunked_vs_whole row {i}: {why}")
     if case.unlimited and greedy_rows:                   # 4. nothing evicted: plain generate's tokens
         plain = {i: hf_greedy_with_logits(model, prompts[i], new_tokens) for i in greedy_rows}
         for i in greedy_rows:
