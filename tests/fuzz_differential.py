@@ -70,6 +70,9 @@ class Case:
     max_tokens: list[int]
     arrivals: list[int]                 # step before which each request is added (0: at the start)
     sample_seeds: list[int | None]      # None: greedy; else temperature-0.8 sampling under this seed
+    stop_ids: list[list[int]]           # stop_token_ids per request (often none)
+    min_tokens: list[int]               # no stop id ends a request before this many tokens
+    decoys: list[dict]                  # extra requests of the batched run only: arrive, maybe stop early or abort
     engine: dict = field(default_factory=dict)
     latent: int = 0                     # DeltaKV compressor latent size
 
@@ -166,8 +169,15 @@ def draw_case(seed: int) -> Case:
     max_tokens = [rng.randint(1, 14) if rng.random() < 0.8 else rng.randint(15, 40) for _ in range(n_req)]
     arrivals = [0] + [rng.choice([0, rng.randint(1, 20)]) for _ in range(n_req - 1)]
     sample_seeds = [rng.randrange(1 << 16) if rng.random() < 0.25 else None for _ in range(n_req)]
+    stop_ids = [rng.sample(range(1, VOCAB), rng.randint(1, 12)) if rng.random() < 0.25 else [] for _ in range(n_req)]
+    min_tokens = [rng.randint(0, m) if stops else 0 for m, stops in zip(max_tokens, stop_ids)]
+    decoys = [dict(arrival=rng.randint(0, 15), length=_draw_length(rng, knobs, chunk), max_tokens=rng.randint(1, 30),
+                   abort_after=rng.choice([None, rng.randint(0, 12)]),
+                   stop_ids=rng.sample(range(1, VOCAB), rng.randint(0, 12)))
+              for _ in range(rng.choice([0, 0, 1, 2]))]
     return Case(seed, arch, layers, heads, kv_heads, head_dim, method, knobs, unlimited, lengths, max_tokens,
-                arrivals, sample_seeds, engine, latent=rng.choice([8, 16]) if method == "deltakv" else 0)
+                arrivals, sample_seeds, stop_ids, min_tokens, decoys, engine,
+                latent=rng.choice([8, 16]) if method == "deltakv" else 0)
 
 
 # -- building ------------------------------------------------------------------------------------------------------
@@ -207,37 +217,53 @@ def prompts_of(case: Case) -> list[list[int]]:
 
 
 def params_of(case: Case, i: int) -> SamplingParams:
-    seed = case.sample_seeds[i]
+    seed, stops = case.sample_seeds[i], dict(stop_token_ids=case.stop_ids[i], min_tokens=case.min_tokens[i])
     if seed is None:
-        return SamplingParams(temperature=0.0, max_tokens=case.max_tokens[i], ignore_eos=True)
+        return SamplingParams(temperature=0.0, max_tokens=case.max_tokens[i], ignore_eos=True, **stops)
     return SamplingParams(temperature=0.8, top_p=0.9, top_k=[0, 5, 40][seed % 3], max_tokens=case.max_tokens[i],
-                          seed=seed, ignore_eos=True)
+                          seed=seed, ignore_eos=True, **stops)
 
 
 def make_engine(case: Case, model, runtime: dict) -> LLM:
-    max_len = sum(case.prompt_lengths) + max(case.max_tokens) + 8      # DeltaKV: every prompt raw at once
+    max_len = sum(case.prompt_lengths) + sum(d["length"] for d in case.decoys) + 48   # DeltaKV: every prompt raw
     method = dict(sparse_method=case.method, **case.knobs, **runtime) if case.method else {}
     return LLM(model, num_kv_slots=NUM_KV_SLOTS, max_model_len=max_len, **case.engine, **method)
 
 
-def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: list[int]) -> dict[int, list[int]]:
-    """Requests ``which`` (adding request ``i`` before step ``arrivals[k]``) in one fresh engine: tokens by index.
+def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: list[int],
+               decoys: bool = False) -> dict[int, list[int]]:
+    """Requests ``which`` (request ``i`` added before step ``arrivals[k]``), plus the case's decoys if ``decoys``,
+    in one fresh engine: the requests' tokens by index (the decoys' are not returned).
 
     Raises ``AssertionError`` if a request was preempted (the pool is meant to be roomy) or the pool leaks."""
     llm = make_engine(case, model, runtime)
     prompts = prompts_of(case)
-    pending = sorted(zip(arrivals, which))
+    g = torch.Generator().manual_seed(case.seed + 2)
+    pending = [(at, str(i), prompts[i], params_of(case, i)) for i, at in zip(which, arrivals)]
+    aborts = {}
+    for k, d in enumerate(case.decoys if decoys else []):
+        params = SamplingParams(temperature=0.0, max_tokens=d["max_tokens"], ignore_eos=True,
+                                stop_token_ids=d["stop_ids"])
+        pending.append((d["arrival"], f"decoy{k}", torch.randint(1, VOCAB, (d["length"],), generator=g).tolist(),
+                        params))
+        if d["abort_after"] is not None:
+            aborts[f"decoy{k}"] = d["arrival"] + d["abort_after"]
+    pending.sort(key=lambda e: e[0])
     outs, step = {}, 0
     while pending or llm.has_unfinished_requests():
         if not llm.has_unfinished_requests():
             step = max(step, pending[0][0])                 # idle: the next arrival comes now
         while pending and pending[0][0] <= step:
-            i = pending.pop(0)[1]
-            llm.add_request(str(i), prompts[i], params_of(case, i))
+            _, rid, prompt, params = pending.pop(0)
+            llm.add_request(rid, prompt, params)
+        for rid, at in aborts.items():
+            if at == step and rid in llm.requests:
+                llm.abort(rid)
         for o in llm.step():
             if o.finished:
                 assert o.metrics["num_preemptions"] == 0, "fuzzer set-up: a request was preempted (pool too small)"
-                outs[int(o.request_id)] = o.token_ids
+                if not o.request_id.startswith("decoy"):
+                    outs[int(o.request_id)] = o.token_ids
         step += 1
         assert step < 10_000, "engine made no progress"
     llm.pool.check_whole()
@@ -248,6 +274,17 @@ def hf_kwargs(case: Case, runtime: dict) -> dict:
     if case.method is None:
         return {}
     return dict(cache_implementation=case.method, cache_config=dict(case.knobs, **runtime))
+
+
+def hf_row(model, prompt: list[int], new_tokens: int, stop_ids: list[int], min_tokens: int,
+           **kwargs) -> tuple[list[int], torch.Tensor]:
+    """HF ``generate`` greedy on one unpadded prompt: the new tokens (ending at the first of ``stop_ids`` once
+    ``min_tokens`` exist, as the engine's ``stop_token_ids`` / ``min_tokens`` do) and their logits ``[n, V]``."""
+    if not stop_ids:
+        return hf_greedy_with_logits(model, prompt, new_tokens, **kwargs)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop_ids,
+                         min_new_tokens=min_tokens, output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[0, len(prompt):].tolist(), torch.stack([x[0] for x in out.logits]).float()
 
 
 def hf_batched(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> list[list[int]]:
@@ -290,11 +327,13 @@ def check_case(case: Case) -> list[str]:
     runtime = runtime_knobs(case, model)
     prompts = prompts_of(case)
     n = len(prompts)
-    everyone = run_engine(case, model, runtime, list(range(n)), case.arrivals)
+    everyone = run_engine(case, model, runtime, list(range(n)), case.arrivals, decoys=True)
     alone = {i: run_engine(case, model, runtime, [i], [0])[i] for i in range(n)}
     greedy_rows = [i for i in range(n) if case.sample_seeds[i] is None]
     new_tokens = max((case.max_tokens[i] for i in greedy_rows), default=0)
-    hf = {i: hf_greedy_with_logits(model, prompts[i], new_tokens, **hf_kwargs(case, runtime)) for i in greedy_rows}
+    hf = {i: hf_row(model, prompts[i], new_tokens, case.stop_ids[i], case.min_tokens[i], **hf_kwargs(case, runtime))
+          for i in greedy_rows}
+    plain_rows = [i for i in greedy_rows if not case.stop_ids[i]]      # the batched checks share one stop rule
 
     def cut(i, tokens_logits):
         tokens, logits = tokens_logits
@@ -311,31 +350,31 @@ def check_case(case: Case) -> list[str]:
         why = _greedy_mismatch(alone[i], *cut(i, hf[i]))
         if why:
             failures.append(f"engine_vs_hf row {i}: {why}")
-    if len(greedy_rows) > 1:                             # 3. a left-padded batch equals the per-row loop
-        batched = hf_batched(model, [prompts[i] for i in greedy_rows], new_tokens, **hf_kwargs(case, runtime))
-        for i, got in zip(greedy_rows, batched):
+    if len(plain_rows) > 1:                              # 3. a left-padded batch equals the per-row loop
+        batched = hf_batched(model, [prompts[i] for i in plain_rows], new_tokens, **hf_kwargs(case, runtime))
+        for i, got in zip(plain_rows, batched):
             why = _greedy_mismatch(got, *hf[i])
             if why:
                 failures.append(f"hf_batched_vs_rows row {i}: {why}")
         chunk = case.engine["chunk_prefill_size"]
         if chunk < max(case.prompt_lengths):           # 3'. HF chunked prefill equals the whole prompt at once
-            chunked = hf_batched(model, [prompts[i] for i in greedy_rows], new_tokens, prefill_chunk_size=chunk,
+            chunked = hf_batched(model, [prompts[i] for i in plain_rows], new_tokens, prefill_chunk_size=chunk,
                                  **hf_kwargs(case, runtime))
-            for i, a, b in zip(greedy_rows, chunked, batched):
+            for i, a, b in zip(plain_rows, chunked, batched):
                 why = _judged_mismatch(a, b, *hf[i])
                 if why:
                     failures.append(f"hf_chunked_vs_whole row {i}: {why}")
-    if case.unlimited and greedy_rows:                   # 4. nothing evicted: plain generate's tokens
-        plain = {i: hf_greedy_with_logits(model, prompts[i], new_tokens) for i in greedy_rows}
-        for i in greedy_rows:
+    if case.unlimited and plain_rows:                    # 4. nothing evicted: plain generate's tokens
+        plain = {i: hf_greedy_with_logits(model, prompts[i], new_tokens) for i in plain_rows}
+        for i in plain_rows:
             why = _greedy_mismatch(hf[i][0], *plain[i])
             if why:
                 failures.append(f"unlimited_vs_dynamic row {i}: {why}")
-        if len(greedy_rows) > 1:
-            rows = [prompts[i] for i in greedy_rows]
+        if len(plain_rows) > 1:
+            rows = [prompts[i] for i in plain_rows]
             ours = hf_batched(model, rows, new_tokens, **hf_kwargs(case, runtime))
             ref = hf_batched(model, rows, new_tokens)
-            for i, a, b in zip(greedy_rows, ours, ref):
+            for i, a, b in zip(plain_rows, ours, ref):
                 why = _judged_mismatch(a, b, *plain[i])
                 if why:
                     failures.append(f"unlimited_vs_dynamic batched row {i}: {why}")
