@@ -113,6 +113,7 @@ def _draw_knobs(rng: random.Random, method: str, layers: int, unlimited: bool) -
         knobs["deltakv_neighbor_count"] = rng.randint(1, 3)
         knobs["cluster_metric"] = rng.choice(["l2", "dot", "cosine"])
         knobs["kv_quant_bits"] = rng.choice([0, 0, 4, 8])
+        knobs["offload_latents"] = rng.random() < 0.25
     if unlimited:                       # nothing leaves: every method must give plain generate's tokens
         if method == "streamingllm":
             knobs["num_recent_tokens"] = 4 * MAX_PROMPT
@@ -165,6 +166,7 @@ def draw_case(seed: int) -> Case:
     engine["max_num_seqs"] = rng.randint(1, n_req + 1)
     if method == "deltakv":
         engine["deltakv_prefill"] = rng.choice(["auto", "auto", "chunked", "layerwise"])
+        engine["layerwise_hidden_on_host"] = rng.random() < 0.3
     lengths = [_draw_length(rng, knobs, chunk) for _ in range(n_req)]
     max_tokens = [rng.randint(1, 14) if rng.random() < 0.8 else rng.randint(15, 40) for _ in range(n_req)]
     arrivals = [0] + [rng.choice([0, rng.randint(1, 20)]) for _ in range(n_req - 1)]
