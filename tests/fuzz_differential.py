@@ -43,6 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import sparse_hf  # noqa: F401  (registers the HF-path caches)
 from engine_helpers import assert_greedy_equal, hf_greedy_with_logits
 from helpers import ARCHS, VOCAB
+from sparse_hf.config import resolve_count
 from sparse_hf.engine import LLM, SamplingParams
 from sparse_hf.engine.config import ENGINE_METHODS
 from sparse_hf.methods import get_method
@@ -233,9 +234,10 @@ def make_engine(case: Case, model, runtime: dict) -> LLM:
 
 
 def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: list[int],
-               decoys: bool = False) -> dict[int, list[int]]:
+               decoys: bool = False, kept_failures: list[str] | None = None) -> dict[int, list[int]]:
     """Requests ``which`` (request ``i`` added before step ``arrivals[k]``), plus the case's decoys if ``decoys``,
-    in one fresh engine: the requests' tokens by index (the decoys' are not returned).
+    in one fresh engine: the requests' tokens by index (the decoys' are not returned). ``kept_failures``: where to
+    add :func:`kept_mismatch`'s findings (checked at each request's first token), or ``None`` (not checked).
 
     Raises ``AssertionError`` if a request was preempted (the pool is meant to be roomy) or the pool leaks."""
     llm = make_engine(case, model, runtime)
@@ -262,6 +264,10 @@ def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: lis
             if at == step and rid in llm.requests:
                 llm.abort(rid)
         for o in llm.step():
+            if kept_failures is not None and len(o.token_ids) == 1 and o.request_id in llm.requests:
+                why = kept_mismatch(case, llm, o.request_id)
+                if why:
+                    kept_failures.append(f"kept_after_prompt {o.request_id}: {why}")
             if o.finished:
                 assert o.metrics["num_preemptions"] == 0, "fuzzer set-up: a request was preempted (pool too small)"
                 if not o.request_id.startswith("decoy"):
@@ -270,6 +276,32 @@ def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: lis
         assert step < 10_000, "engine made no progress"
     llm.pool.check_whole()
     return outs
+
+
+def expected_kept(case: Case, prompt_len: int) -> list[int] | None:
+    """Tokens each layer holds right after a prompt's eviction, by the README's rule for the method (``None``: no
+    simple rule to check, PyramidKV's normalised schedule and DeltaKV's compression)."""
+    L, c = case.layers, case.knobs
+    if case.method in (None, "omnikv"):                       # full attention, or masking: nothing is freed
+        return [prompt_len] * L
+    if case.method in ("pyramidkv", "deltakv"):
+        return None
+    protected = c["num_sink_tokens"] + c["num_recent_tokens"]
+    top = 0 if case.method == "streamingllm" else resolve_count(c["num_top_tokens"], prompt_len)
+    kept = min(prompt_len, protected + top)
+    full = c.get("snapkv_num_full_layers", 0)
+    return [prompt_len if layer < full else kept for layer in range(L)]
+
+
+def kept_mismatch(case: Case, llm: LLM, request_id: str) -> str | None:
+    """``None`` if the engine's pool holds :func:`expected_kept` tokens per layer for the request, else why."""
+    req = llm.requests[request_id]
+    want = expected_kept(case, len(req.prompt_token_ids))
+    if want is None:
+        return None
+    pool = llm.pool
+    got = [int(pool.lens[pool.group_of[layer], req.row]) for layer in range(case.layers)]
+    return None if got == want else f"prompt of {len(req.prompt_token_ids)} tokens: layers hold {got}, want {want}"
 
 
 def hf_kwargs(case: Case, runtime: dict) -> dict:
@@ -329,7 +361,7 @@ def check_case(case: Case) -> list[str]:
     runtime = runtime_knobs(case, model)
     prompts = prompts_of(case)
     n = len(prompts)
-    everyone = run_engine(case, model, runtime, list(range(n)), case.arrivals, decoys=True)
+    everyone = run_engine(case, model, runtime, list(range(n)), case.arrivals, decoys=True, kept_failures=failures)
     alone = {i: run_engine(case, model, runtime, [i], [0])[i] for i in range(n)}
     greedy_rows = [i for i in range(n) if case.sample_seeds[i] is None]
     new_tokens = max((case.max_tokens[i] for i in greedy_rows), default=0)
