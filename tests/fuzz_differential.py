@@ -17,7 +17,14 @@ requests sampled under a seed. :func:`check_case` then compares what the README 
    ``hf_chunked_vs_whole``: with ``generate(prefill_chunk_size=...)`` (the drawn engine chunk) it equals the
    whole-prompt prefill;
 4. ``unlimited_vs_dynamic``: at an unlimited budget (drawn for a fifth of the cases, every method but the lossy
-   DeltaKV) the HF path equals plain ``generate`` (``DynamicCache``), batched and per row.
+   DeltaKV) the HF path equals plain ``generate`` (``DynamicCache``), batched and per row, and with beam search
+   (not H2O);
+5. ``hf_prompt_lookup_vs_plain``: prompt-lookup drafts (``prompt_lookup_num_tokens``) change no token of full
+   attention and OmniKV at any budget, nor of StreamingLLM/SnapKV/PyramidKV/KNorm at an unlimited budget (the
+   README's rule for rolling back rejected drafts).
+
+The engine's pool must also hold, after each prompt, the tokens per layer that the README's budget rule gives
+(``kept_after_prompt``: sinks + recent + top, capped at the prompt; everything for full attention and OmniKV).
 
 Greedy differences are judged by the reference's logits (``assert_greedy_equal``): a difference where the top two
 logits tie within rounding is a valid greedy continuation, any other is a failure.
@@ -33,6 +40,7 @@ summary; ``SPARSE_HF_FUZZ_CASES`` / ``SPARSE_HF_FUZZ_SEED`` size the pytest run.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -52,6 +60,9 @@ METHODS = (None,) + ENGINE_METHODS
 MAX_PROMPT = 96
 #: Ample slots: every request of a case fits with room to spare, so no case preempts.
 NUM_KV_SLOTS = 4096
+#: ``SPARSE_HF_FUZZ_ENGINE_BACKEND=triton`` (with ``TRITON_INTERPRET=1``): the engine's batched runs use the
+#: Triton attention kernels under the interpreter (slow: seconds to a minute a case), the per-request runs torch.
+ENGINE_BACKEND = os.environ.get("SPARSE_HF_FUZZ_ENGINE_BACKEND")
 
 
 @dataclass
@@ -120,7 +131,7 @@ def _draw_knobs(rng: random.Random, method: str, layers: int, unlimited: bool) -
             knobs["num_recent_tokens"] = 4 * MAX_PROMPT
         else:
             knobs["num_top_tokens"] = rng.choice([1.0, 4 * MAX_PROMPT])
-            knobs["num_recent_tokens"] = max(recent, 16)          # H2O: decode tokens never push one out
+            knobs["num_recent_tokens"] = max(recent, 48)          # H2O: the 40 decode tokens never push one out
         if method == "pyramidkv":
             knobs.update(pyramid_start_ratio=1.0, pyramid_least_ratio=1.0)
     return knobs
@@ -241,6 +252,8 @@ def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: lis
 
     Raises ``AssertionError`` if a request was preempted (the pool is meant to be roomy) or the pool leaks."""
     llm = make_engine(case, model, runtime)
+    if decoys and ENGINE_BACKEND:
+        llm.runner.attention.backend = ENGINE_BACKEND
     prompts = prompts_of(case)
     g = torch.Generator().manual_seed(case.seed + 2)
     pending = [(at, str(i), prompts[i], params_of(case, i)) for i, at in zip(which, arrivals)]
@@ -412,6 +425,20 @@ def check_case(case: Case) -> list[str]:
                 why = _judged_mismatch(a, b, *plain[i])
                 if why:
                     failures.append(f"unlimited_vs_dynamic batched row {i}: {why}")
+    lookup = case.method in (None, "omnikv") or (case.unlimited and case.method not in ("h2o", "deltakv"))
+    if lookup and plain_rows:                            # 5. prompt-lookup drafts change no token
+        i = plain_rows[0]
+        out = model.generate(torch.tensor([prompts[i]]), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=None, prompt_lookup_num_tokens=case.seed % 4 + 1, **hf_kwargs(case, runtime))
+        why = _greedy_mismatch(out[0, len(prompts[i]):].tolist(), *hf[i])
+        if why:
+            failures.append(f"hf_prompt_lookup_vs_plain row {i}: {why}")
+    if case.unlimited and len(plain_rows) > 1 and case.method not in ("h2o", "deltakv"):   # 6. beams, unlimited
+        rows = [prompts[i] for i in plain_rows]
+        ours = hf_batched(model, rows, min(new_tokens, 6), num_beams=2, **hf_kwargs(case, runtime))
+        ref = hf_batched(model, rows, min(new_tokens, 6), num_beams=2)
+        if ours != ref:
+            failures.append(f"unlimited_vs_dynamic beam search: {ours} vs {ref}")
     return failures
 
 
