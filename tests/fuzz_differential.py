@@ -87,6 +87,7 @@ class Case:
     decoys: list[dict]                  # extra requests of the batched run only: arrive, maybe stop early or abort
     engine: dict = field(default_factory=dict)
     latent: int = 0                     # DeltaKV compressor latent size
+    model_extra: dict = field(default_factory=dict)   # config fields: biases, tied embeddings, RoPE, norm eps
 
     def label(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -189,19 +190,31 @@ def draw_case(seed: int) -> Case:
                    abort_after=rng.choice([None, rng.randint(0, 12)]),
                    stop_ids=rng.sample(range(1, VOCAB), rng.randint(0, 12)))
               for _ in range(rng.choice([0, 0, 1, 2]))]
+    model_extra = dict(tie_word_embeddings=rng.random() < 0.3, rope_theta=rng.choice([10000.0, 100.0, 1e6]),
+                       rms_norm_eps=rng.choice([1e-6, 1e-5, 1e-2]))
+    if arch != "qwen2":                                         # Qwen2 always has its q/k/v bias
+        model_extra["attention_bias"] = rng.random() < 0.3
+    rope = rng.choice([None, None, "linear", "llama3", "yarn"])
+    if rope is not None:
+        model_extra["rope_scaling"] = {"linear": dict(rope_type="linear", factor=2.0),
+                                       "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                      high_freq_factor=4.0, original_max_position_embeddings=64),
+                                       "yarn": dict(rope_type="yarn", factor=2.0,
+                                                    original_max_position_embeddings=256)}[rope]
     return Case(seed, arch, layers, heads, kv_heads, head_dim, method, knobs, unlimited, lengths, max_tokens,
                 arrivals, sample_seeds, stop_ids, min_tokens, decoys, engine,
-                latent=rng.choice([8, 16]) if method == "deltakv" else 0)
+                latent=rng.choice([8, 16]) if method == "deltakv" else 0, model_extra=model_extra)
 
 
 # -- building ------------------------------------------------------------------------------------------------------
 def build_model(case: Case):
-    """The tiny random decoder of ``case`` (fp32, eval), hidden size ``heads * head_dim``, random norm weights."""
+    """The tiny random decoder of ``case`` (fp32, eval): hidden size ``heads * head_dim``, ``case.model_extra``'s
+    config fields, random norm weights and biases."""
     torch.manual_seed(case.seed)
     hidden = case.heads * case.head_dim
     common = dict(hidden_size=hidden, num_hidden_layers=case.layers, num_attention_heads=case.heads,
                   num_key_value_heads=case.kv_heads, intermediate_size=2 * hidden, vocab_size=VOCAB,
-                  max_position_embeddings=512)
+                  max_position_embeddings=512, **case.model_extra)
     if case.arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
@@ -211,6 +224,8 @@ def build_model(case: Case):
         for name, p in model.named_parameters():       # so KNorm's ranking would be rounding noise
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     model.generation_config.pad_token_id = 0
     return model.eval()
 
