@@ -307,18 +307,25 @@ def run_engine(case: Case, model, runtime: dict, which: list[int], arrivals: lis
 
 
 def expected_kept(case: Case, prompt_len: int) -> list[int] | None:
-    """Tokens each layer holds right after a prompt's eviction, by the README's rule for the method (``None``: no
-    simple rule to check, PyramidKV's normalised schedule and DeltaKV's compression)."""
+    """Tokens each layer holds right after a prompt's eviction, by the README's rule for the method (``None`` for
+    DeltaKV, whose raw slots follow its compression)."""
     L, c = case.layers, case.knobs
     if case.method in (None, "omnikv"):                       # full attention, or masking: nothing is freed
         return [prompt_len] * L
-    if case.method in ("pyramidkv", "deltakv"):
+    if case.method == "deltakv":
         return None
     protected = c["num_sink_tokens"] + c["num_recent_tokens"]
     top = 0 if case.method == "streamingllm" else resolve_count(c["num_top_tokens"], prompt_len)
-    kept = min(prompt_len, protected + top)
+    tops = [top] * L
+    if case.method == "pyramidkv":                 # the README's schedule, normalised to an average of ``top``
+        start, least = c["pyramid_start_layer"], c["pyramid_least_layer"]
+        least = L - 1 if least is None else min(least, L - 1)
+        ratios = [1.0 if layer < start else c["pyramid_least_ratio"] if layer >= least else
+                  c["pyramid_start_ratio"] + (layer - start) / max(1, least - start) *
+                  (c["pyramid_least_ratio"] - c["pyramid_start_ratio"]) for layer in range(L)]
+        tops = [int(round(top * r * L / sum(ratios))) for r in ratios]
     full = c.get("snapkv_num_full_layers", 0)
-    return [prompt_len if layer < full else kept for layer in range(L)]
+    return [prompt_len if layer < full else min(prompt_len, protected + t) for layer, t in enumerate(tops)]
 
 
 def kept_mismatch(case: Case, llm: LLM, request_id: str) -> str | None:
