@@ -6,8 +6,10 @@ KV heads, GQA, head dim), a method (full attention or any engine method) with ra
 budgets, sinks, recent, window, pooling, selection scope, pyramid schedule, filter layers, DeltaKV's compressor and
 clustering knobs), some prompts (shorter than sinks + recent, on chunk boundaries, longer than the budget), engine
 knobs (``chunk_prefill_size``, ``max_num_batched_tokens``, ``max_num_seqs``, ``mixed_steps``, DeltaKV's prefill
-route), arrival steps (late requests join after others have decoded) and per-request ``max_tokens``, with some
-requests sampled under a seed. :func:`check_case` then compares what the README promises is equal:
+route), arrival steps (late requests join after others have decoded), per-request ``max_tokens``,
+``stop_token_ids``, EOS and ``min_tokens`` (HF: ``eos_token_id`` + ``min_new_tokens``), decoy requests that stop
+early or are aborted, and model config fields (biases, tied embeddings, RoPE theta and scaling, norm eps), with
+some requests sampled under a seed. :func:`check_case` then compares what the README promises is equal:
 
 1. ``engine_vs_alone``: each request's engine output in the drawn run equals the same request alone in a fresh
    engine (greedy and seeded sampling: the output never depends on the other rows);
@@ -83,7 +85,9 @@ class Case:
     arrivals: list[int]                 # step before which each request is added (0: at the start)
     sample_seeds: list[int | None]      # None: greedy; else temperature-0.8 sampling under this seed
     stop_ids: list[list[int]]           # stop_token_ids per request (often none)
-    min_tokens: list[int]               # no stop id ends a request before this many tokens
+    min_tokens: list[int]               # no stop id (nor EOS) ends a request before this many tokens
+    ignore_eos: list[bool]              # False: the model's EOS (``eos_id``) ends the request too
+    eos_id: int                         # the model's generation_config.eos_token_id
     decoys: list[dict]                  # extra requests of the batched run only: arrive, maybe stop early or abort
     engine: dict = field(default_factory=dict)
     latent: int = 0                     # DeltaKV compressor latent size
@@ -185,7 +189,8 @@ def draw_case(seed: int) -> Case:
     arrivals = [0] + [rng.choice([0, rng.randint(1, 20)]) for _ in range(n_req - 1)]
     sample_seeds = [rng.randrange(1 << 16) if rng.random() < 0.25 else None for _ in range(n_req)]
     stop_ids = [rng.sample(range(1, VOCAB), rng.randint(1, 12)) if rng.random() < 0.25 else [] for _ in range(n_req)]
-    min_tokens = [rng.randint(0, m) if stops else 0 for m, stops in zip(max_tokens, stop_ids)]
+    ignore_eos = [rng.random() < 0.8 for _ in range(n_req)]
+    min_tokens = [rng.randint(0, m) if stops or not ig else 0 for m, stops, ig in zip(max_tokens, stop_ids, ignore_eos)]
     decoys = [dict(arrival=rng.randint(0, 15), length=_draw_length(rng, knobs, chunk), max_tokens=rng.randint(1, 30),
                    abort_after=rng.choice([None, rng.randint(0, 12)]),
                    stop_ids=rng.sample(range(1, VOCAB), rng.randint(0, 12)))
@@ -202,7 +207,7 @@ def draw_case(seed: int) -> Case:
                                        "yarn": dict(rope_type="yarn", factor=2.0,
                                                     original_max_position_embeddings=256)}[rope]
     return Case(seed, arch, layers, heads, kv_heads, head_dim, method, knobs, unlimited, lengths, max_tokens,
-                arrivals, sample_seeds, stop_ids, min_tokens, decoys, engine,
+                arrivals, sample_seeds, stop_ids, min_tokens, ignore_eos, rng.randrange(1, VOCAB), decoys, engine,
                 latent=rng.choice([8, 16]) if method == "deltakv" else 0, model_extra=model_extra)
 
 
@@ -227,6 +232,7 @@ def build_model(case: Case):
             elif name.endswith(".bias"):
                 p.uniform_(-0.5, 0.5)
     model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = case.eos_id
     return model.eval()
 
 
@@ -246,11 +252,12 @@ def prompts_of(case: Case) -> list[list[int]]:
 
 
 def params_of(case: Case, i: int) -> SamplingParams:
-    seed, stops = case.sample_seeds[i], dict(stop_token_ids=case.stop_ids[i], min_tokens=case.min_tokens[i])
+    seed = case.sample_seeds[i]
+    stops = dict(stop_token_ids=case.stop_ids[i], min_tokens=case.min_tokens[i], ignore_eos=case.ignore_eos[i])
     if seed is None:
-        return SamplingParams(temperature=0.0, max_tokens=case.max_tokens[i], ignore_eos=True, **stops)
+        return SamplingParams(temperature=0.0, max_tokens=case.max_tokens[i], **stops)
     return SamplingParams(temperature=0.8, top_p=0.9, top_k=[0, 5, 40][seed % 3], max_tokens=case.max_tokens[i],
-                          seed=seed, ignore_eos=True, **stops)
+                          seed=seed, **stops)
 
 
 def make_engine(case: Case, model, runtime: dict) -> LLM:
@@ -345,6 +352,11 @@ def hf_kwargs(case: Case, runtime: dict) -> dict:
     return dict(cache_implementation=case.method, cache_config=dict(case.knobs, **runtime))
 
 
+def ending_ids(case: Case, i: int) -> list[int]:
+    """The ids that end request ``i``: its ``stop_token_ids``, and the model's EOS unless it ignores EOS."""
+    return list(case.stop_ids[i]) + ([] if case.ignore_eos[i] else [case.eos_id])
+
+
 def hf_row(model, prompt: list[int], new_tokens: int, stop_ids: list[int], min_tokens: int,
            **kwargs) -> tuple[list[int], torch.Tensor]:
     """HF ``generate`` greedy on one unpadded prompt: the new tokens (ending at the first of ``stop_ids`` once
@@ -400,9 +412,9 @@ def check_case(case: Case) -> list[str]:
     alone = {i: run_engine(case, model, runtime, [i], [0])[i] for i in range(n)}
     greedy_rows = [i for i in range(n) if case.sample_seeds[i] is None]
     new_tokens = max((case.max_tokens[i] for i in greedy_rows), default=0)
-    hf = {i: hf_row(model, prompts[i], new_tokens, case.stop_ids[i], case.min_tokens[i], **hf_kwargs(case, runtime))
+    hf = {i: hf_row(model, prompts[i], new_tokens, ending_ids(case, i), case.min_tokens[i], **hf_kwargs(case, runtime))
           for i in greedy_rows}
-    plain_rows = [i for i in greedy_rows if not case.stop_ids[i]]      # the batched checks share one stop rule
+    plain_rows = [i for i in greedy_rows if not ending_ids(case, i)]   # the batched checks share one stop rule
 
     def cut(i, tokens_logits):
         tokens, logits = tokens_logits
