@@ -330,7 +330,8 @@ def expected_kept(case: Case, prompt_len: int) -> list[int] | None:
         ratios = [1.0 if layer < start else c["pyramid_least_ratio"] if layer >= least else
                   c["pyramid_start_ratio"] + (layer - start) / max(1, least - start) *
                   (c["pyramid_least_ratio"] - c["pyramid_start_ratio"]) for layer in range(L)]
-        tops = [int(round(top * r * L / sum(ratios))) for r in ratios]
+        mean = sum(ratios) / L
+        tops = [int(round(top * (r / mean))) for r in ratios]       # the method's float order: .5 ties agree
     full = c.get("snapkv_num_full_layers", 0)
     return [prompt_len if layer < full else min(prompt_len, protected + t) for layer, t in enumerate(tops)]
 
