@@ -23,7 +23,9 @@ some requests sampled under a seed. :func:`check_case` then compares what the RE
    (not H2O);
 5. ``hf_prompt_lookup_vs_plain``: prompt-lookup drafts (``prompt_lookup_num_tokens``) change no token of full
    attention and OmniKV at any budget, nor of StreamingLLM/SnapKV/PyramidKV/KNorm at an unlimited budget (the
-   README's rule for rolling back rejected drafts).
+   README's rule for rolling back rejected drafts);
+6. ``hf_second_turn_batched_vs_rows``: a second turn (turn 1's output plus new tokens, continued from the cache
+   turn 1 returned) equals the per-row loop's, and at an unlimited budget ``DynamicCache``'s (a third of the cases).
 
 The engine's pool must also hold, after each prompt, the tokens per layer that the README's budget rule gives
 (``kept_after_prompt``: sinks + recent + top, capped at the prompt; everything for full attention and OmniKV).
@@ -382,6 +384,27 @@ def hf_batched(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> li
     return out[:, width:].tolist()
 
 
+def hf_two_turns(model, prompts: list[list[int]], n1: int, extra: torch.Tensor, n2: int,
+                 **kwargs) -> tuple[list[list[int]], torch.Tensor]:
+    """Turn 1: greedy ``n1`` tokens on the left-padded batch; turn 2: its sequences plus ``extra [B, E]`` more
+    tokens, continued for ``n2`` tokens from the cache turn 1 returned (multi-turn chat). Returns turn 2's new tokens
+    per row and its logits ``[n2, B, V]``."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n1, do_sample=False, eos_token_id=None,
+                           return_dict_in_generate=True, **kwargs)
+    ids2 = torch.cat([first.sequences, extra], 1)
+    mask2 = torch.cat([mask, torch.ones(len(prompts), ids2.shape[1] - width, dtype=torch.long)], 1)
+    second = model.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=n2, do_sample=False,
+                            eos_token_id=None, past_key_values=first.past_key_values, return_dict_in_generate=True,
+                            output_logits=True)
+    return second.sequences[:, ids2.shape[1]:].tolist(), torch.stack(second.logits).float()
+
+
 def _greedy_mismatch(got: list[int], ref: list[int], ref_logits: torch.Tensor) -> str | None:
     """``None`` if ``got`` equals ``ref`` up to a near-tie of ``ref_logits`` (``assert_greedy_equal``), else why."""
     try:
@@ -474,6 +497,23 @@ def check_case(case: Case) -> list[str]:
         ref = hf_batched(model, rows, min(new_tokens, 6), num_beams=2)
         if ours != ref:
             failures.append(f"unlimited_vs_dynamic beam search: {ours} vs {ref}")
+    if len(plain_rows) > 1 and case.seed % 3 == 0:      # 7. a second turn from the returned cache
+        rows = [prompts[i] for i in plain_rows]
+        g = torch.Generator().manual_seed(case.seed + 3)
+        extra = torch.randint(1, VOCAB, (len(rows), 1 + case.seed % 9), generator=g)
+        n1, n2 = min(new_tokens, 5), 1 + case.seed % 7
+        batched, _ = hf_two_turns(model, rows, n1, extra, n2, **hf_kwargs(case, runtime))
+        for k, i in enumerate(plain_rows):
+            alone, logits = hf_two_turns(model, [rows[k]], n1, extra[k:k + 1], n2, **hf_kwargs(case, runtime))
+            why = _greedy_mismatch(batched[k], alone[0], logits[:, 0])
+            if why:
+                failures.append(f"hf_second_turn_batched_vs_rows row {i}: {why}")
+        if case.unlimited and case.method != "deltakv":
+            ref, ref_logits = hf_two_turns(model, rows, n1, extra, n2)
+            for k, i in enumerate(plain_rows):
+                why = _greedy_mismatch(batched[k], ref[k], ref_logits[:, k])
+                if why:
+                    failures.append(f"unlimited_vs_dynamic second turn row {i}: {why}")
     return failures
 
 
