@@ -371,14 +371,21 @@ def hf_row(model, prompt: list[int], new_tokens: int, stop_ids: list[int], min_t
     return out.sequences[0, len(prompt):].tolist(), torch.stack([x[0] for x in out.logits]).float()
 
 
-def hf_batched(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> list[list[int]]:
-    """HF ``generate`` greedy on the left-padded batch of ``prompts`` (pad id 0, EOS ignored): the new tokens."""
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, max len]`` of ``prompts`` left-padded with id 0."""
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def hf_batched(model, prompts: list[list[int]], new_tokens: int, **kwargs) -> list[list[int]]:
+    """HF ``generate`` greedy on the left-padded batch of ``prompts`` (pad id 0, EOS ignored): the new tokens."""
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                          eos_token_id=None, **kwargs)
     return out[:, width:].tolist()
@@ -389,12 +396,8 @@ def hf_two_turns(model, prompts: list[list[int]], n1: int, extra: torch.Tensor, 
     """Turn 1: greedy ``n1`` tokens on the left-padded batch; turn 2: its sequences plus ``extra [B, E]`` more
     tokens, continued for ``n2`` tokens from the cache turn 1 returned (multi-turn chat). Returns turn 2's new tokens
     per row and its logits ``[n2, B, V]``."""
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     first = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n1, do_sample=False, eos_token_id=None,
                            return_dict_in_generate=True, **kwargs)
     ids2 = torch.cat([first.sequences, extra], 1)
