@@ -17,7 +17,8 @@ FIRST_SEED = int(os.environ.get("SPARSE_HF_FUZZ_SEED", "0"))
 
 
 def test_draws_cover_every_method_and_knob_kind():
-    """The default cases reach every method, unlimited budgets, late arrivals, sampling, GQA and both scopes."""
+    """The default cases reach every method, unlimited budgets, late arrivals, sampling, GQA, both scopes, stop ids,
+    EOS, aborted decoys, every DeltaKV prefill route and the model config draws."""
     cases = [draw_case(seed) for seed in range(FIRST_SEED, FIRST_SEED + max(CASES, 150))]
     assert {c.method for c in cases} == {None, "streamingllm", "snapkv", "pyramidkv", "knorm", "omnikv", "h2o",
                                          "deltakv"}
@@ -28,6 +29,12 @@ def test_draws_cover_every_method_and_knob_kind():
     assert any(isinstance(c.knobs.get("num_top_tokens"), float) for c in cases)
     assert any(isinstance(c.knobs.get("num_top_tokens"), int) for c in cases)
     assert any(not c.engine["mixed_steps"] for c in cases) and any(c.engine["max_num_seqs"] == 1 for c in cases)
+    assert any(c.stop_ids[i] for c in cases for i in range(len(c.stop_ids)))
+    assert any(not flag for c in cases for flag in c.ignore_eos)
+    assert any(d["abort_after"] is not None for c in cases for d in c.decoys)
+    assert {c.engine.get("deltakv_prefill") for c in cases} >= {"chunked", "layerwise", "auto"}
+    assert any(c.model_extra.get("rope_scaling") for c in cases) and any(c.model_extra["tie_word_embeddings"]
+                                                                       for c in cases)
 
 
 def test_differential_fuzz():
