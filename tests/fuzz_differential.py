@@ -24,7 +24,9 @@ some requests sampled under a seed. :func:`check_case` then compares what the RE
 5. ``hf_prompt_lookup_vs_plain``: prompt-lookup drafts (``prompt_lookup_num_tokens``) change no token of full
    attention and OmniKV at any budget, nor of StreamingLLM/SnapKV/PyramidKV/KNorm at an unlimited budget (the
    README's rule for rolling back rejected drafts);
-6. ``hf_second_turn_batched_vs_rows``: a second turn (turn 1's output plus new tokens, continued from the cache
+6. ``hf_<form>_vs_dict``: the method given as a cache object, a config object or a ``SparseConfig`` gives the
+   dict's tokens (a quarter of the cases);
+7. ``hf_second_turn_batched_vs_rows``: a second turn (turn 1's output plus new tokens, continued from the cache
    turn 1 returned) equals the per-row loop's, and at an unlimited budget ``DynamicCache``'s (a third of the cases).
 
 The engine's pool must also hold, after each prompt, the tokens per layer that the README's budget rule gives
@@ -500,6 +502,22 @@ def check_case(case: Case) -> list[str]:
         ref = hf_batched(model, rows, min(new_tokens, 6), num_beams=2)
         if ours != ref:
             failures.append(f"unlimited_vs_dynamic beam search: {ours} vs {ref}")
+    if case.method is not None and plain_rows and case.seed % 4 == 1:   # 8. the other ways to give the method
+        i = plain_rows[0]
+        from sparse_hf.hf import CACHE_CLASSES
+        config, _ = get_method(case.method).build_config(**case.knobs)
+        forms = {"cache object": dict(past_key_values=CACHE_CLASSES[case.method](model.config, **case.knobs,
+                                                                                   **runtime)),
+                 "SparseConfig": dict(cache_implementation=case.method,
+                                      cache_config=sparse_hf.SparseConfig(**case.knobs, **runtime))}
+        if not runtime:                                  # a method config object carries no compressor
+            forms["config object"] = dict(cache_implementation=case.method, cache_config=config)
+        for form, kwargs in forms.items():
+            got = model.generate(torch.tensor([prompts[i]]), max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=None, **kwargs)[0, len(prompts[i]):].tolist()
+            why = _greedy_mismatch(got, *hf[i])
+            if why:
+                failures.append(f"hf_{form.replace(' ', '_')}_vs_dict row {i}: {why}")
     if len(plain_rows) > 1 and case.seed % 3 == 0:      # 7. a second turn from the returned cache
         rows = [prompts[i] for i in plain_rows]
         g = torch.Generator().manual_seed(case.seed + 3)
