@@ -43,8 +43,9 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
     scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid, head_reduce=head_reduce)
     if reduce_heads is not None and head_reduce == "all":
         scores = reduce_heads(scores.contiguous(), "max")
-    scores = max_pool_scores(scores, pool_kernel_size)
-    return scores.masked_fill(~candidates[:, :scores.shape[1]], float("-inf"))
+    candidates = candidates[:, :scores.shape[1]]
+    scores = max_pool_scores(scores, pool_kernel_size, present=candidates)     # over the candidates in order
+    return scores.masked_fill(~candidates, float("-inf"))
 
 
 @dataclass(frozen=True)
