@@ -97,9 +97,6 @@ class Case:
     latent: int = 0                     # DeltaKV compressor latent size
     model_extra: dict = field(default_factory=dict)   # config fields: biases, tied embeddings, RoPE, norm eps
 
-    def label(self) -> str:
-        return json.dumps(asdict(self), default=str)
-
 
 # -- drawing -------------------------------------------------------------------------------------------------------
 def _draw_layers_list(rng: random.Random, layers: int) -> list[int]:
@@ -173,8 +170,7 @@ def draw_case(seed: int) -> Case:
         for _ in range(100):
             knobs = _draw_knobs(rng, method, layers, unlimited)
             try:
-                get_method(method).build_config(**knobs)
-                get_method(method)(get_method(method).build_config(**knobs)[0], layers)
+                get_method(method)(get_method(method).build_config(**knobs)[0], layers)     # validates every rule
                 break
             except ValueError:
                 continue
