@@ -33,7 +33,7 @@ def test_snapkv_second_turn_of_a_batch_equals_the_row_alone():
     """A second turn continues a batched cache whose rows hold holes (a short row's first-turn slots, then empty
     slots the long row's eviction left, then its new tokens). SnapKV max-pooled its scores along the slots, so a
     token next to a hole lost its pooled neighbours and the row kept other tokens than alone (fuzz seed 700251,
-    PyramidKV). Pooling now runs over the candidates in order."""
+    PyramidKV). Pooling now runs over the row's tokens in order."""
     from fuzz_differential import hf_two_turns
 
     model = tiny_model("llama", layers=2)
