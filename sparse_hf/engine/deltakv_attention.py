@@ -277,11 +277,15 @@ class DeltaKVRunner(ModelRunner):
             k, v = all_gather_columns(k, tp), all_gather_columns(v, tp)
         return torch.cat([k, v], -1).unsqueeze(0)
 
+    @torch.inference_mode()
     def compress_layer(self, row: int, layer: int, x: torch.Tensor, pos: torch.Tensor, count: int,
                        first: bool) -> None:
         """Compress ``row``'s ``count`` oldest buffer tokens of ``layer`` (core :func:`~sparse_hf.deltakv.state.flush`).
         ``x [1, m, Dx]`` / ``pos [m]``: the row's sinks then those tokens when it is the row's ``first`` flush (its
-        sinks become centers), else those tokens only."""
+        sinks become centers), else those tokens only.
+
+        Always in inference mode: a layer-wise prefill compresses inside it (its states' tensors are then inference
+        tensors), and a later flush writing into them in place (offloaded latents) outside it would raise."""
         S = self.pool.store.clustering.num_sink
         lo = 0 if first else S
         at = pos.view(1, -1)

@@ -60,6 +60,33 @@ def model_family(hf_config) -> str:
                               f"{hf_config.model_type!r} (architectures {names}); use the HF path for this model")
 
 
+def check_full_attention(hf_config, max_positions: int) -> None:
+    """Refuse a config with sliding-window attention that a sequence of ``max_positions`` tokens would reach.
+
+    The engine computes full attention in every layer. A sliding window of ``w`` tokens (transformers: a query
+    sees the last ``w`` tokens, itself included) gives the same result only while every sequence has at most ``w``
+    tokens, so a window at or above ``max_positions`` (``max_model_len``) is allowed, and any smaller one would give
+    silently different tokens from the HF model. The window is read from ``layer_types`` where the config has them
+    (Qwen2/Qwen3 with ``use_sliding_window=True``), else from ``sliding_window`` (Mistral: 4096 by default)."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        sliding = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    else:                                  # older configs: Qwen2's window only counts with use_sliding_window
+        slides = window is not None and getattr(hf_config, "use_sliding_window", True)
+        sliding = list(range(hf_config.num_hidden_layers)) if slides else []
+    if not sliding:
+        return
+    if window is not None and window >= max_positions:
+        return
+    kinds = ", ".join(sorted({layer_types[i] for i in sliding}) if layer_types else ["sliding_attention"])
+    fix = (f"pass max_model_len <= {window} if that is enough, else " if window is not None else "")
+    raise NotImplementedError(
+        f"this model has {kinds} layers {sliding} (sliding_window={window}); the engine computes full attention "
+        f"in every layer, which gives other tokens once a sequence exceeds the window: {fix}use the HF model "
+        "without the engine")
+
+
 def head_dim_of(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
@@ -213,6 +240,7 @@ class EngineModel(nn.Module):
     def __init__(self, hf_config, max_positions: int, tp=None):
         super().__init__()
         self.family = model_family(hf_config)
+        check_full_attention(hf_config, max_positions)
         self.config = hf_config
         self.tp = tp
         tp_size = tp.size if tp is not None else 1

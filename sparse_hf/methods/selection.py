@@ -156,12 +156,23 @@ def select_keep_static(valid: torch.Tensor, scores: torch.Tensor, num_sink: int,
     return idx, ok
 
 
-def max_pool_scores(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def max_pool_scores(scores: torch.Tensor, kernel_size: int, present: torch.Tensor | None = None) -> torch.Tensor:
     """Max-pool ``[..., L]`` scores along ``L`` with stride 1 and same padding, so that neighbours of an
-    important token are kept with it (SnapKV's clustering step)."""
+    important token are kept with it (SnapKV's clustering step).
+
+    ``present``: ``[..., L]`` bool (broadcast against ``scores``), the slots that hold tokens to pool over, in
+    logical order along ``L``. Neighbours are then the next present tokens, whatever empty slots lie between them
+    (a batched cache's row can hold holes: a second turn appends after the slots its first turn kept, which other
+    rows' evictions leave at other places), so a row pools alike alone or in any batch. The values left in the
+    other slots are unspecified (callers mask them). ``None``: every slot is present."""
     if kernel_size <= 1:
         return scores
     shape = scores.shape
+    if present is not None:
+        present = present.expand(shape)
+        order = (~present).to(torch.int8).argsort(dim=-1, stable=True)     # present slots first, in slot order
+        packed = scores.gather(-1, order).masked_fill(~present.gather(-1, order), float("-inf"))
+        return torch.empty_like(scores).scatter_(-1, order, max_pool_scores(packed, kernel_size))
     flat = scores.reshape(-1, 1, shape[-1])
     pooled = torch.nn.functional.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
     return pooled.reshape(shape)

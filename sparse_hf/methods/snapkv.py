@@ -15,7 +15,7 @@ from .selection import (check_selection_scope, max_pool_scores, select_keep, sel
 
 def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor,
                   query_valid: torch.Tensor | None, scaling: float, pool_kernel_size: int,
-                  scope: str = "kv_head", reduce_heads=None) -> torch.Tensor:
+                  scope: str = "kv_head", reduce_heads=None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Importance of every candidate token as seen from an observation window of queries.
 
     Per query head: softmax of ``scaling * q.k`` over the candidate tokens only, averaged over the window's
@@ -32,6 +32,9 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
         scope: ``"kv_head"`` or ``"layer"``.
         reduce_heads: tensor parallelism (``scope="layer"`` only): ``reduce_heads(x, "max")`` turns this rank's max
             over its heads into the max over every head of the layer (see ``EvictionMethod.prefill_keep``).
+        valid: ``[B, Hkv, L]`` bool, the slots that hold a token, or ``None`` (all of them). The pooling's
+            neighbours are the next valid tokens, whatever empty slots lie between them (a row of a batched cache
+            can hold holes), so a row scores alike alone or in any batch.
 
     Returns:
         float32 scores, ``[B, Hkv, L]`` (``"kv_head"``) or ``[B, 1, L]`` (``"layer"``, candidates of KV head 0);
@@ -43,7 +46,8 @@ def snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.T
     scores = snapkv_prefill_scores(queries, keys, candidates, scaling, query_valid, head_reduce=head_reduce)
     if reduce_heads is not None and head_reduce == "all":
         scores = reduce_heads(scores.contiguous(), "max")
-    scores = max_pool_scores(scores, pool_kernel_size)
+    present = None if valid is None else valid[:, :scores.shape[1]]
+    scores = max_pool_scores(scores, pool_kernel_size, present=present)        # over the row's tokens in order
     return scores.masked_fill(~candidates[:, :scores.shape[1]], float("-inf"))
 
 
@@ -109,6 +113,6 @@ class SnapKV(EvictionMethod):
             return None                                                        # nothing to evict
         _, _, cand = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
         scores = snapkv_scores(queries, keys, cand, query_valid, scaling, c.pool_kernel_size, c.selection_scope,
-                               reduce_heads)
+                               reduce_heads, valid=valid)
         select = select_keep_shared if c.selection_scope == "layer" else select_keep
         return select(valid, scores, c.num_sink_tokens, c.num_recent_tokens, tops)
