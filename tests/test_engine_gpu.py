@@ -63,3 +63,25 @@ def test_pool_sized_from_memory_utilization():
     assert llm.pool.num_slots > 4096
     out = llm.generate(random_prompts((3000, 20)), greedy_params(4))
     assert all(len(o.token_ids) == 4 for o in out)
+
+
+@pytest.mark.parametrize("method,knobs", [
+    (None, {}),
+    ("snapkv", dict(num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=6, window_size=4)),
+])
+def test_close_returns_gpu_memory_for_the_next_engine(method, knobs):
+    """Two engines sized from ``gpu_memory_utilization`` one after the other in one process: the second one finds
+    the first one's pool, weights and CUDA graphs freed. On the H200 (2026-12-02) the second engine of
+    ``bench_engine_deltakv.py`` found "only 0 KV slots fit" because the first one's memory was still held."""
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    slots = []
+    for _ in range(2):
+        llm = LLM(tiny_model("llama", layers=2).to("cuda", torch.bfloat16), max_model_len=512,
+                  gpu_memory_utilization=0.6, sparse_method=method, **knobs)
+        assert llm.generate(random_prompts((40, 9), seed=3), greedy_params(6))[0].token_ids
+        assert llm.runner.graphs is not None and llm.runner.graphs.graphs, "no CUDA graph was captured"
+        slots.append(llm.pool.num_slots)
+        llm.close()
+        assert torch.cuda.memory_allocated() - base < 64 * 2**20, "the closed engine still holds GPU memory"
+    assert slots[1] >= 0.95 * slots[0]

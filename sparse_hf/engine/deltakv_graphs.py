@@ -37,6 +37,12 @@ class DeltaKVGraphs:
         self.mempool = None
         self.captures = 0                  # how many graphs were captured (a test and a benchmark read it)
 
+    def release(self) -> None:
+        """Drop the captured graph and its memory pool (see :meth:`DecodeGraphs.release`)."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.key, self.mempool = None, None, None
+
     def can_run(self, batch: int) -> bool:
         return not self.failed and batch <= self.inputs.max_rows
 

@@ -73,6 +73,14 @@ class DecodeGraphs:
             self.mempool = torch.cuda.graph_pool_handle()
         self.graphs[(b, w)] = capture_step(lambda: self._forward(b, w), self.mempool)
 
+    def release(self) -> None:
+        """Drop every captured graph and the graph memory pool, so their memory returns to the allocator at once
+        (a graph's private pool is freed only when the graph object dies)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.mempool = None
+
     @property
     def slot_mapping(self) -> torch.Tensor:
         """``[G, max_batch]`` long: the slot mapping the graphs read (padding columns hold the scratch slot)."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 
@@ -389,9 +390,16 @@ class LLM:
         if getattr(self, "driver", None) is not None:
             self.driver.stop()
             self.driver = None
+        graphs = getattr(getattr(self, "runner", None), "graphs", None)
+        if graphs is not None:
+            graphs.release()
         for name in ("runner", "scheduler", "pool", "model"):
             if hasattr(self, name):
                 delattr(self, name)
+        # The model, pool, attention backend and graphs refer to each other: without a collection here their
+        # memory stayed allocated until Python's next cyclic GC, and an engine built right after this one in the
+        # same process found no room for its pool (an H200 run of 2026-12-02: "only 0 KV slots fit").
+        gc.collect()
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
             torch.cuda.empty_cache()
 
