@@ -3,6 +3,7 @@
     python benchmarks/profile_engine.py --case 131072x1 --method vanilla [--budget 2048] [--steps 40]
     python benchmarks/profile_engine.py --small            # CPU smoke run
     python benchmarks/profile_engine.py --case 4096x8 --kernels   # device time per kernel of an eager step
+    python benchmarks/profile_engine.py --case 131072x1 --method omnikv --graph-kernels   # ... of a graph replay
 
 For one case it prefills ``batch`` random prompts of ``length`` tokens (random weights, Qwen2.5-7B shape, bf16),
 then measures over ``--steps`` decode steps:
@@ -18,6 +19,9 @@ With ``--kernels`` it instead builds the engine with ``enforce_eager=True`` and 
 ``torch.profiler``: every kernel's device time, grouped by name (launches per step, microseconds per launch, share
 of the step's kernel time) and by kind (GEMM, attention, norm, RoPE, elementwise, copy/index, ...), so a GPU run
 shows where the step's GPU time goes. On the CPU (``--small``) the same table lists the aten ops' own CPU time.
+With ``--graph-kernels`` (CUDA only) the engine keeps its CUDA graphs and the same table is taken over replays of
+the last captured decode graph: the kernels as the step really runs them (graph widths, no launch gaps), to set
+against the eager table when a graph step is slower than the eager kernels add up to.
 """
 
 from __future__ import annotations
@@ -171,6 +175,27 @@ def profile_kernels(llm, steps: int, rows: int, header: dict) -> None:
               f"{r['share']:>6.1%}")
 
 
+def profile_graph_kernels(llm, steps: int, rows: int, header: dict) -> None:
+    """Replay the last captured decode graph ``steps`` times under ``torch.profiler`` and print its kernel table
+    (``GRAPH_KERNELS`` JSON): CUPTI reports the kernels a graph launches one by one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = latest_graph(getattr(llm.runner, "graphs", None))
+    if graph is None or llm.device.type != "cuda":
+        raise SystemExit("profile_engine.py: error: --graph-kernels needs CUDA and a captured decode graph")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    table = kernel_table(prof, steps, True)
+    print("GRAPH_KERNELS " + json.dumps(dict(header, gpu_ms=gpu_step_ms(llm), **table)), flush=True)
+    print(f"{'kernel':<90} {'kind':<13} {'/step':>6} {'us each':>9} {'ms/step':>8} {'share':>6}")
+    for r in table["kernels"][:rows]:
+        print(f"{r['name'][:90]:<90} {r['kind']:<13} {r['per_step']:>6} {r['us_each']:>9} {r['ms_per_step']:>8} "
+              f"{r['share']:>6.1%}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--case", default="131072x1")
@@ -182,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25, help="rows of the cProfile / kernel table")
     p.add_argument("--kernels", action="store_true",
                    help="device time per kernel of eager decode steps (torch.profiler) instead of the host profile")
+    p.add_argument("--graph-kernels", action="store_true",
+                   help="device time per kernel of the captured decode graph's replays (CUDA only)")
     p.add_argument("--no-decode-ahead", action="store_true", help="read each step's tokens before the next launch")
     p.add_argument("--skinny-gemm", action="store_true",
                    help="decode linears through the skinny Triton GEMM instead of cuBLAS (engine.model.SKINNY_GEMM)")
@@ -221,6 +248,10 @@ def main(argv=None) -> int:
         llm.step()                                                   # warm-up decode steps: capture, compile
     if args.kernels:
         profile_kernels(llm, args.steps, args.rows, dict(case=args.case, method=args.method, device=str(llm.device)))
+        llm.close()
+        return 0
+    if args.graph_kernels:
+        profile_graph_kernels(llm, args.steps, args.rows, dict(case=args.case, method=args.method))
         llm.close()
         return 0
 
