@@ -187,9 +187,10 @@ def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, d
     model = build_model(shape, device, dtype)
     fraction = lambda length: min(1.0, budget / length)  # noqa: E731
     hf_run_case(model, device, 128, 1, "vanilla", None, 4, bandwidth)                     # warm-up
-    for name in names:                                      # Triton JIT and graph capture outside the timed cases
-        if name not in BASELINES:
-            hf_run_case(model, device, 512, 1, name, fraction(512), 4, bandwidth)
+    for batch in sorted({b for _, b in cases}):              # Triton JIT and graph capture outside the timed cases,
+        for name in names:                                  # at each batch size (see sparse_hf.bench.run_bench)
+            if name not in BASELINES:
+                hf_run_case(model, device, 512, batch, name, fraction(512), 4, bandwidth)
     results = []
     for length, batch in cases:
         for name in names:
@@ -276,7 +277,8 @@ def main(argv=None) -> int:
                   tensor_parallel_size=args.tensor_parallel_size, tp_selection=args.tp_selection,
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra)
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
-        run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up: kernels, graphs
+        for batch in sorted({b for _, b in cases}):       # warm-up: kernels and graphs of each batch size
+            run_case(llm, min(128, longest), batch, 4, None, weight_bytes)
         routes = args.prefill_route.split(",") if args.prefill_route else [llm.runner.attention.prefill_route]
         for route, (length, batch) in [(route, case) for route in routes for case in cases]:
             llm.runner.attention.prefill_route = route

@@ -155,7 +155,8 @@ def main(argv=None) -> int:
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra,
                   **(extra_dk if method == "deltakv" else {}))
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
-        run_case(llm, min(128, longest), 1, 4, None, weight_bytes)                    # warm-up
+        for batch in sorted({b for _, b in cases}):         # warm-up: kernels and graphs of each batch size
+            run_case(llm, min(128, longest), batch, 4, None, weight_bytes)
         held = {}
         step = llm.step
 
