@@ -27,8 +27,8 @@ class H2O(EvictionMethod):
     A token's score is its accumulated attention (:func:`attention_mass`: summed over every query seen so far,
     prompt and generated, and over the query heads of its KV group). When the prompt is complete each row keeps
     ``budget = sinks + recent + top`` slots; at every decode step the new token joins and, once a row holds more
-    than its budget, the lowest-scored middle token leaves. Decode therefore syncs with the device once per layer
-    and step (to know whether to evict) and is not captured in CUDA graphs.
+    than its budget, the lowest-scored middle token leaves. The HF path accumulates a decode step's mass with
+    static shapes (captured in CUDA graphs) and evicts between steps through :meth:`decode_keep`.
     """
 
     name = "h2o"
