@@ -107,16 +107,6 @@ def test_keep_rows_equals_keep_row_by_row():
     assert torch.equal(ours.k[other], ref.k[other])
 
 
-def test_h2o_decodes_eagerly():
-    from sparse_hf.engine.scored_pool import ScoredModelRunner
-
-    model = tiny_model("llama", layers=1)
-    llm = LLM(model, num_kv_slots=64, max_model_len=32, sparse_method="h2o", **COUNT)
-    assert isinstance(llm.runner, ScoredModelRunner) and llm.runner.graphs is None
-    with pytest.raises(ValueError, match="decodes eagerly"):
-        ScoredModelRunner(llm.model, llm.pool, llm.method, graphs=object())
-
-
 @pytest.mark.parametrize("method,knobs", [("h2o", FRACTION), ("pyramidkv", dict(
     num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=6, window_size=4))])
 def test_triton_decode_kernels_equal_hf_path(method, knobs):
@@ -170,14 +160,21 @@ def test_add_scores_adds_to_live_slots_and_ignores_the_scratch_slot():
 
 @pytest.mark.gpu
 def test_h2o_on_gpu_equals_hf_path():
-    """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots."""
+    """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots; decode
+    replayed from CUDA graphs (the default) gives the eager tokens (``enforce_eager=True``) and the HF path's."""
     model = tiny_model("llama", layers=3).to("cuda", torch.float32)
     prompts = random_prompts(LENGTHS, seed=3)
-    llm = LLM(model, max_model_len=256, num_kv_slots=1024, chunk_prefill_size=16, sparse_method="h2o", **FRACTION)
-    assert llm.runner.graphs is None
-    ours = engine_tokens(llm, prompts, NEW_TOKENS)
-    for prompt, got in zip(prompts, ours):
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(model, max_model_len=256, num_kv_slots=1024, chunk_prefill_size=16, sparse_method="h2o",
+                  enforce_eager=eager, **FRACTION)
+        assert (llm.runner.graphs is None) == eager
+        runs[eager] = engine_tokens(llm, prompts, NEW_TOKENS)
+        if not eager:
+            assert llm.runner.graphs.graphs, "no decode step replayed a CUDA graph"
+        llm.pool.check_whole()
+    assert runs[False] == runs[True]
+    for prompt, got in zip(prompts, runs[False]):
         ref, logits = hf_greedy_with_logits(model, prompt, NEW_TOKENS, cache_implementation="h2o",
                                             cache_config=FRACTION)
         assert_greedy_equal(got, ref, logits.cpu(), rel_tol=1e-3)
-    llm.pool.check_whole()

@@ -45,6 +45,18 @@ class DecodePlan:
 
 
 @dataclass
+class DecodeRows:
+    """A step's decode rows on the device, for a decode eviction that must not sync: ``slots`` ``[G, B]`` their new
+    tokens' slots, ``rows`` ``[B]`` long, ``positions`` ``[B]`` long the new tokens' positions, ``lens`` ``[G, B]``
+    int32 the rows' slot counts with the new token."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    lens: torch.Tensor
+
+
+@dataclass
 class MixedPlan:
     """Prompt chunks (packed first) and decode rows (one token each, packed after them) in one step."""
 
@@ -167,7 +179,8 @@ class ModelRunner:
         self.attention.ctx = None
         self._finish_chunks(segments, pre)
         if self.evicts and self.method.evicts_during_decode:
-            self._evict_decode(dec.rows)
+            self._evict_decode(dec.rows, DecodeRows(slot_mapping[:, T:], torch.tensor(dec.rows, device=self.device),
+                                                    torch.tensor(dec.positions, device=self.device), lens))
         if not self.compute_logits:
             return None
         picks = pre.last + list(range(T, T + len(dec.rows)))
@@ -241,11 +254,11 @@ class ModelRunner:
             logits = self.model.logits(hidden) if self.compute_logits else None
             self.attention.ctx = None
         if self.evicts and self.method.evicts_during_decode:
-            self._evict_decode(rows)
+            self._evict_decode(rows, DecodeRows(slots, inputs.rows[:B], inputs.positions[:B], inputs.lens[:, :B]))
         return logits if self.compute_logits else None
 
-    def _evict_decode(self, rows: list[int]) -> None:
-        """The method's ``decode_keep`` per row and layer (StreamingLLM's rolling window)."""
+    def _evict_decode(self, rows: list[int], step: DecodeRows | None = None) -> None:
+        """The method's ``decode_keep`` per row and layer (StreamingLLM's rolling window; ``step`` is not needed)."""
         pool = self.pool
         for row in rows:
             for layer in range(pool.num_layers):
