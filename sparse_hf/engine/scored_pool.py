@@ -50,6 +50,7 @@ class ScoredKVPool(KVPool):
         self.pos = torch.zeros(self.num_layers, self.num_slots + 1, self.num_kv_heads, dtype=torch.int32,
                                device=self.device)
         self._group_layers = torch.tensor(self.layers_of, device=self.device).view(self.num_groups, -1, 1)
+        self._layer_index = torch.arange(self.num_layers, device=self.device).view(-1, 1)         # [L, 1]
 
     def _kv_tensors(self, sizes, num_kv_heads, head_dim, dtype, device):
         if len(set(sizes)) != 1:
@@ -111,9 +112,10 @@ class ScoredKVPool(KVPool):
     def set_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """``pos[l][slots[group_of[l], i], :] = positions[i]`` for every layer (one op): ``slots`` ``[G, T]``,
         ``positions`` ``[T]`` (device)."""
-        layers = torch.arange(self.num_layers, device=self.device).view(-1, 1)
-        groups = torch.tensor(self.group_of, device=self.device)
-        self.pos[layers, slots.long()[groups]] = positions.to(torch.int32).view(1, -1, 1)
+        slots = slots.long()
+        if self.num_groups != self.num_layers:
+            slots = slots[self.group_of]
+        self.pos[self._layer_index, slots] = positions.to(torch.int32).view(1, -1, 1)
 
     def evict_one(self, method, tables: torch.Tensor, lens: torch.Tensor, newest: torch.Tensor,
                   over: torch.Tensor) -> torch.Tensor:
@@ -193,6 +195,8 @@ class ScoredPoolAttention(PoolAttention):
                                                    slots=tables)                       # K/V read in place
         mass = self.method.accumulate_logits(logits, pool.num_kv_heads, backend=self.backend)  # [B, Hkv, W]
         live = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
+        if self.warm_up:                  # a graph's warm-up: the replay adds this step's mass, not this run
+            live = torch.zeros_like(live)
         slots = torch.where(live, tables, pool.scratch_slot)
         pool.add_scores(layer, slots, mass.transpose(1, 2))                            # [B, W], [B, W, Hkv]
         return out
@@ -209,13 +213,11 @@ class ScoredModelRunner(ModelRunner):
         model.set_backend(self.attention)
         self.row_budget: dict[int, int] = {}
         self.budget_dev = torch.zeros(pool.max_rows, dtype=torch.long, device=self.device)
-        self._layers = torch.arange(pool.num_layers, device=self.device)
 
     def _evict_prompt(self, row: int) -> None:
         pool, method = self.pool, self.method
         n = int(pool.lens[0, row])                     # the whole prompt in every layer (nothing evicted yet)
-        pool.pos[self._layers.view(-1, 1), pool.tables[pool.group_of, row, :n].long()] = torch.arange(
-            n, dtype=torch.int32, device=self.device).view(1, n, 1)
+        pool.set_positions(pool.tables[:, row, :n], torch.arange(n, device=self.device))
         budget = None
         for layer in range(pool.num_layers):
             g = pool.group_of[layer]
@@ -248,7 +250,7 @@ class ScoredModelRunner(ModelRunner):
         width = int(held.max())
         tables = pool.tables[:, :, :width].index_select(1, step.rows)                  # [G, B, width]
         lens = step.lens
-        if pool.group_of != list(range(pool.num_layers)):                               # one group per layer
+        if pool.num_groups != pool.num_layers:
             tables, lens = tables[pool.group_of], lens[pool.group_of]                   # [L, B, width], [L, B]
         over = lens[0].long() > self.budget_dev.index_select(0, step.rows)             # [B], = over_host
         pool.evict_one(self.method, tables, lens, step.positions, over)
