@@ -97,11 +97,17 @@ def plan_decode(requests: list) -> DecodePlan:
 class ModelRunner:
     """Owns the model, the pool and the attention backend, and runs plans.
 
+    ``eviction_is_async``: the decode eviction never waits for the device (so a step may be launched before the
+    previous one's tokens are read, :mod:`.decode_ahead`); ``False`` here (StreamingLLM's per-row plan reads a
+    device flag), ``True`` for :class:`~.scored_pool.ScoredModelRunner`.
+
     Args:
         model: :class:`~.model.EngineModel` on ``device``; pool: :class:`~.kv_pool.KVPool`;
         method: the core sparse method or ``None``; graphs: a :class:`~.graphs.DecodeGraphs` or ``None``;
         compute_logits: ``False`` on tensor-parallel ranks other than 0 (they sample nothing).
     """
+
+    eviction_is_async = False
 
     def __init__(self, model, pool, method=None, graphs=None, compute_logits: bool = True):
         self.model, self.pool, self.method = model, pool, method

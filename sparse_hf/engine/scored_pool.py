@@ -207,6 +207,8 @@ class ScoredModelRunner(ModelRunner):
     :class:`ScoredKVPool`). ``row_budget[row]``: slots each layer of the row may hold during decode, set when the
     row's prompt completes (``budget_dev``: the same on the device)."""
 
+    eviction_is_async = True
+
     def __init__(self, model, pool, method, graphs=None, compute_logits: bool = True):
         super().__init__(model, pool, method, graphs=graphs, compute_logits=compute_logits)
         self.attention = ScoredPoolAttention(pool, method, getattr(model, "tp", None))
