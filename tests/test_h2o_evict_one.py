@@ -14,6 +14,7 @@ import torch
 from sparse_hf.engine.scored_pool import ScoredKVPool
 from sparse_hf.methods.h2o import H2O, H2OConfig
 from sparse_hf.methods.selection import lowest_candidate, select_keep
+from test_attention_mass import needs_triton
 
 SINK, RECENT = 2, 3
 
@@ -86,12 +87,12 @@ def test_lowest_candidate_rules():
     assert lowest_candidate(only_nan, torch.tensor([[1, 2, 0]]), torch.tensor([[True, True, False]]))[0].item() == 1
 
 
-def _pool(rows_lens, Hkv=2, layers=3, seed=0):
+def _pool(rows_lens, Hkv=2, layers=3, seed=0, dtype=torch.float32):
     """A scored pool whose rows (of the given lengths) hold random K/V/scores and logical positions, as after
     earlier decode evictions (positions with gaps; column order shuffled)."""
     g = torch.Generator().manual_seed(seed)
     pool = ScoredKVPool(num_layers=layers, num_kv_heads=Hkv, head_dim=4, num_slots=128, max_rows=4, max_len=32,
-                        per_layer_groups=True, dtype=torch.float32, device=torch.device("cpu"))
+                        per_layer_groups=True, dtype=dtype, device=torch.device("cpu"))
     rows = list(range(len(rows_lens)))
     pool.allocate(rows, rows_lens)
     pool.k_all.copy_(torch.randn(pool.k_all.shape, generator=g))
@@ -152,3 +153,38 @@ def test_pool_evict_one_keeps_what_decode_keep_keeps(seed):
         pool.lens[:, r] = np.minimum(pool.lens[:, r], budgets[r])
         pool.release_row(r)
     pool.check_whole()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,block,special", [(torch.float32, None, False), (torch.bfloat16, 4, True),
+                                                 (torch.float32, 8, True)])
+def test_triton_evict_one_equals_torch_path(dtype, block, special, monkeypatch):
+    """The one-launch Triton eviction (interpreted on CPU) against the pool's torch path: every K, V, score and
+    position of every slot equal afterwards; rows over and under budget; table blocks smaller than a row (the
+    kernel's loop), tied, signed-zero and NaN scores."""
+    from sparse_hf.kernels import evict_one as kernel_module
+
+    if block is not None:
+        monkeypatch.setattr(kernel_module, "EVICT_BLOCK", block)
+    lens, budgets = [9, 7, 13], [8, 10, 12]
+    method = _method(top=3)
+    out = []
+    for backend in ("torch", "triton"):
+        pool, rows, newest = _pool(lens, Hkv=3, seed=7, dtype=dtype)
+        if special:
+            r = torch.rand(pool.scores.shape, generator=torch.Generator().manual_seed(1))
+            pool.scores[r < 0.2] = -0.0
+            pool.scores[(r >= 0.2) & (r < 0.3)] = float("nan")
+        before = pool.pos.clone()
+        W = max(lens)
+        tables = pool.tables[:, :3, :W].contiguous()
+        lens_dev = torch.tensor(lens, dtype=torch.int32).expand(pool.num_layers, 3)
+        over = torch.tensor(lens) > torch.tensor(budgets)
+        pool.evict_one(method, tables, lens_dev, newest, over, backend=backend)
+        assert not torch.equal(pool.pos, before)                       # something moved
+        out.append(pool)
+    a, b = out
+    real = slice(0, a.scratch_slot)                  # the torch path writes garbage to the scratch slot, Triton none
+    for name in ("k_all", "v_all", "pos"):
+        assert torch.equal(getattr(a, name)[:, real], getattr(b, name)[:, real]), name
+    assert torch.equal(a.scores[:, real].nan_to_num(123.0), b.scores[:, real].nan_to_num(123.0))

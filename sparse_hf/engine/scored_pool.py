@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sparse_hf.kernels import decode_attention_with_scores
+from sparse_hf.kernels.evict_one import evict_one_runs, evict_one_slots
 
 from .attention import PoolAttention, pool_view
 from .kv_pool import KVPool
@@ -118,19 +119,25 @@ class ScoredKVPool(KVPool):
         self.pos[self._layer_index, slots] = positions.to(torch.int32).view(1, -1, 1)
 
     def evict_one(self, method, tables: torch.Tensor, lens: torch.Tensor, newest: torch.Tensor,
-                  over: torch.Tensor) -> torch.Tensor:
+                  over: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
         """Rows ``over`` drop one token per layer and KV head (``method.decode_evict_one``): the newest token (table
         column ``lens - 1``) takes the dropped token's slot, K, V, score and position move with it. Every layer at
-        once; static shapes, no host sync.
+        once; static shapes, no host sync. Where ``backend`` gives Triton, one launch of
+        :func:`~sparse_hf.kernels.evict_one.evict_one_slots` (the same rule and move); else the torch ops below.
 
         Args:
             tables: ``[L, B, W]`` the rows' slot tables per layer (``W >= lens``); lens: ``[L, B]`` their counts, the
                 new token included; newest: ``[B]`` the new tokens' positions; over: ``[B]`` bool, rows to evict in.
 
         Returns:
-            ``[L, B, Hkv]`` long, the table column each layer and head dropped (for tests; the caller frees the
-            new tokens' slots of the ``over`` rows with :meth:`push_decode_slots`).
+            torch path: ``[L, B, Hkv]`` long, the table column each layer and head dropped (for tests); Triton:
+            ``None``. The caller frees the new tokens' slots of the ``over`` rows with :meth:`push_decode_slots`.
         """
+        if evict_one_runs(backend, self.k_all):
+            c = method.config
+            evict_one_slots(self.k_all, self.v_all, self.scores, self.pos, tables, lens, newest, over,
+                            c.num_sink_tokens, c.num_recent_tokens)
+            return None
         L, B, W = tables.shape
         t = tables.long()
         layers = torch.arange(L, device=self.device).view(L, 1, 1)
@@ -255,7 +262,7 @@ class ScoredModelRunner(ModelRunner):
         if pool.num_groups != pool.num_layers:
             tables, lens = tables[pool.group_of], lens[pool.group_of]                   # [L, B, width], [L, B]
         over = lens[0].long() > self.budget_dev.index_select(0, step.rows)             # [B], = over_host
-        pool.evict_one(self.method, tables, lens, step.positions, over)
+        pool.evict_one(self.method, tables, lens, step.positions, over, backend=self.attention.backend)
         pool.push_decode_slots(step.slots, over, count)
         over_rows = np.asarray(rows, dtype=np.int64)[over_host]
         pool.lens[:, over_rows] -= 1
