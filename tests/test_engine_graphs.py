@@ -56,13 +56,16 @@ def test_decode_inputs_staging_and_padding():
     assert inputs.slot_mapping.tolist() == [[8, 99, 99, 99], [9, 99, 99, 99]]            # stale slots reset
 
 
-def test_decode_step_makes_no_device_tensor_from_host_lists(monkeypatch):
+@pytest.mark.parametrize("knobs", [{}, dict(sparse_method="h2o", num_sink_tokens=1, num_recent_tokens=2,
+                                             num_top_tokens=3)])
+def test_decode_step_makes_no_device_tensor_from_host_lists(knobs, monkeypatch):
     """Regression: the decode step built its inputs with ``torch.tensor(list, device=...)`` (a blocking
-    host-to-device copy on CUDA that waits for the GPU); now one staged copy carries them all."""
+    host-to-device copy on CUDA that waits for the GPU); now one staged copy carries them all. H2O's decode eviction
+    (every step here: prompts over the budget) adds none either."""
     import torch
 
     model = tiny_model("qwen2", layers=2)
-    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4)
+    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4, **knobs)
     for i, prompt in enumerate(random_prompts((9, 14), seed=3)):
         llm.add_request(f"r{i}", prompt, greedy_params(6))
     while any(r.in_prefill for r in llm.requests.values()) or not llm.scheduler.running:

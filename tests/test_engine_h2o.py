@@ -236,3 +236,39 @@ def test_h2o_on_gpu_equals_hf_path():
         ref, logits = hf_greedy_with_logits(model, prompt, NEW_TOKENS, cache_implementation="h2o",
                                             cache_config=FRACTION)
         assert_greedy_equal(got, ref, logits.cpu(), rel_tol=1e-3)
+
+
+def test_decode_eviction_reads_nothing_back_from_the_device(monkeypatch):
+    """The decode eviction (every step here: the prompts exceed their budgets) makes no call that waits for the
+    device on CUDA (``item``, ``bool``, ``tolist``, ``cpu``, ``numpy``): what it needs to know on the host, which rows
+    are over budget and how many slots go back, are host counts."""
+    model = tiny_model("llama", layers=2)
+    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4, sparse_method="h2o", **COUNT)
+    for i, prompt in enumerate(random_prompts((30, 45, 26), seed=8)):
+        llm.add_request(str(i), prompt, greedy_params(12))
+    while any(r.in_prefill for r in llm.requests.values()) or not llm.scheduler.running:
+        llm.step()
+    inner, calls, inside = llm.runner._evict_decode, [], []
+
+    def watched(*args, **kwargs):
+        inside.append(True)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            inside.pop()
+    llm.runner._evict_decode = watched
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if inside:
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    before = llm.pool.free_top[:]
+    for _ in range(5):
+        llm.step()
+    monkeypatch.undo()
+    assert calls == []
+    assert llm.pool.free_top == before and (llm.pool.lens[:, :3] == COUNT["num_sink_tokens"] + COUNT[
+        "num_recent_tokens"] + COUNT["num_top_tokens"]).all()                 # every row evicted at every step
