@@ -109,7 +109,6 @@ class ScoredKVPool(KVPool):
         for r, c in zip(rows, counts):
             self.lens[group, r] = c
 
-
     def set_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """``pos[l][slots[group_of[l], i], :] = positions[i]`` for every layer (one op): ``slots`` ``[G, T]``,
         ``positions`` ``[T]`` (device)."""
