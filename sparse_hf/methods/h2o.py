@@ -28,7 +28,8 @@ class H2O(EvictionMethod):
     prompt and generated, and over the query heads of its KV group). When the prompt is complete each row keeps
     ``budget = sinks + recent + top`` slots; at every decode step the new token joins and, once a row holds more
     than its budget, the lowest-scored middle token leaves. The HF path accumulates a decode step's mass with
-    static shapes (captured in CUDA graphs) and evicts between steps through :meth:`decode_keep`.
+    static shapes (captured in CUDA graphs) and evicts between steps through :meth:`decode_keep`; the engine drops
+    that one token with :meth:`decode_evict_one` (the same token, found with one ``argmin``, no host sync).
     """
 
     name = "h2o"
