@@ -14,6 +14,8 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 - :func:`attention_mass` -- H2O's accumulated attention mass ``[B, Hkv, L]`` of a block of queries (causal by
   logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits;
   :func:`decode_attention_mass` the same for one decode query from its ``[B, H, L]`` logits.
+- :func:`~sparse_hf.kernels.evict_one.evict_one_slots` -- H2O's steady-state decode eviction (one token out per
+  layer, row and KV head; the newest token moves into its slot) for every layer in one launch.
 - :func:`paged_prefill_attention` -- packed prompt chunks attend causally (lower-right) to their rows' slots in a
   ``[S, Hkv, D]`` pool through a slot table, read in place (varlen flash attention; the engine's prefill).
 - :func:`append_kv` -- one decode token per row at a device-side slot counter (the HF path).

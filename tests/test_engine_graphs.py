@@ -21,6 +21,7 @@ class ReplayWithoutCapture(DecodeGraphs):
     ("snapkv", dict(num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=6, window_size=4)),
     ("streamingllm", dict(num_sink_tokens=2, num_recent_tokens=9)),
     ("omnikv", dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2")),
+    ("h2o", dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=0.25)),
 ])
 @pytest.mark.parametrize("ahead", [False, True])
 def test_static_decode_path_equals_eager(method, knobs, ahead):
@@ -55,13 +56,16 @@ def test_decode_inputs_staging_and_padding():
     assert inputs.slot_mapping.tolist() == [[8, 99, 99, 99], [9, 99, 99, 99]]            # stale slots reset
 
 
-def test_decode_step_makes_no_device_tensor_from_host_lists(monkeypatch):
+@pytest.mark.parametrize("knobs", [{}, dict(sparse_method="h2o", num_sink_tokens=1, num_recent_tokens=2,
+                                             num_top_tokens=3)])
+def test_decode_step_makes_no_device_tensor_from_host_lists(knobs, monkeypatch):
     """Regression: the decode step built its inputs with ``torch.tensor(list, device=...)`` (a blocking
-    host-to-device copy on CUDA that waits for the GPU); now one staged copy carries them all."""
+    host-to-device copy on CUDA that waits for the GPU); now one staged copy carries them all. H2O's decode eviction
+    (every step here: prompts over the budget) adds none either."""
     import torch
 
     model = tiny_model("qwen2", layers=2)
-    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4)
+    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4, **knobs)
     for i, prompt in enumerate(random_prompts((9, 14), seed=3)):
         llm.add_request(f"r{i}", prompt, greedy_params(6))
     while any(r.in_prefill for r in llm.requests.values()) or not llm.scheduler.running:
@@ -99,14 +103,17 @@ def _ahead_llm(model, kw, monkeypatch, launches):
     return llm
 
 
-def test_decode_ahead_equals_plain_steps_with_stops_and_lengths(monkeypatch):
+@pytest.mark.parametrize("knobs", [{}, dict(sparse_method="h2o", num_sink_tokens=1, num_recent_tokens=3,
+                                             num_top_tokens=4)])
+def test_decode_ahead_equals_plain_steps_with_stops_and_lengths(knobs, monkeypatch):
     """Steps launched before the previous tokens are read give the same tokens and finish reasons, also when a
-    request ends by a stop token (its launched-ahead work is dropped) or by max_tokens; the pool ends whole."""
+    request ends by a stop token (its launched-ahead work is dropped) or by max_tokens; the pool ends whole. H2O
+    evicts at every step without waiting for the device, so it decodes ahead too."""
     from sparse_hf.engine import SamplingParams
 
     model = tiny_model("llama", layers=2)
     prompts = random_prompts((12, 30, 7), seed=5)
-    kw = dict(num_kv_slots=512, max_model_len=128, max_num_seqs=4)
+    kw = dict(num_kv_slots=512, max_model_len=128, max_num_seqs=4, **knobs)
     first = engine_tokens(LLM(model, **kw), prompts, 14)[1]
     k = next(i for i in range(3, 14) if first[i] not in first[:i])          # request 1 stops at step k
     params = [greedy_params(14), SamplingParams(temperature=0.0, max_tokens=14, stop_token_ids=[first[k]],

@@ -5,6 +5,7 @@ each row holds at most its budget once decoding, the pool is whole after mixed r
 preemption, and the batched compaction (``ScoredKVPool.keep_rows``) equals ``KVPool.keep`` row by row."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from engine_helpers import (assert_greedy_equal, engine_tokens, greedy_params, h
                             random_prompts, run_mixed_requests)
 from helpers import tiny_model
 from sparse_hf.engine import LLM
+from sparse_hf.engine.graphs import DecodeGraphs
 from sparse_hf.engine.kv_pool import KVPool
 from sparse_hf.engine.scored_pool import ScoredKVPool
 from test_attention_mass import needs_triton
@@ -107,14 +109,60 @@ def test_keep_rows_equals_keep_row_by_row():
     assert torch.equal(ours.k[other], ref.k[other])
 
 
-def test_h2o_decodes_eagerly():
-    from sparse_hf.engine.scored_pool import ScoredModelRunner
+class WarmUpThenReplay(DecodeGraphs):
+    """CUDA-graph decode on CPU as :func:`~sparse_hf.engine.graphs.capture_step` runs it: at a capture the step runs
+    once as the warm-up (``attention.warm_up`` set), the capture itself runs nothing, and every replay (the first
+    one right after the capture) runs the step as captured."""
 
-    model = tiny_model("llama", layers=1)
-    llm = LLM(model, num_kv_slots=64, max_model_len=32, sparse_method="h2o", **COUNT)
-    assert isinstance(llm.runner, ScoredModelRunner) and llm.runner.graphs is None
-    with pytest.raises(ValueError, match="decodes eagerly"):
-        ScoredModelRunner(llm.model, llm.pool, llm.method, graphs=object())
+    def _capture(self, b: int, w: int) -> None:
+        self._capture_forward(b, w)()                                   # the warm-up
+        self.graphs[(b, w)] = SimpleNamespace(replay=lambda: self._forward(b, w))
+
+
+def _live_scores(llm):
+    """Each running row's scores, per layer, keyed by (row, layer, KV head, position): slots differ between runs."""
+    pool, out = llm.pool, {}
+    for req in llm.scheduler.running:
+        if req.in_prefill:
+            continue
+        for layer in range(pool.num_layers):
+            slots = pool.tables[pool.group_of[layer], req.row, :int(pool.lens[pool.group_of[layer], req.row])].long()
+            for h in range(pool.num_kv_heads):
+                for sl in slots.tolist():
+                    out[(req.request_id, layer, h, int(pool.pos[layer, sl, h]))] = float(pool.scores[layer, sl, h])
+    return out
+
+
+@pytest.mark.parametrize("knobs", [COUNT, FRACTION])
+def test_graph_decode_path_equals_eager(knobs):
+    """The decode step through the CUDA-graph path (padded batch buckets, width buckets, warm-up before a capture)
+    keeps the same tokens, per-position scores and slot counts as eager decode, step by step, on rows of different
+    lengths and budgets. Regression guard: a warm-up that added its step's attention mass would count that step twice
+    in the scores."""
+    model = tiny_model("qwen2", layers=3)
+    prompts = random_prompts((41, 17, 66), seed=2)          # batch 3 runs the bucket-4 path with one padding row
+    kw = dict(num_kv_slots=1024, max_model_len=512, max_num_seqs=6, chunk_prefill_size=32, sparse_method="h2o",
+              **knobs)
+    runs = [LLM(model, **kw), LLM(model, **kw)]
+    runs[1].runner.graphs = graphs = WarmUpThenReplay(runs[1].model, runs[1].pool, 6, runs[1].runner.attention)
+    for llm in runs:
+        for i, prompt in enumerate(prompts):
+            llm.add_request(str(i), prompt, greedy_params(30))
+    steps = 0
+    while runs[0].has_unfinished_requests():
+        outs = [llm.step() for llm in runs]
+        assert [(o.request_id, list(o.token_ids)) for o in outs[0]] == \
+               [(o.request_id, list(o.token_ids)) for o in outs[1]]
+        assert (runs[0].pool.lens == runs[1].pool.lens).all()
+        a, b = _live_scores(runs[0]), _live_scores(runs[1])
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+        steps += 1
+    assert not runs[1].has_unfinished_requests() and steps > 30
+    assert {bb for bb, _ in graphs.graphs} >= {4}
+    for llm in runs:
+        llm.pool.check_whole()
 
 
 @pytest.mark.parametrize("method,knobs", [("h2o", FRACTION), ("pyramidkv", dict(
@@ -170,14 +218,57 @@ def test_add_scores_adds_to_live_slots_and_ignores_the_scratch_slot():
 
 @pytest.mark.gpu
 def test_h2o_on_gpu_equals_hf_path():
-    """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots."""
+    """CUDA, fp32: the decode scores come from the Triton ``decode_attention_with_scores`` over gathered slots; decode
+    replayed from CUDA graphs (the default) gives the eager tokens (``enforce_eager=True``) and the HF path's."""
     model = tiny_model("llama", layers=3).to("cuda", torch.float32)
     prompts = random_prompts(LENGTHS, seed=3)
-    llm = LLM(model, max_model_len=256, num_kv_slots=1024, chunk_prefill_size=16, sparse_method="h2o", **FRACTION)
-    assert llm.runner.graphs is None
-    ours = engine_tokens(llm, prompts, NEW_TOKENS)
-    for prompt, got in zip(prompts, ours):
+    runs = {}
+    for eager in (True, False):
+        llm = LLM(model, max_model_len=256, num_kv_slots=1024, chunk_prefill_size=16, sparse_method="h2o",
+                  enforce_eager=eager, **FRACTION)
+        assert (llm.runner.graphs is None) == eager
+        runs[eager] = engine_tokens(llm, prompts, NEW_TOKENS)
+        if not eager:
+            assert llm.runner.graphs.graphs, "no decode step replayed a CUDA graph"
+        llm.pool.check_whole()
+    assert runs[False] == runs[True]
+    for prompt, got in zip(prompts, runs[False]):
         ref, logits = hf_greedy_with_logits(model, prompt, NEW_TOKENS, cache_implementation="h2o",
                                             cache_config=FRACTION)
         assert_greedy_equal(got, ref, logits.cpu(), rel_tol=1e-3)
-    llm.pool.check_whole()
+
+
+def test_decode_eviction_reads_nothing_back_from_the_device(monkeypatch):
+    """The decode eviction (every step here: the prompts exceed their budgets) makes no call that waits for the
+    device on CUDA (``item``, ``bool``, ``tolist``, ``cpu``, ``numpy``): what it needs to know on the host, which rows
+    are over budget and how many slots go back, are host counts."""
+    model = tiny_model("llama", layers=2)
+    llm = LLM(model, num_kv_slots=512, max_model_len=128, max_num_seqs=4, sparse_method="h2o", **COUNT)
+    for i, prompt in enumerate(random_prompts((30, 45, 26), seed=8)):
+        llm.add_request(str(i), prompt, greedy_params(12))
+    while any(r.in_prefill for r in llm.requests.values()) or not llm.scheduler.running:
+        llm.step()
+    inner, calls, inside = llm.runner._evict_decode, [], []
+
+    def watched(*args, **kwargs):
+        inside.append(True)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            inside.pop()
+    llm.runner._evict_decode = watched
+    for name in ("item", "__bool__", "tolist", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if inside:
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    before = llm.pool.free_top[:]
+    for _ in range(5):
+        llm.step()
+    monkeypatch.undo()
+    assert calls == []
+    assert llm.pool.free_top == before and (llm.pool.lens[:, :3] == COUNT["num_sink_tokens"] + COUNT[
+        "num_recent_tokens"] + COUNT["num_top_tokens"]).all()                 # every row evicted at every step

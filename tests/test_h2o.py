@@ -142,13 +142,6 @@ def test_h2o_unlimited_budget_equals_plain_generate():
     assert torch.equal(out, ref)
 
 
-def test_h2o_rejects_cuda_graph():
-    import sparse_hf
-
-    with pytest.raises(ValueError, match="cannot run from a captured CUDA graph"):
-        sparse_hf.H2OCache(tiny_model().config, cuda_graph=True)
-
-
 def test_h2o_chunked_prefill_and_beams():
     """Prefill in chunks accumulates the same attention (so keeps the same tokens) as one pass; beams reorder
     the scores with the slots."""

@@ -124,6 +124,9 @@ class PoolAttention:
         self.prefill_route = "auto" if kernels_run_fused(pool.k[0]) else "gather"
         self.ctx: StepContext | None = None
         self._stored_layer: int | None = None        # the layer whose K/V the model stored itself (kv_destination)
+        #: ``True`` while a CUDA graph's warm-up runs a decode step that its replay will run again (see
+        #: :meth:`~.graphs.DecodeGraphs._capture_forward`): side effects that must not happen twice are skipped.
+        self.warm_up = False
 
     def kv_destination(self, layer: int):
         """``(k_pool, v_pool, slot_mapping)`` where this step's new K/V of ``layer`` go (``[S, Hkv, D]`` twice,

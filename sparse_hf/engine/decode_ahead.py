@@ -70,7 +70,7 @@ def can_decode_ahead(llm, batch: list) -> bool:
     runner, scheduler = llm.runner, llm.scheduler
     if llm.driver is not None or runner.graphs is None or not runner.graphs.can_run(len(batch)):
         return False
-    if runner.evicts and runner.method.evicts_during_decode:
+    if runner.evicts and runner.method.evicts_during_decode and not runner.eviction_is_async:
         return False
     # every running row sampled at step n: none replays (a replaying row samples nothing, so is not in ``batch``;
     # its next input is a generated token from the host, not a sampled one on the device)

@@ -68,10 +68,27 @@ class DecodeGraphs:
 
     def _capture(self, b: int, w: int) -> None:
         """Warm up (Triton compilation) and capture. The warm-up runs on the step's real inputs: it writes the
-        same K/V to the same slots as the replay that follows, so it changes nothing."""
+        same K/V to the same slots as the replay that follows, so it changes nothing (see :meth:`_capture_forward`
+        for what is not idempotent)."""
         if self.mempool is None:
             self.mempool = torch.cuda.graph_pool_handle()
-        self.graphs[(b, w)] = capture_step(lambda: self._forward(b, w), self.mempool)
+        self.graphs[(b, w)] = capture_step(self._capture_forward(b, w), self.mempool)
+
+    def _capture_forward(self, b: int, w: int):
+        """The step :func:`capture_step` calls twice: a warm-up that runs, then the capture that only records (the
+        replay that follows runs it). The warm-up runs with ``attention.warm_up`` set, so that work which must
+        happen once per step (H2O's accumulation of the step's attention mass) runs its kernels but not its
+        side effect."""
+        calls = []
+
+        def forward():
+            self.attention.warm_up = not calls
+            calls.append(None)
+            try:
+                self._forward(b, w)
+            finally:
+                self.attention.warm_up = False
+        return forward
 
     def release(self) -> None:
         """Drop every captured graph and the graph memory pool, so their memory returns to the allocator at once

@@ -55,9 +55,8 @@ class KVPool:
         # With groups of unequal sizes it is a real slot of the larger groups: no padding rows then (DeltaKV's graphs
         # run exactly the step's rows).
         self.scratch_slot = num_slots
-        self.k = [torch.zeros(self.group_slots[layer_groups[layer]] + 1, num_kv_heads, head_dim, dtype=dtype,
-                              device=device) for layer in range(num_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        self.k, self.v = self._kv_tensors([self.group_slots[g] + 1 for g in layer_groups], num_kv_heads, head_dim,
+                                          dtype, device)
         self.num_groups = G
         self.group_of = list(layer_groups)
         self.layers_of = [[layer for layer in range(num_layers) if self.group_of[layer] == g] for g in range(G)]
@@ -71,6 +70,12 @@ class KVPool:
         #: Rows released since the last :meth:`take_released` when recording (tensor parallelism: rank 0 sends them
         #: to the other ranks with the next step, so their pools free the same rows); ``None``: not recording.
         self.released: list[int] | None = None
+
+    @staticmethod
+    def _kv_tensors(sizes: list[int], num_kv_heads: int, head_dim: int, dtype, device):
+        """``(k, v)``: per layer ``l`` a zeroed ``[sizes[l], Hkv, D]`` tensor each."""
+        k = [torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device) for n in sizes]
+        return k, [torch.zeros_like(t) for t in k]
 
     # -- accounting ------------------------------------------------------------------------------------------
     def num_free(self) -> int:

@@ -45,6 +45,18 @@ class DecodePlan:
 
 
 @dataclass
+class DecodeRows:
+    """A step's decode rows on the device, for a decode eviction that must not sync: ``slots`` ``[G, B]`` their new
+    tokens' slots, ``rows`` ``[B]`` long, ``positions`` ``[B]`` long the new tokens' positions, ``lens`` ``[G, B]``
+    int32 the rows' slot counts with the new token."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    lens: torch.Tensor
+
+
+@dataclass
 class MixedPlan:
     """Prompt chunks (packed first) and decode rows (one token each, packed after them) in one step."""
 
@@ -85,11 +97,17 @@ def plan_decode(requests: list) -> DecodePlan:
 class ModelRunner:
     """Owns the model, the pool and the attention backend, and runs plans.
 
+    ``eviction_is_async``: the decode eviction never waits for the device (so a step may be launched before the
+    previous one's tokens are read, :mod:`.decode_ahead`); ``False`` here (StreamingLLM's per-row plan reads a
+    device flag), ``True`` for :class:`~.scored_pool.ScoredModelRunner`.
+
     Args:
         model: :class:`~.model.EngineModel` on ``device``; pool: :class:`~.kv_pool.KVPool`;
         method: the core sparse method or ``None``; graphs: a :class:`~.graphs.DecodeGraphs` or ``None``;
         compute_logits: ``False`` on tensor-parallel ranks other than 0 (they sample nothing).
     """
+
+    eviction_is_async = False
 
     def __init__(self, model, pool, method=None, graphs=None, compute_logits: bool = True):
         self.model, self.pool, self.method = model, pool, method
@@ -167,7 +185,8 @@ class ModelRunner:
         self.attention.ctx = None
         self._finish_chunks(segments, pre)
         if self.evicts and self.method.evicts_during_decode:
-            self._evict_decode(dec.rows)
+            self._evict_decode(dec.rows, DecodeRows(slot_mapping[:, T:], torch.tensor(dec.rows, device=self.device),
+                                                    torch.tensor(dec.positions, device=self.device), lens))
         if not self.compute_logits:
             return None
         picks = pre.last + list(range(T, T + len(dec.rows)))
@@ -241,11 +260,11 @@ class ModelRunner:
             logits = self.model.logits(hidden) if self.compute_logits else None
             self.attention.ctx = None
         if self.evicts and self.method.evicts_during_decode:
-            self._evict_decode(rows)
+            self._evict_decode(rows, DecodeRows(slots, inputs.rows[:B], inputs.positions[:B], inputs.lens[:, :B]))
         return logits if self.compute_logits else None
 
-    def _evict_decode(self, rows: list[int]) -> None:
-        """The method's ``decode_keep`` per row and layer (StreamingLLM's rolling window)."""
+    def _evict_decode(self, rows: list[int], step: DecodeRows | None = None) -> None:
+        """The method's ``decode_keep`` per row and layer (StreamingLLM's rolling window; ``step`` is not needed)."""
         pool = self.pool
         for row in rows:
             for layer in range(pool.num_layers):

@@ -9,33 +9,56 @@
   token from the logits its attention returns anyway (``decode_attention_with_scores`` +
   ``method.accumulate_logits``).
 - :class:`ScoredModelRunner`: at prompt end each layer keeps ``method.prefill_keep_scored`` and the row's budget
-  (``method.row_budget``) is remembered; after every decode step the rows over their budget run
-  ``method.decode_keep`` (one call per layer for all such rows), and the evicted slots go back to the pool.
+  (``method.row_budget``) is remembered. After every decode step a row over its budget holds exactly ``budget + 1``
+  tokens per layer and drops one (``method.decode_evict_one``: the lowest-scored middle token, one ``argmin``): in
+  every layer and KV head at once, the newest token's K/V, score and position move into the dropped token's slot
+  and the newest token's slot goes back to the free stack. Static shapes, a fixed number of launches whatever the
+  number of layers, no host-device sync (which rows are over is known on the host), so the decode forward is
+  captured in CUDA graphs like the other methods' and the eviction runs right after the replay.
+
+A row's slots are in logical order after its prompt, but the decode eviction puts the newest token wherever a token
+left; so the pool keeps each slot's logical position per layer and KV head (``pos``), which is what the eviction
+rule orders by (sinks, recent tokens, ties).
 
 The HF path's counterpart is :class:`sparse_hf.hf.scored_layer.ScoredSlotLayer`; both call the same method code.
-Decode runs eagerly (no CUDA graphs): the eviction decides on the host which rows are over budget.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sparse_hf.kernels import decode_attention_with_scores
+from sparse_hf.kernels.evict_one import evict_one_runs, evict_one_slots
 
 from .attention import PoolAttention, pool_view
 from .kv_pool import KVPool
-from .runner import ModelRunner
+from .runner import DecodeRows, ModelRunner
 
 
 class ScoredKVPool(KVPool):
-    """A :class:`~.kv_pool.KVPool` with ``scores[l]`` ``[S + 1, Hkv]`` float32 per layer (same arguments)."""
+    """A :class:`~.kv_pool.KVPool` with ``scores[l]`` ``[S + 1, Hkv]`` float32 and ``pos[l]`` ``[S + 1, Hkv]`` int32
+    per layer (same arguments; every group the same size). ``k[l]``/``v[l]`` are views of one ``[layers, S + 1, Hkv,
+    D]`` tensor each (``k_all``, ``v_all``), so that the decode eviction moves tokens of every layer in one op."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         #: ``[layers, S + 1, Hkv]`` float32; ``scores[l]`` is layer ``l``'s (slot-major, like ``k[l]``).
         self.scores = torch.zeros(self.num_layers, self.num_slots + 1, self.num_kv_heads, dtype=torch.float32,
                                   device=self.device)
+        #: ``[layers, S + 1, Hkv]`` int32, the logical position of the token each slot holds per KV head (set at the
+        #: prompt's end and for every decode token; the decode eviction orders by it).
+        self.pos = torch.zeros(self.num_layers, self.num_slots + 1, self.num_kv_heads, dtype=torch.int32,
+                               device=self.device)
         self._group_layers = torch.tensor(self.layers_of, device=self.device).view(self.num_groups, -1, 1)
+        self._layer_index = torch.arange(self.num_layers, device=self.device).view(-1, 1)         # [L, 1]
+
+    def _kv_tensors(self, sizes, num_kv_heads, head_dim, dtype, device):
+        if len(set(sizes)) != 1:
+            raise ValueError(f"ScoredKVPool needs groups of one size, got slots {sorted(set(sizes))}")
+        self.k_all = torch.zeros(len(sizes), sizes[0], num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v_all = torch.zeros_like(self.k_all)
+        return list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
 
     def _pop_free(self, n: int) -> torch.Tensor:
         """:meth:`KVPool._pop_free` (every allocation, prefill or decode, takes its slots here), and the new slots
@@ -78,13 +101,74 @@ class ScoredKVPool(KVPool):
         dst = dst.unsqueeze(1).expand(R, Hkv, K)
         heads = torch.arange(Hkv, device=self.device).view(1, Hkv, 1)
         for layer in self.layers_of[group]:
-            for buf in (self.k[layer], self.v[layer], self.scores[layer]):
+            for buf in (self.k[layer], self.v[layer], self.scores[layer], self.pos[layer]):
                 buf[dst, heads] = buf[src, heads]
         freed = [self.tables[group, r, c:m] for r, c, m in zip(rows, counts, n) if m > c]
         if freed:
             self._push_free(group, torch.cat(freed).clone())
         for r, c in zip(rows, counts):
             self.lens[group, r] = c
+
+    def set_positions(self, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """``pos[l][slots[group_of[l], i], :] = positions[i]`` for every layer (one op): ``slots`` ``[G, T]``,
+        ``positions`` ``[T]`` (device)."""
+        slots = slots.long()
+        if self.num_groups != self.num_layers:
+            slots = slots[self.group_of]
+        self.pos[self._layer_index, slots] = positions.to(torch.int32).view(1, -1, 1)
+
+    def evict_one(self, method, tables: torch.Tensor, lens: torch.Tensor, newest: torch.Tensor,
+                  over: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
+        """Rows ``over`` drop one token per layer and KV head (``method.decode_evict_one``): the newest token (table
+        column ``lens - 1``) takes the dropped token's slot, K, V, score and position move with it. Every layer at
+        once; static shapes, no host sync. Where ``backend`` gives Triton, one launch of
+        :func:`~sparse_hf.kernels.evict_one.evict_one_slots` (the same rule and move); else the torch ops below.
+
+        Args:
+            tables: ``[L, B, W]`` the rows' slot tables per layer (``W >= lens``); lens: ``[L, B]`` their counts, the
+                new token included; newest: ``[B]`` the new tokens' positions; over: ``[B]`` bool, rows to evict in.
+
+        Returns:
+            torch path: ``[L, B, Hkv]`` long, the table column each layer and head dropped (for tests); Triton:
+            ``None``. The caller frees the new tokens' slots of the ``over`` rows with :meth:`push_decode_slots`.
+        """
+        if evict_one_runs(backend, self.k_all):
+            c = method.config
+            evict_one_slots(self.k_all, self.v_all, self.scores, self.pos, tables, lens, newest, over,
+                            c.num_sink_tokens, c.num_recent_tokens)
+            return None
+        L, B, W = tables.shape
+        t = tables.long()
+        layers = torch.arange(L, device=self.device).view(L, 1, 1)
+        scores = self.scores[layers, t].transpose(2, 3)                                   # [L, B, Hkv, W]
+        pos = self.pos[layers, t].transpose(2, 3)
+        lens = lens.long()
+        live = (torch.arange(W, device=self.device).view(1, 1, W) < lens.unsqueeze(-1)).unsqueeze(2)
+        col, _ = method.decode_evict_one(scores, pos, newest.view(1, B, 1, 1), live)     # [L, B, Hkv]
+        src = t.gather(2, (lens - 1).clamp_min(0).unsqueeze(-1))                           # [L, B, 1] newest's slot
+        dst = torch.where(over.view(1, B, 1), t.gather(2, col), self.scratch_slot)        # [L, B, Hkv]
+        src = src.expand_as(dst)
+        heads = torch.arange(self.num_kv_heads, device=self.device).view(1, 1, -1)
+        for buf in (self.k_all, self.v_all, self.scores, self.pos):
+            buf[layers, dst, heads] = buf[layers, src, heads]
+        return col
+
+    def push_decode_slots(self, slots: torch.Tensor, over: torch.Tensor, count: int) -> None:
+        """Give back the slots ``slots[:, i]`` (``[G, B]`` device, this step's new tokens) of the ``count`` rows with
+        ``over[i]`` (``[B]`` bool, device): the over rows' slots first (a stable sort of the mask), copied above each
+        free stack's top, whose top then rises by ``count``. No host sync: the host knows ``count``."""
+        if count == 0:
+            return
+        B = slots.shape[1]
+        order = (~over).to(torch.int8).argsort(stable=True)
+        back = slots.to(self.free.dtype).index_select(1, order)                          # [G, B]
+        tops = self.free_top
+        if all(t == tops[0] for t in tops):
+            self.free[:, tops[0]: tops[0] + B] = back
+        else:
+            for g, t in enumerate(tops):
+                self.free[g, t: t + B] = back[g]
+        self.free_top = [t + count for t in tops]
 
 
 class ScoredPoolAttention(PoolAttention):
@@ -117,6 +201,8 @@ class ScoredPoolAttention(PoolAttention):
                                                    slots=tables)                       # K/V read in place
         mass = self.method.accumulate_logits(logits, pool.num_kv_heads, backend=self.backend)  # [B, Hkv, W]
         live = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
+        if self.warm_up:                  # a graph's warm-up: the replay adds this step's mass, not this run
+            live = torch.zeros_like(live)
         slots = torch.where(live, tables, pool.scratch_slot)
         pool.add_scores(layer, slots, mass.transpose(1, 2))                            # [B, W], [B, W, Hkv]
         return out
@@ -125,19 +211,21 @@ class ScoredPoolAttention(PoolAttention):
 class ScoredModelRunner(ModelRunner):
     """:class:`~.runner.ModelRunner` for methods that accumulate attention (same arguments; ``pool`` a
     :class:`ScoredKVPool`). ``row_budget[row]``: slots each layer of the row may hold during decode, set when the
-    row's prompt completes."""
+    row's prompt completes (``budget_dev``: the same on the device)."""
+
+    eviction_is_async = True
 
     def __init__(self, model, pool, method, graphs=None, compute_logits: bool = True):
-        if graphs is not None:
-            raise ValueError(f"{method.name} re-scores every token at every decode step and decodes eagerly; "
-                             "build it without CUDA graphs")
-        super().__init__(model, pool, method, graphs=None, compute_logits=compute_logits)
+        super().__init__(model, pool, method, graphs=graphs, compute_logits=compute_logits)
         self.attention = ScoredPoolAttention(pool, method, getattr(model, "tp", None))
         model.set_backend(self.attention)
         self.row_budget: dict[int, int] = {}
+        self.budget_dev = torch.zeros(pool.max_rows, dtype=torch.long, device=self.device)
 
     def _evict_prompt(self, row: int) -> None:
         pool, method = self.pool, self.method
+        n = int(pool.lens[0, row])                     # the whole prompt in every layer (nothing evicted yet)
+        pool.set_positions(pool.tables[:, row, :n], torch.arange(n, device=self.device))
         budget = None
         for layer in range(pool.num_layers):
             g = pool.group_of[layer]
@@ -148,24 +236,32 @@ class ScoredModelRunner(ModelRunner):
             scores = pool.row_scores(layer, pool.tables[g, row: row + 1, :n])            # [1, Hkv, n]
             self._apply(g, row, method.prefill_keep_scored(layer, valid, scores))
         self.row_budget[row] = budget
+        self.budget_dev[row] = budget
 
-    def _evict_decode(self, rows: list[int]) -> None:
-        """Per layer, the rows holding more than their budget keep ``method.decode_keep``'s choice."""
-        pool, method = self.pool, self.method
-        for layer in range(pool.num_layers):
-            g = pool.group_of[layer]
-            over = [r for r in rows if pool.lens[g, r] > self.row_budget[r]]
-            if not over:
-                continue
-            counts = [int(pool.lens[g, r]) for r in over]
-            width = max(counts)
-            n = torch.tensor(counts, device=self.device)
-            table = pool.tables[g, torch.tensor(over, device=self.device), :width]      # [R, width]
-            valid = (torch.arange(width, device=self.device).view(1, 1, -1) < n.view(-1, 1, 1)).expand(
-                -1, pool.num_kv_heads, -1)                                             # [R, Hkv, width]
-            budgets = [self.row_budget[r] for r in over]
-            plan = method.decode_keep(layer, valid, pool.row_scores(layer, table),
-                                      torch.tensor(budgets, device=self.device))
-            if plan is None:
-                raise RuntimeError(f"{method.name} kept every token of rows over their budget (engine bug)")
-            pool.keep_rows(g, over, plan[0], budgets)
+    def _evict_decode(self, rows: list[int], step: DecodeRows | None = None) -> None:
+        """After a decode step: each row over its budget drops one token per layer and KV head
+        (:meth:`ScoredKVPool.evict_one`), and its new token's slot returns to the free stack. The host knows which
+        rows are over (counts and budgets are host values); the device works it out alike, so nothing syncs."""
+        pool = self.pool
+        if step is None:
+            raise RuntimeError(f"{self.method.name}: the decode eviction needs the step's device rows (engine bug)")
+        pool.set_positions(step.slots, step.positions)
+        held = pool.lens[:, rows]                                                      # [G, B] host
+        budget = np.array([self.row_budget[r] for r in rows], dtype=np.int64)
+        over_host = held[0] > budget
+        count = int(over_host.sum())
+        if not count:
+            return
+        if (held != held[0]).any() or (held[0] > budget + 1).any():
+            raise RuntimeError(f"{self.method.name}: rows {rows} hold {held.tolist()} slots for budgets "
+                               f"{budget.tolist()}; a decode step adds one token per row (engine bug)")
+        width = int(held.max())
+        tables = pool.tables[:, :, :width].index_select(1, step.rows)                  # [G, B, width]
+        lens = step.lens
+        if pool.num_groups != pool.num_layers:
+            tables, lens = tables[pool.group_of], lens[pool.group_of]                   # [L, B, width], [L, B]
+        over = lens[0].long() > self.budget_dev.index_select(0, step.rows)             # [B], = over_host
+        pool.evict_one(self.method, tables, lens, step.positions, over, backend=self.attention.backend)
+        pool.push_decode_slots(step.slots, over, count)
+        over_rows = np.asarray(rows, dtype=np.int64)[over_host]
+        pool.lens[:, over_rows] -= 1

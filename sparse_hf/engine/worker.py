@@ -85,7 +85,7 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
         load_weights(model, tensors)
     model.eval().requires_grad_(False)
     evicts = method is not None and method.family == "evict"
-    scored = getattr(method, "accumulates_attention", False)          # H2O: scores beside the pool, eager decode
+    scored = getattr(method, "accumulates_attention", False)          # H2O: scores beside the pool
     slots = cfg.num_kv_slots or size_pool(model, cfg, spec.max_model_len, evicts, spec.dtype, device, scored)
     if tp is not None and tp.size > 1 and cfg.num_kv_slots is None:     # every rank must hold the same slot count
         count = torch.tensor([slots], dtype=torch.long, device=device)
@@ -129,7 +129,7 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
                                                 cfg.max_num_seqs, max_model_len, evicts, spec.dtype, device)
     runner = (ScoredModelRunner if scored else ModelRunner)(model, pool, method,
                                                             compute_logits=compute_logits)
-    if device.type == "cuda" and not cfg.enforce_eager and not scored:
+    if device.type == "cuda" and not cfg.enforce_eager:
         from .graphs import DecodeGraphs
         runner.graphs = DecodeGraphs(model, pool, cfg.max_num_seqs, runner.attention)
     return Shard(model, pool, runner, method, max_model_len)
@@ -147,7 +147,7 @@ def size_pool(model, cfg: EngineConfig, max_model_len: int, evicts: bool, dtype:
     groups = model.num_layers if evicts else 1
     per_slot = (2 * model.num_layers * model.num_kv_heads * model.head_dim
                 * torch.tensor([], dtype=dtype).element_size() + 4 * groups    # K/V of every layer + free-stack entries
-                + (4 * model.num_layers * model.num_kv_heads if scored else 0))  # + fp32 accumulated attention
+                + (8 * model.num_layers * model.num_kv_heads if scored else 0))  # + fp32 scores, int32 positions
     table_bytes = groups * cfg.max_num_seqs * max_model_len * 4 * 2
     free = int(total * cfg.gpu_memory_utilization) - peak - table_bytes
     slots = free // per_slot

@@ -59,9 +59,6 @@ class SparseCache(Cache):
         self.num_layers = text_config.num_hidden_layers
         self.model_config = text_config
         self.method = method_class(self.sparse_config, self.num_layers)
-        if self.runtime.cuda_graph and getattr(self.method, "accumulates_attention", False):
-            raise ValueError(f"{self.method_name} re-scores every token at every decode step and cannot run from a "
-                             "captured CUDA graph: drop cuda_graph=True")
         super().__init__(layers=[self.make_layer(i) for i in range(self.num_layers)])
         self.prefill_target: int | None = None   # logical length at which the prompt is complete
         # CUDA-graph decode: None = automatic (on CUDA where safe), False = never; see integration.wants_cuda_graph.
@@ -166,7 +163,10 @@ class EvictionCache(SparseCache):
             qv = query_validity(attention_mask, q_len, layer.seen, query.shape[0], query.device)
             layer.remember_queries(query, qv, window)
         scored = self.method.accumulates_attention
-        if scored and not self.capturing:   # H2O: every query's attention mass adds to the slots' scores
+        if scored and not prefill and q_len == 1 and layer.frozen:
+            # H2O's decode step: static shapes over the whole buffer, so a CUDA graph captures it (eager: the same)
+            layer.accumulate_decode(self.method, query, scaling)
+        elif scored:                        # H2O: every query's attention mass adds to the slots' scores
             layer.accumulate(self.method, query, self._key_validity(layer, attention_mask, q_len),
                              query_validity(attention_mask, q_len, layer.seen, query.shape[0], query.device)
                              if q_len > 1 else None, scaling)

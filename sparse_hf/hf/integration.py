@@ -117,8 +117,6 @@ def graph_blocker(cache, kwargs: dict, args: tuple = ()) -> str | None:
         return cache.graph_blocked
     if cache.rollback_needed:
         return "assisted generation"
-    if getattr(cache.method, "accumulates_attention", False):
-        return "the method re-scores every token at every decode step (H2O)"
     if not cache.decoding():
         return "the prompt is not complete"
     if not all(getattr(layer, "frozen", False) for layer in cache.layers):

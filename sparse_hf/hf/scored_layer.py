@@ -1,6 +1,11 @@
 """``ScoredSlotLayer``: a :class:`SlotLayer` that also carries each slot's accumulated attention (H2O-style
 methods, ``EvictionMethod.accumulates_attention``). The scores follow the slots through eviction and batch
-reordering; the method computes them (``method.accumulate``) and decides from them."""
+reordering; the method computes them (``method.accumulate``) and decides from them.
+
+The scores live in a buffer of the layer's capacity, like K/V and positions, so that a decode step (once the layer
+is frozen) adds the new query's attention mass with static shapes over the whole buffer: that step can be captured
+in a CUDA graph (:class:`~sparse_hf.hf.cuda_graph.GraphDecoder`) and replayed; eager decode runs the same code, so
+both give the same scores and tokens."""
 
 from __future__ import annotations
 
@@ -11,14 +16,31 @@ from .layer import SlotLayer
 
 class ScoredSlotLayer(SlotLayer):
     """Attributes (beyond :class:`SlotLayer`'s):
-        scores: ``[B, Hkv, n]`` accumulated attention mass of the live slots (``None`` before the first call).
+        scores: ``[B, Hkv, n]`` accumulated attention mass of the live slots (a view of the ``[B, Hkv, capacity]``
+            float32 buffer, zero past the live slots and in empty ones; ``None`` before the first call).
         row_budget: ``[B]`` long, slots each row may hold during decode (set when the prompt is complete).
     """
 
     def __init__(self):
         super().__init__()
-        self.scores = None
+        self._scores = None
         self.row_budget = None
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return None if self._scores is None else self._scores[:, :, :self.num_slots]
+
+    def buffer_signature(self) -> tuple:
+        return super().buffer_signature() + (self._scores.data_ptr(),)
+
+    def _ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        super()._ensure_capacity(needed, like_k, like_v)
+        if self._scores is None or self._scores.shape != self._pos.shape:    # new buffers: scores follow
+            scores = torch.zeros(self._pos.shape, dtype=torch.float32, device=self._pos.device)
+            if self._scores is not None:
+                n = min(self._scores.shape[-1], scores.shape[-1])
+                scores[:, :, :n] = self._scores[:, :, :n]
+            self._scores = scores
 
     def accumulate(self, method, query: torch.Tensor, key_valid: torch.Tensor, query_valid, scaling: float) -> None:
         """Add the attention mass of ``query`` (``[B, H, q, D]``, the layer's newest ``q`` columns) to the scores.
@@ -27,20 +49,32 @@ class ScoredSlotLayer(SlotLayer):
         q = query.shape[2]
         query_pos = torch.arange(self.seen - q, self.seen, device=query.device)
         mass = method.accumulate(query, self.keys, self.positions, key_valid, query_pos, query_valid, scaling)
-        if self.scores is not None:
-            old = self.scores
-            mass[:, :, :old.shape[-1]] += old.to(mass.dtype)
-        self.scores = mass
+        self._scores[:, :, :mass.shape[-1]] += mass.to(torch.float32)
+
+    def accumulate_decode(self, method, query: torch.Tensor, scaling: float) -> None:
+        """A frozen layer's decode step (``query`` ``[B, H, 1, D]``, its token already appended): the mass over the
+        whole buffer (empty slots, ``position == -1``, get none) added in place, with static shapes and no host
+        value (the query's column is the device-side counter): CUDA-graph safe."""
+        k, _, pos = self.buffers
+        query_pos = self.seen_dev - 1                                              # [1], this token's column
+        self._scores += method.accumulate(query, k, pos, pos >= 0, query_pos, None, scaling).to(torch.float32)
 
     def keep(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
-        if self.scores is not None:
-            self.scores = self.scores.gather(-1, idx).masked_fill(~ok, 0.0)
+        kept = self.scores.gather(-1, idx).masked_fill(~ok, 0.0) if self._scores is not None else None
         super().keep(idx, ok)
+        if kept is None:
+            return
+        K = idx.shape[-1]
+        if not self.frozen or self._scores.shape != self._pos.shape:
+            self._scores = torch.zeros(self._pos.shape, dtype=torch.float32, device=self._pos.device)
+        else:
+            self._scores[:, :, K:] = 0.0                 # freed slots: the next token there starts from zero
+        self._scores[:, :, :K] = kept
 
     def _index_batch(self, index: torch.Tensor) -> None:
         super()._index_batch(index)
-        index = index.to(self.device) if self.scores is not None or self.row_budget is not None else index
-        if self.scores is not None:
-            self.scores = self.scores[index]
+        index = index.to(self.device) if self._scores is not None or self.row_budget is not None else index
+        if self._scores is not None:
+            self._scores = self._scores[index]
         if self.row_budget is not None:
             self.row_budget = self.row_budget[index]

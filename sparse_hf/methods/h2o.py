@@ -10,7 +10,7 @@ import torch
 from ..config import TopTokensConfig, resolve_counts
 from ..kernels import attention_mass, decode_attention_mass
 from .base import EvictionMethod
-from .selection import select_keep
+from .selection import lowest_candidate, select_keep
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class H2O(EvictionMethod):
     A token's score is its accumulated attention (:func:`attention_mass`: summed over every query seen so far,
     prompt and generated, and over the query heads of its KV group). When the prompt is complete each row keeps
     ``budget = sinks + recent + top`` slots; at every decode step the new token joins and, once a row holds more
-    than its budget, the lowest-scored middle token leaves. Decode therefore syncs with the device once per layer
-    and step (to know whether to evict) and is not captured in CUDA graphs.
+    than its budget, the lowest-scored middle token leaves. The HF path accumulates a decode step's mass with
+    static shapes (captured in CUDA graphs) and evicts between steps through :meth:`decode_keep`; the engine drops
+    that one token with :meth:`decode_evict_one` (the same token, found with one ``argmin``, no host sync).
     """
 
     name = "h2o"
@@ -76,3 +77,27 @@ class H2O(EvictionMethod):
         if scores is None or row_budget is None:
             raise ValueError("h2o's decode_keep needs the accumulated scores and the row budgets")
         return self._keep(valid, scores, row_budget)
+
+    def decode_evict_one(self, scores: torch.Tensor, positions: torch.Tensor, newest: torch.Tensor,
+                         live: torch.Tensor):
+        """The steady-state decode eviction: a row that holds exactly ``budget + 1`` tokens (its budget, then this
+        step's token) drops one, the lowest-scored middle token; the same token :meth:`decode_keep` drops then, found
+        with one ``argmin`` and static shapes, with the tokens in any slot order (the engine moves the newest token
+        into the dropped one's slot instead of compacting the row).
+
+        Sinks and recent tokens are told by logical position, which equals :meth:`decode_keep`'s rank rule for a
+        row whose positions start at 0 with no gap in its prompt (the engine's rows): its first ``num_sink_tokens``
+        and its last ``num_recent_tokens`` positions are never evicted, so they are always present.
+
+        Args:
+            scores: ``[..., L]`` float32 accumulated attention mass; positions: ``[..., L]`` logical positions.
+            newest: positions of each row's newest token, broadcast against ``[..., 1]``.
+            live: ``[..., L]`` bool, slots that hold a token (a row's first ``budget + 1``).
+
+        Returns:
+            ``(idx, found)`` as in :func:`~sparse_hf.methods.selection.lowest_candidate` (``found`` is ``False`` only
+            where a row has no middle token: never for a row of ``budget + 1`` tokens).
+        """
+        c = self.config
+        candidate = live & (positions >= c.num_sink_tokens) & (positions <= newest - c.num_recent_tokens)
+        return lowest_candidate(scores, positions, candidate)

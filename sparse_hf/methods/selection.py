@@ -72,10 +72,38 @@ def priority_keys(prio: torch.Tensor) -> torch.Tensor:
     L = prio.shape[-1]
     if L > 2**32:
         raise ValueError(f"priority_keys packs slot indices in 32 bits; {L} slots is too many")
-    bits = canonical_priorities(prio.float()).view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()       # int32 order == float order
     tiebreak = torch.arange(L - 1, -1, -1, device=prio.device, dtype=torch.long)
-    return ordered * 2**32 + tiebreak
+    return ordered_priorities(prio) * 2**32 + tiebreak
+
+
+def ordered_priorities(prio: torch.Tensor) -> torch.Tensor:
+    """``prio`` (float32, bfloat16 or float16) as int64 values in ``[-2**31, 2**31)`` that order exactly like the
+    priorities after :func:`canonical_priorities` (``-inf < ... < 0 < ... < inf < NaN``, ``-0.0 == +0.0``): the
+    float32 bits, negative floats with their magnitude bits flipped. Same shape."""
+    bits = canonical_priorities(prio.float()).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()            # int32 order == float order
+
+
+def lowest_candidate(scores: torch.Tensor, order: torch.Tensor, candidate: torch.Tensor):
+    """The candidate that :func:`select_keep` drops when it must drop exactly one: the lowest score, and among
+    equal scores the one that comes last (largest ``order``); ties, ``-0.0``/``+0.0`` and NaNs as in
+    :func:`priority_order`. One ``argmin`` over int64 keys (score, then ``-order``), no sort.
+
+    Args:
+        scores: ``[..., L]`` float32/bfloat16/float16.
+        order: ``[..., L]`` integers in ``[0, 2**31)``, the tokens' logical order (distinct among a row's candidates;
+            slot indices when slots are in logical order, positions otherwise).
+        candidate: ``[..., L]`` bool.
+
+    Returns:
+        ``(idx, found)``: ``[...]`` long, the index along ``L`` of the dropped candidate, and ``[...]`` bool, whether
+        the row had a candidate at all (``idx`` is meaningless where not).
+    """
+    if scores.dtype not in _KEYED_DTYPES:
+        raise TypeError(f"lowest_candidate takes float32, bfloat16 or float16 scores, got {scores.dtype}")
+    key = ordered_priorities(scores) * 2**32 + (2**31 - 1 - order.long())
+    key = torch.where(candidate, key, torch.iinfo(torch.long).max)
+    return key.argmin(-1), candidate.any(-1)
 
 
 def top_priority(prio: torch.Tensor, k: int) -> torch.Tensor:
