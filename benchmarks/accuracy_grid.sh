@@ -94,5 +94,24 @@ for lane in $LANES; do
 done
 wait
 date -u
-for f in "$RESULTS"/*.log; do echo "== $f"; tail -n 12 "$f"; done
-for f in "$RESULTS"/*/predictions.jsonl; do echo "$f: $(wc -l < "$f") predictions"; done
+for f in "$RESULTS"/*.log; do echo "== $f"; grep -v '^Loading weights' "$f" | tail -n 12; done
+# Per eval: predictions on file, and the rate of this call's batches (from the logs' timestamped batch lines;
+# the first line's batch is counted from its own start, so the rate covers engine work, not model loading)
+for f in "$RESULTS"/*/predictions.jsonl; do
+  name=$(basename "$(dirname "$f")")
+  ${PYTHON:-python3} - "$f" "$RESULTS/$name.log" <<'PY'
+import re, sys
+pred, log = sys.argv[1:]
+n = sum(1 for _ in open(pred))
+lines = [m for m in (re.match(r"(\d\d):(\d\d):(\d\d) engine: .*: batch of (\d+) .* in ([\d.]+) s ", l)
+                     for l in open(log, errors="replace")) if m] if __import__("os").path.exists(log) else []
+if not lines:
+    print(f"{pred}: {n} predictions (no batch lines in {log})")
+else:
+    sec = lambda m: int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+    span = (sec(lines[-1]) - sec(lines[0])) % 86400 + float(lines[0][5])
+    done = sum(int(m[4]) for m in lines)
+    print(f"{pred}: {n} predictions; this call: {done} prompts in {len(lines)} batches over {span:.0f} s = "
+          f"{done / max(span, 1):.2f} prompts/s")
+PY
+done
