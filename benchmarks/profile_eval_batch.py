@@ -11,6 +11,7 @@ heads, 3 KV heads, head dim 64), once per prefill route of an fp32 pool (``atten
 SDPA on gathered slots, the engine's choice now; ``paged``, the Triton kernel, its choice before), after one warm-up
 batch. Prints one JSON line per route: engine construction, generate and close seconds, prompt tokens/s, steps by
 kind. ``--kernels``: also the device time per kernel name of the timed batch (``torch.profiler``, top ``--top``).
+``--method h2o --mass-backends auto,torch``: also per backend of H2O's prefill attention-mass pass.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ def smollm2_config(small: bool):
                        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
-def run_batch(model, method: str, knobs, prompts, max_new: int, device, profile: bool, top: int) -> dict:
-    """One batch through the engine as the eval builds it; returns the timings (and the kernel table)."""
+def run_batch(model, method: str, knobs, prompts, max_new: int, device, profile: bool, top: int,
+              mass_backend: str | None = None) -> dict:
+    """One batch through the engine as the eval builds it; returns the timings (and the kernel table).
+    ``mass_backend``: H2O's prefill mass backend (``None``: the engine's own)."""
     from sparse_hf.engine import LLM, SamplingParams
     from sparse_hf.eval.engine_runner import _StepCounter, _sync, engine_kwargs
 
     start = time.perf_counter()
     llm = LLM(model, None, dtype=model.dtype, device=device,
               **engine_kwargs(method, knobs, [len(p) for p in prompts], [max_new] * len(prompts), device))
+    if mass_backend is not None:
+        llm.runner.attention.mass_backend = mass_backend
     _sync(device)
     built = time.perf_counter()
     counter = _StepCounter(llm)
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--routes", default="gather,paged", help="fp32 prefill routes to time (FP32_PREFILL_ROUTE)")
     p.add_argument("--kernels", action="store_true", help="a torch.profiler table of each timed batch")
+    p.add_argument("--mass-backends", default=None,
+                   help="h2o only: prefill mass backends to time per route, e.g. auto,torch (default: the engine's)")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, 2 x 64 tokens")
     args = p.parse_args(argv)
@@ -103,11 +110,16 @@ def main(argv=None) -> int:
     vocab = model.config.vocab_size
     prompts = [torch.randint(100, vocab, (args.length,)).tolist() for _ in range(args.rows)]
     knobs = budget_to_cache_config(args.method, args.budget, args.length)
+    masses = args.mass_backends.split(",") if args.mass_backends else [None]
+    if masses != [None] and args.method != "h2o":
+        p.error("--mass-backends applies to --method h2o only")
     for route in args.routes.split(","):
         attention.FP32_PREFILL_ROUTE = route
-        run_batch(model, args.method, knobs, prompts[:2], args.max_new, device, False, args.top)     # warm-up
-        r = run_batch(model, args.method, knobs, prompts, args.max_new, device, args.kernels, args.top)
-        print(json.dumps(dict(method=args.method, dtype=args.dtype, fp32_prefill_route=route, **r)), flush=True)
+        for mass in masses:
+            run_batch(model, args.method, knobs, prompts[:2], args.max_new, device, False, args.top, mass)  # warm-up
+            r = run_batch(model, args.method, knobs, prompts, args.max_new, device, args.kernels, args.top, mass)
+            print(json.dumps(dict(method=args.method, dtype=args.dtype, fp32_prefill_route=route, mass_backend=mass,
+                                  **r)), flush=True)
     return 0
 
 
