@@ -16,7 +16,10 @@
 #   DTYPE    model dtype of every run, default float32 (the HF eval's default; bfloat16 is faster on the GPU)
 #   LANES    which lanes to run, default "base scored layer kv_head deltakv" (split the grid over two device
 #            calls with e.g. LANES="layer kv_head", then LANES="base scored deltakv")
-#   QUICK=1  a timing probe: snapkv @ 0.25 (layer scope, DTYPE, at most 70 s), then full in bfloat16 (at most 50 s).
+#   QUICK=1  a timing probe: one eval batch (32 x 4096 tokens, fp32, SmolLM2's shape, random weights) per fp32
+#            prefill route with its kernel table (benchmarks/profile_eval_batch.py, at most 150 s; JSON lines in
+#            $RESULTS/quick_batch.jsonl), then snapkv @ 0.25 (layer scope, DTYPE, at most 70 s), then full in
+#            bfloat16 (at most 50 s); their logs hold a timestamped line per batch.
 # Lanes (one eval process each, run side by side; the grid of every lane: tasks niah_single,niah_multikey,
 # text_recall x lengths 2048,4096,8192 x depths 0.1,0.5,0.9 x 10 samples = 210 prompts per method and budget):
 #   base      calibrate, full, streamingllm @ 0.1,0.25, then omnikv @ 0.25 with the calibrated filter layers
@@ -53,10 +56,13 @@ merged() {  # merged JSON_A @FILE: one cache_config object, A's knobs plus FILE'
 date -u
 if [ "${QUICK:-0}" = 1 ]; then
   export -f ev; export GRID RESULTS PYTHON=${PYTHON:-python3}
+  timeout 150 ${PYTHON:-python3} benchmarks/profile_eval_batch.py --rows 32 --length 4096 --routes gather,paged \
+      --kernels > "$RESULTS/quick_batch.jsonl" 2> "$RESULTS/quick_batch.log"
+  echo "quick_batch rc=$?"; cut -c1-400 "$RESULTS/quick_batch.jsonl"
   timeout 70 bash -c "ev quick_snapkv --methods snapkv --budgets 0.25 --cache-config '{\"selection_scope\": \"layer\"}'"
   export GRID="${GRID/--dtype $DTYPE/--dtype bfloat16}"
   timeout 50 bash -c 'ev quick_full_bf16 --methods full'
-  tail -n 4 "$RESULTS"/quick_*.log
+  tail -n 4 "$RESULTS"/quick_snapkv.log "$RESULTS"/quick_full_bf16.log
   exit 0
 fi
 CAL="$RESULTS/calibration.json"
@@ -94,5 +100,24 @@ for lane in $LANES; do
 done
 wait
 date -u
-for f in "$RESULTS"/*.log; do echo "== $f"; tail -n 12 "$f"; done
-for f in "$RESULTS"/*/predictions.jsonl; do echo "$f: $(wc -l < "$f") predictions"; done
+for f in "$RESULTS"/*.log; do echo "== $f"; grep -v '^Loading weights' "$f" | tail -n 12; done
+# Per eval: predictions on file, and the rate of this call's batches (from the logs' timestamped batch lines;
+# the first line's batch is counted from its own start, so the rate covers engine work, not model loading)
+for f in "$RESULTS"/*/predictions.jsonl; do
+  name=$(basename "$(dirname "$f")")
+  ${PYTHON:-python3} - "$f" "$RESULTS/$name.log" <<'PY'
+import re, sys
+pred, log = sys.argv[1:]
+n = sum(1 for _ in open(pred))
+lines = [m for m in (re.match(r"(\d\d):(\d\d):(\d\d) engine: .*: batch of (\d+) .* in ([\d.]+) s ", l)
+                     for l in open(log, errors="replace")) if m] if __import__("os").path.exists(log) else []
+if not lines:
+    print(f"{pred}: {n} predictions (no batch lines in {log})")
+else:
+    sec = lambda m: int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+    span = (sec(lines[-1]) - sec(lines[0])) % 86400 + float(lines[0][5])
+    done = sum(int(m[4]) for m in lines)
+    print(f"{pred}: {n} predictions; this call: {done} prompts in {len(lines)} batches over {span:.0f} s = "
+          f"{done / max(span, 1):.2f} prompts/s")
+PY
+done

@@ -1,8 +1,11 @@
 """Micro-benchmark of prefill attention over the KV pool: the paged Triton kernel against SDPA on gathered K/V.
 
     python benchmarks/bench_paged_prefill.py [--context 131072] [--chunk 8192] [--output out.json]
+    python benchmarks/bench_paged_prefill.py --dtype float32 --heads 9,3,64 --context 8192 --chunk 2048 --skip-whole
 
-Qwen2.5-7B head shape (28 query heads, 4 KV heads, head dim 128), bf16, one layer. Prints JSON lines:
+Default: Qwen2.5-7B head shape (28 query heads, 4 KV heads, head dim 128), bf16, one layer; ``--heads H,HKV,D`` and
+``--dtype`` change them (the second line: SmolLM2-135M in fp32, the accuracy grid's engine prefill, where the engine
+now takes ``sdpa gathered`` instead of the paged kernel: ``attention.FP32_PREFILL_ROUTE``). Prints JSON lines:
 
 - ``last_chunk``: the chunk of ``--chunk`` queries at the end of ``--context`` keys (lower-right causal): the
   Triton kernel for each of its configurations, with the row's slots contiguous (a fresh pool) and shuffled (a
@@ -89,8 +92,13 @@ def main(argv=None) -> int:
     p.add_argument("--skip-whole", action="store_true", help="only the last-chunk table")
     p.add_argument("--output", default=None)
     p.add_argument("--small", action="store_true", help="CPU smoke run under TRITON_INTERPRET=1 (tiny sizes)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--heads", default=None, help="H,HKV,D: query heads, KV heads, head dim (default 28,4,128)")
     args = p.parse_args(argv)
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    global H, HKV, D
+    if args.heads:
+        H, HKV, D = (int(x) for x in args.heads.split(","))
+    dev, dt = torch.device("cuda"), getattr(torch, args.dtype)
     if args.small:
         dev, dt, args.context, args.chunk = torch.device("cpu"), torch.float32, 48, 16
     L, n = args.context, args.chunk
@@ -108,7 +116,8 @@ def main(argv=None) -> int:
     slots = shuffled[0].long()
     want = chunk_attention(qc, k_pool[slots], v_pool[slots], scale)
     got = paged_prefill_attention(qc, k_pool, v_pool, shuffled, seg, scale, backend="triton")
-    results.append(dict(kind="check", max_abs_err=float((got.float() - want.float()).abs().max())))
+    results.append(dict(kind="check", dtype=str(dt), heads=[H, HKV, D],
+                        max_abs_err=float((got.float() - want.float()).abs().max())))
     print(json.dumps(results[-1]), flush=True)
     for config in CONFIGS:
         for name, table in (("contiguous", contiguous), ("shuffled", shuffled)):

@@ -93,6 +93,26 @@ def test_weights_from_safetensors_dir_equal_in_memory(tmp_path):
             torch.testing.assert_close(llm.model.state_dict()[name], p, rtol=0, atol=0)
 
 
+def test_engine_from_weights_skips_random_init_and_holds_the_weights(monkeypatch):
+    """Built from weights, the engine's layers skip their random init (every parameter is copied in next) and hold
+    exactly the HF model's weights; built from a config (random weights) they still initialise."""
+    model = tiny_model("llama")
+    inits = []
+    real = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda *a, **k: inits.append(1) or real(*a, **k))
+    llm = LLM(model, num_kv_slots=64, max_model_len=32)
+    assert inits == []
+    hf = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
+    engine = llm.model.state_dict()
+    torch.testing.assert_close(engine["embed_tokens.weight"], hf["embed_tokens.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(engine["layers.0.mlp.down_proj.weight"], hf["layers.0.mlp.down_proj.weight"],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(engine["layers.2.self_attn.qkv_proj.weight"],
+                               torch.cat([hf[f"layers.2.self_attn.{p}_proj.weight"] for p in "qkv"]), rtol=0, atol=0)
+    LLM(model.config, num_kv_slots=64, max_model_len=32, device="cpu")
+    assert inits, "an engine with random weights no longer initialises its linears"
+
+
 def test_eos_stops_and_stats():
     model = tiny_model("llama")
     prompt = random_prompts((12,), seed=6)[0]

@@ -104,3 +104,32 @@ def test_split_route_refused_by_torch_checks_on_cpu(monkeypatch):
     q, k = torch.randn(4, 6, 16), torch.randn(9, 2, 16)
     with pytest.raises(sdpa_split.SplitUnavailable, match="cudnn"):
         sdpa_split.split_chunk_attention(q, k[:5], k[:5], k[5:], k[5:], 0.25)
+
+
+def test_default_route_takes_sdpa_for_fp32_where_triton_runs(monkeypatch):
+    """Where the Triton kernels run (CUDA, faked here), an fp32 pool prefills through SDPA on gathered slots
+    (FP32_PREFILL_ROUTE), bf16/fp16 through "auto" (split cuDNN / paged); without Triton, "gather" whatever the
+    dtype; FP32_PREFILL_ROUTE=None restores the dtype-blind choice."""
+    fp32, bf16 = torch.zeros(2, 1, 4), torch.zeros(2, 1, 4, dtype=torch.bfloat16)
+    assert attention.default_prefill_route(fp32) == attention.default_prefill_route(bf16) == "gather"
+    monkeypatch.setattr(attention, "kernels_run_fused", lambda t: True)
+    assert attention.default_prefill_route(fp32) == "gather"
+    assert attention.default_prefill_route(bf16) == "auto"
+    monkeypatch.setattr(attention, "FP32_PREFILL_ROUTE", None)
+    assert attention.default_prefill_route(fp32) == "auto"
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_chunk_attention_matches_float64():
+    """fp32 on CUDA (KV heads repeated for the memory-efficient kernel): a chunk of 700 queries at the end of 3000
+    keys, lower-right causal, against float64 on the CPU; SmolLM2's heads (9 query heads, 3 KV heads, dim 64)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(700, 9, 64, device="cuda", generator=g)
+    k = torch.randn(3000, 3, 64, device="cuda", generator=g)
+    v = torch.randn(3000, 3, 64, device="cuda", generator=g)
+    qd, kd, vd = (t.double().cpu().transpose(0, 1) for t in (q, k, v))                      # [heads, len, 64]
+    kd, vd = kd.repeat_interleave(3, 0), vd.repeat_interleave(3, 0)
+    visible = torch.arange(3000).view(1, -1) <= torch.arange(2300, 3000).view(-1, 1)        # [700, 3000]
+    s = (qd @ kd.transpose(1, 2) * 0.125).masked_fill(~visible, float("-inf"))
+    want = (torch.softmax(s, -1) @ vd).transpose(0, 1)                                      # [700, 9, 64]
+    torch.testing.assert_close(chunk_attention(q, k, v, 0.125).double().cpu(), want, atol=1e-4, rtol=1e-4)

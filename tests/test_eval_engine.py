@@ -4,6 +4,7 @@ EOS that fires mid-answer, so the stop rule is exercised), and on the real demo 
 its own EOS) when it is installed."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -142,7 +143,12 @@ def test_cli_engine_flag(model, tok, tmp_path, monkeypatch, capsys):
     assert main(base + ["--methods", "full,snapkv"]) == 0
     records = list(read(tmp_path / "predictions.jsonl").values())
     assert len(records) == 2 and all(r["engine"] for r in records)
-    assert "engine: snapkv @ 0.25: 1 prompts in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "engine: snapkv @ 0.25: 1 prompts in" in err
+    # one timestamped progress line per finished batch: its size, where its time went, prompts done of the total
+    assert re.search(r"\d\d:\d\d:\d\d engine: snapkv @ 0\.25: batch of 1 \(\d+-\d+ tokens\) in [\d.]+ s \(build "
+                     r"[\d.]+, generate [\d.]+ \[.*prefill 1.*\], close [\d.]+\), .* \| 2/2 prompts", err)
+    assert re.search(r"engine: full: batch of 1 .* \| 1/2 prompts", err)
     monkeypatch.setattr(engine_config, "ENGINE_METHODS", ("snapkv",))
     assert main(base + ["--methods", "h2o"]) == 2 and loaded == ["demo"]      # refused before loading the model
     assert "--engine: the engine does not run h2o" in capsys.readouterr().err

@@ -33,6 +33,23 @@ from .sdpa_split import SplitUnavailable, split_chunk_attention
 #: A chunk of at least this many queries takes the split cuDNN route under ``prefill_route="auto"``; shorter ones
 #: share one paged-kernel launch (per-call overhead would dominate two SDPA calls and a merge per small chunk).
 SPLIT_MIN_QUERIES = 1024
+#: The prefill route of an fp32 pool on CUDA. cuDNN refuses fp32 (so ``"auto"`` would run every chunk through the
+#: paged Triton kernel, whose fp32 ``tl.dot`` takes exact "ieee" products on the CUDA cores with tiles tuned for
+#: bf16), while SDPA's memory-efficient kernel runs fp32 on the tensor cores in three-pass TF32 (fp32 accuracy) and is
+#: what the HF path runs: ``"gather"`` takes it (:func:`chunk_attention`). Suspected cause of the fp32 accuracy grid's
+#: ~1,200 prompt tokens/s per process on the H200 (docs/benchmarks.md, run M); measured by
+#: ``benchmarks/bench_paged_prefill.py --dtype float32 --heads 9,3,64`` (to run). ``None``: the dtype-blind choice.
+FP32_PREFILL_ROUTE: str | None = "gather"
+
+
+def default_prefill_route(t: torch.Tensor) -> str:
+    """The :attr:`PoolAttention.prefill_route` for a pool like ``t``: ``"auto"`` where the Triton kernels run (CUDA),
+    except :data:`FP32_PREFILL_ROUTE` for fp32 there; ``"gather"`` elsewhere (CPU)."""
+    if not kernels_run_fused(t):
+        return "gather"
+    if t.dtype == torch.float32 and FP32_PREFILL_ROUTE is not None:
+        return FP32_PREFILL_ROUTE
+    return "auto"
 
 
 @dataclass
@@ -91,6 +108,10 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     G = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, n, D]
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)     # [1, Hkv, L, D]
+    if G > 1 and q.is_cuda and q.dtype == torch.float32:
+        # fp32 on CUDA: the memory-efficient kernel is the only fused one, and torch's checks may refuse it GQA (SDPA
+        # then falls back to the math path with a materialised [n, L] mask); a copy of the few KV heads costs less
+        kh, vh = kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1)
     # Lower-right causal alignment without a materialised [n, L] mask: flash / memory-efficient kernels on CUDA.
     bias = causal_lower_right(n, L)
     try:
@@ -120,8 +141,9 @@ class PoolAttention:
         self.reduce_heads = tp.reduce_heads if exact else None
         self.mask_family = method is not None and method.family == "mask"
         self.backend = "auto" if pool.device.type == "cuda" else "torch"
-        #: How prompt chunks attend (see :meth:`_prefill`): ``"auto"`` where Triton runs (CUDA), else ``"gather"``.
-        self.prefill_route = "auto" if kernels_run_fused(pool.k[0]) else "gather"
+        #: How prompt chunks attend (see :meth:`_prefill`): ``"auto"`` where Triton runs (CUDA; fp32 there:
+        #: :data:`FP32_PREFILL_ROUTE`), else ``"gather"`` (:func:`default_prefill_route`).
+        self.prefill_route = default_prefill_route(pool.k[0])
         self.ctx: StepContext | None = None
         self._stored_layer: int | None = None        # the layer whose K/V the model stored itself (kv_destination)
         #: ``True`` while a CUDA graph's warm-up runs a decode step that its replay will run again (see

@@ -173,7 +173,15 @@ class ScoredKVPool(KVPool):
 
 class ScoredPoolAttention(PoolAttention):
     """:class:`~.attention.PoolAttention` that also accumulates every query's attention mass into the pool's
-    scores (the method must accumulate attention; the pool must be a :class:`ScoredKVPool`)."""
+    scores (the method must accumulate attention; the pool must be a :class:`ScoredKVPool`).
+
+    ``mass_backend``: the backend of the prefill's mass kernel (default: the attention's own, Triton on CUDA); a
+    benchmark sets ``"torch"`` to time the blocked matmul reference against it (fp32: the Triton kernel's exact
+    dots run on the CUDA cores, ``benchmarks/profile_eval_batch.py --mass-backends``)."""
+
+    def __init__(self, pool, method=None, tp=None):
+        super().__init__(pool, method, tp)
+        self.mass_backend = self.backend
 
     def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
@@ -187,7 +195,7 @@ class ScoredPoolAttention(PoolAttention):
             cols = torch.arange(seg.context, device=q.device)
             every = torch.ones((), dtype=torch.bool, device=q.device).expand(1, Hkv, seg.context)
             mass = self.method.accumulate(queries, keys, cols.expand(1, Hkv, -1), every,
-                                          cols[seg.context - seg.length:], None, scale, backend=self.backend,
+                                          cols[seg.context - seg.length:], None, scale, backend=self.mass_backend,
                                           slots=slots)                                 # [1, Hkv, C]
             pool.add_scores(layer, slots[0].long(), mass[0].T)
         return out

@@ -7,6 +7,7 @@ to the worker processes (under ``torchrun`` every rank builds it from the same s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -19,7 +20,7 @@ import torch
 from .config import EngineConfig, build_method
 from .deltakv_store import runs_layerwise
 from .kv_pool import KVPool
-from .model import EngineModel
+from .model import EngineModel, skipping_init
 from .runner import ModelRunner
 from .scored_pool import ScoredKVPool, ScoredModelRunner
 from .weights import init_random_weights, iter_safetensors, load_weights
@@ -71,14 +72,15 @@ def build_shard(spec: EngineSpec, device: torch.device, tp=None) -> Shard:
     if tp is not None:
         tp.exact_selection = cfg.tp_selection == "exact"
     method = build_method(cfg.sparse_method, spec.sparse_knobs, spec.hf_config.num_hidden_layers)
+    tensors = _tensors(spec.weights)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(spec.dtype)        # parameters are born in dtype (no fp32 copy of a 7B model);
     try:                                       # RoPE's cos/sin tables are computed in fp32 explicitly
-        with torch.device(device):
+        # no random init for weights that load_weights overwrites (it raises unless every parameter is filled)
+        with torch.device(device), (skipping_init() if tensors is not None else contextlib.nullcontext()):
             model = EngineModel(spec.hf_config, spec.max_model_len, tp)
     finally:
         torch.set_default_dtype(previous)
-    tensors = _tensors(spec.weights)
     if tensors is None:
         init_random_weights(model)
     else:

@@ -143,28 +143,42 @@ def _generate_with_engine(model, tokenizer, todo, cache_config, max_new_tokens, 
     (:mod:`.engine_runner`); each record is written as its knob group finishes (records say ``"engine": true``)."""
     from tqdm.auto import tqdm
 
-    from .engine_runner import engine_generate
+    from .engine_runner import engine_generate, progress_line
 
     runs: dict[tuple[str, float], list[dict]] = {}
     for method, budget, sample in todo:
         runs.setdefault((method, budget), []).append(sample)
     prompts: dict[int, list[int]] = {}        # id(sample) -> token ids, tokenized once for every run
     bar = tqdm(total=len(todo), desc="generating (engine)", disable=not progress)
+    done, begin = 0, time.perf_counter()
+
+    def log(text: str) -> None:               # stderr, one line each (beside a progress bar: above it)
+        if progress:
+            bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     for (method, budget), samples in runs.items():
+        start = time.perf_counter()
         for s in samples:
             if id(s) not in prompts:
                 prompts[id(s)] = encode_sample(tokenizer, s, use_chat_template)[0].tolist()
         ids = [prompts[id(s)] for s in samples]
         max_new = [max_new_tokens or s["max_new_tokens"] for s in samples]
-        start = time.perf_counter()
+        label = method if method == "full" else f"{method} @ {budget:g}"
+        tokenized = time.perf_counter() - start
+
+        def on_batch(stats, label=label):
+            log(progress_line(label, stats, done + stats["prompts"], len(todo), time.perf_counter() - begin))
+
         for i, prediction, config, use, seconds in engine_generate(model, tokenizer, method, budget, ids, max_new,
-                                                                   cache_config, budget_to_cache_config):
+                                                                   cache_config, budget_to_cache_config, on_batch):
             write(dict(_record(method, budget, samples[i], prediction, len(ids[i]), config, use, seconds),
                        engine=True))
+            done += 1
             bar.update(1)
-        if not progress:
-            print(f"engine: {method} @ {budget:g}: {len(samples)} prompts in {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)
+        log(f"{time.strftime('%H:%M:%S')} engine: {label}: {len(samples)} prompts in "
+            f"{time.perf_counter() - start:.1f} s (tokenizing {tokenized:.1f} s)")
     bar.close()
 
 
@@ -214,7 +228,11 @@ def run_eval(model, tokenizer, tasks, methods, budgets=(0.1, 0.25, 0.5), lengths
     _check_same_knobs(existing, cache_config, pred_path)
     done = {record_key(r) for r in existing}
 
+    start = time.perf_counter()
     samples = _build_all(tokenizer, tasks, lengths, depths, num_samples, seed, longbench_dir, progress, corpus_file)
+    if engine:
+        print(f"{time.strftime('%H:%M:%S')} eval: {len(samples)} prompts built in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr, flush=True)
     keyed = [((m, b, s["task"], s["context_length"], s["depth"], s["id"]), m, b, s) for m, b in runs for s in samples]
     grid_keys = {key for key, *_ in keyed}
     todo = [(m, b, s) for key, m, b, s in keyed if key not in done]
