@@ -87,8 +87,8 @@ class DeltaKVLayer(SlotLayer):
         self.state: CompressedState | None = None
         self.pad: list[int] | None = None
         self.col_offset = None
-        # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
-        self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
+        # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence
+        self.comp_cols = self.comp_cols_safe = self.comp_absent = None
         self.width_dev = None      # [1] long: the widest row's compressed count, on the device (per flush)
         self.state_version = 0     # + 1 whenever a flush re-allocates the compressed state or its column tables
 
@@ -194,8 +194,7 @@ class DeltaKVLayer(SlotLayer):
         """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step. With a
         reserved capacity (same state tensors at every flush) the tables are rewritten in place, so a captured
         decode step stays valid; otherwise they are new tensors (and ``state_version`` moves)."""
-        self.all_offsets, valid = all_offsets(self.state)
-        absent = ~valid
+        absent = ~self.state.valid()
         cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(absent, -1)
         in_place = (self.state.capacity and self.comp_cols is not None and self.comp_cols.shape == cols.shape
                     and self.width_dev is not None and self.width_dev.device == cols.device)
@@ -208,6 +207,11 @@ class DeltaKVLayer(SlotLayer):
             self.comp_absent, self.comp_cols, self.comp_cols_safe = absent, cols, cols.clamp(min=0)
             self.width_dev = torch.zeros(1, dtype=torch.long, device=cols.device)
         self.width_dev.fill_(self.state.width)
+
+    @property
+    def all_offsets(self) -> torch.Tensor:
+        """``[B, N]`` every compressed offset (a rebuild of all of them; made when asked, not held)."""
+        return all_offsets(self.state)[0]
 
     def compressed_per_row(self) -> list[int]:
         """Compressed tokens per row."""
@@ -228,7 +232,10 @@ class DeltaKVLayer(SlotLayer):
         parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
                  "shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)":
                      self.shared.nbytes() if self.reports_shared else 0,
-                 "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos)}
+                 "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos),
+                 "column tables (per flush: columns, clamped columns, absence, width, row offsets)":
+                     sum(size(t) for t in (self.comp_cols, self.comp_cols_safe, self.comp_absent, self.width_dev,
+                                           self.col_offset))}
         return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 
     def host_bytes(self) -> int:
