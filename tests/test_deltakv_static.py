@@ -288,3 +288,33 @@ def test_the_triton_rebuild_inside_generate_gives_the_torch_tokens(monkeypatch):
     assert torch.equal(torch_run.sequences, triton_run.sequences)
     for a, b in zip(torch_run.logits, triton_run.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not sparse_hf.kernels.HAS_TRITON, reason="needs triton (interpreted on CPU)")
+def test_observer_range_scores_equal_the_torch_scores():
+    # the GPU path's observer scores (two Triton passes over a per-row slot range, interpreted on CPU) against
+    # method.decode_scores, on left-padded rows after a flush; a layer with a hole in its mask keeps the torch path
+    from sparse_hf.kernels.dispatch import is_interpreted
+    from sparse_hf.kernels.omnikv_scores import _range_softmax_stats_kernel
+    if not is_interpreted(_range_softmax_stats_kernel):
+        pytest.skip("needs TRITON_INTERPRET=1 before sparse_hf.kernels is imported")
+    model, cache, step = _decoder(padded=True)
+    step()
+    observers = [i for i in range(len(cache.layers)) if cache.method.is_observer(i)]
+    assert observers
+    g = torch.Generator().manual_seed(3)
+    for i in observers:
+        layer = cache.layers[i]
+        B, H = layer._k.shape[0], model.config.num_attention_heads
+        valid = layer.full_valid()
+        logits = (torch.randn(B, H, valid.shape[1], generator=g) * 3).masked_fill(~valid.unsqueeze(1), float("-inf"))
+        start = cache._candidate_start(layer)
+        assert start is not None and start.tolist() == [(~valid[b, :layer.seen]).sum().item() + 2 for b in range(B)]
+        want = cache.method.decode_scores(logits, valid)
+        got = cache.range_scores(layer, logits, start)
+        finite = torch.isfinite(want)
+        assert finite.any() and torch.equal(torch.isfinite(got), finite)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-7)
+        layer._pos = layer._pos.clone()
+        layer._pos[0, :, layer.seen - 5] = -1                         # a hole: not one range any more
+        assert cache._candidate_start(layer) is None

@@ -35,7 +35,9 @@ import dataclasses
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sparse_hf.kernels import decode_attention_with_scores
 from sparse_hf.kernels.dispatch import kernels_run_fused
+from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
 from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import resolve_compressor, serving_method
@@ -193,6 +195,49 @@ class CompressedCache(SelectionCache):
     def observe(self, logits, valid, length):
         self.obs_scores = self.method.decode_scores(logits, valid)
         self.selection = None
+
+    def _decode_full(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
+        """As for OmniKV; at an observation layer's GPU decode step the scores come from two Triton passes over the
+        logits (:func:`range_softmax_max`: a row's candidates are one slot range) instead of ~20 torch ops over
+        ``[B, H, L]`` float32, when the layer's valid slots are each row's ``[pad, seen)`` (left padding)."""
+        if self.method.is_observer(module.layer_idx) and layer.frozen and kernels_run_fused(query):
+            start = self._candidate_start(layer)
+            if start is not None:
+                out, logits = decode_attention_with_scores(query[:, :, 0], *layer.buffers[:2],
+                                                           valid=layer.full_valid(), scale=scaling)
+                if range_softmax_max_kernel_runs(logits):
+                    self.obs_scores = self.range_scores(layer, logits, start)
+                    self.selection = None
+                    return out.unsqueeze(1)
+                self.observe(logits, layer.full_valid(), layer.seen)
+                return out.unsqueeze(1)
+        return super()._decode_full(module, layer, query, key, value, attention_mask, scaling, **kwargs)
+
+    def range_scores(self, layer, logits: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` the observer's scores (``method.decode_scores`` of ``logits [B, H, L]``) for a frozen layer whose
+        valid slots are each row's ``[pad, seen)``: the candidates are ``[start, seen - recent)`` with ``start [B]``
+        (:meth:`_candidate_start`), the end from the device-side length (CUDA-graph safe)."""
+        hi = (layer.seen_dev - self.sparse_config.num_recent_tokens).expand(logits.shape[0])
+        return range_softmax_max(logits, start, hi)
+
+    def _candidate_start(self, layer) -> torch.Tensor | None:
+        """``[B]`` (device) each row's first candidate slot, ``pad + num_sink_tokens``, when the layer's valid slots
+        are each row's ``[pad, seen)``; ``None`` otherwise (holes in the mask: the torch scores then). Checked once
+        per slot buffer (one host read, eagerly; a step being captured without it takes the torch scores)."""
+        memo = getattr(self, "_starts", None)
+        if memo is None:
+            memo = self._starts = {}
+        key = (layer._pos.data_ptr(), tuple(layer._pos.shape))
+        if memo.get(id(layer), (None,))[0] == key:
+            return memo[id(layer)][1]
+        if self.capturing:
+            return None
+        valid = layer._pos[:, 0, :layer.seen] >= 0                       # [B, seen]
+        first = valid.int().argmax(-1)
+        ranged = bool(((valid.sum(-1) == layer.seen - first) & valid.any(-1)).all())
+        start = (first + self.clustering.num_sink).int() if ranged else None
+        memo[id(layer)] = (key, start)
+        return start
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
