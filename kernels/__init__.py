@@ -29,12 +29,12 @@ from .append import append_kv, store_kv_slots
 from .attention_mass import (attention_mass, attention_mass_ref, attention_probabilities, decode_attention_mass,
                              decode_attention_mass_ref)
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
-from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
+from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_stage_raw, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
 from .fused_layer import rms_norm, rope_qkv, silu_mul
 from .paged_prefill import paged_prefill_attention
 from .reference import (append_kv_ref, decode_attention_with_scores_ref, deltakv_gather_latents_ref,
-                        deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
+                        deltakv_stage_raw_ref, deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
                         snapkv_prefill_scores_ref,
                         sparse_decode_attention_ref, store_kv_slots_ref)
 from .sparse_decode import sparse_decode_attention
@@ -50,6 +50,8 @@ __all__ = [
     "deltakv_gather_latents",
     "deltakv_gather_latents_ref",
     "deltakv_rebuild_kv",
+    "deltakv_stage_raw",
+    "deltakv_stage_raw_ref",
     "deltakv_writeback",
     "deltakv_writeback_ref",
     "store_kv_slots",

@@ -160,3 +160,27 @@ def test_cuda_kernel_matches_reference(bits, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage_raw_kernel_equals_the_four_copies(dtype):
+    # a static step's raw slots and pick columns into the shared work buffer (wider than needed: its tail untouched),
+    # with odd head widths and a raw buffer whose slot count is not a multiple of the kernel's block
+    from sparse_hf.kernels import deltakv_stage_raw, deltakv_stage_raw_ref
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, cap, s, D, Dv, L = 2, 3, 37, 11, 12, 10, 60
+    k = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, cap, Dv, generator=g).to(dtype)
+    pos = torch.randint(-1, 500, (B, Hkv, cap), generator=g)
+    cols = torch.randint(-1, 500, (B, s), generator=g)
+    outs = []
+    for fn in (deltakv_stage_raw_ref, lambda *a: deltakv_stage_raw(*a, backend="triton")):
+        kw = torch.full((B, Hkv, L, D), 7.0, dtype=dtype)
+        vw = torch.full((B, Hkv, L, Dv), 7.0, dtype=dtype)
+        pw = torch.full((B, Hkv, L), -5, dtype=torch.long)
+        fn(k, v, pos, cols, kw[:, :, :cap + s], vw[:, :, :cap + s], pw[:, :, :cap + s])
+        outs.append((kw, vw, pw))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    kw, vw, pw = outs[1]
+    assert torch.equal(pw[:, :, cap:cap + s], cols.unsqueeze(1).expand(B, Hkv, s)) and (pw[:, :, cap + s:] == -5).all()

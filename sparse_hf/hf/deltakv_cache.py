@@ -35,7 +35,7 @@ import dataclasses
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from sparse_hf.kernels import decode_attention_with_scores
+from sparse_hf.kernels import decode_attention_with_scores, deltakv_stage_raw
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
@@ -293,14 +293,11 @@ class CompressedCache(SelectionCache):
             cap = layer.capacity
             rope = module.__dict__["_sparse_hf_rotary"]
             pick, cols, cos_sin = self._static_pick(layer, rope, v_w[:, :, cap:], module.layer_idx)
-            k_w[:, :, :cap].copy_(layer._k)
-            v_w[:, :, :cap].copy_(layer._v)
-            cols_w[:, :, :cap].copy_(layer._pos)
+            deltakv_stage_raw(layer._k, layer._v, layer._pos, cols, k_w, v_w, cols_w)   # raw slots, pick columns
             latents = self._prefetch.take(module.layer_idx, pick) if self._prefetch is not None else None
             rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1], rope,
                        getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin,
                        latents=latents)
-            cols_w[:, :, cap:].copy_(cols.unsqueeze(1).expand(cols.shape[0], k_w.shape[1], cols.shape[1]))
             return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
