@@ -258,9 +258,12 @@ def deltakv_rebuild_kv(pick: torch.Tensor, codes: torch.Tensor | None, scale: to
                        up: Callable[[torch.Tensor], torch.Tensor], up_dtype: torch.dtype, step: int, num_sink: int,
                        cos: torch.Tensor, sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        k_norm_weight: torch.Tensor | None = None, k_norm_eps: float = 1e-6,
-                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                       backend: str = "auto", up_linear: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuild picked DeltaKV tokens into scratch slots: gather + dequantise, ``up`` (one batched GEMM), then
-    fathers' mean, split, k_norm and RoPE, written to ``k_out``/``v_out``.
+    fathers' mean, split, k_norm and RoPE, written to ``k_out``/``v_out``. With ``up_linear = (weight, bias)`` (a
+    linear ``up``, ``nn.Linear`` layout) and Triton running, all of it in one launch
+    (:func:`~sparse_hf.kernels.deltakv_fused.deltakv_rebuild_fused`), without the latents and ``up`` output in memory.
 
     Args:
         pick: ``[B, k]`` compressed offsets (``-1``: filler; its slot gets garbage, its column must be ``-1``).
@@ -276,8 +279,14 @@ def deltakv_rebuild_kv(pick: torch.Tensor, codes: torch.Tensor | None, scale: to
     Returns:
         ``(k_out, v_out)``.
     """
+    from .deltakv_fused import deltakv_rebuild_fused, fused_rebuild_runs   # it imports this module's helpers
+
     up_out = None
-    if codes is not None and fathers is not None and codes.shape[1] > 0:
+    has_lat = codes is not None and fathers is not None and codes.shape[1] > 0
+    if has_lat and up_linear is not None and fused_rebuild_runs(backend, center_x, up_linear[0]):
+        return deltakv_rebuild_fused(pick, codes, scale, offset, fathers, center_x, up_linear[0], up_linear[1], step,
+                                     num_sink, cos, sin, k_out, v_out, k_norm_weight, k_norm_eps)
+    if has_lat:
         z = deltakv_gather_latents(pick, codes, scale, offset, step, up_dtype, backend)
         up_out = up(z).contiguous()
     return deltakv_writeback(pick, up_out, fathers, center_x, step, num_sink, cos, sin, k_out, v_out,

@@ -318,3 +318,51 @@ def test_observer_range_scores_equal_the_torch_scores():
         layer._pos = layer._pos.clone()
         layer._pos[0, :, layer.seen - 5] = -1                         # a hole: not one range any more
         assert cache._candidate_start(layer) is None
+
+
+def _interpreted_gpu_paths(monkeypatch):
+    """The HF path's GPU branches with every kernel entry point on its Triton kernel (interpreted on CPU)."""
+    import sys
+
+    from sparse_hf.kernels import dispatch
+    original, original_fused = dispatch.use_triton, dispatch.kernels_run_fused
+
+    def use_triton(backend, kernel, *tensors):
+        if backend == "auto" and dispatch.HAS_TRITON and dispatch.is_interpreted(kernel):
+            backend = "triton"
+        return original(backend, kernel, *tensors)
+
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.startswith("sparse_hf"):
+            if getattr(mod, "use_triton", None) is original:
+                monkeypatch.setattr(mod, "use_triton", use_triton)
+            if getattr(mod, "kernels_run_fused", None) is original_fused:
+                monkeypatch.setattr(mod, "kernels_run_fused", lambda t: t.dtype in dispatch.TRITON_DTYPES)
+
+
+@pytest.mark.parametrize("arch,bits", [("qwen2", 4), ("qwen3", 8)])
+def test_fused_rebuild_gives_the_two_kernel_tokens(arch, bits, monkeypatch):
+    # the static decode step on its GPU path (interpreted Triton): the one-kernel rebuild (default) against the
+    # gather + up + writeback path (fused_rebuild=False), over flushes, with left padding and k_norm (qwen3)
+    from sparse_hf.kernels.deltakv_fused import _fused_rebuild_kernel
+    from sparse_hf.kernels.dispatch import is_interpreted
+    if not is_interpreted(_fused_rebuild_kernel):
+        pytest.skip("needs TRITON_INTERPRET=1 before sparse_hf.kernels is imported")
+    from sparse_hf.kernels import deltakv_fused
+    _interpreted_gpu_paths(monkeypatch)
+    calls = []
+    run = deltakv_fused.deltakv_rebuild_fused
+    monkeypatch.setattr(deltakv_fused, "deltakv_rebuild_fused", lambda *a, **k: (calls.append(1), run(*a, **k))[1])
+    model = tiny_model(arch, layers=4)
+    ids, mask = left_padded_batch((40, 27))
+    outs = []
+    for fused in (False, True):
+        cfg = dict(_config(model, 6, bits), fused_rebuild=fused)
+        outs.append(greedy(model, ids, mask, new_tokens=12, cache_implementation="deltakv", cache_config=cfg,
+                           output_logits=True, return_dict_in_generate=True))
+        layers = [layer for layer in outs[-1].past_key_values.layers if isinstance(layer, DeltaKVLayer)]
+        assert all(layer.static_ok and layer.scratch > 0 for layer in layers)
+        assert bool(calls) == fused                                # the one-kernel path ran only when asked
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -297,7 +297,7 @@ class CompressedCache(SelectionCache):
             latents = self._prefetch.take(module.layer_idx, pick) if self._prefetch is not None else None
             rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1], rope,
                        getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin,
-                       latents=latents)
+                       latents=latents, fused=self.sparse_config.fused_rebuild)
             return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
