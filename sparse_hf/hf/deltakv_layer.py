@@ -71,7 +71,9 @@ class DeltaKVLayer(SlotLayer):
 
     Attributes:
         raw_kpre: ``[B, n, Hkv*D]`` pre-norm keys of the raw slots (``k_norm`` models only), else ``None``.
-        raw_pos: ``[B, n]`` RoPE positions of the raw slots (views of ``[B, capacity]`` buffers).
+        raw_pos: ``[B, n]`` int64 RoPE positions of the raw slots. Both are views from index 1 of ``[B, capacity + 1]``
+            buffers: slot ``i`` is buffer entry ``i + 1``, so a decode step writes its token (slot ``n_dev - 1``) at
+            the slot counter ``n_dev`` itself, one scatter with no index arithmetic or cast.
         state: the compressed tokens (``None`` until the prompt is complete).
         pad: host list ``[B]``, padding columns per row (column = position + pad); ``col_offset`` the same ``[B, 1]``.
         scratch: host int, the rebuilt tokens of a decode step (fixed between flushes).
@@ -131,17 +133,18 @@ class DeltaKVLayer(SlotLayer):
 
     @property
     def raw_pos(self) -> torch.Tensor | None:
-        return None if self._raw_pos is None else self._raw_pos[:, :self.num_slots]
+        return None if self._raw_pos is None else self._raw_pos[:, 1:1 + self.num_slots]
 
     @property
     def raw_kpre(self) -> torch.Tensor | None:
-        return None if self._raw_kpre is None else self._raw_kpre[:, :self.num_slots]
+        return None if self._raw_kpre is None else self._raw_kpre[:, 1:1 + self.num_slots]
 
     def _raw_room(self, kpre: torch.Tensor | None, like: torch.Tensor) -> None:
-        """Grow the raw position (and pre-norm key) buffers to the raw capacity (host shapes only)."""
-        B, cap = like.shape[0], self.capacity
+        """Grow the raw position (and pre-norm key) buffers to the raw capacity, plus the leading entry (host shapes
+        only)."""
+        B, cap = like.shape[0], self.capacity + 1
         if self._raw_pos is None or self._raw_pos.shape[1] < cap:
-            new = torch.full((B, cap), -1, dtype=torch.int32, device=like.device)
+            new = torch.full((B, cap), -1, dtype=torch.long, device=like.device)
             if self._raw_pos is not None:
                 new[:, :self._raw_pos.shape[1]] = self._raw_pos
             self._raw_pos = new
@@ -157,17 +160,16 @@ class DeltaKVLayer(SlotLayer):
         slot counter (no host value: CUDA-graph safe)."""
         B, q = pos.shape
         self._raw_room(kpre, pos)
-        pos = pos.to(torch.int32)
         if self.frozen and q == 1:
-            at = (self.n_dev - 1).view(1, 1).expand(B, 1)
-            self._raw_pos.scatter_(1, at, pos)
+            at = self.n_dev.view(1, 1).expand(B, 1)            # slot n_dev - 1 is buffer entry n_dev
+            self._raw_pos.scatter_(1, at, pos if pos.dtype == torch.long else pos.long())
             if kpre is not None:
                 self._raw_kpre.scatter_(1, at.unsqueeze(-1).expand(B, 1, kpre.shape[-1]), kpre)
             return
         n = self.num_slots
-        self._raw_pos[:, n - q:n] = pos
+        self._raw_pos[:, 1 + n - q:1 + n] = pos
         if kpre is not None:
-            self._raw_kpre[:, n - q:n] = kpre
+            self._raw_kpre[:, 1 + n - q:1 + n] = kpre
 
     def keep_raw(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
         """Keep raw slots ``idx [B, K]`` (``ok`` False: empty): K/V and columns, positions and pre-norm keys."""
@@ -180,9 +182,9 @@ class DeltaKVLayer(SlotLayer):
         if not self.frozen:            # keep() re-allocated the slots: the raw buffers follow its new capacity
             self._raw_pos = self._raw_kpre = None
         self._raw_room(kpre, idx)
-        self._raw_pos[:, :K] = pos
+        self._raw_pos[:, 1:1 + K] = pos
         if kpre is not None:
-            self._raw_kpre[:, :K] = kpre
+            self._raw_kpre[:, 1:1 + K] = kpre
 
     @property
     def reads_compressed(self) -> bool:
