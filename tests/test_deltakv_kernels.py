@@ -241,3 +241,26 @@ def test_fused_rebuild_gqa_knorm_bias_equals_the_two_kernel_path(dtype, tol):
     for a, b in zip(*outs):
         torch.testing.assert_close(torch.where(live, b.float(), 0.0), torch.where(live, a.float(), 0.0), atol=tol,
                                    rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pick_index_kernels_equal_the_column_tables(backend):
+    # the scores / columns a static step gets from comp_pos and each row's padding, against the per-flush column
+    # tables they replace (comp_cols = comp_pos + pad, -1 where absent); rows with an absent tail
+    from sparse_hf.kernels.deltakv_pick import deltakv_pick_columns, deltakv_pick_scores
+    g = torch.Generator().manual_seed(6)
+    B, N, L, k = 3, 40, 70, 9
+    comp_pos = torch.randint(0, 50, (B, N), generator=g).int()
+    comp_pos[1, 30:] = -1
+    comp_pos[2, 5:] = -1
+    off = torch.tensor([[0], [7], [19]])
+    scores = torch.randn(B, L, generator=g)
+    cols = (comp_pos.long() + off).masked_fill(comp_pos < 0, -1)
+    want = scores.gather(1, cols.clamp(min=0)).masked_fill(cols < 0, float("-inf"))
+    assert torch.equal(deltakv_pick_scores(scores, comp_pos, off, backend=backend), want)
+    pick = want.topk(k, dim=-1).indices
+    keep = torch.rand(B, k, generator=g) < 0.8
+    got_cols, got_pos = deltakv_pick_columns(pick, keep, comp_pos, off, backend=backend)
+    assert torch.equal(got_cols, cols.gather(1, pick).masked_fill(~keep, -1))
+    assert torch.equal(got_pos, comp_pos.gather(1, pick).long())
+    assert (got_cols[2] == -1).sum() >= k - 5                       # row 2 holds 5 tokens: the rest read nothing

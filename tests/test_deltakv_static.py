@@ -104,7 +104,7 @@ def _buffers(cache):
         if isinstance(layer, DeltaKVLayer):
             s = layer.state
             out += [layer._k, layer._v, layer._pos, layer._raw_pos, s.center_x, s.fathers, s.latent.codes,
-                    layer.comp_cols]
+                    s.comp_pos, layer.width_dev]
     return [t.data_ptr() for t in out]
 
 
@@ -239,7 +239,7 @@ def test_the_compressed_layers_share_one_pick_per_step(budget, monkeypatch):
         calls.clear()
         step()
         for layer in layers[1:]:
-            assert torch.equal(layer.comp_cols, layers[0].comp_cols)
+            assert torch.equal(layer.compressed_columns(), layers[0].compressed_columns())
             assert layer.state.counts == layers[0].state.counts and layer.scratch == layers[0].scratch
         if all(layer.static_ok for layer in layers):
             assert len(calls) == 1

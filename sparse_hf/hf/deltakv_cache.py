@@ -36,6 +36,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sparse_hf.kernels import decode_attention_with_scores, deltakv_stage_raw
+from sparse_hf.kernels.deltakv_pick import deltakv_pick_columns, deltakv_pick_scores
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
@@ -315,11 +316,12 @@ class CompressedCache(SelectionCache):
         memo = self._pick_memo
         if memo is not None and memo[0] is self.obs_scores and memo[1] is rope and memo[2] == key:
             return memo[3]
-        scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+        comp_pos = layer.state.comp_pos
+        scores = deltakv_pick_scores(self.obs_scores, comp_pos, layer.col_offset)          # [B, N] offset order
         held = layer.width_dev if layer.state.capacity else None      # a reserved capacity: scores has a tail
         pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0], held)
-        cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)                  # [B, scratch]
-        cos, sin = rope(like.transpose(1, 2), layer.state.comp_pos.gather(1, pick.clamp(min=0)).long())
+        cols, pos = deltakv_pick_columns(pick, keep, comp_pos, layer.col_offset)           # [B, scratch] each
+        cos, sin = rope(like.transpose(1, 2), pos)
         self._pick_memo = (self.obs_scores, rope, key, (pick, cols, (cos.contiguous(), sin.contiguous())))
         if self._prefetch is not None and self.prefetch_offloaded:
             self._prefetch.launch(pick, {i: other.state.latent for i, other in enumerate(self.layers)
@@ -397,12 +399,12 @@ class CompressedCache(SelectionCache):
         (``-1``: none). At decode the filter layer's top tokens of each row; otherwise all of them."""
         pick = None
         if q_len == 1 and self.obs_scores is not None:
-            scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+            scores = deltakv_pick_scores(self.obs_scores, layer.state.comp_pos, layer.col_offset)
             pick = self.method.pick(scores, layer.state.width, layer.seen)   # scores may have a reserved tail
         if pick is None:
-            pick, cols = layer.all_offsets, layer.comp_cols
+            pick, cols = layer.all_offsets, layer.compressed_columns()
         else:   # an absent offset (a row with fewer tokens) carries column -1; a row's own budget may cut more
-            cols = layer.comp_cols.gather(1, pick)
+            cols = layer.compressed_columns().gather(1, pick)
             over = self._over_budget(layer)
             if over is not None:
                 cols = cols.masked_fill(over, -1)

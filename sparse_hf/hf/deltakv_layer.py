@@ -89,8 +89,6 @@ class DeltaKVLayer(SlotLayer):
         self.state: CompressedState | None = None
         self.pad: list[int] | None = None
         self.col_offset = None
-        # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence
-        self.comp_cols = self.comp_cols_safe = self.comp_absent = None
         self.width_dev = None      # [1] long: the widest row's compressed count, on the device (per flush)
         self.state_version = 0     # + 1 whenever a flush re-allocates the compressed state or its column tables
 
@@ -119,8 +117,7 @@ class DeltaKVLayer(SlotLayer):
         def describe(t):
             return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
-        tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.comp_cols, self.comp_cols_safe,
-                   self.comp_absent, self.width_dev]
+        tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.width_dev]
         if self.state is not None:
             s = self.state
             tensors += [s.comp_pos, s.center_x, s.center_pos, s.fathers, *(s.latent or ())]
@@ -193,22 +190,20 @@ class DeltaKVLayer(SlotLayer):
         return self.state is not None and self.state.comp_pos is not None
 
     def set_columns(self) -> None:
-        """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step. With a
-        reserved capacity (same state tensors at every flush) the tables are rewritten in place, so a captured
-        decode step stays valid; otherwise they are new tensors (and ``state_version`` moves)."""
-        absent = ~self.state.valid()
-        cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(absent, -1)
-        in_place = (self.state.capacity and self.comp_cols is not None and self.comp_cols.shape == cols.shape
-                    and self.width_dev is not None and self.width_dev.device == cols.device)
-        if in_place:
-            self.comp_absent.copy_(absent)
-            self.comp_cols.copy_(cols)
-            self.comp_cols_safe.copy_(cols.clamp(min=0))
-        else:
+        """Refresh what a decode step reads per flush besides the state: the widest row's count on the device. With a
+        reserved capacity (same state tensors at every flush) it is rewritten in place, so a captured decode step
+        stays valid; otherwise it is a new tensor (and ``state_version`` moves). The compressed tokens' columns are
+        ``comp_pos + col_offset`` (:meth:`compressed_columns`), computed where read, not held per layer."""
+        dev = self.state.comp_pos.device
+        if not (self.state.capacity and self.width_dev is not None and self.width_dev.device == dev):
             self.state_version += 1
-            self.comp_absent, self.comp_cols, self.comp_cols_safe = absent, cols, cols.clamp(min=0)
-            self.width_dev = torch.zeros(1, dtype=torch.long, device=cols.device)
+            self.width_dev = torch.zeros(1, dtype=torch.long, device=dev)
         self.width_dev.fill_(self.state.width)
+
+    def compressed_columns(self) -> torch.Tensor:
+        """``[B, N]`` int64 logical column of each compressed token (``-1``: none); made when asked."""
+        comp_pos = self.state.comp_pos
+        return (comp_pos.long() + self.col_offset).masked_fill_(comp_pos < 0, -1)
 
     @property
     def all_offsets(self) -> torch.Tensor:
@@ -235,9 +230,7 @@ class DeltaKVLayer(SlotLayer):
                  "shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)":
                      self.shared.nbytes() if self.reports_shared else 0,
                  "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos),
-                 "column tables (per flush: columns, clamped columns, absence, width, row offsets)":
-                     sum(size(t) for t in (self.comp_cols, self.comp_cols_safe, self.comp_absent, self.width_dev,
-                                           self.col_offset))}
+                 "row offsets and width (device)": size(self.width_dev) + size(self.col_offset)}
         return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 
     def host_bytes(self) -> int:
