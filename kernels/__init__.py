@@ -10,7 +10,10 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
   (per head, max per KV group, or max over all heads) for token selection.
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
 - :func:`deltakv_rebuild_kv` -- DeltaKV's picked compressed tokens rebuilt (dequantise, ``up``, fathers' mean,
-  k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads.
+  k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads; for a linear ``up`` in one launch
+  (:mod:`sparse_hf.kernels.deltakv_fused`). :func:`deltakv_stage_raw` puts a layer's raw slots and the picks' columns
+  into the shared work buffer (one launch), and :mod:`sparse_hf.kernels.deltakv_pick` gathers the observer's scores
+  and the picks' columns from the compressed positions.
 - :func:`attention_mass` -- H2O's accumulated attention mass ``[B, Hkv, L]`` of a block of queries (causal by
   logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits;
   :func:`decode_attention_mass` the same for one decode query from its ``[B, H, L]`` logits.
