@@ -10,7 +10,10 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
   (per head, max per KV group, or max over all heads) for token selection.
 - :func:`snapkv_prefill_scores` -- SnapKV window scores ``[B, Hkv, L]`` without a ``[B, H, W, L]`` tensor.
 - :func:`deltakv_rebuild_kv` -- DeltaKV's picked compressed tokens rebuilt (dequantise, ``up``, fathers' mean,
-  k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads.
+  k_norm, RoPE) into scratch K/V slots that :func:`sparse_decode_attention` reads; for a linear ``up`` in one launch
+  (:mod:`sparse_hf.kernels.deltakv_fused`). :func:`deltakv_stage_raw` puts a layer's raw slots and the picks' columns
+  into the shared work buffer (one launch), and :mod:`sparse_hf.kernels.deltakv_pick` gathers the observer's scores
+  and the picks' columns from the compressed positions.
 - :func:`attention_mass` -- H2O's accumulated attention mass ``[B, Hkv, L]`` of a block of queries (causal by
   logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits;
   :func:`decode_attention_mass` the same for one decode query from its ``[B, H, L]`` logits.
@@ -31,12 +34,12 @@ from .append import append_kv, store_kv_slots
 from .attention_mass import (attention_mass, attention_mass_ref, attention_probabilities, decode_attention_mass,
                              decode_attention_mass_ref)
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
-from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
+from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_stage_raw, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
 from .fused_layer import rms_norm, rope_qkv, silu_mul
 from .paged_prefill import paged_prefill_attention
 from .reference import (append_kv_ref, decode_attention_with_scores_ref, deltakv_gather_latents_ref,
-                        deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
+                        deltakv_stage_raw_ref, deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
                         snapkv_prefill_scores_ref,
                         sparse_decode_attention_ref, store_kv_slots_ref)
 from .sparse_decode import sparse_decode_attention
@@ -52,6 +55,8 @@ __all__ = [
     "deltakv_gather_latents",
     "deltakv_gather_latents_ref",
     "deltakv_rebuild_kv",
+    "deltakv_stage_raw",
+    "deltakv_stage_raw_ref",
     "deltakv_writeback",
     "deltakv_writeback_ref",
     "store_kv_slots",

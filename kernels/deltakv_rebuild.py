@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from .dispatch import HAS_TRITON, next_pow2, use_triton
-from .reference import deltakv_gather_latents_ref, deltakv_writeback_ref
+from .reference import deltakv_gather_latents_ref, deltakv_stage_raw_ref, deltakv_writeback_ref
 
 _MODES = {None: 0, 8: 8, 4: 4}
 
@@ -139,6 +139,55 @@ if HAS_TRITON:
         tl.store(VOUT + b * svo_b + j * svo_k + h[:, None] * svo_h + e[None, :], v.to(VOUT.dtype.element_ty),
                  mask=vm)
 
+    @triton.jit
+    def _stage_raw_kernel(K, V, P, COLS, KW, VW, PW, cap, s,
+                          sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sp_b, sp_h, sp_n, sc_b, sc_k,
+                          skw_b, skw_h, skw_n, svw_b, svw_h, svw_n, spw_b, spw_h, spw_n,
+                          HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        # one program per (row, KV head, block of work slots): raw K/V/columns below cap, the picks' columns after
+        bh = tl.program_id(0)
+        b = (bh // HKV).to(tl.int64)
+        h = (bh % HKV).to(tl.int64)
+        n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        raw = n < cap
+        tail = (n >= cap) & (n < cap + s)
+        d = tl.arange(0, BLOCK_D)
+        km = raw[:, None] & (d < D)[None, :]
+        kk = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=km)
+        tl.store(KW + b * skw_b + h * skw_h + n[:, None] * skw_n + d[None, :], kk, mask=km)
+        e = tl.arange(0, BLOCK_DV)
+        vm = raw[:, None] & (e < DV)[None, :]
+        vv = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + e[None, :], mask=vm)
+        tl.store(VW + b * svw_b + h * svw_h + n[:, None] * svw_n + e[None, :], vv, mask=vm)
+        p = tl.load(P + b * sp_b + h * sp_h + n * sp_n, mask=raw, other=-1)
+        c = tl.load(COLS + b * sc_b + (n - cap) * sc_k, mask=tail, other=-1)
+        tl.store(PW + b * spw_b + h * spw_h + n * spw_n, tl.where(raw, p, c.to(p.dtype)), mask=raw | tail)
+
+
+def deltakv_stage_raw(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor,
+                      k_work: torch.Tensor, v_work: torch.Tensor, pos_work: torch.Tensor, backend: str = "auto") -> None:
+    """One launch for what a static DeltaKV decode step puts in the shared work buffer besides the rebuilt K/V: the
+    layer's raw slots ``k``/``v``/``pos`` ``[B, Hkv, cap, *]`` at ``[0, cap)`` and the picks' columns ``cols [B, s]``
+    (every KV head) at ``[cap, cap + s)`` (see :func:`deltakv_stage_raw_ref`, four copies)."""
+    if not use_triton(backend, _stage_raw_kernel if HAS_TRITON else None, k_work, v_work):
+        return deltakv_stage_raw_ref(k, v, pos, cols, k_work, v_work, pos_work)
+    B, Hkv, cap, D = k.shape
+    s, Dv = cols.shape[1], v.shape[-1]
+    if pos_work.shape[2] < cap + s or pos.dtype != pos_work.dtype or k.dtype != k_work.dtype:
+        raise ValueError(f"deltakv_stage_raw: {cap} raw slots and {s} columns do not fit the work buffer "
+                         f"{tuple(pos_work.shape)}, or the dtypes differ")
+    _check_last_contiguous(k=k, v=v, k_work=k_work, v_work=v_work)
+    block_n = 32
+    grid = (B * Hkv, triton.cdiv(cap + s, block_n))
+    if B * Hkv * (cap + s) == 0:
+        return None
+    _stage_raw_kernel[grid](k, v, pos, cols, k_work, v_work, pos_work, cap, s, *k.stride()[:3], *v.stride()[:3],
+                            *pos.stride(), *cols.stride(), *k_work.stride()[:3], *v_work.stride()[:3],
+                            *pos_work.stride(), HKV=Hkv, D=D, DV=Dv, BLOCK_N=block_n, BLOCK_D=next_pow2(D),
+                            BLOCK_DV=next_pow2(Dv), num_warps=4)
+    return None
+
 
 def _check_last_contiguous(**tensors):
     for name, t in tensors.items():
@@ -209,9 +258,12 @@ def deltakv_rebuild_kv(pick: torch.Tensor, codes: torch.Tensor | None, scale: to
                        up: Callable[[torch.Tensor], torch.Tensor], up_dtype: torch.dtype, step: int, num_sink: int,
                        cos: torch.Tensor, sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor,
                        k_norm_weight: torch.Tensor | None = None, k_norm_eps: float = 1e-6,
-                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                       backend: str = "auto", up_linear: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuild picked DeltaKV tokens into scratch slots: gather + dequantise, ``up`` (one batched GEMM), then
-    fathers' mean, split, k_norm and RoPE, written to ``k_out``/``v_out``.
+    fathers' mean, split, k_norm and RoPE, written to ``k_out``/``v_out``. With ``up_linear = (weight, bias)`` (a
+    linear ``up``, ``nn.Linear`` layout) and Triton running, all of it in one launch
+    (:func:`~sparse_hf.kernels.deltakv_fused.deltakv_rebuild_fused`), without the latents and ``up`` output in memory.
 
     Args:
         pick: ``[B, k]`` compressed offsets (``-1``: filler; its slot gets garbage, its column must be ``-1``).
@@ -227,8 +279,14 @@ def deltakv_rebuild_kv(pick: torch.Tensor, codes: torch.Tensor | None, scale: to
     Returns:
         ``(k_out, v_out)``.
     """
+    from .deltakv_fused import deltakv_rebuild_fused, fused_rebuild_runs   # it imports this module's helpers
+
     up_out = None
-    if codes is not None and fathers is not None and codes.shape[1] > 0:
+    has_lat = codes is not None and fathers is not None and codes.shape[1] > 0
+    if has_lat and up_linear is not None and fused_rebuild_runs(backend, center_x, up_linear[0]):
+        return deltakv_rebuild_fused(pick, codes, scale, offset, fathers, center_x, up_linear[0], up_linear[1], step,
+                                     num_sink, cos, sin, k_out, v_out, k_norm_weight, k_norm_eps)
+    if has_lat:
         z = deltakv_gather_latents(pick, codes, scale, offset, step, up_dtype, backend)
         up_out = up(z).contiguous()
     return deltakv_writeback(pick, up_out, fathers, center_x, step, num_sink, cos, sin, k_out, v_out,

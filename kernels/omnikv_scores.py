@@ -27,13 +27,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _range_softmax_stats_kernel(S, HI, M, Z, lo, L, split_size, num_splits,
-                                    ss_b, ss_h, ss_l, BLOCK: tl.constexpr, H: tl.constexpr):
+    def _range_softmax_stats_kernel(S, HI, LO, M, Z, lo, L, split_size, num_splits,
+                                    ss_b, ss_h, ss_l, BLOCK: tl.constexpr, H: tl.constexpr, ROW_LO: tl.constexpr):
         pid = tl.program_id(0)                     # b * H + h
         sp = tl.program_id(1)
         b = (pid // H).to(tl.int64)
         h = (pid % H).to(tl.int64)
         hi = tl.minimum(tl.load(HI + b).to(tl.int64), L)
+        if ROW_LO:
+            lo = tl.load(LO + b).to(tl.int64)
         start = tl.maximum(sp * split_size, lo)
         end = tl.minimum(sp * split_size + split_size, hi)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -52,11 +54,13 @@ if HAS_TRITON:
         tl.store(Z + pid * num_splits + sp, tot)
 
     @triton.jit
-    def _range_softmax_max_kernel(S, HI, M, Z, OUT, lo, L, num_splits, ss_b, ss_h, ss_l, so_b,
-                                  H: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _range_softmax_max_kernel(S, HI, LO, M, Z, OUT, lo, L, num_splits, ss_b, ss_h, ss_l, so_b,
+                                  H: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, ROW_LO: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         blk = tl.program_id(1)
         hi = tl.minimum(tl.load(HI + b).to(tl.int64), L)
+        if ROW_LO:
+            lo = tl.load(LO + b).to(tl.int64)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         cand = (offs >= lo) & (offs < hi)
         sp = tl.arange(0, BLOCK_S)
@@ -82,10 +86,11 @@ def range_softmax_max_kernel_runs(logits: torch.Tensor, backend: str = "auto") -
     return use_triton(backend, _range_softmax_stats_kernel, logits)
 
 
-def range_softmax_max(logits: torch.Tensor, lo: int, hi: torch.Tensor, *, split_size: int = 8192,
+def range_softmax_max(logits: torch.Tensor, lo: int | torch.Tensor, hi: torch.Tensor, *, split_size: int = 8192,
                       block: int = 1024) -> torch.Tensor:
     """OmniKV decode scores for candidate ranges: ``logits [B, H, L]`` float32, candidates of row ``b`` the slots
-    ``lo <= j < hi[b]`` (``hi [B]`` int, on the device) -> ``[B, L]`` float32: ``max_h softmax_h(logits)`` over the
+    ``lo <= j < hi[b]`` (``hi [B]`` int, on the device; ``lo`` a host int for every row, or ``[B]`` int on the device,
+    e.g. each row's padding plus its sinks on the HF path) -> ``[B, L]`` float32: ``max_h softmax_h(logits)`` over the
     candidates, ``-inf`` elsewhere (all ``-inf`` for a row without candidates). Triton only (see
     :func:`range_softmax_max_kernel_runs`); the torch specification is ``omnikv_decode_scores(logits, cand)``."""
     if logits.dtype != torch.float32 or logits.dim() != 3:
@@ -95,13 +100,17 @@ def range_softmax_max(logits: torch.Tensor, lo: int, hi: torch.Tensor, *, split_
     if B * L == 0:
         return out
     hi = hi.to(device=logits.device, dtype=torch.int32).contiguous()
+    row_lo = isinstance(lo, torch.Tensor)
+    lo_rows = lo.to(device=logits.device, dtype=torch.int32).contiguous() if row_lo else hi
+    lo = 0 if row_lo else int(lo)
     split_size = max(block, min(split_size, next_pow2(L)))
     num_splits = triton.cdiv(L, split_size)
     m = torch.empty(B * H, num_splits, dtype=torch.float32, device=logits.device)
     z = torch.empty_like(m)
-    _range_softmax_stats_kernel[(B * H, num_splits)](logits, hi, m, z, int(lo), L, split_size, num_splits,
-                                                     *logits.stride(), BLOCK=block, H=H, num_warps=4)
-    _range_softmax_max_kernel[(B, triton.cdiv(L, block))](logits, hi, m, z, out, int(lo), L, num_splits,
+    _range_softmax_stats_kernel[(B * H, num_splits)](logits, hi, lo_rows, m, z, lo, L, split_size, num_splits,
+                                                     *logits.stride(), BLOCK=block, H=H, ROW_LO=row_lo, num_warps=4)
+    _range_softmax_max_kernel[(B, triton.cdiv(L, block))](logits, hi, lo_rows, m, z, out, lo, L, num_splits,
                                                           *logits.stride(), out.stride(0), H=H, BLOCK=block,
-                                                          BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+                                                          BLOCK_S=max(2, next_pow2(num_splits)), ROW_LO=row_lo,
+                                                          num_warps=4)
     return out

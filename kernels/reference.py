@@ -395,3 +395,32 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
         o = torch.einsum("hgnl,lhd->nhgd", p, v) / p.sum(-1).permute(2, 0, 1).unsqueeze(-1)
         out[start: start + n] = o.reshape(n, H, D).to(q.dtype)
     return out
+
+
+def deltakv_stage_raw_ref(k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, cols: torch.Tensor,
+                          k_work: torch.Tensor, v_work: torch.Tensor, pos_work: torch.Tensor) -> None:
+    """A DeltaKV layer's raw slots and its rebuilt tokens' columns into the shared work buffer, in place: slots
+    ``[0, cap)`` of ``k_work``/``v_work``/``pos_work`` get ``k``/``v``/``pos`` (``[B, Hkv, cap, *]``), and the column
+    table of the ``s`` slots after them gets ``cols [B, s]`` in every KV head (``pos_work [B, Hkv, >= cap + s]``)."""
+    cap, s = k.shape[2], cols.shape[1]
+    k_work[:, :, :cap].copy_(k)
+    v_work[:, :, :cap].copy_(v)
+    pos_work[:, :, :cap].copy_(pos)
+    pos_work[:, :, cap:cap + s].copy_(cols.unsqueeze(1).expand(cols.shape[0], pos_work.shape[1], s))
+
+
+def deltakv_pick_scores_ref(scores: torch.Tensor, comp_pos: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """An observer's ``scores [B, L]`` (by logical column) of a DeltaKV layer's compressed tokens, in offset order:
+    ``[B, N]``, token ``j`` of row ``b`` at column ``comp_pos[b, j] + offset[b]``, ``-inf`` where ``comp_pos < 0``
+    (no token). ``comp_pos [B, N]`` int, ``offset [B, 1]`` int (each row's padding)."""
+    absent = comp_pos < 0
+    cols = (comp_pos.long() + offset).masked_fill(absent, 0)
+    return scores.gather(1, cols).masked_fill(absent, float("-inf"))
+
+
+def deltakv_pick_columns_ref(pick: torch.Tensor, keep: torch.Tensor, comp_pos: torch.Tensor,
+                             offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picked compressed offsets ``pick [B, k]`` (``keep [B, k]`` bool: read them) -> ``(cols, pos)`` ``[B, k]`` int64:
+    their logical columns (``-1`` where not kept or no token) and RoPE positions (``comp_pos`` at ``max(pick, 0)``)."""
+    pos = comp_pos.gather(1, pick.clamp(min=0)).long()
+    return torch.where(keep & (pos >= 0), pos + offset, -1), pos

@@ -160,3 +160,107 @@ def test_cuda_kernel_matches_reference(bits, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage_raw_kernel_equals_the_four_copies(dtype):
+    # a static step's raw slots and pick columns into the shared work buffer (wider than needed: its tail untouched),
+    # with odd head widths and a raw buffer whose slot count is not a multiple of the kernel's block
+    from sparse_hf.kernels import deltakv_stage_raw, deltakv_stage_raw_ref
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, cap, s, D, Dv, L = 2, 3, 37, 11, 12, 10, 60
+    k = torch.randn(B, Hkv, cap, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, cap, Dv, generator=g).to(dtype)
+    pos = torch.randint(-1, 500, (B, Hkv, cap), generator=g)
+    cols = torch.randint(-1, 500, (B, s), generator=g)
+    outs = []
+    for fn in (deltakv_stage_raw_ref, lambda *a: deltakv_stage_raw(*a, backend="triton")):
+        kw = torch.full((B, Hkv, L, D), 7.0, dtype=dtype)
+        vw = torch.full((B, Hkv, L, Dv), 7.0, dtype=dtype)
+        pw = torch.full((B, Hkv, L), -5, dtype=torch.long)
+        fn(k, v, pos, cols, kw[:, :, :cap + s], vw[:, :, :cap + s], pw[:, :, :cap + s])
+        outs.append((kw, vw, pw))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    kw, vw, pw = outs[1]
+    assert torch.equal(pw[:, :, cap:cap + s], cols.unsqueeze(1).expand(B, Hkv, s)) and (pw[:, :, cap + s:] == -5).all()
+
+
+def _fused(case, use_knorm, bias=None, dtype=torch.float32, block_m=4):
+    from sparse_hf.kernels.deltakv_fused import deltakv_rebuild_fused
+    B, k = case["pick"].shape
+    k_out = torch.full((B, case["Hkv"], k, case["D"]), float("nan"), dtype=dtype)
+    v_out = torch.full((B, case["Hkv"], k, case["Dv"]), float("nan"), dtype=dtype)
+    cos, sin = rope_tables(case["pos"], case["D"], torch.float32)
+    codes, scale, offset = case["stored"]
+    deltakv_rebuild_fused(case["pick"], codes.to(dtype) if scale is None else codes, scale, offset, case["fathers"],
+                          case["center_x"].to(dtype), case["w_up"].to(dtype), bias, case["step"], case["S"], cos, sin,
+                          k_out, v_out, case["knorm"] if use_knorm else None, 1e-6, block_m=block_m)
+    return k_out, v_out
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_fused_rebuild_matches_float64_oracle(bits):
+    # one kernel for a linear up (interpreted): every latent mode, a tile with masked picks (k=5, block 4), fillers
+    from sparse_hf.kernels.dispatch import is_interpreted
+    from sparse_hf.kernels.deltakv_fused import _fused_rebuild_kernel
+    if not is_interpreted(_fused_rebuild_kernel):
+        pytest.skip("needs TRITON_INTERPRET=1 before sparse_hf.kernels is imported")
+    case = make_case(bits=bits)
+    check(_fused(case, False), oracle(case, False), case["pick"], 1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5),
+                                       pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.gpu)])
+def test_fused_rebuild_gqa_knorm_bias_equals_the_two_kernel_path(dtype, tol):
+    # odd widths (half 6, V 10, latent 96 in three 4-bit groups), k_norm, a bias; and the entry point's dispatch.
+    # bf16 on CUDA only: the interpreter's tl.dot gives garbage for bf16 tiles (Triton 3.9, measured on this CPU)
+    from sparse_hf.kernels.dispatch import is_interpreted
+    from sparse_hf.kernels.deltakv_fused import _fused_rebuild_kernel
+    dev = "cuda" if dtype == torch.bfloat16 else "cpu"
+    if dev == "cpu" and not is_interpreted(_fused_rebuild_kernel):
+        pytest.skip("needs TRITON_INTERPRET=1 before sparse_hf.kernels is imported")
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = make_case(B=3, Hkv=3, D=12, Dv=10, r=96, k=7, step=4, nbr=3, bits=4, seed=1, device=dev)
+    bias = torch.randn(case["w_up"].shape[0], generator=torch.Generator().manual_seed(5)).to(dev)
+    B, k = case["pick"].shape
+    outs = []
+    for fused in (False, True):
+        k_out = torch.full((B, case["Hkv"], k, case["D"]), float("nan"), dtype=dtype, device=dev)
+        v_out = torch.full((B, case["Hkv"], k, case["Dv"]), float("nan"), dtype=dtype, device=dev)
+        cos, sin = rope_tables(case["pos"], case["D"], dtype)
+        codes, scale, offset = case["stored"]
+        w, bw = case["w_up"].to(dtype), bias.to(dtype)
+        deltakv_rebuild_kv(case["pick"], codes, scale, offset, case["fathers"], case["center_x"].to(dtype),
+                           lambda z: torch.nn.functional.linear(z, w, bw), dtype, case["step"], case["S"],
+                           cos, sin, k_out, v_out, case["knorm"], 1e-6, backend="triton" if fused else "torch",
+                           up_linear=(w, bw) if fused else None)
+        outs.append((k_out, v_out))
+    live = (case["pick"] >= 0).view(B, 1, k, 1)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(torch.where(live, b.float(), 0.0), torch.where(live, a.float(), 0.0), atol=tol,
+                                   rtol=tol)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pick_index_kernels_equal_the_column_tables(backend):
+    # the scores / columns a static step gets from comp_pos and each row's padding, against the per-flush column
+    # tables they replace (comp_cols = comp_pos + pad, -1 where absent); rows with an absent tail
+    from sparse_hf.kernels.deltakv_pick import deltakv_pick_columns, deltakv_pick_scores
+    g = torch.Generator().manual_seed(6)
+    B, N, L, k = 3, 40, 70, 9
+    comp_pos = torch.randint(0, 50, (B, N), generator=g).int()
+    comp_pos[1, 30:] = -1
+    comp_pos[2, 5:] = -1
+    off = torch.tensor([[0], [7], [19]])
+    scores = torch.randn(B, L, generator=g)
+    cols = (comp_pos.long() + off).masked_fill(comp_pos < 0, -1)
+    want = scores.gather(1, cols.clamp(min=0)).masked_fill(cols < 0, float("-inf"))
+    assert torch.equal(deltakv_pick_scores(scores, comp_pos, off, backend=backend), want)
+    pick = want.topk(k, dim=-1).indices
+    keep = torch.rand(B, k, generator=g) < 0.8
+    got_cols, got_pos = deltakv_pick_columns(pick, keep, comp_pos, off, backend=backend)
+    assert torch.equal(got_cols, cols.gather(1, pick).masked_fill(~keep, -1))
+    assert torch.equal(got_pos, comp_pos.gather(1, pick).long())
+    assert (got_cols[2] == -1).sum() >= k - 5                       # row 2 holds 5 tokens: the rest read nothing

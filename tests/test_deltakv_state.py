@@ -203,3 +203,18 @@ def test_half_precision_scores_give_the_fp32_fathers(metric, dtype, monkeypatch)
     slow = clustering.nearest_centers(x, centers, token_pos, center_pos, 2, metric, block=1000)
     assert (fast == slow).float().mean() > 0.999
     assert torch.equal(fast[..., 0] == -1, slow[..., 0] == -1)
+
+
+def test_one_father_reference_is_the_general_mean():
+    # k = 1 takes a shortcut (the father itself, zeros without one): the same values as the weighted mean
+    from sparse_hf.deltakv.clustering import reference_from_fathers
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        centers = torch.randn(2, 9, 16, generator=g).to(dtype)
+        fathers = torch.randint(-1, 9, (2, 20, 1), generator=g)
+        fathers[0, 0] = -1
+        valid = fathers >= 0
+        gathered = centers.gather(1, fathers.clamp(min=0).expand(-1, -1, 16)).unsqueeze(2)
+        want = (gathered * valid.to(dtype).unsqueeze(-1)).sum(2) / valid.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+        got = reference_from_fathers(centers, fathers)
+        assert torch.equal(got, want) and not got[0, 0].any()

@@ -104,7 +104,7 @@ def _buffers(cache):
         if isinstance(layer, DeltaKVLayer):
             s = layer.state
             out += [layer._k, layer._v, layer._pos, layer._raw_pos, s.center_x, s.fathers, s.latent.codes,
-                    layer.comp_cols]
+                    s.comp_pos, layer.width_dev]
     return [t.data_ptr() for t in out]
 
 
@@ -239,7 +239,7 @@ def test_the_compressed_layers_share_one_pick_per_step(budget, monkeypatch):
         calls.clear()
         step()
         for layer in layers[1:]:
-            assert torch.equal(layer.comp_cols, layers[0].comp_cols)
+            assert torch.equal(layer.compressed_columns(), layers[0].compressed_columns())
             assert layer.state.counts == layers[0].state.counts and layer.scratch == layers[0].scratch
         if all(layer.static_ok for layer in layers):
             assert len(calls) == 1
@@ -287,4 +287,82 @@ def test_the_triton_rebuild_inside_generate_gives_the_torch_tokens(monkeypatch):
     triton_run = _generate(model, ids, mask, cfg, True, monkeypatch, new=6)
     assert torch.equal(torch_run.sequences, triton_run.sequences)
     for a, b in zip(torch_run.logits, triton_run.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not sparse_hf.kernels.HAS_TRITON, reason="needs triton (interpreted on CPU)")
+def test_observer_range_scores_equal_the_torch_scores():
+    # the GPU path's observer scores (two Triton passes over a per-row slot range, interpreted on CPU) against
+    # method.decode_scores, on left-padded rows after a flush; a layer with a hole in its mask keeps the torch path
+    from sparse_hf.kernels.dispatch import is_interpreted
+    from sparse_hf.kernels.omnikv_scores import _range_softmax_stats_kernel
+    if not is_interpreted(_range_softmax_stats_kernel):
+        pytest.skip("needs TRITON_INTERPRET=1 before sparse_hf.kernels is imported")
+    model, cache, step = _decoder(padded=True)
+    step()
+    observers = [i for i in range(len(cache.layers)) if cache.method.is_observer(i)]
+    assert observers
+    g = torch.Generator().manual_seed(3)
+    for i in observers:
+        layer = cache.layers[i]
+        B, H = layer._k.shape[0], model.config.num_attention_heads
+        valid = layer.full_valid()
+        logits = (torch.randn(B, H, valid.shape[1], generator=g) * 3).masked_fill(~valid.unsqueeze(1), float("-inf"))
+        start = cache._candidate_start(layer)
+        assert start is not None and start.tolist() == [(~valid[b, :layer.seen]).sum().item() + 2 for b in range(B)]
+        want = cache.method.decode_scores(logits, valid)
+        got = cache.range_scores(layer, logits, start)
+        finite = torch.isfinite(want)
+        assert finite.any() and torch.equal(torch.isfinite(got), finite)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-7)
+        layer._pos = layer._pos.clone()
+        layer._pos[0, :, layer.seen - 5] = -1                         # a hole: not one range any more
+        assert cache._candidate_start(layer) is None
+
+
+def _interpreted_gpu_paths(monkeypatch):
+    """The HF path's GPU branches with every kernel entry point on its Triton kernel (interpreted on CPU)."""
+    import sys
+
+    from sparse_hf.kernels import dispatch
+    original, original_fused = dispatch.use_triton, dispatch.kernels_run_fused
+
+    def use_triton(backend, kernel, *tensors):
+        if backend == "auto" and dispatch.HAS_TRITON and dispatch.is_interpreted(kernel):
+            backend = "triton"
+        return original(backend, kernel, *tensors)
+
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.startswith("sparse_hf"):
+            if getattr(mod, "use_triton", None) is original:
+                monkeypatch.setattr(mod, "use_triton", use_triton)
+            if getattr(mod, "kernels_run_fused", None) is original_fused:
+                monkeypatch.setattr(mod, "kernels_run_fused", lambda t: t.dtype in dispatch.TRITON_DTYPES)
+
+
+@pytest.mark.parametrize("arch,bits", [("qwen2", 4), ("qwen3", 8)])
+def test_fused_rebuild_gives_the_two_kernel_tokens(arch, bits, monkeypatch):
+    # the static decode step on its GPU path (interpreted Triton): the one-kernel rebuild (default) against the
+    # gather + up + writeback path (fused_rebuild=False), over flushes, with left padding and k_norm (qwen3)
+    from sparse_hf.kernels.deltakv_fused import _fused_rebuild_kernel
+    from sparse_hf.kernels.dispatch import is_interpreted
+    if not is_interpreted(_fused_rebuild_kernel):
+        pytest.skip("needs TRITON_INTERPRET=1 before sparse_hf.kernels is imported")
+    from sparse_hf.kernels import deltakv_fused
+    _interpreted_gpu_paths(monkeypatch)
+    calls = []
+    run = deltakv_fused.deltakv_rebuild_fused
+    monkeypatch.setattr(deltakv_fused, "deltakv_rebuild_fused", lambda *a, **k: (calls.append(1), run(*a, **k))[1])
+    model = tiny_model(arch, layers=4)
+    ids, mask = left_padded_batch((40, 27))
+    outs = []
+    for fused in (False, True):
+        cfg = dict(_config(model, 6, bits), fused_rebuild=fused)
+        outs.append(greedy(model, ids, mask, new_tokens=12, cache_implementation="deltakv", cache_config=cfg,
+                           output_logits=True, return_dict_in_generate=True))
+        layers = [layer for layer in outs[-1].past_key_values.layers if isinstance(layer, DeltaKVLayer)]
+        assert all(layer.static_ok and layer.scratch > 0 for layer in layers)
+        assert bool(calls) == fused                                # the one-kernel path ran only when asked
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -43,3 +43,21 @@ def test_dispatch_and_bad_input():
     assert range_softmax_max_kernel_runs(logits, "triton")
     with pytest.raises(ValueError, match="float32"):
         range_softmax_max(logits.double(), 0, torch.tensor([8]))
+
+
+def test_a_start_per_row_equals_the_torch_scores():
+    # left-padded rows (the HF path): row b's valid slots are [pad_b, L), its candidates [pad_b + sink, L - recent)
+    g = torch.Generator().manual_seed(1)
+    B, H, L, sink, recent = 4, 6, 150, 4, 8
+    pad = torch.tensor([0, 37, 130, 146])          # the last two rows: few candidates, then none
+    logits = torch.randn(B, H, L, generator=g) * 4
+    valid = torch.arange(L).view(1, L) >= pad.view(-1, 1)
+    logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    _, _, cand = sink_recent_candidates(valid.unsqueeze(1), sink, recent)
+    want = omnikv_decode_scores(logits, cand[:, 0])
+    got = range_softmax_max(logits.to(DEVICE), (pad + sink).to(DEVICE), torch.full((B,), L - recent).to(DEVICE),
+                            split_size=64, block=16).cpu()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-7)
+    assert finite[0].any() and finite[2].any() and not finite[3].any()

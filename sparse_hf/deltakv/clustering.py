@@ -153,6 +153,8 @@ def reference_from_fathers(centers: torch.Tensor, father_ids: torch.Tensor) -> t
     d = centers.shape[-1]
     valid = father_ids >= 0
     idx = father_ids.clamp(min=0).reshape(b, n * k, 1).expand(-1, -1, d)
+    if k == 1:   # one father (the usual case): the mean is the father itself, bit for bit, without three passes
+        return centers.gather(1, idx).masked_fill(~valid, 0)
     gathered = centers.gather(1, idx).reshape(b, n, k, d)
     weights = valid.to(centers.dtype).unsqueeze(-1)
     count = valid.sum(-1, keepdim=True).clamp(min=1).to(centers.dtype)

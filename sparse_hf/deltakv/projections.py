@@ -121,6 +121,12 @@ class DeltaKVProjections(nn.Module):
         """Project a latent [..., latent] back to concat(K, V) space [..., D]."""
         return self._layer(layer_idx).up(self._cast(z, self.latent_size, "up's input latent"))
 
+    def linear_up(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(weight [D, latent], bias [D] or None)`` of layer ``layer_idx``'s ``up`` when it is one linear map (a
+        fused rebuild kernel can then run the GEMM itself), else ``None``."""
+        up = self._layer(layer_idx).up
+        return (up.weight, up.bias) if isinstance(up, nn.Linear) else None
+
     def forward(self, x: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
         """Plain autoencoding ``up(down(x))`` of one layer, [..., D] -> [..., D] (no reference subtracted)."""
         return self.up(layer_idx, self.down(layer_idx, x))

@@ -393,8 +393,8 @@ def rms_norm_params(k_norm: Any) -> tuple[torch.Tensor | None, float]:
 def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, layer_idx: int, kv_heads: int,
                head_dim: int, rope: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                k_norm: Any = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, latents: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None, latents: torch.Tensor | None = None,
+               fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Picked compressed tokens as attention reads them (``up(latent) + mean(fathers)``, centers as stored; then
     ``k_norm`` (Qwen3) and RoPE at each token's position), through the fused kernel entry
     :func:`sparse_hf.kernels.deltakv_rebuild_kv` (Triton on CUDA, its torch reference elsewhere).
@@ -409,6 +409,8 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
             rebuild the same picks share one); computed here if ``None``.
         latents: ``[B, k, r]`` the picks' latents already gathered and dequantised in ``projections.dtype`` (e.g. by
             :class:`~sparse_hf.deltakv.offload.LatentPrefetch`); gathered from ``state.latent`` if ``None``.
+        fused: with a linear ``up`` (``projections.linear_up``) and Triton running, rebuild in one kernel
+            (:func:`sparse_hf.kernels.deltakv_fused.deltakv_rebuild_fused`); ignored with ``latents``.
 
     Returns:
         ``K [B, Hkv, k, D]``, ``V [B, Hkv, k, Dv]`` (``out`` when given) and ``pos [B, k]`` (long; ``None`` when
@@ -432,7 +434,9 @@ def rebuild_kv(state: CompressedState, pick: torch.Tensor, projections: Any, lay
         keys, values = deltakv_writeback(pick, up_out, state.fathers, cx, cl.step, cl.num_sink, cos.contiguous(),
                                          sin.contiguous(), out[0], out[1], weight, eps)
         return keys, values, pos
+    linear = projections.linear_up(layer_idx) if fused and hasattr(projections, "linear_up") else None
     keys, values = deltakv_rebuild_kv(pick, lat.codes, lat.scale, lat.offset, state.fathers, cx,
                                       lambda z: projections.up(layer_idx, z), projections.dtype, cl.step,
-                                      cl.num_sink, cos.contiguous(), sin.contiguous(), out[0], out[1], weight, eps)
+                                      cl.num_sink, cos.contiguous(), sin.contiguous(), out[0], out[1], weight, eps,
+                                      up_linear=linear)
     return keys, values, pos

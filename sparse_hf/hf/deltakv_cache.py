@@ -35,7 +35,10 @@ import dataclasses
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from sparse_hf.kernels import decode_attention_with_scores, deltakv_stage_raw
+from sparse_hf.kernels.deltakv_pick import deltakv_pick_columns, deltakv_pick_scores
 from sparse_hf.kernels.dispatch import kernels_run_fused
+from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 
 from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import resolve_compressor, serving_method
@@ -194,6 +197,49 @@ class CompressedCache(SelectionCache):
         self.obs_scores = self.method.decode_scores(logits, valid)
         self.selection = None
 
+    def _decode_full(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
+        """As for OmniKV; at an observation layer's GPU decode step the scores come from two Triton passes over the
+        logits (:func:`range_softmax_max`: a row's candidates are one slot range) instead of ~20 torch ops over
+        ``[B, H, L]`` float32, when the layer's valid slots are each row's ``[pad, seen)`` (left padding)."""
+        if self.method.is_observer(module.layer_idx) and layer.frozen and kernels_run_fused(query):
+            start = self._candidate_start(layer)
+            if start is not None:
+                out, logits = decode_attention_with_scores(query[:, :, 0], *layer.buffers[:2],
+                                                           valid=layer.full_valid(), scale=scaling)
+                if range_softmax_max_kernel_runs(logits):
+                    self.obs_scores = self.range_scores(layer, logits, start)
+                    self.selection = None
+                    return out.unsqueeze(1)
+                self.observe(logits, layer.full_valid(), layer.seen)
+                return out.unsqueeze(1)
+        return super()._decode_full(module, layer, query, key, value, attention_mask, scaling, **kwargs)
+
+    def range_scores(self, layer, logits: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` the observer's scores (``method.decode_scores`` of ``logits [B, H, L]``) for a frozen layer whose
+        valid slots are each row's ``[pad, seen)``: the candidates are ``[start, seen - recent)`` with ``start [B]``
+        (:meth:`_candidate_start`), the end from the device-side length (CUDA-graph safe)."""
+        hi = (layer.seen_dev - self.sparse_config.num_recent_tokens).expand(logits.shape[0])
+        return range_softmax_max(logits, start, hi)
+
+    def _candidate_start(self, layer) -> torch.Tensor | None:
+        """``[B]`` (device) each row's first candidate slot, ``pad + num_sink_tokens``, when the layer's valid slots
+        are each row's ``[pad, seen)``; ``None`` otherwise (holes in the mask: the torch scores then). Checked once
+        per slot buffer (one host read, eagerly; a step being captured without it takes the torch scores)."""
+        memo = getattr(self, "_starts", None)
+        if memo is None:
+            memo = self._starts = {}
+        key = (layer._pos.data_ptr(), tuple(layer._pos.shape))
+        if memo.get(id(layer), (None,))[0] == key:
+            return memo[id(layer)][1]
+        if self.capturing:
+            return None
+        valid = layer._pos[:, 0, :layer.seen] >= 0                       # [B, seen]
+        first = valid.int().argmax(-1)
+        ranged = bool(((valid.sum(-1) == layer.seen - first) & valid.any(-1)).all())
+        start = (first + self.clustering.num_sink).int() if ranged else None
+        memo[id(layer)] = (key, start)
+        return start
+
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         i = module.layer_idx
         raw_k = self.raw_keys.pop(i, None)
@@ -248,14 +294,11 @@ class CompressedCache(SelectionCache):
             cap = layer.capacity
             rope = module.__dict__["_sparse_hf_rotary"]
             pick, cols, cos_sin = self._static_pick(layer, rope, v_w[:, :, cap:], module.layer_idx)
-            k_w[:, :, :cap].copy_(layer._k)
-            v_w[:, :, :cap].copy_(layer._v)
-            cols_w[:, :, :cap].copy_(layer._pos)
+            deltakv_stage_raw(layer._k, layer._v, layer._pos, cols, k_w, v_w, cols_w)   # raw slots, pick columns
             latents = self._prefetch.take(module.layer_idx, pick) if self._prefetch is not None else None
             rebuild_kv(state, pick, self.projections, module.layer_idx, k_w.shape[1], k_w.shape[-1], rope,
                        getattr(module, "k_norm", None), out=(k_w[:, :, cap:], v_w[:, :, cap:]), cos_sin=cos_sin,
-                       latents=latents)
-            cols_w[:, :, cap:].copy_(cols.unsqueeze(1).expand(cols.shape[0], k_w.shape[1], cols.shape[1]))
+                       latents=latents, fused=self.sparse_config.fused_rebuild)
             return sparse_decode_attention(query[:, :, 0], k_w, v_w, cols_w, scale=scaling, dense=True).unsqueeze(1)
         return sparse_decode_attention(query[:, :, 0], *layer.buffers, scale=scaling,
                                        dense=True).unsqueeze(1)
@@ -273,11 +316,12 @@ class CompressedCache(SelectionCache):
         memo = self._pick_memo
         if memo is not None and memo[0] is self.obs_scores and memo[1] is rope and memo[2] == key:
             return memo[3]
-        scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+        comp_pos = layer.state.comp_pos
+        scores = deltakv_pick_scores(self.obs_scores, comp_pos, layer.col_offset)          # [B, N] offset order
         held = layer.width_dev if layer.state.capacity else None      # a reserved capacity: scores has a tail
         pick, keep = self.method.pick_static(scores, layer.scratch, layer.seen_dev, layer.col_offset[:, 0], held)
-        cols = layer.comp_cols.gather(1, pick).masked_fill_(~keep, -1)                  # [B, scratch]
-        cos, sin = rope(like.transpose(1, 2), layer.state.comp_pos.gather(1, pick.clamp(min=0)).long())
+        cols, pos = deltakv_pick_columns(pick, keep, comp_pos, layer.col_offset)           # [B, scratch] each
+        cos, sin = rope(like.transpose(1, 2), pos)
         self._pick_memo = (self.obs_scores, rope, key, (pick, cols, (cos.contiguous(), sin.contiguous())))
         if self._prefetch is not None and self.prefetch_offloaded:
             self._prefetch.launch(pick, {i: other.state.latent for i, other in enumerate(self.layers)
@@ -355,12 +399,12 @@ class CompressedCache(SelectionCache):
         (``-1``: none). At decode the filter layer's top tokens of each row; otherwise all of them."""
         pick = None
         if q_len == 1 and self.obs_scores is not None:
-            scores = self.obs_scores.gather(1, layer.comp_cols_safe).masked_fill_(layer.comp_absent, float("-inf"))
+            scores = deltakv_pick_scores(self.obs_scores, layer.state.comp_pos, layer.col_offset)
             pick = self.method.pick(scores, layer.state.width, layer.seen)   # scores may have a reserved tail
         if pick is None:
-            pick, cols = layer.all_offsets, layer.comp_cols
+            pick, cols = layer.all_offsets, layer.compressed_columns()
         else:   # an absent offset (a row with fewer tokens) carries column -1; a row's own budget may cut more
-            cols = layer.comp_cols.gather(1, pick)
+            cols = layer.compressed_columns().gather(1, pick)
             over = self._over_budget(layer)
             if over is not None:
                 cols = cols.masked_fill(over, -1)

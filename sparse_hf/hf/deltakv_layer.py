@@ -71,7 +71,9 @@ class DeltaKVLayer(SlotLayer):
 
     Attributes:
         raw_kpre: ``[B, n, Hkv*D]`` pre-norm keys of the raw slots (``k_norm`` models only), else ``None``.
-        raw_pos: ``[B, n]`` RoPE positions of the raw slots (views of ``[B, capacity]`` buffers).
+        raw_pos: ``[B, n]`` int64 RoPE positions of the raw slots. Both are views from index 1 of ``[B, capacity + 1]``
+            buffers: slot ``i`` is buffer entry ``i + 1``, so a decode step writes its token (slot ``n_dev - 1``) at
+            the slot counter ``n_dev`` itself, one scatter with no index arithmetic or cast.
         state: the compressed tokens (``None`` until the prompt is complete).
         pad: host list ``[B]``, padding columns per row (column = position + pad); ``col_offset`` the same ``[B, 1]``.
         scratch: host int, the rebuilt tokens of a decode step (fixed between flushes).
@@ -87,8 +89,6 @@ class DeltaKVLayer(SlotLayer):
         self.state: CompressedState | None = None
         self.pad: list[int] | None = None
         self.col_offset = None
-        # per flush, not per step: [B, N] column of each compressed token (-1 / 0 where absent), absence, offsets
-        self.comp_cols = self.comp_cols_safe = self.comp_absent = self.all_offsets = None
         self.width_dev = None      # [1] long: the widest row's compressed count, on the device (per flush)
         self.state_version = 0     # + 1 whenever a flush re-allocates the compressed state or its column tables
 
@@ -117,8 +117,7 @@ class DeltaKVLayer(SlotLayer):
         def describe(t):
             return None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
-        tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.comp_cols, self.comp_cols_safe,
-                   self.comp_absent, self.width_dev]
+        tensors = [self._raw_pos, self._raw_kpre, self.col_offset, self.width_dev]
         if self.state is not None:
             s = self.state
             tensors += [s.comp_pos, s.center_x, s.center_pos, s.fathers, *(s.latent or ())]
@@ -131,17 +130,18 @@ class DeltaKVLayer(SlotLayer):
 
     @property
     def raw_pos(self) -> torch.Tensor | None:
-        return None if self._raw_pos is None else self._raw_pos[:, :self.num_slots]
+        return None if self._raw_pos is None else self._raw_pos[:, 1:1 + self.num_slots]
 
     @property
     def raw_kpre(self) -> torch.Tensor | None:
-        return None if self._raw_kpre is None else self._raw_kpre[:, :self.num_slots]
+        return None if self._raw_kpre is None else self._raw_kpre[:, 1:1 + self.num_slots]
 
     def _raw_room(self, kpre: torch.Tensor | None, like: torch.Tensor) -> None:
-        """Grow the raw position (and pre-norm key) buffers to the raw capacity (host shapes only)."""
-        B, cap = like.shape[0], self.capacity
+        """Grow the raw position (and pre-norm key) buffers to the raw capacity, plus the leading entry (host shapes
+        only)."""
+        B, cap = like.shape[0], self.capacity + 1
         if self._raw_pos is None or self._raw_pos.shape[1] < cap:
-            new = torch.full((B, cap), -1, dtype=torch.int32, device=like.device)
+            new = torch.full((B, cap), -1, dtype=torch.long, device=like.device)
             if self._raw_pos is not None:
                 new[:, :self._raw_pos.shape[1]] = self._raw_pos
             self._raw_pos = new
@@ -157,17 +157,16 @@ class DeltaKVLayer(SlotLayer):
         slot counter (no host value: CUDA-graph safe)."""
         B, q = pos.shape
         self._raw_room(kpre, pos)
-        pos = pos.to(torch.int32)
         if self.frozen and q == 1:
-            at = (self.n_dev - 1).view(1, 1).expand(B, 1)
-            self._raw_pos.scatter_(1, at, pos)
+            at = self.n_dev.view(1, 1).expand(B, 1)            # slot n_dev - 1 is buffer entry n_dev
+            self._raw_pos.scatter_(1, at, pos if pos.dtype == torch.long else pos.long())
             if kpre is not None:
                 self._raw_kpre.scatter_(1, at.unsqueeze(-1).expand(B, 1, kpre.shape[-1]), kpre)
             return
         n = self.num_slots
-        self._raw_pos[:, n - q:n] = pos
+        self._raw_pos[:, 1 + n - q:1 + n] = pos
         if kpre is not None:
-            self._raw_kpre[:, n - q:n] = kpre
+            self._raw_kpre[:, 1 + n - q:1 + n] = kpre
 
     def keep_raw(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
         """Keep raw slots ``idx [B, K]`` (``ok`` False: empty): K/V and columns, positions and pre-norm keys."""
@@ -180,9 +179,9 @@ class DeltaKVLayer(SlotLayer):
         if not self.frozen:            # keep() re-allocated the slots: the raw buffers follow its new capacity
             self._raw_pos = self._raw_kpre = None
         self._raw_room(kpre, idx)
-        self._raw_pos[:, :K] = pos
+        self._raw_pos[:, 1:1 + K] = pos
         if kpre is not None:
-            self._raw_kpre[:, :K] = kpre
+            self._raw_kpre[:, 1:1 + K] = kpre
 
     @property
     def reads_compressed(self) -> bool:
@@ -191,23 +190,25 @@ class DeltaKVLayer(SlotLayer):
         return self.state is not None and self.state.comp_pos is not None
 
     def set_columns(self) -> None:
-        """Refresh the per-flush views of the compressed tokens (their logical columns) used at every step. With a
-        reserved capacity (same state tensors at every flush) the tables are rewritten in place, so a captured
-        decode step stays valid; otherwise they are new tensors (and ``state_version`` moves)."""
-        self.all_offsets, valid = all_offsets(self.state)
-        absent = ~valid
-        cols = (self.state.comp_pos.long() + self.col_offset).masked_fill_(absent, -1)
-        in_place = (self.state.capacity and self.comp_cols is not None and self.comp_cols.shape == cols.shape
-                    and self.width_dev is not None and self.width_dev.device == cols.device)
-        if in_place:
-            self.comp_absent.copy_(absent)
-            self.comp_cols.copy_(cols)
-            self.comp_cols_safe.copy_(cols.clamp(min=0))
-        else:
+        """Refresh what a decode step reads per flush besides the state: the widest row's count on the device. With a
+        reserved capacity (same state tensors at every flush) it is rewritten in place, so a captured decode step
+        stays valid; otherwise it is a new tensor (and ``state_version`` moves). The compressed tokens' columns are
+        ``comp_pos + col_offset`` (:meth:`compressed_columns`), computed where read, not held per layer."""
+        dev = self.state.comp_pos.device
+        if not (self.state.capacity and self.width_dev is not None and self.width_dev.device == dev):
             self.state_version += 1
-            self.comp_absent, self.comp_cols, self.comp_cols_safe = absent, cols, cols.clamp(min=0)
-            self.width_dev = torch.zeros(1, dtype=torch.long, device=cols.device)
+            self.width_dev = torch.zeros(1, dtype=torch.long, device=dev)
         self.width_dev.fill_(self.state.width)
+
+    def compressed_columns(self) -> torch.Tensor:
+        """``[B, N]`` int64 logical column of each compressed token (``-1``: none); made when asked."""
+        comp_pos = self.state.comp_pos
+        return (comp_pos.long() + self.col_offset).masked_fill_(comp_pos < 0, -1)
+
+    @property
+    def all_offsets(self) -> torch.Tensor:
+        """``[B, N]`` every compressed offset (a rebuild of all of them; made when asked, not held)."""
+        return all_offsets(self.state)[0]
 
     def compressed_per_row(self) -> list[int]:
         """Compressed tokens per row."""
@@ -228,7 +229,8 @@ class DeltaKVLayer(SlotLayer):
         parts = {"raw K/V + slot positions (sinks + buffer)": SlotLayer.allocated_bytes(self),
                  "shared scratch (raw copy + rebuilt tokens of a decode step; one for all layers)":
                      self.shared.nbytes() if self.reports_shared else 0,
-                 "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos)}
+                 "raw pre-norm keys (Qwen3 buffer)": size(self._raw_kpre), "raw positions": size(self._raw_pos),
+                 "row offsets and width (device)": size(self.width_dev) + size(self.col_offset)}
         return {**parts, **(self.state.bytes_by_part() if self.state is not None else {})}
 
     def host_bytes(self) -> int:

@@ -280,10 +280,12 @@ class SlotLayer(CacheLayerMixin):
 
     # -- accounting ------------------------------------------------------------------------------------------
     def allocated_bytes(self) -> int:
-        """Bytes of the slot buffers: K, V and the per-head position table (int64), preallocated room included."""
+        """Bytes of the slot buffers: K, V and the per-head position table (int64), preallocated room included, and
+        the decode-mode counters."""
         if self._k is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._pos))
+        counters = getattr(self, "_counters", None) if self.frozen else None
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._pos, counters) if t is not None)
 
     def used_bytes(self) -> int:
         """Bytes of the live slots' K, V and positions."""

@@ -46,6 +46,9 @@ class DeltaKVConfig(OmniKVConfig):
     offload_latents: bool = knob(False, check_flag,
                                  "keep the latents (and their scales) in pinned host memory; a decode step reads only "
                                  "the picked ones across PCIe (HF path and engine, CUDA graphs included)")
+    fused_rebuild: bool = knob(True, check_flag,
+                               "HF path, linear up, CUDA: a decode step rebuilds its picks in one Triton kernel "
+                               "(dequantise, up GEMM, fathers' mean, RoPE) instead of gather + cuBLAS + writeback")
 
 
 #: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
