@@ -342,8 +342,8 @@ def _interpreted_gpu_paths(monkeypatch):
 
 @pytest.mark.parametrize("arch,bits", [("qwen2", 4), ("qwen3", 8)])
 def test_fused_rebuild_gives_the_two_kernel_tokens(arch, bits, monkeypatch):
-    # the static decode step on its GPU path (interpreted Triton): the one-kernel rebuild (default) against the
-    # gather + up + writeback path (fused_rebuild=False), over flushes, with left padding and k_norm (qwen3)
+    # the static decode step on its GPU path (interpreted Triton): the one-kernel rebuild (fused_rebuild=True)
+    # against the gather + up + writeback path (fused_rebuild=False), over flushes, with left padding and k_norm
     from sparse_hf.kernels.deltakv_fused import _fused_rebuild_kernel
     from sparse_hf.kernels.dispatch import is_interpreted
     if not is_interpreted(_fused_rebuild_kernel):
