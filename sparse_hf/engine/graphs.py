@@ -129,11 +129,9 @@ class DecodeGraphs:
 def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, device: torch.device) -> int:
     """Peak CUDA bytes of the weights plus one full prefill step (``max_num_batched_tokens`` tokens in chunks of
     ``chunk_prefill_size``), plus the extra a chunk needs to attend to ``max_model_len`` earlier tokens (its
-    gathered K/V, and head-repeated K/V in case SDPA lacks GQA; only the gathered K/V where Triton runs), estimated
-    from shapes."""
-    from sparse_hf.kernels.dispatch import kernels_run_fused
-
-    from .attention import PoolAttention, Segment
+    gathered K/V, and head-repeated K/V in case SDPA lacks GQA; only the gathered K/V under the ``"auto"`` prefill
+    route), estimated from shapes."""
+    from .attention import PoolAttention, Segment, default_prefill_route
     from .kv_pool import KVPool
 
     chunk = cfg.chunk_prefill_size
@@ -156,8 +154,9 @@ def profile_peak_bytes(model, cfg, max_model_len: int, dtype: torch.dtype, devic
     torch.cuda.empty_cache()
     elt = torch.tensor([], dtype=dtype).element_size()
     H, Hkv, D = model.num_heads, model.num_kv_heads, model.head_dim
-    # Where Triton runs, a chunk reads the context in place (paged kernel) or gathers only its earlier K/V (the split
-    # cuDNN route); elsewhere SDPA gathers K/V and may repeat them per query head.
-    fused = kernels_run_fused(torch.empty(0, dtype=dtype, device=device))
-    context_extra = max_model_len * D * elt * 2 * (Hkv if fused else H + Hkv)
+    # Under the "auto" route (Triton, bf16/fp16) a chunk reads the context in place (paged kernel) or gathers only its
+    # earlier K/V (the split cuDNN route); under "gather" (the CPU, and fp32 on CUDA: FP32_PREFILL_ROUTE) SDPA gathers
+    # K/V and may repeat them per query head.
+    in_place = default_prefill_route(torch.empty(0, dtype=dtype, device=device)) == "auto"
+    context_extra = max_model_len * D * elt * 2 * (Hkv if in_place else H + Hkv)
     return int(peak + context_extra)
