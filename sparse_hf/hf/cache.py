@@ -197,10 +197,23 @@ class EvictionCache(SparseCache):
         return layer.slot_mask(attention_mask[:, :, -1:] if attention_mask is not None else None, 1)[:, :, 0]
 
     def maintain_layer(self, layer_idx: int) -> None:
-        """Decode-time eviction of one layer (StreamingLLM's rolling window, H2O's heavy hitters)."""
+        """Decode-time eviction of one layer (StreamingLLM's rolling window, H2O's heavy hitters).
+
+        H2O in the steady state (``layer.steady``: every row at exactly its budget after the last eviction, a host
+        flag) drops one token per row and head with ``method.decode_evict_one_in_order`` and ``layer.drop_one``:
+        static shapes, no host sync. Anything else (rows still growing to their budget, a row far over budget after
+        a later turn's prompt, the first eviction after a prompt) takes the general ``decode_keep``, which syncs;
+        both keep the same tokens in the same slots."""
         if not self.method.evicts_during_decode:
             return                                  # the method never evicts during decode: no per-step work
         layer = self.layers[layer_idx]
+        if getattr(layer, "steady", False):
+            # Steady state (H2O; host flag, see ScoredSlotLayer.steady): every row holds budget + 1 after this
+            # step's token, so each row and head drops one, found by the method's one-argmin rule: no host sync.
+            self._check_no_rollback()
+            layer.drop_one(*self.method.decode_evict_one_in_order(layer.scores, layer.valid()))
+            layer.steady = True
+            return
         if self.method.accumulates_attention:
             plan = self.method.decode_keep(layer_idx, layer.valid(), layer.scores, layer.row_budget)
         else:
@@ -208,6 +221,10 @@ class EvictionCache(SparseCache):
         if plan is not None:
             self._check_no_rollback()
             layer.keep(*plan)
+            if self.method.accumulates_attention and hasattr(self.method, "decode_evict_one_in_order"):
+                # this step synced already: note whether the layer is now steady (every row exactly at its budget)
+                layer.steady = layer.frozen and bool(
+                    (layer.valid().sum(-1) == layer.row_budget.view(-1, 1)).all())
 
     def _check_no_rollback(self) -> None:
         if self.rollback_needed:
