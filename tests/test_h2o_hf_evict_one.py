@@ -149,3 +149,34 @@ def test_prompt_and_reorder_leave_the_steady_state():
     layer.lazy_initialization(k, k)
     layer.update(k, k)                                   # a two-token forward (a later turn's prompt)
     assert not layer.steady
+
+
+def test_second_turn_leaves_and_regains_the_steady_state(monkeypatch):
+    """Two turns (the second prompt takes every row far over its budget: the general path, then steady again):
+    tokens, logits and the final slots equal a run where every step takes the general path."""
+    from sparse_hf.hf.cache import EvictionCache
+    from test_multiturn import two_turns
+    model = tiny_model("llama", layers=2)
+    knobs = dict(num_sink_tokens=2, num_recent_tokens=3, num_top_tokens=4)
+    steady = []
+    inner = ScoredSlotLayer.drop_one
+
+    def counted(self, *args):
+        steady.append(self.seen)
+        return inner(self, *args)
+    monkeypatch.setattr(ScoredSlotLayer, "drop_one", counted)
+    out = two_turns(model, output_logits=True, cache_implementation="h2o", cache_config=knobs)
+    turn2_start = out.sequences.shape[1] - 5 - 1
+    assert any(seen < turn2_start for seen in steady) and any(seen > turn2_start + 1 for seen in steady)
+    general = EvictionCache.maintain_layer
+
+    def always_general(self, layer_idx):
+        self.layers[layer_idx].steady = False
+        return general(self, layer_idx)
+    monkeypatch.setattr(EvictionCache, "maintain_layer", always_general)
+    ref = two_turns(model, output_logits=True, cache_implementation="h2o", cache_config=knobs)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        assert torch.equal(a, b)
+    for x, y in zip(out.past_key_values.layers, ref.past_key_values.layers):
+        assert torch.equal(x.positions, y.positions) and torch.equal(x.scores, y.scores)
