@@ -105,7 +105,8 @@ def test_steady_steps_equal_the_general_path_step_by_step(knobs, scores, monkeyp
 
 
 def test_steady_step_reads_nothing_back_from_the_device(monkeypatch):
-    """``item``/``bool``/``tolist``/``cpu``/``numpy`` are never called inside ``maintain_layer`` of a steady layer."""
+    """``item``/``bool``/``int``/``float``/``index``/``tolist``/``cpu``/``numpy`` (each waits for the device on CUDA)
+    are never called inside ``maintain_layer`` of a steady layer, and every layer stays steady."""
     model = tiny_model("llama", layers=2)
     ids, mask = left_padded_batch((30, 17), seed=5)
     cache, token, pos = _cache_after_prompt(model, ids, mask, dict(num_sink_tokens=2, num_recent_tokens=3,
@@ -123,7 +124,7 @@ def test_steady_step_reads_nothing_back_from_the_device(monkeypatch):
         finally:
             inside.pop()
     monkeypatch.setattr(cache, "maintain_layer", watched)
-    for name in ("item", "__bool__", "tolist", "cpu", "numpy"):
+    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):

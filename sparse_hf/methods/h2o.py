@@ -111,6 +111,10 @@ class H2O(EvictionMethod):
         padding and earlier evictions do not matter; ties go as in :meth:`decode_keep` (the slot index is the
         logical order). Static shapes, no host sync.
 
+        One difference, on NaN scores only (as for :meth:`decode_evict_one`): :func:`select_keep` ranks a NaN middle
+        token above the protected ones (priority ``inf``), so with more NaN candidates than ``top`` it drops a sink
+        or recent token; this rule never does (it picks among the middle tokens only).
+
         Args:
             scores: ``[B, Hkv, L]`` float32 accumulated attention mass; valid: ``[B, Hkv, L]`` bool.
 
