@@ -101,7 +101,7 @@ def test_steady_steps_equal_the_general_path_step_by_step(knobs, scores, monkeyp
                 live = x.positions >= 0
                 assert torch.equal(x.keys[live], y.keys[live]), (step, i)
             token = a[:, -1:].argmax(-1)
-    assert len(steady) >= 10 * len(new.layers)               # steady from the second step on
+    assert len(steady) >= 10 * len(new.layers)               # steady once every row is at its budget
 
 
 def test_steady_step_reads_nothing_back_from_the_device(monkeypatch):
@@ -111,9 +111,7 @@ def test_steady_step_reads_nothing_back_from_the_device(monkeypatch):
     ids, mask = left_padded_batch((30, 17), seed=5)
     cache, token, pos = _cache_after_prompt(model, ids, mask, dict(num_sink_tokens=2, num_recent_tokens=3,
                                                                    num_top_tokens=0.4))
-    with torch.inference_mode():
-        model(input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True)    # general path, syncs
-    assert all(layer.steady for layer in cache.layers)
+    assert all(layer.steady for layer in cache.layers)     # both prompts exceed their budgets: steady from step 1
     inner, calls, inside, steady_calls = cache.maintain_layer, [], [], []
 
     def watched(layer_idx):
@@ -134,7 +132,7 @@ def test_steady_step_reads_nothing_back_from_the_device(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, spy)
     budgets = [layer.row_budget.clone() for layer in cache.layers]
     with torch.inference_mode():
-        for step in range(1, 6):
+        for step in range(5):
             model(input_ids=token, position_ids=pos + step, past_key_values=cache, use_cache=True)
     monkeypatch.undo()
     assert calls == [] and len(steady_calls) == 5 * len(cache.layers) and all(steady_calls)

@@ -185,6 +185,8 @@ class EvictionCache(SparseCache):
                 self._check_no_rollback()
                 layer.keep(*plan)
             layer.freeze()
+            if scored:
+                self._note_steady(layer)
         elif not prefill and not self.capturing:
             self.maintain_layer(module.layer_idx)
         return out, None
@@ -201,9 +203,10 @@ class EvictionCache(SparseCache):
 
         H2O in the steady state (``layer.steady``: every row at exactly its budget after the last eviction, a host
         flag) drops one token per row and head with ``method.decode_evict_one_in_order`` and ``layer.drop_one``:
-        static shapes, no host sync. Anything else (rows still growing to their budget, a row far over budget after
-        a later turn's prompt, the first eviction after a prompt) takes the general ``decode_keep``, which syncs;
-        both keep the same tokens in the same slots."""
+        static shapes, no host sync. The flag is set where a step syncs anyway: at the end of a prompt (whose
+        eviction leaves every row over its budget exactly at it) and after a general eviction. Anything else (rows
+        still growing to their budget, e.g. a short prompt in the batch; multi-token steps) takes the general
+        ``decode_keep``, which syncs; both keep the same tokens in the same slots."""
         if not self.method.evicts_during_decode:
             return                                  # the method never evicts during decode: no per-step work
         layer = self.layers[layer_idx]
@@ -221,10 +224,14 @@ class EvictionCache(SparseCache):
         if plan is not None:
             self._check_no_rollback()
             layer.keep(*plan)
-            if self.method.accumulates_attention and hasattr(self.method, "decode_evict_one_in_order"):
-                # this step synced already: note whether the layer is now steady (every row exactly at its budget)
-                layer.steady = layer.frozen and bool(
-                    (layer.valid().sum(-1) == layer.row_budget.view(-1, 1)).all())
+            if self.method.accumulates_attention:
+                self._note_steady(layer)
+
+    def _note_steady(self, layer) -> None:
+        """After an eviction or a prompt (steps that sync anyway): set ``layer.steady`` when every row holds exactly
+        its budget, so the following decode steps evict with the one-token rule (see :meth:`maintain_layer`)."""
+        if hasattr(self.method, "decode_evict_one_in_order") and layer.frozen and layer.row_budget is not None:
+            layer.steady = bool((layer.valid().sum(-1) == layer.row_budget.view(-1, 1)).all())
 
     def _check_no_rollback(self) -> None:
         if self.rollback_needed:

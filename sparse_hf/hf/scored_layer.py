@@ -21,7 +21,7 @@ class ScoredSlotLayer(SlotLayer):
         row_budget: ``[B]`` long, slots each row may hold during decode (set when the prompt is complete).
         steady: host flag, ``True`` while every row and KV head holds exactly its ``row_budget`` tokens, left-aligned
             in slot (= logical) order, in decode mode: then a one-token decode step takes every row to
-            ``budget + 1`` and :meth:`drop_one` evicts with no host sync. Set by the cache after an eviction (where
+            ``budget + 1`` and :meth:`drop_one` evicts with no host sync. Set by the cache after a prompt or an eviction (where
             the general path syncs anyway), cleared by anything else that changes the layout.
     """
 
