@@ -19,10 +19,11 @@ class ScoredSlotLayer(SlotLayer):
         scores: ``[B, Hkv, n]`` accumulated attention mass of the live slots (a view of the ``[B, Hkv, capacity]``
             float32 buffer, zero past the live slots and in empty ones; ``None`` before the first call).
         row_budget: ``[B]`` long, slots each row may hold during decode (set when the prompt is complete).
-        steady: host flag, ``True`` while every row and KV head holds exactly its ``row_budget`` tokens, left-aligned
-            in slot (= logical) order, in decode mode: then a one-token decode step takes every row to
-            ``budget + 1`` and :meth:`drop_one` evicts with no host sync. Set by the cache after a prompt or an eviction (where
-            the general path syncs anyway), cleared by anything else that changes the layout.
+        steady: host flag, ``True`` while every row and KV head holds exactly its ``row_budget`` tokens (slots in
+            logical order), in decode mode: then a one-token decode step takes every row to ``budget + 1`` and
+            :meth:`drop_one` evicts with no host sync. Set by the cache after a prompt or an eviction (steps that
+            sync anyway), cleared by anything else that changes the layout (a prompt, a multi-token step, a batch
+            reorder, a general :meth:`keep`).
     """
 
     def __init__(self):
