@@ -185,6 +185,8 @@ class EvictionCache(SparseCache):
                 self._check_no_rollback()
                 layer.keep(*plan)
             layer.freeze()
+            if scored:
+                self._note_steady(layer)
         elif not prefill and not self.capturing:
             self.maintain_layer(module.layer_idx)
         return out, None
@@ -197,10 +199,24 @@ class EvictionCache(SparseCache):
         return layer.slot_mask(attention_mask[:, :, -1:] if attention_mask is not None else None, 1)[:, :, 0]
 
     def maintain_layer(self, layer_idx: int) -> None:
-        """Decode-time eviction of one layer (StreamingLLM's rolling window, H2O's heavy hitters)."""
+        """Decode-time eviction of one layer (StreamingLLM's rolling window, H2O's heavy hitters).
+
+        H2O in the steady state (``layer.steady``: every row at exactly its budget after the last eviction, a host
+        flag) drops one token per row and head with ``method.decode_evict_one_in_order`` and ``layer.drop_one``:
+        static shapes, no host sync. The flag is set where a step syncs anyway: at the end of a prompt (whose
+        eviction leaves every row over its budget exactly at it) and after a general eviction. Anything else (rows
+        still growing to their budget, e.g. a short prompt in the batch; multi-token steps) takes the general
+        ``decode_keep``, which syncs; both keep the same tokens in the same slots."""
         if not self.method.evicts_during_decode:
             return                                  # the method never evicts during decode: no per-step work
         layer = self.layers[layer_idx]
+        if getattr(layer, "steady", False):
+            # Steady state (H2O; host flag, see ScoredSlotLayer.steady): every row holds budget + 1 after this
+            # step's token, so each row and head drops one, found by the method's one-argmin rule: no host sync.
+            self._check_no_rollback()
+            layer.drop_one(*self.method.decode_evict_one_in_order(layer.scores, layer.valid()))
+            layer.steady = True
+            return
         if self.method.accumulates_attention:
             plan = self.method.decode_keep(layer_idx, layer.valid(), layer.scores, layer.row_budget)
         else:
@@ -208,6 +224,14 @@ class EvictionCache(SparseCache):
         if plan is not None:
             self._check_no_rollback()
             layer.keep(*plan)
+            if self.method.accumulates_attention:
+                self._note_steady(layer)
+
+    def _note_steady(self, layer) -> None:
+        """After an eviction or a prompt (steps that sync anyway): set ``layer.steady`` when every row holds exactly
+        its budget, so the following decode steps evict with the one-token rule (see :meth:`maintain_layer`)."""
+        if hasattr(self.method, "decode_evict_one_in_order") and layer.frozen and layer.row_budget is not None:
+            layer.steady = bool((layer.valid().sum(-1) == layer.row_budget.view(-1, 1)).all())
 
     def _check_no_rollback(self) -> None:
         if self.rollback_needed:

@@ -19,12 +19,23 @@ class ScoredSlotLayer(SlotLayer):
         scores: ``[B, Hkv, n]`` accumulated attention mass of the live slots (a view of the ``[B, Hkv, capacity]``
             float32 buffer, zero past the live slots and in empty ones; ``None`` before the first call).
         row_budget: ``[B]`` long, slots each row may hold during decode (set when the prompt is complete).
+        steady: host flag, ``True`` while every row and KV head holds exactly its ``row_budget`` tokens (slots in
+            logical order), in decode mode: then a one-token decode step takes every row to ``budget + 1`` and
+            :meth:`drop_one` evicts with no host sync. Set by the cache after a prompt or an eviction (steps that
+            sync anyway), cleared by anything else that changes the layout (a prompt, a multi-token step, a batch
+            reorder, a general :meth:`keep`).
     """
 
     def __init__(self):
         super().__init__()
         self._scores = None
         self.row_budget = None
+        self.steady = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[2] != 1 or not self.frozen:       # a prompt (next turn) or a multi-token step
+            self.steady = False
+        return super().update(key_states, value_states, *args, **kwargs)
 
     @property
     def scores(self) -> torch.Tensor | None:
@@ -59,7 +70,22 @@ class ScoredSlotLayer(SlotLayer):
         query_pos = self.seen_dev - 1                                              # [1], this token's column
         self._scores += method.accumulate(query, k, pos, pos >= 0, query_pos, None, scaling).to(torch.float32)
 
+    def drop_one(self, idx: torch.Tensor, found: torch.Tensor) -> None:
+        """Evict slot ``idx`` (``[B, Hkv]`` long, where ``found``, ``[B, Hkv]`` bool) of every row and KV head and
+        compact the rest to the front in slot order: exactly :meth:`keep` with the kept slots in increasing order and
+        ``num_slots - 1`` slots (the layout the general decode eviction leaves). Static shapes, no host sync; only
+        for a steady layer (every row then loses exactly one token, so ``num_slots - 1`` is known on the host)."""
+        n = self.num_slots
+        slot = torch.arange(n, device=idx.device)
+        kept = self.valid() & ~((slot == idx.unsqueeze(-1)) & found.unsqueeze(-1))          # [B, Hkv, n]
+        count = kept.sum(-1, keepdim=True)
+        target = torch.where(kept, kept.long().cumsum(-1) - 1, n - 1)    # dropped/empty -> column n-1, cut below
+        src = torch.zeros_like(target).scatter_(-1, target, slot.expand_as(target).contiguous())
+        K = n - 1
+        self.keep(src[:, :, :K], torch.arange(K, device=idx.device) < count)
+
     def keep(self, idx: torch.Tensor, ok: torch.Tensor) -> None:
+        self.steady = False
         kept = self.scores.gather(-1, idx).masked_fill(~ok, 0.0) if self._scores is not None else None
         super().keep(idx, ok)
         if kept is None:
@@ -72,6 +98,7 @@ class ScoredSlotLayer(SlotLayer):
         self._scores[:, :, :K] = kept
 
     def _index_batch(self, index: torch.Tensor) -> None:
+        self.steady = False
         super()._index_batch(index)
         index = index.to(self.device) if self._scores is not None or self.row_budget is not None else index
         if self._scores is not None:

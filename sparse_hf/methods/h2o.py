@@ -10,7 +10,7 @@ import torch
 from ..config import TopTokensConfig, resolve_counts
 from ..kernels import attention_mass, decode_attention_mass
 from .base import EvictionMethod
-from .selection import lowest_candidate, select_keep
+from .selection import lowest_candidate, select_keep, sink_recent_candidates
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class H2O(EvictionMethod):
     prompt and generated, and over the query heads of its KV group). When the prompt is complete each row keeps
     ``budget = sinks + recent + top`` slots; at every decode step the new token joins and, once a row holds more
     than its budget, the lowest-scored middle token leaves. The HF path accumulates a decode step's mass with
-    static shapes (captured in CUDA graphs) and evicts between steps through :meth:`decode_keep`; the engine drops
-    that one token with :meth:`decode_evict_one` (the same token, found with one ``argmin``, no host sync).
+    static shapes (captured in CUDA graphs) and, in the steady state (every row at its budget), drops that one token
+    with :meth:`decode_evict_one_in_order` (slots in logical order, padding anywhere), else through
+    :meth:`decode_keep`; the engine drops it with :meth:`decode_evict_one`. All three find the same token, the last
+    two with one ``argmin`` (:func:`~sparse_hf.methods.selection.lowest_candidate`) and no host sync.
     """
 
     name = "h2o"
@@ -101,3 +103,26 @@ class H2O(EvictionMethod):
         c = self.config
         candidate = live & (positions >= c.num_sink_tokens) & (positions <= newest - c.num_recent_tokens)
         return lowest_candidate(scores, positions, candidate)
+
+    def decode_evict_one_in_order(self, scores: torch.Tensor, valid: torch.Tensor):
+        """:meth:`decode_evict_one` for slots in increasing logical order with empty (padding, evicted) slots
+        anywhere, as in the HF path's layers: sinks and recent tokens are told by *rank* among a row's valid slots
+        (:func:`~sparse_hf.methods.selection.sink_recent_candidates`, the split :meth:`decode_keep` uses), so left
+        padding and earlier evictions do not matter; ties go as in :meth:`decode_keep` (the slot index is the
+        logical order). Static shapes, no host sync.
+
+        One difference, on NaN scores only (as for :meth:`decode_evict_one`): :func:`select_keep` ranks a NaN middle
+        token above the protected ones (priority ``inf``), so with more NaN candidates than ``top`` it drops a sink
+        or recent token; this rule never does (it picks among the middle tokens only).
+
+        Args:
+            scores: ``[B, Hkv, L]`` float32 accumulated attention mass; valid: ``[B, Hkv, L]`` bool.
+
+        Returns:
+            ``(idx, found)`` ``[B, Hkv]``: the slot :meth:`decode_keep` drops from a row of exactly ``budget + 1``
+            valid tokens, and whether the row has a middle token (always, for such a row).
+        """
+        c = self.config
+        _, _, candidate = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
+        order = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
+        return lowest_candidate(scores, order, candidate)
