@@ -27,7 +27,8 @@ NEW_TOKENS = 40
 
 
 @pytest.mark.parametrize("arch,knobs,chunk", [("llama", COUNT, 16), ("qwen2", FRACTION, 16), ("qwen3", COUNT, 256),
-                                              ("llama", FRACTION, 7)])
+                                              ("llama", FRACTION, 7),
+                                              ("qwen2", dict(FRACTION, score_normalization="mean"), 16)])
 def test_engine_h2o_equals_hf_path(arch, knobs, chunk):
     model = tiny_model(arch, layers=3)
     prompts = random_prompts(LENGTHS, seed=3)

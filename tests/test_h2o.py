@@ -20,9 +20,9 @@ SINK, RECENT, TOP = 2, 4, 6
 class H2OOracle:
     """Per layer: ``acc[b][h]`` accumulated attention per column and ``kept[b][h]`` the set of kept columns."""
 
-    def __init__(self, prompt_len: int, top):
-        self.prompt_len, self.top = prompt_len, top
-        self.acc, self.kept = {}, {}
+    def __init__(self, prompt_len: int, top, normalization: str = "sum"):
+        self.prompt_len, self.top, self.normalization = prompt_len, top, normalization
+        self.acc, self.kept, self.seen = {}, {}, {}
 
     def budget(self, n_prompt: int) -> int:
         top = int(n_prompt * self.top) if isinstance(self.top, float) else self.top
@@ -37,17 +37,20 @@ class H2OOracle:
         if layer not in self.acc:
             self.acc[layer] = [[{} for _ in range(Hkv)] for _ in range(B)]
             self.kept[layer] = [[set() for _ in range(Hkv)] for _ in range(B)]
+            self.seen[layer] = [[{} for _ in range(Hkv)] for _ in range(B)]
         assert attention_mask is None or attention_mask.dtype == torch.bool   # None: no padding, causal
         for b in range(B):
             real = [j for j in range(T) if attention_mask is None or bool(attention_mask[b, 0, -1, j])]
             for h in range(Hkv):
-                acc, kept = self.acc[layer][b][h], self.kept[layer][b][h]
+                acc, kept, seen = self.acc[layer][b][h], self.kept[layer][b][h], self.seen[layer][b][h]
                 kept.update(j for j in real if j >= T - q)                     # the new tokens join
                 for i in range(q):
                     col = T - q + i
                     if col not in real:
                         continue                                               # a padding query
                     cols = sorted(j for j in kept if j <= col)
+                    for j in cols:
+                        seen[j] = seen.get(j, 0) + 1                           # queries that saw column j
                     for g in range(G):
                         hq = h * G + g
                         logits = torch.stack([query[b, hq, i].double() @ key[b, h, j].double() for j in cols]) * scaling
@@ -62,7 +65,8 @@ class H2OOracle:
                     if len(live) > self.budget(n_prompt):
                         middle = live[SINK:len(live) - RECENT]
                         n_top = self.budget(n_prompt) - SINK - RECENT
-                        heavy = sorted(middle, key=lambda j: -acc[j])[:n_top]
+                        rank = acc if self.normalization == "sum" else {j: acc[j] / seen[j] for j in middle}
+                        heavy = sorted(middle, key=lambda j: -rank[j])[:n_top]
                         kept.intersection_update(set(live[:SINK]) | set(live[len(live) - RECENT:]) | set(heavy))
         return out, None
 
@@ -77,8 +81,8 @@ def oracle_model(arch, oracle):
     return model
 
 
-def run_oracle(arch, ids, mask, new_tokens, top):
-    oracle = H2OOracle(ids.shape[1], top)
+def run_oracle(arch, ids, mask, new_tokens, top, normalization="sum"):
+    oracle = H2OOracle(ids.shape[1], top, normalization)
     model = oracle_model(arch, oracle)
     seq = greedy(model, ids, mask, new_tokens=new_tokens)
     return seq, oracle
@@ -107,6 +111,37 @@ def test_h2o_matches_naive_oracle(arch, lengths, top):
                 evicted |= len(ours) < int(mask[b].sum()) + new - 1
                 assert len(ours) <= oracle.budget(int(mask[b].sum()))
     assert evicted
+
+
+@pytest.mark.parametrize("arch, lengths, top", [("llama", (30, 21), TOP), ("qwen2", (33, 17), 0.25)])
+def test_h2o_mean_normalization_matches_naive_oracle(arch, lengths, top):
+    """``score_normalization="mean"`` (mass / the number of queries that saw the token, kvpress's rule) against the
+    float64 oracle counting those queries itself; the kept sets must differ from the default rule's somewhere."""
+    model = tiny_model(arch, layers=3).double()
+    ids, mask = left_padded_batch(lengths)
+    new = 8
+    knobs = dict(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top)
+    out = greedy(model, ids, mask, new_tokens=new, cache_implementation="h2o", return_dict_in_generate=True,
+                 cache_config=dict(knobs, score_normalization="mean"))
+    ref, oracle = run_oracle(arch, ids, mask, new, top, normalization="mean")
+    _, summed = run_oracle(arch, ids, mask, new, top)
+    assert torch.equal(out.sequences, ref)
+    differs = False
+    for layer_idx, layer in enumerate(out.past_key_values.layers):
+        for b in range(ids.shape[0]):
+            for h in range(layer.positions.shape[1]):
+                pos = layer.positions[b, h]
+                assert set(pos[pos >= 0].tolist()) == oracle.kept[layer_idx][b][h], (layer_idx, b, h)
+                differs |= oracle.kept[layer_idx][b][h] != summed.kept[layer_idx][b][h]
+    assert differs, "the two rules kept the same tokens: the test does not tell them apart"
+
+
+def test_default_normalization_is_sum():
+    """The default is unchanged (the H2O authors' raw sum), and a bad value is refused."""
+    from sparse_hf.methods.h2o import H2OConfig
+    assert H2OConfig().score_normalization == "sum"
+    with pytest.raises(ValueError, match="score_normalization"):
+        H2OConfig(score_normalization="avg")
 
 
 def test_attention_mass_matches_a_loop():

@@ -19,8 +19,9 @@ from test_attention_mass import needs_triton
 SINK, RECENT = 2, 3
 
 
-def _method(top=4):
-    return H2O(H2OConfig(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top), 2)
+def _method(top=4, normalization="sum"):
+    return H2O(H2OConfig(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top,
+                         score_normalization=normalization), 2)
 
 
 def _row_positions(g, budget, newest):
@@ -42,13 +43,14 @@ def _scores(g, shape, kind):
     return s
 
 
+@pytest.mark.parametrize("normalization", ["sum", "mean"])
 @pytest.mark.parametrize("kind", ["random", "ties", "signed"])
 @pytest.mark.parametrize("seed", range(6))
-def test_evict_one_drops_what_decode_keep_drops(kind, seed):
+def test_evict_one_drops_what_decode_keep_drops(kind, seed, normalization):
     """Rows of different budgets (so different lengths), 3 KV heads each with its own tokens; columns shuffled
     (the engine's slots after earlier evictions); padded to the longest row."""
     g = torch.Generator().manual_seed(seed)
-    method = _method()
+    method = _method(normalization=normalization)
     budgets = [SINK + RECENT + t for t in (1, 4, 9)]
     Hkv, W = 3, max(budgets) + 1
     pos = torch.zeros(len(budgets), Hkv, W, dtype=torch.long)
@@ -67,12 +69,20 @@ def test_evict_one_drops_what_decode_keep_drops(kind, seed):
     dropped = pos.gather(-1, perm).gather(-1, col.unsqueeze(-1))[..., 0]                  # [B, Hkv] positions
     for b, budget in enumerate(budgets):                 # the general rule, one row at a time (slots in order)
         n = budget + 1
-        idx, ok = method.decode_keep(0, live[b:b + 1, :, :n], scores[b:b + 1, :, :n], torch.tensor([budget]))
+        idx, ok = method.decode_keep(0, live[b:b + 1, :, :n], scores[b:b + 1, :, :n], torch.tensor([budget]),
+                                     positions=pos[b:b + 1, :, :n])
         assert ok.all() and idx.shape[-1] == budget
         for h in range(Hkv):
             gone = set(range(n)) - set(idx[0, h].tolist())
             assert len(gone) == 1
             assert int(pos[b, h, gone.pop()]) == int(dropped[b, h]), (b, h)
+
+
+def test_mean_normalization_needs_positions():
+    method = _method(normalization="mean")
+    valid = torch.ones(1, 1, 12, dtype=torch.bool)
+    with pytest.raises(ValueError, match="positions"):
+        method.decode_keep(0, valid, torch.rand(1, 1, 12), torch.tensor([SINK + RECENT + 1]))
 
 
 def test_lowest_candidate_rules():
@@ -110,12 +120,13 @@ def _pool(rows_lens, Hkv=2, layers=3, seed=0, dtype=torch.float32):
     return pool, rows, torch.tensor(newest)
 
 
+@pytest.mark.parametrize("normalization", ["sum", "mean"])
 @pytest.mark.parametrize("seed", range(4))
-def test_pool_evict_one_keeps_what_decode_keep_keeps(seed):
+def test_pool_evict_one_keeps_what_decode_keep_keeps(seed, normalization):
     """Rows 0 and 2 are over their budgets (9 and 13 tokens for budgets 8 and 12), row 1 is under (7 of 10)."""
     lens, budgets = [9, 7, 13], [8, 10, 12]
     pool, rows, newest = _pool(lens, seed=seed)
-    method = _method(top=3)                    # the budgets come from the caller, as the engine's per-row budgets
+    method = _method(top=3, normalization=normalization)    # the budgets come from the caller (the engine's)
     before = {name: t.clone() for name, t in (("k", pool.k_all), ("v", pool.v_all), ("s", pool.scores),
                                               ("p", pool.pos))}
     W = max(lens)
@@ -138,7 +149,8 @@ def test_pool_evict_one_keeps_what_decode_keep_keeps(seed):
             p, s = before["p"][layer, slots].T.long(), before["s"][layer, slots].T             # [Hkv, n]
             order = p.argsort(-1)                                                         # logical order
             valid = torch.ones(1, Hkv, n, dtype=torch.bool)
-            plan = method.decode_keep(layer, valid, s.gather(-1, order).unsqueeze(0), torch.tensor([budget]))
+            plan = method.decode_keep(layer, valid, s.gather(-1, order).unsqueeze(0), torch.tensor([budget]),
+                                      positions=p.gather(-1, order).unsqueeze(0))
             for h in range(Hkv):
                 want = order[h] if plan is None else order[h][plan[0][0, h]]              # kept columns
                 got = pool.tables[layer, r, :keep].long()                                 # slots after eviction

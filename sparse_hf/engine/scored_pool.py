@@ -122,7 +122,8 @@ class ScoredKVPool(KVPool):
         """Rows ``over`` drop one token per layer and KV head (``method.decode_evict_one``): the newest token (table
         column ``lens - 1``) takes the dropped token's slot, K, V, score and position move with it. Every layer at
         once; static shapes, no host sync. Where ``backend`` gives Triton, one launch of
-        :func:`~sparse_hf.kernels.evict_one.evict_one_slots` (the same rule and move); else the torch ops below.
+        :func:`~sparse_hf.kernels.evict_one.evict_one_slots` (the same rule and move; ``score_normalization="sum"``
+        only); else the torch ops below.
 
         Args:
             tables: ``[L, B, W]`` the rows' slot tables per layer (``W >= lens``); lens: ``[L, B]`` their counts, the
@@ -132,8 +133,9 @@ class ScoredKVPool(KVPool):
             torch path: ``[L, B, Hkv]`` long, the table column each layer and head dropped (for tests); Triton:
             ``None``. The caller frees the new tokens' slots of the ``over`` rows with :meth:`push_decode_slots`.
         """
-        if evict_one_runs(backend, self.k_all):
-            c = method.config
+        c = method.config
+        # The Triton kernel ranks by the raw sum; another score_normalization takes the torch path (the method's rule).
+        if getattr(c, "score_normalization", "sum") == "sum" and evict_one_runs(backend, self.k_all):
             evict_one_slots(self.k_all, self.v_all, self.scores, self.pos, tables, lens, newest, over,
                             c.num_sink_tokens, c.num_recent_tokens)
             return None
@@ -242,7 +244,8 @@ class ScoredModelRunner(ModelRunner):
             if budget is None:
                 budget = int(method.row_budget(valid)[0])
             scores = pool.row_scores(layer, pool.tables[g, row: row + 1, :n])            # [1, Hkv, n]
-            self._apply(g, row, method.prefill_keep_scored(layer, valid, scores))
+            positions = torch.arange(n, device=self.device).expand_as(valid)             # rows start at 0
+            self._apply(g, row, method.prefill_keep_scored(layer, valid, scores, positions=positions))
         self.row_budget[row] = budget
         self.budget_dev[row] = budget
 

@@ -174,7 +174,8 @@ class EvictionCache(SparseCache):
             # Slot validity as seen by the last query: drops padding columns.
             valid = self._key_validity(layer, attention_mask, q_len)
             if scored:
-                plan = self.method.prefill_keep_scored(module.layer_idx, valid, layer.scores)
+                plan = self.method.prefill_keep_scored(module.layer_idx, valid, layer.scores,
+                                                      positions=layer.positions)
                 layer.row_budget = self.method.row_budget(valid)
             else:
                 plan = self.method.prefill_keep(module.layer_idx, layer.keys, valid, layer.query_window,
@@ -218,7 +219,8 @@ class EvictionCache(SparseCache):
             layer.steady = True
             return
         if self.method.accumulates_attention:
-            plan = self.method.decode_keep(layer_idx, layer.valid(), layer.scores, layer.row_budget)
+            plan = self.method.decode_keep(layer_idx, layer.valid(), layer.scores, layer.row_budget,
+                                           positions=layer.positions)
         else:
             plan = self.method.decode_keep(layer_idx, layer.valid())
         if plan is not None:

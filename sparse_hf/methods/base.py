@@ -133,7 +133,7 @@ class EvictionMethod(SparseMethod):
         return None
 
     def decode_keep(self, layer_idx: int, valid: torch.Tensor, scores: torch.Tensor | None = None,
-                    row_budget: torch.Tensor | None = None):
+                    row_budget: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         """Which slots to keep after a decode step, or ``None`` to keep all. Only called when
         ``evicts_during_decode``.
 
@@ -141,6 +141,7 @@ class EvictionMethod(SparseMethod):
             valid: ``[B, Hkv, L]`` bool, live slots.
             scores: ``[B, Hkv, L]`` float32 accumulated attention mass (``accumulates_attention`` methods only).
             row_budget: ``[B]`` long, slots each row may hold (from :meth:`row_budget`; accumulating methods).
+            positions: ``[B, Hkv, L]`` the slots' logical positions (accumulating methods).
 
         Returns:
             ``(idx, ok)`` as in :meth:`prefill_keep`."""
@@ -171,9 +172,11 @@ class EvictionMethod(SparseMethod):
         (``backend`` as in ``sparse_hf.kernels``)."""
         raise NotImplementedError(f"{self.name} does not accumulate attention")
 
-    def prefill_keep_scored(self, layer_idx: int, valid: torch.Tensor, scores: torch.Tensor):
+    def prefill_keep_scored(self, layer_idx: int, valid: torch.Tensor, scores: torch.Tensor,
+                            positions: torch.Tensor | None = None):
         """Accumulating methods: ``(idx, ok)`` to keep once the prompt is complete, from ``scores [B, Hkv, L]``
-        (the prompt's accumulated attention mass), or ``None``."""
+        (the prompt's accumulated attention mass) and the slots' logical ``positions`` ``[B, Hkv, L]``, or
+        ``None``."""
         raise NotImplementedError(f"{self.name} does not accumulate attention")
 
     def row_budget(self, valid: torch.Tensor) -> torch.Tensor:

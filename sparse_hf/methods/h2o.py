@@ -7,25 +7,66 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TopTokensConfig, resolve_counts
+from ..config import TopTokensConfig, knob, resolve_counts
 from ..kernels import attention_mass, decode_attention_mass
 from .base import EvictionMethod
 from .selection import lowest_candidate, select_keep, sink_recent_candidates
 
 
+SCORE_NORMALIZATIONS = ("sum", "mean")
+
+
+def check_score_normalization(name: str, value) -> str:
+    if value not in SCORE_NORMALIZATIONS:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(SCORE_NORMALIZATIONS)}")
+    return value
+
+
 @dataclass(frozen=True)
 class H2OConfig(TopTokensConfig):
-    """H2O's knobs: the shared ones. ``num_top_tokens`` (a count or a fraction of each row's prompt) heavy
-    hitters are kept beyond sinks and recent tokens, at prefill and at every decode step."""
+    """H2O's knobs: the shared ones, and how the accumulated attention ranks tokens. ``num_top_tokens`` (a count
+    or a fraction of each row's prompt) heavy hitters are kept beyond sinks and recent tokens, at prefill and at
+    every decode step."""
 
     method_name = "h2o"
+
+    score_normalization: str = knob("sum", check_score_normalization,
+                                    "sum: the accumulated attention (the H2O authors' rule); mean: divided by the "
+                                    "number of queries that saw the token (kvpress ObservedAttentionPress)")
+
+
+def normalized_scores(scores: torch.Tensor, positions: torch.Tensor, newest: torch.Tensor,
+                      mode: str) -> torch.Tensor:
+    """The ranking score of each slot from its accumulated attention mass.
+
+    ``"sum"`` ranks by the mass itself (FMInference/H2O). It favours early tokens: a token at position ``p`` has
+    been seen by ``newest - p + 1`` queries, so the start of a long prompt collects most of the mass. ``"mean"``
+    divides by that count (NVIDIA/kvpress ``ObservedAttentionPress``): the average attention a token received from
+    the queries that could see it. The count is exact for a row whose queries covered every position from its
+    first token to ``newest`` (prompt chunks and decode steps both do; left padding is never a query); the
+    constant factor of the KV group's query heads is left in, as it does not change the ranking.
+
+    Args:
+        scores: ``[..., L]`` float accumulated mass; positions: ``[..., L]`` logical positions (any int dtype;
+            slots that hold no token may hold anything and get an arbitrary finite score).
+        newest: the newest position of each row, broadcast against ``[..., 1]``.
+        mode: ``"sum"`` or ``"mean"``.
+
+    Returns:
+        ``[..., L]`` scores in ``scores``' dtype.
+    """
+    if check_score_normalization("score_normalization", mode) == "sum":
+        return scores
+    seen = (newest.long() - positions.long() + 1).clamp_min(1)
+    return scores / seen.to(scores.dtype)
 
 
 class H2O(EvictionMethod):
     """Keeps sink + the ``num_top_tokens`` heavy hitters + recent tokens, per KV head.
 
     A token's score is its accumulated attention (:func:`attention_mass`: summed over every query seen so far,
-    prompt and generated, and over the query heads of its KV group). When the prompt is complete each row keeps
+    prompt and generated, and over the query heads of its KV group), ranked as is or per query that saw it
+    (``score_normalization``, :func:`normalized_scores`). When the prompt is complete each row keeps
     ``budget = sinks + recent + top`` slots; at every decode step the new token joins and, once a row holds more
     than its budget, the lowest-scored middle token leaves. The HF path accumulates a decode step's mass with
     static shapes (captured in CUDA graphs) and, in the steady state (every row at its budget), drops that one token
@@ -54,10 +95,16 @@ class H2O(EvictionMethod):
         c = self.config
         return c.num_sink_tokens + c.num_recent_tokens + resolve_counts(c.num_top_tokens, valid.sum(-1).amax(-1))
 
-    def _keep(self, valid, scores, budget):
+    def _keep(self, valid, scores, budget, positions):
         c = self.config
         if not bool((valid.sum(-1).amax(-1) > budget).any()):
             return None
+        if c.score_normalization != "sum":
+            if positions is None:
+                raise ValueError(f"h2o with score_normalization={c.score_normalization!r} needs the slots' "
+                                 "positions ([B, Hkv, L]) to count the queries that saw each token")
+            newest = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)
+            scores = normalized_scores(scores, positions, newest, c.score_normalization)
         top = (budget - c.num_sink_tokens - c.num_recent_tokens).clamp_min(0)
         return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, top)
 
@@ -70,15 +117,17 @@ class H2O(EvictionMethod):
                              "prompt queries, or accumulate per chunk with accumulate() and prefill_keep_scored()")
         cols = torch.arange(L, device=keys.device)
         mass = self.accumulate(queries, keys, cols.expand_as(valid), valid, cols, query_valid, scaling)
-        return self.prefill_keep_scored(layer_idx, valid, mass)
+        return self.prefill_keep_scored(layer_idx, valid, mass, positions=cols.expand_as(valid))
 
-    def prefill_keep_scored(self, layer_idx, valid, scores):
-        return self._keep(valid, scores, self.row_budget(valid))
+    def prefill_keep_scored(self, layer_idx, valid, scores, positions=None):
+        """``positions`` ``[B, Hkv, L]``: the slots' logical positions, needed unless ``score_normalization`` is
+        ``"sum"``."""
+        return self._keep(valid, scores, self.row_budget(valid), positions)
 
-    def decode_keep(self, layer_idx, valid, scores=None, row_budget=None):
+    def decode_keep(self, layer_idx, valid, scores=None, row_budget=None, positions=None):
         if scores is None or row_budget is None:
             raise ValueError("h2o's decode_keep needs the accumulated scores and the row budgets")
-        return self._keep(valid, scores, row_budget)
+        return self._keep(valid, scores, row_budget, positions)
 
     def decode_evict_one(self, scores: torch.Tensor, positions: torch.Tensor, newest: torch.Tensor,
                          live: torch.Tensor):
@@ -102,6 +151,7 @@ class H2O(EvictionMethod):
         """
         c = self.config
         candidate = live & (positions >= c.num_sink_tokens) & (positions <= newest - c.num_recent_tokens)
+        scores = normalized_scores(scores, positions, newest, c.score_normalization)
         return lowest_candidate(scores, positions, candidate)
 
     def decode_evict_one_in_order(self, scores: torch.Tensor, valid: torch.Tensor):
