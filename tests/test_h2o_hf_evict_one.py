@@ -73,7 +73,9 @@ def _count_steady(cache):
 @pytest.mark.parametrize("scores", ["exact", "floor", "zero"])
 @pytest.mark.parametrize("knobs", [dict(num_sink_tokens=2, num_recent_tokens=3, num_top_tokens=5),
                                    dict(num_sink_tokens=1, num_recent_tokens=4, num_top_tokens=0.3),
-                                   dict(num_sink_tokens=0, num_recent_tokens=1, num_top_tokens=0)])
+                                   dict(num_sink_tokens=0, num_recent_tokens=1, num_top_tokens=0),
+                                   dict(num_sink_tokens=2, num_recent_tokens=3, num_top_tokens=5,
+                                        score_normalization="mean")])
 def test_steady_steps_equal_the_general_path_step_by_step(knobs, scores, monkeypatch):
     """Left-padded rows of different lengths (with a fractional top, different budgets); ``round_scores`` makes
     the accumulated masses coarse: ``floor`` (some exact ties), ``zero`` (every candidate ties, so the tie rule picks

@@ -215,7 +215,7 @@ class EvictionCache(SparseCache):
             # Steady state (H2O; host flag, see ScoredSlotLayer.steady): every row holds budget + 1 after this
             # step's token, so each row and head drops one, found by the method's one-argmin rule: no host sync.
             self._check_no_rollback()
-            layer.drop_one(*self.method.decode_evict_one_in_order(layer.scores, layer.valid()))
+            layer.drop_one(*self.method.decode_evict_one_in_order(layer.scores, layer.valid(), layer.positions))
             layer.steady = True
             return
         if self.method.accumulates_attention:

@@ -95,16 +95,22 @@ class H2O(EvictionMethod):
         c = self.config
         return c.num_sink_tokens + c.num_recent_tokens + resolve_counts(c.num_top_tokens, valid.sum(-1).amax(-1))
 
+    def _ranking_scores(self, scores, valid, positions):
+        """:func:`normalized_scores` of ``[B, Hkv, L]`` slots, each row's newest position from its valid slots."""
+        mode = self.config.score_normalization
+        if mode == "sum":
+            return scores
+        if positions is None:
+            raise ValueError(f"h2o with score_normalization={mode!r} needs the slots' positions ([B, Hkv, L]) to "
+                             "count the queries that saw each token")
+        newest = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)
+        return normalized_scores(scores, positions, newest, mode)
+
     def _keep(self, valid, scores, budget, positions):
         c = self.config
         if not bool((valid.sum(-1).amax(-1) > budget).any()):
             return None
-        if c.score_normalization != "sum":
-            if positions is None:
-                raise ValueError(f"h2o with score_normalization={c.score_normalization!r} needs the slots' "
-                                 "positions ([B, Hkv, L]) to count the queries that saw each token")
-            newest = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)
-            scores = normalized_scores(scores, positions, newest, c.score_normalization)
+        scores = self._ranking_scores(scores, valid, positions)
         top = (budget - c.num_sink_tokens - c.num_recent_tokens).clamp_min(0)
         return select_keep(valid, scores, c.num_sink_tokens, c.num_recent_tokens, top)
 
@@ -154,7 +160,8 @@ class H2O(EvictionMethod):
         scores = normalized_scores(scores, positions, newest, c.score_normalization)
         return lowest_candidate(scores, positions, candidate)
 
-    def decode_evict_one_in_order(self, scores: torch.Tensor, valid: torch.Tensor):
+    def decode_evict_one_in_order(self, scores: torch.Tensor, valid: torch.Tensor,
+                                  positions: torch.Tensor | None = None):
         """:meth:`decode_evict_one` for slots in increasing logical order with empty (padding, evicted) slots
         anywhere, as in the HF path's layers: sinks and recent tokens are told by *rank* among a row's valid slots
         (:func:`~sparse_hf.methods.selection.sink_recent_candidates`, the split :meth:`decode_keep` uses), so left
@@ -167,12 +174,15 @@ class H2O(EvictionMethod):
 
         Args:
             scores: ``[B, Hkv, L]`` float32 accumulated attention mass; valid: ``[B, Hkv, L]`` bool.
+            positions: ``[B, Hkv, L]`` the slots' logical positions, needed unless ``score_normalization`` is
+                ``"sum"`` (the same ranking score :meth:`decode_keep` uses, :func:`normalized_scores`).
 
         Returns:
             ``(idx, found)`` ``[B, Hkv]``: the slot :meth:`decode_keep` drops from a row of exactly ``budget + 1``
             valid tokens, and whether the row has a middle token (always, for such a row).
         """
         c = self.config
+        scores = self._ranking_scores(scores, valid, positions)
         _, _, candidate = sink_recent_candidates(valid, c.num_sink_tokens, c.num_recent_tokens)
         order = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
         return lowest_candidate(scores, order, candidate)
