@@ -54,6 +54,24 @@ class LaunchCounter(TorchDispatchMode):
             self.by_op[f"{self.bucket}:{name}"] += 1
         return out
 
+    def hook_interpreter(self) -> None:
+        """Count every interpreted Triton launch as one launch of the current bucket (and not the torch ops the
+        interpreter runs inside it): patches ``InterpretedFunction.run`` for the rest of the process."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        original_run = InterpretedFunction.run
+        counter = self
+
+        def counted_run(fn, *a, **k):
+            counter.triton_launch(getattr(fn.fn, "__name__", "kernel"))
+            counter.inside_triton += 1
+            try:
+                return original_run(fn, *a, **k)
+            finally:
+                counter.inside_triton -= 1
+
+        InterpretedFunction.run = counted_run
+
     def triton_launch(self, kernel_name: str):
         self.counts[self.bucket] += 1
         self.by_op[f"{self.bucket}:triton {kernel_name}"] += 1
@@ -73,8 +91,6 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=200)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
-
-    from triton.runtime.interpreter import InterpretedFunction
 
     from sparse_hf.deltakv import state as core
     from sparse_hf.engine import LLM, SamplingParams
@@ -96,17 +112,7 @@ def main(argv=None) -> int:
     core.deltakv_rebuild_kv = partial(deltakv_rebuild_kv, backend="triton")
 
     counter = LaunchCounter()
-    original_run = InterpretedFunction.run
-
-    def counted_run(self, *a, **k):
-        counter.triton_launch(getattr(self.fn, "__name__", "kernel"))
-        counter.inside_triton += 1
-        try:
-            return original_run(self, *a, **k)
-        finally:
-            counter.inside_triton -= 1
-
-    InterpretedFunction.run = counted_run
+    counter.hook_interpreter()
     method = attention.method
     inner = attention._decode
 

@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
-    from triton.runtime.interpreter import InterpretedFunction
 
     import sparse_hf
     from sparse_hf.deltakv import DeltaKVCompressor
@@ -82,17 +81,7 @@ def main(argv=None) -> int:
     sparse_hf.prepare_model(model)
 
     counter = LaunchCounter()
-    original_run = InterpretedFunction.run
-
-    def counted_run(self, *a, **k):
-        counter.triton_launch(getattr(self.fn, "__name__", "kernel"))
-        counter.inside_triton += 1
-        try:
-            return original_run(self, *a, **k)
-        finally:
-            counter.inside_triton -= 1
-
-    InterpretedFunction.run = counted_run
+    counter.hook_interpreter()
     method = cache.method
     inner = CompressedCache.attend
 

@@ -50,3 +50,50 @@ def assert_same_generation(ours, ref, atol: float, rtol: float) -> None:
     assert torch.equal(ours.sequences, ref.sequences)
     for a, b in zip(ours.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+#: Tensor methods that wait for the device on CUDA (they read a value back to the host).
+DEVICE_READS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy")
+
+
+def spy_device_reads(monkeypatch, obj, name: str, before=None) -> list:
+    """Wrap ``obj.name`` so that every :data:`DEVICE_READS` call made while it runs is recorded (in the returned
+    list); ``before(*args)`` runs first at each call. ``monkeypatch.undo()`` restores everything."""
+    inner, calls, inside = getattr(obj, name), [], []
+
+    def watched(*args, **kwargs):
+        if before is not None:
+            before(*args)
+        inside.append(True)
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(obj, name, watched)
+    for method in DEVICE_READS:
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, *args, _name=method, _original=original, **kwargs):
+            if inside:
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    return calls
+
+
+def decode_greedy(model, cache, token, start: int, steps: int, graph: bool):
+    """``steps`` greedy decode steps after a prompt of ``start`` tokens whose last logits gave ``token`` (``[B, 1]``):
+    model calls, or replays of a :class:`sparse_hf.GraphDecoder` (``graph``). Returns ``([B, steps]`` tokens, the
+    decoder or ``None``)."""
+    from sparse_hf.hf.cuda_graph import GraphDecoder
+
+    decoder = GraphDecoder(model, cache) if graph else None
+    tokens = []
+    for i in range(steps):
+        pos = torch.full_like(token, start + i)
+        with torch.inference_mode():
+            logits = decoder.step(token, pos) if graph else model(
+                input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True).clone()
+        tokens.append(token)
+    return torch.cat(tokens, 1), decoder

@@ -117,7 +117,7 @@ def test_a_graph_decoder_of_its_own_gives_eager_tokens(budget):
     ``graph_decoder``, over flushes and scratch re-sizes, token for token the same as eager decode."""
     import sparse_hf
     from test_deltakv_static import _config
-    from helpers import tiny_model
+    from helpers import decode_greedy, tiny_model
 
     model = tiny_model("llama", layers=4).cuda()
     ids = torch.randint(1, 100, (3, 45), generator=torch.Generator().manual_seed(3)).cuda()
@@ -130,16 +130,8 @@ def test_a_graph_decoder_of_its_own_gives_eager_tokens(budget):
         sparse_hf.prepare_model(model)
         with torch.inference_mode():
             token = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        decoder = GraphDecoder(model, cache) if graph else None
-        tokens = []
-        for i in range(40):
-            pos = torch.full_like(token, ids.shape[1] + i)
-            with torch.inference_mode():
-                logits = decoder.step(token, pos) if graph else model(
-                    input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True).clone()
-            tokens.append(token)
-        runs.append(torch.cat(tokens, 1))
+        tokens, decoder = decode_greedy(model, cache, token, ids.shape[1], 40, graph)
+        runs.append(tokens)
         if graph:
             assert decoder.captures >= 3
     assert torch.equal(runs[0], runs[1])

@@ -13,7 +13,7 @@ import torch
 import sparse_hf  # noqa: F401  (registers the HF-path caches)
 from engine_helpers import (assert_greedy_equal, engine_tokens, greedy_params, hf_greedy, hf_greedy_with_logits,
                             random_prompts, run_mixed_requests)
-from helpers import tiny_model
+from helpers import spy_device_reads, tiny_model
 from sparse_hf.engine import LLM
 from sparse_hf.engine.graphs import DecodeGraphs
 from sparse_hf.engine.kv_pool import KVPool
@@ -249,23 +249,7 @@ def test_decode_eviction_reads_nothing_back_from_the_device(monkeypatch):
         llm.add_request(str(i), prompt, greedy_params(12))
     while any(r.in_prefill for r in llm.requests.values()) or not llm.scheduler.running:
         llm.step()
-    inner, calls, inside = llm.runner._evict_decode, [], []
-
-    def watched(*args, **kwargs):
-        inside.append(True)
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            inside.pop()
-    llm.runner._evict_decode = watched
-    for name in ("item", "__bool__", "tolist", "cpu", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            if inside:
-                calls.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    calls = spy_device_reads(monkeypatch, llm.runner, "_evict_decode")
     before = llm.pool.free_top[:]
     for _ in range(5):
         llm.step()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparse_hf.hf.cuda_graph import GraphDecoder
-from helpers import greedy, left_padded_batch, tiny_model
+from helpers import decode_greedy, greedy, left_padded_batch, tiny_model
 from test_deltakv_graph_replay import _ExternalReads, _gpu_code_paths
 
 KNOBS = dict(num_sink_tokens=2, num_recent_tokens=4, num_top_tokens=6)
@@ -124,16 +124,8 @@ def test_h2o_graph_equals_eager_on_cuda(own_decoder):
         sparse_hf.prepare_model(model)
         with torch.inference_mode():
             token = model(input_ids=plain, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        decoder = GraphDecoder(model, cache) if graph else None
-        tokens = []
-        for i in range(steps):
-            pos = torch.full_like(token, plain.shape[1] + i)
-            with torch.inference_mode():
-                logits = decoder.step(token, pos) if graph else model(
-                    input_ids=token, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True).clone()
-            tokens.append(token)
-        runs.append(torch.cat(tokens, 1))
+        tokens, decoder = decode_greedy(model, cache, token, plain.shape[1], steps, graph)
+        runs.append(tokens)
         if graph:
             assert decoder.captures >= 1
     assert torch.equal(runs[0], runs[1])

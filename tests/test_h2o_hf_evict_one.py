@@ -13,7 +13,7 @@ import torch
 
 from sparse_hf.hf.scored_layer import ScoredSlotLayer
 from sparse_hf.methods.h2o import H2O, H2OConfig
-from helpers import greedy, left_padded_batch, tiny_model
+from helpers import greedy, left_padded_batch, spy_device_reads, tiny_model
 from test_h2o_evict_one import _scores
 
 SINK, RECENT = 2, 3
@@ -114,24 +114,9 @@ def test_steady_step_reads_nothing_back_from_the_device(monkeypatch):
     cache, token, pos = _cache_after_prompt(model, ids, mask, dict(num_sink_tokens=2, num_recent_tokens=3,
                                                                    num_top_tokens=0.4))
     assert all(layer.steady for layer in cache.layers)     # both prompts exceed their budgets: steady from step 1
-    inner, calls, inside, steady_calls = cache.maintain_layer, [], [], []
-
-    def watched(layer_idx):
-        steady_calls.append(cache.layers[layer_idx].steady)
-        inside.append(True)
-        try:
-            return inner(layer_idx)
-        finally:
-            inside.pop()
-    monkeypatch.setattr(cache, "maintain_layer", watched)
-    for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "cpu", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _name=name, _original=original, **kwargs):
-            if inside:
-                calls.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    steady_calls = []
+    calls = spy_device_reads(monkeypatch, cache, "maintain_layer",
+                             before=lambda layer_idx: steady_calls.append(cache.layers[layer_idx].steady))
     budgets = [layer.row_budget.clone() for layer in cache.layers]
     with torch.inference_mode():
         for step in range(5):
