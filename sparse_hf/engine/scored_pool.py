@@ -235,7 +235,8 @@ class ScoredModelRunner(ModelRunner):
     def _evict_prompt(self, row: int) -> None:
         pool, method = self.pool, self.method
         n = int(pool.lens[0, row])                     # the whole prompt in every layer (nothing evicted yet)
-        pool.set_positions(pool.tables[:, row, :n], torch.arange(n, device=self.device))
+        cols = torch.arange(n, device=self.device)     # the prompt's positions: rows start at 0
+        pool.set_positions(pool.tables[:, row, :n], cols)
         budget = None
         for layer in range(pool.num_layers):
             g = pool.group_of[layer]
@@ -244,8 +245,7 @@ class ScoredModelRunner(ModelRunner):
             if budget is None:
                 budget = int(method.row_budget(valid)[0])
             scores = pool.row_scores(layer, pool.tables[g, row: row + 1, :n])            # [1, Hkv, n]
-            positions = torch.arange(n, device=self.device).expand_as(valid)             # rows start at 0
-            self._apply(g, row, method.prefill_keep_scored(layer, valid, scores, positions=positions))
+            self._apply(g, row, method.prefill_keep_scored(layer, valid, scores, positions=cols[:n].expand_as(valid)))
         self.row_budget[row] = budget
         self.budget_dev[row] = budget
 
