@@ -178,6 +178,7 @@ def main(argv=None) -> int:
             graphs = llm.runner.graphs
             if method == "deltakv" and graphs is not None:          # captured decode, or why not
                 r.update(graph_captures=graphs.captures, graph_failed=graphs.failed)
+            del graphs      # (held past close(), it pinned the engine's pool: run N's "only 0 KV slots fit")
             print(json.dumps(r), flush=True)
         llm.check_pool_whole()
         llm.close()

@@ -164,3 +164,25 @@ def test_step_outputs_share_one_prompt_copy():
     outs = [o for _ in range(4) for o in llm.step()]
     assert len(outs) >= 3 and all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
     assert outs[0].prompt_token_ids == prompt and outs[0].prompt_token_ids is not req.prompt_token_ids
+
+
+def test_close_frees_the_pool_and_model_while_the_graphs_are_still_held():
+    """``LLM.close()`` releases the graphs, and a graphs object the caller still holds (a benchmark kept
+    ``llm.runner.graphs`` for its capture count: on an H200 the next engine found "only 0 KV slots fit") refers to
+    neither the model nor the pool, so both are collected."""
+    import gc
+    import weakref
+
+    class Replayable(ReplayWithoutCapture):
+        def _capture(self, b: int, w: int) -> None:
+            self.graphs[(b, w)] = SimpleNamespace(replay=lambda: self._forward(b, w), reset=lambda: None)
+
+    llm = LLM(tiny_model("llama", layers=2), num_kv_slots=512, max_model_len=256, max_num_seqs=4)
+    llm.runner.graphs = held = Replayable(llm.model, llm.pool, 4, llm.runner.attention)
+    assert engine_tokens(llm, random_prompts((30, 12), seed=1), 5)
+    assert held.graphs, "the static decode path did not run"
+    pool, model = weakref.ref(llm.pool), weakref.ref(llm.model)
+    llm.close()
+    gc.collect()
+    assert pool() is None and model() is None, "a held graphs object pinned the closed engine's memory"
+    assert not held.graphs and held.mempool is None

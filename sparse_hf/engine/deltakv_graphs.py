@@ -42,6 +42,7 @@ class DeltaKVGraphs:
         if self.graph is not None:
             self.graph.reset()
         self.graph, self.key, self.mempool = None, None, None
+        self.model = self.pool = self.attention = None       # see DecodeGraphs.release
 
     def can_run(self, batch: int) -> bool:
         return not self.failed and batch <= self.inputs.max_rows

@@ -97,6 +97,9 @@ class DecodeGraphs:
             graph.reset()
         self.graphs.clear()
         self.mempool = None
+        # A caller may still hold this object (a benchmark kept ``llm.runner.graphs`` for its capture count): drop
+        # the model, pool and attention so such a handle cannot pin the closed engine's weights and KV pool.
+        self.model = self.pool = self.attention = None
 
     @property
     def slot_mapping(self) -> torch.Tensor:
