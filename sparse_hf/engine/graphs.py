@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.capture import no_collection_during_capture
 from .attention import StepContext
 from .decode_inputs import DecodeInputs
 
@@ -39,7 +40,7 @@ def capture_step(forward, mempool) -> "torch.cuda.CUDAGraph":
     with torch.cuda.stream(stream):
         forward()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=mempool, stream=stream):
+        with no_collection_during_capture(), torch.cuda.graph(graph, pool=mempool, stream=stream):
             forward()
     torch.cuda.current_stream().wait_stream(stream)
     return graph

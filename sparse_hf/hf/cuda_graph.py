@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from ..kernels.capture import no_collection_during_capture
+
 
 class GraphDecoder:
     """Greedy decode steps of ``model`` with a sparse-hf ``cache``, replayed from a CUDA graph.
@@ -81,7 +83,7 @@ class GraphDecoder:
         host = [(layer.num_slots, layer.seen) for layer in self.cache.layers]
         self.cache.capturing = True
         try:
-            with torch.cuda.graph(graph):
+            with no_collection_during_capture(), torch.cuda.graph(graph):
                 out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos,
                                    past_key_values=self.cache, use_cache=True)
             self.static_logits = out.logits
