@@ -14,8 +14,11 @@
 #   DEVICE, GRID_ARGS, CAL_ARGS  for a small dry run elsewhere, e.g. DEVICE=cpu GRID_ARGS="--tasks niah_single
 #            --lengths 256 --depths 0.5 --num-samples 1" CAL_ARGS="--length 512 --num-prompts 1"
 #   DTYPE    model dtype of every run, default float32 (the HF eval's default; bfloat16 is faster on the GPU)
-#   LANES    which lanes to run, default "base scored layer kv_head deltakv" (split the grid over two device
-#            calls with e.g. LANES="layer kv_head", then LANES="base scored deltakv")
+#   LANES    which lanes to run, default "base h2o omnikv layer kv_head deltakv" (split the grid over two device
+#            calls with e.g. LANES="layer kv_head", then LANES="base h2o omnikv deltakv"; "scored" = h2o then omnikv)
+#   SEED_FROM  an earlier run's results folder (e.g. docs/accuracy/smollm2_h200_engine_2026-12-02): its
+#            <lane>/predictions.jsonl files and calibration.json are copied into RESULTS where RESULTS has none, so
+#            the evals resume after those predictions and the calibrated layers stay the same
 #   QUICK=1  a timing probe: one eval batch (32 x 4096 tokens, fp32, SmolLM2's shape, random weights) per fp32
 #            prefill route with its kernel table (benchmarks/profile_eval_batch.py, at most 150 s; JSON lines in
 #            $RESULTS/quick_batch.jsonl), then snapkv @ 0.25 (layer scope, DTYPE, at most 70 s), then full in
@@ -23,7 +26,8 @@
 # Lanes (one eval process each, run side by side; the grid of every lane: tasks niah_single,niah_multikey,
 # text_recall x lengths 2048,4096,8192 x depths 0.1,0.5,0.9 x 10 samples = 210 prompts per method and budget):
 #   base      calibrate, full, streamingllm @ 0.1,0.25, then omnikv @ 0.25 with the calibrated filter layers
-#   scored    h2o, omnikv @ 0.1,0.25
+#   h2o       h2o @ 0.1,0.25 (into scored/)
+#   omnikv    omnikv @ 0.1,0.25 (into omnikv/)
 #   layer     snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope layer
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
 #   deltakv   deltakv (demo compressor) @ 0.1,0.25, then deltakv @ 0.25 with the calibrated filter layers
@@ -38,6 +42,14 @@ touch "$(dirname "$GGUF")/__init__.py"
 export PYTHONPATH="$(dirname "$(dirname "$GGUF")")${PYTHONPATH:+:$PYTHONPATH}"
 export SPARSE_HF_CACHE=${SPARSE_HF_CACHE:-/tmp/shf} OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
+if [ -n "${SEED_FROM:-}" ]; then
+  for f in "$SEED_FROM"/*/predictions.jsonl; do
+    lane=$(basename "$(dirname "$f")"); mkdir -p "$RESULTS/$lane"
+    [ -f "$RESULTS/$lane/predictions.jsonl" ] || cp "$f" "$RESULTS/$lane/predictions.jsonl"
+  done
+  [ -f "$SEED_FROM/calibration.json" ] && [ ! -f "$RESULTS/calibration.json" ] && cp "$SEED_FROM/calibration.json" "$RESULTS/"
+  echo "seeded from $SEED_FROM: $(cat "$RESULTS"/*/predictions.jsonl 2>/dev/null | wc -l) predictions"
+fi
 ${PYTHON:-python3} -c "from sparse_hf.models import demo_model_dir; print('demo model:', demo_model_dir())" || exit 1
 
 DEVICE=${DEVICE:-cuda}
@@ -68,6 +80,7 @@ fi
 CAL="$RESULTS/calibration.json"
 calibrate() {
   local start=$SECONDS
+  [ -f "$CAL" ] && { echo "calibrate: kept $(cat "$CAL")"; return; }      # seeded, or an earlier call's
   ${PYTHON:-python3} -m sparse_hf.cli calibrate --model demo --device $DEVICE ${CAL_ARGS:-} --output "$CAL" > "$RESULTS/calibrate.log" 2>&1
   echo "calibrate rc=$? $((SECONDS - start)) s: $(cat "$CAL" 2>/dev/null)"
 }
@@ -85,17 +98,19 @@ lane_deltakv() {
   [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
       --cache-config "$(merged '{"deltakv_path": "demo"}' "$CAL")"
 }
-LANES=${LANES:-base scored layer kv_head deltakv}
+LANES=${LANES:-base h2o omnikv layer kv_head deltakv}
 export -f ev merged calibrate wait_calibration lane_deltakv lane_base
 export GRID RESULTS CAL DEVICE LANES CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
 for lane in $LANES; do
   case $lane in
     base) timeout "$LANE_TIMEOUT" bash -c lane_base & ;;
     scored) timeout "$LANE_TIMEOUT" bash -c 'ev scored --methods h2o,omnikv --budgets 0.1,0.25' & ;;
+    h2o) timeout "$LANE_TIMEOUT" bash -c 'ev scored --methods h2o --budgets 0.1,0.25' & ;;
+    omnikv) timeout "$LANE_TIMEOUT" bash -c 'ev omnikv --methods omnikv --budgets 0.1,0.25' & ;;
     layer|kv_head) timeout "$LANE_TIMEOUT" bash -c "ev scope_$lane --methods snapkv,pyramidkv,knorm --budgets 0.1,0.25 \
                      --cache-config '{\"selection_scope\": \"$lane\"}'" & ;;
     deltakv) timeout "$LANE_TIMEOUT" bash -c lane_deltakv & ;;
-    *) echo "unknown lane $lane (lanes: base scored layer kv_head deltakv)"; exit 2 ;;
+    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv)"; exit 2 ;;
   esac
 done
 wait
