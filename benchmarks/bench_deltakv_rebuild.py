@@ -5,7 +5,7 @@ writeback) at the HF bench's 128K shape: 13,039 picks of ~118K compressed tokens
     python benchmarks/bench_deltakv_rebuild.py [--picks 13039] [--block-m 32,64] [--bits 4]     # H200
     TRITON_INTERPRET=1 python benchmarks/bench_deltakv_rebuild.py --small                          # CPU smoke run
 
-Prints one JSON line per variant: microseconds per call (CUDA events, median of 50 after 10 warm-ups; with
+Prints one JSON line per variant, and per stage of the two-kernel path: microseconds per call (CUDA events, median of 50 after 10 warm-ups; with
 ``--small`` one interpreted call, no timing), the bytes each path moves, and the largest difference between the two
 paths' K/V (bf16 rounding expected).
 """
@@ -56,6 +56,28 @@ def run(case, fused, block_m=32):
                               c["S"], c["cos"], c["sin"], k_out, v_out, backend="triton")
 
 
+def stages(case):
+    """The two-kernel path's three stages as separate calls (gather + dequantise, the ``up`` GEMM, the writeback),
+    each timed alone, to show which one keeps the rebuild above its byte floor."""
+    from sparse_hf.kernels.deltakv_rebuild import deltakv_gather_latents, deltakv_writeback
+    c = case
+    B, k = c["pick"].shape
+    codes, scale, offset = c["stored"]
+    k_out = torch.empty(B, c["Hkv"], k, c["D"], dtype=c["center_x"].dtype, device=c["center_x"].device)
+    v_out = torch.empty_like(k_out)
+    gather = lambda: deltakv_gather_latents(c["pick"], codes, scale, offset, c["step"], c["w"].dtype, "triton")
+    z = gather()
+    gemm = lambda: torch.nn.functional.linear(z, c["w"], c["bias"]).contiguous()
+    up_out = gemm()
+    write = lambda: deltakv_writeback(c["pick"], up_out, c["fathers"], c["center_x"], c["step"], c["S"], c["cos"],
+                                      c["sin"], k_out, v_out, None, 1e-6, "triton")
+    el = c["center_x"].element_size()
+    r, dx = c["w"].shape[1], c["w"].shape[0]
+    floor = dict(gather=k * (r // 2 + r * el), gemm=k * (r + dx) * el + dx * r * el,
+                 writeback=k * dx * el * 3)           # up out + the fathers' centers read, K/V written
+    return {name: (fn, floor[name]) for name, fn in (("gather", gather), ("gemm", gemm), ("writeback", write))}
+
+
 def time_us(fn, device):
     if device.type != "cuda":
         fn()
@@ -92,6 +114,11 @@ def main(argv=None) -> int:
     roundtrip = k * (r + dx) * el * 2                       # latents and up output, written and read back
     print(json.dumps(dict(path="two-kernel", us=time_us(lambda: run(case, False), device), picks=k,
                           latents_and_up_roundtrip_bytes=roundtrip)))
+    bandwidth = 4.24e12                                     # the H200's measured copy bandwidth (run N)
+    for name, (fn, floor_bytes) in stages(case).items():
+        us = time_us(fn, device)
+        print(json.dumps(dict(path="two-kernel stage", stage=name, us=us, bytes=floor_bytes,
+                              floor_us_at_4_24_TBps=round(floor_bytes / bandwidth * 1e6, 1))))
     for bm in (int(x) for x in args.block_m.split(",")):
         kk, vv = run(case, True, bm)
         diff = max((kk.float() - ref_k.float()).abs().max().item(), (vv.float() - ref_v.float()).abs().max().item())
