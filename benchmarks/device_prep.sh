@@ -24,4 +24,6 @@ else
 fi
 corpus=~/.cache/sparse_hf/data/austen/heldout.jsonl
 [ -f "$corpus" ] && mkdir -p .acc2 && cp "$corpus" .acc2/ || echo "device_prep.sh: no corpus at $corpus" >&2
+train=~/.cache/sparse_hf/data/austen/train.jsonl     # a compressor's training text (3.5 MB), for train-compressor
+[ -f "$train" ] && mkdir -p .acc1 && cp "$train" .acc1/ || echo "device_prep.sh: no training text at $train" >&2
 du -sh .whl .acc1 .acc2 2>/dev/null
