@@ -46,12 +46,12 @@ class DeltaKVConfig(OmniKVConfig):
     offload_latents: bool = knob(False, check_flag,
                                  "keep the latents (and their scales) in pinned host memory; a decode step reads only "
                                  "the picked ones across PCIe (HF path and engine, CUDA graphs included)")
-    # Off until a GPU run checks it: its bf16 tl.dot cannot be tested under the Triton interpreter (CPU CI), and
-    # whether it beats cuBLAS is not measured yet (docs/deltakv/hf_bytes_and_launches.md, "to run").
+    # Off: on an H200 (run N, 2026-12-02, docs/benchmarks.md) it was slower than gather + cuBLAS + writeback
+    # (313 vs 152 us a layer at 13,039 picks; decode 0.74-0.87x); its bf16 results agreed to 0.016.
     fused_rebuild: bool = knob(False, check_flag,
                                "HF path, linear up, CUDA: a decode step rebuilds its picks in one Triton kernel "
                                "(dequantise, up GEMM, fathers' mean, RoPE) instead of gather + cuBLAS + writeback "
-                               "(experimental until measured on a GPU)")
+                               "(measured slower on an H200: kept for experiments)")
 
 
 #: Serving knobs that a compressor's training fixes, and their value when the compressor records none.
