@@ -1,0 +1,46 @@
+"""Attention that also returns each query's log-sum-exp, from one fused SDPA kernel (CPU).
+
+Why: H2O's prompt score (:func:`~sparse_hf.kernels.attention_mass.attention_mass`) needs every query's
+log-sum-exp over the keys it attends to, which the prefill attention computes anyway. On the CPU, SDPA runs
+torch's flash kernel, whose private op also returns the log-sum-exp: calling that op directly gives the same
+output as SDPA (the same kernel) plus the log-sum-exp for free. On CUDA the callers take cuDNN's op
+(:mod:`sparse_hf.engine.sdpa_split`) or the paged Triton kernel (``paged_prefill_attention(..., lse=...)``); where
+none runs they get ``None`` and the mass computes the log-sum-exp itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sdpa_with_lse_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None = None, causal: bool = False):
+    """``(out, lse)`` of softmax attention, or ``None`` where the fused op does not run here (not CPU, or refused).
+
+    Args:
+        q: ``[B, H, n, D]``; k, v: ``[B, Hkv, L, D]`` (``H % Hkv == 0``, GQA read in place).
+        scale: softmax scale.
+        mask: ``[B or 1, 1 or H, n, L]`` bool (``True`` = attend) or additive float, or ``None``.
+        causal: without ``mask``: query ``i`` sees keys ``0 .. L - n + i`` (lower-right causal; square for
+            ``L == n``); ignored with a mask.
+
+    Returns:
+        ``(out [B, H, n, D] in q.dtype, lse [B, H, n] float32, natural log)``: a query that sees no key gets
+        ``-inf`` (its output is whatever SDPA gives it).
+    """
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype):
+        return None
+    n, L = q.shape[2], k.shape[2]
+    is_causal = mask is None and causal and n == L
+    if mask is None and causal and n != L:
+        mask = torch.ones(n, L, dtype=torch.bool).tril(L - n)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        mask = mask.to(q.dtype)
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
+                                                                              attn_mask=mask, scale=scale)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    return out, lse.float()
