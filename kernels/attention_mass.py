@@ -43,10 +43,13 @@ MASS_BLOCK_ROWS, MASS_BLOCK_KEYS = 64, 128
 def attention_probabilities(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the last axis of ``logits`` whose masked entries are ``-inf``; a row with no allowed entry gets
     zeros (not NaN). ``lse`` (``logits.shape[:-1]``, natural log): each row's log-sum-exp over its allowed entries,
-    known from the attention that computed it; then the softmax is ``exp(logits - lse)`` (no max/sum pass)."""
+    known from the attention that computed it; then the softmax is ``exp(logits - lse)`` (no max/sum pass), and a
+    row whose ``lse`` is NaN gets zeros too."""
     if lse is None:
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return torch.where(torch.isinf(logits), 0.0, torch.exp(logits - lse.unsqueeze(-1).to(logits.dtype)))
+    # a row with no allowed entry (lse -inf) or a garbage lse (NaN: an invalid query) gets exp(s - inf) = 0
+    lse = lse.to(logits.dtype).nan_to_num(nan=float("inf"), neginf=float("inf"))
+    return (logits - lse.unsqueeze(-1)).exp_()
 
 
 def attention_mass_ref(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
@@ -164,7 +167,9 @@ if HAS_TRITON:
             inr = offs < L
             kp, ok, kmin = _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l)
             kt = _load_keys(k_base, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS, DOT_F32)
-            acc = tl.zeros([BLOCK_N], tl.float32)
+            # per-element partial sums, reduced over the rows once at the end: a row reduction per tile would cross
+            # warps (the dot's rows are spread over them) through shared memory at every step
+            acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             r_start = tl.program_id(2) * row_split
             r_end = tl.minimum(r_start + row_split, T)
             for t0 in range(r_start, r_end, BLOCK_R):
@@ -177,8 +182,9 @@ if HAS_TRITON:
                     lse = tl.load(lse_base + t, mask=rm, other=0.0)
                     s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
                     allowed = rm[:, None] & ok[None, :] & (kp[None, :] <= qpos[:, None])
-                    acc += tl.sum(tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0), 0)
-            tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, acc, mask=inr)
+                    acc += tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, tl.sum(acc, 0),
+                     mask=inr)
         else:
             t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
             rm, qi, qpos = _row_positions(QPOS, t, T, G)
