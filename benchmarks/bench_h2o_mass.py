@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         t_att = timed(lambda: attention_lse(q, k, v, scale), args.repeat, device)
         t_lse = timed(lambda: mass(True), args.repeat, device)
         t_two = timed(lambda: mass(False), args.repeat, device)
-        print(json.dumps(dict(device=str(device), backend=args.backend, dtype=str(dtype).replace("torch.", ""), tokens=n, heads=[H, Hkv, D],
+        print(json.dumps(dict(device=str(device), backend=args.backend, dtype=str(dtype).replace("torch.", ""),
+                              tokens=n, heads=[H, Hkv, D],
                               attention_s=round(t_att, 4), mass_lse_s=round(t_lse, 4),
                               mass_two_pass_s=round(t_two, 4),
                               mass_lse_over_attention=round(t_lse / t_att, 3),

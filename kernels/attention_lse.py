@@ -1,11 +1,12 @@
-"""Attention that also returns each query's log-sum-exp, from one fused SDPA kernel (CPU).
+"""Attention that also returns each query's log-sum-exp, from one fused SDPA kernel.
 
 Why: H2O's prompt score (:func:`~sparse_hf.kernels.attention_mass.attention_mass`) needs every query's
 log-sum-exp over the keys it attends to, which the prefill attention computes anyway. On the CPU, SDPA runs
 torch's flash kernel, whose private op also returns the log-sum-exp: calling that op directly gives the same
 output as SDPA (the same kernel) plus the log-sum-exp for free. On CUDA the callers take cuDNN's op
-(:mod:`sparse_hf.engine.sdpa_split`) or the paged Triton kernel (``paged_prefill_attention(..., lse=...)``); where
-none runs they get ``None`` and the mass computes the log-sum-exp itself.
+(:mod:`sparse_hf.engine.sdpa_split`), the paged Triton kernel (``paged_prefill_attention(..., lse=...)``) or, for a
+lower-right causal chunk in fp32, the memory-efficient kernel (:func:`efficient_attention_with_lse`, the one SDPA
+runs for ``causal_lower_right``); where none runs they get ``None`` and the mass computes the log-sum-exp itself.
 """
 
 from __future__ import annotations
@@ -44,3 +45,28 @@ def sdpa_with_lse_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     except (RuntimeError, NotImplementedError, AttributeError):
         return None
     return out, lse.float()
+
+
+def efficient_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """CUDA: lower-right causal attention of the last ``n`` of ``L`` tokens by the memory-efficient kernel (what SDPA
+    runs for a ``causal_lower_right`` bias in fp32), asking it for the log-sum-exp; ``None`` where it does not run.
+
+    Args:
+        q: ``[B, H, n, D]``; k, v: ``[B, Hkv, L, D]`` (KV heads repeated here for GQA: the kernel wants ``H``).
+
+    Returns:
+        ``(out [B, H, n, D] in q.dtype, lse [B, H, n] float32, natural log)`` or ``None``.
+    """
+    if q.device.type != "cuda":
+        return None
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    try:
+        r = torch.ops.aten._efficient_attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, None, None, None, 0.0,
+            2, True, scale=scale)                         # custom_mask_type 2: lower-right causal
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    n = q.shape[2]
+    return r[0].transpose(1, 2), r[1][..., :n].float()    # the kernel pads the lse's query axis

@@ -108,7 +108,8 @@ def test_split_route_merges_the_halves_lse(monkeypatch):
     monkeypatch.setattr(sdpa_split, "_call", math_sdpa)
     monkeypatch.setattr(sdpa_split, "_working", {})
     g = torch.Generator().manual_seed(6)
-    q, k, v = torch.randn(7, 6, 16, generator=g), torch.randn(19, 2, 16, generator=g), torch.randn(19, 2, 16, generator=g)
+    q = torch.randn(7, 6, 16, generator=g)
+    k, v = torch.randn(19, 2, 16, generator=g), torch.randn(19, 2, 16, generator=g)
     out, lse = sdpa_split.split_chunk_attention(q, k[:12], v[:12], k[12:], v[12:], 0.3, return_lse=True)
     assert torch.equal(out, sdpa_split.split_chunk_attention(q, k[:12], v[:12], k[12:], v[12:], 0.3))
     s = torch.einsum("nhd,chd->hnc", q.double(), k.double().repeat_interleave(3, 1)) * 0.3
@@ -234,3 +235,76 @@ def test_engine_scores_with_the_attention_lse_equal_the_two_pass_scores(route, b
     assert runs[True][0] == runs[False][0]
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-5)
     assert torch.equal(runs[True][2], runs[False][2])
+
+
+def chunk_lse64(q, k, prefix):
+    """``[B, H, n]`` float64 log-sum-exp of ``q [B, H, n, D]`` over ``k [B, Hkv, L, D]``, query ``i`` seeing keys
+    ``0 .. prefix + i``."""
+    G = q.shape[1] // k.shape[1]
+    s = q.double() @ k.double().repeat_interleave(G, 1).transpose(-1, -2) * 0.125
+    n, L = q.shape[2], k.shape[2]
+    seen = torch.arange(L, device=q.device).view(1, -1) <= torch.arange(n, device=q.device).view(-1, 1) + prefix
+    return torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+
+
+@pytest.mark.gpu
+def test_every_lse_source_on_cuda_equals_float64():
+    """The fused kernels the GPU runs: cuDNN's (the engine's split route, the HF path's unpadded prompt), the
+    memory-efficient one (the fp32 gather route) and the paged Triton kernel; bf16 and fp32, 9/3 heads of 64."""
+    from sparse_hf.engine.attention import chunk_attention
+    from sparse_hf.kernels.attention_lse import efficient_attention_with_lse
+
+    g = torch.Generator().manual_seed(9)
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
+        q = torch.randn(1, 9, 1024, 64, generator=g).cuda().to(dtype)
+        k, v = (torch.randn(1, 3, 3072, 64, generator=g).cuda().to(dtype) for _ in range(2))
+        want = chunk_lse64(q, k, 2048)
+        fused = efficient_attention_with_lse(q, k, v, 0.125)
+        assert fused is not None, "the memory-efficient kernel refused"
+        torch.testing.assert_close(fused[1].double(), want, rtol=tol, atol=tol)
+        out, lse = chunk_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), 0.125,
+                                   return_lse=True)
+        torch.testing.assert_close(out, chunk_attention(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                                        v[0].transpose(0, 1), 0.125), rtol=tol, atol=tol)
+        torch.testing.assert_close(lse.T.double(), want[0], rtol=tol, atol=tol)
+        tables = torch.arange(3072, device="cuda", dtype=torch.int32).view(1, -1)
+        plse = torch.zeros(1024, 9, device="cuda")
+        paged_prefill_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), tables,
+                                [(0, 0, 1024, 3072)], 0.125, "triton", lse=plse)
+        torch.testing.assert_close(plse.T.double(), want[0], rtol=tol, atol=tol)
+        if dtype == torch.bfloat16:                                   # cuDNN: bf16 only
+            _, slse = sdpa_split.split_chunk_attention(q[0].transpose(0, 1), k[0, :, :2048].transpose(0, 1),
+                                                       v[0, :, :2048].transpose(0, 1), k[0, :, 2048:].transpose(0, 1),
+                                                       v[0, :, 2048:].transpose(0, 1), 0.125, return_lse=True)
+            torch.testing.assert_close(slse.T.double(), want[0], rtol=tol, atol=tol)
+            qq, kk, vv = q[:, :, :1024], k[:, :, :1024], v[:, :, :1024]
+            fused = attention_with_lse(*(t.expand(2, -1, -1, -1).contiguous() for t in (qq, kk, vv)), None, 0.125)
+            assert fused is not None, "cuDNN refused the HF path's unpadded prompt"
+            hlse = fused[1]
+            torch.testing.assert_close(hlse.double(), chunk_lse64(qq, kk, 0).expand(2, -1, -1), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_engine_and_hf_h2o_on_cuda_with_the_lse_equal_two_passes():
+    """Engine (its default routes on CUDA, fp32: the gather route through the memory-efficient kernel) and HF path,
+    tiny random Llama: the same tokens with and without the attention's log-sum-exp (fp32: the masses differ by
+    rounding only; bf16 near-ties of a random model could flip a kept token either way, so not compared here)."""
+    from sparse_hf.methods.h2o import H2O
+
+    model = tiny_model("llama", layers=2).to("cuda")
+    prompts = random_prompts((300, 900, 77), seed=10)
+    knobs = dict(num_sink_tokens=4, num_recent_tokens=16, num_top_tokens=32)
+    runs = {}
+    for use_lse in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not use_lse:
+                no_lse(mp)
+            seen = spy_lse(mp, H2O)
+            llm = LLM(model, num_kv_slots=4096, max_model_len=1000, chunk_prefill_size=512, sparse_method="h2o",
+                      **knobs)
+            tokens = engine_tokens(llm, prompts, 8)
+            hf = [greedy(model, torch.tensor([p], device="cuda"), None, new_tokens=8, cache_implementation="h2o",
+                         cache_config=knobs) for p in prompts]
+            assert any(seen) == use_lse
+            runs[use_lse] = tokens, [h.tolist() for h in hf]
+    assert runs[True] == runs[False]

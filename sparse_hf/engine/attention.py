@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attention, sparse_decode_attention
-from sparse_hf.kernels.attention_lse import sdpa_with_lse_cpu
+from sparse_hf.kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
@@ -102,7 +102,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     Args:
         q: ``[n, H, D]``; k, v: ``[L, Hkv, D]`` with ``L >= n`` (the chunk is the last ``n`` keys).
         return_lse: also return each query's natural-log log-sum-exp ``[n, H]`` float32 where one fused kernel
-            gives it (the CPU's, :func:`~sparse_hf.kernels.attention_lse.sdpa_with_lse_cpu`), else ``None``.
+            gives it (CPU: :func:`~sparse_hf.kernels.attention_lse.sdpa_with_lse_cpu`; CUDA: the memory-efficient
+            kernel, :func:`~sparse_hf.kernels.attention_lse.efficient_attention_with_lse`), else ``None``.
 
     Returns:
         ``[n, H, D]``; with ``return_lse``, ``(out, lse or None)``.
@@ -112,7 +113,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     qh = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, n, D]
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)     # [1, Hkv, L, D]
     if return_lse:
-        fused = sdpa_with_lse_cpu(qh, kh, vh, scale, causal=True)
+        fused = (sdpa_with_lse_cpu(qh, kh, vh, scale, causal=True) if q.device.type == "cpu"
+                 else efficient_attention_with_lse(qh, kh, vh, scale))
         if fused is not None:
             return fused[0][0].transpose(0, 1), fused[1][0].transpose(0, 1)
         return chunk_attention(q, k, v, scale), None
@@ -188,7 +190,7 @@ class PoolAttention:
                            scale: float, want_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(out [T, H, D], lse)``: every chunk of the step (``k``, ``v``: the step's own K/V), by
         :attr:`prefill_route`, and with ``want_lse`` each query's natural-log log-sum-exp ``[T, H]`` float32 from
-        the same attention (``None`` where a route's kernel cannot give it: CUDA's ``"gather"``, fp32):
+        the same attention (``None`` where a route's kernel cannot give it):
 
         - ``"paged"``: one launch of the paged Triton kernel for every chunk;
         - ``"split"``: per chunk, cuDNN SDPA over its gathered earlier slots plus its own K/V (:mod:`.sdpa_split`);
