@@ -47,26 +47,44 @@ def sdpa_with_lse_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out, lse.float()
 
 
-def efficient_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """CUDA: lower-right causal attention of the last ``n`` of ``L`` tokens by the memory-efficient kernel (what SDPA
-    runs for a ``causal_lower_right`` bias in fp32), asking it for the log-sum-exp; ``None`` where it does not run.
+def efficient_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                 mask: torch.Tensor | None = None):
+    """CUDA: attention by the memory-efficient kernel asking it for the log-sum-exp, called as SDPA calls it; ``None``
+    where it does not run. Without ``mask``: lower-right causal (query ``i`` of ``n`` sees keys ``0 .. L - n + i``;
+    what SDPA runs for a ``causal_lower_right`` bias in fp32). With ``mask``: that mask as an additive bias (what
+    SDPA runs for a masked call: the bias padded to 8 columns for the kernel's alignment, expanded over heads).
 
     Args:
         q: ``[B, H, n, D]``; k, v: ``[B, Hkv, L, D]`` (KV heads repeated here for GQA: the kernel wants ``H``).
+        mask: ``[B or 1, 1 or H, n, L]`` bool (``True`` = attend) or additive float, or ``None``.
 
     Returns:
         ``(out [B, H, n, D] in q.dtype, lse [B, H, n] float32, natural log)`` or ``None``.
     """
     if q.device.type != "cuda":
         return None
-    G = q.shape[1] // k.shape[1]
+    B, H, n, _ = q.shape
+    L = k.shape[2]
+    G = H // k.shape[1]
     if G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
     try:
-        r = torch.ops.aten._efficient_attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, None, None, None, 0.0,
-            2, True, scale=scale)                         # custom_mask_type 2: lower-right causal
+        if mask is None:
+            r = torch.ops.aten._efficient_attention_forward(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, None, None, None, 0.0,
+                2, True, scale=scale)                     # custom_mask_type 2: lower-right causal
+            out = r[0].transpose(1, 2)
+        else:
+            bias = torch.zeros(*mask.shape[:3], -(-L // 8) * 8, dtype=q.dtype, device=q.device)[..., :L]
+            # masked: the dtype's lowest finite value, not -inf, so that a row with no key (a padding query)
+            # gets finite garbage rather than NaN, which p.v would carry into every row through its value
+            if mask.dtype == torch.bool:
+                bias.masked_fill_(~mask, torch.finfo(q.dtype).min)
+            else:
+                bias.copy_(mask)
+            r = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias.expand(B, H, n, L), True, 0.0, False, scale=scale)
+            out = r[0]
     except (RuntimeError, NotImplementedError, TypeError):
         return None
-    n = q.shape[2]
-    return r[0].transpose(1, 2), r[1][..., :n].float()    # the kernel pads the lse's query axis
+    return out, r[1][..., :n].float()                    # the kernel pads the lse's query axis

@@ -250,7 +250,8 @@ def chunk_lse64(q, k, prefix):
 @pytest.mark.gpu
 def test_every_lse_source_on_cuda_equals_float64():
     """The fused kernels the GPU runs: cuDNN's (the engine's split route, the HF path's unpadded prompt), the
-    memory-efficient one (the fp32 gather route) and the paged Triton kernel; bf16 and fp32, 9/3 heads of 64."""
+    memory-efficient one (the fp32 gather route; the HF path's masked prompts) and the paged Triton kernel; bf16 and
+    fp32, 9/3 heads of 64."""
     from sparse_hf.engine.attention import chunk_attention
     from sparse_hf.kernels.attention_lse import efficient_attention_with_lse
 
@@ -282,6 +283,21 @@ def test_every_lse_source_on_cuda_equals_float64():
             assert fused is not None, "cuDNN refused the HF path's unpadded prompt"
             hlse = fused[1]
             torch.testing.assert_close(hlse.double(), chunk_lse64(qq, kk, 0).expand(2, -1, -1), rtol=tol, atol=tol)
+        # the HF path's masked prompt on CUDA (left padding, a later chunk): the memory-efficient kernel with HF's
+        # mask, its output SDPA's
+        module = torch.nn.Module()
+        module.num_key_value_groups, module.is_causal = 3, True
+        mask = hf_masks(q=40, n=100, pad=(0, 30)).cuda()
+        qq, kk, vv = q[:, :, :40].expand(2, -1, -1, -1), k[:, :, :100].expand(2, -1, -1, -1), \
+            v[:, :, :100].expand(2, -1, -1, -1)
+        fused = attention_with_lse(qq, kk, vv, mask, 0.125)
+        assert fused is not None, "the memory-efficient kernel refused HF's mask"
+        want_out, _ = sdpa_attention_forward(module, qq, kk, vv, mask, scaling=0.125)
+        torch.testing.assert_close(fused[0], want_out, rtol=tol, atol=tol)
+        s64 = qq.double() @ kk.double().repeat_interleave(3, 1).transpose(-1, -2) * 0.125
+        ref = torch.logsumexp(s64.masked_fill(~mask, float("-inf")), -1)
+        real = mask.any(-1).expand_as(ref)
+        torch.testing.assert_close(fused[1].double()[real], ref[real], rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
 
-from sparse_hf.kernels.attention_lse import sdpa_with_lse_cpu
+from sparse_hf.kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
 from transformers.modeling_utils import AttentionInterface
 
 try:  # transformers >= 5.x
@@ -84,7 +84,8 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     recomputing ``q.k`` for it. CPU: torch's flash kernel, the one SDPA runs there (same output). CUDA: cuDNN's
     causal kernel for a prompt without padding or earlier chunks (HF passes no mask then), through
     :func:`sparse_hf.engine.sdpa_split.sdpa_with_lse` (the engine's split route uses the same op); masked calls
-    (padding, later chunks) return ``None``.
+    (padding, later chunks) and fp32 the memory-efficient kernel with HF's mask as a bias
+    (:func:`~sparse_hf.kernels.attention_lse.efficient_attention_with_lse`).
 
     Args:
         query: ``[B, H, q, D]``; key, value: ``[B, Hkv, n, D]``; attention_mask: HF's ``[B, 1, q, >= n]`` (bool or
@@ -98,6 +99,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return None                                  # HF's truncated-keys corner case: leave it to SDPA
     causal = attention_mask is None and q_len > 1
     mask = attention_mask[:, :, :, :n] if attention_mask is not None else None
+    fused = None
     if query.device.type == "cpu":
         fused = sdpa_with_lse_cpu(query, key, value, scaling, mask=mask, causal=causal)
     elif causal:
@@ -105,10 +107,10 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
         try:
             fused = sdpa_with_lse(query, key, value, True, scaling)
-        except SplitUnavailable:
-            fused = None
-    else:
-        fused = None
+        except SplitUnavailable:                     # no cuDNN (fp32): the memory-efficient kernel, square causal
+            fused = efficient_attention_with_lse(query, key, value, scaling)
+    elif mask is not None:
+        fused = efficient_attention_with_lse(query, key, value, scaling, mask)
     if fused is None:
         return None
     out, lse = fused
