@@ -52,7 +52,7 @@ def efficient_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """CUDA: attention by the memory-efficient kernel asking it for the log-sum-exp, called as SDPA calls it; ``None``
     where it does not run. Without ``mask``: lower-right causal (query ``i`` of ``n`` sees keys ``0 .. L - n + i``;
     what SDPA runs for a ``causal_lower_right`` bias in fp32). With ``mask``: that mask as an additive bias (what
-    SDPA runs for a masked call: the bias padded to 8 columns for the kernel's alignment, expanded over heads).
+    SDPA runs for a masked call: the bias padded to 16 columns for the kernel's alignment, expanded over heads).
 
     Args:
         q: ``[B, H, n, D]``; k, v: ``[B, Hkv, L, D]`` (KV heads repeated here for GQA: the kernel wants ``H``).
@@ -75,7 +75,7 @@ def efficient_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 2, True, scale=scale)                     # custom_mask_type 2: lower-right causal
             out = r[0].transpose(1, 2)
         else:
-            bias = torch.zeros(*mask.shape[:3], -(-L // 8) * 8, dtype=q.dtype, device=q.device)[..., :L]
+            bias = torch.zeros(*mask.shape[:3], -(-L // 16) * 16, dtype=q.dtype, device=q.device)[..., :L]
             # masked: the dtype's lowest finite value, not -inf, so that a row with no key (a padding query)
             # gets finite garbage rather than NaN, which p.v would carry into every row through its value
             if mask.dtype == torch.bool:
