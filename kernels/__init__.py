@@ -15,7 +15,9 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
   into the shared work buffer (one launch), and :mod:`sparse_hf.kernels.deltakv_pick` gathers the observer's scores
   and the picks' columns from the compressed positions.
 - :func:`attention_mass` -- H2O's accumulated attention mass ``[B, Hkv, L]`` of a block of queries (causal by
-  logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits;
+  logical position, GQA, optional slot table) in two passes over the keys, without ``[B, H, q, L]`` logits, or in
+  one given each query's log-sum-exp from its attention (``lse=``; :mod:`sparse_hf.kernels.attention_lse` gets it
+  from the fused SDPA ops, ``paged_prefill_attention(..., lse=)`` from the paged kernel);
   :func:`decode_attention_mass` the same for one decode query from its ``[B, H, L]`` logits.
 - :func:`~sparse_hf.kernels.evict_one.evict_one_slots` -- H2O's steady-state decode eviction (one token out per
   layer, row and KV head; the newest token moves into its slot) for every layer in one launch.

@@ -11,6 +11,11 @@ Triton path streams keys twice instead, like :func:`~sparse_hf.kernels.decode_sc
   key block summed over the (valid) query rows in fp32 (row-split partials summed in torch, no atomics: the result
   is deterministic).
 
+Pass 1 recomputes what the prefill attention already knows: every query row's log-sum-exp over exactly the keys it
+attends to. A caller whose attention returns it (the engine's prefill routes, the HF path's prefill through
+:func:`attention_with_lse`) passes it as ``lse`` and only pass 2 runs: one ``q.k`` per (query row, key) pair beside
+the attention instead of two (``benchmarks/bench_h2o_mass.py`` counts and times both).
+
 A key is allowed for a query when it is valid and its logical position is at most the query's (``key_pos <=
 query_pos``), so chunks that attend to earlier slots and evicted (non-contiguous) positions are exact. Tiles that
 no query of a block may see (every valid key after the block's last query) are skipped in both passes.
@@ -35,15 +40,21 @@ LSE_BLOCK_ROWS, LSE_BLOCK_KEYS = 128, 64
 MASS_BLOCK_ROWS, MASS_BLOCK_KEYS = 64, 128
 
 
-def attention_probabilities(logits: torch.Tensor) -> torch.Tensor:
+def attention_probabilities(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the last axis of ``logits`` whose masked entries are ``-inf``; a row with no allowed entry gets
-    zeros (not NaN)."""
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    zeros (not NaN). ``lse`` (``logits.shape[:-1]``, natural log): each row's log-sum-exp over its allowed entries,
+    known from the attention that computed it; then the softmax is ``exp(logits - lse)`` (no max/sum pass), and a
+    row whose ``lse`` is NaN gets zeros too."""
+    if lse is None:
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    # a row with no allowed entry (lse -inf) or a garbage lse (NaN: an invalid query) gets exp(s - inf) = 0
+    lse = lse.to(logits.dtype).nan_to_num(nan=float("inf"), neginf=float("inf"))
+    return (logits - lse.unsqueeze(-1)).exp_()
 
 
 def attention_mass_ref(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
                        query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
-                       block: int | None = None) -> torch.Tensor:
+                       block: int | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Accumulated attention of a block of queries on every slot, per KV head (torch version, the specification).
 
     For every real query and query head: the causal softmax of ``scaling * q.k`` over the real slots whose
@@ -58,6 +69,9 @@ def attention_mass_ref(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch
         scaling: softmax scale.
         block: queries per step (bounds the ``[B, H, block, L]`` temporary); ``None``: up to 256, fewer where
             ``L`` is long, so that the temporary stays under :data:`MASS_BLOCK_ELEMENTS` elements.
+        lse: optional ``[B, H, q]`` float, natural log: each query's log-sum-exp of ``scaling * q.k`` over its
+            allowed keys (what the prefill attention computed); the probabilities are then ``exp(s - lse)``.
+            Entries of invalid queries are never used (they may be anything, NaN included).
 
     Returns:
         ``[B, Hkv, L]`` in float32 (float64 for float64 inputs).
@@ -76,9 +90,12 @@ def attention_mass_ref(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch
         logits = torch.einsum("bkgqd,bkld->bkgql", qb, k) * scaling             # [B, Hkv, G, q', L]
         allowed = key_valid.unsqueeze(2) & (key_pos.unsqueeze(2) <= query_pos[start:end].view(1, 1, -1, 1))
         logits = logits.masked_fill(~allowed.unsqueeze(2), float("-inf"))
-        probs = attention_probabilities(logits)
+        if lse is None:
+            probs = attention_probabilities(logits)
+        else:
+            probs = attention_probabilities(logits, lse[:, :, start:end].view(B, Hkv, G, end - start))
         if query_valid is not None:
-            probs = probs * query_valid[:, start:end].to(dtype).view(B, 1, 1, -1, 1)
+            probs = torch.where(query_valid[:, start:end].view(B, 1, 1, -1, 1), probs, 0.0)
         mass += probs.sum(dim=(2, 3))
     return mass
 
@@ -150,7 +167,9 @@ if HAS_TRITON:
             inr = offs < L
             kp, ok, kmin = _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l)
             kt = _load_keys(k_base, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS, DOT_F32)
-            acc = tl.zeros([BLOCK_N], tl.float32)
+            # per-element partial sums, reduced over the rows once at the end: a row reduction per tile would cross
+            # warps (the dot's rows are spread over them) through shared memory at every step
+            acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             r_start = tl.program_id(2) * row_split
             r_end = tl.minimum(r_start + row_split, T)
             for t0 in range(r_start, r_end, BLOCK_R):
@@ -163,8 +182,9 @@ if HAS_TRITON:
                     lse = tl.load(lse_base + t, mask=rm, other=0.0)
                     s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
                     allowed = rm[:, None] & ok[None, :] & (kp[None, :] <= qpos[:, None])
-                    acc += tl.sum(tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0), 0)
-            tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, acc, mask=inr)
+                    acc += tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+            tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, tl.sum(acc, 0),
+                     mask=inr)
         else:
             t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
             rm, qi, qpos = _row_positions(QPOS, t, T, G)
@@ -192,7 +212,7 @@ else:  # pragma: no cover - exercised only without triton
     _mass_kernel = _key_tile = _load_keys = _row_positions = _load_query_rows = None
 
 
-def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots):
+def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots, lse=None):
     if queries.dim() != 4 or keys.dim() != 4:
         raise ValueError(f"queries must be [B, H, q, D] and keys [B, Hkv, L, D], got {tuple(queries.shape)} and "
                          f"{tuple(keys.shape)}")
@@ -211,13 +231,17 @@ def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid
         raise ValueError(f"query_pos must be [q] = ({q},), got {tuple(query_pos.shape)}")
     if query_valid is not None and tuple(query_valid.shape) != (B, q):
         raise ValueError(f"query_valid must be [B, q] = {(B, q)} or None, got {tuple(query_valid.shape)}")
+    if lse is not None and tuple(lse.shape) != (B, H, q):
+        raise ValueError(f"lse must be [B, H, q] = {(B, H, q)} (each query's log-sum-exp) or None, got "
+                         f"{tuple(lse.shape)}")
     return B, H, q, D, Hkv, L
 
 
 def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
                    query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
                    block: int | None = None, *, backend: str = "auto", slots: torch.Tensor | None = None,
-                   key_split: int | None = None, row_split: int | None = None) -> torch.Tensor:
+                   key_split: int | None = None, row_split: int | None = None,
+                   lse: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`attention_mass_ref`'s result, by the Triton kernel where :func:`~.dispatch.use_triton` says.
 
     Args (beyond :func:`attention_mass_ref`'s, whose ``block`` only the torch path uses):
@@ -229,16 +253,19 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
             ``j``. Invalid keys' slots are not read.
         key_split, row_split: keys per split of pass 1 and query rows (``q * G``) per split of pass 2; default
             picks them to fill the GPU (tests set them to exercise the merges).
+        lse: optional ``[B, H, q]`` natural-log log-sum-exp of each query over its allowed keys, from the attention
+            (as in :func:`attention_mass_ref`): pass 1 is skipped. It must be over the same keys as the mass's
+            causal rule (valid, ``key_pos <= query_pos``), else the probabilities do not sum to one.
 
     Returns:
         ``[B, Hkv, L]`` float32 (float64 for float64 inputs, which take the torch path).
     """
-    B, H, q, D, Hkv, L = _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots)
+    B, H, q, D, Hkv, L = _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots, lse)
     if not use_triton(backend, _mass_kernel, queries, keys):
         if slots is not None:                          # the reference reads a gathered copy
             idx = slots.long().clamp(0, keys.shape[2] - 1).view(B, 1, L, 1)
             keys = keys.gather(2, idx.expand(B, Hkv, L, D))
-        return attention_mass_ref(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, block)
+        return attention_mass_ref(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, block, lse)
     G, T, dev = H // Hkv, q * H // Hkv, keys.device
     out = torch.zeros(B, Hkv, L, dtype=torch.float32, device=dev)
     if B == 0 or L == 0 or q == 0:
@@ -256,6 +283,24 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
                *kpos.stride(), *kval.stride(), *(qval.stride() if query_valid is not None else (0, 0)))
     scale = float(scaling) * LOG2E
 
+    if lse is not None:                                 # the attention's: [B, H, q] natural log -> rows t, log2
+        lse = (lse.to(device=dev, dtype=torch.float32).view(B, Hkv, G, q).transpose(2, 3) * LOG2E).contiguous()
+    else:
+        lse = _row_lse(qk, keys, slot_table, kpos, kval, qpos, qval, out, scale, T, L, key_split, strides, meta)
+
+    key_blocks = -(-L // MASS_BLOCK_KEYS)
+    row_split, rs, _ = plan_splits(T, B * Hkv * key_blocks, dev, row_split, max_block=MASS_BLOCK_ROWS)
+    part = out if rs == 1 else torch.empty(rs, B, Hkv, L, dtype=torch.float32, device=dev)
+    _mass_kernel[(B * Hkv, key_blocks, rs)](qk, keys, slot_table, kpos, kval, qpos, qval, lse, part,
+                                            scale, T, L, 0, row_split, 1, *strides, BLOCK_R=MASS_BLOCK_ROWS,
+                                            BLOCK_N=MASS_BLOCK_KEYS, MASS_PASS=True, **meta)
+    return out if rs == 1 else part.sum(0)
+
+
+def _row_lse(qk, keys, slot_table, kpos, kval, qpos, qval, out, scale, T, L, key_split, strides, meta):
+    """Pass 1 of :func:`attention_mass`: ``[B, Hkv, T, 1]`` log2-sum-exp2 of every query row (split-K merged)."""
+    B, Hkv = keys.shape[0], meta["HKV"]
+    dev = keys.device
     row_blocks = -(-T // LSE_BLOCK_ROWS)
     key_split, ks, _ = plan_splits(L, B * Hkv * row_blocks, dev, key_split, max_block=LSE_BLOCK_KEYS)
     lse = torch.empty(B, Hkv, T, ks, dtype=torch.float32, device=dev)
@@ -266,15 +311,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
         m = lse.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         lse = m + torch.log2(torch.exp2(lse - m).sum(-1, keepdim=True))
-    lse = lse.contiguous()                              # [B, Hkv, T, 1]
-
-    key_blocks = -(-L // MASS_BLOCK_KEYS)
-    row_split, rs, _ = plan_splits(T, B * Hkv * key_blocks, dev, row_split, max_block=MASS_BLOCK_ROWS)
-    part = out if rs == 1 else torch.empty(rs, B, Hkv, L, dtype=torch.float32, device=dev)
-    _mass_kernel[(B * Hkv, key_blocks, rs)](qk, keys, slot_table, kpos, kval, qpos, qval, lse, part,
-                                            scale, T, L, 0, row_split, 1, *strides, BLOCK_R=MASS_BLOCK_ROWS,
-                                            BLOCK_N=MASS_BLOCK_KEYS, MASS_PASS=True, **meta)
-    return out if rs == 1 else part.sum(0)
+    return lse.contiguous()                             # [B, Hkv, T, 1]
 
 
 def decode_attention_mass_ref(logits: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

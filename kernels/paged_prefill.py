@@ -35,10 +35,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_prefill_kernel(
-        Q, K, V, TABLES, TILES, OUT, qk_scale,
-        sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, st_r, st_w, so_t, so_h, so_d,
+        Q, K, V, TABLES, TILES, OUT, LSE, qk_scale,
+        sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, st_r, st_w, so_t, so_h, so_d, sl_t, sl_h,
         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_F32: tl.constexpr, PREC: tl.constexpr,
+        DOT_F32: tl.constexpr, PREC: tl.constexpr, HAS_LSE: tl.constexpr,
     ):
         h = tl.program_id(0)
         tile = tl.program_id(1)
@@ -94,6 +94,9 @@ if HAS_TRITON:
         o = acc / tl.where(l > 0, l, 1.0)[:, None]
         tl.store(OUT + tok[:, None] * so_t + h * so_h + d[None, :] * so_d, o.to(OUT.dtype.element_ty),
                  mask=qm[:, None] & dm[None, :])
+        if HAS_LSE:                                    # natural-log log-sum-exp of each query (H2O's mass reuses it)
+            lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(LSE + tok * sl_t + h * sl_h, lse, mask=qm)
 else:  # pragma: no cover - exercised only without triton
     _paged_prefill_kernel = None
 
@@ -136,7 +139,7 @@ def prefill_tiles(segments, block_m: int, device) -> torch.Tensor:
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                             segments, scale: float | None = None, backend: str = "auto", *,
                             config: tuple[int, int, int, int] | None = None,
-                            tiles: torch.Tensor | None = None) -> torch.Tensor:
+                            tiles: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed prompt chunks over their rows' slots in a KV pool, read in place.
 
     Args:
@@ -154,6 +157,9 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
             problem under the interpreter).
         tiles: the work list, ``prefill_tiles(segments, launch_config(segments, q.device, config)[0], device)``
             (callers running the same segments in every layer build it once).
+        lse: optional ``[T, H]`` float32 output (any strides): each segment query's natural-log log-sum-exp of
+            ``scale * q.k`` over the keys it sees, written in place (H2O's attention mass reuses it); other
+            entries are left as they are.
 
     Returns:
         ``[T, H, D]`` in ``q.dtype`` (softmax in fp32).
@@ -166,8 +172,10 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                          f"H % Hkv == 0, and a 2-D table)")
     segments = check_segments(segments, T, tables.shape[1])
     scale = D ** -0.5 if scale is None else float(scale)
+    if lse is not None and (lse.shape != (T, H) or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be a [T, H] = {(T, H)} float32 tensor, got {tuple(lse.shape)} {lse.dtype}")
     if not use_triton(backend, _paged_prefill_kernel, q, k_pool, v_pool):
-        return paged_prefill_attention_ref(q, k_pool, v_pool, tables, segments, scale)
+        return paged_prefill_attention_ref(q, k_pool, v_pool, tables, segments, scale, lse=lse)
     if v_pool.dtype != k_pool.dtype:
         raise TypeError(f"k_pool and v_pool dtypes differ: {k_pool.dtype} vs {v_pool.dtype}")
     block_m, block_n, num_warps, num_stages = launch_config(segments, q.device, config)
@@ -184,9 +192,10 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     qk = q if q.dtype == k_pool.dtype else q.to(k_pool.dtype)
     dot_f32, prec = dot_config(_paged_prefill_kernel, k_pool.dtype)
     _paged_prefill_kernel[(H, tiles.shape[0])](
-        qk, k_pool, v_pool, tables, tiles, out, scale * LOG2E,
+        qk, k_pool, v_pool, tables, tiles, out, out if lse is None else lse, scale * LOG2E,
         *qk.stride(), *k_pool.stride(), *v_pool.stride(), *tables.stride(), *out.stride(),
+        *((0, 0) if lse is None else lse.stride()),
         G=H // Hkv, D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_F32=dot_f32, PREC=prec, num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=dot_f32, PREC=prec, HAS_LSE=lse is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -365,7 +365,7 @@ def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                                segments, scale: float | None = None) -> torch.Tensor:
+                                segments, scale: float | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed prompt chunks over their rows' pool slots (torch version of
     :func:`~sparse_hf.kernels.paged_prefill.paged_prefill_attention`; gathers each row's K/V).
 
@@ -374,6 +374,8 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
         segments: ``[(row, start, length, context), ...]``: queries ``start .. start + length`` are the last
             ``length`` of the row's ``context`` tokens; query ``i`` of the chunk sees keys
             ``0 .. context - length + i`` (lower-right causal). Queries outside every segment get zeros.
+        lse: optional ``[T, H]`` float32, filled in place for the segments' queries with their natural-log
+            log-sum-exp of ``scale * q.k`` over the keys they see.
 
     Returns:
         ``[T, H, D]`` in ``q.dtype``.
@@ -391,9 +393,12 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
         s = torch.einsum("nhgd,lhd->hgnl", qs, k) * scale                        # [Hkv, G, n, L]
         seen = torch.arange(context, device=q.device).view(1, -1) <= (
             torch.arange(n, device=q.device).view(-1, 1) + context - n)          # [n, L]
-        p = _safe_softmax_weights(s.masked_fill(~seen, float("-inf")))
+        s = s.masked_fill(~seen, float("-inf"))
+        p = _safe_softmax_weights(s)
         o = torch.einsum("hgnl,lhd->nhgd", p, v) / p.sum(-1).permute(2, 0, 1).unsqueeze(-1)
         out[start: start + n] = o.reshape(n, H, D).to(q.dtype)
+        if lse is not None:
+            lse[start: start + n] = torch.logsumexp(s, -1).permute(2, 0, 1).reshape(n, H).float()
     return out
 
 

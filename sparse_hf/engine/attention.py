@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from sparse_hf.kernels import decode_attention_with_scores, paged_prefill_attention, sparse_decode_attention
+from sparse_hf.kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
@@ -95,19 +96,28 @@ def pool_view(pool: torch.Tensor, batch: int) -> torch.Tensor:
     return pool.permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool = False):
     """Causal attention of the last ``n`` of ``L`` tokens.
 
     Args:
         q: ``[n, H, D]``; k, v: ``[L, Hkv, D]`` with ``L >= n`` (the chunk is the last ``n`` keys).
+        return_lse: also return each query's natural-log log-sum-exp ``[n, H]`` float32 where one fused kernel
+            gives it (CPU: :func:`~sparse_hf.kernels.attention_lse.sdpa_with_lse_cpu`; CUDA: the memory-efficient
+            kernel, :func:`~sparse_hf.kernels.attention_lse.efficient_attention_with_lse`), else ``None``.
 
     Returns:
-        ``[n, H, D]``.
+        ``[n, H, D]``; with ``return_lse``, ``(out, lse or None)``.
     """
     n, L = q.shape[0], k.shape[0]
     G = q.shape[1] // k.shape[1]
     qh = q.transpose(0, 1).unsqueeze(0)                                         # [1, H, n, D]
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)     # [1, Hkv, L, D]
+    if return_lse:
+        fused = (sdpa_with_lse_cpu(qh, kh, vh, scale, causal=True) if q.device.type == "cpu"
+                 else efficient_attention_with_lse(qh, kh, vh, scale))
+        if fused is not None:
+            return fused[0][0].transpose(0, 1), fused[1][0].transpose(0, 1)
+        return chunk_attention(q, k, v, scale), None
     if G > 1 and q.is_cuda and q.dtype == torch.float32:
         # fp32 on CUDA: the memory-efficient kernel is the only fused one, and torch's checks may refuse it GQA (SDPA
         # then falls back to the math path with a materialised [n, L] mask); a copy of the few KV heads costs less
@@ -174,7 +184,13 @@ class PoolAttention:
 
     def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
-        """Every chunk of the step (``k``, ``v``: the step's own K/V), by :attr:`prefill_route`:
+        return self._prefill_attention(layer, g, q, k, v, scale)[0]
+
+    def _prefill_attention(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           scale: float, want_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(out [T, H, D], lse)``: every chunk of the step (``k``, ``v``: the step's own K/V), by
+        :attr:`prefill_route`, and with ``want_lse`` each query's natural-log log-sum-exp ``[T, H]`` float32 from
+        the same attention (``None`` where a route's kernel cannot give it):
 
         - ``"paged"``: one launch of the paged Triton kernel for every chunk;
         - ``"split"``: per chunk, cuDNN SDPA over its gathered earlier slots plus its own K/V (:mod:`.sdpa_split`);
@@ -190,13 +206,22 @@ class PoolAttention:
                 seg.windows[layer] = q[seg.start + seg.length - min(ctx.window, seg.length):
                                        seg.start + seg.length].transpose(0, 1).clone()   # [H, w, D]
         route = self.prefill_route
+        lse = torch.zeros(q.shape[:2], dtype=torch.float32, device=q.device) if want_lse else None
         if route == "gather":
             out = torch.empty_like(q)
             for seg in ctx.segments:
                 slots = pool.tables[g, seg.row, : seg.context].long()
-                out[seg.start: seg.start + seg.length] = chunk_attention(
-                    q[seg.start: seg.start + seg.length], pool.k[layer][slots], pool.v[layer][slots], scale)
-            return out
+                own = slice(seg.start, seg.start + seg.length)
+                if lse is None:
+                    out[own] = chunk_attention(q[own], pool.k[layer][slots], pool.v[layer][slots], scale)
+                    continue
+                out[own], seg_lse = chunk_attention(q[own], pool.k[layer][slots], pool.v[layer][slots], scale,
+                                                    return_lse=True)
+                if seg_lse is None:
+                    lse = None
+                else:
+                    lse[own] = seg_lse
+            return out, lse
         splits = [route == "split" or (route == "auto" and seg.length >= SPLIT_MIN_QUERIES) for seg in ctx.segments]
         split = [seg for seg, s in zip(ctx.segments, splits) if s]
         paged = [(seg.row, seg.start, seg.length, seg.context) for seg, s in zip(ctx.segments, splits) if not s]
@@ -205,20 +230,24 @@ class PoolAttention:
             if ctx.prefill_tiles is None:
                 ctx.prefill_tiles = prefill_tiles(paged, launch_config(paged, q.device)[0], q.device)
             out = paged_prefill_attention(q, pool.k[layer], pool.v[layer], pool.tables[g], paged, scale,
-                                          self.backend, tiles=ctx.prefill_tiles)
+                                          self.backend, tiles=ctx.prefill_tiles, lse=lse)
         out = torch.empty_like(q) if out is None else out
         for seg in split:
             slots = pool.tables[g, seg.row, : seg.context - seg.length].long()
             own = slice(seg.start, seg.start + seg.length)
             try:
-                out[own] = split_chunk_attention(q[own], pool.k[layer][slots], pool.v[layer][slots],
-                                                 k[own].to(q.dtype), v[own].to(q.dtype), scale)
+                res = split_chunk_attention(q[own], pool.k[layer][slots], pool.v[layer][slots],
+                                            k[own].to(q.dtype), v[own].to(q.dtype), scale, return_lse=lse is not None)
             except SplitUnavailable:
                 if route == "split":
                     raise
                 self.prefill_route, ctx.prefill_tiles = "paged", None              # no cuDNN here: paged from now on
-                return self._prefill(layer, g, q, k, v, scale)
-        return out
+                return self._prefill_attention(layer, g, q, k, v, scale, want_lse)
+            if lse is None:
+                out[own] = res
+            else:
+                out[own], lse[own] = res
+        return out, lse
 
     def _decode(self, layer: int, g: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         ctx, pool = self.ctx, self.pool

@@ -5,7 +5,8 @@
   allocated and moved with its token when eviction compacts a row.
 - :class:`ScoredPoolAttention`: the pool attention that also adds every query's attention mass to the scores of
   the row's slots: a prefill chunk through ``method.accumulate`` (causal, over the row's earlier slots and the
-  chunk; on CUDA the Triton ``attention_mass`` reads the pool in place through the row's slot table), a decode
+  chunk; on CUDA the Triton ``attention_mass`` reads the pool in place through the row's slot table) from the
+  log-sum-exp each query's prefill attention returned (one pass over ``q.k`` beside the attention), a decode
   token from the logits its attention returns anyway (``decode_attention_with_scores`` +
   ``method.accumulate_logits``).
 - :class:`ScoredModelRunner`: at prompt end each layer keeps ``method.prefill_keep_scored`` and the row's budget
@@ -187,7 +188,9 @@ class ScoredPoolAttention(PoolAttention):
 
     def _prefill(self, layer: int, g: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  scale: float) -> torch.Tensor:
-        out = super()._prefill(layer, g, q, k, v, scale)
+        """The chunks' attention, then each chunk's mass from the log-sum-exp that attention returned (``[T, H]``;
+        where its route gives none, the mass kernel computes it: a second pass over ``q.k``)."""
+        out, lse = self._prefill_attention(layer, g, q, k, v, scale, want_lse=True)
         pool = self.pool
         Hkv = pool.num_kv_heads
         keys = pool_view(pool.k[layer], 1)                                             # [1, Hkv, S, D] in place
@@ -196,9 +199,10 @@ class ScoredPoolAttention(PoolAttention):
             queries = q[seg.start: seg.start + seg.length].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             cols = torch.arange(seg.context, device=q.device)
             every = torch.ones((), dtype=torch.bool, device=q.device).expand(1, Hkv, seg.context)
+            seg_lse = None if lse is None else lse[seg.start: seg.start + seg.length].T.unsqueeze(0)  # [1, H, n]
             mass = self.method.accumulate(queries, keys, cols.expand(1, Hkv, -1), every,
                                           cols[seg.context - seg.length:], None, scale, backend=self.mass_backend,
-                                          slots=slots)                                 # [1, Hkv, C]
+                                          slots=slots, lse=seg_lse)                    # [1, Hkv, C]
             pool.add_scores(layer, slots[0].long(), mass[0].T)
         return out
 

@@ -79,7 +79,7 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def split_chunk_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k_self: torch.Tensor,
-                          v_self: torch.Tensor, scale: float) -> torch.Tensor:
+                          v_self: torch.Tensor, scale: float, return_lse: bool = False):
     """Causal attention of a chunk's ``n`` queries whose keys are ``L`` earlier ones plus its own ``n``.
 
     Args:
@@ -87,7 +87,8 @@ def split_chunk_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: tor
 
     Returns:
         ``[n, H, D]``: query ``i`` sees every earlier key and its own keys ``0..i`` (lower-right causal over
-        ``L + n`` keys).
+        ``L + n`` keys); with ``return_lse``, ``(out, lse)`` where ``lse`` ``[n, H]`` float32 is each query's
+        natural-log log-sum-exp over those keys (the two halves' merged: H2O's attention mass reuses it).
     """
     def heads(t):
         return t.transpose(0, 1).unsqueeze(0)                                      # [1, heads, len, D]
@@ -99,4 +100,7 @@ def split_chunk_attention(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: tor
         m = torch.maximum(lse, lse_p)
         w, w_p = (lse - m).exp().unsqueeze(-1), (lse_p - m).exp().unsqueeze(-1)    # [1, H, n, 1]
         out = ((out.float() * w + out_p.float() * w_p) / (w + w_p)).to(q.dtype)
-    return out[0].transpose(0, 1)
+        if return_lse:
+            lse = m + (w + w_p).squeeze(-1).log()
+    out = out[0].transpose(0, 1)
+    return (out, lse[0].transpose(0, 1)) if return_lse else out

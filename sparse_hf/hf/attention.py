@@ -16,6 +16,8 @@ import weakref
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
+
+from sparse_hf.kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
 from transformers.modeling_utils import AttentionInterface
 
 try:  # transformers >= 5.x
@@ -71,6 +73,48 @@ def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = torch.nn.functional.scaled_dot_product_attention(
             query, repeat_kv(key, G), repeat_kv(value, G), attn_mask=mask.repeat_interleave(G, dim=1), scale=scaling)
     return out.transpose(1, 2).contiguous()
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float):
+    """What ``sdpa_attention_forward`` computes for a prompt over the whole (uncompacted) cache, plus each query's
+    log-sum-exp, from one fused kernel that returns it; ``None`` where none does (the caller then runs SDPA).
+
+    H2O's prompt mass (:func:`~sparse_hf.kernels.attention_mass.attention_mass`) reuses the log-sum-exp instead of
+    recomputing ``q.k`` for it. CPU: torch's flash kernel, the one SDPA runs there (same output). CUDA: cuDNN's
+    causal kernel for a prompt without padding or earlier chunks (HF passes no mask then), through
+    :func:`sparse_hf.engine.sdpa_split.sdpa_with_lse` (the engine's split route uses the same op); masked calls
+    (padding, later chunks) and fp32 the memory-efficient kernel with HF's mask as a bias
+    (:func:`~sparse_hf.kernels.attention_lse.efficient_attention_with_lse`).
+
+    Args:
+        query: ``[B, H, q, D]``; key, value: ``[B, Hkv, n, D]``; attention_mask: HF's ``[B, 1, q, >= n]`` (bool or
+            additive float) or ``None`` (causal for ``q > 1``).
+
+    Returns:
+        ``(out [B, q, H, D] as HF attention functions return it, lse [B, H, q] float32)`` or ``None``.
+    """
+    q_len, n = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1 and q_len != n:
+        return None                                  # HF's truncated-keys corner case: leave it to SDPA
+    causal = attention_mask is None and q_len > 1
+    mask = attention_mask[:, :, :, :n] if attention_mask is not None else None
+    fused = None
+    if query.device.type == "cpu":
+        fused = sdpa_with_lse_cpu(query, key, value, scaling, mask=mask, causal=causal)
+    elif causal:
+        from sparse_hf.engine.sdpa_split import SplitUnavailable, sdpa_with_lse
+
+        try:
+            fused = sdpa_with_lse(query, key, value, True, scaling)
+        except SplitUnavailable:                     # no cuDNN (fp32): the memory-efficient kernel, square causal
+            fused = efficient_attention_with_lse(query, key, value, scaling)
+    elif mask is not None:
+        fused = efficient_attention_with_lse(query, key, value, scaling, mask)
+    if fused is None:
+        return None
+    out, lse = fused
+    return out.transpose(1, 2).contiguous(), lse
 
 
 # id(config) -> (weak reference to the config, the attention implementation it had before prepare_model)

@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..config import SparseConfig
 from ..methods import get_method
 from ..models import check_supported
-from .attention import masked_attention, query_validity
+from .attention import attention_with_lse, masked_attention, query_validity
 from .layer import CacheCropError, SlotLayer
 from .scored_layer import ScoredSlotLayer
 
@@ -151,7 +151,15 @@ class EvictionCache(SparseCache):
         layer = self.layers[module.layer_idx]
         q_len = query.shape[2]
         prefill = self.in_prefill(layer, q_len)
+        scored = self.method.accumulates_attention
         out = dense_gpu_decode(layer, query, scaling) if not prefill and q_len == 1 else None
+        lse = None                          # H2O's prompt: each query's log-sum-exp from its attention, if given
+        plain = not dropout and all(kwargs.get(k) is None for k in ("softcap", "position_bias")) and \
+            kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+        if out is None and not layer.compacted and scored and prefill and q_len > 1 and plain:
+            fused = attention_with_lse(query, key, value, attention_mask, scaling)
+            if fused is not None:
+                out, lse = fused
         if out is None and not layer.compacted:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, **kwargs)
@@ -162,14 +170,13 @@ class EvictionCache(SparseCache):
         if prefill and window:
             qv = query_validity(attention_mask, q_len, layer.seen, query.shape[0], query.device)
             layer.remember_queries(query, qv, window)
-        scored = self.method.accumulates_attention
         if scored and not prefill and q_len == 1 and layer.frozen:
             # H2O's decode step: static shapes over the whole buffer, so a CUDA graph captures it (eager: the same)
             layer.accumulate_decode(self.method, query, scaling)
         elif scored:                        # H2O: every query's attention mass adds to the slots' scores
             layer.accumulate(self.method, query, self._key_validity(layer, attention_mask, q_len),
                              query_validity(attention_mask, q_len, layer.seen, query.shape[0], query.device)
-                             if q_len > 1 else None, scaling)
+                             if q_len > 1 else None, scaling, lse=lse)
         if prefill and self.prompt_complete(layer):
             # Slot validity as seen by the last query: drops padding columns.
             valid = self._key_validity(layer, attention_mask, q_len)

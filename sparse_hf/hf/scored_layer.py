@@ -53,13 +53,16 @@ class ScoredSlotLayer(SlotLayer):
                 scores[:, :, :n] = self._scores[:, :, :n]
             self._scores = scores
 
-    def accumulate(self, method, query: torch.Tensor, key_valid: torch.Tensor, query_valid, scaling: float) -> None:
+    def accumulate(self, method, query: torch.Tensor, key_valid: torch.Tensor, query_valid, scaling: float,
+                   lse: torch.Tensor | None = None) -> None:
         """Add the attention mass of ``query`` (``[B, H, q, D]``, the layer's newest ``q`` columns) to the scores.
 
-        ``key_valid``: ``[B, Hkv, n]`` bool, slots that are real tokens (padding excluded)."""
+        ``key_valid``: ``[B, Hkv, n]`` bool, slots that are real tokens (padding excluded). ``lse``: optional
+        ``[B, H, q]`` log-sum-exp of each query from its attention (saves the mass its own pass over ``q.k``)."""
         q = query.shape[2]
         query_pos = torch.arange(self.seen - q, self.seen, device=query.device)
-        mass = method.accumulate(query, self.keys, self.positions, key_valid, query_pos, query_valid, scaling)
+        mass = method.accumulate(query, self.keys, self.positions, key_valid, query_pos, query_valid, scaling,
+                                 lse=lse)
         self._scores[:, :, :mass.shape[-1]] += mass.to(torch.float32)
 
     def accumulate_decode(self, method, query: torch.Tensor, scaling: float) -> None:

@@ -150,7 +150,8 @@ class EvictionMethod(SparseMethod):
     # -- accumulated attention (H2O-style methods) ----------------------------------------------------------------
     def accumulate(self, queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
                    query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float, *,
-                   backend: str = "auto", slots: torch.Tensor | None = None) -> torch.Tensor:
+                   backend: str = "auto", slots: torch.Tensor | None = None,
+                   lse: torch.Tensor | None = None) -> torch.Tensor:
         """Attention mass that ``q`` new queries give the slots, to add to the running scores.
 
         Args:
@@ -161,6 +162,8 @@ class EvictionMethod(SparseMethod):
             scaling: softmax scale.
             backend: ``"auto"`` | ``"triton"`` | ``"torch"`` (the kernel backend rules of ``sparse_hf.kernels``).
             slots: optional ``[B, L]`` slot table: ``keys`` is then a slot pool ``[B, Hkv, S, D]`` read in place.
+            lse: optional ``[B, H, q]`` float natural-log log-sum-exp of each query over the keys it may see, as
+                its attention computed it (then the softmax is not recomputed); invalid queries' entries unused.
 
         Returns:
             ``[B, Hkv, L]`` float32 (float64 for float64 inputs)."""

@@ -81,11 +81,12 @@ class H2O(EvictionMethod):
     accumulates_attention = True
 
     def accumulate(self, queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, *,
-                   backend: str = "auto", slots: torch.Tensor | None = None):
-        """:func:`~sparse_hf.kernels.attention_mass` (Triton on CUDA, the torch reference elsewhere; ``backend`` and
-        the optional ``[B, L]`` slot table ``slots`` as there)."""
+                   backend: str = "auto", slots: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+        """:func:`~sparse_hf.kernels.attention_mass` (Triton on CUDA, the torch reference elsewhere; ``backend``, the
+        optional ``[B, L]`` slot table ``slots`` and the queries' ``[B, H, q]`` log-sum-exp ``lse`` from the
+        attention, which saves the kernel's first pass, as there)."""
         return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, backend=backend,
-                              slots=slots)
+                              slots=slots, lse=lse)
 
     def accumulate_logits(self, logits: torch.Tensor, num_kv_heads: int, *, backend: str = "auto") -> torch.Tensor:
         return decode_attention_mass(logits, num_kv_heads, backend)

@@ -1,0 +1,125 @@
+"""H2O's prompt mass against the prefill attention it sits beside: one layer, one whole causal prompt.
+
+Times, per prompt length (median of ``--repeat`` runs; CUDA: synchronised around each call):
+
+- ``attention``: the prefill attention that also returns each query's log-sum-exp (CPU: torch's fused flash op,
+  what the engine's CPU route and the HF path run; CUDA: cuDNN's causal op, the engine's split route);
+- ``mass_lse``: ``attention_mass(..., lse=<the attention's>)``, one pass over ``q.k`` (this tree's prompt path);
+- ``mass_two_pass``: ``attention_mass(..., lse=None)``, which computes the log-sum-exp itself first (the prompt
+  path before: pass 1 + pass 2 over ``q.k``);
+
+and prints their ratios to the attention, plus the ``q.k`` tile products the Triton kernel's passes visit at the GPU
+tile sizes (counted from its causal tile-skipping rule, no GPU needed) relative to the attention's causal ``q.k``.
+
+    python benchmarks/bench_h2o_mass.py                                   # CPU: 2048,4096 tokens, 14/2 heads, D 64
+    python benchmarks/bench_h2o_mass.py --device cuda --tokens 8192,32768,131072 --heads 28,4,128
+    TRITON_INTERPRET=1 python benchmarks/bench_h2o_mass.py --backend triton --tokens 512 --heads 4,2,32 --repeat 1
+
+The mass backend is ``--backend`` (default ``auto``: Triton on CUDA, the torch reference on the CPU; ``triton`` on
+the CPU runs the kernel under the interpreter, whose time follows the tiles it executes). Prints one JSON line per
+length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from sparse_hf.kernels import attention_mass
+from sparse_hf.kernels.attention_lse import sdpa_with_lse_cpu
+from sparse_hf.kernels.attention_mass import LSE_BLOCK_KEYS, LSE_BLOCK_ROWS, MASS_BLOCK_KEYS, MASS_BLOCK_ROWS
+
+
+def tile_products(n: int, H: int, Hkv: int) -> dict:
+    """``q.k`` products the Triton kernel computes for one whole causal prompt of ``n`` tokens (per KV head: rows
+    ``t = query * G + g``; a (row block, key tile) pair runs when some row of the block may see some key of the
+    tile), relative to the attention's ``H * n (n + 1) / 2`` causal pairs."""
+    G = H // Hkv
+    T = n * G
+
+    def pairs(block_rows: int, block_keys: int) -> int:
+        total = 0
+        for r0 in range(0, T, block_rows):
+            qmax = (min(r0 + block_rows, T) - 1) // G                  # the block's last query position
+            total += block_rows * block_keys * (qmax // block_keys + 1)  # key tiles starting at or before it
+        return total * Hkv
+
+    causal = H * n * (n + 1) // 2
+    p1, p2 = pairs(LSE_BLOCK_ROWS, LSE_BLOCK_KEYS), pairs(MASS_BLOCK_ROWS, MASS_BLOCK_KEYS)
+    return dict(pass1_over_causal=round(p1 / causal, 3), pass2_over_causal=round(p2 / causal, 3),
+                two_pass_over_causal=round((p1 + p2) / causal, 3))
+
+
+def attention_lse(q, k, v, scale):
+    """``(out, lse [1, H, n])`` of the whole causal prompt from one fused kernel."""
+    if q.device.type == "cpu":
+        return sdpa_with_lse_cpu(q, k, v, scale, causal=True)
+    from sparse_hf.engine.sdpa_split import sdpa_with_lse
+
+    return sdpa_with_lse(q, k, v, True, scale)
+
+
+def timed(fn, repeat: int, device) -> float:
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokens", default=None, help="comma-separated prompt lengths")
+    p.add_argument("--heads", default=None, help="H,Hkv,D (default CPU 14,2,64; CUDA 28,4,128)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--backend", default="auto", help="the mass kernel's backend: auto | triton | torch")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    tokens = [int(x) for x in (args.tokens or ("8192,32768,131072" if cuda else "2048,4096")).split(",")]
+    H, Hkv, D = (int(x) for x in (args.heads or ("28,4,128" if cuda else "14,2,64")).split(","))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    scale = D ** -0.5
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for n in tokens:
+        q = torch.randn(1, H, n, D, generator=g).to(device, dtype)
+        k = torch.randn(1, Hkv, n, D, generator=g).to(device, dtype)
+        v = torch.randn(1, Hkv, n, D, generator=g).to(device, dtype)
+        cols = torch.arange(n, device=device)
+        key_pos = cols.expand(1, Hkv, n)
+        valid = torch.ones((), dtype=torch.bool, device=device).expand(1, Hkv, n)
+        _, lse = attention_lse(q, k, v, scale)                         # warm-up (and the lse the mass reuses)
+
+        def mass(with_lse):
+            return attention_mass(q, k, key_pos, valid, cols, None, scale, backend=args.backend,
+                                  lse=lse if with_lse else None)
+
+        m1, m2 = mass(True), mass(False)                               # warm-up (compiles the Triton kernel)
+        err = float((m1 - m2).abs().max() / m2.abs().max())
+        t_att = timed(lambda: attention_lse(q, k, v, scale), args.repeat, device)
+        t_lse = timed(lambda: mass(True), args.repeat, device)
+        t_two = timed(lambda: mass(False), args.repeat, device)
+        print(json.dumps(dict(device=str(device), backend=args.backend, dtype=str(dtype).replace("torch.", ""),
+                              tokens=n, heads=[H, Hkv, D],
+                              attention_s=round(t_att, 4), mass_lse_s=round(t_lse, 4),
+                              mass_two_pass_s=round(t_two, 4),
+                              mass_lse_over_attention=round(t_lse / t_att, 3),
+                              mass_two_pass_over_attention=round(t_two / t_att, 3),
+                              lse_over_two_pass=round(t_lse / t_two, 3), max_rel_diff=err,
+                              triton_tiles=tile_products(n, H, Hkv))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
