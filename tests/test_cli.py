@@ -309,3 +309,34 @@ def test_generate_engine_equals_hf_path_and_reports_kept_kv(tmp_path, capsys):
     kept_line = next(line for line in outputs[1].splitlines() if line.startswith("KV slots held"))
     kept, total = (int(x) for x in re.findall(r"(\d+) of (\d+)", kept_line)[0])
     assert 0 < kept < total, kept_line
+
+
+# ------------------------------------------------------------------------------------- generate --method all
+def test_demo_table_marks_answers_against_full_and_explains_expected_losses():
+    from sparse_hf.generate_cli import demo_table
+
+    table = demo_table([("full", "The pass key is 68231.", 1.0, 7.0), ("snapkv", "The pass key is 68231.", 0.28, 7.2),
+                        ("h2o", "The pass key is 6.", 0.28, 10.8), ("streamingllm", "The pass key is The", 0.16, 10.5)])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert rows["full"][3] == "-" and rows["snapkv"][3] == "yes" and rows["h2o"][3] == "no"
+    assert rows["streamingllm"][3] == "no" and rows["snapkv"][1] == "28.0%"
+    notes = [line for line in table.splitlines() if line.startswith("- ")]
+    assert [n.split(":")[0] for n in notes] == ["- h2o", "- streamingllm"]
+
+
+def test_generate_all_methods_on_a_tiny_model(tmp_path, capsys):
+    """``--method all`` on a real (tiny) model folder: every registered method but deltakv (no compressor for this
+    model) runs, each under its own header, and the table has a row per method that ran."""
+    from sparse_hf.cli import main
+    from sparse_hf.generate_cli import method_names
+    from tiny_tokenizer import save_tiny_chat_model
+
+    path = save_tiny_chat_model(tmp_path / "chat-model")
+    assert main(["generate", "--model", str(path), "--method", "all", "--prompt", "The grass is green. " * 30,
+                 "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    ran = [m for m in method_names() if m != "deltakv"]
+    for method in ["full", *ran]:
+        assert f"\n=== {method} ===" in out and f"| {method} |" in out, method
+    assert "--- deltakv: skipped" in out
