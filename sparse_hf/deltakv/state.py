@@ -258,6 +258,16 @@ def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, val
     out.scatter_(1, idx, values.to(out.dtype))
 
 
+def host_ints(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """``[len(rows), B]`` int64 on ``device`` from host lists of ints, without a host-device sync: on CUDA from
+    pinned memory with a ``non_blocking`` copy (a plain ``torch.tensor(list, device=cuda)`` copies from pageable
+    memory and then waits for the whole stream, which drains the GPU's queue in the middle of a prefill). PyTorch's
+    pinned allocator keeps the host block until the copy has run, so the lists may change right after."""
+    device = torch.device(device)
+    pinned = device.type == "cuda"
+    return torch.tensor(rows, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=pinned)
+
+
 def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:
     """int16 while the centers fit (< 32768; half the bytes), else int32; never narrows again."""
     if num_centers <= torch.iinfo(torch.int16).max and (stored is None or stored.dtype == torch.int16):
@@ -302,15 +312,20 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
             state.center_x = x.new_zeros(B, S, x.shape[-1])
             state.center_pos = torch.full((B, S), -1, dtype=torch.int32, device=dev)
     first = [b for b in range(B) if state.counts[b] == 0 and counts[b] > 0]
+    start, count = host_ints([state.counts, counts], dev).view(2, B, 1)       # one upload, no sync
     if first:
         if sinks is None:
             raise ValueError(f"flush: rows {first} compress for the first time; pass their sinks")
-        rows = torch.tensor(first, device=dev)
-        state.center_x[rows, :S] = sinks[0][rows, :S].to(state.center_x.dtype)
-        state.center_pos[rows, :S] = sinks[1][rows, :S].to(torch.int32)
-    start = torch.tensor(state.counts, device=dev).view(B, 1)
-    j = start + torch.arange(C, device=dev).view(1, C)                        # [B, C] offsets
-    live = torch.arange(C, device=dev).view(1, C) < torch.tensor(counts, device=dev).view(B, 1)
+        sink_x, sink_pos = sinks[0][:, :S].to(state.center_x.dtype), sinks[1][:, :S].to(torch.int32)
+        if len(first) < B:   # only these rows take their sinks: the others keep theirs (a device-side choice)
+            is_first = (start == 0) & (count > 0)                                # [B, 1]
+            sink_x = torch.where(is_first.unsqueeze(-1), sink_x, state.center_x[:, :S])
+            sink_pos = torch.where(is_first, sink_pos, state.center_pos[:, :S])
+        state.center_x[:, :S] = sink_x
+        state.center_pos[:, :S] = sink_pos
+    arange = torch.arange(C, device=dev).view(1, C)
+    j = start + arange                                                        # [B, C] offsets
+    live = arange < count
     is_center = live & (j % step == 0)
     other = live & ~is_center
     state._write("center_x", width_c, S + j // step, is_center, x, 0)

@@ -45,7 +45,7 @@ from ..deltakv.compressor import resolve_compressor, serving_method
 from ..deltakv.offload import LatentPrefetch
 from ..deltakv.quant import quantize
 from ..deltakv.rope import unrotate
-from ..deltakv.state import CompressedState, flush, rebuild_kv
+from ..deltakv.state import CompressedState, flush, host_ints, rebuild_kv
 from .attention import masked_attention, query_validity
 from .deltakv_layer import DeltaKVLayer, SharedScratch
 from .layer import SlotLayer
@@ -98,6 +98,7 @@ class CompressedCache(SelectionCache):
         self._prefetch = LatentPrefetch() if self.clustering.offload_latents else None
         self.planned_length: int | None = None        # plan_generation: the logical length decode will reach
         self._announced: tuple[int, int] | None = None   # (prompt, new tokens) from generate, until the device is known
+        self._pad_memo = None                         # (mask, length, padding): a padded prompt's, see _padding
 
     # -- fixed capacity (CUDA graphs) --------------------------------------------------------------------------------
     def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
@@ -272,7 +273,7 @@ class CompressedCache(SelectionCache):
                 layer.drop_padding(attention_mask)
             out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
         if self.prompt_complete(layer) and not self.capturing:
-            self._flush(module, layer)
+            self._flush(module, layer, attention_mask)
             if not layer.frozen:
                 layer.freeze()
         return out, None
@@ -443,14 +444,30 @@ class CompressedCache(SelectionCache):
         raw = [seen - p - n for p, n in zip(layer.pad, layer.state.counts)]
         return raw, [self.method.flush_count(max(0, n - S)) for n in raw]
 
-    def _flush(self, module, layer) -> None:
-        """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``."""
+    def _padding(self, layer, attention_mask) -> list[int]:
+        """Host list ``[B]``: each row's padding columns at the prompt's end. No read from the device when no mask
+        ever marked a slot of the layer empty (then there is none); otherwise one read per prompt, shared by the
+        compressed layers (they saw the same masks: keyed by this forward's mask object and the length)."""
+        B = layer.keys.shape[0]
+        if not layer.masked:
+            return [0] * B
+        memo = self._pad_memo
+        if attention_mask is not None and memo is not None and memo[0] is attention_mask and memo[1] == layer.seen:
+            return list(memo[2])
+        pad = (layer.positions[:, 0] < 0).sum(-1).tolist()                # the one sync of a padded prompt
+        self._pad_memo = (attention_mask, layer.seen, pad) if attention_mask is not None else None
+        return list(pad)
+
+    def _flush(self, module, layer, attention_mask=None) -> None:
+        """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``. No
+        host-device sync, except one read of the padding per padded prompt (:meth:`_padding`)."""
         B = layer.keys.shape[0]
         S = self.clustering.num_sink
-        if layer.state is None:                        # the prompt is complete: padding is known (one sync)
+        if layer.state is None:                        # the prompt is complete: padding is known
             layer.state = CompressedState(B, self.clustering)
-            layer.pad = (layer.positions[:, 0] < 0).sum(-1).tolist()
-            layer.col_offset = torch.tensor(layer.pad, device=layer.keys.device).view(B, 1)
+            layer.pad = self._padding(layer, attention_mask)
+            layer.col_offset = ((layer.positions[:, 0] < 0).sum(-1, keepdim=True) if layer.masked
+                                else torch.zeros(B, 1, dtype=torch.long, device=layer.keys.device))
             if self.planned_length is not None:
                 self._reserve_state(layer)
         state = layer.state
@@ -458,9 +475,13 @@ class CompressedCache(SelectionCache):
         if not any(counts):
             return
         n = layer.num_slots
-        valid = layer.positions[:, 0] >= 0                                 # [B, n]
-        ar = torch.arange(n, device=valid.device)
-        order = torch.where(valid, ar, ar + n).argsort(-1)                 # [B, n] slot of each row's rank
+        dev = layer.keys.device
+        ar = torch.arange(n, device=dev)
+        if layer.masked or layer.compacted:
+            valid = layer.positions[:, 0] >= 0                             # [B, n]
+            order = torch.where(valid, ar, ar + n).argsort(-1)             # [B, n] slot of each row's rank
+        else:                                  # every slot live, in column order: the ranks are the slots
+            order = ar.expand(B, n)
         lo = 0 if state.needs_sinks(counts) else S
         slots = order[:, lo:S + max(counts)]
         x, pos = self._raw_x(module, layer, slots), layer.raw_pos.gather(1, slots)
@@ -470,9 +491,10 @@ class CompressedCache(SelectionCache):
         # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
         left = [r - c for r, c in zip(raw, counts)]
         K = max(left)
-        rank = torch.arange(K, device=valid.device).view(1, K)
-        rank_src = torch.where(rank < S, rank, rank + torch.tensor(counts, device=valid.device).view(B, 1))
-        ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
+        rank = torch.arange(K, device=dev).view(1, K)
+        flushed, kept = host_ints([counts, left], dev).view(2, B, 1)      # one upload, no sync
+        rank_src = torch.where(rank < S, rank, rank + flushed)
+        ok = rank < kept
         layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]
         if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
             if state.capacity and self.planned_length is not None:
