@@ -130,10 +130,11 @@ def bench_cache(model, length: int, steps: int = 64, budget: float = 0.1, bits: 
     return cache
 
 
-def count_prefill(model, cache, ids: torch.Tensor, counter: PrefillCounter | None = None) -> PrefillCounter:
-    """Run one prefill forward of ``ids [B, L]`` through ``cache`` under a :class:`PrefillCounter` whose bucket
-    follows the layer kind (see the module docstring). Returns the counter (with ``per_layer``: compressed layer ->
-    flush launches)."""
+def count_prefill(model, cache, ids: torch.Tensor, counter: PrefillCounter | None = None,
+                  attention_mask: torch.Tensor | None = None) -> PrefillCounter:
+    """Run one prefill forward of ``ids [B, L]`` (and ``attention_mask``, e.g. left padding) through ``cache`` under a
+    :class:`PrefillCounter` whose bucket follows the layer kind (see the module docstring). Returns the counter (with
+    ``per_layer``: compressed layer -> flush launches)."""
     from sparse_hf.hf.deltakv_cache import CompressedCache
 
     counter = counter or PrefillCounter()
@@ -160,7 +161,8 @@ def count_prefill(model, cache, ids: torch.Tensor, counter: PrefillCounter | Non
     CompressedCache.attend, CompressedCache._flush = bucketed, flushing
     try:
         with torch.inference_mode(), counter:
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
     finally:
         CompressedCache.attend, CompressedCache._flush = attend, flush
     counter.per_layer = per_layer
