@@ -18,7 +18,10 @@ One forward of ``batch x length`` random tokens, counted with :class:`PrefillCou
   ``bool-index`` (data-dependent output shapes).
 
 Prints one ``PREFILL`` JSON line: totals per bucket, per compressed layer, and the most frequent ops of the
-flush. ``--cuda`` instead times the same prefill on a GPU (see :func:`time_prefill`): the A/B of issue 12's TTFT.
+flush. ``--time`` times vanilla and deltakv prefills instead (:func:`time_prefill`), ``--cuda`` on a GPU with the
+bench's model shape in bf16: the A/B of issue 12's TTFT (run it on both commits):
+
+    python benchmarks/count_deltakv_prefill.py --cuda --cases 4096x8,32768x2,131072x1 --repeats 5
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from collections import Counter
 
 import torch
 
+if "--cuda" in sys.argv[1:]:     # timing on the GPU: compiled Triton kernels, never the interpreter the counter sets
+    os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from count_deltakv_launches import LaunchCounter, narrow_7b_config  # noqa: E402
 
@@ -169,28 +174,28 @@ def count_prefill(model, cache, ids: torch.Tensor, counter: PrefillCounter | Non
     return counter
 
 
-def time_prefill(model_name: str, batch: int, length: int, repeats: int, steps: int, bits: int) -> dict:
-    """GPU timing: ``repeats`` prefills of ``batch x length`` each with a vanilla ``DynamicCache`` and with the
-    bench's ``deltakv+graph`` cache, alternating, after one warm-up of each (the bench times one cold prefill per
-    method, which includes loading each kernel the first time it runs). Median seconds and their ratio."""
+def time_prefill(model, batch: int, length: int, repeats: int, steps: int = 64, bits: int = 4) -> dict:
+    """Wall time of ``repeats`` prefills of ``batch x length`` random tokens each with a vanilla ``DynamicCache`` and
+    with the bench's ``deltakv+graph`` cache (alternating, after one cold run of each: the bench times one cold
+    prefill per method, which on a GPU includes loading each kernel the first time it runs), synced on CUDA. The
+    medians, the cold times and the ratios deltakv / vanilla."""
     from transformers import DynamicCache
 
-    from sparse_hf.bench import build_model
-
-    device = torch.device("cuda")
-    model = build_model(model_name, device, torch.bfloat16)
+    device = next(model.parameters()).device
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, length), device=device)
     times = {"vanilla": [], "deltakv": []}
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     def once(kind):
         cache = DynamicCache(config=model.config) if kind == "vanilla" else bench_cache(model, length, steps, bits=bits)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            out.logits[:, -1].argmax(-1)
-        torch.cuda.synchronize()
-        del cache, out
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        sync()
         return time.perf_counter() - t
 
     cold = {kind: once(kind) for kind in times}
@@ -198,9 +203,9 @@ def time_prefill(model_name: str, batch: int, length: int, repeats: int, steps: 
         for kind in times:
             times[kind].append(once(kind))
     med = {kind: sorted(v)[len(v) // 2] for kind, v in times.items()}
-    return dict(batch=batch, length=length, cold_s={k: round(v, 4) for k, v in cold.items()},
-                median_s={k: round(v, 4) for k, v in med.items()}, ratio=round(med["deltakv"] / med["vanilla"], 4),
-                cold_ratio=round(cold["deltakv"] / cold["vanilla"], 4))
+    return dict(device=str(device), batch=batch, length=length, repeats=repeats,
+                cold_s={k: round(v, 4) for k, v in cold.items()}, median_s={k: round(v, 4) for k, v in med.items()},
+                ratio=round(med["deltakv"] / med["vanilla"], 4), cold_ratio=round(cold["deltakv"] / cold["vanilla"], 4))
 
 
 def main(argv=None) -> int:
@@ -209,17 +214,22 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--cuda", action="store_true", help="time the prefill on a GPU (vanilla vs deltakv) instead")
+    p.add_argument("--time", action="store_true", help="time vanilla vs deltakv prefills instead of counting")
+    p.add_argument("--cuda", action="store_true", help="time on a GPU, the bench's model shape in bf16 (the A/B of "
+                   "issue 12's TTFT; implies --time)")
     p.add_argument("--model", default="qwen2.5-7b", help="with --cuda: the bench's model shape")
     p.add_argument("--cases", default="4096x8,32768x2,131072x1", help="with --cuda: LENGTHxBATCH,...")
-    p.add_argument("--repeats", type=int, default=5, help="with --cuda: timed prefills per method and case")
+    p.add_argument("--repeats", type=int, default=5, help="with --time: timed prefills per method and case")
     args = p.parse_args(argv)
 
     if args.cuda:
+        from sparse_hf.bench import build_model
+
+        model = build_model(args.model, torch.device("cuda"), torch.bfloat16)
         for case in args.cases.split(","):
             length, batch = (int(v) for v in case.split("x"))
-            print("TTFT " + json.dumps(time_prefill(args.model, batch, length, args.repeats, 64, args.bits)),
-                  flush=True)
+            print("TTFT " + json.dumps(time_prefill(model, batch, length, args.repeats, bits=args.bits)), flush=True)
+            torch.cuda.empty_cache()
         return 0
 
     from transformers import AutoModelForCausalLM
@@ -228,6 +238,9 @@ def main(argv=None) -> int:
     config.max_position_embeddings = max(config.max_position_embeddings, args.length + 128)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    if args.time:
+        print("TTFT " + json.dumps(time_prefill(model, args.batch, args.length, args.repeats, bits=args.bits)))
+        return 0
     ids = torch.randint(0, config.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
     cache = bench_cache(model, args.length, bits=args.bits)
     t = time.perf_counter()

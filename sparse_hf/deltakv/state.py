@@ -96,6 +96,8 @@ class CompressedState:
         # with a capacity: field name -> its [B, rows + 1, *] store (the last row takes masked scatter writes); the
         # attribute of the same name is the store's [:, :rows] view
         self._stores: dict[str, torch.Tensor] = {}
+        # during a flush: (dest, mask, dump) ids -> the scatter index, shared by the fields written at the same rows
+        self._targets: dict | None = None
 
     def reserve(self, capacity: int) -> None:
         """Hold room for ``capacity`` compressed tokens per row from now on: the next :func:`flush` (or
@@ -138,7 +140,7 @@ class CompressedState:
         differs from the store's: the first write, or a flush past the capacity)."""
         prev = getattr(self, name)
         if not self.capacity:
-            setattr(self, name, _write_rows(prev, width, dest, mask, values, fill))
+            setattr(self, name, _write_rows(prev, width, dest, mask, values, fill, self._targets))
             return
         store = self._stores.get(name)
         if store is None or store.shape[1] != width + 1:
@@ -149,7 +151,7 @@ class CompressedState:
                 store[:, :prev.shape[1]] = prev
             self._stores[name] = store
             setattr(self, name, store[:, :width])
-        _scatter_rows(store, dest, mask, values, width)
+        _scatter_rows(store, dest, mask, values, width, self._targets)
 
     def _write_latents(self, width: int, dest: torch.Tensor, mask: torch.Tensor, stored: QuantizedLatent) -> None:
         """The latent fields at ``width`` rows, ``stored`` written at ``dest`` where ``mask`` (host memory with
@@ -164,7 +166,7 @@ class CompressedState:
                 fields.append(None)
                 continue
             if not self.capacity:
-                fields.append(_write_rows(prev, width, dest, mask, new, 0))
+                fields.append(_write_rows(prev, width, dest, mask, new, 0, self._targets))
                 continue
             key = "latent." + name
             store = self._stores.get(key)
@@ -174,7 +176,7 @@ class CompressedState:
                     store[:, :prev.shape[1]] = prev
                 self._stores[key] = store
                 prev = store[:, :width]
-            _scatter_rows(store, dest, mask, new, width)
+            _scatter_rows(store, dest, mask, new, width, self._targets)
             fields.append(prev)
         self.latent = QuantizedLatent(*fields)
 
@@ -237,7 +239,7 @@ class CompressedState:
 
 
 def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask: torch.Tensor,
-                values: torch.Tensor, fill) -> torch.Tensor:
+                values: torch.Tensor, fill, targets: dict | None = None) -> torch.Tensor:
     """``store [B, W, *]`` grown to ``width`` with ``values[b, i]`` written at ``[b, dest[b, i]]`` where
     ``mask[b, i]`` (``dest``/``mask`` ``[B, C]``, ``values [B, C, *]``). No host-device sync."""
     B = dest.shape[0]
@@ -245,16 +247,25 @@ def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask
     out = torch.full((B, width + 1, *values.shape[2:]), fill, dtype=dtype, device=values.device)   # +1: masked
     if store is not None:
         out[:, :store.shape[1]] = store
-    _scatter_rows(out, dest, mask, values, width)
+    _scatter_rows(out, dest, mask, values, width, targets)
     return out[:, :width].contiguous()
 
 
-def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, dump: int) -> None:
+def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, dump: int,
+                  targets: dict | None = None) -> None:
     """``out[b, dest[b, i]] = values[b, i]`` where ``mask[b, i]``, else into row ``dump`` of ``out`` (a row no
-    reader uses): a masked write with no host-device sync. ``out [B, W, *]``, ``dest``/``mask [B, C]``."""
+    reader uses): a masked write with no host-device sync. ``out [B, W, *]``, ``dest``/``mask [B, C]``. ``targets``
+    (a flush's, while ``dest`` and ``mask`` live): the ``[B, C]`` indices made so far, reused by the next field
+    written at the same rows (centers and their positions; the latent fields and father ids)."""
     B, C = dest.shape
     tail = values.shape[2:]
-    idx = torch.where(mask, dest, dump).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
+    key = (id(dest), id(mask), dump)
+    idx = None if targets is None else targets.get(key)
+    if idx is None:
+        idx = torch.where(mask, dest, dump)
+        if targets is not None:
+            targets[key] = idx
+    idx = idx.view(B, C, *([1] * len(tail))).expand(B, C, *tail)
     out.scatter_(1, idx, values.to(out.dtype))
 
 
@@ -328,9 +339,25 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     live = arange < count
     is_center = live & (j % step == 0)
     other = live & ~is_center
-    state._write("center_x", width_c, S + j // step, is_center, x, 0)
+    state._targets = {}                        # the scatter indices of fields written at the same rows, made once
+    try:
+        _flush_rows(state, x, pos, j, live, is_center, other, after, projections, layer_idx, width_c, width_n,
+                    width_l)
+    finally:
+        state._targets = None
+
+
+def _flush_rows(state, x, pos, j, live, is_center, other, after, projections, layer_idx, width_c, width_n,
+                width_l) -> None:
+    """:func:`flush`'s writes (``j [B, C]`` offsets, ``live``/``is_center``/``other`` their masks; ``after`` the
+    counts after it): centers, positions, fathers, latents."""
+    cl = state.clustering
+    S, step = cl.num_sink, cl.step
+    group = j // step                          # each offset's center group: its center sits at S + group
+    center_at = S + group
+    state._write("center_x", width_c, center_at, is_center, x, 0)
     pos = pos.to(torch.int32)
-    state._write("center_pos", width_c, S + j // step, is_center, pos, -1)
+    state._write("center_pos", width_c, center_at, is_center, pos, -1)
     state._write("comp_pos", width_n, j, live, pos, -1)
     before = list(state.counts)
 
@@ -343,7 +370,7 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
                               center_valid=center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
     latent = compress(x, reference_from_fathers(centers, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
-    dest = j - j // step - 1
+    dest = j - group - 1
     state._write_latents(width_l, dest, other, stored)
     dtype = _father_dtype(width_c, state.fathers)
     if state.fathers is not None and state.fathers.dtype != dtype:     # widened: a new store (rare)

@@ -424,8 +424,9 @@ class CompressedCache(SelectionCache):
 
     # -- compression ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _raw_x(module, layer, slots: torch.Tensor) -> torch.Tensor:
-        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]``: ``[B, m, Dx]``."""
+    def _raw_x(module, layer, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]`` at RoPE positions ``pos [B, m]``
+        (``layer.raw_pos`` there): ``[B, m, Dx]``."""
         B, m = slots.shape
         _, Hkv, _, D = layer.keys.shape
         at = slots.view(B, 1, m, 1)
@@ -434,7 +435,7 @@ class CompressedCache(SelectionCache):
             k = layer.raw_kpre.gather(1, slots.unsqueeze(-1).expand(B, m, layer.raw_kpre.shape[-1]))
         else:
             post = layer.keys.gather(2, at.expand(B, Hkv, m, D)).float()
-            cos, sin = module.__dict__["_sparse_hf_rotary"](post, layer.raw_pos.gather(1, slots).long())
+            cos, sin = module.__dict__["_sparse_hf_rotary"](post, pos)
             k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, m, -1)
         return torch.cat([k.to(layer.values.dtype), v], -1)
 
@@ -484,7 +485,8 @@ class CompressedCache(SelectionCache):
             order = ar.expand(B, n)
         lo = 0 if state.needs_sinks(counts) else S
         slots = order[:, lo:S + max(counts)]
-        x, pos = self._raw_x(module, layer, slots), layer.raw_pos.gather(1, slots)
+        pos = layer.raw_pos.gather(1, slots)                                # [B, m] int64
+        x = self._raw_x(module, layer, slots, pos)
         sinks = (x[:, :S], pos[:, :S]) if lo == 0 else None
         flush(state, x[:, S - lo:], pos[:, S - lo:], counts, self.projections, module.layer_idx, sinks)
         layer.set_columns()
