@@ -38,6 +38,7 @@ import torch
 from sparse_hf.kernels import deltakv_rebuild_kv, deltakv_writeback
 
 from .clustering import METRICS, compress, nearest_centers, reconstruct, reference_from_fathers
+from .flush_rows import FlushRows, flush_rows
 from .offload import OffloadedLatents
 from .quant import QuantizedLatent, check_bits, dequantize, quantize
 
@@ -269,16 +270,6 @@ def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, val
     out.scatter_(1, idx, values.to(out.dtype))
 
 
-def host_ints(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    """``[len(rows), B]`` int64 on ``device`` from host lists of ints, without a host-device sync: on CUDA from
-    pinned memory with a ``non_blocking`` copy (a plain ``torch.tensor(list, device=cuda)`` copies from pageable
-    memory and then waits for the whole stream, which drains the GPU's queue in the middle of a prefill). PyTorch's
-    pinned allocator keeps the host block until the copy has run, so the lists may change right after."""
-    device = torch.device(device)
-    pinned = device.type == "cuda"
-    return torch.tensor(rows, dtype=torch.long, pin_memory=pinned).to(device, non_blocking=pinned)
-
-
 def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:
     """int16 while the centers fit (< 32768; half the bytes), else int32; never narrows again."""
     if num_centers <= torch.iinfo(torch.int16).max and (stored is None or stored.dtype == torch.int16):
@@ -288,7 +279,8 @@ def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:
 
 @torch.no_grad()
 def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: list[int], projections: Any,
-          layer_idx: int, sinks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+          layer_idx: int, sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
+          rows: FlushRows | None = None) -> FlushRows:
     """Compress each row's oldest raw-buffer tokens: raw tokens -> latents + father ids (+ new raw centers).
 
     Args:
@@ -301,20 +293,23 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
         layer_idx: the layer, for ``projections``.
         sinks: ``(x [B, S, Dx], pos [B, S])`` of each row's sink tokens; needed when the flush is a row's first
             (:meth:`CompressedState.needs_sinks`), read only for those rows.
+        rows: the index work of another layer's flush of the same tokens (the value it returned), reused when it
+            :meth:`~FlushRows.fits`; the tokens' positions must be the same (the caller's promise).
+
+    Returns:
+        The :class:`FlushRows` it used (to hand to the next layer).
     """
     cl = state.clustering
     B, C, _ = x.shape
-    S, step, dev = cl.num_sink, cl.step, x.device
+    S, dev = cl.num_sink, x.device
     if len(counts) != B or max(counts, default=0) > C:
         raise ValueError(f"flush: counts {counts} do not fit x of shape {tuple(x.shape)}")
     after = [n + c for n, c in zip(state.counts, counts)]
     if state.capacity and max(after) > state.capacity:    # past the reservation: re-allocate what is needed
         state.capacity = max(after)
-    # the tensors' widths: the reservation's, else what the widest row needs now
-    width_c, width_n, width_l = state.field_widths(state.capacity or max(after))
-    if not state.capacity:
-        width_c = max(cl.num_centers(n) for n in after)
-        width_l = max(cl.num_latents(n) for n in after)
+    if rows is None or not rows.fits(state, counts, C):
+        rows = flush_rows(state, counts, pos)
+    width_c = rows.widths[0]
     if state.center_x is None:
         if state.capacity:
             state._write("center_x", width_c, pos[:, :0].long(), pos[:, :0].bool(), x[:, :0], 0)
@@ -323,61 +318,51 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
             state.center_x = x.new_zeros(B, S, x.shape[-1])
             state.center_pos = torch.full((B, S), -1, dtype=torch.int32, device=dev)
     first = [b for b in range(B) if state.counts[b] == 0 and counts[b] > 0]
-    start, count = host_ints([state.counts, counts], dev).view(2, B, 1)       # one upload, no sync
     if first:
         if sinks is None:
             raise ValueError(f"flush: rows {first} compress for the first time; pass their sinks")
         sink_x, sink_pos = sinks[0][:, :S].to(state.center_x.dtype), sinks[1][:, :S].to(torch.int32)
         if len(first) < B:   # only these rows take their sinks: the others keep theirs (a device-side choice)
-            is_first = (start == 0) & (count > 0)                                # [B, 1]
+            is_first = (rows.start == 0) & (rows.count > 0)                      # [B, 1]
             sink_x = torch.where(is_first.unsqueeze(-1), sink_x, state.center_x[:, :S])
             sink_pos = torch.where(is_first, sink_pos, state.center_pos[:, :S])
         state.center_x[:, :S] = sink_x
         state.center_pos[:, :S] = sink_pos
-    arange = torch.arange(C, device=dev).view(1, C)
-    j = start + arange                                                        # [B, C] offsets
-    live = arange < count
-    is_center = live & (j % step == 0)
-    other = live & ~is_center
-    state._targets = {}                        # the scatter indices of fields written at the same rows, made once
+    state._targets = rows.targets              # the scatter indices of fields written at the same rows, made once
     try:
-        _flush_rows(state, x, pos, j, live, is_center, other, after, projections, layer_idx, width_c, width_n,
-                    width_l)
+        _flush_rows(state, x, rows, projections, layer_idx)
     finally:
         state._targets = None
+    return rows
 
 
-def _flush_rows(state, x, pos, j, live, is_center, other, after, projections, layer_idx, width_c, width_n,
-                width_l) -> None:
-    """:func:`flush`'s writes (``j [B, C]`` offsets, ``live``/``is_center``/``other`` their masks; ``after`` the
-    counts after it): centers, positions, fathers, latents."""
+def _flush_rows(state: CompressedState, x: torch.Tensor, rows: FlushRows, projections: Any, layer_idx: int) -> None:
+    """:func:`flush`'s writes at ``rows``: centers, positions, fathers, latents."""
     cl = state.clustering
     S, step = cl.num_sink, cl.step
-    group = j // step                          # each offset's center group: its center sits at S + group
-    center_at = S + group
-    state._write("center_x", width_c, center_at, is_center, x, 0)
-    pos = pos.to(torch.int32)
-    state._write("center_pos", width_c, center_at, is_center, pos, -1)
-    state._write("comp_pos", width_n, j, live, pos, -1)
+    width_c, width_n, width_l = rows.widths
+    pos = rows.pos
+    state._write("center_x", width_c, rows.center_at, rows.is_center, x, 0)
+    state._write("center_pos", width_c, rows.center_at, rows.is_center, pos, -1)
+    state._write("comp_pos", width_n, rows.j, rows.live, pos, -1)
     before = list(state.counts)
 
     def visible_prefix(i: int, j: int) -> int:   # centers of offsets < start + j (+ the sinks), widest row
         return S + max(-(-(n + j) // step) for n in before)
 
-    used_c = max(cl.num_centers(n) for n in after)          # the centers written so far (a reservation's tail: none)
+    used_c = max(cl.num_centers(n) for n in rows.after)     # the centers written so far (a reservation's tail: none)
     centers, center_pos = state.center_x[:, :used_c], state.center_pos[:, :used_c]
     fathers = nearest_centers(x, centers, pos, center_pos, cl.neighbor_count, cl.metric,
                               center_valid=center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
     latent = compress(x, reference_from_fathers(centers, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
-    dest = j - group - 1
-    state._write_latents(width_l, dest, other, stored)
+    state._write_latents(width_l, rows.dest, rows.other, stored)
     dtype = _father_dtype(width_c, state.fathers)
     if state.fathers is not None and state.fathers.dtype != dtype:     # widened: a new store (rare)
         state._stores.pop("fathers", None)
         state.fathers = state.fathers.to(dtype)
-    state._write("fathers", width_l, dest, other, fathers.to(dtype), -1)
-    state.counts = after
+    state._write("fathers", width_l, rows.dest, rows.other, fathers.to(dtype), -1)
+    state.counts = list(rows.after)
 
 
 def all_offsets(state: CompressedState) -> tuple[torch.Tensor, torch.Tensor]:

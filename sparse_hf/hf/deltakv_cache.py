@@ -45,7 +45,8 @@ from ..deltakv.compressor import resolve_compressor, serving_method
 from ..deltakv.offload import LatentPrefetch
 from ..deltakv.quant import quantize
 from ..deltakv.rope import unrotate
-from ..deltakv.state import CompressedState, flush, host_ints, rebuild_kv
+from ..deltakv.flush_rows import host_ints
+from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
 from .deltakv_layer import DeltaKVLayer, SharedScratch
 from .layer import SlotLayer
@@ -61,6 +62,20 @@ def _explicit_knobs(sparse_config, knobs: dict) -> set[str]:
         return {f.name for f in dataclasses.fields(sparse_config)
                 if f.default is not dataclasses.MISSING and getattr(sparse_config, f.name) != f.default}
     return set(cache_config_dict(sparse_config))
+
+
+@dataclasses.dataclass
+class _FlushPlan:
+    """One flush step's index work, shared by the compressed layers (:meth:`CompressedCache._flush_plan`): raw
+    ``slots`` and their positions ``pos`` ``[B, m]``, ``keep`` (``[B, K]`` slots and validity) for ``keep_raw``, the
+    inverse RoPE's ``cos_sin`` (made by the first layer that needs them) and the core's ``rows``."""
+
+    key: tuple
+    slots: torch.Tensor
+    pos: torch.Tensor
+    keep: tuple
+    cos_sin: tuple | None = None
+    rows: object = None
 
 
 class CompressedCache(SelectionCache):
@@ -99,6 +114,8 @@ class CompressedCache(SelectionCache):
         self.planned_length: int | None = None        # plan_generation: the logical length decode will reach
         self._announced: tuple[int, int] | None = None   # (prompt, new tokens) from generate, until the device is known
         self._pad_memo = None                         # (mask, length, padding): a padded prompt's, see _padding
+        self._forward = 0                             # + 1 at each forward's first layer (keys the flush plan)
+        self._plan: _FlushPlan | None = None          # the latest flush's index work, see _flush_plan
 
     # -- fixed capacity (CUDA graphs) --------------------------------------------------------------------------------
     def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
@@ -111,6 +128,9 @@ class CompressedCache(SelectionCache):
             self._announced = (int(prompt_length), int(max_new_tokens))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:                   # a new forward: no flush plan of an earlier one is reused
+            self._forward += 1
+            self._plan = None
         if self._announced is not None:   # the prompt's first K/V: before any layer allocates its slots
             prompt, new = self._announced
             self._announced = None
@@ -424,9 +444,10 @@ class CompressedCache(SelectionCache):
 
     # -- compression ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _raw_x(module, layer, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _raw_x(module, layer, slots: torch.Tensor, pos: torch.Tensor, plan=None) -> torch.Tensor:
         """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]`` at RoPE positions ``pos [B, m]``
-        (``layer.raw_pos`` there): ``[B, m, Dx]``."""
+        (``layer.raw_pos`` there): ``[B, m, Dx]``. ``plan`` (a :class:`_FlushPlan`) keeps the inverse RoPE's
+        tables for the next layer."""
         B, m = slots.shape
         _, Hkv, _, D = layer.keys.shape
         at = slots.view(B, 1, m, 1)
@@ -435,8 +456,12 @@ class CompressedCache(SelectionCache):
             k = layer.raw_kpre.gather(1, slots.unsqueeze(-1).expand(B, m, layer.raw_kpre.shape[-1]))
         else:
             post = layer.keys.gather(2, at.expand(B, Hkv, m, D)).float()
-            cos, sin = module.__dict__["_sparse_hf_rotary"](post, pos)
-            k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, m, -1)
+            if plan is None or plan.cos_sin is None:
+                cos, sin = module.__dict__["_sparse_hf_rotary"](post, pos)
+                cos_sin = (cos.float(), sin.float())
+                if plan is not None:
+                    plan.cos_sin = cos_sin
+            k = unrotate(post, *(plan.cos_sin if plan is not None else cos_sin)).transpose(1, 2).reshape(B, m, -1)
         return torch.cat([k.to(layer.values.dtype), v], -1)
 
     def _flush_counts(self, layer, seen: int) -> tuple[list[int], list[int]]:
@@ -459,6 +484,37 @@ class CompressedCache(SelectionCache):
         self._pad_memo = (attention_mask, layer.seen, pad) if attention_mask is not None else None
         return list(pad)
 
+    def _flush_plan(self, module, layer, raw: list[int], counts: list[int]) -> "_FlushPlan":
+        """The index work of ``layer``'s flush of ``counts`` tokens per row (``raw``: its raw tokens per row): which
+        raw slots to compress and their positions, the RoPE tables that undo their rotation, the slots the raw
+        buffer keeps, and the core's :class:`~sparse_hf.deltakv.flush_rows.FlushRows`. The compressed layers flush
+        the same tokens at the same steps (same lengths, counts, padding and slot order), so the first layer of a
+        forward (or of a replayed step's flushes) makes it and the others reuse it, keyed by those host values."""
+        B, n = layer.keys.shape[0], layer.num_slots
+        S = self.clustering.num_sink
+        rope = module.__dict__.get("_sparse_hf_rotary")
+        key = (self._forward, layer.seen, n, tuple(layer.pad), tuple(layer.state.counts), tuple(counts),
+               layer.masked, layer.compacted, layer.state.capacity, id(rope), layer.raw_kpre is None)
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        dev = layer.keys.device
+        ar = torch.arange(n, device=dev)
+        if layer.masked or layer.compacted:
+            valid = layer.positions[:, 0] >= 0                             # [B, n]
+            order = torch.where(valid, ar, ar + n).argsort(-1)             # [B, n] slot of each row's rank
+        else:                                  # every slot live, in column order: the ranks are the slots
+            order = ar.expand(B, n)
+        lo = 0 if layer.state.needs_sinks(counts) else S
+        slots = order[:, lo:S + max(counts)]
+        # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
+        left = [r - c for r, c in zip(raw, counts)]
+        K = max(left)
+        rank = torch.arange(K, device=dev).view(1, K)
+        flushed, kept = host_ints([counts, left], dev).view(2, B, 1)      # one upload, no sync
+        keep = (order.gather(1, torch.where(rank < S, rank, rank + flushed).clamp(max=n - 1)), rank < kept)
+        self._plan = _FlushPlan(key, slots, layer.raw_pos.gather(1, slots), keep)
+        return self._plan
+
     def _flush(self, module, layer, attention_mask=None) -> None:
         """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``. No
         host-device sync, except one read of the padding per padded prompt (:meth:`_padding`)."""
@@ -475,29 +531,14 @@ class CompressedCache(SelectionCache):
         raw, counts = self._flush_counts(layer, layer.seen)
         if not any(counts):
             return
-        n = layer.num_slots
-        dev = layer.keys.device
-        ar = torch.arange(n, device=dev)
-        if layer.masked or layer.compacted:
-            valid = layer.positions[:, 0] >= 0                             # [B, n]
-            order = torch.where(valid, ar, ar + n).argsort(-1)             # [B, n] slot of each row's rank
-        else:                                  # every slot live, in column order: the ranks are the slots
-            order = ar.expand(B, n)
+        plan = self._flush_plan(module, layer, raw, counts)
+        x = self._raw_x(module, layer, plan.slots, plan.pos, plan)
         lo = 0 if state.needs_sinks(counts) else S
-        slots = order[:, lo:S + max(counts)]
-        pos = layer.raw_pos.gather(1, slots)                                # [B, m] int64
-        x = self._raw_x(module, layer, slots, pos)
-        sinks = (x[:, :S], pos[:, :S]) if lo == 0 else None
-        flush(state, x[:, S - lo:], pos[:, S - lo:], counts, self.projections, module.layer_idx, sinks)
+        sinks = (x[:, :S], plan.pos[:, :S]) if lo == 0 else None
+        plan.rows = flush(state, x[:, S - lo:], plan.pos[:, S - lo:], counts, self.projections, module.layer_idx,
+                          sinks, rows=plan.rows)
         layer.set_columns()
-        # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
-        left = [r - c for r, c in zip(raw, counts)]
-        K = max(left)
-        rank = torch.arange(K, device=dev).view(1, K)
-        flushed, kept = host_ints([counts, left], dev).view(2, B, 1)      # one upload, no sync
-        rank_src = torch.where(rank < S, rank, rank + flushed)
-        ok = rank < kept
-        layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]
+        layer.keep_raw(*plan.keep)                                         # [B, K]
         if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
             if state.capacity and self.planned_length is not None:
                 layer.set_scratch(self._scratch_width(layer, layer.seen))     # planned: the same width throughout
