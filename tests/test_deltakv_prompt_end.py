@@ -141,3 +141,31 @@ def test_layers_sharing_one_flush_plan_hold_what_each_would_make_alone(arch, mon
     for a, b in zip(shared[1], unshared[1], strict=True):
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def test_core_flush_reuses_rows_only_where_they_fit():
+    from sparse_hf.deltakv.projections import DeltaKVProjections
+    from sparse_hf.deltakv.state import Clustering, CompressedState, flush
+
+    torch.manual_seed(0)
+    proj = DeltaKVProjections(1, 2, 8, 8, [0])
+    cl = Clustering(num_sink=2, step=3, quant_bits=4)
+    x, pos = torch.randn(2, 20, 32), torch.arange(2, 22).expand(2, 20)
+    sinks = (torch.randn(2, 2, 32), torch.arange(2).expand(2, 2))
+
+    def fields(state):
+        return [state.counts, state.comp_pos, state.center_x, state.center_pos, state.fathers, *state.latent]
+
+    def run(counts, rows=None):
+        state = CompressedState(2, cl)
+        used = flush(state, x, pos, counts, proj, 0, sinks, rows=rows)
+        return fields(state), used
+
+    alone, rows = run([12, 9])
+    shared, used = run([12, 9], rows)
+    assert used is rows                                          # the same flush: the rows are reused
+    other, used = run([12, 6], rows)
+    assert used is not rows                                      # other counts: made anew
+    for got, want in ((shared, alone), (other, run([12, 6])[0])):
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

@@ -43,11 +43,11 @@ class FlushRows:
     pos: torch.Tensor
     targets: dict = field(default_factory=dict)
 
-    def fits(self, state, counts: list[int], width: int) -> bool:
-        """Whether these rows serve ``flush(state, x [B, width, *], ..., counts)`` (host values only; the tokens'
-        positions are the caller's promise)."""
+    def fits(self, state, counts: list[int], width: int, device: torch.device) -> bool:
+        """Whether these rows serve ``flush(state, x [B, width, *], ..., counts)`` on ``device`` (host values only;
+        the tokens' positions are the caller's promise)."""
         return (self.before == tuple(state.counts) and self.counts == tuple(counts)
-                and self.capacity == state.capacity and self.width == width)
+                and self.capacity == state.capacity and self.width == width and self.j.device == device)
 
 
 def host_ints(rows: list[list[int]], device: torch.device) -> torch.Tensor:

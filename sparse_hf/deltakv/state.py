@@ -307,7 +307,7 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     after = [n + c for n, c in zip(state.counts, counts)]
     if state.capacity and max(after) > state.capacity:    # past the reservation: re-allocate what is needed
         state.capacity = max(after)
-    if rows is None or not rows.fits(state, counts, C):
+    if rows is None or not rows.fits(state, counts, C, dev):
         rows = flush_rows(state, counts, pos)
     width_c = rows.widths[0]
     if state.center_x is None:

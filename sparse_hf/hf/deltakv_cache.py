@@ -494,7 +494,8 @@ class CompressedCache(SelectionCache):
         S = self.clustering.num_sink
         rope = module.__dict__.get("_sparse_hf_rotary")
         key = (self._forward, layer.seen, n, tuple(layer.pad), tuple(layer.state.counts), tuple(counts),
-               layer.masked, layer.compacted, layer.state.capacity, id(rope), layer.raw_kpre is None)
+               layer.masked, layer.compacted, layer.state.capacity, id(rope), layer.raw_kpre is None,
+               layer.keys.device)                  # layers on other devices (device_map) make their own
         if self._plan is not None and self._plan.key == key:
             return self._plan
         dev = layer.keys.device
