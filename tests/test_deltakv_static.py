@@ -131,12 +131,14 @@ def test_a_static_decode_step_reads_no_device_value_and_keeps_its_buffers(monkey
             step()
         counter.calls.clear()
     assert checked >= 8 and flushed >= 2
-    # the instrumentation does see the cache's host reads: a prompt's end reads each row's padding (once)
+    # the instrumentation does see the cache's host reads: a padded prompt's end reads each row's padding, once for
+    # all compressed layers (an unpadded prompt reads nothing: test_deltakv_prompt_end.py)
     fresh = sparse_hf.build_cache("deltakv", model.config, _config(model, 0.25))
     prompt = _SyncCounter(monkeypatch, fresh)
+    ids, mask = left_padded_batch((40, 27))
     with torch.inference_mode():
-        model(input_ids=torch.randint(1, 100, (2, 40)), past_key_values=fresh, use_cache=True)
-    assert "tolist" in prompt.calls
+        model(input_ids=ids, attention_mask=mask, past_key_values=fresh, use_cache=True)
+    assert prompt.calls == ["tolist"]
 
 
 def test_eager_steps_are_predicted_before_they_run(monkeypatch):

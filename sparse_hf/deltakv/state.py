@@ -38,6 +38,7 @@ import torch
 from sparse_hf.kernels import deltakv_rebuild_kv, deltakv_writeback
 
 from .clustering import METRICS, compress, nearest_centers, reconstruct, reference_from_fathers
+from .flush_rows import FlushRows, flush_rows
 from .offload import OffloadedLatents
 from .quant import QuantizedLatent, check_bits, dequantize, quantize
 
@@ -96,6 +97,8 @@ class CompressedState:
         # with a capacity: field name -> its [B, rows + 1, *] store (the last row takes masked scatter writes); the
         # attribute of the same name is the store's [:, :rows] view
         self._stores: dict[str, torch.Tensor] = {}
+        # during a flush: (dest, mask, dump) ids -> the scatter index, shared by the fields written at the same rows
+        self._targets: dict | None = None
 
     def reserve(self, capacity: int) -> None:
         """Hold room for ``capacity`` compressed tokens per row from now on: the next :func:`flush` (or
@@ -138,7 +141,7 @@ class CompressedState:
         differs from the store's: the first write, or a flush past the capacity)."""
         prev = getattr(self, name)
         if not self.capacity:
-            setattr(self, name, _write_rows(prev, width, dest, mask, values, fill))
+            setattr(self, name, _write_rows(prev, width, dest, mask, values, fill, self._targets))
             return
         store = self._stores.get(name)
         if store is None or store.shape[1] != width + 1:
@@ -149,7 +152,7 @@ class CompressedState:
                 store[:, :prev.shape[1]] = prev
             self._stores[name] = store
             setattr(self, name, store[:, :width])
-        _scatter_rows(store, dest, mask, values, width)
+        _scatter_rows(store, dest, mask, values, width, self._targets)
 
     def _write_latents(self, width: int, dest: torch.Tensor, mask: torch.Tensor, stored: QuantizedLatent) -> None:
         """The latent fields at ``width`` rows, ``stored`` written at ``dest`` where ``mask`` (host memory with
@@ -164,7 +167,7 @@ class CompressedState:
                 fields.append(None)
                 continue
             if not self.capacity:
-                fields.append(_write_rows(prev, width, dest, mask, new, 0))
+                fields.append(_write_rows(prev, width, dest, mask, new, 0, self._targets))
                 continue
             key = "latent." + name
             store = self._stores.get(key)
@@ -174,7 +177,7 @@ class CompressedState:
                     store[:, :prev.shape[1]] = prev
                 self._stores[key] = store
                 prev = store[:, :width]
-            _scatter_rows(store, dest, mask, new, width)
+            _scatter_rows(store, dest, mask, new, width, self._targets)
             fields.append(prev)
         self.latent = QuantizedLatent(*fields)
 
@@ -237,7 +240,7 @@ class CompressedState:
 
 
 def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask: torch.Tensor,
-                values: torch.Tensor, fill) -> torch.Tensor:
+                values: torch.Tensor, fill, targets: dict | None = None) -> torch.Tensor:
     """``store [B, W, *]`` grown to ``width`` with ``values[b, i]`` written at ``[b, dest[b, i]]`` where
     ``mask[b, i]`` (``dest``/``mask`` ``[B, C]``, ``values [B, C, *]``). No host-device sync."""
     B = dest.shape[0]
@@ -245,16 +248,25 @@ def _write_rows(store: torch.Tensor | None, width: int, dest: torch.Tensor, mask
     out = torch.full((B, width + 1, *values.shape[2:]), fill, dtype=dtype, device=values.device)   # +1: masked
     if store is not None:
         out[:, :store.shape[1]] = store
-    _scatter_rows(out, dest, mask, values, width)
+    _scatter_rows(out, dest, mask, values, width, targets)
     return out[:, :width].contiguous()
 
 
-def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, dump: int) -> None:
+def _scatter_rows(out: torch.Tensor, dest: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, dump: int,
+                  targets: dict | None = None) -> None:
     """``out[b, dest[b, i]] = values[b, i]`` where ``mask[b, i]``, else into row ``dump`` of ``out`` (a row no
-    reader uses): a masked write with no host-device sync. ``out [B, W, *]``, ``dest``/``mask [B, C]``."""
+    reader uses): a masked write with no host-device sync. ``out [B, W, *]``, ``dest``/``mask [B, C]``. ``targets``
+    (a flush's, while ``dest`` and ``mask`` live): the ``[B, C]`` indices made so far, reused by the next field
+    written at the same rows (centers and their positions; the latent fields and father ids)."""
     B, C = dest.shape
     tail = values.shape[2:]
-    idx = torch.where(mask, dest, dump).view(B, C, *([1] * len(tail))).expand(B, C, *tail)
+    key = (id(dest), id(mask), dump)
+    idx = None if targets is None else targets.get(key)
+    if idx is None:
+        idx = torch.where(mask, dest, dump)
+        if targets is not None:
+            targets[key] = idx
+    idx = idx.view(B, C, *([1] * len(tail))).expand(B, C, *tail)
     out.scatter_(1, idx, values.to(out.dtype))
 
 
@@ -267,7 +279,8 @@ def _father_dtype(num_centers: int, stored: torch.Tensor | None) -> torch.dtype:
 
 @torch.no_grad()
 def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: list[int], projections: Any,
-          layer_idx: int, sinks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+          layer_idx: int, sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
+          rows: FlushRows | None = None) -> FlushRows:
     """Compress each row's oldest raw-buffer tokens: raw tokens -> latents + father ids (+ new raw centers).
 
     Args:
@@ -280,20 +293,23 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
         layer_idx: the layer, for ``projections``.
         sinks: ``(x [B, S, Dx], pos [B, S])`` of each row's sink tokens; needed when the flush is a row's first
             (:meth:`CompressedState.needs_sinks`), read only for those rows.
+        rows: the index work of another layer's flush of the same tokens (the value it returned), reused when it
+            :meth:`~FlushRows.fits`; the tokens' positions must be the same (the caller's promise).
+
+    Returns:
+        The :class:`FlushRows` it used (to hand to the next layer).
     """
     cl = state.clustering
     B, C, _ = x.shape
-    S, step, dev = cl.num_sink, cl.step, x.device
+    S, dev = cl.num_sink, x.device
     if len(counts) != B or max(counts, default=0) > C:
         raise ValueError(f"flush: counts {counts} do not fit x of shape {tuple(x.shape)}")
     after = [n + c for n, c in zip(state.counts, counts)]
     if state.capacity and max(after) > state.capacity:    # past the reservation: re-allocate what is needed
         state.capacity = max(after)
-    # the tensors' widths: the reservation's, else what the widest row needs now
-    width_c, width_n, width_l = state.field_widths(state.capacity or max(after))
-    if not state.capacity:
-        width_c = max(cl.num_centers(n) for n in after)
-        width_l = max(cl.num_latents(n) for n in after)
+    if rows is None or not rows.fits(state, counts, C, dev):
+        rows = flush_rows(state, counts, pos)
+    width_c = rows.widths[0]
     if state.center_x is None:
         if state.capacity:
             state._write("center_x", width_c, pos[:, :0].long(), pos[:, :0].bool(), x[:, :0], 0)
@@ -305,37 +321,48 @@ def flush(state: CompressedState, x: torch.Tensor, pos: torch.Tensor, counts: li
     if first:
         if sinks is None:
             raise ValueError(f"flush: rows {first} compress for the first time; pass their sinks")
-        rows = torch.tensor(first, device=dev)
-        state.center_x[rows, :S] = sinks[0][rows, :S].to(state.center_x.dtype)
-        state.center_pos[rows, :S] = sinks[1][rows, :S].to(torch.int32)
-    start = torch.tensor(state.counts, device=dev).view(B, 1)
-    j = start + torch.arange(C, device=dev).view(1, C)                        # [B, C] offsets
-    live = torch.arange(C, device=dev).view(1, C) < torch.tensor(counts, device=dev).view(B, 1)
-    is_center = live & (j % step == 0)
-    other = live & ~is_center
-    state._write("center_x", width_c, S + j // step, is_center, x, 0)
-    pos = pos.to(torch.int32)
-    state._write("center_pos", width_c, S + j // step, is_center, pos, -1)
-    state._write("comp_pos", width_n, j, live, pos, -1)
+        sink_x, sink_pos = sinks[0][:, :S].to(state.center_x.dtype), sinks[1][:, :S].to(torch.int32)
+        if len(first) < B:   # only these rows take their sinks: the others keep theirs (a device-side choice)
+            is_first = (rows.start == 0) & (rows.count > 0)                      # [B, 1]
+            sink_x = torch.where(is_first.unsqueeze(-1), sink_x, state.center_x[:, :S])
+            sink_pos = torch.where(is_first, sink_pos, state.center_pos[:, :S])
+        state.center_x[:, :S] = sink_x
+        state.center_pos[:, :S] = sink_pos
+    state._targets = rows.targets              # the scatter indices of fields written at the same rows, made once
+    try:
+        _flush_rows(state, x, rows, projections, layer_idx)
+    finally:
+        state._targets = None
+    return rows
+
+
+def _flush_rows(state: CompressedState, x: torch.Tensor, rows: FlushRows, projections: Any, layer_idx: int) -> None:
+    """:func:`flush`'s writes at ``rows``: centers, positions, fathers, latents."""
+    cl = state.clustering
+    S, step = cl.num_sink, cl.step
+    width_c, width_n, width_l = rows.widths
+    pos = rows.pos
+    state._write("center_x", width_c, rows.center_at, rows.is_center, x, 0)
+    state._write("center_pos", width_c, rows.center_at, rows.is_center, pos, -1)
+    state._write("comp_pos", width_n, rows.j, rows.live, pos, -1)
     before = list(state.counts)
 
     def visible_prefix(i: int, j: int) -> int:   # centers of offsets < start + j (+ the sinks), widest row
         return S + max(-(-(n + j) // step) for n in before)
 
-    used_c = max(cl.num_centers(n) for n in after)          # the centers written so far (a reservation's tail: none)
+    used_c = max(cl.num_centers(n) for n in rows.after)     # the centers written so far (a reservation's tail: none)
     centers, center_pos = state.center_x[:, :used_c], state.center_pos[:, :used_c]
     fathers = nearest_centers(x, centers, pos, center_pos, cl.neighbor_count, cl.metric,
                               center_valid=center_pos >= 0, visible_prefix=visible_prefix)   # [B, C, k]
     latent = compress(x, reference_from_fathers(centers, fathers), projections, layer_idx)
     stored = quantize(latent, cl.quant_bits)
-    dest = j - j // step - 1
-    state._write_latents(width_l, dest, other, stored)
+    state._write_latents(width_l, rows.dest, rows.other, stored)
     dtype = _father_dtype(width_c, state.fathers)
     if state.fathers is not None and state.fathers.dtype != dtype:     # widened: a new store (rare)
         state._stores.pop("fathers", None)
         state.fathers = state.fathers.to(dtype)
-    state._write("fathers", width_l, dest, other, fathers.to(dtype), -1)
-    state.counts = after
+    state._write("fathers", width_l, rows.dest, rows.other, fathers.to(dtype), -1)
+    state.counts = list(rows.after)
 
 
 def all_offsets(state: CompressedState) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,7 @@ from ..deltakv.compressor import resolve_compressor, serving_method
 from ..deltakv.offload import LatentPrefetch
 from ..deltakv.quant import quantize
 from ..deltakv.rope import unrotate
+from ..deltakv.flush_rows import host_ints
 from ..deltakv.state import CompressedState, flush, rebuild_kv
 from .attention import masked_attention, query_validity
 from .deltakv_layer import DeltaKVLayer, SharedScratch
@@ -61,6 +62,20 @@ def _explicit_knobs(sparse_config, knobs: dict) -> set[str]:
         return {f.name for f in dataclasses.fields(sparse_config)
                 if f.default is not dataclasses.MISSING and getattr(sparse_config, f.name) != f.default}
     return set(cache_config_dict(sparse_config))
+
+
+@dataclasses.dataclass
+class _FlushPlan:
+    """One flush step's index work, shared by the compressed layers (:meth:`CompressedCache._flush_plan`): raw
+    ``slots`` and their positions ``pos`` ``[B, m]``, ``keep`` (``[B, K]`` slots and validity) for ``keep_raw``, the
+    inverse RoPE's ``cos_sin`` (made by the first layer that needs them) and the core's ``rows``."""
+
+    key: tuple
+    slots: torch.Tensor
+    pos: torch.Tensor
+    keep: tuple
+    cos_sin: tuple | None = None
+    rows: object = None
 
 
 class CompressedCache(SelectionCache):
@@ -98,6 +113,9 @@ class CompressedCache(SelectionCache):
         self._prefetch = LatentPrefetch() if self.clustering.offload_latents else None
         self.planned_length: int | None = None        # plan_generation: the logical length decode will reach
         self._announced: tuple[int, int] | None = None   # (prompt, new tokens) from generate, until the device is known
+        self._pad_memo = None                         # (mask, length, padding): a padded prompt's, see _padding
+        self._forward = 0                             # + 1 at each forward's first layer (keys the flush plan)
+        self._plan: _FlushPlan | None = None          # the latest flush's index work, see _flush_plan
 
     # -- fixed capacity (CUDA graphs) --------------------------------------------------------------------------------
     def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
@@ -110,6 +128,9 @@ class CompressedCache(SelectionCache):
             self._announced = (int(prompt_length), int(max_new_tokens))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:                   # a new forward: no flush plan of an earlier one is reused
+            self._forward += 1
+            self._plan = None
         if self._announced is not None:   # the prompt's first K/V: before any layer allocates its slots
             prompt, new = self._announced
             self._announced = None
@@ -272,7 +293,7 @@ class CompressedCache(SelectionCache):
                 layer.drop_padding(attention_mask)
             out = self._attend_layer(module, layer, query, attention_mask, scaling, q_len)
         if self.prompt_complete(layer) and not self.capturing:
-            self._flush(module, layer)
+            self._flush(module, layer, attention_mask)
             if not layer.frozen:
                 layer.freeze()
         return out, None
@@ -423,8 +444,10 @@ class CompressedCache(SelectionCache):
 
     # -- compression ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _raw_x(module, layer, slots: torch.Tensor) -> torch.Tensor:
-        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]``: ``[B, m, Dx]``."""
+    def _raw_x(module, layer, slots: torch.Tensor, pos: torch.Tensor, plan=None) -> torch.Tensor:
+        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]`` at RoPE positions ``pos [B, m]``
+        (``layer.raw_pos`` there): ``[B, m, Dx]``. ``plan`` (a :class:`_FlushPlan`) keeps the inverse RoPE's
+        tables for the next layer."""
         B, m = slots.shape
         _, Hkv, _, D = layer.keys.shape
         at = slots.view(B, 1, m, 1)
@@ -433,8 +456,12 @@ class CompressedCache(SelectionCache):
             k = layer.raw_kpre.gather(1, slots.unsqueeze(-1).expand(B, m, layer.raw_kpre.shape[-1]))
         else:
             post = layer.keys.gather(2, at.expand(B, Hkv, m, D)).float()
-            cos, sin = module.__dict__["_sparse_hf_rotary"](post, layer.raw_pos.gather(1, slots).long())
-            k = unrotate(post, cos.float(), sin.float()).transpose(1, 2).reshape(B, m, -1)
+            if plan is None or plan.cos_sin is None:
+                cos, sin = module.__dict__["_sparse_hf_rotary"](post, pos)
+                cos_sin = (cos.float(), sin.float())
+                if plan is not None:
+                    plan.cos_sin = cos_sin
+            k = unrotate(post, *(plan.cos_sin if plan is not None else cos_sin)).transpose(1, 2).reshape(B, m, -1)
         return torch.cat([k.to(layer.values.dtype), v], -1)
 
     def _flush_counts(self, layer, seen: int) -> tuple[list[int], list[int]]:
@@ -443,37 +470,76 @@ class CompressedCache(SelectionCache):
         raw = [seen - p - n for p, n in zip(layer.pad, layer.state.counts)]
         return raw, [self.method.flush_count(max(0, n - S)) for n in raw]
 
-    def _flush(self, module, layer) -> None:
-        """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``."""
+    def _padding(self, layer, attention_mask) -> list[int]:
+        """Host list ``[B]``: each row's padding columns at the prompt's end. No read from the device when no mask
+        ever marked a slot of the layer empty (then there is none); otherwise one read per prompt, shared by the
+        compressed layers (they saw the same masks: keyed by this forward's mask object and the length)."""
+        B = layer.keys.shape[0]
+        if not layer.masked:
+            return [0] * B
+        memo = self._pad_memo
+        if attention_mask is not None and memo is not None and memo[0] is attention_mask and memo[1] == layer.seen:
+            return list(memo[2])
+        pad = (layer.positions[:, 0] < 0).sum(-1).tolist()                # the one sync of a padded prompt
+        self._pad_memo = (attention_mask, layer.seen, pad) if attention_mask is not None else None
+        return list(pad)
+
+    def _flush_plan(self, module, layer, raw: list[int], counts: list[int]) -> "_FlushPlan":
+        """The index work of ``layer``'s flush of ``counts`` tokens per row (``raw``: its raw tokens per row): which
+        raw slots to compress and their positions, the RoPE tables that undo their rotation, the slots the raw
+        buffer keeps, and the core's :class:`~sparse_hf.deltakv.flush_rows.FlushRows`. The compressed layers flush
+        the same tokens at the same steps (same lengths, counts, padding and slot order), so the first layer of a
+        forward (or of a replayed step's flushes) makes it and the others reuse it, keyed by those host values."""
+        B, n = layer.keys.shape[0], layer.num_slots
+        S = self.clustering.num_sink
+        rope = module.__dict__.get("_sparse_hf_rotary")
+        key = (self._forward, layer.seen, n, tuple(layer.pad), tuple(layer.state.counts), tuple(counts),
+               layer.masked, layer.compacted, layer.state.capacity, id(rope), layer.raw_kpre is None,
+               layer.keys.device)                  # layers on other devices (device_map) make their own
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        dev = layer.keys.device
+        ar = torch.arange(n, device=dev)
+        if layer.masked or layer.compacted:
+            valid = layer.positions[:, 0] >= 0                             # [B, n]
+            order = torch.where(valid, ar, ar + n).argsort(-1)             # [B, n] slot of each row's rank
+        else:                                  # every slot live, in column order: the ranks are the slots
+            order = ar.expand(B, n)
+        lo = 0 if layer.state.needs_sinks(counts) else S
+        slots = order[:, lo:S + max(counts)]
+        # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
+        left = [r - c for r, c in zip(raw, counts)]
+        K = max(left)
+        rank = torch.arange(K, device=dev).view(1, K)
+        flushed, kept = host_ints([counts, left], dev).view(2, B, 1)      # one upload, no sync
+        keep = (order.gather(1, torch.where(rank < S, rank, rank + flushed).clamp(max=n - 1)), rank < kept)
+        self._plan = _FlushPlan(key, slots, layer.raw_pos.gather(1, slots), keep)
+        return self._plan
+
+    def _flush(self, module, layer, attention_mask=None) -> None:
+        """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``. No
+        host-device sync, except one read of the padding per padded prompt (:meth:`_padding`)."""
         B = layer.keys.shape[0]
         S = self.clustering.num_sink
-        if layer.state is None:                        # the prompt is complete: padding is known (one sync)
+        if layer.state is None:                        # the prompt is complete: padding is known
             layer.state = CompressedState(B, self.clustering)
-            layer.pad = (layer.positions[:, 0] < 0).sum(-1).tolist()
-            layer.col_offset = torch.tensor(layer.pad, device=layer.keys.device).view(B, 1)
+            layer.pad = self._padding(layer, attention_mask)
+            layer.col_offset = ((layer.positions[:, 0] < 0).sum(-1, keepdim=True) if layer.masked
+                                else torch.zeros(B, 1, dtype=torch.long, device=layer.keys.device))
             if self.planned_length is not None:
                 self._reserve_state(layer)
         state = layer.state
         raw, counts = self._flush_counts(layer, layer.seen)
         if not any(counts):
             return
-        n = layer.num_slots
-        valid = layer.positions[:, 0] >= 0                                 # [B, n]
-        ar = torch.arange(n, device=valid.device)
-        order = torch.where(valid, ar, ar + n).argsort(-1)                 # [B, n] slot of each row's rank
+        plan = self._flush_plan(module, layer, raw, counts)
+        x = self._raw_x(module, layer, plan.slots, plan.pos, plan)
         lo = 0 if state.needs_sinks(counts) else S
-        slots = order[:, lo:S + max(counts)]
-        x, pos = self._raw_x(module, layer, slots), layer.raw_pos.gather(1, slots)
-        sinks = (x[:, :S], pos[:, :S]) if lo == 0 else None
-        flush(state, x[:, S - lo:], pos[:, S - lo:], counts, self.projections, module.layer_idx, sinks)
+        sinks = (x[:, :S], plan.pos[:, :S]) if lo == 0 else None
+        plan.rows = flush(state, x[:, S - lo:], plan.pos[:, S - lo:], counts, self.projections, module.layer_idx,
+                          sinks, rows=plan.rows)
         layer.set_columns()
-        # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
-        left = [r - c for r, c in zip(raw, counts)]
-        K = max(left)
-        rank = torch.arange(K, device=valid.device).view(1, K)
-        rank_src = torch.where(rank < S, rank, rank + torch.tensor(counts, device=valid.device).view(B, 1))
-        ok = rank < torch.tensor(left, device=valid.device).view(B, 1)
-        layer.keep_raw(order.gather(1, rank_src.clamp(max=n - 1)), ok)    # [B, K]
+        layer.keep_raw(*plan.keep)                                         # [B, K]
         if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
             if state.capacity and self.planned_length is not None:
                 layer.set_scratch(self._scratch_width(layer, layer.seen))     # planned: the same width throughout

@@ -91,9 +91,16 @@ class DeltaKVLayer(SlotLayer):
         self.col_offset = None
         self.width_dev = None      # [1] long: the widest row's compressed count, on the device (per flush)
         self.state_version = 0     # + 1 whenever a flush re-allocates the compressed state or its column tables
+        self.masked = False        # host flag: a mask has marked slots empty (else every slot is live: no padding)
 
     def reset(self) -> None:
         self.__init__(self.shared, self.reports_shared)
+
+    def drop_invalid(self, valid: torch.Tensor) -> None:
+        """As for every slot layer; and remember (host flag ``masked``) that slots may now be empty, so that the
+        prompt's end reads the padding from the device only when there can be some."""
+        self.masked = True
+        super().drop_invalid(valid)
 
     # -- the shared work buffer ----------------------------------------------------------------------------------
     def set_scratch(self, width: int) -> None:
