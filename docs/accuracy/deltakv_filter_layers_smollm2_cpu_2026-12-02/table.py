@@ -10,7 +10,10 @@ import os
 TASKS = ["niah_single", "niah_multikey", "text_recall"]
 DEFAULT = [0, 1, 2, 3, 8, 16, 22]     # DEFAULT_FULL_ATTN_LAYERS, what the earlier runs used (no full_attn_layers set)
 REF = os.path.join("..", "smollm2_cpu_b025_2026-12-02")
-# (label, folder, method's default-layer run to pair with, KV ratio at 131072 x 1 from the bytes section)
+# KV bytes over full's at 131072 x 1, Qwen2.5-7B shape, int4 latent-256, budget 0.1, by filter-layer count
+# (docs/deltakv/hf_bytes_and_launches.md, "Fewer filter layers"); OmniKV and full keep every token raw: 1.
+KV_RATIO = {7: "0.388", 4: "0.298", 3: "0.268"}
+# (label, folder, method's default-layer run to pair with)
 RUNS = [("full", os.path.join(REF, "full"), None),
         ("deltakv, default 7 layers", os.path.join(REF, "deltakv"), None),
         ("deltakv, calibrated 4", "deltakv_f4", os.path.join(REF, "deltakv")),
@@ -53,9 +56,9 @@ def layers_of(rows):
 
 
 full = load(RUNS[0][1])
-print("| configuration | filter layers | " + " | ".join(f"{t} (n, score, 95% CI)" for t in TASKS)
+print("| configuration | filter layers | KV ratio at 128K (7B shape) | " + " | ".join(f"{t} (n, score, 95% CI)" for t in TASKS)
       + " | all 70 (score, 95% CI) | full's correct kept | vs default layers: gained / lost (McNemar exact p) |")
-print("|---" * (len(TASKS) + 5) + "|")
+print("|---" * (len(TASKS) + 6) + "|")
 for label, folder, ref_folder in RUNS:
     rows = load(folder)
     if not rows:
@@ -81,6 +84,8 @@ for label, folder, ref_folder in RUNS:
             assert rows[key]["prompt_tokens"] == ref[key]["prompt_tokens"], key
         b = sum(1 for key in common if rows[key]["score"] == 1 and ref[key]["score"] == 0)
         c = sum(1 for key in common if rows[key]["score"] == 0 and ref[key]["score"] == 1)
-        paired = f"+{b} / −{c} (p = {mcnemar_exact(b, c):.2f})"
-    print(f"| {label} | {layers_of(rows)} | " + " | ".join(cells) + f" | {overall} | {kept}/{len(both)} "
+        paired = f"+{b} / −{c} (p = {mcnemar_exact(b, c):.2g})"
+    layers = layers_of(rows)
+    ratio = KV_RATIO[len(layers)] if label.startswith("deltakv") else "1"
+    print(f"| {label} | {layers} | {ratio} | " + " | ".join(cells) + f" | {overall} | {kept}/{len(both)} "
           f"({100 * kept / max(1, len(both)):.0f}%, {100 * klo:.0f}–{100 * khi:.0f}) | {paired} |")
