@@ -71,7 +71,7 @@ for label, folder, ref_folder in RUNS:
         cells.append(f"{n}, {100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f}")
     k, n = sum(r["score"] for r in rows.values()), len(rows)
     lo, hi = wilson(k, n)
-    overall = f"{100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f}"
+    overall = f"{100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f}" + ("" if n == 70 else f" (n = {n})")
     both = [key for key, r in full.items() if r["score"] == 1 and key in rows]
     kept = int(sum(rows[key]["score"] for key in both))
     klo, khi = wilson(kept, len(both))
@@ -79,12 +79,12 @@ for label, folder, ref_folder in RUNS:
     if ref_folder:
         ref = load(ref_folder)
         common = [key for key in rows if key in ref]
-        assert len(common) == len(rows) == len(ref), "not the same prompts"
+        assert len(common) == len(rows), "prompts the default-layer run does not have"   # a partial run: fewer
         for key in common:   # the same prompt text: same task, id and depth, same prompt length
             assert rows[key]["prompt_tokens"] == ref[key]["prompt_tokens"], key
         b = sum(1 for key in common if rows[key]["score"] == 1 and ref[key]["score"] == 0)
         c = sum(1 for key in common if rows[key]["score"] == 0 and ref[key]["score"] == 1)
-        paired = f"+{b} / −{c} (p = {mcnemar_exact(b, c):.2g})"
+        paired = f"+{b} / −{c} (p = {mcnemar_exact(b, c):.2g})" + ("" if len(common) == len(ref) else f", {len(common)} prompts")
     layers = layers_of(rows)
     ratio = KV_RATIO[len(layers)] if label.startswith("deltakv") else "1"
     print(f"| {label} | {layers} | {ratio} | " + " | ".join(cells) + f" | {overall} | {kept}/{len(both)} "
