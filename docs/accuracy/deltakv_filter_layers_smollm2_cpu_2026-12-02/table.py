@@ -68,7 +68,7 @@ for label, folder, ref_folder in RUNS:
         rs = [r for r in rows.values() if r["task"] == t]
         k, n = sum(r["score"] for r in rs), len(rs)
         lo, hi = wilson(k, n)
-        cells.append(f"{n}, {100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f}")
+        cells.append(f"{n}, {100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f}" if n else "not run")
     k, n = sum(r["score"] for r in rows.values()), len(rows)
     lo, hi = wilson(k, n)
     overall = f"{100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f}" + ("" if n == 70 else f" (n = {n})")
