@@ -19,7 +19,8 @@ RUNS = [("full", os.path.join(REF, "full"), None),
         ("deltakv, calibrated 4", "deltakv_f4", os.path.join(REF, "deltakv")),
         ("deltakv, calibrated 3", "deltakv_f3", os.path.join(REF, "deltakv")),
         ("omnikv, default 7 layers", os.path.join(REF, "omnikv"), None),
-        ("omnikv, calibrated 4", "omnikv_f4", os.path.join(REF, "omnikv"))]
+        ("omnikv, calibrated 4", "omnikv_f4", os.path.join(REF, "omnikv")),
+        ("omnikv, calibrated 3 (niah_single only)", "omnikv_f3", os.path.join(REF, "omnikv"))]
 
 
 def wilson(k, n, z=1.96):
