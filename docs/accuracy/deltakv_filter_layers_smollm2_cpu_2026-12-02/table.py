@@ -4,6 +4,7 @@ full's correct kept, and the paired comparison with the same method at the defau
 
 Run from this folder: ``python table.py``."""
 import json
+from sparse_hf.eval.stats import wilson_interval as wilson
 import math
 import os
 
@@ -22,15 +23,6 @@ RUNS = [("full", os.path.join(REF, "full"), None),
         ("omnikv, calibrated 4", "omnikv_f4", os.path.join(REF, "omnikv")),
         ("omnikv, calibrated 3 (niah_single only)", "omnikv_f3", os.path.join(REF, "omnikv"))]
 
-
-def wilson(k, n, z=1.96):
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = p + z * z / (2 * n)
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, (c - h) / d), min(1.0, (c + h) / d))
 
 
 def mcnemar_exact(b, c):

@@ -1,19 +1,11 @@
 """Tables of the CPU 0.25-budget slice: per task score (Wilson 95%), the ratio to full over tasks, and the share of
 the full cache's correct samples each method also gets right (paired on the same prompts)."""
+from sparse_hf.eval.stats import wilson_interval as wilson
 import json, math, os, sys
 
 root = sys.argv[1] if len(sys.argv) > 1 else "."
 TASKS = ["niah_single", "niah_multikey", "text_recall"]
 
-
-def wilson(k, n, z=1.96):
-    if n == 0:
-        return (0, 0)
-    p = k / n
-    d = 1 + z * z / n
-    c = p + z * z / (2 * n)
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, (c - h) / d), min(1.0, (c + h) / d))
 
 
 def load(name):

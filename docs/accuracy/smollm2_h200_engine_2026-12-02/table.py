@@ -2,6 +2,7 @@
 budget: per task and length the samples done and the score; over every prompt done, the score with Wilson's 95%
 interval and, paired on the same prompts, how many of the full cache's correct answers the row also gets.
 Usage: python3 table.py [folder]"""
+from sparse_hf.eval.stats import wilson_interval as wilson
 import json, math, os, sys
 from collections import defaultdict
 
@@ -9,13 +10,6 @@ root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__f
 LANES = {"base": "", "scope_layer": "layer", "scope_kv_head": "kv_head", "scored": "", "deltakv": ""}
 TASKS, LENGTHS = ["niah_single", "niah_multikey", "text_recall"], [2048, 4096, 8192]
 
-
-def wilson(k, n, z=1.96):
-    if n == 0:
-        return (0.0, 0.0)
-    p, d = k / n, 1 + z * z / n
-    c, h = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (c - h) / d), min(1.0, (c + h) / d)
 
 
 rows = defaultdict(dict)
