@@ -4,7 +4,7 @@ Why: H2O's prompt score (:func:`~sparse_hf.kernels.attention_mass.attention_mass
 log-sum-exp over the keys it attends to, which the prefill attention computes anyway. On the CPU, SDPA runs
 torch's flash kernel, whose private op also returns the log-sum-exp: calling that op directly gives the same
 output as SDPA (the same kernel) plus the log-sum-exp for free. On CUDA the callers take cuDNN's op
-(:mod:`sparse_hf.engine.sdpa_split`), the paged Triton kernel (``paged_prefill_attention(..., lse=...)``) or, for a
+(:mod:`sparse_hf.kernels.sdpa_split`), the paged Triton kernel (``paged_prefill_attention(..., lse=...)``) or, for a
 lower-right causal chunk in fp32, the memory-efficient kernel (:func:`efficient_attention_with_lse`, the one SDPA
 runs for ``causal_lower_right``); where none runs they get ``None`` and the mass computes the log-sum-exp itself.
 """

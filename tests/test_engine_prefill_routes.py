@@ -8,7 +8,8 @@ import torch
 
 from engine_helpers import engine_tokens, random_prompts
 from helpers import tiny_model
-from sparse_hf.engine import LLM, attention, sdpa_split
+from sparse_hf.engine import LLM, attention
+from sparse_hf.kernels import sdpa_split
 from sparse_hf.engine.attention import chunk_attention
 
 KNOBS = dict(num_sink_tokens=4, num_recent_tokens=8, num_top_tokens=8, window_size=8)

@@ -17,7 +17,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import sparse_hf  # noqa: F401  (registers the HF-path caches)
 from engine_helpers import engine_tokens, random_prompts
 from helpers import greedy, left_padded_batch, tiny_model
-from sparse_hf.engine import LLM, sdpa_split
+from sparse_hf.engine import LLM
+from sparse_hf.kernels import sdpa_split
 from sparse_hf.engine.scored_pool import ScoredPoolAttention
 from sparse_hf.hf import cache as hf_cache
 from sparse_hf.hf.attention import attention_with_lse

@@ -16,14 +16,15 @@ import weakref
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import eager_mask, sdpa_mask
-
-from sparse_hf.kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
 from transformers.modeling_utils import AttentionInterface
 
 try:  # transformers >= 5.x
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError:  # pragma: no cover
     AttentionMaskInterface = None
+
+from ..kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
+from ..kernels.sdpa_split import SplitUnavailable, sdpa_with_lse
 
 ATTN_IMPLEMENTATION = "sparse_hf"
 CACHE_KWARG = "sparse_hf_cache"
@@ -83,7 +84,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     H2O's prompt mass (:func:`~sparse_hf.kernels.attention_mass.attention_mass`) reuses the log-sum-exp instead of
     recomputing ``q.k`` for it. CPU: torch's flash kernel, the one SDPA runs there (same output). CUDA: cuDNN's
     causal kernel for a prompt without padding or earlier chunks (HF passes no mask then), through
-    :func:`sparse_hf.engine.sdpa_split.sdpa_with_lse` (the engine's split route uses the same op); masked calls
+    :func:`sparse_hf.kernels.sdpa_split.sdpa_with_lse` (the engine's split route uses the same op); masked calls
     (padding, later chunks) and fp32 the memory-efficient kernel with HF's mask as a bias
     (:func:`~sparse_hf.kernels.attention_lse.efficient_attention_with_lse`).
 
@@ -103,8 +104,6 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if query.device.type == "cpu":
         fused = sdpa_with_lse_cpu(query, key, value, scaling, mask=mask, causal=causal)
     elif causal:
-        from sparse_hf.engine.sdpa_split import SplitUnavailable, sdpa_with_lse
-
         try:
             fused = sdpa_with_lse(query, key, value, True, scaling)
         except SplitUnavailable:                     # no cuDNN (fp32): the memory-efficient kernel, square causal
