@@ -5,7 +5,8 @@ prompt, which is what HF runs; but a chunk that attends to earlier tokens needs 
 SDPA serves with FlashAttention-2 or the memory-efficient kernel only. Split the chunk's attention in two calls
 that cuDNN runs: the chunk's queries over every earlier key (no mask) and over its own keys (square causal), each
 returning its log-sum-exp, then merge the two partial softmaxes exactly. CUDA only (the private SDPA ops that return
-the log-sum-exp have no CPU kernel); :func:`sparse_hf.engine.attention.chunk_attention` stays the engine's route elsewhere.
+the log-sum-exp have no CPU kernel); :func:`sparse_hf.engine.attention.chunk_attention` stays the engine's route
+elsewhere.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@
 
 - prefill (``ctx.segments``): each chunk attends to the row's earlier slots plus itself, causally (lower-right).
   On CUDA a long chunk runs cuDNN's fused SDPA as unmasked attention over its gathered earlier slots plus
-  square-causal attention over itself, merged by log-sum-exp (:mod:`sparse_hf.kernels.sdpa_split`, the fastest route measured on
-  the H200), and the short chunks of a step share one launch of :func:`~sparse_hf.kernels.paged_prefill_attention`,
-  which reads K/V in place through the slot tables (also the route wherever cuDNN cannot run). Elsewhere (CPU) each
+  square-causal attention over itself, merged by log-sum-exp (:mod:`sparse_hf.kernels.sdpa_split`, the fastest
+  route measured on the H200), and the short chunks of a step share one launch of
+  :func:`~sparse_hf.kernels.paged_prefill_attention`, which reads K/V in place through the slot tables (also the
+  route wherever cuDNN cannot run). Elsewhere (CPU) each
   chunk gathers its row's slots and runs SDPA with a lower-right causal bias (:func:`chunk_attention`);
 - decode (one token per row): ``sparse_decode_attention`` reads the pool in place through the rows' slot tables
   (``[B, Hkv, W]`` index lists, the pool expanded over rows with stride 0). OmniKV's observation layers score
@@ -28,8 +29,7 @@ from sparse_hf.kernels.attention_lse import efficient_attention_with_lse, sdpa_w
 from sparse_hf.kernels.dispatch import kernels_run_fused
 from sparse_hf.kernels.omnikv_scores import range_softmax_max, range_softmax_max_kernel_runs
 from sparse_hf.kernels.paged_prefill import launch_config, prefill_tiles
-
-from ..kernels.sdpa_split import SplitUnavailable, split_chunk_attention
+from sparse_hf.kernels.sdpa_split import SplitUnavailable, split_chunk_attention
 
 #: A chunk of at least this many queries takes the split cuDNN route under ``prefill_route="auto"``; shorter ones
 #: share one paged-kernel launch (per-call overhead would dominate two SDPA calls and a merge per small chunk).
@@ -193,7 +193,8 @@ class PoolAttention:
         the same attention (``None`` where a route's kernel cannot give it):
 
         - ``"paged"``: one launch of the paged Triton kernel for every chunk;
-        - ``"split"``: per chunk, cuDNN SDPA over its gathered earlier slots plus its own K/V (:mod:`sparse_hf.kernels.sdpa_split`);
+        - ``"split"``: per chunk, cuDNN SDPA over its gathered earlier slots plus its own K/V
+          (:mod:`sparse_hf.kernels.sdpa_split`);
         - ``"auto"`` (CUDA): chunks of at least :data:`SPLIT_MIN_QUERIES` queries split, the rest paged; where
           cuDNN cannot run the split route, paged from then on;
         - ``"gather"`` (CPU): per chunk, SDPA over its gathered slots with a lower-right causal bias.

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import chunk_attention
 from ..kernels.sdpa_split import SplitUnavailable, split_chunk_attention
+from .attention import chunk_attention
 
 #: The pool group of the compressed layers (as in :mod:`.deltakv_attention`).
 COMPRESSED = 1
@@ -109,7 +109,7 @@ class StagingAttention:
         self.k = torch.empty(n, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.pre = torch.empty_like(self.k) if pre_norm_keys else None
-        self.split = device.type == "cuda"          # cuDNN's two-call route (:mod:`sparse_hf.kernels.sdpa_split`) where it runs
+        self.split = device.type == "cuda"          # cuDNN's two-call route (kernels/sdpa_split.py) where it runs
         self.lo, self.hi, self.positions = 0, 0, None
 
     def set_chunk(self, lo: int, hi: int, positions: torch.Tensor) -> None:
