@@ -178,25 +178,31 @@ def spy_lse(monkeypatch, method_cls):
     return seen
 
 
+def with_and_without_lse():
+    """``(use_lse, seen)`` twice: the attention's log-sum-exp given to the mass, then withheld
+    (:func:`no_lse`); ``seen`` records, per prompt ``accumulate`` call of H2O, whether it got one."""
+    from sparse_hf.methods.h2o import H2O
+
+    for use_lse in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not use_lse:
+                no_lse(mp)
+            yield use_lse, spy_lse(mp, H2O)
+
+
 @pytest.mark.parametrize("normalization", ["sum", "mean"])
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_hf_path_scores_with_the_attention_lse_equal_the_two_pass_scores(normalization, chunk):
-    from sparse_hf.methods.h2o import H2O
-
     model = tiny_model("qwen2", layers=2)
     ids, mask = left_padded_batch((40, 27))
     knobs = dict(KNOBS, score_normalization=normalization)
     extra = dict(prefill_chunk_size=chunk) if chunk else {}
     runs = {}
-    for use_lse in (True, False):
-        with pytest.MonkeyPatch.context() as mp:
-            if not use_lse:
-                no_lse(mp)
-            seen = spy_lse(mp, H2O)
-            runs[use_lse] = greedy(model, ids, mask, new_tokens=6, cache_implementation="h2o", cache_config=knobs,
-                                   return_dict_in_generate=True, **extra)
-            prompt_calls = 2 * (1 if chunk is None else -(-40 // chunk))                   # layers x chunks
-            assert all(seen[:prompt_calls]) == use_lse and any(seen[:prompt_calls]) == use_lse
+    for use_lse, seen in with_and_without_lse():
+        runs[use_lse] = greedy(model, ids, mask, new_tokens=6, cache_implementation="h2o", cache_config=knobs,
+                               return_dict_in_generate=True, **extra)
+        prompt_calls = 2 * (1 if chunk is None else -(-40 // chunk))                   # layers x chunks
+        assert all(seen[:prompt_calls]) == use_lse and any(seen[:prompt_calls]) == use_lse
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for a, b in zip(runs[True].past_key_values.layers, runs[False].past_key_values.layers):
         assert torch.equal(a.positions, b.positions)
@@ -213,26 +219,20 @@ def test_engine_scores_with_the_attention_lse_equal_the_two_pass_scores(route, b
                                                                         monkeypatch):
     """Chunked prompts of different lengths (chunks see earlier chunks), several per step; the split route with
     its SDPA ops replaced by an exact math stand-in (CUDA-only ops)."""
-    from sparse_hf.methods.h2o import H2O
-
     monkeypatch.setattr(sdpa_split, "_call", math_sdpa)
     monkeypatch.setattr(sdpa_split, "_working", {})
     model = tiny_model("llama", layers=2)
     prompts = random_prompts((30, 45, 9), seed=8)
     knobs = dict(KNOBS, score_normalization=normalization)
     runs = {}
-    for use_lse in (True, False):
-        with pytest.MonkeyPatch.context() as mp:
-            if not use_lse:
-                no_lse(mp)
-            seen = spy_lse(mp, H2O)
-            llm = LLM(model, num_kv_slots=512, max_model_len=96, chunk_prefill_size=16, max_num_batched_tokens=24,
-                      sparse_method="h2o", **knobs)
-            llm.runner.attention.prefill_route = route
-            llm.runner.attention.backend = llm.runner.attention.mass_backend = backend
-            tokens = engine_tokens(llm, prompts, 6)
-            assert seen and all(seen) == use_lse and any(seen) == use_lse
-            runs[use_lse] = tokens, llm.pool.scores.clone(), llm.pool.pos.clone()
+    for use_lse, seen in with_and_without_lse():
+        llm = LLM(model, num_kv_slots=512, max_model_len=96, chunk_prefill_size=16, max_num_batched_tokens=24,
+                  sparse_method="h2o", **knobs)
+        llm.runner.attention.prefill_route = route
+        llm.runner.attention.backend = llm.runner.attention.mass_backend = backend
+        tokens = engine_tokens(llm, prompts, 6)
+        assert seen and all(seen) == use_lse and any(seen) == use_lse
+        runs[use_lse] = tokens, llm.pool.scores.clone(), llm.pool.pos.clone()
     assert runs[True][0] == runs[False][0]
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-5)
     assert torch.equal(runs[True][2], runs[False][2])
@@ -306,22 +306,16 @@ def test_engine_and_hf_h2o_on_cuda_with_the_lse_equal_two_passes():
     """Engine (its default routes on CUDA, fp32: the gather route through the memory-efficient kernel) and HF path,
     tiny random Llama: the same tokens with and without the attention's log-sum-exp (fp32: the masses differ by
     rounding only; bf16 near-ties of a random model could flip a kept token either way, so not compared here)."""
-    from sparse_hf.methods.h2o import H2O
-
     model = tiny_model("llama", layers=2).to("cuda")
     prompts = random_prompts((300, 900, 77), seed=10)
     knobs = dict(num_sink_tokens=4, num_recent_tokens=16, num_top_tokens=32)
     runs = {}
-    for use_lse in (True, False):
-        with pytest.MonkeyPatch.context() as mp:
-            if not use_lse:
-                no_lse(mp)
-            seen = spy_lse(mp, H2O)
-            llm = LLM(model, num_kv_slots=4096, max_model_len=1000, chunk_prefill_size=512, sparse_method="h2o",
-                      **knobs)
-            tokens = engine_tokens(llm, prompts, 8)
-            hf = [greedy(model, torch.tensor([p], device="cuda"), None, new_tokens=8, cache_implementation="h2o",
-                         cache_config=knobs) for p in prompts]
-            assert any(seen) == use_lse
-            runs[use_lse] = tokens, [h.tolist() for h in hf]
+    for use_lse, seen in with_and_without_lse():
+        llm = LLM(model, num_kv_slots=4096, max_model_len=1000, chunk_prefill_size=512, sparse_method="h2o",
+                  **knobs)
+        tokens = engine_tokens(llm, prompts, 8)
+        hf = [greedy(model, torch.tensor([p], device="cuda"), None, new_tokens=8, cache_implementation="h2o",
+                     cache_config=knobs) for p in prompts]
+        assert any(seen) == use_lse
+        runs[use_lse] = tokens, [h.tolist() for h in hf]
     assert runs[True] == runs[False]

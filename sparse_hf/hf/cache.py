@@ -144,6 +144,13 @@ class SparseCache(Cache):
         return f"{type(self).__name__}(method={self.method_name!r}, layers={self.num_layers})"
 
 
+def _plain_attention(module, dropout: float, kwargs: dict) -> bool:
+    """An attention call that SDPA with a causal mask computes exactly (no dropout, soft-capping, position bias or
+    non-causal module), so a fused kernel that also returns the log-sum-exp may stand in for it."""
+    return (not dropout and all(kwargs.get(k) is None for k in ("softcap", "position_bias"))
+            and kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False)
+
+
 class EvictionCache(SparseCache):
     """Physical eviction: StreamingLLM, SnapKV, PyramidKV."""
 
@@ -154,9 +161,8 @@ class EvictionCache(SparseCache):
         scored = self.method.accumulates_attention
         out = dense_gpu_decode(layer, query, scaling) if not prefill and q_len == 1 else None
         lse = None                          # H2O's prompt: each query's log-sum-exp from its attention, if given
-        plain = not dropout and all(kwargs.get(k) is None for k in ("softcap", "position_bias")) and \
-            kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
-        if out is None and not layer.compacted and scored and prefill and q_len > 1 and plain:
+        if out is None and not layer.compacted and scored and prefill and q_len > 1 and _plain_attention(
+                module, dropout, kwargs):
             fused = attention_with_lse(query, key, value, attention_mask, scaling)
             if fused is not None:
                 out, lse = fused
