@@ -19,7 +19,9 @@ import os
 from collections import Counter
 from functools import partial
 
-os.environ.setdefault("TRITON_INTERPRET", "1")       # before sparse_hf.kernels is imported
+if __name__ == "__main__":      # a script run: before sparse_hf.kernels is imported. Never on import (tests import
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # this module: the variable would turn a GPU worker's kernels
+    #                                                  into the interpreter's, run N+1's six GPU failures)
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402

@@ -21,7 +21,8 @@ import os
 import sys
 from collections import Counter
 
-os.environ.setdefault("TRITON_INTERPRET", "1")       # before sparse_hf.kernels is imported
+if __name__ == "__main__":      # a script run only (see count_deltakv_launches.py): before sparse_hf.kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 

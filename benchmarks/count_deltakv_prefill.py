@@ -35,8 +35,8 @@ from collections import Counter
 
 import torch
 
-if "--cuda" in sys.argv[1:]:     # timing on the GPU: compiled Triton kernels, never the interpreter the counter sets
-    os.environ.setdefault("TRITON_INTERPRET", "0")
+if __name__ == "__main__" and "--cuda" not in sys.argv[1:]:   # counting on the CPU: the kernels' Triton path under
+    os.environ.setdefault("TRITON_INTERPRET", "1")               # the interpreter; never set on import (a test does)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from count_deltakv_launches import LaunchCounter, narrow_7b_config  # noqa: E402
 

@@ -15,10 +15,18 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
+        # A module that sets TRITON_INTERPRET on import (a benchmark script a test imports did) turns every Triton
+        # kernel imported after it into the interpreter's, on CUDA tensors: wrong paths and failures far from the
+        # cause. Stop the run and name the cause instead.
+        if os.environ.get("TRITON_INTERPRET") != _INTERPRET_AT_START:
+            raise pytest.UsageError(
+                f"TRITON_INTERPRET changed from {_INTERPRET_AT_START!r} to {os.environ.get('TRITON_INTERPRET')!r} "
+                "while the tests were collected: a module imported by a test sets it on import")
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
     for item in items:
