@@ -58,7 +58,7 @@ def attention_lse(q, k, v, scale):
     """``(out, lse [1, H, n])`` of the whole causal prompt from one fused kernel."""
     if q.device.type == "cpu":
         return sdpa_with_lse_cpu(q, k, v, scale, causal=True)
-    from sparse_hf.engine.sdpa_split import sdpa_with_lse
+    from sparse_hf.kernels.sdpa_split import sdpa_with_lse
 
     return sdpa_with_lse(q, k, v, True, scale)
 

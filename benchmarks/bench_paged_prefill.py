@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_hf.engine import sdpa_split
 from sparse_hf.engine.attention import chunk_attention
-from sparse_hf.engine.sdpa_split import split_chunk_attention
+from sparse_hf.kernels.sdpa_split import split_chunk_attention
 from sparse_hf.kernels.paged_prefill import CONFIGS, launch_config, paged_prefill_attention, prefill_tiles
 
 H, HKV, D = 28, 4, 128
