@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.capture import no_collection_during_capture
+from ..kernels.capture import capture_stream, no_collection_during_capture
 from .attention import StepContext
 from .decode_inputs import DecodeInputs
 
@@ -33,9 +33,9 @@ def width_bucket(width: int, max_len: int) -> int:
 
 
 def capture_step(forward, mempool) -> "torch.cuda.CUDAGraph":
-    """Run ``forward()`` once on a side stream (warm-up: Triton compilation, allocator), then capture it into a new
-    graph in ``mempool``."""
-    stream = torch.cuda.Stream()
+    """Run ``forward()`` once on the device's capture stream (warm-up: Triton compilation, allocator, cuBLAS
+    workspace), then capture it into a new graph in ``mempool``."""
+    stream = capture_stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         forward()

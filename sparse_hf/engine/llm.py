@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..kernels.capture import release_library_workspaces
 from .config import EngineConfig, build_method, default_dtype
 from .request import Request, RequestOutput
 from .deltakv_layerwise import layerwise_route, plan_layerwise
@@ -401,6 +402,7 @@ class LLM:
         # same process found no room for its pool (an H200 run of 2026-12-02: "only 0 KV slots fit").
         gc.collect()
         if getattr(self, "device", torch.device("cpu")).type == "cuda":
+            release_library_workspaces()
             torch.cuda.empty_cache()
 
     def __enter__(self):

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ..kernels.capture import no_collection_during_capture
+from ..kernels.capture import capture_stream, no_collection_during_capture
 
 
 class GraphDecoder:
@@ -69,7 +69,7 @@ class GraphDecoder:
 
     def _warm_step(self, input_ids, position_ids):
         """A real decode step on a side stream (CUDA graphs want libraries initialised off the capture)."""
-        stream = torch.cuda.Stream()
+        stream = capture_stream(input_ids.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             logits = self._eager(input_ids, position_ids)
