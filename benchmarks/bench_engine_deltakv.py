@@ -82,8 +82,9 @@ def longest_prompts(budget, method, projections, kv_heads, head_dim, kv_dtype, p
     return out
 
 
-def layout_report(shape: str, vanilla_slots: int, bits: int, offload: bool = False) -> dict:
-    """The longest prompts at batch 1 for ``shape``'s layout (bf16, default filter layers, a latent-256-style
+def layout_report(shape: str, vanilla_slots: int, bits: int, offload: bool = False, full_attn_layers=None) -> dict:
+    """The longest prompts at batch 1 for ``shape``'s layout (bf16, ``full_attn_layers`` or the default filter
+    layers, a latent-256-style
     compressor: concat(K, V) / 4; latents of ``bits``, in host memory with ``offload``) in the KV memory of
     ``vanilla_slots`` vanilla slots, computed on the CPU from the layout alone (the compressor on the meta device)."""
     from sparse_hf.deltakv import DeltaKVCompressor
@@ -95,7 +96,10 @@ def layout_report(shape: str, vanilla_slots: int, bits: int, offload: bool = Fal
     with torch.device("meta"):
         comp = DeltaKVCompressor.for_model(config, kv_compressed_size=2 * kv_heads * head_dim
                                            // DELTAKV_LATENT_FRACTION).to(torch.bfloat16)
-    method = build_method("deltakv", dict(compressor=comp, kv_quant_bits=bits, offload_latents=offload), layers)
+    knobs = dict(compressor=comp, kv_quant_bits=bits, offload_latents=offload)
+    if full_attn_layers is not None:
+        knobs["full_attn_layers"] = full_attn_layers
+    method = build_method("deltakv", knobs, layers)
     budget = vanilla_slots * (2 * layers * kv_heads * head_dim * 2 + 4)
     got = longest_prompts(budget, method, comp.projections, kv_heads, head_dim, torch.bfloat16, False,
                           config.hidden_size, torch.bfloat16)
@@ -122,10 +126,13 @@ def main(argv=None) -> int:
                    help="--longest-prompt: the KV memory as vanilla slots (1.9M: an H200's 7B pool)")
     p.add_argument("--deltakv-prefill", default="auto", choices=("auto", "chunked", "layerwise"))
     p.add_argument("--layerwise-hidden-on-host", action="store_true")
+    p.add_argument("--full-attn-layers", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="deltakv's filter layers (raw, read in full), e.g. 0,3,15,21; default: the method's")
     args = p.parse_args(argv)
     if args.longest_prompt:
         for bits, offload in ((0, False), (8, False), (4, False), (4, True)):
-            print(json.dumps(layout_report(args.shape, args.vanilla_slots, bits, offload)), flush=True)
+            print(json.dumps(layout_report(args.shape, args.vanilla_slots, bits, offload, args.full_attn_layers)),
+                  flush=True)
         return 0
     extra = {}
     if args.small:
@@ -144,6 +151,8 @@ def main(argv=None) -> int:
         shown = dict(knobs)
         if method == "deltakv" and args.small:
             knobs["full_attn_layers"] = shown["full_attn_layers"] = [0]      # the tiny shape has 4 layers
+        elif method == "deltakv" and args.full_attn_layers is not None:
+            knobs["full_attn_layers"] = shown["full_attn_layers"] = args.full_attn_layers
         if method == "deltakv":
             knobs["compressor"] = random_compressor(config, dtype, device)
             extra_dk = dict(deltakv_prefill=args.deltakv_prefill,

@@ -67,3 +67,21 @@ def test_bench_engine_deltakv_small_reports_the_memory_bounds(capsys):
     assert vanilla[0]["longest_prompt_b1"] == vanilla[0]["group_slots"][0]
     # the same memory (num_kv_slots): the prompt held raw in every layer until it ends bounds deltakv below vanilla
     assert 0.5 * vanilla[0]["longest_prompt_b1"] < deltakv[0]["longest_prompt_b1"] < vanilla[0]["longest_prompt_b1"]
+
+
+def test_bench_engine_deltakv_longest_prompt_takes_the_filter_layers(capsys):
+    """``--full-attn-layers`` reaches the layout: 4 raw layers leave 24 of the 7B shape's 28 compressed (7 by
+    default leave 21), and fewer raw layers hold a longer prompt in the same memory."""
+    import json
+
+    import bench_engine_deltakv
+
+    def reports(*extra):
+        assert bench_engine_deltakv.main(["--longest-prompt", *extra]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+    default, four = reports(), reports("--full-attn-layers", "0,3,15,21")
+    assert {r["compressed_layers"] for r in default} == {21} and {r["compressed_layers"] for r in four} == {24}
+    for d, f in zip(default, four):
+        assert (d["kv_quant_bits"], d["offload_latents"]) == (f["kv_quant_bits"], f["offload_latents"])
+        assert f["longest_prompt_b1_layerwise"] > d["longest_prompt_b1_layerwise"]
