@@ -44,10 +44,9 @@ from ..config import MethodConfig, cache_config_dict
 from ..deltakv.compressor import resolve_compressor, serving_method
 from ..deltakv.offload import LatentPrefetch
 from ..deltakv.quant import quantize
-from ..deltakv.rope import unrotate
-from ..deltakv.flush_rows import host_ints
-from ..deltakv.state import CompressedState, flush, rebuild_kv
+from ..deltakv.state import rebuild_kv
 from .attention import masked_attention, query_validity
+from .deltakv_flush import PromptFlush, _FlushPlan
 from .deltakv_layer import DeltaKVLayer, SharedScratch
 from .layer import SlotLayer
 from .selection_cache import SelectionCache, sparse_decode_attention
@@ -64,21 +63,7 @@ def _explicit_knobs(sparse_config, knobs: dict) -> set[str]:
     return set(cache_config_dict(sparse_config))
 
 
-@dataclasses.dataclass
-class _FlushPlan:
-    """One flush step's index work, shared by the compressed layers (:meth:`CompressedCache._flush_plan`): raw
-    ``slots`` and their positions ``pos`` ``[B, m]``, ``keep`` (``[B, K]`` slots and validity) for ``keep_raw``, the
-    inverse RoPE's ``cos_sin`` (made by the first layer that needs them) and the core's ``rows``."""
-
-    key: tuple
-    slots: torch.Tensor
-    pos: torch.Tensor
-    keep: tuple
-    cos_sin: tuple | None = None
-    rows: object = None
-
-
-class CompressedCache(SelectionCache):
+class CompressedCache(PromptFlush, SelectionCache):
     """The ``deltakv`` cache. Knobs: OmniKV's plus ``compressor`` (a :class:`DeltaKVCompressor` or the core
     :class:`DeltaKVProjections`) or ``deltakv_path`` (a directory or Hub id), ``cluster_ratio``,
     ``deltakv_neighbor_count`` and ``cluster_metric``. Every clustering knob the compressor was trained with
@@ -441,109 +426,3 @@ class CompressedCache(SelectionCache):
             over = self.method.over_row_budget(layer.col_offset[:, 0], layer.seen)
             self._over_budget_at = (layer.seen, over)
         return self._over_budget_at[1]
-
-    # -- compression ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _raw_x(module, layer, slots: torch.Tensor, pos: torch.Tensor, plan=None) -> torch.Tensor:
-        """``x = concat(K, V)`` before RoPE (and k_norm) of raw slots ``slots [B, m]`` at RoPE positions ``pos [B, m]``
-        (``layer.raw_pos`` there): ``[B, m, Dx]``. ``plan`` (a :class:`_FlushPlan`) keeps the inverse RoPE's
-        tables for the next layer."""
-        B, m = slots.shape
-        _, Hkv, _, D = layer.keys.shape
-        at = slots.view(B, 1, m, 1)
-        v = layer.values.gather(2, at.expand(B, Hkv, m, layer.values.shape[-1])).transpose(1, 2).reshape(B, m, -1)
-        if layer.raw_kpre is not None:
-            k = layer.raw_kpre.gather(1, slots.unsqueeze(-1).expand(B, m, layer.raw_kpre.shape[-1]))
-        else:
-            post = layer.keys.gather(2, at.expand(B, Hkv, m, D)).float()
-            if plan is None or plan.cos_sin is None:
-                cos, sin = module.__dict__["_sparse_hf_rotary"](post, pos)
-                cos_sin = (cos.float(), sin.float())
-                if plan is not None:
-                    plan.cos_sin = cos_sin
-            k = unrotate(post, *(plan.cos_sin if plan is not None else cos_sin)).transpose(1, 2).reshape(B, m, -1)
-        return torch.cat([k.to(layer.values.dtype), v], -1)
-
-    def _flush_counts(self, layer, seen: int) -> tuple[list[int], list[int]]:
-        """Host lists ``[B]``: each row's raw tokens at logical length ``seen``, and how many of them to compress."""
-        S = self.clustering.num_sink
-        raw = [seen - p - n for p, n in zip(layer.pad, layer.state.counts)]
-        return raw, [self.method.flush_count(max(0, n - S)) for n in raw]
-
-    def _padding(self, layer, attention_mask) -> list[int]:
-        """Host list ``[B]``: each row's padding columns at the prompt's end. No read from the device when no mask
-        ever marked a slot of the layer empty (then there is none); otherwise one read per prompt, shared by the
-        compressed layers (they saw the same masks: keyed by this forward's mask object and the length)."""
-        B = layer.keys.shape[0]
-        if not layer.masked:
-            return [0] * B
-        memo = self._pad_memo
-        if attention_mask is not None and memo is not None and memo[0] is attention_mask and memo[1] == layer.seen:
-            return list(memo[2])
-        pad = (layer.positions[:, 0] < 0).sum(-1).tolist()                # the one sync of a padded prompt
-        self._pad_memo = (attention_mask, layer.seen, pad) if attention_mask is not None else None
-        return list(pad)
-
-    def _flush_plan(self, module, layer, raw: list[int], counts: list[int]) -> "_FlushPlan":
-        """The index work of ``layer``'s flush of ``counts`` tokens per row (``raw``: its raw tokens per row): which
-        raw slots to compress and their positions, the RoPE tables that undo their rotation, the slots the raw
-        buffer keeps, and the core's :class:`~sparse_hf.deltakv.flush_rows.FlushRows`. The compressed layers flush
-        the same tokens at the same steps (same lengths, counts, padding and slot order), so the first layer of a
-        forward (or of a replayed step's flushes) makes it and the others reuse it, keyed by those host values."""
-        B, n = layer.keys.shape[0], layer.num_slots
-        S = self.clustering.num_sink
-        rope = module.__dict__.get("_sparse_hf_rotary")
-        key = (self._forward, layer.seen, n, tuple(layer.pad), tuple(layer.state.counts), tuple(counts),
-               layer.masked, layer.compacted, layer.state.capacity, id(rope), layer.raw_kpre is None,
-               layer.keys.device)                  # layers on other devices (device_map) make their own
-        if self._plan is not None and self._plan.key == key:
-            return self._plan
-        dev = layer.keys.device
-        ar = torch.arange(n, device=dev)
-        if layer.masked or layer.compacted:
-            valid = layer.positions[:, 0] >= 0                             # [B, n]
-            order = torch.where(valid, ar, ar + n).argsort(-1)             # [B, n] slot of each row's rank
-        else:                                  # every slot live, in column order: the ranks are the slots
-            order = ar.expand(B, n)
-        lo = 0 if layer.state.needs_sinks(counts) else S
-        slots = order[:, lo:S + max(counts)]
-        # Keep each row's sinks (ranks < S) and the rest of its buffer (ranks >= S + count); fillers last.
-        left = [r - c for r, c in zip(raw, counts)]
-        K = max(left)
-        rank = torch.arange(K, device=dev).view(1, K)
-        flushed, kept = host_ints([counts, left], dev).view(2, B, 1)      # one upload, no sync
-        keep = (order.gather(1, torch.where(rank < S, rank, rank + flushed).clamp(max=n - 1)), rank < kept)
-        self._plan = _FlushPlan(key, slots, layer.raw_pos.gather(1, slots), keep)
-        return self._plan
-
-    def _flush(self, module, layer, attention_mask=None) -> None:
-        """Compress each row's oldest raw-buffer tokens once its buffer holds twice ``num_recent_tokens``. No
-        host-device sync, except one read of the padding per padded prompt (:meth:`_padding`)."""
-        B = layer.keys.shape[0]
-        S = self.clustering.num_sink
-        if layer.state is None:                        # the prompt is complete: padding is known
-            layer.state = CompressedState(B, self.clustering)
-            layer.pad = self._padding(layer, attention_mask)
-            layer.col_offset = ((layer.positions[:, 0] < 0).sum(-1, keepdim=True) if layer.masked
-                                else torch.zeros(B, 1, dtype=torch.long, device=layer.keys.device))
-            if self.planned_length is not None:
-                self._reserve_state(layer)
-        state = layer.state
-        raw, counts = self._flush_counts(layer, layer.seen)
-        if not any(counts):
-            return
-        plan = self._flush_plan(module, layer, raw, counts)
-        x = self._raw_x(module, layer, plan.slots, plan.pos, plan)
-        lo = 0 if state.needs_sinks(counts) else S
-        sinks = (x[:, :S], plan.pos[:, :S]) if lo == 0 else None
-        plan.rows = flush(state, x[:, S - lo:], plan.pos[:, S - lo:], counts, self.projections, module.layer_idx,
-                          sinks, rows=plan.rows)
-        layer.set_columns()
-        layer.keep_raw(*plan.keep)                                         # [B, K]
-        if layer.frozen:   # size the scratch for the steps up to the next flush now: one re-capture, not two
-            if state.capacity and self.planned_length is not None:
-                layer.set_scratch(self._scratch_width(layer, layer.seen))     # planned: the same width throughout
-            else:
-                layer.set_scratch(min(state.width, self.method.top_count(
-                    layer.seen + self.sparse_config.num_recent_tokens, prefill=False)))
-            layer.reserve_work()
