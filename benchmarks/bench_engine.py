@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py [--cases 4096x8,32768x2,131072x1] [--methods vanilla,snapkv,omnikv]
                                       [--budget 2048] [--output bench_engine.json]
     python benchmarks/bench_engine.py --load 64,1024,32768,256 --rate 2   # plus the load test
+    python benchmarks/bench_engine.py --load 64,1024,32768,256 --load-hf --load-hf-max-s 240   # and HF generate
     python benchmarks/bench_engine.py --cases 262144x1 --methods vanilla,snapkv --budget 2048 --new-tokens 32
     python benchmarks/bench_engine.py --hf-methods vanilla,hf-best,snapkv+graph   # our HF path in the same process
     python benchmarks/bench_engine.py --small          # CPU smoke run (CI)
@@ -12,12 +13,15 @@ Random weights in the Qwen2.5-7B shape (no download), bf16 on the GPU. One engin
 ``--new-tokens`` each. The roofline step is (weights + the KV the batch holds) / the measured copy bandwidth.
 The load test runs with mixed steps (decode rows riding along with prompt chunks) and without, on the same engine
 (``--load-mixed``), so its ITL percentiles show what mixing buys.
+Every row is printed and the ``--output`` JSON rewritten as soon as it exists: a run killed mid-way keeps what
+finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -96,11 +100,15 @@ def load_requests(num_requests: int, min_len: int, max_len: int, vocab: int, rat
     return arrivals, [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int, rate: float | None) -> dict:
+def run_load(llm, num_requests: int, min_len: int, max_len: int, new_tokens: int, rate: float | None,
+             first: int | None = None) -> dict:
     """``num_requests`` prompts of uniform random lengths in ``[min_len, max_len]``, arriving together
     (``rate=None``) or as a Poisson stream of ``rate`` requests/s: requests/s, output tok/s, TTFT and
-    inter-token latency percentiles."""
+    inter-token latency percentiles. ``first``: serve only the load's first ``first`` requests (those HF ``generate``
+    finished within its time cap, for a ratio over the same requests)."""
     arrivals, prompts = load_requests(num_requests, min_len, max_len, llm.model.config.vocab_size, rate)
+    if first is not None:
+        arrivals, prompts, num_requests = arrivals[:first], prompts[:first], min(first, num_requests)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     added, finished, last_token, ttft, itl, tokens, max_running = 0, 0, {}, [], [], 0, 0
@@ -143,19 +151,30 @@ def rows_that_fit(llm, prompt_len: int, new_tokens: int, kept: int | None) -> in
     return fit
 
 
-def run_hf_load(shape: str, load: list[int], device, batch: int = 8) -> dict:
+def run_hf_load(shape: str, load: list[int], device, batch: int = 8, max_s: float | None = None,
+                on_batch=None) -> dict:
     """The load test's requests (arriving together) through HF ``generate`` (vanilla ``DynamicCache``, SDPA),
     ``batch`` requests at a time in arrival order, left-padded: what serving them with plain Transformers gives.
-    Output tok/s and requests/s over the whole load; run before any engine is built (one process, one table)."""
+    Run before any engine is built (one process, one table).
+
+    ``max_s``: a batch starts only while the elapsed time plus the slowest finished batch's stays within it (the
+    first always runs), so the HF side ends near ``max_s`` and leaves a device call room for the engine (run O: 64
+    requests of 1K-32K prompts were killed at 330 s, mid-load, with nothing written). Output tok/s and requests/s
+    are over the batches that finished (``batches_done`` of ``batches_total``, the first ``requests_done``
+    requests). ``on_batch(summary)`` gets the running summary after every batch (same keys as the return)."""
     from sparse_hf.bench import build_model
 
     num_requests, min_len, max_len, new_tokens = load
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(shape, device, dtype)
     _, prompts = load_requests(num_requests, min_len, max_len, model.config.vocab_size, None)
-    tokens, start = 0, time.perf_counter()
-    for first in range(0, num_requests, batch):
-        group = prompts[first: first + batch]
+    groups = [prompts[first: first + batch] for first in range(0, num_requests, batch)]
+    tokens, done, slowest, start = 0, 0, 0.0, time.perf_counter()
+    summary = {}
+    for index, group in enumerate(groups):
+        if index and max_s is not None and time.perf_counter() - start + slowest > max_s:
+            break
+        began = time.perf_counter()
         width = max(len(p) for p in group)
         ids = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros(len(group), width, dtype=torch.long)
@@ -166,31 +185,48 @@ def run_hf_load(shape: str, load: list[int], device, batch: int = 8) -> dict:
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         tokens += (out.shape[1] - width) * len(group)
-    wall = time.perf_counter() - start
+        done += len(group)
+        slowest = max(slowest, time.perf_counter() - began)
+        wall = time.perf_counter() - start
+        summary = dict(path="hf generate", batch=batch, num_requests=num_requests, prompt_lens=[min_len, max_len],
+                       new_tokens=new_tokens, arrival="together", max_s=max_s, batches_done=index + 1,
+                       batches_total=len(groups), requests_done=done, output_tokens=tokens, wall_s=round(wall, 3),
+                       requests_per_s=round(done / wall, 3), output_tok_s=round(tokens / wall, 1))
+        if on_batch is not None:
+            on_batch(summary)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dict(path="hf generate", batch=batch, num_requests=num_requests, prompt_lens=[min_len, max_len],
-                new_tokens=new_tokens, arrival="together", output_tokens=tokens, wall_s=round(wall, 3),
-                requests_per_s=round(num_requests / wall, 3), output_tok_s=round(tokens / wall, 1))
+    return summary
 
 
-def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, device, bandwidth) -> list[dict]:
+def engine_vs_hf(llm, load: list[int], hf: dict, together: dict) -> dict:
+    """The engine's output tok/s and requests/s over HF ``generate``'s, over the same requests: the engine's
+    together-arriving run when HF finished the whole load, otherwise a further engine run over the requests HF
+    finished (``hf["requests_done"]``, the load's first ones)."""
+    same = together if hf["requests_done"] == together["num_requests"] else \
+        run_load(llm, *load, rate=None, first=hf["requests_done"])
+    return dict(requests=same["num_requests"], same_requests=True, engine_output_tok_s=same["output_tok_s"],
+                hf_output_tok_s=hf["output_tok_s"], engine_requests_per_s=same["requests_per_s"],
+                hf_requests_per_s=hf["requests_per_s"],
+                output_tok_s_x_hf=round(same["output_tok_s"] / hf["output_tok_s"], 2),
+                requests_per_s_x_hf=round(same["requests_per_s"] / hf["requests_per_s"], 2))
+
+
+def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, device, bandwidth,
+                on_result=None) -> list[dict]:
     """The same cases through ``sparse-hf bench``'s ``run_case`` (HF ``generate``'s per-step path: HF vanilla,
     HF's best, our HF caches), before any engine is built, so each table is one process. The HF model is freed
-    afterwards (an engine sizes its pool from the free memory). Sparse methods keep ``budget`` tokens per prompt."""
-    from sparse_hf.bench import BASELINES, build_model, check_methods
+    afterwards (an engine sizes its pool from the free memory). Sparse methods keep ``budget`` tokens per prompt.
+    ``on_result(row)`` gets each row as soon as it exists (default: print it)."""
+    from sparse_hf.bench import BASELINES, build_model, check_methods, warm_up
     from sparse_hf.bench import run_case as hf_run_case
 
     names = check_methods(methods, device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(shape, device, dtype)
     fraction = lambda length: min(1.0, budget / length)  # noqa: E731
-    hf_run_case(model, device, 128, 1, "vanilla", None, 4, bandwidth)                     # warm-up
-    for batch in sorted({b for _, b in cases}):              # Triton JIT and graph capture outside the timed cases,
-        for name in names:                                  # at each batch size (see sparse_hf.bench.run_bench)
-            if name not in BASELINES:
-                hf_run_case(model, device, 512, batch, name, fraction(512), 4, bandwidth)
+    warm_up(model, device, names, [b for _, b in cases], fraction(512), bandwidth)
     results = []
     for length, batch in cases:
         for name in names:
@@ -198,7 +234,7 @@ def run_hf_side(shape: str, methods: str, cases, budget: int, new_tokens: int, d
                             new_tokens, bandwidth)
             r.update(path="hf")
             results.append(r)
-            print(json.dumps(r), flush=True)
+            (on_result or (lambda row: print(json.dumps(row), flush=True)))(r)
     del model
     import gc
 
@@ -233,6 +269,10 @@ def main(argv=None) -> int:
     p.add_argument("--load-mixed", default="on,off", help="load test with mixed steps on, off, or both (comma list)")
     p.add_argument("--load-hf", action="store_true",
                    help="also serve the load test's requests (arriving together) with HF generate, 8 at a time, first")
+    p.add_argument("--load-hf-max-s", type=float, default=240.0,
+                   help="HF generate's time cap: no batch starts that the slowest so far says would end past it; "
+                        "rates are over the batches done (default: %(default)s, room for the engine in a 10-min call)")
+    p.add_argument("--load-hf-batch", type=int, default=8, help="requests per HF generate call (default: 8)")
     p.add_argument("--hf-methods", default="",
                    help="also run these through our HF path in the same process first, side by side with the engine "
                         "(comma list: vanilla, hf-best, or a sparse method, +graph on CUDA; e.g. "
@@ -262,13 +302,32 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device)
     report = dict(shape=args.shape, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   copy_bw_TBps=round(bandwidth / 1e12, 3) if bandwidth else None, budget=args.budget, results=[])
+
+    def save():                    # after every result: a run killed mid-way keeps what finished
+        if args.output:
+            with open(args.output + ".tmp", "w") as f:
+                json.dump(report, f, indent=1)
+            os.replace(args.output + ".tmp", args.output)
+
+    def emit(row: dict, key: str | None = None):
+        """Print ``row`` and save the report, after appending ``row`` to ``report[key]`` when given."""
+        if key is not None:
+            report.setdefault(key, []).append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+    def hf_progress(summary: dict):
+        report["load_hf"] = summary
+        emit(summary)
+
     if args.load_hf:
         if load is None:
             p.error("--load-hf needs --load N,MIN,MAX,NEW")
-        report["load_hf"] = run_hf_load(args.shape, load, device)
-        print(json.dumps(report["load_hf"]), flush=True)
+        run_hf_load(args.shape, load, device, batch=args.load_hf_batch, max_s=args.load_hf_max_s,
+                    on_batch=hf_progress)
     if args.hf_methods:
-        report["hf"] = run_hf_side(args.shape, args.hf_methods, cases, args.budget, args.new_tokens, device, bandwidth)
+        run_hf_side(args.shape, args.hf_methods, cases, args.budget, args.new_tokens, device, bandwidth,
+                    on_result=lambda row: emit(row, "hf"))
     for method in args.methods.split(","):
         knobs = {} if method == "vanilla" else budget_config(method, args.budget / longest, longest)
         llm = LLM(config, max_model_len=max_len, max_num_seqs=max([b for _, b in cases] + ([load[0]] if load else [])),
@@ -284,27 +343,24 @@ def main(argv=None) -> int:
             llm.runner.attention.prefill_route = route
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
             r.update(method=method, knobs=knobs, prefill_route=llm.runner.attention.prefill_route)
-            report["results"].append(r)
-            print(json.dumps(r), flush=True)
+            emit(r, "results")
         if load is not None:
             kept = None if method == "vanilla" or llm.runner.method.family == "mask" else args.budget
-            report.setdefault("capacity", []).append(dict(
-                method=method, pool_slots_per_layer=min(llm.pool.group_slots), prompt_len=load[2],
-                new_tokens=load[3], rows_that_fit=rows_that_fit(llm, load[2], load[3], kept),
-                max_num_seqs=llm.config.max_num_seqs))
-            print(json.dumps(report["capacity"][-1]), flush=True)
+            emit(dict(method=method, pool_slots_per_layer=min(llm.pool.group_slots), prompt_len=load[2],
+                      new_tokens=load[3], rows_that_fit=rows_that_fit(llm, load[2], load[3], kept),
+                      max_num_seqs=llm.config.max_num_seqs), "capacity")
             for mixed in args.load_mixed.split(","):
                 llm.config.mixed_steps = mixed == "on"                 # the scheduler reads it every step
                 for arrival in args.load_arrivals.split(","):
                     r = run_load(llm, *load, rate=None if arrival == "together" else args.rate)
                     r.update(method=method, knobs=knobs, mixed_steps=mixed == "on")
-                    report.setdefault("load", []).append(r)
-                    print(json.dumps(r), flush=True)
+                    emit(r, "load")
+                    if arrival == "together" and "load_hf" in report:    # the side-by-side, same requests
+                        emit(dict(method=method, mixed_steps=mixed == "on",
+                                  **engine_vs_hf(llm, load, report["load_hf"], r)), "load_vs_hf")
         llm.check_pool_whole()
         llm.close()
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=1)
+    save()
     return 0
 
 

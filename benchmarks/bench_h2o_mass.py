@@ -3,7 +3,9 @@
 Times, per prompt length (median of ``--repeat`` runs; CUDA: synchronised around each call):
 
 - ``attention``: the prefill attention that also returns each query's log-sum-exp (CPU: torch's fused flash op,
-  what the engine's CPU route and the HF path run; CUDA: cuDNN's causal op, the engine's split route);
+  what the engine's CPU route and the HF path run; CUDA: cuDNN's causal op, the engine's split route, or in fp32,
+  which cuDNN refuses, the memory-efficient kernel, the HF path's and the fp32 gather route's; the JSON's
+  ``attention_kernel`` says which ran: :func:`~sparse_hf.kernels.attention_lse.causal_attention_with_lse`);
 - ``mass_lse``: ``attention_mass(..., lse=<the attention's>)``, one pass over ``q.k`` (this tree's prompt path);
 - ``mass_two_pass``: ``attention_mass(..., lse=None)``, which computes the log-sum-exp itself first (the prompt
   path before: pass 1 + pass 2 over ``q.k``);
@@ -15,9 +17,9 @@ tile sizes (counted from its causal tile-skipping rule, no GPU needed) relative 
     python benchmarks/bench_h2o_mass.py --device cuda --tokens 8192,32768,131072 --heads 28,4,128
     TRITON_INTERPRET=1 python benchmarks/bench_h2o_mass.py --backend triton --tokens 512 --heads 4,2,32 --repeat 1
 
-The mass backend is ``--backend`` (default ``auto``: Triton on CUDA, the torch reference on the CPU; ``triton`` on
-the CPU runs the kernel under the interpreter, whose time follows the tiles it executes). Prints one JSON line per
-length.
+The mass backend is ``--backend`` (default ``auto``: Triton on CUDA in fp16/bf16, the torch reference in fp32 and on
+the CPU; ``triton`` on the CPU runs the kernel under the interpreter, whose time follows the tiles it executes); the
+JSON's ``mass_backend`` is the one that ran. Prints one JSON line per length.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import time
 import torch
 
 from sparse_hf.kernels import attention_mass
-from sparse_hf.kernels.attention_lse import sdpa_with_lse_cpu
-from sparse_hf.kernels.attention_mass import LSE_BLOCK_KEYS, LSE_BLOCK_ROWS, MASS_BLOCK_KEYS, MASS_BLOCK_ROWS
+from sparse_hf.kernels.attention_lse import causal_attention_with_lse
+from sparse_hf.kernels.attention_mass import (LSE_BLOCK_KEYS, LSE_BLOCK_ROWS, MASS_BLOCK_KEYS, MASS_BLOCK_ROWS,
+                                              mass_runs_triton)
 
 
 def tile_products(n: int, H: int, Hkv: int) -> dict:
@@ -52,15 +55,6 @@ def tile_products(n: int, H: int, Hkv: int) -> dict:
     p1, p2 = pairs(LSE_BLOCK_ROWS, LSE_BLOCK_KEYS), pairs(MASS_BLOCK_ROWS, MASS_BLOCK_KEYS)
     return dict(pass1_over_causal=round(p1 / causal, 3), pass2_over_causal=round(p2 / causal, 3),
                 two_pass_over_causal=round((p1 + p2) / causal, 3))
-
-
-def attention_lse(q, k, v, scale):
-    """``(out, lse [1, H, n])`` of the whole causal prompt from one fused kernel."""
-    if q.device.type == "cpu":
-        return sdpa_with_lse_cpu(q, k, v, scale, causal=True)
-    from sparse_hf.kernels.sdpa_split import sdpa_with_lse
-
-    return sdpa_with_lse(q, k, v, True, scale)
 
 
 def timed(fn, repeat: int, device) -> float:
@@ -99,7 +93,10 @@ def main(argv=None) -> int:
         cols = torch.arange(n, device=device)
         key_pos = cols.expand(1, Hkv, n)
         valid = torch.ones((), dtype=torch.bool, device=device).expand(1, Hkv, n)
-        _, lse = attention_lse(q, k, v, scale)                         # warm-up (and the lse the mass reuses)
+        fused = causal_attention_with_lse(q, k, v, scale)              # warm-up (and the lse the mass reuses)
+        if fused is None:
+            raise SystemExit(f"no fused attention returning the log-sum-exp runs for {dtype} on {device}")
+        _, lse, kernel = fused
 
         def mass(with_lse):
             return attention_mass(q, k, key_pos, valid, cols, None, scale, backend=args.backend,
@@ -107,11 +104,13 @@ def main(argv=None) -> int:
 
         m1, m2 = mass(True), mass(False)                               # warm-up (compiles the Triton kernel)
         err = float((m1 - m2).abs().max() / m2.abs().max())
-        t_att = timed(lambda: attention_lse(q, k, v, scale), args.repeat, device)
+        t_att = timed(lambda: causal_attention_with_lse(q, k, v, scale), args.repeat, device)
         t_lse = timed(lambda: mass(True), args.repeat, device)
         t_two = timed(lambda: mass(False), args.repeat, device)
-        print(json.dumps(dict(device=str(device), backend=args.backend, dtype=str(dtype).replace("torch.", ""),
-                              tokens=n, heads=[H, Hkv, D],
+        print(json.dumps(dict(device=str(device), backend=args.backend,
+                              mass_backend="triton" if mass_runs_triton(args.backend, q, k) else "torch",
+                              attention_kernel=kernel,
+                              dtype=str(dtype).replace("torch.", ""), tokens=n, heads=[H, Hkv, D],
                               attention_s=round(t_att, 4), mass_lse_s=round(t_lse, 4),
                               mass_two_pass_s=round(t_two, 4),
                               mass_lse_over_attention=round(t_lse / t_att, 3),

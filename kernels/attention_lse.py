@@ -13,6 +13,33 @@ from __future__ import annotations
 
 import torch
 
+from .sdpa_split import SplitUnavailable, sdpa_with_lse
+
+
+def causal_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """A whole causal prompt's attention and each query's log-sum-exp from the first fused kernel that runs here,
+    and that kernel's name; ``None`` where none does.
+
+    CPU: torch's flash op (``"cpu_flash"``, :func:`sdpa_with_lse_cpu`). CUDA: cuDNN's (``"cudnn"``,
+    :func:`~sparse_hf.kernels.sdpa_split.sdpa_with_lse`; what SDPA runs for HF's unpadded prompt), else the
+    memory-efficient kernel (``"efficient"``, :func:`efficient_attention_with_lse`): cuDNN's attention is fp16/bf16
+    only, so fp32 takes this one (as the HF path's prompt and the engine's fp32 gather route do).
+
+    Args:
+        q: ``[B, H, n, D]``; k, v: ``[B, Hkv, n, D]`` (square causal: query ``i`` sees keys ``0 .. i``).
+
+    Returns:
+        ``(out [B, H, n, D] in q.dtype, lse [B, H, n] float32 natural log, kernel)`` or ``None``.
+    """
+    if q.device.type == "cpu":
+        fused, kernel = sdpa_with_lse_cpu(q, k, v, scale, causal=True), "cpu_flash"
+    else:
+        try:
+            fused, kernel = sdpa_with_lse(q, k, v, True, scale), "cudnn"
+        except SplitUnavailable:
+            fused, kernel = efficient_attention_with_lse(q, k, v, scale), "efficient"
+    return None if fused is None else (*fused, kernel)
+
 
 def sdpa_with_lse_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       mask: torch.Tensor | None = None, causal: bool = False):

@@ -237,6 +237,19 @@ def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid
     return B, H, q, D, Hkv, L
 
 
+def mass_runs_triton(backend: str, queries: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether :func:`attention_mass` runs the Triton kernel: :func:`~.dispatch.use_triton`'s rule, except that
+    ``"auto"`` takes the torch reference for fp32 keys (an explicit ``"triton"`` is kept). The kernel's fp32 dots
+    are exact ("ieee", :func:`dot_config`: the scores pick tokens) and run on the CUDA cores, where the reference's
+    blocked fp32 matmuls run in cuBLAS. On the H200 (run O, 2026-12-02, ``benchmarks/profile_eval_batch.py --method
+    h2o --routes gather,paged --mass-backends auto,torch``, docs/bench/run_o_2026-12-02/call3_eval_batch_h2o.txt)
+    the engine's fp32 prompt tok/s read 3,679 with the kernel against 13,989 with torch on the gather route, 5,987
+    against 7,830 on the paged route. In fp16/bf16 the kernel stays the choice (``benchmarks/bench_h2o_mass.py``:
+    one pass at ~3x the attention's time at 8K-128K, without the reference's ``[B, H, block, L]`` logits)."""
+    fp32_auto = backend == "auto" and keys.dtype == torch.float32
+    return use_triton("torch" if fp32_auto else backend, _mass_kernel, queries, keys)
+
+
 def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, key_valid: torch.Tensor,
                    query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
                    block: int | None = None, *, backend: str = "auto", slots: torch.Tensor | None = None,
@@ -246,7 +259,8 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
 
     Args (beyond :func:`attention_mass_ref`'s, whose ``block`` only the torch path uses):
         queries, keys: any strides; fp16/bf16/fp32 for Triton (queries are cast to the keys' dtype).
-        backend: ``"auto"`` | ``"triton"`` | ``"torch"``.
+        backend: ``"auto"`` | ``"triton"`` | ``"torch"``; ``"auto"`` is Triton on CUDA for fp16/bf16 keys, the torch
+            reference otherwise (:func:`mass_runs_triton`).
         slots: optional ``[B, L]`` int slot table: ``keys`` is then a slot pool ``[B, Hkv, S, D]`` (e.g. a
             ``[S, Hkv, D]`` pool viewed with stride 0 over rows) and key ``j`` of row ``b`` is read from slot
             ``slots[b, j]`` in place (the engine's prefill); ``key_pos``/``key_valid``/the result are indexed by
@@ -261,7 +275,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
         ``[B, Hkv, L]`` float32 (float64 for float64 inputs, which take the torch path).
     """
     B, H, q, D, Hkv, L = _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots, lse)
-    if not use_triton(backend, _mass_kernel, queries, keys):
+    if not mass_runs_triton(backend, queries, keys):
         if slots is not None:                          # the reference reads a gathered copy
             idx = slots.long().clamp(0, keys.shape[2] - 1).view(B, 1, L, 1)
             keys = keys.gather(2, idx.expand(B, Hkv, L, D))

@@ -185,6 +185,26 @@ def test_auto_backend_on_cpu_is_the_reference():
     assert attention_mass(*case64, 0.3).dtype == torch.float64
 
 
+@pytest.mark.parametrize("dtype, backend, passed", [
+    (torch.float32, "auto", "torch"),          # fp32: the reference (run O, H200: 3.8x the kernel's prompt tok/s)
+    (torch.bfloat16, "auto", "auto"),          # fp16/bf16: use_triton's own rule (the kernel on CUDA)
+    (torch.float16, "auto", "auto"),
+    (torch.float32, "triton", "triton"),       # an explicit backend is kept
+    (torch.bfloat16, "torch", "torch"),
+])
+def test_auto_mass_backend_takes_the_reference_for_fp32(dtype, backend, passed, monkeypatch):
+    """The dispatch decision (not its speed): what ``attention_mass`` asks ``use_triton`` for, by the keys' dtype;
+    the result is the reference's either way."""
+    import importlib
+
+    module = importlib.import_module("sparse_hf.kernels.attention_mass")        # the package re-exports the function
+    asked = []
+    monkeypatch.setattr(module, "use_triton", lambda b, *_: asked.append(b) or False)
+    case = make_case(q=5, L=20, dtype=dtype)
+    torch.testing.assert_close(attention_mass(*case, 0.3, backend=backend), attention_mass_ref(*case, 0.3))
+    assert asked == [passed]
+
+
 @pytest.mark.gpu
 def test_kernel_equals_reference_on_cuda_at_a_realistic_size():
     """4K keys, a 1K-query chunk after 3K earlier slots, Qwen2.5-7B's 28/4 heads and 128 dims, bf16 and fp32; the

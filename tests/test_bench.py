@@ -53,3 +53,38 @@ def test_bench_bad_input(argv, message, capsys):
 
 def test_parse_cases():
     assert parse_cases("4096x8,131072x1") == [(4096, 8), (131072, 1)]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "hf-best", "snapkv", "deltakv"])
+def test_run_case_warms_the_timed_prefill_at_its_shape(method, monkeypatch):
+    """The timed TTFT is the second prefill of the case: the first runs the same method's prefill path on the same
+    ``(batch, length)`` ids into a cache of its own, so first-call costs of that shape stay out of TTFT (run O)."""
+    import torch
+
+    from sparse_hf import bench
+
+    model = bench.build_model("tiny", torch.device("cpu"), torch.float32)
+    prefills, forwards = [], []
+    real = bench._prefill
+
+    def spy(model_, ids, cache, method_, device):
+        token, seconds = real(model_, ids, cache, method_, device)
+        prefills.append(dict(ids=ids, cache=cache, method=method_, seconds=seconds))
+        return token, seconds
+
+    monkeypatch.setattr(bench, "_prefill", spy)
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: forwards.append((tuple(kw["input_ids"].shape), id(kw["past_key_values"]))),
+        with_kwargs=True)
+    try:
+        r = bench.run_case(model, torch.device("cpu"), 96, 2, method, 0.25, 2, None)
+    finally:
+        hook.remove()
+    warm, timed = prefills
+    assert warm["ids"] is timed["ids"] and tuple(timed["ids"].shape) == (2, 96)
+    assert warm["method"] == timed["method"] == method
+    assert type(warm["cache"]) is type(timed["cache"]) and warm["cache"] is not timed["cache"]
+    assert r["ttft_s"] == round(timed["seconds"], 4) and r["ttft_first_s"] == round(warm["seconds"], 4)
+    # the model's forwards: the warm-up's prompt, the timed prompt, then decode steps into the timed cache only
+    assert [shape for shape, _ in forwards] == [(2, 96), (2, 96), (2, 1), (2, 1)]
+    assert forwards[0][1] != forwards[1][1] and {c for _, c in forwards[1:]} == {forwards[1][1]}

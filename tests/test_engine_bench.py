@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_engine  # noqa: E402
@@ -72,3 +74,43 @@ def test_load_runs_the_same_requests_through_hf_generate(tmp_path):
     slots = capacity["vanilla"]["pool_slots_per_layer"]
     assert capacity["vanilla"]["rows_that_fit"] == slots // (64 + 4)
     assert capacity["snapkv"]["rows_that_fit"] >= capacity["vanilla"]["rows_that_fit"]
+    vs = report["load_vs_hf"]                     # both engines' together-arriving runs, over the same 6 requests
+    together = {r["method"]: r for r in report["load"] if r["arrival"] == "together"}
+    assert [v["method"] for v in vs] == ["vanilla", "snapkv"]
+    for v in vs:
+        assert v["requests"] == 6 and v["same_requests"] and hf["batches_done"] == hf["batches_total"] == 1
+        assert v["engine_output_tok_s"] == together[v["method"]]["output_tok_s"]
+        assert v["output_tok_s_x_hf"] == round(v["engine_output_tok_s"] / hf["output_tok_s"], 2)
+
+
+def test_load_hf_time_cap_stops_between_batches(tmp_path):
+    """``--load-hf-max-s``: once the cap (here 0 s) is reached no HF batch starts (the first always runs); the rates
+    are over the batches done, and the engine's ratio runs over the same (first) requests."""
+    out = tmp_path / "bench.json"
+    assert bench_engine.main(["--small", "--methods", "vanilla", "--load-hf", "--load-hf-batch", "2",
+                              "--load-hf-max-s", "0", "--load-arrivals", "together", "--load-mixed", "on",
+                              "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    hf = report["load_hf"]
+    assert (hf["batches_done"], hf["batches_total"], hf["requests_done"]) == (1, 3, 2)
+    assert hf["output_tokens"] == 2 * 4 and hf["output_tok_s"] == pytest.approx(8 / hf["wall_s"], rel=0.02)
+    (vs,) = report["load_vs_hf"]
+    assert vs["requests"] == 2 and vs["same_requests"] and vs["engine_output_tok_s"] > 0
+    assert report["load"][0]["num_requests"] == 6                                  # the full load is still reported
+
+
+def test_a_run_killed_mid_way_keeps_what_finished(tmp_path, monkeypatch):
+    """The ``--output`` JSON is rewritten after every row: an engine that fails after the HF side leaves that side."""
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(bench_engine, "LLM", broken)
+    out = tmp_path / "bench.json"
+    try:
+        bench_engine.main(["--small", "--methods", "vanilla", "--load-hf", "--hf-methods", "vanilla", "--output",
+                           str(out)])
+    except RuntimeError:
+        pass
+    report = json.loads(out.read_text())
+    assert report["load_hf"]["batches_done"] == 1 and [r["method"] for r in report["hf"]] == ["vanilla", "vanilla"]
+    assert report["results"] == []

@@ -157,6 +157,48 @@ def test_cpu_fused_op_refuses_what_it_cannot_run():
     assert sdpa_with_lse_cpu(q, q.double(), q.double(), 0.3) is None                       # mixed dtypes
 
 
+def test_causal_attention_with_lse_names_the_kernel_it_ran(monkeypatch):
+    """A whole causal prompt: on the CPU torch's flash op, equal to a float64 log-sum-exp; off the CPU cuDNN first and,
+    where cuDNN refuses (fp32), the memory-efficient kernel (the order checked with stand-ins on the meta device)."""
+    import sparse_hf.kernels.attention_lse as attention_lse
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 6, 20, 8, generator=g), torch.randn(1, 2, 20, 8, generator=g), torch.randn(1, 2, 20, 8)
+    out, lse, kernel = attention_lse.causal_attention_with_lse(q, k, v, 0.3)
+    s = q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2) * 0.3
+    ref = torch.logsumexp(s.masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), float("-inf")), -1)
+    assert kernel == "cpu_flash" and out.shape == q.shape
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+
+    def refuse(*_):
+        raise sdpa_split.SplitUnavailable("fp32")
+
+    meta = torch.empty(1, 6, 20, 8, device="meta")
+    monkeypatch.setattr(attention_lse, "sdpa_with_lse", lambda *_: ("out", "lse"))
+    assert attention_lse.causal_attention_with_lse(meta, meta, meta, 0.3) == ("out", "lse", "cudnn")
+    monkeypatch.setattr(attention_lse, "sdpa_with_lse", refuse)
+    monkeypatch.setattr(attention_lse, "efficient_attention_with_lse", lambda *_: ("out", "lse"))
+    assert attention_lse.causal_attention_with_lse(meta, meta, meta, 0.3) == ("out", "lse", "efficient")
+    monkeypatch.setattr(attention_lse, "efficient_attention_with_lse", lambda *_: None)
+    assert attention_lse.causal_attention_with_lse(meta, meta, meta, 0.3) is None
+
+
+def test_bench_h2o_mass_says_which_attention_and_mass_ran(capsys):
+    """``benchmarks/bench_h2o_mass.py`` on the CPU: its JSON names the attention kernel and the mass backend that ran
+    (run O's fp32 call on CUDA failed where cuDNN refused fp32), and the one-pass mass equals the two-pass one."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_h2o_mass
+
+    assert bench_h2o_mass.main(["--tokens", "64", "--heads", "4,2,16", "--repeat", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["attention_kernel"], row["mass_backend"], row["dtype"]) == ("cpu_flash", "torch", "float32")
+    assert row["max_rel_diff"] < 1e-5
+
+
 def no_lse(monkeypatch):
     """The previous behaviour: the HF path and the engine give the mass no log-sum-exp (it computes its own)."""
     monkeypatch.setattr(hf_cache, "attention_with_lse", lambda *a, **k: None)

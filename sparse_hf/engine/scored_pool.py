@@ -178,9 +178,10 @@ class ScoredPoolAttention(PoolAttention):
     """:class:`~.attention.PoolAttention` that also accumulates every query's attention mass into the pool's
     scores (the method must accumulate attention; the pool must be a :class:`ScoredKVPool`).
 
-    ``mass_backend``: the backend of the prefill's mass kernel (default: the attention's own, Triton on CUDA); a
-    benchmark sets ``"torch"`` to time the blocked matmul reference against it (fp32: the Triton kernel's exact
-    dots run on the CUDA cores, ``benchmarks/profile_eval_batch.py --mass-backends``)."""
+    ``mass_backend``: the backend of the prefill's mass kernel (default: the attention's own; ``"auto"`` on CUDA is
+    Triton in fp16/bf16 and the blocked matmul reference in fp32, where the kernel's exact dots run on the CUDA cores:
+    :func:`~sparse_hf.kernels.attention_mass.mass_runs_triton`); a benchmark sets it to time one against the other
+    (``benchmarks/profile_eval_batch.py --mass-backends``)."""
 
     def __init__(self, pool, method=None, tp=None):
         super().__init__(pool, method, tp)

@@ -23,8 +23,7 @@ try:  # transformers >= 5.x
 except ImportError:  # pragma: no cover
     AttentionMaskInterface = None
 
-from ..kernels.attention_lse import efficient_attention_with_lse, sdpa_with_lse_cpu
-from ..kernels.sdpa_split import SplitUnavailable, sdpa_with_lse
+from ..kernels.attention_lse import causal_attention_with_lse, efficient_attention_with_lse, sdpa_with_lse_cpu
 
 ATTN_IMPLEMENTATION = "sparse_hf"
 CACHE_KWARG = "sparse_hf_cache"
@@ -103,16 +102,13 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     fused = None
     if query.device.type == "cpu":
         fused = sdpa_with_lse_cpu(query, key, value, scaling, mask=mask, causal=causal)
-    elif causal:
-        try:
-            fused = sdpa_with_lse(query, key, value, True, scaling)
-        except SplitUnavailable:                     # no cuDNN (fp32): the memory-efficient kernel, square causal
-            fused = efficient_attention_with_lse(query, key, value, scaling)
+    elif causal:                                     # cuDNN, else (fp32) the memory-efficient kernel
+        fused = causal_attention_with_lse(query, key, value, scaling)
     elif mask is not None:
         fused = efficient_attention_with_lse(query, key, value, scaling, mask)
     if fused is None:
         return None
-    out, lse = fused
+    out, lse = fused[:2]
     return out.transpose(1, 2).contiguous(), lse
 
 

@@ -82,9 +82,9 @@ class H2O(EvictionMethod):
 
     def accumulate(self, queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, *,
                    backend: str = "auto", slots: torch.Tensor | None = None, lse: torch.Tensor | None = None):
-        """:func:`~sparse_hf.kernels.attention_mass` (Triton on CUDA, the torch reference elsewhere; ``backend``, the
-        optional ``[B, L]`` slot table ``slots`` and the queries' ``[B, H, q]`` log-sum-exp ``lse`` from the
-        attention, which saves the kernel's first pass, as there)."""
+        """:func:`~sparse_hf.kernels.attention_mass` (``backend="auto"``: Triton on CUDA in fp16/bf16, the torch
+        reference elsewhere; the optional ``[B, L]`` slot table ``slots`` and the queries' ``[B, H, q]`` log-sum-exp
+        ``lse`` from the attention, which saves the kernel's first pass, as there)."""
         return attention_mass(queries, keys, key_pos, key_valid, query_pos, query_valid, scaling, backend=backend,
                               slots=slots, lse=lse)
 
