@@ -93,7 +93,9 @@ def test_load_hf_time_cap_stops_between_batches(tmp_path):
     report = json.loads(out.read_text())
     hf = report["load_hf"]
     assert (hf["batches_done"], hf["batches_total"], hf["requests_done"]) == (1, 3, 2)
-    assert hf["output_tokens"] == 2 * 4 and hf["output_tok_s"] == pytest.approx(8 / hf["wall_s"], rel=0.02)
+    # wall_s is rounded to the millisecond: on a fast CPU a batch takes ~10 ms, so allow that rounding's share
+    rounding = 0.0005 / hf["wall_s"]
+    assert hf["output_tokens"] == 2 * 4 and hf["output_tok_s"] == pytest.approx(8 / hf["wall_s"], rel=0.01 + rounding)
     (vs,) = report["load_vs_hf"]
     assert vs["requests"] == 2 and vs["same_requests"] and vs["engine_output_tok_s"] > 0
     assert report["load"][0]["num_requests"] == 6                                  # the full load is still reported
