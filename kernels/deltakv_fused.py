@@ -26,28 +26,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .deltakv_rebuild import _latent_row
-
-    @triton.jit
-    def _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n,
-                     R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr):
-        """``[BLOCK_M, BLOCK_R]`` dequantised latents of the latent rows ``row`` (zeros past ``R`` / masked picks)."""
-        i = tl.arange(0, BLOCK_R)
-        m = jm[:, None] & (i < R)[None, :]
-        base = CODES + b * sc_b + row[:, None] * sc_n
-        if MODE == 0:
-            z = tl.load(base + i[None, :], mask=m, other=0.0).to(tl.float32)
-        elif MODE == 8:
-            s = tl.load(SCALE + b * ss_b + row * ss_n, mask=jm, other=0.0).to(tl.float32)
-            z = tl.load(base + i[None, :], mask=m, other=0).to(tl.float32) * s[:, None]
-        else:
-            byte = tl.load(base + (i // 2)[None, :], mask=m, other=0).to(tl.int32)
-            code = ((byte >> ((i % 2) * 4)[None, :]) & 15).to(tl.float32)
-            g = (i // GW)[None, :]
-            s = tl.load(SCALE + b * ss_b + row[:, None] * ss_n + g, mask=m, other=0.0).to(tl.float32)
-            o = tl.load(OFFSET + b * so_b + row[:, None] * so_n + g, mask=m, other=0.0).to(tl.float32)
-            z = tl.where(m, code * s + o, 0.0)
-        return z
+    from .deltakv_rebuild import _latent_row, _latent_tile
 
     @triton.jit
     def _tile_x(z, W, BIAS, CX, FATH, b, row, cidx, is_center, jm, cols, cm,
