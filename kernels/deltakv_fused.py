@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .deltakv_rebuild import group_width
 from .dispatch import HAS_TRITON, next_pow2, use_triton
 
 if HAS_TRITON:
@@ -150,7 +151,7 @@ def deltakv_rebuild_fused(pick: torch.Tensor, codes: torch.Tensor, scale: torch.
         fathers.stride(0), fathers.stride(1), center_x.stride(0), center_x.stride(1), weight.stride(0),
         weight.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
-        HKV=Hkv, D=D, DV=Dv, R=r, GW=r // scale.shape[-1] if mode == 4 else 1, MODE=mode, NBR=fathers.shape[-1],
+        HKV=Hkv, D=D, DV=Dv, R=r, GW=group_width(r, scale, mode), MODE=mode, NBR=fathers.shape[-1],
         BLOCK_M=block_m, BLOCK_R=max(16, next_pow2(r)), HALF_BLOCK=max(16, next_pow2(D // 2)),
         BLOCK_DV=max(16, next_pow2(Dv)), HAS_BIAS=bias is not None, HAS_KNORM=k_norm_weight is not None,
         IEEE=weight.dtype == torch.float32, num_warps=4)

@@ -14,6 +14,15 @@ preallocated scratch slots ``[B, Hkv, k, D]`` that the sparse decode kernel read
    SwiGLU alike).
 3. :func:`deltakv_writeback` -- one kernel: centers / ``up`` output + fathers' mean, split, k_norm, RoPE, store.
 
+Both kernels give a program ``BLOCK_M`` picks of one row and whole rows of their data (the gather ``[BLOCK_M, r]``,
+the writeback ``[BLOCK_M, Dx]`` as K rotate-half tiles and a V tile over all KV heads), so the picks' indices are one
+vector load, every row read is a contiguous 16-byte-vector load and the writes are 16-byte stores. The first version
+ran one program per pick (13,039 at the 128K shape, each a short chain of dependent loads with little work to
+overlap it); its gather loaded each 4-bit byte once per nibble (1-byte loads) and each group's step and minimum once
+per value, and stored 4 bytes per thread; its writeback re-read the father ids for each of its three sub-tiles.
+:func:`rebuild_tile` picks ``BLOCK_M`` and ``num_warps``; both are overridable per call for a sweep
+(``benchmarks/bench_deltakv_rebuild.py``).
+
 :func:`deltakv_rebuild_kv` runs the three. Torch versions (the specification, and the CPU path):
 :func:`~sparse_hf.kernels.reference.deltakv_gather_latents_ref` and
 :func:`~sparse_hf.kernels.reference.deltakv_writeback_ref`.
@@ -44,8 +53,9 @@ if HAS_TRITON:
     def _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n,
                      R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr):
         """``[BLOCK_M, BLOCK_R]`` fp32 dequantised latents of the latent rows ``row [BLOCK_M]`` (zeros past ``R`` and
-        at masked picks). Each row's codes are one contiguous load (vectorised); 4-bit bytes are split into their two
-        nibbles and interleaved in registers (low nibble = even index), not loaded once per nibble."""
+        at masked picks). Each row's codes are one contiguous load (vectorised); a 4-bit byte's two nibbles are
+        dequantised with the byte's group step and minimum (one load per byte, not per value: ``GW`` must be even)
+        and interleaved in registers (low nibble = even index)."""
         i = tl.arange(0, BLOCK_R)
         m = jm[:, None] & (i < R)[None, :]
         base = CODES + b * sc_b + row[:, None] * sc_n
@@ -56,12 +66,12 @@ if HAS_TRITON:
             z = tl.load(base + i[None, :], mask=m, other=0).to(tl.float32) * s[:, None]
         else:
             c = tl.arange(0, BLOCK_R // 2)
-            byte = tl.load(base + c[None, :], mask=jm[:, None] & (c < R // 2)[None, :], other=0).to(tl.int32)
-            code = tl.interleave(byte & 15, (byte >> 4) & 15).to(tl.float32)                 # [BLOCK_M, BLOCK_R]
-            g = (i // GW)[None, :]                 # a group's step and minimum: L1 hits after the row's first lane
-            s = tl.load(SCALE + b * ss_b + row[:, None] * ss_n + g, mask=m, other=0.0).to(tl.float32)
-            o = tl.load(OFFSET + b * so_b + row[:, None] * so_n + g, mask=m, other=0.0).to(tl.float32)
-            z = code * s + o
+            cm = jm[:, None] & (c < R // 2)[None, :]
+            byte = tl.load(base + c[None, :], mask=cm, other=0).to(tl.int32)                 # [BLOCK_M, BLOCK_R/2]
+            g = (2 * c // GW)[None, :]     # a byte's group (GW even: both nibbles in it); L1 hits after a group's first
+            s = tl.load(SCALE + b * ss_b + row[:, None] * ss_n + g, mask=cm, other=0.0).to(tl.float32)
+            o = tl.load(OFFSET + b * so_b + row[:, None] * so_n + g, mask=cm, other=0.0).to(tl.float32)
+            z = tl.interleave((byte & 15).to(tl.float32) * s + o, ((byte >> 4) & 15).to(tl.float32) * s + o)
         return z
 
     @triton.jit
@@ -112,13 +122,28 @@ if HAS_TRITON:
         vm = row_m & (e < DV)                                                     # [BLOCK_M, BLOCK_H, BLOCK_DV]
         k_offs = h * D + d
         v_offs = HKV * D + h * DV + e
+        # loads that need only the picks first (up rows, RoPE tables), then the chain father ids -> fathers' rows
+        dd = tl.arange(0, HALF_BLOCK)
+        dm = dd < HALF
+        rm = jm[:, None] & dm[None, :]
+        cb = COS + b * sc_b + j[:, None] * sc_k + dd[None, :]                        # [BLOCK_M, HALF_BLOCK]
+        sb = SIN + b * ss_b + j[:, None] * ss_k + dd[None, :]
+        c_lo = tl.load(cb, mask=rm, other=0.0)
+        c_hi = tl.load(cb + HALF, mask=rm, other=0.0)
+        s_lo = tl.load(sb, mask=rm, other=0.0)
+        s_hi = tl.load(sb + HALF, mask=rm, other=0.0)
+        if HAS_LAT:
+            ub = UP + b * su_b + j[:, None, None] * su_k
+            um = lat[:, None, None]
+            up_lo = tl.load(ub + k_offs, mask=km & um, other=0.0)
+            up_hi = tl.load(ub + k_offs + HALF, mask=km & um, other=0.0)
+            up_v = tl.load(ub + v_offs, mask=vm & um, other=0.0)
+            row = _latent_row(p, step, n_lat)
         # x = mean of the source rows (a center: its own row; a latent token: its fathers, -1 skipped) + up output
         lo = tl.zeros([BLOCK_M, BLOCK_H, HALF_BLOCK], tl.float32)
         hi = tl.zeros([BLOCK_M, BLOCK_H, HALF_BLOCK], tl.float32)
         v = tl.zeros([BLOCK_M, BLOCK_H, BLOCK_DV], tl.float32)
         cnt = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_LAT:
-            row = _latent_row(p, step, n_lat)
         for f in tl.static_range(NBR):
             if HAS_LAT:
                 src = tl.load(FATH + b * sf_b + row * sf_n + f, mask=lat, other=-1).to(tl.int64)
@@ -138,25 +163,16 @@ if HAS_TRITON:
         hi = hi / cnt
         v = v / cnt
         if HAS_LAT:
-            ub = UP + b * su_b + j[:, None, None] * su_k
-            um = lat[:, None, None]
-            lo += tl.load(ub + k_offs, mask=km & um, other=0.0).to(tl.float32)
-            hi += tl.load(ub + k_offs + HALF, mask=km & um, other=0.0).to(tl.float32)
-            v += tl.load(ub + v_offs, mask=vm & um, other=0.0).to(tl.float32)
+            lo += up_lo.to(tl.float32)
+            hi += up_hi.to(tl.float32)
+            v += up_v.to(tl.float32)
         tl.store(VOUT + b * svo_b + h * svo_h + j[:, None, None] * svo_k + e, v.to(VOUT.dtype.element_ty), mask=vm)
-        dd = tl.arange(0, HALF_BLOCK)
-        dm = dd < HALF
         if HAS_KNORM:
             inv = (1.0 / tl.sqrt((tl.sum(lo * lo, 2) + tl.sum(hi * hi, 2)) / D + eps))[:, :, None]   # per head
             lo = lo * inv * tl.load(KW + dd, mask=dm, other=0.0).to(tl.float32)[None, None, :]
             hi = hi * inv * tl.load(KW + HALF + dd, mask=dm, other=0.0).to(tl.float32)[None, None, :]
-        rm = jm[:, None] & dm[None, :]
-        cb = COS + b * sc_b + j[:, None] * sc_k + dd[None, :]                        # [BLOCK_M, HALF_BLOCK]
-        sb = SIN + b * ss_b + j[:, None] * ss_k + dd[None, :]
-        c_lo = tl.load(cb, mask=rm, other=0.0).to(tl.float32)[:, None, :]
-        c_hi = tl.load(cb + HALF, mask=rm, other=0.0).to(tl.float32)[:, None, :]
-        s_lo = tl.load(sb, mask=rm, other=0.0).to(tl.float32)[:, None, :]
-        s_hi = tl.load(sb + HALF, mask=rm, other=0.0).to(tl.float32)[:, None, :]
+        c_lo, c_hi = c_lo.to(tl.float32)[:, None, :], c_hi.to(tl.float32)[:, None, :]
+        s_lo, s_hi = s_lo.to(tl.float32)[:, None, :], s_hi.to(tl.float32)[:, None, :]
         kb = KOUT + b * sko_b + h * sko_h + j[:, None, None] * sko_k + d
         tl.store(kb, (lo * c_lo - hi * s_lo).to(KOUT.dtype.element_ty), mask=km)
         tl.store(kb + HALF, (hi * c_hi + lo * s_hi).to(KOUT.dtype.element_ty), mask=km)
@@ -244,6 +260,29 @@ def rebuild_tile(rows: int, k: int, row_elems: int, device: torch.device, block_
     return block_m, num_warps
 
 
+def group_width(r: int, scale: torch.Tensor | None, mode: int) -> int:
+    """Latent values per 4-bit group (``GW``; 1 in the other modes). The kernels dequantise a byte's two codes with
+    one group's step and minimum, so ``GW`` must be even (quantize's groups: 32 values, or the whole even row)."""
+    if mode != 4:
+        return 1
+    gw, rem = divmod(r, scale.shape[-1])
+    if rem or gw % 2:
+        raise ValueError(f"4-bit latents of width {r} in {scale.shape[-1]} groups: a group must hold an even "
+                         f"number of values")
+    return gw
+
+
+def gather_width(r: int) -> int:
+    """The gather kernel's padded latent width ``BLOCK_R`` (values per pick in its tile)."""
+    return max(2, next_pow2(r))
+
+
+def writeback_widths(Hkv: int, D: int, Dv: int) -> tuple[int, int, int]:
+    """The writeback kernel's padded ``(BLOCK_H, HALF_BLOCK, BLOCK_DV)``; a pick's tile row holds
+    ``BLOCK_H * (2 * HALF_BLOCK + BLOCK_DV)`` values."""
+    return next_pow2(Hkv), next_pow2(D // 2), next_pow2(Dv)
+
+
 def deltakv_gather_latents(pick: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None,
                            offset: torch.Tensor | None, step: int, dtype: torch.dtype,
                            backend: str = "auto", block_m: int | None = None,
@@ -259,7 +298,7 @@ def deltakv_gather_latents(pick: torch.Tensor, codes: torch.Tensor, scale: torch
     out = torch.empty(B, k, r, dtype=dtype, device=codes.device)
     if B * k == 0:
         return out
-    block_r = max(2, next_pow2(r))
+    block_r = gather_width(r)
     block_m, num_warps = rebuild_tile(B, k, block_r, codes.device, block_m, num_warps)
     dummy = codes
     _gather_latents_kernel[(B * triton.cdiv(k, block_m),)](
@@ -268,7 +307,7 @@ def deltakv_gather_latents(pick: torch.Tensor, codes: torch.Tensor, scale: torch
         *(scale.stride()[:2] if scale is not None else (0, 0)),
         *(offset.stride()[:2] if offset is not None else (0, 0)),
         out.stride(0), out.stride(1),
-        R=r, GW=r // scale.shape[-1] if mode == 4 else 1, MODE=mode, BLOCK_M=block_m, BLOCK_R=block_r,
+        R=r, GW=group_width(r, scale, mode), MODE=mode, BLOCK_M=block_m, BLOCK_R=block_r,
         num_warps=num_warps)
     return out
 
@@ -297,7 +336,7 @@ def deltakv_writeback(pick: torch.Tensor, up_out: torch.Tensor | None, fathers: 
         return k_out, v_out
     fath = fathers if has_lat else pick
     up = up_out if has_lat else center_x
-    block_h, half_block, block_dv = next_pow2(Hkv), next_pow2(D // 2), next_pow2(Dv)
+    block_h, half_block, block_dv = writeback_widths(Hkv, D, Dv)
     block_m, num_warps = rebuild_tile(B, k, block_h * (2 * half_block + block_dv), center_x.device, block_m,
                                       num_warps)
     _writeback_kernel[(B * triton.cdiv(k, block_m),)](

@@ -156,6 +156,15 @@ def test_rebuild_tile_heuristic_and_overrides():
         rebuild_tile(1, 100, 256, torch.device("cpu"), 6)
 
 
+def test_odd_four_bit_groups_are_refused():
+    # the kernels dequantise a byte's two codes with one group's step: a group of an odd count of values is refused
+    from sparse_hf.kernels.deltakv_rebuild import group_width
+    assert group_width(96, torch.zeros(1, 1, 3), 4) == 32 and group_width(50, torch.zeros(1, 1, 1), 4) == 50
+    assert group_width(96, torch.zeros(1, 1, 1), 8) == 1
+    with pytest.raises(ValueError, match="even"):
+        group_width(6, torch.zeros(1, 1, 2), 4)
+
+
 @pytest.mark.parametrize("block_m", [None, 2])
 def test_writeback_without_latents_reads_only_centers(block_m):
     # every compressed token a center (no latents yet): nothing but centers and RoPE (k = 5: tiles of 2 end in one)
