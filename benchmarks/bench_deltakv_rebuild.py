@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--picks", type=int, default=13039)
     p.add_argument("--compressed", type=int, default=131008)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--neighbors", type=int, default=1, help="fathers per latent (the issue-12 bench's compressor: 1)")
     p.add_argument("--layers", type=int, default=21, help="compressed layers per decode step (the per-step estimate)")
     p.add_argument("--block-m", default="32", help="the fused kernel's tiles ('' to skip it)")
     p.add_argument("--gather-block", default="auto", help="gather tiles (picks per program), e.g. auto,8,16,32")
@@ -202,9 +203,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     if args.small:
-        case = make(40, 300, args.bits, 32, 2, 16, device, torch.float32)
+        case = make(40, 300, args.bits, 32, 2, 16, device, torch.float32, nbr=args.neighbors)
     else:
-        case = make(args.picks, args.compressed, args.bits, 256, 4, 128, device, torch.bfloat16)
+        case = make(args.picks, args.compressed, args.bits, 256, 4, 128, device, torch.bfloat16, nbr=args.neighbors)
     ints = lambda s: [None if x == "auto" else int(x) for x in s.split(",") if x]
     ref_k, ref_v = (t.clone() for t in run(case, "torch"))
 
