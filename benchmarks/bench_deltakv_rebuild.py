@@ -23,8 +23,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_selection_topk import timed  # noqa: E402  (median ms of eager calls between CUDA events)
 
 BANDWIDTH = 4.24e12                                     # the H200's measured copy bandwidth (run N)
 
@@ -97,22 +102,7 @@ def time_us(fn, device, reps=20):
     if device.type != "cuda":
         fn()
         return None, None
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-
-    def median_ms(call, n):
-        times = []
-        for _ in range(n):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
-
-    eager = median_ms(fn, 50) * 1e3
+    eager = timed(fn, 50, "cuda") * 1e3
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
     junk = torch.empty(2 * l2, dtype=torch.uint8, device=device)
     graphs = []
@@ -125,7 +115,7 @@ def time_us(fn, device, reps=20):
                     fn()
         graphs.append(g)
     torch.cuda.synchronize()
-    both, flush = (median_ms(g.replay, 10) * 1e3 / reps for g in graphs)
+    both, flush = (timed(g.replay, 10, "cuda") * 1e3 / reps for g in graphs)
     return round(both - flush, 1), round(eager, 1)
 
 

@@ -27,7 +27,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .deltakv_rebuild import _latent_row, _latent_tile
+    from .deltakv_rebuild import _latent_row, _latent_tile, _pick_tile
 
     @triton.jit
     def _tile_x(z, W, BIAS, CX, FATH, b, row, cidx, is_center, jm, cols, cm,
@@ -68,13 +68,8 @@ if HAS_TRITON:
                               BLOCK_R: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr, IEEE: tl.constexpr):
         # one program per (row, tile of BLOCK_M picks) x KV head
-        tiles = tl.cdiv(k, BLOCK_M)
-        t = tl.program_id(0)
+        b, j, jm, p = _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M)
         h = tl.program_id(1).to(tl.int64)
-        b = (t // tiles).to(tl.int64)
-        j = ((t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        jm = j < k
-        p = tl.load(PICK + b * sp_b + j * sp_k, mask=jm, other=0).to(tl.int64)
         pc = tl.maximum(p, 0)
         is_center = (pc % step) == 0
         cidx = tl.minimum(num_sink + pc // step, n_centers - 1)

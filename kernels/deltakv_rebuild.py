@@ -50,6 +50,18 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(p - p // step - 1, 0), tl.maximum(n_lat - 1, 0))
 
     @triton.jit
+    def _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M: tl.constexpr):
+        """The row ``b`` of program ``program_id(0)`` (one per row and tile of ``BLOCK_M`` picks), its pick slots
+        ``j [BLOCK_M]`` (``jm``: ``j < k``) and their offsets ``p`` (one vector load; 0 where masked)."""
+        tiles = tl.cdiv(k, BLOCK_M)
+        t = tl.program_id(0)
+        b = (t // tiles).to(tl.int64)
+        j = ((t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        jm = j < k
+        p = tl.load(PICK + b * sp_b + j * sp_k, mask=jm, other=0).to(tl.int64)
+        return b, j, jm, p
+
+    @triton.jit
     def _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n,
                      R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr):
         """``[BLOCK_M, BLOCK_R]`` fp32 dequantised latents of the latent rows ``row [BLOCK_M]`` (zeros past ``R`` and
@@ -80,12 +92,7 @@ if HAS_TRITON:
                                R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_R: tl.constexpr):
         # one program per (row, tile of BLOCK_M picks): the picks' indices in one load, their latent rows as one tile
-        tiles = tl.cdiv(k, BLOCK_M)
-        t = tl.program_id(0)
-        b = (t // tiles).to(tl.int64)
-        j = ((t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        jm = j < k
-        p = tl.load(PICK + b * sp_b + j * sp_k, mask=jm, other=0).to(tl.int64)
+        b, j, jm, p = _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M)
         row = _latent_row(p, step, n_lat)
         z = _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n, R, GW, MODE, BLOCK_R)
         i = tl.arange(0, BLOCK_R)
@@ -103,12 +110,7 @@ if HAS_TRITON:
         # one program per (row, tile of BLOCK_M picks), all KV heads: K as two rotate-half tiles
         # [BLOCK_M, BLOCK_H, D/2], V as [BLOCK_M, BLOCK_H, DV]. Every source row (up output, each father's center, a
         # center's own row) is read once, as whole-row slices; RoPE tables once per pick, shared by the heads.
-        tiles = tl.cdiv(k, BLOCK_M)
-        t = tl.program_id(0)
-        b = (t // tiles).to(tl.int64)
-        j = ((t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        jm = j < k
-        p = tl.load(PICK + b * sp_b + j * sp_k, mask=jm, other=0).to(tl.int64)
+        b, j, jm, p = _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M)
         pc = tl.maximum(p, 0)
         is_center = (pc % step) == 0
         cidx = tl.minimum(num_sink + pc // step, n_centers - 1)
