@@ -122,22 +122,25 @@ def test_gather_kernel_equals_reference_per_mode():
                                    deltakv_gather_latents(*args, backend="torch"))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("bits,r", [(0, 40), (8, 40), (4, 96), (4, 50)])
 @pytest.mark.parametrize("block_m", [1, 4, 16])
-def test_kernel_tiles_match_float64_oracle(bits, r, block_m):
+def test_kernel_tiles_match_float64_oracle(bits, r, block_m, device):
     # the two kernels at forced tiles: k = 7 picks per row (tiles of 4 end one pick in, a tile of 16 masks 9), -1
     # fillers, 3 KV heads of odd widths (half 6, V 10), k_norm, a bias in up; latents of 40 (int8 / float, padded to
     # 64), 96 (three 4-bit groups) and 50 (one 4-bit group of 50 values, not a power of two)
-    case = make_case(B=2, Hkv=3, D=12, Dv=10, r=r, k=7, step=4, nbr=3, bits=bits, seed=2)
-    case["bias"] = torch.randn(case["w_up"].shape[0], generator=torch.Generator().manual_seed(7))
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = make_case(B=2, Hkv=3, D=12, Dv=10, r=r, k=7, step=4, nbr=3, bits=bits, seed=2, device=device)
+    case["bias"] = torch.randn(case["w_up"].shape[0], generator=torch.Generator().manual_seed(7)).to(device)
     B, k = case["pick"].shape
     codes, scale, offset = case["stored"]
     args = (case["pick"], codes, scale, offset, case["step"], torch.float32)
     z = deltakv_gather_latents(*args, backend="triton", block_m=block_m, num_warps=2)
     torch.testing.assert_close(z, deltakv_gather_latents(*args, backend="torch"))
     up_out = torch.nn.functional.linear(z, case["w_up"], case["bias"])
-    k_out = torch.full((B, case["Hkv"], k, case["D"]), float("nan"))
-    v_out = torch.full((B, case["Hkv"], k, case["Dv"]), float("nan"))
+    k_out = torch.full((B, case["Hkv"], k, case["D"]), float("nan"), device=device)
+    v_out = torch.full((B, case["Hkv"], k, case["Dv"]), float("nan"), device=device)
     cos, sin = rope_tables(case["pos"], case["D"], torch.float32)
     deltakv_writeback(case["pick"], up_out, case["fathers"], case["center_x"], case["step"], case["S"], cos, sin,
                       k_out, v_out, case["knorm"], 1e-6, backend="triton", block_m=block_m)
