@@ -20,34 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from .deltakv_rebuild import group_width
 from .dispatch import HAS_TRITON, next_pow2, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .deltakv_rebuild import _latent_row
-
-    @triton.jit
-    def _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n,
-                     R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr):
-        """``[BLOCK_M, BLOCK_R]`` dequantised latents of the latent rows ``row`` (zeros past ``R`` / masked picks)."""
-        i = tl.arange(0, BLOCK_R)
-        m = jm[:, None] & (i < R)[None, :]
-        base = CODES + b * sc_b + row[:, None] * sc_n
-        if MODE == 0:
-            z = tl.load(base + i[None, :], mask=m, other=0.0).to(tl.float32)
-        elif MODE == 8:
-            s = tl.load(SCALE + b * ss_b + row * ss_n, mask=jm, other=0.0).to(tl.float32)
-            z = tl.load(base + i[None, :], mask=m, other=0).to(tl.float32) * s[:, None]
-        else:
-            byte = tl.load(base + (i // 2)[None, :], mask=m, other=0).to(tl.int32)
-            code = ((byte >> ((i % 2) * 4)[None, :]) & 15).to(tl.float32)
-            g = (i // GW)[None, :]
-            s = tl.load(SCALE + b * ss_b + row[:, None] * ss_n + g, mask=m, other=0.0).to(tl.float32)
-            o = tl.load(OFFSET + b * so_b + row[:, None] * so_n + g, mask=m, other=0.0).to(tl.float32)
-            z = tl.where(m, code * s + o, 0.0)
-        return z
+    from .deltakv_rebuild import _latent_row, _latent_tile, _pick_tile
 
     @triton.jit
     def _tile_x(z, W, BIAS, CX, FATH, b, row, cidx, is_center, jm, cols, cm,
@@ -88,13 +68,8 @@ if HAS_TRITON:
                               BLOCK_R: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
                               HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr, IEEE: tl.constexpr):
         # one program per (row, tile of BLOCK_M picks) x KV head
-        tiles = tl.cdiv(k, BLOCK_M)
-        t = tl.program_id(0)
+        b, j, jm, p = _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M)
         h = tl.program_id(1).to(tl.int64)
-        b = (t // tiles).to(tl.int64)
-        j = ((t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        jm = j < k
-        p = tl.load(PICK + b * sp_b + j * sp_k, mask=jm, other=0).to(tl.int64)
         pc = tl.maximum(p, 0)
         is_center = (pc % step) == 0
         cidx = tl.minimum(num_sink + pc // step, n_centers - 1)
@@ -171,7 +146,7 @@ def deltakv_rebuild_fused(pick: torch.Tensor, codes: torch.Tensor, scale: torch.
         fathers.stride(0), fathers.stride(1), center_x.stride(0), center_x.stride(1), weight.stride(0),
         weight.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
-        HKV=Hkv, D=D, DV=Dv, R=r, GW=r // scale.shape[-1] if mode == 4 else 1, MODE=mode, NBR=fathers.shape[-1],
+        HKV=Hkv, D=D, DV=Dv, R=r, GW=group_width(r, scale, mode), MODE=mode, NBR=fathers.shape[-1],
         BLOCK_M=block_m, BLOCK_R=max(16, next_pow2(r)), HALF_BLOCK=max(16, next_pow2(D // 2)),
         BLOCK_DV=max(16, next_pow2(Dv)), HAS_BIAS=bias is not None, HAS_KNORM=k_norm_weight is not None,
         IEEE=weight.dtype == torch.float32, num_warps=4)

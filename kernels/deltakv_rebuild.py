@@ -14,6 +14,15 @@ preallocated scratch slots ``[B, Hkv, k, D]`` that the sparse decode kernel read
    SwiGLU alike).
 3. :func:`deltakv_writeback` -- one kernel: centers / ``up`` output + fathers' mean, split, k_norm, RoPE, store.
 
+Both kernels give a program ``BLOCK_M`` picks of one row and whole rows of their data (the gather ``[BLOCK_M, r]``,
+the writeback ``[BLOCK_M, Dx]`` as K rotate-half tiles and a V tile over all KV heads), so the picks' indices are one
+vector load, every row read is a contiguous 16-byte-vector load and the writes are 16-byte stores. The first version
+ran one program per pick (13,039 at the 128K shape, each a short chain of dependent loads with little work to
+overlap it); its gather loaded each 4-bit byte once per nibble (1-byte loads) and each group's step and minimum once
+per value, and stored 4 bytes per thread; its writeback re-read the father ids for each of its three sub-tiles.
+:func:`rebuild_tile` picks ``BLOCK_M`` and ``num_warps``; both are overridable per call for a sweep
+(``benchmarks/bench_deltakv_rebuild.py``).
+
 :func:`deltakv_rebuild_kv` runs the three. Torch versions (the specification, and the CPU path):
 :func:`~sparse_hf.kernels.reference.deltakv_gather_latents_ref` and
 :func:`~sparse_hf.kernels.reference.deltakv_writeback_ref`.
@@ -26,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .dispatch import HAS_TRITON, next_pow2, use_triton
+from .dispatch import HAS_TRITON, next_pow2, num_sms, use_triton
 from .reference import deltakv_gather_latents_ref, deltakv_stage_raw_ref, deltakv_writeback_ref
 
 _MODES = {None: 0, 8: 8, 4: 4}
@@ -41,55 +50,54 @@ if HAS_TRITON:
         return tl.minimum(tl.maximum(p - p // step - 1, 0), tl.maximum(n_lat - 1, 0))
 
     @triton.jit
-    def _gather_latents_kernel(PICK, CODES, SCALE, OFFSET, OUT, k, step, n_lat,
-                               sp_b, sp_k, sc_b, sc_n, ss_b, ss_n, so_b, so_n, sz_b, sz_k,
-                               R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr):
-        # one program per pick: its latent row, dequantised ([R] values; GW values per 4-bit group)
-        pid = tl.program_id(0)
-        b = (pid // k).to(tl.int64)
-        j = (pid % k).to(tl.int64)
-        p = tl.load(PICK + b * sp_b + j * sp_k).to(tl.int64)
-        row = _latent_row(p, step, n_lat)
-        i = tl.arange(0, BLOCK_R)
-        m = i < R
-        base = CODES + b * sc_b + row * sc_n
-        if MODE == 0:
-            z = tl.load(base + i, mask=m, other=0.0).to(tl.float32)
-        elif MODE == 8:
-            z = tl.load(base + i, mask=m, other=0).to(tl.float32) * tl.load(SCALE + b * ss_b + row * ss_n)
-        else:
-            byte = tl.load(base + i // 2, mask=m, other=0).to(tl.int32)
-            code = ((byte >> ((i % 2) * 4)) & 15).to(tl.float32)
-            g = i // GW
-            s = tl.load(SCALE + b * ss_b + row * ss_n + g, mask=m, other=0.0).to(tl.float32)
-            o = tl.load(OFFSET + b * so_b + row * so_n + g, mask=m, other=0.0).to(tl.float32)
-            z = code * s + o
-        tl.store(OUT + b * sz_b + j * sz_k + i, z.to(OUT.dtype.element_ty), mask=m)
+    def _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M: tl.constexpr):
+        """The row ``b`` of program ``program_id(0)`` (one per row and tile of ``BLOCK_M`` picks), its pick slots
+        ``j [BLOCK_M]`` (``jm``: ``j < k``) and their offsets ``p`` (one vector load; 0 where masked)."""
+        tiles = tl.cdiv(k, BLOCK_M)
+        t = tl.program_id(0)
+        b = (t // tiles).to(tl.int64)
+        j = ((t % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        jm = j < k
+        p = tl.load(PICK + b * sp_b + j * sp_k, mask=jm, other=0).to(tl.int64)
+        return b, j, jm, p
 
     @triton.jit
-    def _token_x(CX, UP, FATH, b, j, cidx, row, is_center, offs, m,
-                 scx_b, scx_m, su_b, su_k, sf_b, sf_n,
-                 NBR: tl.constexpr, HAS_LAT: tl.constexpr):
-        """``x[offs]`` of one picked token (fp32, any tile shape): the center as stored, or ``up + mean(fathers)``.
-        Only the side the token needs is read (a center's fathers and ``up`` row, a latent's center are not)."""
-        if HAS_LAT:
-            rem = offs * 0 + is_center.to(tl.int32)                   # the token's kind, as a tile
-            lat = m & (rem == 0)
-            xc = tl.load(CX + b * scx_b + cidx * scx_m + offs, mask=m & (rem != 0), other=0.0).to(tl.float32)
-            acc = offs.to(tl.float32) * 0.0
-            cnt = 0.0
-            for f in tl.static_range(NBR):
-                fid = tl.load(FATH + b * sf_b + row * sf_n + f).to(tl.int64)
-                ok = (fid >= 0).to(tl.float32)
-                got = tl.load(CX + b * scx_b + tl.maximum(fid, 0) * scx_m + offs, mask=lat & (rem * 0 + fid >= 0),
-                              other=0.0)
-                acc += got.to(tl.float32)
-                cnt += ok
-            up = tl.load(UP + b * su_b + j * su_k + offs, mask=lat, other=0.0).to(tl.float32)
-            xc = tl.where(is_center, xc, up + acc / tl.maximum(cnt, 1.0))
+    def _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n,
+                     R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_R: tl.constexpr):
+        """``[BLOCK_M, BLOCK_R]`` fp32 dequantised latents of the latent rows ``row [BLOCK_M]`` (zeros past ``R`` and
+        at masked picks). Each row's codes are one contiguous load (vectorised); a 4-bit byte's two nibbles are
+        dequantised with the byte's group step and minimum (one load per byte, not per value: ``GW`` must be even)
+        and interleaved in registers (low nibble = even index)."""
+        i = tl.arange(0, BLOCK_R)
+        m = jm[:, None] & (i < R)[None, :]
+        base = CODES + b * sc_b + row[:, None] * sc_n
+        if MODE == 0:
+            z = tl.load(base + i[None, :], mask=m, other=0.0).to(tl.float32)
+        elif MODE == 8:
+            s = tl.load(SCALE + b * ss_b + row * ss_n, mask=jm, other=0.0).to(tl.float32)
+            z = tl.load(base + i[None, :], mask=m, other=0).to(tl.float32) * s[:, None]
         else:
-            xc = tl.load(CX + b * scx_b + cidx * scx_m + offs, mask=m, other=0.0).to(tl.float32)
-        return xc
+            c = tl.arange(0, BLOCK_R // 2)
+            cm = jm[:, None] & (c < R // 2)[None, :]
+            byte = tl.load(base + c[None, :], mask=cm, other=0).to(tl.int32)                 # [BLOCK_M, BLOCK_R/2]
+            g = (2 * c // GW)[None, :]     # a byte's group (GW even: both nibbles in it); L1 hits after a group's first
+            s = tl.load(SCALE + b * ss_b + row[:, None] * ss_n + g, mask=cm, other=0.0).to(tl.float32)
+            o = tl.load(OFFSET + b * so_b + row[:, None] * so_n + g, mask=cm, other=0.0).to(tl.float32)
+            z = tl.interleave((byte & 15).to(tl.float32) * s + o, ((byte >> 4) & 15).to(tl.float32) * s + o)
+        return z
+
+    @triton.jit
+    def _gather_latents_kernel(PICK, CODES, SCALE, OFFSET, OUT, k, step, n_lat,
+                               sp_b, sp_k, sc_b, sc_n, ss_b, ss_n, so_b, so_n, sz_b, sz_k,
+                               R: tl.constexpr, GW: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_R: tl.constexpr):
+        # one program per (row, tile of BLOCK_M picks): the picks' indices in one load, their latent rows as one tile
+        b, j, jm, p = _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M)
+        row = _latent_row(p, step, n_lat)
+        z = _latent_tile(CODES, SCALE, OFFSET, b, row, jm, sc_b, sc_n, ss_b, ss_n, so_b, so_n, R, GW, MODE, BLOCK_R)
+        i = tl.arange(0, BLOCK_R)
+        tl.store(OUT + b * sz_b + j[:, None] * sz_k + i[None, :], z.to(OUT.dtype.element_ty),
+                 mask=jm[:, None] & (i < R)[None, :])
 
     @triton.jit
     def _writeback_kernel(PICK, UP, FATH, CX, COS, SIN, KW, KOUT, VOUT,
@@ -97,47 +105,79 @@ if HAS_TRITON:
                           sp_b, sp_k, su_b, su_k, sf_b, sf_n, scx_b, scx_m, sc_b, sc_k, ss_b, ss_k,
                           sko_b, sko_h, sko_k, svo_b, svo_h, svo_k,
                           HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NBR: tl.constexpr,
-                          BLOCK_H: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          HAS_LAT: tl.constexpr, HAS_KNORM: tl.constexpr):
-        # one program per pick: K of every KV head as two [BLOCK_H, D/2] rotate-half tiles, and V [BLOCK_H, DV]
-        t = tl.program_id(0)
-        b = (t // k).to(tl.int64)
-        j = (t % k).to(tl.int64)
-        p = tl.load(PICK + b * sp_b + j * sp_k).to(tl.int64)
+                          BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                          BLOCK_DV: tl.constexpr, HAS_LAT: tl.constexpr, HAS_KNORM: tl.constexpr):
+        # one program per (row, tile of BLOCK_M picks), all KV heads: K as two rotate-half tiles
+        # [BLOCK_M, BLOCK_H, D/2], V as [BLOCK_M, BLOCK_H, DV]. Every source row (up output, each father's center, a
+        # center's own row) is read once, as whole-row slices; RoPE tables once per pick, shared by the heads.
+        b, j, jm, p = _pick_tile(PICK, k, sp_b, sp_k, BLOCK_M)
         pc = tl.maximum(p, 0)
         is_center = (pc % step) == 0
         cidx = tl.minimum(num_sink + pc // step, n_centers - 1)
-        row = _latent_row(p, step, n_lat)
+        lat = jm & (is_center == 0)
         HALF: tl.constexpr = D // 2
-        h = tl.arange(0, BLOCK_H)
-        hm = h < HKV
-        d = tl.arange(0, HALF_BLOCK)
-        dm = d < HALF
-        km = hm[:, None] & dm[None, :]
-        k_offs = h[:, None] * D + d[None, :]                                          # [BLOCK_H, HALF_BLOCK]
-        lo = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, k_offs, km,
-                      scx_b, scx_m, su_b, su_k, sf_b, sf_n, NBR, HAS_LAT)
-        hi = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, k_offs + HALF, km,
-                      scx_b, scx_m, su_b, su_k, sf_b, sf_n, NBR, HAS_LAT)
+        h = tl.arange(0, BLOCK_H)[None, :, None]
+        d = tl.arange(0, HALF_BLOCK)[None, None, :]
+        e = tl.arange(0, BLOCK_DV)[None, None, :]
+        row_m = jm[:, None, None] & (h < HKV)
+        km = row_m & (d < HALF)                                                   # [BLOCK_M, BLOCK_H, HALF_BLOCK]
+        vm = row_m & (e < DV)                                                     # [BLOCK_M, BLOCK_H, BLOCK_DV]
+        k_offs = h * D + d
+        v_offs = HKV * D + h * DV + e
+        # loads that need only the picks first (up rows, RoPE tables), then the chain father ids -> fathers' rows
+        dd = tl.arange(0, HALF_BLOCK)
+        dm = dd < HALF
+        rm = jm[:, None] & dm[None, :]
+        cb = COS + b * sc_b + j[:, None] * sc_k + dd[None, :]                        # [BLOCK_M, HALF_BLOCK]
+        sb = SIN + b * ss_b + j[:, None] * ss_k + dd[None, :]
+        c_lo = tl.load(cb, mask=rm, other=0.0)
+        c_hi = tl.load(cb + HALF, mask=rm, other=0.0)
+        s_lo = tl.load(sb, mask=rm, other=0.0)
+        s_hi = tl.load(sb + HALF, mask=rm, other=0.0)
+        if HAS_LAT:
+            ub = UP + b * su_b + j[:, None, None] * su_k
+            um = lat[:, None, None]
+            up_lo = tl.load(ub + k_offs, mask=km & um, other=0.0)
+            up_hi = tl.load(ub + k_offs + HALF, mask=km & um, other=0.0)
+            up_v = tl.load(ub + v_offs, mask=vm & um, other=0.0)
+            row = _latent_row(p, step, n_lat)
+        # x = mean of the source rows (a center: its own row; a latent token: its fathers, -1 skipped) + up output
+        lo = tl.zeros([BLOCK_M, BLOCK_H, HALF_BLOCK], tl.float32)
+        hi = tl.zeros([BLOCK_M, BLOCK_H, HALF_BLOCK], tl.float32)
+        v = tl.zeros([BLOCK_M, BLOCK_H, BLOCK_DV], tl.float32)
+        cnt = tl.zeros([BLOCK_M], tl.float32)
+        for f in tl.static_range(NBR):
+            if HAS_LAT:
+                src = tl.load(FATH + b * sf_b + row * sf_n + f, mask=lat, other=-1).to(tl.int64)
+                if f == 0:
+                    src = tl.where(is_center & jm, cidx, src)
+            else:
+                src = tl.where(jm, cidx, -1)
+            ok = src >= 0
+            base = CX + b * scx_b + tl.maximum(src, 0)[:, None, None] * scx_m
+            okm = ok[:, None, None]
+            lo += tl.load(base + k_offs, mask=km & okm, other=0.0).to(tl.float32)
+            hi += tl.load(base + k_offs + HALF, mask=km & okm, other=0.0).to(tl.float32)
+            v += tl.load(base + v_offs, mask=vm & okm, other=0.0).to(tl.float32)
+            cnt += ok.to(tl.float32)
+        cnt = tl.maximum(cnt, 1.0)[:, None, None]
+        lo = lo / cnt
+        hi = hi / cnt
+        v = v / cnt
+        if HAS_LAT:
+            lo += up_lo.to(tl.float32)
+            hi += up_hi.to(tl.float32)
+            v += up_v.to(tl.float32)
+        tl.store(VOUT + b * svo_b + h * svo_h + j[:, None, None] * svo_k + e, v.to(VOUT.dtype.element_ty), mask=vm)
         if HAS_KNORM:
-            inv = 1.0 / tl.sqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / D + eps)            # [BLOCK_H]
-            lo = lo * inv[:, None] * tl.load(KW + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-            hi = hi * inv[:, None] * tl.load(KW + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-        cbase = COS + b * sc_b + j * sc_k
-        sbase = SIN + b * ss_b + j * ss_k
-        c_lo = tl.load(cbase + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-        c_hi = tl.load(cbase + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-        s_lo = tl.load(sbase + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-        s_hi = tl.load(sbase + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-        kbase = KOUT + b * sko_b + j * sko_k + h[:, None] * sko_h + d[None, :]
-        tl.store(kbase, (lo * c_lo - hi * s_lo).to(KOUT.dtype.element_ty), mask=km)
-        tl.store(kbase + HALF, (hi * c_hi + lo * s_hi).to(KOUT.dtype.element_ty), mask=km)
-        e = tl.arange(0, BLOCK_DV)
-        vm = hm[:, None] & (e < DV)[None, :]
-        v = _token_x(CX, UP, FATH, b, j, cidx, row, is_center, HKV * D + h[:, None] * DV + e[None, :], vm,
-                     scx_b, scx_m, su_b, su_k, sf_b, sf_n, NBR, HAS_LAT)
-        tl.store(VOUT + b * svo_b + j * svo_k + h[:, None] * svo_h + e[None, :], v.to(VOUT.dtype.element_ty),
-                 mask=vm)
+            inv = (1.0 / tl.sqrt((tl.sum(lo * lo, 2) + tl.sum(hi * hi, 2)) / D + eps))[:, :, None]   # per head
+            lo = lo * inv * tl.load(KW + dd, mask=dm, other=0.0).to(tl.float32)[None, None, :]
+            hi = hi * inv * tl.load(KW + HALF + dd, mask=dm, other=0.0).to(tl.float32)[None, None, :]
+        c_lo, c_hi = c_lo.to(tl.float32)[:, None, :], c_hi.to(tl.float32)[:, None, :]
+        s_lo, s_hi = s_lo.to(tl.float32)[:, None, :], s_hi.to(tl.float32)[:, None, :]
+        kb = KOUT + b * sko_b + h * sko_h + j[:, None, None] * sko_k + d
+        tl.store(kb, (lo * c_lo - hi * s_lo).to(KOUT.dtype.element_ty), mask=km)
+        tl.store(kb + HALF, (hi * c_hi + lo * s_hi).to(KOUT.dtype.element_ty), mask=km)
 
     @triton.jit
     def _stage_raw_kernel(K, V, P, COLS, KW, VW, PW, cap, s,
@@ -195,10 +235,62 @@ def _check_last_contiguous(**tensors):
             raise ValueError(f"{name} must be contiguous in its last dim (got strides {t.stride()})")
 
 
+#: Tile heuristic of the gather and writeback kernels: a program owns ``BLOCK_M`` picks of one row and whole rows of
+#: their data (the gather ``[BLOCK_M, r]``, the writeback ``[BLOCK_M, Dx]``), at most ``REBUILD_TILE_ELEMS`` values,
+#: and ``BLOCK_M`` halves (down to ``REBUILD_MIN_BLOCK``) until about ``REBUILD_PROGRAMS_PER_SM`` programs run per SM.
+#: Chosen from first principles (the 128K shape, 13,039 picks: 815 gather and 1,630 writeback programs on 132 SMs);
+#: not yet swept on a GPU (``benchmarks/bench_deltakv_rebuild.py --gather-block ... --writeback-block ...``).
+REBUILD_TILE_ELEMS = 8192
+REBUILD_PROGRAMS_PER_SM = 4
+REBUILD_MIN_BLOCK = 4
+
+
+def rebuild_tile(rows: int, k: int, row_elems: int, device: torch.device, block_m: int | None = None,
+                 num_warps: int | None = None) -> tuple[int, int]:
+    """``(block_m, num_warps)`` of a rebuild kernel over ``rows`` rows of ``k`` picks, each pick ``row_elems``
+    values wide (padded to powers of two). ``block_m`` / ``num_warps`` given: kept (``block_m`` a power of two);
+    ``num_warps`` defaults to one warp per 1,024 values of the tile (32 per thread), 2 to 8."""
+    if block_m is None:
+        block_m = max(1, min(64, REBUILD_TILE_ELEMS // row_elems, next_pow2(k)))
+        block_m = 1 << (block_m.bit_length() - 1)                                 # a power of two, not above
+        while block_m > REBUILD_MIN_BLOCK and rows * -(-k // block_m) < REBUILD_PROGRAMS_PER_SM * num_sms(device):
+            block_m //= 2
+    elif block_m < 1 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two, got {block_m}")
+    if num_warps is None:
+        num_warps = min(8, max(2, next_pow2(block_m * row_elems // 1024)))
+    return block_m, num_warps
+
+
+def group_width(r: int, scale: torch.Tensor | None, mode: int) -> int:
+    """Latent values per 4-bit group (``GW``; 1 in the other modes). The kernels dequantise a byte's two codes with
+    one group's step and minimum, so ``GW`` must be even (quantize's groups: 32 values, or the whole even row)."""
+    if mode != 4:
+        return 1
+    gw, rem = divmod(r, scale.shape[-1])
+    if rem or gw % 2:
+        raise ValueError(f"4-bit latents of width {r} in {scale.shape[-1]} groups: a group must hold an even "
+                         f"number of values")
+    return gw
+
+
+def gather_width(r: int) -> int:
+    """The gather kernel's padded latent width ``BLOCK_R`` (values per pick in its tile)."""
+    return max(2, next_pow2(r))
+
+
+def writeback_widths(Hkv: int, D: int, Dv: int) -> tuple[int, int, int]:
+    """The writeback kernel's padded ``(BLOCK_H, HALF_BLOCK, BLOCK_DV)``; a pick's tile row holds
+    ``BLOCK_H * (2 * HALF_BLOCK + BLOCK_DV)`` values."""
+    return next_pow2(Hkv), next_pow2(D // 2), next_pow2(Dv)
+
+
 def deltakv_gather_latents(pick: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor | None,
                            offset: torch.Tensor | None, step: int, dtype: torch.dtype,
-                           backend: str = "auto") -> torch.Tensor:
-    """``[B, k, r]`` dequantised latents of the picked offsets (see :func:`deltakv_gather_latents_ref`)."""
+                           backend: str = "auto", block_m: int | None = None,
+                           num_warps: int | None = None) -> torch.Tensor:
+    """``[B, k, r]`` dequantised latents of the picked offsets (see :func:`deltakv_gather_latents_ref`).
+    ``block_m`` / ``num_warps``: the kernel's tile (picks per program) and warps, :func:`rebuild_tile`'s if None."""
     mode = 0 if scale is None else (8 if offset is None else 4)
     if not use_triton(backend, _gather_latents_kernel if HAS_TRITON else None, codes if mode == 0 else scale):
         return deltakv_gather_latents_ref(pick, codes, scale, offset, step, dtype)
@@ -208,23 +300,28 @@ def deltakv_gather_latents(pick: torch.Tensor, codes: torch.Tensor, scale: torch
     out = torch.empty(B, k, r, dtype=dtype, device=codes.device)
     if B * k == 0:
         return out
+    block_r = gather_width(r)
+    block_m, num_warps = rebuild_tile(B, k, block_r, codes.device, block_m, num_warps)
     dummy = codes
-    _gather_latents_kernel[(B * k,)](
+    _gather_latents_kernel[(B * triton.cdiv(k, block_m),)](
         pick, codes, scale if scale is not None else dummy, offset if offset is not None else dummy, out,
         k, step, codes.shape[1], pick.stride(0), pick.stride(1), codes.stride(0), codes.stride(1),
         *(scale.stride()[:2] if scale is not None else (0, 0)),
         *(offset.stride()[:2] if offset is not None else (0, 0)),
         out.stride(0), out.stride(1),
-        R=r, GW=r // scale.shape[-1] if mode == 4 else 1, MODE=mode, BLOCK_R=next_pow2(r))
+        R=r, GW=group_width(r, scale, mode), MODE=mode, BLOCK_M=block_m, BLOCK_R=block_r,
+        num_warps=num_warps)
     return out
 
 
 def deltakv_writeback(pick: torch.Tensor, up_out: torch.Tensor | None, fathers: torch.Tensor | None,
                       center_x: torch.Tensor, step: int, num_sink: int, cos: torch.Tensor, sin: torch.Tensor,
                       k_out: torch.Tensor, v_out: torch.Tensor, k_norm_weight: torch.Tensor | None = None,
-                      k_norm_eps: float = 1e-6, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      k_norm_eps: float = 1e-6, backend: str = "auto", block_m: int | None = None,
+                      num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rebuilt K/V into ``k_out [B, Hkv, k, D]`` / ``v_out [B, Hkv, k, Dv]`` (any strides, last dim contiguous);
-    see :func:`deltakv_writeback_ref` for the math."""
+    see :func:`deltakv_writeback_ref` for the math. ``block_m`` / ``num_warps``: the kernel's tile (picks per
+    program, all heads) and warps, :func:`rebuild_tile`'s if None."""
     if not use_triton(backend, _writeback_kernel if HAS_TRITON else None, center_x, k_out, v_out):
         return deltakv_writeback_ref(pick, up_out, fathers, center_x, step, num_sink, cos, sin, k_out, v_out,
                                      k_norm_weight, k_norm_eps)
@@ -241,15 +338,18 @@ def deltakv_writeback(pick: torch.Tensor, up_out: torch.Tensor | None, fathers: 
         return k_out, v_out
     fath = fathers if has_lat else pick
     up = up_out if has_lat else center_x
-    _writeback_kernel[(B * k,)](
+    block_h, half_block, block_dv = writeback_widths(Hkv, D, Dv)
+    block_m, num_warps = rebuild_tile(B, k, block_h * (2 * half_block + block_dv), center_x.device, block_m,
+                                      num_warps)
+    _writeback_kernel[(B * triton.cdiv(k, block_m),)](
         pick, up, fath, center_x, cos, sin, k_norm_weight if k_norm_weight is not None else cos, k_out, v_out,
         k, step, num_sink, center_x.shape[1], fath.shape[1] if has_lat else 0, float(k_norm_eps),
         pick.stride(0), pick.stride(1), up.stride(0), up.stride(1), fath.stride(0), fath.stride(1),
         center_x.stride(0), center_x.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
-        HKV=Hkv, D=D, DV=Dv, NBR=fath.shape[-1] if has_lat else 1, BLOCK_H=next_pow2(Hkv),
-        HALF_BLOCK=next_pow2(D // 2), BLOCK_DV=next_pow2(Dv), HAS_LAT=has_lat, HAS_KNORM=k_norm_weight is not None,
-        num_warps=2 if next_pow2(Hkv) * next_pow2(Dv) <= 512 else 4)
+        HKV=Hkv, D=D, DV=Dv, NBR=fath.shape[-1] if has_lat else 1, BLOCK_M=block_m, BLOCK_H=block_h,
+        HALF_BLOCK=half_block, BLOCK_DV=block_dv, HAS_LAT=has_lat, HAS_KNORM=k_norm_weight is not None,
+        num_warps=num_warps)
     return k_out, v_out
 
 

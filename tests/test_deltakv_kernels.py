@@ -7,6 +7,7 @@ import torch
 
 from sparse_hf.deltakv.quant import QuantizedLatent, dequantize, quantize
 from sparse_hf.kernels import HAS_TRITON, deltakv_gather_latents, deltakv_rebuild_kv, deltakv_writeback
+from sparse_hf.kernels.deltakv_rebuild import rebuild_tile
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -65,6 +66,8 @@ def oracle(case, use_knorm):
                 f = [int(i) for i in c["fathers"][b, row] if i >= 0]
                 ref = torch.stack([cx[b, i] for i in f]).mean(0) if f else torch.zeros_like(cx[b, 0])
                 x = z_all[b, row] @ c["w_up"].double().T + ref
+                if c.get("bias") is not None:
+                    x = x + c["bias"].double()
             for h in range(Hkv):
                 kh = x[h * D:(h + 1) * D]
                 if use_knorm:
@@ -119,8 +122,55 @@ def test_gather_kernel_equals_reference_per_mode():
                                    deltakv_gather_latents(*args, backend="torch"))
 
 
-def test_writeback_without_latents_reads_only_centers():
-    # every compressed token a center (no latents yet): nothing but centers and RoPE
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("bits,r", [(0, 40), (8, 40), (4, 96), (4, 50)])
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_kernel_tiles_match_float64_oracle(bits, r, block_m, device):
+    # the two kernels at forced tiles: k = 7 picks per row (tiles of 4 end one pick in, a tile of 16 masks 9), -1
+    # fillers, 3 KV heads of odd widths (half 6, V 10), k_norm, a bias in up; latents of 40 (int8 / float, padded to
+    # 64), 96 (three 4-bit groups) and 50 (one 4-bit group of 50 values, not a power of two)
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = make_case(B=2, Hkv=3, D=12, Dv=10, r=r, k=7, step=4, nbr=3, bits=bits, seed=2, device=device)
+    case["bias"] = torch.randn(case["w_up"].shape[0], generator=torch.Generator().manual_seed(7)).to(device)
+    B, k = case["pick"].shape
+    codes, scale, offset = case["stored"]
+    args = (case["pick"], codes, scale, offset, case["step"], torch.float32)
+    z = deltakv_gather_latents(*args, backend="triton", block_m=block_m, num_warps=2)
+    torch.testing.assert_close(z, deltakv_gather_latents(*args, backend="torch"))
+    up_out = torch.nn.functional.linear(z, case["w_up"], case["bias"])
+    k_out = torch.full((B, case["Hkv"], k, case["D"]), float("nan"), device=device)
+    v_out = torch.full((B, case["Hkv"], k, case["Dv"]), float("nan"), device=device)
+    cos, sin = rope_tables(case["pos"], case["D"], torch.float32)
+    deltakv_writeback(case["pick"], up_out, case["fathers"], case["center_x"], case["step"], case["S"], cos, sin,
+                      k_out, v_out, case["knorm"], 1e-6, backend="triton", block_m=block_m)
+    check((k_out, v_out), oracle(case, True), case["pick"], 1e-4)
+
+
+def test_rebuild_tile_heuristic_and_overrides():
+    # the CPU counts as one SM (four programs wanted): the widest tile within 8,192 values, halved (not below 4
+    # picks) while fewer than four programs run; one warp per 1,024 values, 2 to 8; overrides are kept as given
+    assert rebuild_tile(1, 13039, 256, torch.device("cpu")) == (32, 8)
+    assert rebuild_tile(1, 5, 1024, torch.device("cpu")) == (4, 4)            # 8 (k's power of two) gives 1 program
+    assert rebuild_tile(2, 5, 16384, torch.device("cpu")) == (1, 8)           # rows wider than the tile budget
+    assert rebuild_tile(1, 3, 64, torch.device("cpu")) == (4, 2)
+    assert rebuild_tile(1, 100, 256, torch.device("cpu"), 4, 2) == (4, 2)
+    with pytest.raises(ValueError, match="power of two"):
+        rebuild_tile(1, 100, 256, torch.device("cpu"), 6)
+
+
+def test_odd_four_bit_groups_are_refused():
+    # the kernels dequantise a byte's two codes with one group's step: a group of an odd count of values is refused
+    from sparse_hf.kernels.deltakv_rebuild import group_width
+    assert group_width(96, torch.zeros(1, 1, 3), 4) == 32 and group_width(50, torch.zeros(1, 1, 1), 4) == 50
+    assert group_width(96, torch.zeros(1, 1, 1), 8) == 1
+    with pytest.raises(ValueError, match="even"):
+        group_width(6, torch.zeros(1, 1, 2), 4)
+
+
+@pytest.mark.parametrize("block_m", [None, 2])
+def test_writeback_without_latents_reads_only_centers(block_m):
+    # every compressed token a center (no latents yet): nothing but centers and RoPE (k = 5: tiles of 2 end in one)
     case = make_case(step=1)
     B, k = case["pick"].shape
     outs = []
@@ -129,7 +179,7 @@ def test_writeback_without_latents_reads_only_centers():
         v_out = torch.zeros(B, case["Hkv"], k, case["Dv"])
         cos, sin = rope_tables(case["pos"], case["D"], torch.float32)
         outs.append(deltakv_writeback(case["pick"], None, None, case["center_x"], 1, case["S"], cos, sin,
-                                      k_out, v_out, backend=backend))
+                                      k_out, v_out, backend=backend, block_m=block_m))
     check(outs[1], [t.double() for t in outs[0]], case["pick"], 1e-5)
 
 
