@@ -6,15 +6,25 @@ Why: H2O scores every slot by the total causal-softmax probability it receives f
 Triton path streams keys twice instead, like :func:`~sparse_hf.kernels.decode_scores.snapkv_prefill_scores`:
 
 - pass 1, one program per (row ``b``, KV head, block of query rows, key split): per query row (a query and one of
-  the group's heads) the log2-sum-exp2 over its allowed keys (split-K partials merged in torch);
-- pass 2, one program per (row ``b``, KV head, key block, row split): the probabilities ``exp2(s - lse)`` of that
-  key block summed over the (valid) query rows in fp32 (row-split partials summed in torch, no atomics: the result
-  is deterministic).
+  the group's heads, stacked so that one key tile serves the group) the log2-sum-exp2 over its allowed keys
+  (split-K partials merged in torch);
+- pass 2, one program per (row ``b``, KV head, key block, query split): the probabilities ``exp2(s - lse)`` of that
+  key block summed over the (valid) queries and the group's heads in fp32 (query-split partials summed in torch,
+  no atomics: the result is deterministic).
 
 Pass 1 recomputes what the prefill attention already knows: every query row's log-sum-exp over exactly the keys it
 attends to. A caller whose attention returns it (the engine's prefill routes, the HF path's prefill through
 :func:`attention_with_lse`) passes it as ``lse`` and only pass 2 runs: one ``q.k`` per (query row, key) pair beside
 the attention instead of two (``benchmarks/bench_h2o_mass.py`` counts and times both).
+
+Pass 2's shape (why): it is QK^T alone, half of attention's matmul work, plus one ``exp2`` per pair like the
+attention, so near its floor it costs well under the attention. The key tile stays put while the loop streams
+``[block_rows, D]`` tiles of one head's consecutive queries (plain 2D loads; the group's ``G`` heads take turns per
+query block) with no branch in the loop body, so Triton can software-pipeline the loads (``num_stages``); the
+loop starts at the first query that may see the tile (a binary search over the running max of the query
+positions), not at the split's first query behind a per-step test; the softmax scale and ``log2(e)`` are one
+multiply before ``exp2``; invalid queries (zero rows, ``lse`` +inf) and keys (dropped at the store) need no
+per-element mask, the causal one is an int32 compare. Its tiles are :class:`MassConfig` (per call, for sweeps).
 
 A key is allowed for a query when it is valid and its logical position is at most the query's (``key_pos <=
 query_pos``), so chunks that attend to earlier slots and evicted (non-contiguous) positions are exact. Tiles that
@@ -26,6 +36,8 @@ no query of a block may see (every valid key after the block's last query) are s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .dispatch import HAS_TRITON, next_pow2, plan_splits, tl, triton, use_triton
@@ -35,9 +47,39 @@ from .sparse_decode import LOG2E, dot_config
 #: prompt scored chunk by chunk takes fewer queries per block instead of gigabytes of temporaries.
 MASS_BLOCK_ELEMENTS = 1 << 24
 
-#: Query rows (query x head pairs) and keys per tile: pass 1 (log-sum-exp) and pass 2 (probability sums).
+#: Pass 1's tile (log-sum-exp): query rows (query x head pairs of a KV group) and keys.
 LSE_BLOCK_ROWS, LSE_BLOCK_KEYS = 128, 64
-MASS_BLOCK_ROWS, MASS_BLOCK_KEYS = 64, 128
+
+
+class MassConfig(NamedTuple):
+    """Pass 2's launch (the probability sums): ``block_rows`` consecutive queries of one head and ``block_keys``
+    keys per tile (powers of two >= 16), ``num_warps``, ``num_stages`` (Triton's software pipelining of the query
+    loop). ``None``: :func:`mass_config`'s default."""
+
+    block_rows: int | None = None
+    block_keys: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+
+#: Pass 2's default for ``head_dim >= 128`` (fewer warps below). Not yet swept on the GPU with this kernel's loop
+#: (docs/gpu_next.md, wt-M: ``benchmarks/bench_h2o_mass.py --mass-block-rows ...``); 64 x 128 with 8 warps is the
+#: tile the previous loop measured at ~3x the cuDNN attention (run O's H200, 8K-128K, Qwen2.5-7B's heads).
+MASS_CONFIG = MassConfig(64, 128, 8, 3)
+
+
+def mass_config(head_dim: int, config: MassConfig | tuple | None = None) -> MassConfig:
+    """``config`` with its ``None`` entries (or all, for ``None``) from :data:`MASS_CONFIG` (4 warps where
+    ``head_dim < 128``); raises ``ValueError`` for tiles the kernel cannot take."""
+    given = MassConfig(*(config or ()))
+    auto = MASS_CONFIG._replace(num_warps=MASS_CONFIG.num_warps if head_dim >= 128 else 4)
+    cfg = MassConfig(*(a if g is None else int(g) for g, a in zip(given, auto)))
+    pow2 = lambda n: n >= 1 and n & (n - 1) == 0                             # noqa: E731
+    if not (pow2(cfg.block_rows) and pow2(cfg.block_keys) and min(cfg.block_rows, cfg.block_keys) >= 16
+            and pow2(cfg.num_warps) and cfg.num_warps <= 16 and cfg.num_stages >= 1):
+        raise ValueError(f"bad mass config {tuple(cfg)}: block_rows and block_keys powers of two >= 16, num_warps "
+                         "a power of two <= 16, num_stages >= 1")
+    return cfg
 
 
 def attention_probabilities(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,94 +164,110 @@ if HAS_TRITON:
         return kt
 
     @triton.jit
-    def _row_positions(QPOS, t, end, G: tl.constexpr):
-        """Rows ``t`` below ``end``: their mask, query index ``t // G`` and logical position (-1 past ``end``)."""
-        rm = t < end
-        qi = t // G
-        return rm, qi, tl.load(QPOS + qi, mask=rm, other=-1)
-
-    @triton.jit
-    def _load_query_rows(q_base, t, rm, d, dm, sq_h, sq_q, sq_d, G: tl.constexpr, DOT_F32: tl.constexpr):
-        """Query rows ``t`` (query ``t // G``, the group's head ``t % G``) ``[BLOCK_R, BLOCK_D]``."""
-        qt = tl.load(q_base + (t % G)[:, None] * sq_h + (t // G)[:, None] * sq_q + d[None, :] * sq_d,
-                     mask=rm[:, None] & dm[None, :], other=0.0)
-        if DOT_F32:
-            qt = qt.to(tl.float32)
-        return qt
-
-    @triton.jit
-    def _mass_kernel(
-        Q, K, SLOT, KPOS, KVAL, QPOS, QVAL, LSE, OUT,
-        qk_scale, T, L, key_split, row_split, lse_cols,
-        sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_l, sk_d, sst_b, sst_l,
-        skp_b, skp_h, skp_l, skv_b, skv_h, skv_l, sqv_b, sqv_q,
-        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        MASS_PASS: tl.constexpr, HAS_QV: tl.constexpr, HAS_SLOTS: tl.constexpr,
-        DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    def _lse_kernel(
+        Q, K, SLOT, KPOS, KVAL, QPOS, LSE, qk_scale, T, L, key_split, num_splits,
+        sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_l, sk_d, sst_b, sst_l, skp_b, skp_h, skp_l, skv_b, skv_h, skv_l,
+        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_SLOTS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
     ):
-        # Query rows t = query * G + g (query head kvh * G + g) of one KV group, T = q * G of them. Pass 1
-        # (MASS_PASS=False): program (b * HKV + kvh, row block, key split) -> LSE[b, kvh, t, split], the log2-sum-exp2
-        # of scale * log2(e) * q.k over its allowed keys. Pass 2: program (b * HKV + kvh, key block, row split) ->
-        # OUT[split, b, kvh, key] = sum over the split's valid rows of exp2(s - lse).
+        # Pass 1 (only without the attention's lse): program (b * HKV + kvh, block of query rows t = query * G + g,
+        # key split) -> LSE[b, kvh, t, split], the log2-sum-exp2 of scale * log2(e) * q.k over the allowed keys.
+        # The G heads of a query are stacked as rows so that one key tile serves the whole group.
         pid = tl.program_id(0)
         b = (pid // HKV).to(tl.int64)
         kvh = (pid % HKV).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        q_base = Q + b * sq_b + kvh * G * sq_h
-        k_base = K + b * sk_b + kvh * sk_h
         kp_base = KPOS + b * skp_b + kvh * skp_h
         kv_base = KVAL + b * skv_b + kvh * skv_h
-        lse_base = LSE + (b * HKV + kvh) * T * lse_cols
-        if MASS_PASS:
-            offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-            inr = offs < L
-            kp, ok, kmin = _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l)
-            kt = _load_keys(k_base, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS, DOT_F32)
-            # per-element partial sums, reduced over the rows once at the end: a row reduction per tile would cross
-            # warps (the dot's rows are spread over them) through shared memory at every step
-            acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-            r_start = tl.program_id(2) * row_split
-            r_end = tl.minimum(r_start + row_split, T)
-            for t0 in range(r_start, r_end, BLOCK_R):
-                t = t0 + tl.arange(0, BLOCK_R)
-                rm, qi, qpos = _row_positions(QPOS, t, r_end, G)
-                if tl.max(qpos, 0) >= kmin:                 # some row of the block sees some key of the tile
-                    qt = _load_query_rows(q_base, t, rm, d, dm, sq_h, sq_q, sq_d, G, DOT_F32)
-                    if HAS_QV:
-                        rm = rm & (tl.load(QVAL + b * sqv_b + qi * sqv_q, mask=rm, other=0) != 0)
-                    lse = tl.load(lse_base + t, mask=rm, other=0.0)
-                    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
-                    allowed = rm[:, None] & ok[None, :] & (kp[None, :] <= qpos[:, None])
-                    acc += tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-            tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs, tl.sum(acc, 0),
-                     mask=inr)
-        else:
-            t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-            rm, qi, qpos = _row_positions(QPOS, t, T, G)
-            qmax = tl.max(qpos, 0)
-            qt = _load_query_rows(q_base, t, rm, d, dm, sq_h, sq_q, sq_d, G, DOT_F32)
-            m = tl.full([BLOCK_R], -1.0e30, tl.float32)
-            l = tl.zeros([BLOCK_R], tl.float32)
-            start = tl.program_id(2) * key_split
-            end = tl.minimum(start + key_split, L)
-            for n0 in range(start, end, BLOCK_N):
-                offs = n0 + tl.arange(0, BLOCK_N)
-                inr = offs < end
-                kp, ok, kmin = _key_tile(kp_base, kv_base, offs, inr, skp_l, skv_l)
-                if kmin <= qmax:
-                    kt = _load_keys(k_base, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS,
-                                    DOT_F32)
-                    s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
-                    s = tl.where(ok[None, :] & (kp[None, :] <= qpos[:, None]), s, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(s, 1))
-                    l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-                    m = m_new
-            lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-            tl.store(lse_base + t * lse_cols + tl.program_id(2), lse, mask=rm)
+        t = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = t < T
+        qpos = tl.load(QPOS + t // G, mask=rm, other=-1)
+        qmax = tl.max(qpos, 0)
+        qt = tl.load(Q + b * sq_b + (kvh * G + t % G)[:, None] * sq_h + (t // G)[:, None] * sq_q + d[None, :] * sq_d,
+                     mask=rm[:, None] & dm[None, :], other=0.0)
+        if DOT_F32:
+            qt = qt.to(tl.float32)
+        m = tl.full([BLOCK_R], -1.0e30, tl.float32)
+        l = tl.zeros([BLOCK_R], tl.float32)
+        start = tl.program_id(2) * key_split
+        end = tl.minimum(start + key_split, L)
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            kp, ok, kmin = _key_tile(kp_base, kv_base, offs, offs < end, skp_l, skv_l)
+            if kmin <= qmax:                                # some row of the block sees some key of the tile
+                kt = _load_keys(K + b * sk_b + kvh * sk_h, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l,
+                                HAS_SLOTS, DOT_F32)
+                s = tl.dot(qt, tl.trans(kt), input_precision=PREC) * qk_scale
+                s = tl.where(ok[None, :] & (kp[None, :] <= qpos[:, None]), s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+                m = m_new
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(LSE + ((b * HKV + kvh) * T + t) * num_splits + tl.program_id(2), lse, mask=rm)
+
+    @triton.jit
+    def _mass_kernel(
+        Q, K, SLOT, KPOS, KVAL, QMAX, QPOS, QVAL, LSE, OUT, qk_scale, lse_scale, NQ, L, row_split,
+        sq_b, sq_h, sq_q, sq_d, sk_b, sk_h, sk_l, sk_d, sst_b, sst_l, skp_b, skp_h, skp_l, skv_b, skv_h, skv_l,
+        sqv_b, sqv_q, sl_b, sl_k, sl_g, sl_q,
+        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_QV: tl.constexpr, HAS_SLOTS: tl.constexpr, DOT_F32: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        # Pass 2: program (b * HKV + kvh, key block, query split) -> OUT[split, b, kvh, key] = sum over the split's
+        # valid queries and the group's G heads of exp2(scale * log2(e) * q.k - lse), lse = LSE[b, kvh, g, query] *
+        # lse_scale (log2). The key tile stays in registers/shared memory; the loop streams [BLOCK_M, D] tiles of
+        # ONE head's consecutive queries (plain 2D loads), G heads per query block, and has no branch, so Triton can
+        # pipeline its loads (num_stages). Invalid or out-of-range queries read as zeros with lse +inf (p = 0);
+        # invalid keys' columns are dropped at the store; the only per-element mask is the causal one (int32).
+        pid = tl.program_id(0)
+        b = (pid // HKV).to(tl.int64)
+        kvh = (pid % HKV).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        inr = offs < L
+        kp, ok, kmin = _key_tile(KPOS + b * skp_b + kvh * skp_h, KVAL + b * skv_b + kvh * skv_h, offs, inr, skp_l,
+                                 skv_l)
+        kt = _load_keys(K + b * sk_b + kvh * sk_h, SLOT + b * sst_b, offs, ok, d, dm, sk_l, sk_d, sst_l, HAS_SLOTS,
+                        DOT_F32)
+        kp = kp.to(tl.int32)
+        # the split's queries [lo, end), from the first that may see a key of the tile: QMAX (the running max of the
+        # query positions) is sorted, and no query before the first QMAX >= kmin sees any valid key of the tile
+        lo = tl.program_id(2) * row_split
+        end = tl.minimum(lo + row_split, NQ)
+        hi = end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            seen = tl.load(QMAX + mid) >= kmin
+            hi = tl.where(seen, mid, hi)
+            lo = tl.where(seen, lo, mid + 1)
+        q_base = Q + b * sq_b + kvh * G * sq_h
+        lse_base = LSE + b * sl_b + kvh * sl_k
+        rows = tl.arange(0, BLOCK_M)
+        # per-element partial sums, reduced over the rows once at the end: a row reduction per tile would cross
+        # warps (the dot's rows are spread over them) through shared memory at every step
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for it in range(0, tl.cdiv(end - lo, BLOCK_M) * G):    # query block it // G, head it % G of the group
+            g = it % G
+            qi = lo + (it // G) * BLOCK_M + rows
+            rm = qi < end
+            if HAS_QV:
+                rm = rm & (tl.load(QVAL + b * sqv_b + qi * sqv_q, mask=rm, other=0) != 0)
+            qpos = tl.load(QPOS + qi, mask=rm, other=0).to(tl.int32)
+            qt = tl.load(q_base + g * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d, mask=rm[:, None] & dm[None, :],
+                         other=0.0)
+            if DOT_F32:
+                qt = qt.to(tl.float32)
+            lse = tl.load(lse_base + g * sl_g + qi * sl_q, mask=rm, other=float("inf")) * lse_scale
+            lse = tl.where(rm & (lse > float("-inf")), lse, float("inf"))   # NaN / no allowed key: p = 0
+            s = tl.dot(qt, tl.trans(kt), input_precision=PREC)
+            acc += tl.where(kp[None, :] <= qpos[:, None], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        tl.store(OUT + (tl.program_id(2) * tl.num_programs(0) + pid).to(tl.int64) * L + offs,
+                 tl.where(ok, tl.sum(acc, 0), 0.0), mask=inr)
 else:  # pragma: no cover - exercised only without triton
-    _mass_kernel = _key_tile = _load_keys = _row_positions = _load_query_rows = None
+    _mass_kernel = _lse_kernel = _key_tile = _load_keys = None
 
 
 def _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots, lse=None):
@@ -254,7 +312,7 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
                    query_pos: torch.Tensor, query_valid: torch.Tensor | None, scaling: float,
                    block: int | None = None, *, backend: str = "auto", slots: torch.Tensor | None = None,
                    key_split: int | None = None, row_split: int | None = None,
-                   lse: torch.Tensor | None = None) -> torch.Tensor:
+                   lse: torch.Tensor | None = None, config: MassConfig | tuple | None = None) -> torch.Tensor:
     """:func:`attention_mass_ref`'s result, by the Triton kernel where :func:`~.dispatch.use_triton` says.
 
     Args (beyond :func:`attention_mass_ref`'s, whose ``block`` only the torch path uses):
@@ -265,16 +323,21 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
             ``[S, Hkv, D]`` pool viewed with stride 0 over rows) and key ``j`` of row ``b`` is read from slot
             ``slots[b, j]`` in place (the engine's prefill); ``key_pos``/``key_valid``/the result are indexed by
             ``j``. Invalid keys' slots are not read.
-        key_split, row_split: keys per split of pass 1 and query rows (``q * G``) per split of pass 2; default
-            picks them to fill the GPU (tests set them to exercise the merges).
+        key_split, row_split: keys per split of pass 1 and queries per split of pass 2; default picks them to fill
+            the GPU (tests set them to exercise the merges).
         lse: optional ``[B, H, q]`` natural-log log-sum-exp of each query over its allowed keys, from the attention
-            (as in :func:`attention_mass_ref`): pass 1 is skipped. It must be over the same keys as the mass's
-            causal rule (valid, ``key_pos <= query_pos``), else the probabilities do not sum to one.
+            (as in :func:`attention_mass_ref`), any strides: pass 1 is skipped. It must be over the same keys as the
+            mass's causal rule (valid, ``key_pos <= query_pos``), else the probabilities do not sum to one.
+        config: pass 2's tiles, :class:`MassConfig` (or a 4-tuple); ``None`` entries take the defaults
+            (:func:`mass_config`). For sweeps (``benchmarks/bench_h2o_mass.py --mass-block-rows ...``) and tests.
+
+    Real positions (valid queries and keys) must be below ``2**31`` (pass 2 compares them in int32).
 
     Returns:
         ``[B, Hkv, L]`` float32 (float64 for float64 inputs, which take the torch path).
     """
     B, H, q, D, Hkv, L = _check_mass_inputs(queries, keys, key_pos, key_valid, query_pos, query_valid, slots, lse)
+    cfg = mass_config(D, config)
     if not mass_runs_triton(backend, queries, keys):
         if slots is not None:                          # the reference reads a gathered copy
             idx = slots.long().clamp(0, keys.shape[2] - 1).view(B, 1, L, 1)
@@ -291,36 +354,40 @@ def attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_pos: torch.Ten
     qval = query_valid.to(device=dev, dtype=torch.bool).view(torch.uint8) if query_valid is not None else kval
     slot_table = slots.to(dev) if slots is not None else qpos
     dot_f32, prec = dot_config(_mass_kernel, keys.dtype)
-    meta = dict(HKV=Hkv, G=G, D=D, BLOCK_D=max(16, next_pow2(D)), HAS_QV=query_valid is not None,
-                HAS_SLOTS=slots is not None, DOT_F32=dot_f32, PREC=prec, num_warps=8 if D >= 128 else 4)
+    meta = dict(HKV=Hkv, G=G, D=D, BLOCK_D=max(16, next_pow2(D)), HAS_SLOTS=slots is not None, DOT_F32=dot_f32,
+                PREC=prec)
     strides = (*qk.stride(), *keys.stride(), *(slot_table.stride() if slots is not None else (0, 0)),
-               *kpos.stride(), *kval.stride(), *(qval.stride() if query_valid is not None else (0, 0)))
+               *kpos.stride(), *kval.stride())
     scale = float(scaling) * LOG2E
 
-    if lse is not None:                                 # the attention's: [B, H, q] natural log -> rows t, log2
-        lse = (lse.to(device=dev, dtype=torch.float32).view(B, Hkv, G, q).transpose(2, 3) * LOG2E).contiguous()
-    else:
-        lse = _row_lse(qk, keys, slot_table, kpos, kval, qpos, qval, out, scale, T, L, key_split, strides, meta)
+    if lse is not None:                                 # the attention's [B, H, q], natural log; head = kvh * G + g
+        lse = lse.to(device=dev, dtype=torch.float32)
+        lse_strides, lse_scale = (lse.stride(0), G * lse.stride(1), lse.stride(1), lse.stride(2)), LOG2E
+    else:                                               # pass 1's [B, Hkv, T = q * G, 1], log2; row = query * G + g
+        lse = _row_lse(qk, keys, slot_table, kpos, kval, qpos, scale, T, L, key_split, strides, meta)
+        lse_strides, lse_scale = (Hkv * T, T, 1, G), 1.0
 
-    key_blocks = -(-L // MASS_BLOCK_KEYS)
-    row_split, rs, _ = plan_splits(T, B * Hkv * key_blocks, dev, row_split, max_block=MASS_BLOCK_ROWS)
+    key_blocks = -(-L // cfg.block_keys)
+    row_split, rs, _ = plan_splits(q, B * Hkv * key_blocks, dev, row_split, max_block=cfg.block_rows)
     part = out if rs == 1 else torch.empty(rs, B, Hkv, L, dtype=torch.float32, device=dev)
-    _mass_kernel[(B * Hkv, key_blocks, rs)](qk, keys, slot_table, kpos, kval, qpos, qval, lse, part,
-                                            scale, T, L, 0, row_split, 1, *strides, BLOCK_R=MASS_BLOCK_ROWS,
-                                            BLOCK_N=MASS_BLOCK_KEYS, MASS_PASS=True, **meta)
+    qmax = torch.cummax(qpos, 0).values                 # sorted: where each key tile's first viewer is searched
+    _mass_kernel[(B * Hkv, key_blocks, rs)](
+        qk, keys, slot_table, kpos, kval, qmax, qpos, qval, lse, part, scale, lse_scale, q, L, row_split, *strides,
+        *(qval.stride() if query_valid is not None else (0, 0)), *lse_strides, HAS_QV=query_valid is not None,
+        BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_keys, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
     return out if rs == 1 else part.sum(0)
 
 
-def _row_lse(qk, keys, slot_table, kpos, kval, qpos, qval, out, scale, T, L, key_split, strides, meta):
+def _row_lse(qk, keys, slot_table, kpos, kval, qpos, scale, T, L, key_split, strides, meta):
     """Pass 1 of :func:`attention_mass`: ``[B, Hkv, T, 1]`` log2-sum-exp2 of every query row (split-K merged)."""
     B, Hkv = keys.shape[0], meta["HKV"]
     dev = keys.device
     row_blocks = -(-T // LSE_BLOCK_ROWS)
     key_split, ks, _ = plan_splits(L, B * Hkv * row_blocks, dev, key_split, max_block=LSE_BLOCK_KEYS)
     lse = torch.empty(B, Hkv, T, ks, dtype=torch.float32, device=dev)
-    _mass_kernel[(B * Hkv, row_blocks, ks)](qk, keys, slot_table, kpos, kval, qpos, qval, lse, out,
-                                            scale, T, L, key_split, 0, ks, *strides, BLOCK_R=LSE_BLOCK_ROWS,
-                                            BLOCK_N=LSE_BLOCK_KEYS, MASS_PASS=False, **meta)
+    _lse_kernel[(B * Hkv, row_blocks, ks)](qk, keys, slot_table, kpos, kval, qpos, lse, scale, T, L, key_split, ks,
+                                           *strides, BLOCK_R=LSE_BLOCK_ROWS, BLOCK_N=LSE_BLOCK_KEYS,
+                                           num_warps=8 if meta["D"] >= 128 else 4, **meta)
     if ks > 1:                                          # merge the key splits' log2-sum-exp2
         m = lse.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

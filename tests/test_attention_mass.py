@@ -10,6 +10,7 @@ import torch
 
 from sparse_hf.kernels import (HAS_TRITON, attention_mass, attention_mass_ref, decode_attention_mass,
                                decode_attention_mass_ref)
+from sparse_hf.kernels.attention_mass import MASS_CONFIG, MassConfig, mass_config
 
 needs_triton = pytest.mark.skipif(
     not HAS_TRITON or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -81,6 +82,55 @@ def test_query_blocks_straddle_the_causal_boundary_and_splits_merge():
     for key_split, row_split in ((None, None), (64, 64), (100, 50), (17, 33)):
         got = attention_mass(*case, 0.2, backend="triton", key_split=key_split, row_split=row_split)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+#: Forced small pass-2 tiles ``(block_rows, block_keys, num_warps, num_stages)``: neither q nor L below is a
+#: multiple of them, so every loop has a partial last block.
+SMALL_TILES = [(16, 16, 4, 1), (16, 32, 2, 3), (32, 16, 4, 2)]
+
+
+@needs_triton
+@pytest.mark.parametrize("config", SMALL_TILES)
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2), (6, 2)])                # G = 1, 2, 3
+def test_small_tiles_equal_float64(config, H, Hkv):
+    """Pass 2 at forced small tiles (after pass 1): G = 1/2/3 query heads per KV head, a chunk after earlier slots,
+    left-padded rows, evicted keys, invalid queries, q = 37 and L = 83 not multiples of any tile; and queries split
+    at a size that is not a multiple of the tile either (the split merge)."""
+    case = make_case(B=2, H=H, Hkv=Hkv, q=37, L=83, D=16)
+    want = float64_mass(*case, 0.3)
+    for row_split in (None, 21):
+        got = attention_mass(*case, 0.3, backend="triton", config=config, row_split=row_split)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), None])
+def test_unsorted_query_positions(config):
+    """Query positions out of order (each key tile's loop starts at the first query whose running-max position may
+    see it, so later queries that see less must still be masked exactly), with repeated positions."""
+    queries, keys, key_pos, key_valid, _, query_valid = make_case(B=2, H=6, Hkv=2, q=40, L=70, D=16)
+    g = torch.Generator().manual_seed(5)
+    query_pos = torch.randint(10, 70, (40,), generator=g)
+    query_pos[:3] = 69                                                  # the running max jumps at once
+    case = (queries, keys, key_pos, key_valid, query_pos, query_valid)
+    got = attention_mass(*case, 0.3, backend="triton", config=config)
+    torch.testing.assert_close(got.double(), float64_mass(*case, 0.3), rtol=1e-4, atol=1e-5)
+
+
+def test_mass_config_fills_defaults_and_rejects_bad_tiles():
+    """``None`` entries take :data:`MASS_CONFIG` (4 warps below head_dim 128); a tuple works like the named
+    config; tiles the kernel cannot take raise, also through :func:`attention_mass` (the torch path included)."""
+    assert mass_config(128) == MASS_CONFIG
+    assert mass_config(64) == MASS_CONFIG._replace(num_warps=4)
+    assert mass_config(128, (32, None, None, 2)) == MassConfig(32, MASS_CONFIG.block_keys, MASS_CONFIG.num_warps, 2)
+    assert mass_config(64, MassConfig(block_keys=256)) == MassConfig(MASS_CONFIG.block_rows, 256, 4,
+                                                                     MASS_CONFIG.num_stages)
+    for bad in ((24, None, None, None), (8, None, None, None), (None, 48, None, None), (None, None, 3, None),
+                (None, None, None, 0)):
+        with pytest.raises(ValueError, match="bad mass config"):
+            mass_config(128, bad)
+    with pytest.raises(ValueError, match="bad mass config"):
+        attention_mass(*make_case(q=5, L=20), 0.3, config=(24, 16, 4, 1))
 
 
 @needs_triton

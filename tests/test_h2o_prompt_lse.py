@@ -80,6 +80,36 @@ def test_mass_from_lse_row_splits_and_slot_table():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), (32, 16, 2, 3)])
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2), (6, 2)])                # G = 1, 2, 3
+def test_mass_from_lse_small_tiles_strided_lse_and_slot_table(config, H, Hkv):
+    """The given-lse path (pass 2 alone) at forced small tiles: G = 1/2/3, q = 37 and L = 83 not multiples of the
+    tiles, padded queries whose lse is NaN, an lse with non-contiguous strides (``[B, q, H]`` storage, as a
+    transposed attention output gives), and keys read through a slot table whose invalid slots are NaN."""
+    queries, keys, key_pos, key_valid, query_pos, query_valid = make_case(B=2, H=H, Hkv=Hkv, q=37, L=83, D=16,
+                                                                          offset=30)
+    case = (queries, keys, key_pos, key_valid, query_pos, query_valid)
+    want = float64_mass(*case, 0.3)
+    lse = float64_lse(*case, 0.3).transpose(1, 2).contiguous().transpose(1, 2)        # [B, H, q], strided
+    S = 200
+    slots = torch.randperm(S - 1, generator=torch.Generator().manual_seed(6))[:166].view(2, 83)
+    pool = torch.full((S, Hkv, 16), float("nan"))
+    for b in range(2):
+        pool[slots[b]] = keys[b].transpose(0, 1)
+    slots = torch.where(key_valid[:, 0] & key_valid[:, -1], slots, S - 1)
+    view = pool.permute(1, 0, 2).unsqueeze(0).expand(2, -1, -1, -1)
+    valid = key_valid & key_valid[:, :1] & key_valid[:, -1:]                         # the NaN slot is never valid
+    want_slots = float64_mass(queries, keys, key_pos, valid, query_pos, query_valid, 0.3)
+    lse_slots = float64_lse(queries, keys, key_pos, valid, query_pos, query_valid, 0.3)
+    for row_split in (None, 19):
+        got = attention_mass(*case, 0.3, backend="triton", lse=lse, config=config, row_split=row_split)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+        got = attention_mass(queries, view, key_pos, valid, query_pos, query_valid, 0.3, backend="triton",
+                             slots=slots, lse=lse_slots, config=config, row_split=row_split)
+        torch.testing.assert_close(got.double(), want_slots, rtol=1e-4, atol=1e-5)
+
+
 def test_lse_of_the_wrong_shape_is_an_error():
     case = make_case(q=5, L=20)
     with pytest.raises(ValueError, match="lse must be"):
@@ -197,6 +227,28 @@ def test_bench_h2o_mass_says_which_attention_and_mass_ran(capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (row["attention_kernel"], row["mass_backend"], row["dtype"]) == ("cpu_flash", "torch", "float32")
     assert row["max_rel_diff"] < 1e-5
+
+
+@needs_triton
+def test_bench_h2o_mass_sweeps_the_tiles(capsys):
+    """The tile sweep of ``benchmarks/bench_h2o_mass.py`` (Triton under the interpreter on the CPU): one JSON line
+    per combination, ``auto`` the default, each one-pass mass equal to the two-pass one."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from sparse_hf.kernels.attention_mass import mass_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_h2o_mass
+
+    assert bench_h2o_mass.main(["--backend", "triton", "--tokens", "40", "--heads", "4,2,16", "--repeat", "1",
+                                "--mass-block-rows", "16,auto", "--mass-block-keys", "16", "--mass-stages", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["mass_config"] for r in rows] == [[16, 16, 4, 1], list(mass_config(16, (None, 16, None, 1)))]
+    for r in rows:
+        assert r["mass_backend"] == "triton" and r["max_rel_diff"] < 1e-5 and r["mass_lse_over_attention"] > 0
+        assert r["triton_tiles"]["pass2_over_causal"] >= 1.0
 
 
 def no_lse(monkeypatch):
