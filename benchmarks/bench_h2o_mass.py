@@ -27,8 +27,10 @@ launch (shared memory, registers) prints ``{"kind": "error", ...}`` and the swee
 
 The mass backend is ``--backend`` (default ``auto``: Triton on CUDA in fp16/bf16, the torch reference in fp32 and on
 the CPU; ``triton`` on the CPU runs the kernel under the interpreter, whose time follows the tiles it executes); the
-JSON's ``mass_backend`` is the one that ran (the tile options only matter to Triton). Prints one JSON line per
-length and tile combination.
+JSON's ``mass_backend`` is the one that ran (the tile options only matter to Triton). ``--chunk 2048`` times
+``mass_lse`` the way the engine runs it (``chunk_prefill_size`` queries per call, each over every earlier key, the
+attention's log-sum-exp sliced per chunk) and ``triton_tiles`` still counts the whole-prompt call. Prints one JSON
+line per length and tile combination.
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--backend", default="auto", help="the mass kernel's backend: auto | triton | torch")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="mass_lse in chunks of this many queries, each over every earlier key (the engine's "
+                        "chunk_prefill_size, 2048); 0: the whole prompt in one call")
     for name, what in (("block-rows", "queries of one head per tile"), ("block-keys", "keys per tile"),
                        ("warps", "num_warps"), ("stages", "num_stages")):
         p.add_argument(f"--mass-{name}", default="auto", help=f"pass 2's {what}: comma list, 'auto' the default")
@@ -131,8 +136,16 @@ def main(argv=None) -> int:
         _, lse, kernel = fused
 
         def mass(with_lse, config=None):
-            return attention_mass(q, k, key_pos, valid, cols, None, scale, backend=args.backend,
-                                  lse=lse if with_lse else None, config=config)
+            if not (with_lse and args.chunk):
+                return attention_mass(q, k, key_pos, valid, cols, None, scale, backend=args.backend,
+                                      lse=lse if with_lse else None, config=config)
+            total = torch.zeros(1, Hkv, n, device=device)              # the engine's way: chunk by chunk
+            for s0 in range(0, n, args.chunk):
+                e = min(n, s0 + args.chunk)
+                total[..., :e] += attention_mass(q[:, :, s0:e], k[:, :, :e], key_pos[..., :e], valid[..., :e],
+                                                 cols[s0:e], None, scale, backend=args.backend,
+                                                 lse=lse[:, :, s0:e], config=config)
+            return total
 
         m2 = mass(False)                                               # warm-up (compiles the Triton kernel)
         t_att = timed(lambda: causal_attention_with_lse(q, k, v, scale), args.repeat, device)
@@ -151,7 +164,7 @@ def main(argv=None) -> int:
                                   mass_backend="triton" if mass_runs_triton(args.backend, q, k) else "torch",
                                   attention_kernel=kernel,
                                   dtype=str(dtype).replace("torch.", ""), tokens=n, heads=[H, Hkv, D],
-                                  mass_config=list(cfg), attention_s=round(t_att, 4), mass_lse_s=round(t_lse, 4),
+                                  mass_config=list(cfg), chunk=args.chunk, attention_s=round(t_att, 4), mass_lse_s=round(t_lse, 4),
                                   mass_two_pass_s=round(t_two, 4),
                                   mass_lse_over_attention=round(t_lse / t_att, 3),
                                   mass_two_pass_over_attention=round(t_two / t_att, 3),

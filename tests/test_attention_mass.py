@@ -257,14 +257,18 @@ def test_auto_mass_backend_takes_the_reference_for_fp32(dtype, backend, passed, 
 
 @pytest.mark.gpu
 def test_kernel_equals_reference_on_cuda_at_a_realistic_size():
-    """4K keys, a 1K-query chunk after 3K earlier slots, Qwen2.5-7B's 28/4 heads and 128 dims, bf16 and fp32; the
-    decode mass from 128K logits."""
+    """4K keys, a 1K-query chunk after 3K earlier slots, Qwen2.5-7B's 28/4 heads and 128 dims, bf16 (at the default
+    and a few other pass-2 tiles) and fp32; the decode mass from 128K logits."""
     for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
         case = make_case(B=1, H=28, Hkv=4, q=1024, L=4096, D=128, dtype=dtype, device="cuda")
         ref = attention_mass_ref(*case, 128 ** -0.5)
         got = attention_mass(*case, 128 ** -0.5, backend="triton")
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * 0.1)
         torch.testing.assert_close(got.sum(), ref.sum(), rtol=1e-3, atol=0)
+        if dtype == torch.bfloat16:                                     # pass 2's compiled tiles of the sweep
+            for config in ((128, 128, 8, 3), (64, 256, 8, 2), (128, 64, 4, 3), (64, 64, 4, 4)):
+                got = attention_mass(*case, 128 ** -0.5, backend="triton", config=config)
+                torch.testing.assert_close(got, ref, rtol=tol, atol=tol * 0.1)
     logits = torch.randn(2, 28, 131072, device="cuda") * 3
     logits[1, :, 70000:] = float("-inf")                               # a shorter row
     torch.testing.assert_close(decode_attention_mass(logits, 4, "triton"), decode_attention_mass_ref(logits, 4),

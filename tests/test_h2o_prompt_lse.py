@@ -232,7 +232,7 @@ def test_bench_h2o_mass_says_which_attention_and_mass_ran(capsys):
 @needs_triton
 def test_bench_h2o_mass_sweeps_the_tiles(capsys):
     """The tile sweep of ``benchmarks/bench_h2o_mass.py`` (Triton under the interpreter on the CPU): one JSON line
-    per combination, ``auto`` the default, each one-pass mass equal to the two-pass one."""
+    per combination, ``auto`` the default, each one-pass mass equal to the two-pass one, also chunk by chunk."""
     import json
     import sys
     from pathlib import Path
@@ -246,6 +246,10 @@ def test_bench_h2o_mass_sweeps_the_tiles(capsys):
                                 "--mass-block-rows", "16,auto", "--mass-block-keys", "16", "--mass-stages", "1"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["mass_config"] for r in rows] == [[16, 16, 4, 1], list(mass_config(16, (None, 16, None, 1)))]
+    assert bench_h2o_mass.main(["--backend", "triton", "--tokens", "40", "--heads", "4,2,16", "--repeat", "1",
+                                "--mass-block-rows", "16", "--mass-block-keys", "16", "--chunk", "16"]) == 0
+    rows += [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["chunk"] for r in rows] == [0, 0, 16]
     for r in rows:
         assert r["mass_backend"] == "triton" and r["max_rel_diff"] < 1e-5 and r["mass_lse_over_attention"] > 0
         assert r["triton_tiles"]["pass2_over_causal"] >= 1.0
