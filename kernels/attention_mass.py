@@ -63,8 +63,9 @@ class MassConfig(NamedTuple):
 
 
 #: Pass 2's default for ``head_dim >= 128`` (fewer warps below). Not yet swept on the GPU with this kernel's loop
-#: (docs/gpu_next.md, wt-M: ``benchmarks/bench_h2o_mass.py --mass-block-rows ...``); 64 x 128 with 8 warps is the
-#: tile the previous loop measured at ~3x the cuDNN attention (run O's H200, 8K-128K, Qwen2.5-7B's heads).
+#: (docs/gpu_next.md, wt-M: ``benchmarks/bench_h2o_mass.py --mass-block-rows ...``); 64 rows x 128 keys with 8
+#: warps is the previous loop's tile (its rows were query x head pairs), measured at ~3x the cuDNN attention (run O's
+#: H200, 8K-128K, Qwen2.5-7B's heads), and 3 stages Triton's default.
 MASS_CONFIG = MassConfig(64, 128, 8, 3)
 
 
@@ -74,9 +75,8 @@ def mass_config(head_dim: int, config: MassConfig | tuple | None = None) -> Mass
     given = MassConfig(*(config or ()))
     auto = MASS_CONFIG._replace(num_warps=MASS_CONFIG.num_warps if head_dim >= 128 else 4)
     cfg = MassConfig(*(a if g is None else int(g) for g, a in zip(given, auto)))
-    pow2 = lambda n: n >= 1 and n & (n - 1) == 0                             # noqa: E731
-    if not (pow2(cfg.block_rows) and pow2(cfg.block_keys) and min(cfg.block_rows, cfg.block_keys) >= 16
-            and pow2(cfg.num_warps) and cfg.num_warps <= 16 and cfg.num_stages >= 1):
+    if not (min(cfg.block_rows, cfg.block_keys) >= 16 and 1 <= cfg.num_warps <= 16 and cfg.num_stages >= 1
+            and all(n == next_pow2(n) for n in cfg[:3])):
         raise ValueError(f"bad mass config {tuple(cfg)}: block_rows and block_keys powers of two >= 16, num_warps "
                          "a power of two <= 16, num_stages >= 1")
     return cfg
@@ -256,8 +256,8 @@ if HAS_TRITON:
             if HAS_QV:
                 rm = rm & (tl.load(QVAL + b * sqv_b + qi * sqv_q, mask=rm, other=0) != 0)
             qpos = tl.load(QPOS + qi, mask=rm, other=0).to(tl.int32)
-            qt = tl.load(q_base + g * sq_h + qi[:, None] * sq_q + d[None, :] * sq_d, mask=rm[:, None] & dm[None, :],
-                         other=0.0)
+            qt = tl.load(q_base + g * sq_h + qi.to(tl.int64)[:, None] * sq_q + d[None, :] * sq_d,
+                         mask=rm[:, None] & dm[None, :], other=0.0)              # int64: q * H * D may pass 2**31
             if DOT_F32:
                 qt = qt.to(tl.float32)
             lse = tl.load(lse_base + g * sl_g + qi * sl_q, mask=rm, other=float("inf")) * lse_scale
