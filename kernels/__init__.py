@@ -33,8 +33,8 @@ The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kern
 """
 
 from .append import append_kv, store_kv_slots
-from .attention_mass import (attention_mass, attention_mass_ref, attention_probabilities, decode_attention_mass,
-                             decode_attention_mass_ref)
+from .attention_mass import attention_mass, attention_mass_ref, attention_probabilities
+from .decode_mass import decode_attention_mass, decode_attention_mass_ref
 from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
 from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_stage_raw, deltakv_writeback
 from .dispatch import HAS_TRITON, kernels_run_fused
