@@ -62,11 +62,12 @@ class MassConfig(NamedTuple):
     num_stages: int | None = None
 
 
-#: Pass 2's default for ``head_dim >= 128`` (fewer warps below). Not yet swept on the GPU with this kernel's loop
-#: (docs/gpu_next.md, wt-M: ``benchmarks/bench_h2o_mass.py --mass-block-rows ...``); 64 rows x 128 keys with 8
-#: warps is the previous loop's tile (its rows were query x head pairs), measured at ~3x the cuDNN attention (run O's
-#: H200, 8K-128K, Qwen2.5-7B's heads), and 3 stages Triton's default.
-MASS_CONFIG = MassConfig(64, 128, 8, 3)
+#: Pass 2's default, from run P's sweep (H200, 2026-12-03, bf16, Qwen2.5-7B's 28/4 heads of 128,
+#: ``benchmarks/bench_h2o_mass.py --device cuda --tokens 32768 --mass-block-rows 64,128 --mass-block-keys 64,128,256
+#: --mass-warps 4,8 --mass-stages 2,3``, docs/bench/run_p_2026-12-03/callC2_*): 64 rows x 128 keys, 4 warps, 3
+#: stages was the best of 24 tiles at 32K (0.79x cuDNN's causal attention) and of 12 at 128K (0.68x, 0.147 s; the
+#: previous default with 8 warps 0.73x, run O's loop 2.93x). Below ``head_dim`` 128 the same 4 warps.
+MASS_CONFIG = MassConfig(64, 128, 4, 3)
 
 
 def mass_config(head_dim: int, config: MassConfig | tuple | None = None) -> MassConfig:

@@ -38,9 +38,13 @@ def load_documents(source: str, split: str = "train", text_field: str = "text") 
     ``split`` may slice (``"train[:20%]"``). A missing local path raises FileNotFoundError; a Hub name that
     cannot be fetched raises OSError saying to pass a local file instead.
     """
-    import datasets
-
     path = os.path.expanduser(source)
+    try:
+        import datasets
+    except ImportError:
+        if not os.path.exists(path):
+            raise
+        return _local_documents(source, path, split, text_field)
     if os.path.exists(path):
         builder, files = _local_files(path)
         base_split = split.split("[", 1)
@@ -58,6 +62,65 @@ def load_documents(source: str, split: str = "train", text_field: str = "text") 
     if text_field not in ds.column_names:
         raise ValueError(f"{source}: no {text_field!r} column; columns are {ds.column_names} (set --text_field)")
     return ds
+
+
+class DocumentList:
+    """The few ``datasets.Dataset`` calls this module makes, over rows held in a list: used when ``datasets`` is
+    not installed (the GPU image lacks it). Rows are dicts; ``shuffle`` draws the permutation ``datasets`` draws
+    (``np.random.default_rng(seed).permutation(n)``), so both give the same packed blocks."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.column_names = list(rows[0]) if rows else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int | str) -> dict | list:
+        """Row ``i``, or the column named ``i``."""
+        return [row[i] for row in self.rows] if isinstance(i, str) else self.rows[i]
+
+    def shuffle(self, seed: int) -> "DocumentList":
+        import numpy as np
+
+        return DocumentList([self.rows[i] for i in np.random.default_rng(seed).permutation(len(self.rows))])
+
+    def select(self, indices) -> "DocumentList":
+        return DocumentList([self.rows[i] for i in indices])
+
+    def map(self, fn, batched: bool, batch_size: int, remove_columns=None, **_) -> "DocumentList":
+        """``fn`` over batches of ``batch_size`` rows given as columns; returns the rows of its output columns."""
+        assert batched, "DocumentList.map runs batched functions only"
+        out = []
+        for start in range(0, len(self.rows), batch_size):
+            chunk = self.rows[start:start + batch_size]
+            result = fn({name: [row.get(name) for row in chunk] for name in self.column_names})
+            out.extend(dict(zip(result, values)) for values in zip(*result.values()))
+        return DocumentList(out)
+
+
+def _local_documents(source: str, path: str, split: str, text_field: str) -> DocumentList:
+    """Local ``.txt`` (a document per line) or ``.json``/``.jsonl`` files without ``datasets``; other formats and
+    split slices need it."""
+    import json
+
+    builder, files = _local_files(path)
+    if builder not in ("text", "json") or "[" in split:
+        raise ImportError(f"{source}: reading {builder} data (or slicing split={split!r}) needs the `datasets` "
+                          "package: pip install datasets")
+    rows: list[dict] = []
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+        if builder == "text":
+            rows.extend({"text": line} for line in text.splitlines())
+        elif text.lstrip().startswith("["):
+            rows.extend(json.loads(text))
+        else:
+            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
+    if rows and text_field not in rows[0]:
+        raise ValueError(f"{source}: no {text_field!r} column; columns are {list(rows[0])} (set --text_field)")
+    return DocumentList(rows)
 
 
 def pack_documents(documents: Any, tokenizer: Any, block_size: int, text_field: str = "text",
