@@ -68,23 +68,32 @@ def test_pack_documents_is_bos_text_eos_concatenated(tmp_path):
     assert torch.equal(batch["labels"], batch["input_ids"]) and batch["input_ids"].shape == (2, 3)
 
 
+def write_source(tmp_path, fmt: str, texts: list[str]):
+    """``texts`` as a local training source: ``txt`` (a line each), ``json`` (one array), ``jsonl`` (the even ones,
+    one file of a two-file directory) or ``dir`` (that directory)."""
+    if fmt == "txt":
+        (tmp_path / "d.txt").write_text("\n".join(texts))
+        return tmp_path / "d.txt"
+    if fmt == "json":
+        (tmp_path / "d.json").write_text(json.dumps([{"text": t, "id": i} for i, t in enumerate(texts)]))
+        return tmp_path / "d.json"
+    os.makedirs(tmp_path / "dir", exist_ok=True)
+    for i in range(2):
+        with open(tmp_path / "dir" / f"part{i}.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i::2])
+    return tmp_path / "dir" if fmt == "dir" else tmp_path / "dir" / "part0.jsonl"
+
+
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "dir"])
 def test_local_sources(tmp_path, fmt):
     import datasets
 
     texts = [" ".join(WORDS[i:i + 6]) for i in range(10)]
-    if fmt == "txt":
-        (tmp_path / "d.txt").write_text("\n".join(texts))
-        source = tmp_path / "d.txt"
-    elif fmt == "parquet":
+    if fmt == "parquet":
         datasets.Dataset.from_dict({"text": texts}).to_parquet(str(tmp_path / "d.parquet"))
         source = tmp_path / "d.parquet"
     else:
-        os.makedirs(tmp_path / "dir", exist_ok=True)
-        for i in range(2):
-            with open(tmp_path / "dir" / f"part{i}.jsonl", "w") as f:
-                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i::2])
-        source = tmp_path / "dir" if fmt == "dir" else tmp_path / "dir" / "part0.jsonl"
+        source = write_source(tmp_path, fmt, texts)
     docs = load_documents(str(source))
     assert len(docs) == (5 if fmt == "jsonl" else 10)
     blocks = build_train_dataset(str(source), char_tokenizer(), block_size=16, max_blocks=3)
@@ -96,18 +105,7 @@ def test_local_sources_without_datasets_pack_the_same_blocks(tmp_path, monkeypat
     """Without ``datasets`` (the GPU image), local text/JSON data gives the blocks ``datasets`` gives: same rows,
     same seed-42 shuffle, same packing per 1,000 documents."""
     texts = [" ".join(WORDS[i % len(WORDS):i % len(WORDS) + 1 + i % 5]) for i in range(2300)]
-    if fmt == "txt":
-        (tmp_path / "d.txt").write_text("\n".join(texts))
-        source = tmp_path / "d.txt"
-    elif fmt == "json":
-        (tmp_path / "d.json").write_text(json.dumps([{"text": t, "id": i} for i, t in enumerate(texts)]))
-        source = tmp_path / "d.json"
-    else:
-        os.makedirs(tmp_path / "dir", exist_ok=True)
-        for i in range(2):
-            with open(tmp_path / "dir" / f"part{i}.jsonl", "w") as f:
-                f.writelines(json.dumps({"text": t}) + "\n" for t in texts[i::2])
-        source = tmp_path / "dir" if fmt == "dir" else tmp_path / "dir" / "part0.jsonl"
+    source = write_source(tmp_path, fmt, texts)
     tok = char_tokenizer()
     reference = build_train_dataset(str(source), tok, block_size=32)
     monkeypatch.setitem(sys.modules, "datasets", None)   # import datasets -> ImportError
