@@ -1,4 +1,4 @@
-"""Measured quality of a trained DeltaKV compressor on the demo model (SmolLM2-135M-Instruct), on CPU.
+"""Measured quality of a trained DeltaKV compressor on the demo model (SmolLM2-135M-Instruct) or ``--model qwen-coder``.
 
 What it measures, on text the compressor never saw (``prepare_corpus.py``'s held-out novel):
 
@@ -135,6 +135,7 @@ def fmt_bytes(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="demo (SmolLM2-135M-Instruct) or qwen-coder (Qwen2.5-Coder-0.5B)")
     p.add_argument("--compressor", required=True, help="directory written by `sparse-hf train-compressor`")
     p.add_argument("--data-dir", default=os.path.expanduser("~/.cache/sparse_hf/data/austen"),
                    help="output of examples/prepare_corpus.py (heldout.jsonl, manifest.json)")
@@ -206,7 +207,7 @@ def measure(args, comp) -> dict:
     from sparse_hf.trainer import build_train_dataset
 
     t_start = time.time()
-    model, tok = load_model("demo", dtype=getattr(torch, args.dtype), device=args.device)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     comp.to(args.device)
     heldout = os.path.join(os.path.expanduser(args.data_dir), "heldout.jsonl")
     length = args.context + args.score
@@ -374,7 +375,8 @@ def render(args, comp, results) -> str:
                   f"{m['splits']['heldout']['words']:,} words)")
     seconds = meta.get("seconds")
     lines = [
-        "# DeltaKV quality on the demo model (SmolLM2-135M-Instruct)",
+        "# DeltaKV quality on " + {"demo": "the demo model (SmolLM2-135M-Instruct)",
+                                   "qwen-coder": "Qwen2.5-Coder-0.5B-Instruct"}.get(getattr(args, "model", "demo"), args.model),
         "",
         f"- **Date:** {str(meta.get('date', '?'))[:16].replace('T', ' ')} UTC"
         + (f"; measuring took {seconds / 60:.0f} min" if seconds else ""),
