@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.summary:
         with open(args.summary) as f:
-            print(summarize([json.loads(line[6:]) for line in f if line.startswith("BYTES ")]))
+            print(summarize([json.loads(line.removeprefix("BYTES ")) for line in f if line.lstrip("BYTES ")[:1] == "{"]))
         return 0
     for length in [int(x) for x in args.lengths.split(",")]:
         print("BYTES " + json.dumps(measure(length, args.batch, args.head_dim, args.steps, args.budget, args.fast_flush)), flush=True)
