@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prompt", type=int, default=300)
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--full-attn-layers", default=None, help="filter layers, e.g. 0,3,15,21 (default: the method's)")
     args = p.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
     comp = DeltaKVCompressor.for_model(config, kv_compressed_size=2 * 4 * 16 // 4)
     new_tokens = 8 * args.steps + 16
     cache = sparse_hf.build_cache("deltakv", config, dict(compressor=comp, num_sink_tokens=4, num_recent_tokens=16,
-                                                           num_top_tokens=64, kv_quant_bits=4, cuda_graph=False))
+                                                           num_top_tokens=64, kv_quant_bits=4, cuda_graph=False,
+                                                           **({"full_attn_layers": args.full_attn_layers}
+                                                              if args.full_attn_layers else {})))
     cache.plan_generation(args.prompt, new_tokens)
     sparse_hf.prepare_model(model)
 

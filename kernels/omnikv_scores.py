@@ -86,13 +86,24 @@ def range_softmax_max_kernel_runs(logits: torch.Tensor, backend: str = "auto") -
     return use_triton(backend, _range_softmax_stats_kernel, logits)
 
 
+#: Slots per program of the second pass (:func:`_range_softmax_max_kernel`). Each program loops over the ``H`` heads
+#: one load after another, so the pass is latency-bound and wants many programs: run M's engine DeltaKV profile at
+#: 131072 x 1 (H200, 2026-12-02, ``docs/bench/run_m_2026-12-02/profile_deltakv.txt``) timed it at 18.3 us with 1024
+#: (128 programs, ~0.8 TB/s for the 14.7 MB of logits) against 8.8 us for the first pass's 448 programs. A block changes only which program computes a slot,
+#: not the slot's arithmetic (the statistics are merged the same way in every program): the scores are the same
+#: bits at any block (``tests/test_omnikv_scores_kernel.py``).
+MAX_PASS_BLOCK = 256
+
+
 def range_softmax_max(logits: torch.Tensor, lo: int | torch.Tensor, hi: torch.Tensor, *, split_size: int = 8192,
-                      block: int = 1024) -> torch.Tensor:
+                      block: int = 1024, max_block: int = MAX_PASS_BLOCK) -> torch.Tensor:
     """OmniKV decode scores for candidate ranges: ``logits [B, H, L]`` float32, candidates of row ``b`` the slots
     ``lo <= j < hi[b]`` (``hi [B]`` int, on the device; ``lo`` a host int for every row, or ``[B]`` int on the device,
     e.g. each row's padding plus its sinks on the HF path) -> ``[B, L]`` float32: ``max_h softmax_h(logits)`` over the
     candidates, ``-inf`` elsewhere (all ``-inf`` for a row without candidates). Triton only (see
-    :func:`range_softmax_max_kernel_runs`); the torch specification is ``omnikv_decode_scores(logits, cand)``."""
+    :func:`range_softmax_max_kernel_runs`); the torch specification is ``omnikv_decode_scores(logits, cand)``.
+    ``block``: slots per step of the first pass (its statistics' lanes); ``max_block``: slots per program of the
+    second (:data:`MAX_PASS_BLOCK`; the result does not depend on it)."""
     if logits.dtype != torch.float32 or logits.dim() != 3:
         raise ValueError(f"logits must be [B, H, L] float32, got {tuple(logits.shape)} {logits.dtype}")
     B, H, L = logits.shape
@@ -109,8 +120,8 @@ def range_softmax_max(logits: torch.Tensor, lo: int | torch.Tensor, hi: torch.Te
     z = torch.empty_like(m)
     _range_softmax_stats_kernel[(B * H, num_splits)](logits, hi, lo_rows, m, z, lo, L, split_size, num_splits,
                                                      *logits.stride(), BLOCK=block, H=H, ROW_LO=row_lo, num_warps=4)
-    _range_softmax_max_kernel[(B, triton.cdiv(L, block))](logits, hi, lo_rows, m, z, out, lo, L, num_splits,
-                                                          *logits.stride(), out.stride(0), H=H, BLOCK=block,
-                                                          BLOCK_S=max(2, next_pow2(num_splits)), ROW_LO=row_lo,
-                                                          num_warps=4)
+    _range_softmax_max_kernel[(B, triton.cdiv(L, max_block))](logits, hi, lo_rows, m, z, out, lo, L, num_splits,
+                                                              *logits.stride(), out.stride(0), H=H, BLOCK=max_block,
+                                                              BLOCK_S=max(2, next_pow2(num_splits)), ROW_LO=row_lo,
+                                                              num_warps=4)
     return out

@@ -61,3 +61,20 @@ def test_a_start_per_row_equals_the_torch_scores():
     assert torch.equal(torch.isfinite(got), finite)
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-7)
     assert finite[0].any() and finite[2].any() and not finite[3].any()
+
+
+@pytest.mark.parametrize("per_row_start", [False, True])
+def test_the_second_pass_block_does_not_change_a_bit(per_row_start):
+    # MAX_PASS_BLOCK (256) replaced 1024, the first pass's block, as the second pass's slots per program: the same
+    # scores, bit for bit, at any second-pass block (only which program computes a slot changes)
+    g = torch.Generator().manual_seed(2)
+    B, H, L, sink, recent = 3, 5, 1300, 4, 8
+    lens = torch.tensor([1300, 777, 9])
+    logits = (torch.randn(B, H, L, generator=g) * 4).masked_fill(
+        torch.arange(L).view(1, 1, L) >= lens.view(-1, 1, 1), float("-inf")).to(DEVICE)
+    lo = torch.tensor([4, 21, 4]).to(DEVICE) if per_row_start else sink
+    hi = (lens - recent).to(DEVICE)
+    before = range_softmax_max(logits, lo, hi, split_size=512, block=128, max_block=128)   # one block, as before
+    for max_block in (16, 64, 256, 1024):
+        assert torch.equal(range_softmax_max(logits, lo, hi, split_size=512, block=128, max_block=max_block), before)
+    assert torch.isfinite(before[0]).sum() == L - sink - recent
