@@ -1,5 +1,5 @@
 """Issue 14, OmniKV/DeltaKV at 2,048 tokens: the default filter layers [0,1,2,3,8,16,22] against the calibrated ones
-[0,3,14,17,21,27,28] (``../smollm2_h200_engine_2026-12-02/calibration.json``), engine predictions on the grid's prompts.
+[0,3,14,17,21,27,28] (``../smollm2_h200_engine_2026-12-02/calibration.json``) and the default with 17 for 16, engine predictions on the grid's prompts.
 Rows from other runs on the same prompts: full, snapkv (layer) and deltakv (default layers) from the H200 grid of
 2026-12-02, omnikv (default layers) from the CPU lane of 2026-12-02 evening. Per task the score (samples); over all,
 Wilson's 95% interval; "target": the mean over the cells the full cache passes (niah_single, text_recall) of the row's
@@ -18,7 +18,7 @@ gpu, cpu = os.path.join(acc, "smollm2_h200_engine_2026-12-02"), os.path.join(acc
 SOURCES = [(os.path.join(gpu, "base"), ""), (os.path.join(gpu, "scope_layer"), " (layer)"),
            (os.path.join(gpu, "deltakv"), ""), (os.path.join(cpu, "omnikv"), ""),
            (os.path.join(here, "omnikv_calib"), " (calibrated)"), (os.path.join(here, "deltakv_calib"), " (calibrated)"),
-           (os.path.join(here, "deltakv_text"), "")]
+           (os.path.join(here, "deltakv_text"), ""), (os.path.join(here, "omnikv_l17"), " (17 for 16)")]
 TASKS, PASSED, LENGTH = ["niah_single", "niah_multikey", "text_recall"], ["niah_single", "text_recall"], 2048
 
 rows = defaultdict(dict)
@@ -59,6 +59,7 @@ for (name, budget), recs in sorted(rows.items(), key=lambda kv: (kv[0][0] != "fu
         if f:
             ratios.append(cell({i: recs[i] for i in shared}, t) / f)
     target = f"{sum(ratios) / len(ratios):.2f}" if ratios else "-"
-    base = rows.get((name.replace(" (calibrated)", ""), budget)) if "calibrated" in name else None
+    variant = name.endswith((" (calibrated)", " (17 for 16)"))
+    base = rows.get((name.rsplit(" (", 1)[0], budget)) if variant else None
     print(f"| {name} | {budget:g} | " + " | ".join(cells) + f" | {n}, {100 * k / n:.1f}, {100 * lo:.0f}–{100 * hi:.0f} "
           f"| {target} | {sign_test(recs, base) if base else ''} |")
