@@ -18,7 +18,8 @@ gpu, cpu = os.path.join(acc, "smollm2_h200_engine_2026-12-02"), os.path.join(acc
 SOURCES = [(os.path.join(gpu, "base"), ""), (os.path.join(gpu, "scope_layer"), " (layer)"),
            (os.path.join(gpu, "deltakv"), ""), (os.path.join(cpu, "omnikv"), ""),
            (os.path.join(here, "omnikv_calib"), " (calibrated)"), (os.path.join(here, "deltakv_calib"), " (calibrated)"),
-           (os.path.join(here, "deltakv_text"), ""), (os.path.join(here, "omnikv_l17"), " (17 for 16)")]
+           (os.path.join(here, "deltakv_text"), ""), (os.path.join(here, "omnikv_l17"), " (17 for 16)"),
+           (os.path.join(here, "omnikv_l17_01"), " (17 for 16)")]
 TASKS, PASSED, LENGTH = ["niah_single", "niah_multikey", "text_recall"], ["niah_single", "text_recall"], 2048
 
 rows = defaultdict(dict)
