@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# omnikv with the default filter layers but 17 in place of 16 ([0,1,2,3,8,17,22]), engine, 2K (helper A, 2026-12-03)
+cd /tmp
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+G="--model demo --device cpu --dtype float32 --tasks text_recall,niah_single,niah_multikey --lengths 2048 --depths 0.1,0.5,0.9 --num-samples 10 --corpus-file $HOME/.cache/sparse_hf/data/austen/heldout.jsonl --engine --no-progress"
+date -u
+nice -n 10 /work/wt/venv-A/bin/python -m sparse_hf.cli eval $G --methods omnikv --budgets 0.25 --cache-config '{"full_attn_layers": [0, 1, 2, 3, 8, 17, 22]}' --output-dir /tmp/A/eng/omnikv_l17 > /tmp/A/eng/omnikv_l17.log 2>&1
+echo "omnikv_l17 rc=$?"; date -u
