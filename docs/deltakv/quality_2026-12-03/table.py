@@ -7,7 +7,8 @@ A, C = "../../accuracy/smollm2_h200_engine_2026-12-02/", "../../accuracy/smollm2
 ROWS = {"full": (A + "base/predictions.jsonl", "full", None),
         "omnikv 0.25 (CPU)": (C + "omnikv/predictions.jsonl", "omnikv", 0.25),
         "deltakv 0.25 (H200)": (A + "deltakv/predictions.jsonl", "deltakv", 0.25),
-        "deltakv, every token rebuilt (CPU)": ("deltakv_all_rebuilt/predictions.jsonl", "deltakv", 0.25)}
+        "deltakv, every token rebuilt (CPU)": ("deltakv_all_rebuilt/predictions.jsonl", "deltakv", 0.25),
+        "deltakv 0.25, layers 23,24 raw too (CPU)": ("deltakv_L2324/predictions.jsonl", "deltakv", 0.25)}
 TASKS = ("niah_single", "niah_multikey", "text_recall")
 
 
@@ -34,14 +35,16 @@ for name, d in data.items():
     cells = []
     for t in TASKS:
         ti = [i for i in ids if i.startswith(t)]
-        cells.append(f"{100 * sum(d[i] for i in ti) / len(ti):.0f} ({len(ti)})")
+        cells.append(f"{100 * sum(d[i] for i in ti) / len(ti):.0f} ({len(ti)})" if ti else "-")
     lost = sum(full[i] > d[i] for i in ids)
     gained = sum(d[i] > full[i] for i in ids)
     print(f"| {name} | {len(ids)} | " + " | ".join(cells) + f" | {100 * sum(d[i] for i in ids) / len(ids):.1f} | "
           f"{lost} / {gained}, p={mcnemar(lost, gained):.3g} |")
 print()
 pairs = [("omnikv 0.25 (CPU)", "deltakv 0.25 (H200)"), ("deltakv, every token rebuilt (CPU)", "deltakv 0.25 (H200)"),
-         ("omnikv 0.25 (CPU)", "deltakv, every token rebuilt (CPU)")]
+         ("omnikv 0.25 (CPU)", "deltakv, every token rebuilt (CPU)"),
+         ("deltakv 0.25, layers 23,24 raw too (CPU)", "deltakv 0.25 (H200)"),
+         ("omnikv 0.25 (CPU)", "deltakv 0.25, layers 23,24 raw too (CPU)")]
 for a, b in pairs:
     ids = sorted(set(data[a]) & set(data[b]))
     x = sum(data[a][i] > data[b][i] for i in ids)
