@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+cd /tmp
+export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+date -u
+nice -n 10 /work/wt/venv-B/bin/python /work/wt/B/benchmarks/deltakv_answer_nll.py --tasks niah_single,niah_multikey,text_recall --length 2048 --depths 0.1,0.5,0.9 --num-samples 1 --first-sample 1 --corpus-file $HOME/.cache/sparse_hf/data/austen/heldout.jsonl \
+  --config full=full --config omnikv=omnikv@0.25 --config deltakv=deltakv@0.25 --config all_rebuilt='deltakv@0.25:{"num_top_tokens": 1.0}' \
+  --config all_raw23_24='deltakv@0.25:{"num_top_tokens": 1.0, "full_attn_layers": [0,1,2,3,8,16,22,23,24]}' --config deltakv_L2324='deltakv@0.25:{"full_attn_layers": [0,1,2,3,8,16,22,23,24]}' --config omnikv_L2324='omnikv@0.25:{"full_attn_layers": [0,1,2,3,8,16,22,23,24]}' \
+  --json /work/wt/B/docs/deltakv/quality_2026-12-03/answer_nll3.json > /work/wt/B/docs/deltakv/quality_2026-12-03/answer_nll3.log 2>&1
+echo rc=$?; date -u
