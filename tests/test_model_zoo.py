@@ -9,7 +9,9 @@ from sparse_hf.models import load_model
 
 def test_missing_packages_error_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSE_HF_CACHE", str(tmp_path))  # no converted copy there
-    monkeypatch.setattr(model_zoo.importlib.util, "find_spec", lambda name: None)
+    real_find_spec = model_zoo.importlib.util.find_spec  # only the model's packages are missing, not transformers'
+    monkeypatch.setattr(model_zoo.importlib.util, "find_spec",
+                        lambda name, *args: None if name.startswith("pandas_sns") else real_find_spec(name, *args))
     with pytest.raises(FileNotFoundError) as err:
         load_model("qwen-coder")
     message = str(err.value)
@@ -30,3 +32,36 @@ def test_wrong_parts_fail_the_hash_check(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sha256"):
         fake.model_dir(tmp_path / "cache", progress=False)
     assert not any((tmp_path / "cache").iterdir())  # no half-written copy left
+
+
+def test_convert_once_tolerates_a_concurrent_finished_copy(tmp_path):
+    """Two lanes converting the same model: the loser discards its folder and uses the winner's, no stray folders."""
+    from sparse_hf.model_zoo import convert_once
+
+    out = tmp_path / "model"
+
+    def convert_while_another_process_wins(tmp):
+        (tmp / "config.json").write_text("{\"mine\": true}")
+        out.mkdir()                                   # the other process renames its finished copy first
+        (out / "config.json").write_text("{\"mine\": false}")
+        (out / "x.safetensors").write_bytes(b"0")
+
+    assert convert_once(out, convert_while_another_process_wins) == out
+    assert (out / "config.json").read_text() == "{\"mine\": false}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_convert_once_publishes_and_cleans_up_on_failure(tmp_path):
+    from sparse_hf.model_zoo import convert_once
+
+    out = tmp_path / "model"
+
+    def fail(tmp):
+        (tmp / "partial").write_bytes(b"0")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert_once(out, fail)
+    assert list(tmp_path.iterdir()) == []             # nothing half-written is left, and `out` does not exist
+    assert convert_once(out, lambda tmp: (tmp / "config.json").write_text("{}")) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "config.json").exists()
