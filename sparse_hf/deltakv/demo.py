@@ -2,8 +2,8 @@
 
 ``deltakv_path="demo"`` (and ``DeltaKVCompressor.from_pretrained("demo")``) resolve to it, so
 ``sparse-hf generate --model demo --method deltakv`` works offline on a fresh install. It is a linear latent-96
-compressor initialised from the PCA of the residuals ``x - ref`` on Jane Austen's novels (``--init pca``, no gradient
-steps); its model card says how it was made and what was measured.
+compressor trained 650 steps on an H200 from the PCA of the residuals ``x - ref`` (``--init pca``) on Jane Austen's
+novels; its model card says how it was made and what was measured.
 """
 
 from __future__ import annotations
