@@ -274,3 +274,17 @@ def test_a_second_turn_re_plans_and_keeps_the_tokens():
     assert cache.planned_length == runs[1].sequences.shape[1]
     state = next(x for x in cache.layers if isinstance(x, DeltaKVLayer)).state
     assert state.width <= state.capacity == state.comp_pos.shape[1]
+
+
+def test_signature_tensor_keys_compare_by_object_then_by_memory():
+    """The DeltaKV buffer signature's tensors: the same object, or a new view of the same memory with the same shape,
+    strides and dtype, is equal (no re-capture); anything a captured step would read differently is not."""
+    from sparse_hf.hf.deltakv_layer import TensorKey
+
+    a = torch.zeros(4, 3)
+    key = TensorKey(a)
+    assert key == TensorKey(a) and key == TensorKey(a[:])            # the object, a new full view of it
+    assert key != TensorKey(a[:2]) and key != TensorKey(a.t())       # other shape, other strides, same memory
+    assert key != TensorKey(a.clone()) and key != TensorKey(a.view(torch.int32))
+    assert TensorKey(None) == TensorKey(None) and key != TensorKey(None)
+    assert key.tensor is a                                            # held: its memory cannot be reused meanwhile
