@@ -30,6 +30,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 @torch.inference_mode()
 def profile_method(model, method: str, length: int, batch: int, budget: float, steps: int, overrides, rows: int):
     from profile_engine import kernel_table
@@ -81,9 +90,14 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
             token = run(i)
         torch.cuda.synchronize()
     table = kernel_table(prof, profiled, True)
+    # the host parts of a step, each alone (no device work, no state change): what host_ms is made of
+    first = decoder._signature()
+    host_parts = {name: round(_median_ms(fn, 50), 4) for name, fn in (
+        ("signature", lambda: decoder._signature() == first), ("room", decoder._room),
+        ("maintain", lambda: [cache.maintain_layer(i) for i in range(len(cache.layers))]))}
     print("HF_GRAPH " + json.dumps(dict(method=method, L=length, B=batch, step_ms=round(step_ms, 3),
                                         replay_ms=round(replay_ms, 3), host_ms=round(step_ms - replay_ms, 3),
-                                        captures=decoder.captures, **table)), flush=True)
+                                        host_parts_ms=host_parts, captures=decoder.captures, **table)), flush=True)
     print(f"{'kernel':<90} {'kind':<13} {'/step':>6} {'us each':>9} {'ms/step':>8} {'share':>6}")
     for r in table["kernels"][:rows]:
         print(f"{r['name'][:90]:<90} {r['kind']:<13} {r['per_step']:>6} {r['us_each']:>9} {r['ms_per_step']:>8} "
