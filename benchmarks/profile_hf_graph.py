@@ -30,17 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _median_ms(fn, n: int) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 @torch.inference_mode()
 def profile_method(model, method: str, length: int, batch: int, budget: float, steps: int, overrides, rows: int):
+    from graph_host_cost import median_ms
     from profile_engine import kernel_table
     from torch.profiler import ProfilerActivity, profile
 
@@ -92,7 +84,7 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
     table = kernel_table(prof, profiled, True)
     # the host parts of a step, each alone (no device work, no state change): what host_ms is made of
     first = decoder._signature()
-    host_parts = {name: round(_median_ms(fn, 50), 4) for name, fn in (
+    host_parts = {name: round(median_ms(fn, 50), 4) for name, fn in (
         ("signature", lambda: decoder._signature() == first), ("room", decoder._room),
         ("maintain", lambda: [cache.maintain_layer(i) for i in range(len(cache.layers))]))}
     print("HF_GRAPH " + json.dumps(dict(method=method, L=length, B=batch, step_ms=round(step_ms, 3),

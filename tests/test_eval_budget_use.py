@@ -13,7 +13,7 @@ from sparse_hf.deltakv import DeltaKVCompressor
 from sparse_hf.eval import budget_to_cache_config
 from sparse_hf.eval.report import summarize, to_markdown
 from sparse_hf.eval.runner import generate_with_use
-from sparse_hf.eval.stats import mean_interval, score_interval, wilson_interval
+from sparse_hf.eval.stats import mcnemar_exact, mean_interval, score_interval, wilson_interval
 from test_eval_runner import tok  # noqa: F401  (the toy tokenizer fixture)
 
 PROMPT, NEW, LAYERS = 200, 5, 4
@@ -120,3 +120,10 @@ def test_resume_refuses_predictions_made_with_other_knobs(model, tok, tmp_path):
     assert again["num_generated"] == 0 and again["num_skipped"] == 1
     with pytest.raises(ValueError, match="another output directory"):
         run_eval(model, tok, cache_config={"selection_scope": "kv_head"}, **grid)
+
+
+def test_mcnemar_exact_against_the_binomial_distribution():
+    # 9 discordant prompts split 8/1: P(X <= 1) for X ~ Bin(9, 1/2) is 10/512, two-sided 20/512
+    assert abs(mcnemar_exact(8, 1) - 20 / 512) < 1e-15 and mcnemar_exact(1, 8) == mcnemar_exact(8, 1)
+    assert mcnemar_exact(21, 0) == 2 / 2 ** 21                  # accuracy.md's omnikv (17 for 16): p = 9.5e-07
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0   # no evidence either way

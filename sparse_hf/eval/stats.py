@@ -37,3 +37,14 @@ def score_interval(scores: list[float]) -> tuple[float, float, str]:
     if all(s in (0, 1) for s in scores):
         return (*wilson_interval(int(sum(scores)), len(scores)), "wilson")
     return (*mean_interval(list(scores)), "normal")
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p for two caches scored on the same prompts: ``wins`` prompts only the first answers,
+    ``losses`` only the second (the binomial test of ``wins`` out of ``wins + losses`` at 1/2; 1.0 when none
+    differ). The accuracy docs' paired comparisons use it."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)

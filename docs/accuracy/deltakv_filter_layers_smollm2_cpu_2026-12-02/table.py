@@ -4,7 +4,7 @@ full's correct kept, and the paired comparison with the same method at the defau
 
 Run from this folder: ``python table.py``."""
 import json
-from sparse_hf.eval.stats import wilson_interval as wilson
+from sparse_hf.eval.stats import mcnemar_exact, wilson_interval as wilson
 import math
 import os
 
@@ -24,14 +24,6 @@ RUNS = [("full", os.path.join(REF, "full"), None),
         ("omnikv, calibrated 3 (niah_single only)", "omnikv_f3", os.path.join(REF, "omnikv"))]
 
 
-
-def mcnemar_exact(b, c):
-    """Two-sided exact McNemar p: the binomial test of ``b`` against ``b + c`` discordant pairs at 1/2."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def load(folder):

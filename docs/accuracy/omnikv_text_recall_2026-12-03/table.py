@@ -10,7 +10,7 @@ import math
 import os
 from collections import defaultdict
 
-from sparse_hf.eval.stats import wilson_interval
+from sparse_hf.eval.stats import mcnemar_exact, wilson_interval
 
 here = os.path.dirname(os.path.abspath(__file__))
 acc = os.path.dirname(here)
@@ -36,8 +36,7 @@ def sign_test(a: dict, b: dict) -> str:
     shared = set(a) & set(b)
     x = sum(1 for i in shared if a[i]["score"] > b[i]["score"])
     y = sum(1 for i in shared if a[i]["score"] < b[i]["score"])
-    n = x + y
-    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(x, y) + 1)) / 2 ** n) if n else 1.0
+    p = mcnemar_exact(x, y)
     return f"{x} vs {y}, p={p:.2g}"
 
 

@@ -1,7 +1,8 @@
 """Paired 2K comparison (issue 12/14): full, omnikv@0.25 and deltakv@0.25 from the 2026-12-02 runs, deltakv with every
 compressed token rebuilt from this folder. Run from this folder: python3 table.py"""
 import json
-from math import comb
+
+from sparse_hf.eval.stats import mcnemar_exact as mcnemar
 
 A, C = "../../accuracy/smollm2_h200_engine_2026-12-02/", "../../accuracy/smollm2_cpu_engine_2k_2026-12-02/"
 ROWS = {"full": (A + "base/predictions.jsonl", "full", None),
@@ -20,10 +21,6 @@ def load(path, method, budget):
             out[r["id"]] = r["score"]
     return out
 
-
-def mcnemar(b, c):
-    n = b + c
-    return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
 
 
 data = {k: load(*v) for k, v in ROWS.items()}
