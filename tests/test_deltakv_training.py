@@ -129,6 +129,15 @@ def test_data_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no 'text' column"):
         load_documents(str(tmp_path / "d.jsonl"))
 
+    bad = tmp_path / "cut.jsonl"                           # a file cut mid-line (e.g. by `head -c`)
+    bad.write_text(json.dumps({"text": "a b"}) + "\n" + '{"text": "c')
+    with pytest.raises(ValueError, match="could not read it as json data"):
+        load_documents(str(bad))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match=r"cut.jsonl, line 2: not JSON"):
+        load_documents(str(bad))
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+
     def offline(*args, **kwargs):
         raise ConnectionError("hub unreachable")
 

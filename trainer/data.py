@@ -48,8 +48,13 @@ def load_documents(source: str, split: str = "train", text_field: str = "text") 
     if os.path.exists(path):
         builder, files = _local_files(path)
         base_split = split.split("[", 1)
-        ds = datasets.load_dataset(builder, data_files={"train": files}, split="train" + (
-            "[" + base_split[1] if len(base_split) > 1 else ""))
+        try:
+            ds = datasets.load_dataset(builder, data_files={"train": files}, split="train" + (
+                "[" + base_split[1] if len(base_split) > 1 else ""))
+        except Exception as err:   # e.g. DatasetGenerationError on a malformed JSON line: a clear one-line error
+            cause = err.__cause__ or err
+            raise ValueError(f"training data {source}: could not read it as {builder} data "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from err
     elif path.startswith(("/", ".", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"training data {source} does not exist (expected a file, a directory or a Hub name)")
     else:
@@ -117,7 +122,12 @@ def _local_documents(source: str, path: str, split: str, text_field: str) -> Doc
         elif text.lstrip().startswith("["):
             rows.extend(json.loads(text))
         else:
-            rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"training data {name}, line {number}: not JSON ({err.msg})") from None
     if rows and text_field not in rows[0]:
         raise ValueError(f"{source}: no {text_field!r} column; columns are {list(rows[0])} (set --text_field)")
     return DocumentList(rows)
