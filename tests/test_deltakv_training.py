@@ -172,6 +172,40 @@ def test_training_lowers_loss_and_saves_only_the_compressor(workdir, tmp_path):
     assert "| neighbor_count | 4 |" in card and "| steps | 30 |" in card
 
 
+def test_sigterm_stops_after_the_step_and_saves_the_compressor(workdir, tmp_path, monkeypatch):
+    """`timeout` sends SIGTERM: training ends after the current step and the compressor learned so far is saved,
+    its record saying where it stopped (run S lost a 9-minute GPU run to `--save_strategy no` and a timeout)."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    from sparse_hf.trainer import cli
+
+    class TermAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)      # delivered to the handler StopOnSignal installed
+
+    built = cli.build_trainer
+
+    def build_with_signal(*a, **k):
+        trainer = built(*a, **k)
+        trainer.add_callback(TermAtStep3())
+        return trainer
+
+    monkeypatch.setattr(cli, "build_trainer", build_with_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = run(argv(workdir, tmp_path / "out", "--max_steps", "50", "--save_strategy", "no", "--eval_blocks", "2"))
+    assert trainer.state.global_step == 4 and trainer.quality is None      # step 4 finished, no held-out check
+    assert signal.getsignal(signal.SIGTERM) is before                      # the handler is gone after training
+    saved = DeltaKVCompressor.from_pretrained(tmp_path / "out")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.compressor.state_dict().items())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["training"]["steps"] == 4 and config["training"]["stopped"] == "SIGTERM after step 4 of 50"
+    assert "SIGTERM after step 4 of 50" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_cli_run_resume_gives_the_same_compressor(workdir, tmp_path):
     common = ("--max_steps", "20", "--save_steps", "10", "--eval_blocks", "2")
     first = run(argv(workdir, tmp_path / "a", *common))

@@ -199,7 +199,10 @@ def run(argv: list[str] | None = None, model_and_tokenizer: tuple[Any, Any] | No
     """Build, train (resuming if ``--resume_from_checkpoint``), measure the held-out blocks, save; return the trainer."""
     trainer = build_trainer(argv, model_and_tokenizer)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    if trainer.held_out is not None:
+    if trainer.stopper.received:   # SIGTERM/SIGINT: save what was learned now; the held-out check would delay it
+        logger.warning("training stopped by %s after step %d of %d; saving the compressor without the held-out check",
+                       trainer.stopper.received, trainer.state.global_step, trainer.state.max_steps)
+    elif trainer.held_out is not None:
         model = trainer.accelerator.unwrap_model(trainer.model)
         trainer.quality = model.measure(trainer.held_out, batch_size=trainer.args.per_device_eval_batch_size)
         logger.info("held-out quality: %s", trainer.quality)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sparse_hf.deltakv.compressor import DeltaKVCompressor
 from sparse_hf.trainer.recon_forward import ReconstructedKV
@@ -137,6 +139,47 @@ def _training_model(model: nn.Module) -> DeltaKVTrainingModel:
     return inner
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (``timeout``, a scheduler) or SIGINT (Ctrl-C) ends training after the current step instead of killing
+    it, so that the caller saves the compressor learned so far (its record says where it stopped). A second signal
+    stops at once. Under DDP the ranks agree on stopping at each step (one tiny all-reduce), so none waits alone."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:                     # the second one: stop now
+            self._restore()
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
+        self.received = signal.Signals(signum).name
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():   # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device if args.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self.received is None:
+                self.received = "another rank's signal"
+        if stop:
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+
 class CompressorTrainer(Trainer):
     """``Trainer`` for :class:`DeltaKVTrainingModel`: saves and resumes the compressor only.
 
@@ -154,6 +197,8 @@ class CompressorTrainer(Trainer):
         self.training_data, self.quality, self.block_size, self.init = training_data, quality, block_size, init
         self._sums = {"ce_loss": 0.0, "recon_mse": 0.0}
         self._count = 0
+        self.stopper = StopOnSignal()
+        self.add_callback(self.stopper)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -176,7 +221,9 @@ class CompressorTrainer(Trainer):
         model = _training_model(self.model)
         return {**model.knobs, "mse_target": model.mse_target, "block_size": self.block_size, "init": self.init,
                 "steps": self.state.global_step, "learning_rate": self.args.learning_rate,
-                "per_device_train_batch_size": self.args.per_device_train_batch_size}
+                "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "stopped": (f"{self.stopper.received} after step {self.state.global_step} of {self.state.max_steps}"
+                            if self.stopper.received else None)}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
