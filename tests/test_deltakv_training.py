@@ -194,7 +194,7 @@ def test_sigterm_stops_after_the_step_and_saves_the_compressor(workdir, tmp_path
         return trainer
 
     monkeypatch.setattr(cli, "build_trainer", build_with_signal)
-    before = signal.getsignal(signal.SIGTERM)
+    before, sigint_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     trainer = run(argv(workdir, tmp_path / "out", "--max_steps", "50", "--save_strategy", "no", "--eval_blocks", "2"))
     assert trainer.state.global_step == 4 and trainer.quality is None      # step 4 finished, no held-out check
     assert signal.getsignal(signal.SIGTERM) is before                      # the handler is gone after training
@@ -204,6 +204,16 @@ def test_sigterm_stops_after_the_step_and_saves_the_compressor(workdir, tmp_path
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["training"]["steps"] == 4 and config["training"]["stopped"] == "SIGTERM after step 4 of 50"
     assert "SIGTERM after step 4 of 50" in (tmp_path / "out" / "README.md").read_text()
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("boom")
+
+    failing = built(argv(workdir, tmp_path / "fail", "--max_steps", "5", "--save_strategy", "no"))
+    failing.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.train()
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is sigint_before
 
 
 def test_cli_run_resume_gives_the_same_compressor(workdir, tmp_path):

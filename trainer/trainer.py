@@ -200,6 +200,12 @@ class CompressorTrainer(Trainer):
         self.stopper = StopOnSignal()
         self.add_callback(self.stopper)
 
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:   # also when training raises: never leave SIGTERM/SIGINT to a handler that only sets a flag
+            self.stopper._restore()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
