@@ -176,9 +176,6 @@ class StopOnSignal(TrainerCallback):
         if stop:
             control.should_training_stop = True
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
-
 
 class CompressorTrainer(Trainer):
     """``Trainer`` for :class:`DeltaKVTrainingModel`: saves and resumes the compressor only.
@@ -203,7 +200,7 @@ class CompressorTrainer(Trainer):
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
-        finally:   # also when training raises: never leave SIGTERM/SIGINT to a handler that only sets a flag
+        finally:   # always, also when training raises: never leave SIGTERM/SIGINT to a flag-only handler
             self.stopper._restore()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
