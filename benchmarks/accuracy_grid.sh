@@ -11,6 +11,9 @@
 #   RESULTS  where everything goes, default $OUT/acc_engine (or /tmp/acc_engine without $OUT)
 #   LANE_TIMEOUT  seconds each lane may run (default 540: under a 10-minute device call). Predictions are appended
 #            as each knob group ends, so a rerun with the same RESULTS resumes where a lane stopped.
+#   CALL_DEADLINE  seconds from this script's start by which the lanes must have stopped (the device call's own
+#            limit minus what runs after the script, e.g. a tar): caps LANE_TIMEOUT by what the model conversion and
+#            seeding left (run T's first Qwen call lost its tar to ~100 s of conversion before 520 s lanes)
 #   DEVICE, GRID_ARGS, CAL_ARGS  for a small dry run elsewhere, e.g. DEVICE=cpu GRID_ARGS="--tasks niah_single
 #            --lengths 256 --depths 0.5 --num-samples 1" CAL_ARGS="--length 512 --num-prompts 1"
 #   MODEL    the model of every run, default demo (SmolLM2-135M); qwen-coder for Qwen2.5-Coder-0.5B (its GGUF pieces
@@ -63,6 +66,12 @@ elif [ "$MODEL" = qwen-coder ]; then
   ${PYTHON:-python3} -c "from sparse_hf.models import embedded_model_dir; print('model:', embedded_model_dir('$MODEL'))" || exit 1
 fi
 
+if [ -n "${CALL_DEADLINE:-}" ]; then
+  left=$((CALL_DEADLINE - SECONDS - 15))    # 15 s for the summary below
+  [ "$left" -lt "$LANE_TIMEOUT" ] && LANE_TIMEOUT=$left
+  [ "$LANE_TIMEOUT" -gt 0 ] || { echo "CALL_DEADLINE=$CALL_DEADLINE leaves no time for the lanes"; exit 2; }
+  echo "lanes get $LANE_TIMEOUT s (CALL_DEADLINE $CALL_DEADLINE, $SECONDS s used)"
+fi
 DEVICE=${DEVICE:-cuda}
 GRID_ARGS=${GRID_ARGS:---tasks niah_single,niah_multikey,text_recall --lengths 2048,4096,8192 --depths 0.1,0.5,0.9 --num-samples 10}
 DTYPE=${DTYPE:-float32}

@@ -1,7 +1,8 @@
 """Tables of the H200 engine grid of 2026-12-02 (partial: each lane stopped at 420 s). One row per lane x method x
 budget: per task and length the samples done and the score; over every prompt done, the score with Wilson's 95%
 interval and, paired on the same prompts, how many of the full cache's correct answers the row also gets.
-Usage: python3 table.py [folder] (also the folder of run P's resumed grid, ../smollm2_h200_engine_2026-12-03)"""
+Usage: python3 table.py [folder] (also the folder of run P's resumed grid, ../smollm2_h200_engine_2026-12-03, and
+run T's Qwen grid, ../qwen_h200_engine_2026-12-03)"""
 from sparse_hf.eval.stats import wilson_interval as wilson
 import json, math, os, sys
 from collections import defaultdict
@@ -9,7 +10,7 @@ from collections import defaultdict
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 LANES = {"base": "", "scope_layer": "layer", "scope_kv_head": "kv_head", "scored": "", "deltakv": "", "omnikv": "",
          "omnikv_calibrated": "calibrated"}   # a lane without predictions is skipped
-TASKS, LENGTHS = ["niah_single", "niah_multikey", "text_recall"], [2048, 4096, 8192]
+TASKS = ["niah_single", "niah_multikey", "text_recall"]
 
 
 
@@ -22,6 +23,7 @@ for lane, scope in LANES.items():
         name = r["method"] + (f" ({scope})" if scope else "")
         rows[(name, r["budget"])][r["id"]] = r
 full = rows[("full", 1.0)]
+LENGTHS = sorted({r["length"] for r in full.values()})   # 2K-8K for SmolLM2, 2K-16K for Qwen
 head = " | ".join(f"{t[:11]} {L // 1024}K" for t in TASKS for L in LENGTHS)
 print(f"| method | budget | {head} | all done: n, score, 95% CI | full's correct kept | kept/layer | read/layer |")
 print("|---" * (len(TASKS) * len(LENGTHS) + 6) + "|")
