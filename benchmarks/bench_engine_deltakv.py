@@ -3,6 +3,7 @@
     python benchmarks/bench_engine_deltakv.py [--cases 32768x2,131072x1] [--budget 2048] [--new-tokens 64]
     python benchmarks/bench_engine_deltakv.py --small     # CPU smoke run
     python benchmarks/bench_engine_deltakv.py --longest-prompt   # CPU: longest prompt at batch 1 from the layout
+    python benchmarks/bench_engine_deltakv.py --tensor-parallel-size 2 [--tp-selection per_rank]   # two GPUs (issue 15)
 
 Random weights in the Qwen2.5-7B shape, bf16 on the GPU, and a random DeltaKV compressor of the usual shape
 (latent = concat(K, V) / 4: 256 for the 7B shape), as ``sparse_hf.bench`` builds it (speed does not depend on the
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
                    help="--longest-prompt: the KV memory as vanilla slots (1.9M: an H200's 7B pool)")
     p.add_argument("--deltakv-prefill", default="auto", choices=("auto", "chunked", "layerwise"))
     p.add_argument("--layerwise-hidden-on-host", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks splitting the heads (one GPU each)")
+    p.add_argument("--tp-selection", default="exact", choices=["exact", "per_rank"],
+                   help="deltakv's pick under TP: scores all-reduced (exact) or each rank's own heads")
     p.add_argument("--full-attn-layers", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="deltakv's filter layers (raw, read in full), e.g. 0,3,15,21; default: the method's")
     args = p.parse_args(argv)
@@ -162,6 +166,8 @@ def main(argv=None) -> int:
                   max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
                   gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
                   sparse_method=None if method == "vanilla" else method, **knobs, **extra,
+                  tensor_parallel_size=args.tensor_parallel_size,
+                  **({"tp_selection": args.tp_selection} if method != "vanilla" else {}),
                   **(extra_dk if method == "deltakv" else {}))
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         for batch in sorted({b for _, b in cases}):         # warm-up: kernels and graphs of each batch size
@@ -182,7 +188,8 @@ def main(argv=None) -> int:
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
             groups = llm.pool.group_slots
             # rows of 131072 tokens the pool holds after their prompts (deltakv: its filter group bounds it)
-            r.update(method=method, knobs=shown, group_slots=groups, rows_at_128k=groups[0] // 131072,
+            r.update(method=method, knobs=shown, tensor_parallel_size=args.tensor_parallel_size,
+                     tp_selection=args.tp_selection if method != "vanilla" else None, group_slots=groups, rows_at_128k=groups[0] // 131072,
                      **longest_prompt_at_batch_1(llm), **held)
             graphs = llm.runner.graphs
             if method == "deltakv" and graphs is not None:          # captured decode, or why not

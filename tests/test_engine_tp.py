@@ -2,6 +2,7 @@
 engine method, the pool is whole on every rank, bad head counts fail clearly, a dead rank raises within seconds,
 and the same engine runs under ``torchrun``."""
 
+import copy
 import json
 import os
 import random
@@ -272,6 +273,31 @@ def test_gpu_tp2_equals_tp1(method, enforce_eager):
             assert llm.runner.graphs.graphs, "no CUDA graph was captured"
     hf = {} if method is None else dict(cache_implementation=method, cache_config=knobs)
     assert_same_greedy(tp2, tp1, model, prompts, 30, **hf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sorted(set(KNOBS) - {"snapkv", "omnikv"}) + ["deltakv"])
+def test_gpu_tp2_equals_tp1_other_methods(method):
+    """Issue 15's "every method": the methods the test above leaves out (streamingllm, pyramidkv, knorm, h2o and
+    DeltaKV, whose flush all-gathers the ranks' heads) under NCCL with CUDA graphs, fp32."""
+    _two_gpus()
+    import torch
+
+    from test_engine_deltakv import KNOBS as DELTAKV_KNOBS, compressor
+
+    model = tiny_model("llama", layers=4).cuda()
+    prompts = random_prompts(LENGTHS)
+    knobs, hf_knobs = KNOBS.get(method), KNOBS.get(method)
+    if method == "deltakv":      # the engine moves its compressor to the device; the HF reference needs one there
+        comp = compressor(model)
+        knobs = dict(DELTAKV_KNOBS, num_top_tokens=6, compressor=comp)
+        hf_knobs = dict(knobs, compressor=copy.deepcopy(comp).cuda())
+    engine = dict(ENGINE, dtype=torch.float32, sparse_method=method, **knobs)
+    tp1 = engine_tokens(LLM(model, **engine), prompts, 30)
+    with LLM(model, tensor_parallel_size=2, **engine) as llm:
+        tp2 = engine_tokens(llm, prompts, 30)
+        llm.check_pool_whole()
+    assert_same_greedy(tp2, tp1, model, prompts, 30, cache_implementation=method, cache_config=hf_knobs)
 
 
 @pytest.mark.gpu
