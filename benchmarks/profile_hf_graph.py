@@ -11,9 +11,9 @@ weights, bf16), prefills one random prompt, drives ``--steps`` decode steps thro
 - ``replay_ms``: the median GPU time of the step's ``graph.replay()`` alone (device events around it);
 - ``host_ms``: their difference (signature checks, the layers' maintenance, sampling and syncs);
 - ``host_split_ms``: where a step's host time goes, from wall-clock stamps (medians): ``before`` the replay call (room
-  check, signature, input copies; the device waits for these), the ``launch`` (the ``replay()`` call itself), and
-  ``after`` it until ``step`` returns (host counters, maintenance: these overlap the graph's device work unless they
-  outlast it);
+  check, signature, input copies; the device waits for these), the ``launch`` (the ``replay()`` call with its two
+  event records), and ``after`` it until ``step`` returns (host counters, maintenance: these overlap the graph's
+  device work unless they outlast it, i.e. unless ``launch + after`` nears ``replay_ms``);
 - the kernels of 10 more steps under ``torch.profiler`` (the table of ``profile_engine.py``; CUPTI lists a graph's
   kernels one by one; eager work between replays, e.g. a flush, included), top ``--rows``.
 
@@ -52,7 +52,7 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
         -1, keepdim=True)
     decoder = GraphDecoder(model, cache)
     replays = []
-    stamps = []                          # per replayed step: (step called, replay called, replay returned, step returned)
+    stamps = []                          # per replayed step: step called, replay called, replay returned, step returned
 
     class TimedGraph:                    # the decoder's graph, its replays timed on the device
         def __init__(self, graph):
@@ -104,7 +104,8 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
         ("maintain", lambda: [cache.maintain_layer(i) for i in range(len(cache.layers))]))}
     print("HF_GRAPH " + json.dumps(dict(method=method, L=length, B=batch, step_ms=round(step_ms, 3),
                                         replay_ms=round(replay_ms, 3), host_ms=round(step_ms - replay_ms, 3),
-                                        host_split_ms=host_split, host_parts_ms=host_parts, captures=decoder.captures, **table)), flush=True)
+                                        host_split_ms=host_split, host_parts_ms=host_parts,
+                                        captures=decoder.captures, **table)), flush=True)
     print(f"{'kernel':<90} {'kind':<13} {'/step':>6} {'us each':>9} {'ms/step':>8} {'share':>6}")
     for r in table["kernels"][:rows]:
         print(f"{r['name'][:90]:<90} {r['kind']:<13} {r['per_step']:>6} {r['us_each']:>9} {r['ms_per_step']:>8} "
