@@ -311,3 +311,29 @@ def test_the_signature_follows_every_buffer_a_static_step_reads():
         setattr(owner, name, kept)
     layer.shared.reserve(layer._k, layer._v, layer.shared.k.shape[2] + 1)    # a re-size: new shared buffers
     assert layer.buffer_signature() != before
+
+
+def test_the_flush_counts_memo_follows_length_padding_and_counts():
+    """``_flush_counts`` gives its last answer again only while the length, the padding and the compressed counts
+    equal those it was made for (the compressed layers of a step share it): a change of any of them, in a new list
+    or in the same one, gives what a cache without the memo computes."""
+    from test_deltakv_static import _decoder
+
+    _, cache, _ = _decoder()
+    first, second = [x for x in cache.layers if isinstance(x, DeltaKVLayer)][:2]
+
+    def fresh(layer, seen):
+        cache._counts_memo = None
+        return cache._flush_counts(layer, seen)
+
+    seen = first.seen
+    answer = cache._flush_counts(first, seen)
+    assert cache._flush_counts(second, seen) is answer                  # the next layer, same rows: shared
+    changes = [lambda: None,                                              # a longer length (below)
+               lambda: setattr(first.state, "counts", [n - 8 for n in first.state.counts]),
+               lambda: first.pad.__setitem__(0, first.pad[0] - 8)]        # in place: the memo holds a copy
+    for change, at in zip(changes, (seen + 8, seen, seen)):
+        before = cache._flush_counts(first, seen)
+        change()
+        got = cache._flush_counts(first, at)
+        assert got != before and got == fresh(first, at)
