@@ -10,6 +10,10 @@ weights, bf16), prefills one random prompt, drives ``--steps`` decode steps thro
 - ``step_ms``: the median wall time of a bench step (what ``decode_step_ms`` measures);
 - ``replay_ms``: the median GPU time of the step's ``graph.replay()`` alone (device events around it);
 - ``host_ms``: their difference (signature checks, the layers' maintenance, sampling and syncs);
+- ``host_split_ms``: where a step's host time goes, from wall-clock stamps (medians): ``before`` the replay call (room
+  check, signature, input copies; the device waits for these), the ``launch`` (the ``replay()`` call with its two
+  event records), and ``after`` it until ``step`` returns (host counters, maintenance: these overlap the graph's
+  device work unless they outlast it, i.e. unless ``launch + after`` nears ``replay_ms``);
 - the kernels of 10 more steps under ``torch.profiler`` (the table of ``profile_engine.py``; CUPTI lists a graph's
   kernels one by one; eager work between replays, e.g. a flush, included), top ``--rows``.
 
@@ -48,6 +52,7 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
         -1, keepdim=True)
     decoder = GraphDecoder(model, cache)
     replays = []
+    stamps = []                          # per replayed step: step called, replay called, replay returned, step returned
 
     class TimedGraph:                    # the decoder's graph, its replays timed on the device
         def __init__(self, graph):
@@ -55,16 +60,23 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
 
         def replay(self):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            called = time.perf_counter()
             start.record()
             self.graph.replay()
             end.record()
             replays.append((start, end))
+            stamps.append([called, time.perf_counter()])
 
     def run(i):
         if decoder.graph is not None and not isinstance(decoder.graph, TimedGraph):
             decoder.graph = TimedGraph(decoder.graph)
         pos = torch.full((batch, 1), length + i, device=dev, dtype=torch.long)
-        return decoder.step(token, pos).argmax(-1, keepdim=True).clone()
+        replayed = len(stamps)
+        t0 = time.perf_counter()
+        logits = decoder.step(token, pos)
+        if len(stamps) > replayed:
+            stamps[-1] = [t0, *stamps[-1], time.perf_counter()]
+        return logits.argmax(-1, keepdim=True).clone()
 
     times = []
     for i in range(steps):
@@ -77,6 +89,9 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
         raise SystemExit(f"{method}: no graph replay (captures={decoder.captures})")
     step_ms = statistics.median(times[6:]) * 1e3
     replay_ms = statistics.median(s.elapsed_time(e) for s, e in replays[-(steps - 8):])
+    timed = [t for t in stamps[-(steps - 8):] if len(t) == 4]
+    host_split = {name: round(statistics.median(t[k + 1] - t[k] for t in timed) * 1e3, 4)
+                  for k, name in enumerate(("before", "launch", "after"))}
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(steps, steps + profiled):
             token = run(i)
@@ -89,7 +104,8 @@ def profile_method(model, method: str, length: int, batch: int, budget: float, s
         ("maintain", lambda: [cache.maintain_layer(i) for i in range(len(cache.layers))]))}
     print("HF_GRAPH " + json.dumps(dict(method=method, L=length, B=batch, step_ms=round(step_ms, 3),
                                         replay_ms=round(replay_ms, 3), host_ms=round(step_ms - replay_ms, 3),
-                                        host_parts_ms=host_parts, captures=decoder.captures, **table)), flush=True)
+                                        host_split_ms=host_split, host_parts_ms=host_parts,
+                                        captures=decoder.captures, **table)), flush=True)
     print(f"{'kernel':<90} {'kind':<13} {'/step':>6} {'us each':>9} {'ms/step':>8} {'share':>6}")
     for r in table["kernels"][:rows]:
         print(f"{r['name'][:90]:<90} {r['kind']:<13} {r['per_step']:>6} {r['us_each']:>9} {r['ms_per_step']:>8} "

@@ -278,13 +278,62 @@ def test_a_second_turn_re_plans_and_keeps_the_tokens():
 
 def test_signature_tensor_keys_compare_by_object_then_by_memory():
     """The DeltaKV buffer signature's tensors: the same object, or a new view of the same memory with the same shape,
-    strides and dtype, is equal (no re-capture); anything a captured step would read differently is not."""
-    from sparse_hf.hf.deltakv_layer import TensorKey
+    strides and dtype, is equal (no re-capture); anything a captured step would read differently is not, at any
+    position of the layer's tensors (the fast path compares them all by object at once)."""
+    from sparse_hf.hf.deltakv_layer import TensorKeys
 
-    a = torch.zeros(4, 3)
-    key = TensorKey(a)
-    assert key == TensorKey(a) and key == TensorKey(a[:])            # the object, a new full view of it
-    assert key != TensorKey(a[:2]) and key != TensorKey(a.t())       # other shape, other strides, same memory
-    assert key != TensorKey(a.clone()) and key != TensorKey(a.view(torch.int32))
-    assert TensorKey(None) == TensorKey(None) and key != TensorKey(None)
-    assert key.tensor is a                                            # held: its memory cannot be reused meanwhile
+    a, b = torch.zeros(4, 3), torch.zeros(2)
+    key = TensorKeys((b, a, None))
+    assert key == TensorKeys((b, a, None)) and key == TensorKeys((b, a[:], None))   # the objects, a new full view
+    for other in (a[:2], a.t(), a.clone(), a.view(torch.int32), None):   # shape, strides, memory, dtype, absent
+        assert key != TensorKeys((b, other, None))
+    assert key != TensorKeys((b, a)) and key != TensorKeys((b, a, b)) and key != TensorKeys((a, b, None))
+    assert key.tensors[1] is a                                        # held: its memory cannot be reused meanwhile
+
+
+def test_the_signature_follows_every_buffer_a_static_step_reads():
+    """A DeltaKV layer's buffer signature changes when a buffer a captured step reads is replaced by other memory (its
+    slot buffers and counters, the raw positions, the state's tensors, the shared scratch) and holds for a new view
+    of the same memory (the slot buffers are keys, not ``SlotLayer``'s address ints, since issue 12)."""
+    from test_deltakv_static import _decoder
+
+    _, cache, _ = _decoder()
+    layer = next(x for x in cache.layers if isinstance(x, DeltaKVLayer))
+    before = layer.buffer_signature()
+    assert layer.buffer_signature() == before
+    for owner, name in [(layer, "_k"), (layer, "_v"), (layer, "_pos"), (layer, "_counters"), (layer, "_raw_pos"),
+                        (layer, "col_offset"), (layer.state, "comp_pos"), (layer.state, "center_x")]:
+        kept = getattr(owner, name)
+        setattr(owner, name, kept.clone())
+        assert layer.buffer_signature() != before, name
+        setattr(owner, name, kept[:])
+        assert layer.buffer_signature() == before, name
+        setattr(owner, name, kept)
+    layer.shared.reserve(layer._k, layer._v, layer.shared.k.shape[2] + 1)    # a re-size: new shared buffers
+    assert layer.buffer_signature() != before
+
+
+def test_the_flush_counts_memo_follows_length_padding_and_counts():
+    """``_flush_counts`` gives its last answer again only while the length, the padding and the compressed counts
+    equal those it was made for (the compressed layers of a step share it): a change of any of them, in a new list
+    or in the same one, gives what a cache without the memo computes."""
+    from test_deltakv_static import _decoder
+
+    _, cache, _ = _decoder()
+    first, second = [x for x in cache.layers if isinstance(x, DeltaKVLayer)][:2]
+
+    def fresh(layer, seen):
+        cache._counts_memo = None
+        return cache._flush_counts(layer, seen)
+
+    seen = first.seen
+    answer = cache._flush_counts(first, seen)
+    assert cache._flush_counts(second, seen) is answer                  # the next layer, same rows: shared
+    changes = [lambda: None,                                              # a longer length (below)
+               lambda: setattr(first.state, "counts", [n - 8 for n in first.state.counts]),
+               lambda: first.pad.__setitem__(0, first.pad[0] - 8)]        # in place: the memo holds a copy
+    for change, at in zip(changes, (seen + 8, seen, seen)):
+        before = cache._flush_counts(first, seen)
+        change()
+        got = cache._flush_counts(first, at)
+        assert got != before and got == fresh(first, at)

@@ -99,6 +99,7 @@ class CompressedCache(PromptFlush, SelectionCache):
         self.planned_length: int | None = None        # plan_generation: the logical length decode will reach
         self._announced: tuple[int, int] | None = None   # (prompt, new tokens) from generate, until the device is known
         self._pad_memo = None                         # (mask, length, padding): a padded prompt's, see _padding
+        self._counts_memo = None                      # (length, padding, counts, answer): see _flush_counts
         self._forward = 0                             # + 1 at each forward's first layer (keys the flush plan)
         self._plan: _FlushPlan | None = None          # the latest flush's index work, see _flush_plan
 

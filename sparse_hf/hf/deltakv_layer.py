@@ -7,31 +7,41 @@ Its slot buffers hold the raw tokens (each row's sinks and recent buffer); the c
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..deltakv.state import CompressedState, all_offsets
 from .layer import SlotLayer
 
 
-class TensorKey:
-    """One tensor of a buffer signature: equal to another ``TensorKey`` of the same tensor object (the fast path: no
-    code path resizes a tensor in place, so the same object has the same memory, shape, strides and dtype), or of a
-    tensor with the same address, shape, strides and dtype (e.g. a new view of the same buffer). It holds the tensor,
-    so the memory cannot be freed and reused while the signature exists."""
+class TensorKeys:
+    """The tensors of a buffer signature, as one element of it: equal to another ``TensorKeys`` of as many tensors
+    where each pair is the same object (the fast path, one C-level pass: no code path resizes a tensor in place, so
+    the same object has the same memory, shape, strides and dtype), or a tensor with the same address, shape, strides
+    and dtype (e.g. a new view of the same buffer); ``None`` equals only ``None``. It holds the tensors, so their
+    memory cannot be freed and reused while the signature exists.
 
-    __slots__ = ("tensor",)
+    One object per layer, not one per tensor: a Python ``__eq__`` call and an object per tensor were most of a DeltaKV
+    layer's signature cost at every replayed step (issue 12: ~5 us a layer, 24 layers)."""
 
-    def __init__(self, tensor):
-        self.tensor = tensor
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: tuple):
+        self.tensors = tensors
 
     @staticmethod
     def _describe(t):
         return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
     def __eq__(self, other) -> bool:
-        if not isinstance(other, TensorKey):
+        if not isinstance(other, TensorKeys):
             return NotImplemented
-        return self.tensor is other.tensor or self._describe(self.tensor) == self._describe(other.tensor)
+        a, b = self.tensors, other.tensors
+        if len(a) != len(b):
+            return False
+        return all(map(operator.is_, a, b)) or all(
+            x is y or self._describe(x) == self._describe(y) for x, y in zip(a, b))
 
     __hash__ = None
 
@@ -140,19 +150,23 @@ class DeltaKVLayer(SlotLayer):
         return self.shared.views(0, self.capacity + self.scratch)
 
     def buffer_signature(self) -> tuple:
-        """``SlotLayer``'s, plus everything else a static decode step reads: the raw positions (and pre-norm keys),
-        the per-flush column tables and the compressed state's tensors, with a version that every flush bumps. A
-        flush re-allocates these without touching the slot buffers, so without them here a CUDA graph captured
-        before a flush would be replayed after it on freed memory (an out-of-bounds gather on the H200)."""
-        tensors = (self._raw_pos, self._raw_kpre, self.col_offset, self.width_dev)
-        if self.state is not None:
-            s = self.state
+        """Everything a static decode step reads or writes: the slot buffers and their counters, the raw positions (and
+        pre-norm keys), the per-flush column tables, the compressed state's tensors and the shared work buffer, with
+        the scratch width and a version that every flush that re-allocates bumps. A flush re-allocates the state
+        without touching the slot buffers, so without it here a CUDA graph captured before a flush would be replayed
+        after it on freed memory (an out-of-bounds gather on the H200).
+
+        The layer's tensors go in one :class:`TensorKeys` (compared by object first, then by address, shape, strides
+        and dtype: the slot buffers' capacity is their shape), not as ``SlotLayer``'s ``data_ptr`` ints plus a key per
+        tensor: this is built and compared at every replayed step, for 24 layers of Qwen2.5-7B (issue 12). The shared
+        buffer stays addresses (:meth:`SharedScratch.signature`): a key would hold it, and its re-size frees the old
+        one before it allocates the new."""
+        s = self.state
+        tensors = (self._k, self._v, self._pos, self._counters, self._raw_pos, self._raw_kpre, self.col_offset,
+                   self.width_dev)
+        if s is not None:
             tensors += (s.comp_pos, s.center_x, s.center_pos, s.fathers, *(s.latent or ()))
-        # Compared by identity first (TensorKey): describing every tensor at every decode step (data_ptr, shape,
-        # stride, dtype) was the largest part of DeltaKV's host time around a replay (run S: 0.97 ms against
-        # snapkv's 0.28 at 128K).
-        return (super().buffer_signature(), self.shared.signature(), self.scratch, self.state_version,
-                *map(TensorKey, tensors))
+        return self.shared.signature(), self.scratch, self.state_version, TensorKeys(tensors)
 
     def scratch_views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``K [B, Hkv, scratch, D]``, ``V``, columns ``[B, Hkv, scratch]``: the shared slots of the rebuilt tokens."""
