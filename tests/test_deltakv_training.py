@@ -270,7 +270,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(target):
 
 
 # -- PCA initialization -------------------------------------------------------------------------------------------------
-def _pca_setup(latent):
+def _pca_setup(latent, balance="none"):
     from sparse_hf.trainer.pca_init import pca_initialize
 
     torch.manual_seed(0)
@@ -279,8 +279,43 @@ def _pca_setup(latent):
     model = DeltaKVTrainingModel(base, comp, num_sink=4, cluster_ratio=0.25, neighbor_count=2)
     blocks = torch.randint(3, 128, (6, 48))
     random_mse = model(blocks)["recon_mse"].item()
-    pca_initialize(model, blocks, batch_size=4)
+    pca_initialize(model, blocks, batch_size=4, balance=balance)
     return model, blocks, random_mse
+
+
+def _per_coordinate_error(model, moments, layer):
+    """``[D]`` float64 mean squared error of each coordinate of the layer's rebuilt ``x`` over the residuals
+    ``d = x - ref`` (``x - recon = (I - P) d - b`` with ``P = up.W down.W``, ``b = up.b``), from their moments."""
+    cov, total, count = moments[layer]
+    second, mean = cov / count, total / count
+    proj = model.compressor.layers[str(layer)]
+    rest = torch.eye(second.shape[0], dtype=torch.float64) - proj.up.weight.double() @ proj.down.weight.double()
+    b = proj.up.bias.double()
+    err = rest @ second @ rest.T - torch.outer(rest @ mean, b) - torch.outer(b, rest @ mean) + torch.outer(b, b)
+    return err.diagonal()
+
+
+def test_pca_balance_kv_is_the_optimum_of_its_weighted_error():
+    """Each init is the best rank-r map for its own error: the K/V-balanced one has the lower weighted error (both
+    halves weigh the same), the plain one the lower plain error; at full rank both reconstruct exactly."""
+    from sparse_hf.trainer.pca_init import half_weights, residual_moments
+
+    plain, blocks, _ = _pca_setup(latent=8)
+    balanced, _, _ = _pca_setup(latent=8, balance="kv")
+    moments = residual_moments(plain, blocks)
+    for layer in moments:
+        cov, total, count = moments[layer]
+        covariance = cov / count - torch.outer(total / count, total / count)
+        w = half_weights(covariance, "kv")
+        half = w.shape[0] // 2
+        assert torch.allclose(w[:half] * covariance.diagonal()[:half].mean(), torch.ones(half, dtype=w.dtype))
+        e_plain, e_bal = _per_coordinate_error(plain, moments, layer), _per_coordinate_error(balanced, moments, layer)
+        assert (w * e_bal).sum() < (w * e_plain).sum() * (1 - 1e-6)
+        assert e_plain.sum() < e_bal.sum() * (1 - 1e-6)
+    full, blocks, random_mse = _pca_setup(latent=64, balance="kv")
+    assert full(blocks)["recon_mse"].item() < 1e-9 < random_mse
+    with pytest.raises(ValueError, match="--pca_balance 'qk'"):
+        _pca_setup(latent=8, balance="qk")
 
 
 def test_pca_init_full_rank_reconstructs_exactly():
@@ -309,6 +344,11 @@ def test_cli_pca_init_starts_lower_and_is_recorded(workdir, tmp_path):
             losses[init] = trainer.model(trainer.held_out)["recon_mse"].item()
     assert losses["pca"] < 0.75 * losses["random"], losses
     assert trainer.training_record()["init"].startswith("PCA of x - ref per layer (8 blocks")
+    balanced = build_trainer(argv(workdir, tmp_path / "kv", "--max_steps", "1", "--init", "pca", "--pca_balance", "kv",
+                                  "--init_blocks", "8", "--eval_blocks", "4"))
+    assert balanced.training_record()["init"].startswith("PCA of x - ref per layer, K and V halves at equal variance")
+    with pytest.raises(ValueError, match="--pca_balance 'qk'"):
+        build_trainer(argv(workdir, tmp_path / "bad_balance", "--init", "pca", "--pca_balance", "qk"))
     with pytest.raises(ValueError, match="--init pca needs linear projections"):
         build_trainer(argv(workdir, tmp_path / "mlp", "--init", "pca", "--down_type", "mlp_gelu",
                            "--intermediate_size", "32"))

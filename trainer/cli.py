@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from sparse_hf.trainer.pca_init import INITS
+from sparse_hf.trainer.pca_init import BALANCES, INITS
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class CompressorArguments:
     init: str = field(default="random", metadata={"help": "random | pca (linear projections: start from the PCA of "
                                                            "the residuals x - ref, see sparse_hf.trainer.pca_init)"})
     init_blocks: int = field(default=32, metadata={"help": "training blocks the PCA init reads"})
+    pca_balance: str = field(default="none", metadata={
+        "help": "none | kv: the PCA init's error weighs the K and V halves of concat(K, V) equally (their mean "
+                "variances made equal) instead of by raw variance, see sparse_hf.trainer.pca_init"})
 
 
 @dataclass
@@ -94,7 +97,8 @@ def check_compressor_args(args: CompressorArguments) -> None:
     for flag, value, choices in (("--init", args.init, INITS), ("--cluster_metric", args.cluster_metric, METRICS),
                                  ("--down_type", args.down_type, PROJECTION_TYPES),
                                  ("--up_type", args.up_type, PROJECTION_TYPES),
-                                 ("--mse_target", args.mse_target, MSE_TARGETS)):
+                                 ("--mse_target", args.mse_target, MSE_TARGETS),
+                                 ("--pca_balance", args.pca_balance, BALANCES)):
         if value not in choices:
             raise ValueError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
     for flag, value in (("--kv_compressed_size", args.kv_compressed_size), ("--block_size", args.block_size),
@@ -183,10 +187,12 @@ def build_trainer(argv: list[str] | None = None, model_and_tokenizer: tuple[Any,
             from sparse_hf.trainer.pca_init import pca_initialize
 
             count = min(args.init_blocks, len(train_set))
-            init = f"PCA of x - ref per layer ({count} blocks of {args.block_size} tokens)"
+            balanced = ", K and V halves at equal variance" if args.pca_balance == "kv" else ""
+            init = f"PCA of x - ref per layer{balanced} ({count} blocks of {args.block_size} tokens)"
             model.to(training_args.device)
             pca_initialize(model, torch.tensor(train_set.select(range(count))["input_ids"], dtype=torch.long),
-                           batch_size=max(1, training_args.per_device_train_batch_size), progress=True)
+                           batch_size=max(1, training_args.per_device_train_batch_size), progress=True,
+                           balance=args.pca_balance)
     trainer = CompressorTrainer(model=model, args=training_args, train_dataset=train_set,
                                 data_collator=PackedCollator(), training_data=args.dataset,
                                 block_size=args.block_size, init=init)
