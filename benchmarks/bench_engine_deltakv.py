@@ -162,12 +162,12 @@ def main(argv=None) -> int:
             extra_dk = dict(deltakv_prefill=args.deltakv_prefill,
                             layerwise_hidden_on_host=args.layerwise_hidden_on_host)
             shown.update(extra_dk)
+        tp = dict(tensor_parallel_size=args.tensor_parallel_size,       # tp_selection: a sparse method's knob
+                  **({"tp_selection": args.tp_selection} if method != "vanilla" else {}))
         llm = LLM(config, max_model_len=longest + args.new_tokens + 8, max_num_seqs=max(b for _, b in cases),
                   max_num_batched_tokens=max(args.chunk_prefill_size, 2048), chunk_prefill_size=args.chunk_prefill_size,
                   gpu_memory_utilization=args.gpu_memory_utilization, dtype=dtype,
-                  sparse_method=None if method == "vanilla" else method, **knobs, **extra,
-                  tensor_parallel_size=args.tensor_parallel_size,
-                  **({"tp_selection": args.tp_selection} if method != "vanilla" else {}),
+                  sparse_method=None if method == "vanilla" else method, **knobs, **extra, **tp,
                   **(extra_dk if method == "deltakv" else {}))
         weight_bytes = sum(t.numel() * t.element_size() for t in llm.model.parameters())
         for batch in sorted({b for _, b in cases}):         # warm-up: kernels and graphs of each batch size
@@ -188,8 +188,7 @@ def main(argv=None) -> int:
             r = run_case(llm, length, batch, args.new_tokens, bandwidth, weight_bytes)
             groups = llm.pool.group_slots
             # rows of 131072 tokens the pool holds after their prompts (deltakv: its filter group bounds it)
-            r.update(method=method, knobs=shown, tensor_parallel_size=args.tensor_parallel_size,
-                     tp_selection=args.tp_selection if method != "vanilla" else None, group_slots=groups, rows_at_128k=groups[0] // 131072,
+            r.update(method=method, knobs=shown, **tp, group_slots=groups, rows_at_128k=groups[0] // 131072,
                      **longest_prompt_at_batch_1(llm), **held)
             graphs = llm.runner.graphs
             if method == "deltakv" and graphs is not None:          # captured decode, or why not

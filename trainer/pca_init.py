@@ -66,12 +66,17 @@ def residual_moments(training_model, blocks: torch.Tensor, batch_size: int = 4, 
     return moments
 
 
+def check_balance(balance: str) -> None:
+    """``ValueError`` naming the flag unless ``balance`` is one of :data:`BALANCES`."""
+    if balance not in BALANCES:
+        raise ValueError(f"--pca_balance {balance!r}: expected one of {', '.join(BALANCES)}")
+
+
 def half_weights(covariance: torch.Tensor, balance: str) -> torch.Tensor:
     """``[D]`` per-coordinate weights of the PCA's error: ones for ``"none"``; for ``"kv"`` the inverse of the mean
     variance of the coordinate's half of ``concat(K, V)`` (the first ``D / 2`` coordinates are K), so both halves
     carry the same total weight of variance."""
-    if balance not in BALANCES:
-        raise ValueError(f"--pca_balance {balance!r}: expected one of {', '.join(BALANCES)}")
+    check_balance(balance)
     D = covariance.shape[0]
     if balance == "none":
         return torch.ones(D, dtype=covariance.dtype, device=covariance.device)
@@ -93,8 +98,7 @@ def pca_initialize(training_model, blocks: torch.Tensor, batch_size: int = 4, pr
     if cfg.down_type != "linear" or cfg.up_type != "linear":
         raise ValueError(f"--init pca needs linear projections (got down_type={cfg.down_type!r}, "
                          f"up_type={cfg.up_type!r}); use --init random for MLP compressors")
-    if balance not in BALANCES:
-        raise ValueError(f"--pca_balance {balance!r}: expected one of {', '.join(BALANCES)}")
+    check_balance(balance)
     r, d_model = cfg.kv_compressed_size, cfg.kv_dim
     if r > d_model:
         raise ValueError(f"--init pca: kv_compressed_size {r} exceeds the K+V width {d_model}")
