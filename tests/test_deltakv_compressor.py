@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
+import sparse_hf
 from sparse_hf.deltakv import (
     DeltaKVCompressor,
     center_mask,
@@ -309,3 +310,108 @@ def test_missing_path_and_unknown_type_raise_clear_errors(tmp_path):
         comp.down(1, torch.randn(2, D))
     with pytest.raises(ValueError, match="must have last dim 64"):
         comp.down(0, torch.randn(2, D + 1))
+
+
+# -- the compressors that ship in the package ----------------------------------------------------------------------------
+#: (layers, KV heads, head_dim, latent) of each shipped compressor: its model's KV shape and its latent width
+SHIPPED = {"demo": (30, 3, 64, 96),          # SmolLM2-135M-Instruct
+           "qwen-coder": (24, 2, 64, 64)}    # Qwen2.5-Coder-0.5B-Instruct
+
+
+def test_shipped_names_resolve_to_their_directories():
+    from sparse_hf.deltakv.demo import DEMO_COMPRESSOR_DIR, SHIPPED_COMPRESSORS, resolve_compressor_path
+
+    assert set(SHIPPED_COMPRESSORS) == set(SHIPPED) and DEMO_COMPRESSOR_DIR == SHIPPED_COMPRESSORS["demo"]
+    for name, path in SHIPPED_COMPRESSORS.items():
+        assert resolve_compressor_path(name) == str(path)
+        assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors"]
+    for other in ("org/compressor", "./demo", "qwen", "/tmp/qwen-coder"):
+        assert resolve_compressor_path(other) == other
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_compressor_loads_offline_in_float16(name, monkeypatch):
+    """``from_pretrained(name)`` reads the package's files (no Hub), shaped for its model, float16 and finite."""
+    from safetensors import safe_open
+
+    from sparse_hf.deltakv.demo import SHIPPED_COMPRESSORS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    comp = DeltaKVCompressor.from_pretrained(name)
+    cfg = comp.config
+    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.kv_compressed_size) == SHIPPED[name]
+    assert cfg.down_type == cfg.up_type == "linear" and cfg.compressed_layers is None and comp.dtype == torch.float16
+    assert cfg.training["num_sink"] == 16 and cfg.quality["perplexity (DeltaKV)"] > 0
+    assert sorted(comp.layers) == sorted(str(i) for i in range(cfg.num_hidden_layers))
+    with safe_open(SHIPPED_COMPRESSORS[name] / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert tensors.keys() == comp.state_dict().keys()
+    for key, value in tensors.items():
+        assert value.dtype == torch.float16 and torch.isfinite(value).all(), key
+        assert torch.equal(comp.state_dict()[key], value)
+    card = (SHIPPED_COMPRESSORS[name] / "README.md").read_text()
+    assert f"base_model: {cfg.base_model}" in card and f'deltakv_path="{name}"' in card
+
+
+def test_qwen_coder_compressor_fits_the_converted_model_when_present():
+    """Against the real model's config.json, where ``load_model("qwen-coder")`` already converted it (no download)."""
+    from transformers import AutoConfig
+
+    from sparse_hf.model_zoo import QWEN_CODER
+    from sparse_hf.models import cache_dir
+
+    folder = cache_dir() / QWEN_CODER.dirname
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"qwen-coder not converted at {folder} (load_model('qwen-coder') makes it)")
+    model_config = AutoConfig.from_pretrained(folder)
+    comp = DeltaKVCompressor.from_pretrained("qwen-coder")
+    comp.check_compatible(model_config)
+    from sparse_hf.deltakv.compressor import model_kv_shape
+    assert model_kv_shape(model_config) == SHIPPED["qwen-coder"][:3]
+
+
+def _tiny_model_shaped_like(name):
+    """A random tiny model with the KV shape of the model ``name``'s compressor was trained for (Qwen2 layers)."""
+    layers, kv_heads, head_dim, _ = SHIPPED[name]
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=kv_heads * head_dim, num_hidden_layers=layers, num_attention_heads=kv_heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=64, vocab_size=128)
+    cfg._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_compressor_compresses_and_rebuilds_in_a_deltakv_cache(name):
+    """``deltakv_path=name`` in a DeltaKV cache on a model of its KV shape (the demo's passkey test's knobs, a
+    random tiny model): tokens are compressed, the cache holds less than a full one, and a rebuild of every
+    compressed token gives the cluster centers exactly and finite, compressor-made values for the others."""
+    from sparse_hf.deltakv.state import all_offsets, rebuild
+
+    model = _tiny_model_shaped_like(name)
+    comp = DeltaKVCompressor.from_pretrained(name)
+    layer_idx = 3                                        # a compressed layer (not in full_attn_layers)
+    attn = model.model.layers[layer_idx].self_attn
+    raw = {}
+    hooks = [getattr(attn, p).register_forward_hook(lambda m, i, o, p=p: None if p in raw else raw.update({p: o}))
+             for p in ("k_proj", "v_proj")]              # the prompt's pre-RoPE K and V (the first call)
+    ids = torch.randint(1, 128, (1, 300), generator=torch.Generator().manual_seed(0))   # no pad token (0)
+    knobs = dict(deltakv_path=name, num_top_tokens=0.25, full_attn_layers="0,1,2,8,16", num_recent_tokens=16,
+                 kv_quant_bits=8)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0,
+                             cache_implementation="deltakv", cache_config=knobs)
+    for hook in hooks:
+        hook.remove()
+    assert out.sequences.shape == (1, 304)
+    layer = out.past_key_values.layers[layer_idx]
+    assert layer.compressed_per_row()[0] > 200
+    assert sparse_hf.kv_usage(out.past_key_values).ratio < 0.75
+    pick, ok = all_offsets(layer.state)
+    x, pos = rebuild(layer.state, pick, comp.projections, layer_idx)
+    x, pos = x[ok], pos[ok]
+    assert torch.isfinite(x).all() and x.shape[-1] == comp.config.kv_dim
+    truth = torch.cat([raw["k_proj"], raw["v_proj"]], -1)[0, pos]
+    centers = (pick[ok] % layer.state.clustering.step) == 0
+    assert 0 < centers.sum() < len(pos)
+    torch.testing.assert_close(x[centers].float(), truth[centers], atol=1e-5, rtol=1e-5)  # K: inverse RoPE
+    assert not torch.equal(x[~centers].float(), truth[~centers])     # the others are rebuilt, not stored

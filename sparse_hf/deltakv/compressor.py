@@ -188,7 +188,8 @@ class DeltaKVCompressor(PreTrainedModel):
     # -- Hub conventions ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "DeltaKVCompressor":
-        """Load a compressor from a local directory, a Hub id, or ``"demo"`` (the one shipped for the demo model).
+        """Load a compressor from a local directory, a Hub id, or the name of a shipped one (``"demo"``,
+        ``"qwen-coder"``: see :data:`sparse_hf.deltakv.demo.SHIPPED_COMPRESSORS`).
 
         Reads this project's format (config.json with ``model_type: deltakv_compressor``) and the reference
         trainer's format (a base-model config.json plus ``model.layers.{i}.self_attn.compress_*`` tensors).

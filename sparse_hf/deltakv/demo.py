@@ -1,19 +1,38 @@
-"""The compressor that ships with the package, for the demo model (SmolLM2-135M-Instruct).
+"""The compressors that ship with the package, one per embedded model: ``"demo"`` (SmolLM2-135M-Instruct) and
+``"qwen-coder"`` (Qwen2.5-Coder-0.5B-Instruct).
 
-``deltakv_path="demo"`` (and ``DeltaKVCompressor.from_pretrained("demo")``) resolve to it, so
-``sparse-hf generate --model demo --method deltakv`` works offline on a fresh install. It is a linear latent-96
-compressor trained 650 steps on an H200 from the PCA of the residuals ``x - ref`` (``--init pca``) on Jane Austen's
-novels; its model card says how it was made and what was measured.
+``deltakv_path=NAME`` (and ``DeltaKVCompressor.from_pretrained(NAME)``) resolve to the directory that
+:data:`SHIPPED_COMPRESSORS` gives for ``NAME``, so ``sparse-hf generate --model NAME --method deltakv`` works
+offline on a fresh install. Each name is also the ``--model`` name of the model it was trained for.
+
+- ``"demo"``: a linear latent-96 compressor trained 650 steps on an H200 from the PCA of the residuals
+  ``x - ref`` (``--init pca``) on Jane Austen's novels.
+- ``"qwen-coder"``: a linear latent-64 compressor trained 150 steps on an H200 (a short run) from the PCA of the
+  residuals with the K and V halves at equal variance (``--pca_balance kv``), on the same text.
+
+Each directory holds config.json, model.safetensors (float16) and a README.md model card that says how the
+compressor was made and what was measured.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-#: Directory of the shipped compressor (config.json, model.safetensors in float16, README.md model card).
-DEMO_COMPRESSOR_DIR = Path(__file__).parent / "assets" / "smollm2-135m-deltakv-96"
+_ASSETS = Path(__file__).parent / "assets"
+
+#: Name -> directory of each shipped compressor (config.json, model.safetensors in float16, README.md model card).
+#: The names are the ``load_model`` / ``--model`` names of the models they fit.
+SHIPPED_COMPRESSORS = {
+    "demo": _ASSETS / "smollm2-135m-deltakv-96",
+    "qwen-coder": _ASSETS / "qwen2.5-coder-0.5b-deltakv-64",
+}
+
+#: Directory of the demo model's compressor.
+DEMO_COMPRESSOR_DIR = SHIPPED_COMPRESSORS["demo"]
 
 
 def resolve_compressor_path(path):
-    """``"demo"`` -> the shipped compressor's directory; any other path or Hub id unchanged."""
-    return str(DEMO_COMPRESSOR_DIR) if str(path) == "demo" else path
+    """A shipped compressor's name (``"demo"``, ``"qwen-coder"``) -> its directory; any other path or Hub id
+    unchanged."""
+    shipped = SHIPPED_COMPRESSORS.get(str(path))
+    return str(shipped) if shipped is not None else path

@@ -33,7 +33,8 @@ def require_compressor(runtime) -> None:
     """Raise ``ValueError`` (saying what to pass) unless the engine's knobs name a compressor."""
     if runtime.compressor is None and not runtime.deltakv_path:
         raise ValueError("sparse_method='deltakv' needs a compressor: LLM(..., sparse_method='deltakv', "
-                         "compressor=DeltaKVCompressor(...)) or deltakv_path='dir-or-hub-id' (or 'demo')")
+                         "compressor=DeltaKVCompressor(...)) or deltakv_path='dir-or-hub-id' (or 'demo' / "
+                         "'qwen-coder', the shipped ones)")
 
 
 def prepare_deltakv(method, knobs: dict, hf_config):
