@@ -21,7 +21,7 @@
 #   DELTAKV_PATH  the deltakv lane's compressor, default the one shipped for MODEL (deltakv_path demo or qwen-coder;
 #            demo for any other MODEL)
 #   DTYPE    model dtype of every run, default float32 (the HF eval's default; bfloat16 is faster on the GPU)
-#   LANES    which lanes to run, default "base h2o omnikv layer kv_head deltakv" (split the grid over two device
+#   LANES    which lanes to run, default "base h2o omnikv layer kv_head deltakv deltakv_cal" (split the grid over two device
 #            calls with e.g. LANES="layer kv_head", then LANES="base h2o omnikv deltakv"; "scored" = h2o then omnikv)
 #   SEED_FROM  an earlier run's results folder (e.g. docs/accuracy/smollm2_h200_engine_2026-12-02): its
 #            <lane>/predictions.jsonl files and calibration.json are copied into RESULTS where RESULTS has none, so
@@ -37,7 +37,8 @@
 #   omnikv    omnikv @ 0.1,0.25 (into omnikv/)
 #   layer     snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope layer
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
-#   deltakv   deltakv (DELTAKV_PATH) @ 0.1,0.25, then deltakv @ 0.25 with the calibrated filter layers
+#   deltakv   deltakv (DELTAKV_PATH) @ 0.25, then @ 0.1
+#   deltakv_cal  deltakv (DELTAKV_PATH) @ 0.25 with the calibrated filter layers
 set -u
 MODEL=${MODEL:-demo}
 case $MODEL in demo|qwen-coder) DELTAKV_PATH=${DELTAKV_PATH:-$MODEL} ;; *) DELTAKV_PATH=${DELTAKV_PATH:-demo} ;; esac
@@ -113,14 +114,18 @@ lane_base() {
   ev base --methods full,streamingllm --budgets 0.1,0.25
   [ -f "$CAL" ] && ev omnikv_calibrated --methods omnikv --budgets 0.25 --cache-config "@$CAL"
 }
-lane_deltakv() {
-  ev deltakv --methods deltakv --budgets 0.1,0.25 --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\"}"
+lane_deltakv() {       # 0.25 first, the target's budget (an eval runs its budgets in ascending order)
+  ev deltakv --methods deltakv --budgets 0.25 --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\"}"
+  mv "$RESULTS/deltakv.log" "$RESULTS/deltakv_0.25.log"
+  ev deltakv --methods deltakv --budgets 0.1 --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\"}"
+}
+lane_deltakv_cal() {
   wait_calibration
   [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
       --cache-config "$(merged "{\"deltakv_path\": \"$DELTAKV_PATH\"}" "$CAL")"
 }
-LANES=${LANES:-base h2o omnikv layer kv_head deltakv}
-export -f ev merged calibrate wait_calibration lane_deltakv lane_base
+LANES=${LANES:-base h2o omnikv layer kv_head deltakv deltakv_cal}
+export -f ev merged calibrate wait_calibration lane_deltakv lane_deltakv_cal lane_base
 export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
 for lane in $LANES; do
   case $lane in
@@ -131,7 +136,8 @@ for lane in $LANES; do
     layer|kv_head) timeout "$LANE_TIMEOUT" bash -c "ev scope_$lane --methods snapkv,pyramidkv,knorm --budgets 0.1,0.25 \
                      --cache-config '{\"selection_scope\": \"$lane\"}'" & ;;
     deltakv) timeout "$LANE_TIMEOUT" bash -c lane_deltakv & ;;
-    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv)"; exit 2 ;;
+    deltakv_cal) timeout "$LANE_TIMEOUT" bash -c lane_deltakv_cal & ;;
+    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv deltakv_cal)"; exit 2 ;;
   esac
 done
 wait
