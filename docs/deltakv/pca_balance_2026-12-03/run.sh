@@ -23,3 +23,10 @@ for b in none kv; do
     --oracle-ranks 96 --json rebuild_error_$b.json > rebuild_error_$b.log 2>&1
 done
 python3 docs/deltakv/pca_balance_2026-12-03/table.py docs/deltakv/pca_balance_2026-12-03 > table.md
+# Added 15:27-15:40 UTC: the shipped demo compressor (plain init, 650 steps on the H200) on the same 14 prompts
+OMP_NUM_THREADS=1 python3 benchmarks/deltakv_answer_nll.py --tasks niah_single,niah_multikey,text_recall --length 2048 \
+  --depths 0.1,0.5,0.9 --num-samples 2 --corpus-file ~/.cache/sparse_hf/data/austen/heldout.jsonl \
+  --config 'shipped_all=deltakv@0.25:{"num_top_tokens": 1.0, "deltakv_path": "demo"}' \
+  --config 'shipped_025=deltakv@0.25:{"deltakv_path": "demo"}' \
+  --json answer_nll_shipped.json > answer_nll_shipped.log 2>&1
+python3 docs/deltakv/pca_balance_2026-12-03/table.py docs/deltakv/pca_balance_2026-12-03 > table.md
