@@ -32,19 +32,51 @@ tensors when the kernels were not built under the Triton interpreter (``TRITON_I
 The Triton-or-torch choice of every entry point is made in :func:`sparse_hf.kernels.dispatch.use_triton`.
 """
 
-from .append import append_kv, store_kv_slots
-from .attention_mass import attention_mass, attention_mass_ref, attention_probabilities
-from .decode_mass import decode_attention_mass, decode_attention_mass_ref
-from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
-from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_stage_raw, deltakv_writeback
-from .dispatch import HAS_TRITON, kernels_run_fused
-from .fused_layer import rms_norm, rope_qkv, silu_mul
-from .paged_prefill import paged_prefill_attention
-from .reference import (append_kv_ref, decode_attention_with_scores_ref, deltakv_gather_latents_ref,
-                        deltakv_stage_raw_ref, deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
-                        snapkv_prefill_scores_ref,
-                        sparse_decode_attention_ref, store_kv_slots_ref)
-from .sparse_decode import sparse_decode_attention
+import sys as _sys
+
+
+def _hand_over_to_hub_package() -> None:
+    """Imported as top-level ``kernels``, not ``sparse_hf.kernels``: a checkout's root is on ``sys.path`` (``python -m``
+    or pytest started there) and this folder shadows the Hugging Face Hub package of that name, which transformers
+    >= 5.25 depends on and imports (``integrations.hub_kernels``: ``from kernels import ...``). Put the Hub package
+    in ``sys.modules`` in this module's place (the import system returns what ``sys.modules`` holds once the module
+    has run). Without it, an empty stand-in with no ``__file__`` and no version: what transformers' availability check
+    (5.24: it imports a package that has no metadata) takes for a namespace package shadowing nothing real."""
+    import importlib
+    import os
+    import types
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _sys.modules.pop("kernels", None)
+    saved = list(_sys.path)
+    _sys.path[:] = [p for p in saved if os.path.abspath(p or os.curdir) != root]
+    try:
+        hub = importlib.import_module("kernels")
+    except ImportError:
+        hub = types.ModuleType("kernels", "Stand-in: sparse-hf's kernels folder is sparse_hf.kernels, and the Hub "
+                                          "package 'kernels' is not installed.")
+        hub.__file__, hub.__path__ = None, []
+    finally:
+        _sys.path[:] = saved
+    _sys.modules["kernels"] = hub
+
+
+if __name__ == "kernels":
+    _hand_over_to_hub_package()
+else:
+    from .append import append_kv, store_kv_slots
+    from .attention_mass import attention_mass, attention_mass_ref, attention_probabilities
+    from .decode_mass import decode_attention_mass, decode_attention_mass_ref
+    from .decode_scores import decode_attention_with_scores, snapkv_prefill_scores
+    from .deltakv_rebuild import deltakv_gather_latents, deltakv_rebuild_kv, deltakv_stage_raw, deltakv_writeback
+    from .dispatch import HAS_TRITON, kernels_run_fused
+    from .fused_layer import rms_norm, rope_qkv, silu_mul
+    from .paged_prefill import paged_prefill_attention
+    from .reference import (append_kv_ref, decode_attention_with_scores_ref, deltakv_gather_latents_ref,
+                            deltakv_stage_raw_ref, deltakv_writeback_ref, paged_prefill_attention_ref, rms_norm_ref, rope_qkv_ref, silu_mul_ref,
+                            snapkv_prefill_scores_ref,
+                            sparse_decode_attention_ref, store_kv_slots_ref)
+    from .sparse_decode import sparse_decode_attention
 
 __all__ = [
     "HAS_TRITON",
