@@ -39,6 +39,8 @@
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
 #   deltakv   deltakv (DELTAKV_PATH) @ 0.25, then @ 0.1
 #   deltakv_cal  deltakv (DELTAKV_PATH) @ 0.25 with the calibrated filter layers
+#   deltakv_sets deltakv (DELTAKV_PATH) @ 0.25 with each filter-layer set of DELTAKV_LAYER_SETS in turn (sets split
+#            by spaces, layers by commas, e.g. "0,1,2,3,9,14,21 0,1,2,4,9,14,21"), into deltakv_L0_1_2_3_9_14_21/ ...
 set -u
 MODEL=${MODEL:-demo}
 case $MODEL in demo|qwen-coder) DELTAKV_PATH=${DELTAKV_PATH:-$MODEL} ;; *) DELTAKV_PATH=${DELTAKV_PATH:-demo} ;; esac
@@ -124,9 +126,16 @@ lane_deltakv_cal() {
   [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
       --cache-config "$(merged "{\"deltakv_path\": \"$DELTAKV_PATH\"}" "$CAL")"
 }
+lane_deltakv_sets() {
+  for set in ${DELTAKV_LAYER_SETS:-}; do
+    ev "deltakv_L${set//,/_}" --methods deltakv --budgets 0.25 \
+        --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\", \"full_attn_layers\": [$set]}"
+  done
+}
 LANES=${LANES:-base h2o omnikv layer kv_head deltakv deltakv_cal}
-export -f ev merged calibrate wait_calibration lane_deltakv lane_deltakv_cal lane_base
-export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
+case " $LANES " in *" deltakv_sets "*) [ -n "${DELTAKV_LAYER_SETS:-}" ] || { echo "lane deltakv_sets needs DELTAKV_LAYER_SETS"; exit 2; } ;; esac
+export -f ev merged calibrate wait_calibration lane_deltakv lane_deltakv_cal lane_deltakv_sets lane_base
+export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH DELTAKV_LAYER_SETS=${DELTAKV_LAYER_SETS:-} CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
 for lane in $LANES; do
   case $lane in
     base) timeout "$LANE_TIMEOUT" bash -c lane_base & ;;
@@ -137,7 +146,8 @@ for lane in $LANES; do
                      --cache-config '{\"selection_scope\": \"$lane\"}'" & ;;
     deltakv) timeout "$LANE_TIMEOUT" bash -c lane_deltakv & ;;
     deltakv_cal) timeout "$LANE_TIMEOUT" bash -c lane_deltakv_cal & ;;
-    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv deltakv_cal)"; exit 2 ;;
+    deltakv_sets) timeout "$LANE_TIMEOUT" bash -c lane_deltakv_sets & ;;
+    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv deltakv_cal deltakv_sets)"; exit 2 ;;
   esac
 done
 wait

@@ -42,6 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--depths", default="0.1,0.5,0.9")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--first-sample", type=int, default=0, help="skip the first samples of each cell")
+    p.add_argument("--model", default="demo", help="demo, qwen-coder or a local model path")
     p.add_argument("--deltakv-path", default="demo")
     p.add_argument("--config", action="append", required=True)
     p.add_argument("--corpus-file", default=None)
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
     from sparse_hf.hf import build_cache, prepare_model
     from sparse_hf.models import load_model
 
-    model, tok = load_model("demo", dtype=torch.float32, device="cpu")
+    model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
     model.eval()
     prepare_model(model)
     configs = [parse_config(c) for c in args.config]

@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--depths", default="0.5")
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--model", default="demo", help="demo, qwen-coder or a local model path")
     p.add_argument("--deltakv-path", default="demo")
     p.add_argument("--compressor-dtype", default="file", help="file (as stored), float32 or float64")
     p.add_argument("--cache-config", default='{"num_sink_tokens": 4, "num_recent_tokens": 64}')
@@ -61,7 +62,7 @@ def main(argv=None) -> dict:
     from sparse_hf.models import load_model
 
     torch.manual_seed(0)
-    model, tok = load_model("demo", dtype=torch.float32, device="cpu")
+    model, tok = load_model(args.model, dtype=torch.float32, device="cpu")
     model.eval()
     prepare_model(model)
     comp = DeltaKVCompressor.from_pretrained(resolve_compressor_path(args.deltakv_path))
