@@ -39,7 +39,7 @@
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
 #   deltakv   deltakv (DELTAKV_PATH) @ 0.25, then @ 0.1
 #   deltakv_cal  deltakv (DELTAKV_PATH) @ 0.25 with the calibrated filter layers
-#   deltakv_sets deltakv (DELTAKV_PATH) @ 0.25 with each filter-layer set of DELTAKV_LAYER_SETS in turn (sets split
+#   deltakv_sets deltakv (DELTAKV_PATH) @ 0.25 with each filter-layer set of DELTAKV_LAYER_SETS side by side (sets split
 #            by spaces, layers by commas, e.g. "0,1,2,3,9,14,21 0,1,2,4,9,14,21"), into deltakv_L0_1_2_3_9_14_21/ ...
 set -u
 MODEL=${MODEL:-demo}
@@ -126,11 +126,12 @@ lane_deltakv_cal() {
   [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
       --cache-config "$(merged "{\"deltakv_path\": \"$DELTAKV_PATH\"}" "$CAL")"
 }
-lane_deltakv_sets() {
+lane_deltakv_sets() {  # one eval process per set, side by side
   for set in ${DELTAKV_LAYER_SETS:-}; do
     ev "deltakv_L${set//,/_}" --methods deltakv --budgets 0.25 \
-        --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\", \"full_attn_layers\": [$set]}"
+        --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\", \"full_attn_layers\": [$set]}" &
   done
+  wait
 }
 LANES=${LANES:-base h2o omnikv layer kv_head deltakv deltakv_cal}
 case " $LANES " in *" deltakv_sets "*) [ -n "${DELTAKV_LAYER_SETS:-}" ] || { echo "lane deltakv_sets needs DELTAKV_LAYER_SETS"; exit 2; } ;; esac

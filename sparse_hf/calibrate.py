@@ -127,17 +127,31 @@ def choice_value(agreement, filter_layers) -> float:
     return value
 
 
-def choose_filter_layers(agreement, num_filter_layers: int) -> list[int]:
-    """The ``num_filter_layers`` filter layers (layer 0 among them) of the highest :func:`choice_value`.
+def choose_filter_layers(agreement, num_filter_layers: int, include=()) -> list[int]:
+    """The ``num_filter_layers`` filter layers (layer 0 and every layer of ``include`` among them) of the highest
+    :func:`choice_value`.
 
-    Exact, by dynamic programming over segments: a filter layer ``i`` serves the sparse layers up to the next
-    filter layer ``e``, worth ``1 + sum_{i<j<e} A[i, j]``."""
+    ``include`` pins layers that must stay full whatever their agreement: for DeltaKV, the first layers, whose
+    rebuilt K/V would perturb every later layer (`docs/accuracy.md`, run V: compressing layers 1 and 3 cost
+    DeltaKV 0.93 -> 0.78 where OmniKV's selection lost nothing). Exact, by dynamic programming over segments: a
+    filter layer ``i`` serves the sparse layers up to the next filter layer ``e`` (no pinned layer between them),
+    worth ``1 + sum_{i<j<e} A[i, j]``."""
     n_layers = agreement.shape[0]
     if not 1 <= num_filter_layers <= n_layers:
         raise ValueError(f"num_filter_layers={num_filter_layers}: expected 1..{n_layers}")
+    pinned = sorted({0, *include})
+    if pinned[-1] >= n_layers:
+        raise ValueError(f"include={list(include)}: the model has {n_layers} layers (0..{n_layers - 1})")
+    if len(pinned) > num_filter_layers:
+        raise ValueError(f"include={list(include)} pins {len(pinned)} filter layers (layer 0 counted), more than "
+                         f"num_filter_layers={num_filter_layers}")
     A = agreement.tolist()
+    # next_pinned[i]: the first pinned layer after i (n_layers if none): a segment from i may not pass it
+    next_pinned = [next((p for p in pinned if p > i), n_layers) for i in range(n_layers)]
 
     def segment(i, e):
+        if e > next_pinned[i]:
+            return float("-inf")
         return 1.0 + sum(A[i][j] for j in range(i + 1, e))
 
     # best[n][i]: the best value of layers i.. with layer i a filter layer and n filter layers from i on
@@ -167,7 +181,7 @@ def default_filter_layers(num_layers: int) -> list[int]:
 
 
 def calibrate(model, prompts: list, num_top_tokens: int | float = 0.1, window: int = 16,
-              num_filter_layers: int | None = None) -> dict:
+              num_filter_layers: int | None = None, include=()) -> dict:
     """Measure the agreement on ``prompts`` (token id tensors ``[1, L]``) and choose the filter layers.
 
     Returns ``{"full_attn_layers", "agreement" (list of lists), "per_layer" (rows of the table), "default",
@@ -181,7 +195,8 @@ def calibrate(model, prompts: list, num_top_tokens: int | float = 0.1, window: i
     n_layers = agreement.shape[0]
     default = default_filter_layers(n_layers)
     n_filter = num_filter_layers or min(len(default), n_layers - 1) or 1
-    chosen = choose_filter_layers(agreement, n_filter)
+    n_filter = max(n_filter, len({0, *include}))
+    chosen = choose_filter_layers(agreement, n_filter, include)
     rows = []
     for i in range(n_layers):
         following = [float(agreement[i, j]) for j in range(i + 1, n_layers)]
@@ -235,9 +250,22 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-filter-layers", default=None, type=argtype(positive_int),
                    help="filter layers to choose, layer 0 included (default: as many as the default "
                         "full_attn_layers has at this depth)")
+    p.add_argument("--include-layers", default=None, type=argtype(_layer_list),
+                   help="filter layers to keep whatever their agreement, e.g. '0,1,2,3' (for DeltaKV: its first "
+                        "layers, whose rebuild error every later layer would see; default: layer 0 only)")
     p.add_argument("--seed", default=0, type=int, help="seed of the synthetic prompts (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     return p
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"{text!r}: expected layer numbers like '0,1,2,3'") from None
+    if not layers or layers[0] < 0:
+        raise ValueError(f"{text!r}: expected layer numbers >= 0 like '0,1,2,3'")
+    return layers
 
 
 def _budget(text: str):
@@ -277,6 +305,12 @@ def _check_args(args) -> None:
     if layers is not None and args.num_filter_layers is not None and args.num_filter_layers >= layers:
         raise UsageError(f"--num-filter-layers {args.num_filter_layers}: the model has {layers} layers; choose "
                          "fewer (every layer a filter layer leaves nothing sparse)")
+    pinned = sorted({0, *(args.include_layers or ())})
+    if layers is not None and pinned[-1] >= layers:
+        raise UsageError(f"--include-layers: layer {pinned[-1]} out of range, the model has {layers} layers")
+    if args.num_filter_layers is not None and len(pinned) > args.num_filter_layers:
+        raise UsageError(f"--include-layers pins {len(pinned)} filter layers (layer 0 counted), more than "
+                         f"--num-filter-layers {args.num_filter_layers}")
 
 
 def _read_prompt_texts(path: str, limit: int) -> list[str]:
@@ -335,7 +369,8 @@ def run_calibrate_command(args) -> int:
         n_layers = model.config.get_text_config().num_hidden_layers
         if args.num_filter_layers is not None and args.num_filter_layers >= n_layers:
             raise UsageError(f"--num-filter-layers {args.num_filter_layers}: the model has {n_layers} layers")
-        result = calibrate(model, prompts, args.num_top_tokens, args.window, args.num_filter_layers)
+        result = calibrate(model, prompts, args.num_top_tokens, args.window, args.num_filter_layers,
+                           args.include_layers or ())
     except (ValueError, OSError) as exc:
         return error_exit(str(exc), "calibrate")
     print(format_table(result))

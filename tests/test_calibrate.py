@@ -86,6 +86,29 @@ def test_choice_is_the_best_by_brute_force(n):
     assert abs(choice_value(A, set(chosen)) - best) < 1e-12
 
 
+@pytest.mark.parametrize("n,include", [(3, (1,)), (4, (1, 2, 3)), (4, (5,)), (3, (0, 6)), (2, (2,))])
+def test_pinned_layers_choice_is_the_best_by_brute_force(n, include):
+    """``include`` pins filter layers (DeltaKV keeps its first layers full); the rest is still the best choice."""
+    g = torch.Generator().manual_seed(10 + n)
+    A = torch.rand(7, 7, generator=g, dtype=torch.float64)
+    chosen = choose_filter_layers(A, n, include)
+    pinned = {0, *include}
+    assert pinned <= set(chosen) and len(chosen) == n == len(set(chosen)) and chosen == sorted(chosen)
+    free = [layer for layer in range(1, 7) if layer not in pinned]
+    best = max(choice_value(A, pinned | set(rest)) for rest in itertools.combinations(free, n - len(pinned)))
+    assert abs(choice_value(A, set(chosen)) - best) < 1e-12
+    unpinned = choose_filter_layers(A, n)
+    assert choice_value(A, set(unpinned)) >= choice_value(A, set(chosen)) - 1e-12   # pinning never helps the value
+
+
+def test_pinned_layers_bad_input():
+    A = torch.rand(5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than num_filter_layers"):
+        choose_filter_layers(A, 2, (1, 2))
+    with pytest.raises(ValueError, match="has 5 layers"):
+        choose_filter_layers(A, 3, (7,))
+
+
 def test_cli_writes_a_cache_config_every_entry_point_loads(saved, tmp_path, capsys):
     path, model = saved
     out = tmp_path / "calib.json"
@@ -119,6 +142,9 @@ def test_cli_writes_a_cache_config_every_entry_point_loads(saved, tmp_path, caps
     (["--window", "300", "--length", "256"], "smaller than --length"),
     (["--prompts-file", "/no/such.jsonl"], "no such file"),
     (["--tasks", "nope"], "unknown task"),
+    (["--include-layers", "1,x"], "expected layer numbers"),
+    (["--include-layers", "9"], "out of range"),
+    (["--include-layers", "1,2,3", "--num-filter-layers", "3"], "more than --num-filter-layers"),
 ])
 def test_bad_arguments_are_one_line_errors(saved, tmp_path, capsys, monkeypatch, args, message):
     path, _ = saved
@@ -132,3 +158,16 @@ def test_bad_arguments_are_one_line_errors(saved, tmp_path, capsys, monkeypatch,
         rc = exc.code
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_include_layers_pins_them(saved, tmp_path, capsys):
+    path, _ = saved
+    out = tmp_path / "calib.json"
+    rc = main(["calibrate", "--model", str(path), "--output", str(out), "--num-prompts", "1", "--length", "300",
+               "--window", "8", "--num-filter-layers", "3", "--include-layers", "1,2", "--tasks", "niah_multikey"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["full_attn_layers"] == [0, 1, 2]
+    rc = main(["calibrate", "--model", str(path), "--output", str(out), "--num-prompts", "1", "--length", "300",
+               "--window", "8", "--num-filter-layers", "3", "--include-layers", "3", "--tasks", "niah_multikey"])
+    layers = json.loads(out.read_text())["full_attn_layers"]
+    assert rc == 0 and len(layers) == 3 and {0, 3} <= set(layers)
