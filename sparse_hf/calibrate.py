@@ -181,11 +181,17 @@ def default_filter_layers(num_layers: int) -> list[int]:
 
 
 def calibrate(model, prompts: list, num_top_tokens: int | float = 0.1, window: int = 16,
-              num_filter_layers: int | None = None, include=()) -> dict:
+              num_filter_layers: int | None = None, include=(), deltakv_compressor=None,
+              pin_sensitive: int = 1, progress: bool = False) -> dict:
     """Measure the agreement on ``prompts`` (token id tensors ``[1, L]``) and choose the filter layers.
 
+    With ``deltakv_compressor`` (a ``DeltaKVCompressor`` or a ``deltakv_path``), each layer's compression
+    sensitivity is measured too (:func:`sparse_hf.calibrate_deltakv.compression_sensitivity`) and the
+    ``pin_sensitive`` most sensitive layers are pinned as filter layers beside ``include``.
+
     Returns ``{"full_attn_layers", "agreement" (list of lists), "per_layer" (rows of the table), "default",
-    "value", "default_value", "num_prompts", "k", "window", "num_top_tokens"}``."""
+    "value", "default_value", "num_prompts", "k", "window", "num_top_tokens", "pinned"}`` (plus
+    ``"deltakv_sensitivity"``, ``{layer: KL}``, with a compressor)."""
     per_prompt = []
     for ids in prompts:
         if ids.shape[-1] <= window + 1:
@@ -193,29 +199,45 @@ def calibrate(model, prompts: list, num_top_tokens: int | float = 0.1, window: i
         per_prompt.append(layer_scores(model, ids, window))
     agreement, ks = agreement_matrix(per_prompt, num_top_tokens)
     n_layers = agreement.shape[0]
+    sensitivity = None
+    pinned = sorted({0, *include})
+    if deltakv_compressor is not None:
+        from .calibrate_deltakv import compression_sensitivity, most_sensitive
+
+        sensitivity = compression_sensitivity(model, prompts, deltakv_compressor, window, progress=progress)
+        pinned = sorted({*pinned, *most_sensitive(sensitivity, pin_sensitive)})
     default = default_filter_layers(n_layers)
-    n_filter = num_filter_layers or min(len(default), n_layers - 1) or 1
-    n_filter = max(n_filter, len({0, *include}))
-    chosen = choose_filter_layers(agreement, n_filter, include)
+    n_filter = num_filter_layers or max(min(len(default), n_layers - 1) or 1, len(pinned))
+    chosen = choose_filter_layers(agreement, n_filter, pinned)
     rows = []
     for i in range(n_layers):
         following = [float(agreement[i, j]) for j in range(i + 1, n_layers)]
         rows.append({"layer": i, "next": following[0] if following else None,
                      "following_mean": sum(following) / len(following) if following else None,
-                     "chosen": i in chosen, "default": i in default})
-    return {"full_attn_layers": chosen, "agreement": agreement.tolist(), "per_layer": rows, "default": default,
-            "value": choice_value(agreement, set(chosen)), "default_value": choice_value(agreement, set(default)),
-            "num_prompts": len(prompts), "k": ks, "window": window, "num_top_tokens": num_top_tokens}
+                     "chosen": i in chosen, "default": i in default,
+                     "deltakv_kl": None if sensitivity is None else sensitivity.get(i)})
+    result = {"full_attn_layers": chosen, "agreement": agreement.tolist(), "per_layer": rows, "default": default,
+              "value": choice_value(agreement, set(chosen)), "default_value": choice_value(agreement, set(default)),
+              "num_prompts": len(prompts), "k": ks, "window": window, "num_top_tokens": num_top_tokens,
+              "pinned": pinned}
+    if sensitivity is not None:
+        result["deltakv_sensitivity"] = {str(layer): kl for layer, kl in sensitivity.items()}
+    return result
 
 
 def format_table(result: dict) -> str:
     """The per-layer agreement table (text), then the choice against the default."""
-    lines = ["layer | agreement with the next layer | mean agreement with the following layers | chosen | default",
-             "---|---|---|---|---"]
+    probed = "deltakv_sensitivity" in result
+    head = "layer | agreement with the next layer | mean agreement with the following layers | chosen | default"
+    lines = [head + (" | deltakv KL when compressed alone" if probed else ""), "---|---|---|---|---" + ("|---" if probed else "")]
     for r in result["per_layer"]:
         nxt = "-" if r["next"] is None else f"{r['next']:.3f}"
         mean = "-" if r["following_mean"] is None else f"{r['following_mean']:.3f}"
-        lines.append(f"{r['layer']} | {nxt} | {mean} | {'*' if r['chosen'] else ''} | {'*' if r['default'] else ''}")
+        line = f"{r['layer']} | {nxt} | {mean} | {'*' if r['chosen'] else ''} | {'*' if r['default'] else ''}"
+        if probed:
+            kl = r.get("deltakv_kl")
+            line += " | " + ("-" if kl is None else f"{kl:.4f}" + (" (pinned)" if r["layer"] in result["pinned"] else ""))
+        lines.append(line)
     n = len(result["per_layer"])
     lines.append(f"chosen full_attn_layers {result['full_attn_layers']}: mean agreement read by a layer "
                  f"{result['value'] / n:.3f}; default {result['default']}: {result['default_value'] / n:.3f} "
@@ -253,6 +275,12 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--include-layers", default=None, type=argtype(_layer_list),
                    help="filter layers to keep whatever their agreement, e.g. '0,1,2,3' (for DeltaKV: its first "
                         "layers, whose rebuild error every later layer would see; default: layer 0 only)")
+    p.add_argument("--deltakv-path", default=None,
+                   help="choose for DeltaKV with this compressor (a folder, or a shipped name: demo, qwen-coder): "
+                        "also measure how much compressing each layer alone changes the output, and pin the most "
+                        "sensitive layers as filter layers (slower: one prefill per layer and prompt)")
+    p.add_argument("--pin-sensitive", default=None, type=argtype(positive_int),
+                   help="with --deltakv-path: how many of the most sensitive layers to pin (default: 1)")
     p.add_argument("--seed", default=0, type=int, help="seed of the synthetic prompts (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     return p
@@ -305,6 +333,16 @@ def _check_args(args) -> None:
     if layers is not None and args.num_filter_layers is not None and args.num_filter_layers >= layers:
         raise UsageError(f"--num-filter-layers {args.num_filter_layers}: the model has {layers} layers; choose "
                          "fewer (every layer a filter layer leaves nothing sparse)")
+    if args.pin_sensitive is not None and args.deltakv_path is None:
+        raise UsageError("--pin-sensitive needs --deltakv-path (the compressor whose sensitivity is measured)")
+    if args.deltakv_path is not None:
+        from .deltakv.demo import SHIPPED_COMPRESSORS
+
+        path = args.deltakv_path
+        hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if path not in SHIPPED_COMPRESSORS and not Path(path).expanduser().is_dir() and not hub_id:
+            raise UsageError(f"--deltakv-path {path}: no such compressor folder (or shipped name: "
+                             f"{', '.join(sorted(SHIPPED_COMPRESSORS))})")
     pinned = sorted({0, *(args.include_layers or ())})
     if layers is not None and pinned[-1] >= layers:
         raise UsageError(f"--include-layers: layer {pinned[-1]} out of range, the model has {layers} layers")
@@ -369,8 +407,15 @@ def run_calibrate_command(args) -> int:
         n_layers = model.config.get_text_config().num_hidden_layers
         if args.num_filter_layers is not None and args.num_filter_layers >= n_layers:
             raise UsageError(f"--num-filter-layers {args.num_filter_layers}: the model has {n_layers} layers")
+        compressor = None
+        if args.deltakv_path is not None:
+            from .deltakv.compressor import DeltaKVCompressor
+            from .deltakv.demo import resolve_compressor_path
+
+            compressor = DeltaKVCompressor.from_pretrained(resolve_compressor_path(args.deltakv_path))
+            compressor.check_compatible(model.config)
         result = calibrate(model, prompts, args.num_top_tokens, args.window, args.num_filter_layers,
-                           args.include_layers or ())
+                           args.include_layers or (), compressor, args.pin_sensitive or 1, progress=True)
     except (ValueError, OSError) as exc:
         return error_exit(str(exc), "calibrate")
     print(format_table(result))

@@ -1,4 +1,4 @@
-"""Issue 14's target measure on the Qwen2.5-Coder-0.5B grid (runs T and U, 2026-12-03), and the paired scope comparison.
+"""Issue 14's target measure on the Qwen2.5-Coder-0.5B grid (runs T, U and V, 2026-12-03), and the paired scope comparison.
 
 "target": the mean, over the task x length cells the full cache passes (score >= 0.5; here all twelve), of a row's
 score over the full cache's on the same prompts (issue 14: snapkv >= 0.90, omnikv and deltakv >= 0.95 at a 0.25
@@ -15,6 +15,9 @@ from sparse_hf.eval.stats import mcnemar_exact
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 LANES = {"base": "", "omnikv": "", "omnikv_calibrated": " (calibrated)", "scope_layer": " (layer)",
          "scope_kv_head": " (kv_head)", "scored": "", "h2o": "", "deltakv": "", "deltakv_calibrated": " (calibrated)"}
+for sub in sorted(os.listdir(root)):          # deltakv_L0_1_2_.../: deltakv with that filter-layer set
+    if sub.startswith("deltakv_L"):
+        LANES[sub] = " (layers " + ",".join(sub[len("deltakv_L"):].split("_")) + ")"
 rows = defaultdict(dict)
 for lane, suffix in LANES.items():
     path = os.path.join(root, lane, "predictions.jsonl")
