@@ -43,6 +43,21 @@ def test_engine_equals_hf_path(arch, budget, bits):
     llm.pool.check_whole()
 
 
+@pytest.mark.parametrize("filter_layers", [[0, 2, 4, 5], [0, 1, 3, 6]])
+def test_engine_equals_hf_path_with_uneven_filter_layers(filter_layers):
+    """Filter-layer sets of the shape ``sparse-hf calibrate`` chooses (consecutive filter layers, long gaps, the
+    last layer full): the engine's compressed-layer groups still match the HF path's per-layer cache."""
+    model = tiny_model("qwen2", layers=7)
+    comp = compressor(model)
+    knobs = dict(KNOBS, full_attn_layers=filter_layers, num_top_tokens=0.25)
+    prompts = random_prompts((40, 77))
+    llm = LLM(model, sparse_method="deltakv", compressor=comp, **ENGINE, **knobs)
+    for prompt, got in zip(prompts, engine_tokens(llm, prompts, 20)):
+        assert_greedy_equal(got, *hf_greedy_with_logits(model, prompt, 20, cache_implementation="deltakv",
+                                                        cache_config=dict(knobs, compressor=comp)))
+    llm.pool.check_whole()
+
+
 def test_compressed_slots_return_to_the_pool():
     """After the prompt a row holds only sinks + buffer in the compressed layers' group; the rest is latents."""
     model = tiny_model("llama", layers=4)
