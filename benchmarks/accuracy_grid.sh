@@ -38,7 +38,9 @@
 #   layer     snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope layer
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
 #   deltakv   deltakv (DELTAKV_PATH) @ 0.25, then @ 0.1
-#   deltakv_cal  deltakv (DELTAKV_PATH) @ 0.25 with the calibrated filter layers
+#   deltakv_cal  deltakv (DELTAKV_PATH) @ 0.25 with filter layers calibrated for it (`calibrate --deltakv-path`, into
+#            calibration_deltakv.json; predictions in deltakv_dcal/. Until 2026-12-03 this lane used OmniKV's
+#            calibration, into deltakv_calibrated/)
 #   deltakv_sets deltakv (DELTAKV_PATH) @ 0.25 with each filter-layer set of DELTAKV_LAYER_SETS side by side (sets split
 #            by spaces, layers by commas, e.g. "0,1,2,3,9,14,21 0,1,2,4,9,14,21"), into deltakv_L0_1_2_3_9_14_21/ ...
 set -u
@@ -62,6 +64,7 @@ if [ -n "${SEED_FROM:-}" ]; then
     [ -f "$RESULTS/$lane/predictions.jsonl" ] || cp "$f" "$RESULTS/$lane/predictions.jsonl"
   done
   [ -f "$SEED_FROM/calibration.json" ] && [ ! -f "$RESULTS/calibration.json" ] && cp "$SEED_FROM/calibration.json" "$RESULTS/"
+  [ -f "$SEED_FROM/calibration_deltakv.json" ] && [ ! -f "$RESULTS/calibration_deltakv.json" ] && cp "$SEED_FROM/calibration_deltakv.json" "$RESULTS/"
   echo "seeded from $SEED_FROM: $(cat "$RESULTS"/*/predictions.jsonl 2>/dev/null | wc -l) predictions"
 fi
 if [ "$MODEL" = demo ]; then   # convert once here, before the lanes start side by side
@@ -121,10 +124,13 @@ lane_deltakv() {       # 0.25 first, the target's budget (an eval runs its budge
   mv "$RESULTS/deltakv.log" "$RESULTS/deltakv_0.25.log"
   ev deltakv --methods deltakv --budgets 0.1 --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\"}"
 }
-lane_deltakv_cal() {
-  wait_calibration
-  [ -f "$CAL" ] && ev deltakv_calibrated --methods deltakv --budgets 0.25 \
-      --cache-config "$(merged "{\"deltakv_path\": \"$DELTAKV_PATH\"}" "$CAL")"
+lane_deltakv_cal() {   # DeltaKV's own calibration: OmniKV's agreement plus the most compression-sensitive layer pinned
+  local cal="$RESULTS/calibration_deltakv.json" start=$SECONDS
+  [ -f "$cal" ] || ${PYTHON:-python3} -m sparse_hf.cli calibrate --model $MODEL --device $DEVICE ${CAL_ARGS:-} \
+      --deltakv-path "$DELTAKV_PATH" --output "$cal" > "$RESULTS/calibrate_deltakv.log" 2>&1
+  echo "calibrate --deltakv-path rc=$? $((SECONDS - start)) s: $(cat "$cal" 2>/dev/null)"
+  [ -f "$cal" ] && ev deltakv_dcal --methods deltakv --budgets 0.25 \
+      --cache-config "$(merged "{\"deltakv_path\": \"$DELTAKV_PATH\"}" "$cal")"
 }
 lane_deltakv_sets() {  # one eval process per set, side by side
   for set in ${DELTAKV_LAYER_SETS:-}; do

@@ -14,7 +14,8 @@ from sparse_hf.eval.stats import mcnemar_exact
 
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 LANES = {"base": "", "omnikv": "", "omnikv_calibrated": " (calibrated)", "scope_layer": " (layer)",
-         "scope_kv_head": " (kv_head)", "scored": "", "h2o": "", "deltakv": "", "deltakv_calibrated": " (calibrated)"}
+         "scope_kv_head": " (kv_head)", "scored": "", "h2o": "", "deltakv": "", "deltakv_calibrated": " (calibrated)",
+         "deltakv_dcal": " (calibrated for deltakv)"}
 for sub in sorted(os.listdir(root)):          # deltakv_L0_1_2_.../: deltakv with that filter-layer set
     if sub.startswith("deltakv_L"):
         LANES[sub] = " (layers " + ",".join(sub[len("deltakv_L"):].split("_")) + ")"

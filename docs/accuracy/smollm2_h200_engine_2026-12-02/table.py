@@ -9,7 +9,8 @@ from collections import defaultdict
 
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 LANES = {"base": "", "scope_layer": "layer", "scope_kv_head": "kv_head", "scored": "", "deltakv": "", "omnikv": "",
-         "omnikv_calibrated": "calibrated", "deltakv_calibrated": "calibrated"}   # a lane without predictions is skipped
+         "omnikv_calibrated": "calibrated", "deltakv_calibrated": "calibrated",
+         "deltakv_dcal": "calibrated for deltakv"}   # a lane without predictions is skipped
 TASKS = ["niah_single", "niah_multikey", "text_recall"]
 
 
