@@ -97,3 +97,18 @@ def decode_greedy(model, cache, token, start: int, steps: int, graph: bool):
         token = logits.argmax(-1, keepdim=True).clone()
         tokens.append(token)
     return torch.cat(tokens, 1), decoder
+
+
+def saved_tiny_llama(folder, layers: int):
+    """A tiny random Llama with the toy tokenizer, saved to ``folder`` as a model folder the CLI can load:
+    ``(folder, model)``."""
+    from sparse_hf.eval.toy import build_toy_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_toy_tokenizer()
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tok))
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model

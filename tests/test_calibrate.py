@@ -7,27 +7,18 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparse_hf  # noqa: F401
+from helpers import saved_tiny_llama
 from sparse_hf.calibrate import calibrate, choice_value, choose_filter_layers
 from sparse_hf.cli import main, parse_json_object
-from sparse_hf.eval.toy import build_toy_tokenizer
 
 LAYERS, WINDOW = 5, 6
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = build_toy_tokenizer()
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(tok))
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, model
+    return saved_tiny_llama(tmp_path_factory.mktemp("tiny"), LAYERS)
 
 
 def naive_agreement(model, prompts, k_of):
@@ -145,6 +136,9 @@ def test_cli_writes_a_cache_config_every_entry_point_loads(saved, tmp_path, caps
     (["--include-layers", "1,x"], "expected layer numbers"),
     (["--include-layers", "9"], "out of range"),
     (["--include-layers", "1,2,3", "--num-filter-layers", "3"], "more than --num-filter-layers"),
+    (["--pin-sensitive", "2"], "needs --deltakv-path"),
+    (["--deltakv-path", "./no/such/compressor"], "no such compressor folder"),
+    (["--deltakv-path", "demo", "--pin-sensitive", "0"], "--pin-sensitive"),
 ])
 def test_bad_arguments_are_one_line_errors(saved, tmp_path, capsys, monkeypatch, args, message):
     path, _ = saved

@@ -3,35 +3,27 @@
 The probe compresses one layer at a time with every token rebuilt, so (1) a compressor that rebuilds exactly
 (identity projections, latent = K/V width) leaves the output unchanged in every layer, (2) a layer whose rebuild is
 made bad stands out and is pinned as a filter layer, and (3) the KL is the one a plain per-step loop over the
-same caches computes."""
+same caches computes. The CLI's one-line errors for these flags are in ``test_calibrate.py``."""
 
 import json
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import sparse_hf  # noqa: F401
+from helpers import saved_tiny_llama
 from sparse_hf.calibrate import calibrate
 from sparse_hf.calibrate_deltakv import PROBE_KNOBS, compression_sensitivity, most_sensitive
 from sparse_hf.cli import main
 from sparse_hf.deltakv import DeltaKVCompressor
-from sparse_hf.eval.toy import build_toy_tokenizer
 
 LAYERS = 4
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = build_toy_tokenizer()
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(tok))
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path, model
+    return saved_tiny_llama(tmp_path_factory.mktemp("tiny"), LAYERS)
 
 
 def prompt(n=220, seed=1):
@@ -114,25 +106,6 @@ def test_cli_pins_the_sensitive_layer(saved, tmp_path, capsys):
     assert json.loads(out.read_text())["full_attn_layers"] == [0, 3]
     details = json.loads((tmp_path / "calib.agreement.json").read_text())
     assert set(details["deltakv_sensitivity"]) == {"1", "2", "3"} and details["pinned"] == [0, 3]
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--pin-sensitive", "2"], "needs --deltakv-path"),
-    (["--deltakv-path", "./no/such/compressor"], "no such compressor folder"),
-    (["--deltakv-path", "demo", "--pin-sensitive", "0"], "--pin-sensitive"),
-])
-def test_bad_arguments_are_one_line_errors(saved, tmp_path, capsys, monkeypatch, args, message):
-    path, _ = saved
-    import sparse_hf.models
-
-    monkeypatch.setattr(sparse_hf.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    full = ["calibrate", "--model", str(path), "--output", str(tmp_path / "c.json")] + args
-    try:
-        rc = main(full)
-    except SystemExit as exc:
-        rc = exc.code
-    err = capsys.readouterr().err
-    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_prompt_too_short_to_probe_is_a_clear_error(saved):
