@@ -131,9 +131,9 @@ def choose_filter_layers(agreement, num_filter_layers: int, include=()) -> list[
     """The ``num_filter_layers`` filter layers (layer 0 and every layer of ``include`` among them) of the highest
     :func:`choice_value`.
 
-    ``include`` pins layers that must stay full whatever their agreement: for DeltaKV, the first layers, whose
-    rebuilt K/V would perturb every later layer (`docs/accuracy.md`, run V: compressing layers 1 and 3 cost
-    DeltaKV 0.93 -> 0.78 where OmniKV's selection lost nothing). Exact, by dynamic programming over segments: a
+    ``include`` pins layers that must stay full whatever their agreement: for DeltaKV, the layers whose
+    compression moves the output most (:mod:`sparse_hf.calibrate_deltakv`; on Qwen, compressing layer 16 took
+    DeltaKV from 0.93 to 0.78 of the full cache where OmniKV's selection lost nothing, `docs/accuracy.md`). Exact, by dynamic programming over segments: a
     filter layer ``i`` serves the sparse layers up to the next filter layer ``e`` (no pinned layer between them),
     worth ``1 + sum_{i<j<e} A[i, j]``."""
     n_layers = agreement.shape[0]
@@ -273,8 +273,8 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
                    help="filter layers to choose, layer 0 included (default: as many as the default "
                         "full_attn_layers has at this depth)")
     p.add_argument("--include-layers", default=None, type=argtype(_layer_list),
-                   help="filter layers to keep whatever their agreement, e.g. '0,1,2,3' (for DeltaKV: its first "
-                        "layers, whose rebuild error every later layer would see; default: layer 0 only)")
+                   help="filter layers to keep whatever their agreement, e.g. '0,16' (for DeltaKV: layers its "
+                        "compressor rebuilds badly; --deltakv-path finds them; default: layer 0 only)")
     p.add_argument("--deltakv-path", default=None,
                    help="choose for DeltaKV with this compressor (a folder, or a shipped name: demo, qwen-coder): "
                         "also measure how much compressing each layer alone changes the output, and pin the most "

@@ -4,7 +4,7 @@ OmniKV's filter layers are chosen by how well one layer's top-k tokens stand for
 DeltaKV adds a second cost: every non-filter layer holds its tokens as latents and rebuilds them, and some layers
 rebuild worse than others. On Qwen2.5-Coder-0.5B the set OmniKV's calibration chose scored 0.97 of the full cache
 for OmniKV but 0.78 for DeltaKV, because it compressed layer 16: with every token rebuilt (no selection at all),
-compressing layer 16 alone doubled the answer loss, and any set that kept it full matched the default layers
+the sets that compressed layer 16 raised the answer loss by half, and those that kept it full matched the default layers
 (`docs/accuracy.md`, CPU 2026-12-03 evening). So the sensitivity is measured directly, per layer:
 
 for each calibration prompt, the first ``L - window`` tokens are prefilled and the last ``window`` tokens fed one
