@@ -1,4 +1,4 @@
-"""Issue 14's target measure on the Qwen2.5-Coder-0.5B grid (runs T, U and V, 2026-12-03), and the paired scope comparison.
+"""Issue 14's target measure on the Qwen2.5-Coder-0.5B grid (runs T, U, V and W, 2026-12-03), and the paired scope comparison.
 
 "target": the mean, over the task x length cells the full cache passes (score >= 0.5; here all twelve), of a row's
 score over the full cache's on the same prompts (issue 14: snapkv >= 0.90, omnikv and deltakv >= 0.95 at a 0.25
