@@ -37,12 +37,16 @@
 #   omnikv    omnikv @ 0.1,0.25 (into omnikv/)
 #   layer     snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope layer
 #   kv_head   snapkv, pyramidkv, knorm @ 0.1,0.25, selection_scope kv_head
-#   deltakv   deltakv (DELTAKV_PATH) @ 0.25, then @ 0.1
+#   deltakv   deltakv (DELTAKV_PATH) @ 0.25, then @ 0.1, with the compressor's filter layers: those it records (the
+#            shipped qwen-coder one: [0,4,9,10,16,17,21] since 2026-12-03, run W), else the method's default. The eval
+#            writes recorded layers into each prediction's cache_config, so run V's deltakv/ (default layers) is
+#            refused as a seed for this lane: seed without it, or run those layers through deltakv_sets.
 #   deltakv_cal  deltakv (DELTAKV_PATH) @ 0.25 with filter layers calibrated for it (`calibrate --deltakv-path`, into
 #            calibration_deltakv.json; predictions in deltakv_dcal/. Until 2026-12-03 this lane used OmniKV's
 #            calibration, into deltakv_calibrated/)
-#   deltakv_sets deltakv (DELTAKV_PATH) @ 0.25 with each filter-layer set of DELTAKV_LAYER_SETS side by side (sets split
-#            by spaces, layers by commas, e.g. "0,1,2,3,9,14,21 0,1,2,4,9,14,21"), into deltakv_L0_1_2_3_9_14_21/ ...
+#   deltakv_sets deltakv (DELTAKV_PATH) @ DELTAKV_SET_BUDGETS (default 0.25; e.g. "0.1,0.25") with each filter-layer
+#            set of DELTAKV_LAYER_SETS side by side (sets split by spaces, layers by commas, e.g. "0,1,2,3,9,14,21
+#            0,1,2,4,9,14,21"), into deltakv_L0_1_2_3_9_14_21/ ...
 set -u
 MODEL=${MODEL:-demo}
 case $MODEL in demo|qwen-coder) DELTAKV_PATH=${DELTAKV_PATH:-$MODEL} ;; *) DELTAKV_PATH=${DELTAKV_PATH:-demo} ;; esac
@@ -134,7 +138,7 @@ lane_deltakv_cal() {   # DeltaKV's own calibration: OmniKV's agreement plus the 
 }
 lane_deltakv_sets() {  # one eval process per set, side by side
   for set in ${DELTAKV_LAYER_SETS:-}; do
-    ev "deltakv_L${set//,/_}" --methods deltakv --budgets 0.25 \
+    ev "deltakv_L${set//,/_}" --methods deltakv --budgets "${DELTAKV_SET_BUDGETS:-0.25}" \
         --cache-config "{\"deltakv_path\": \"$DELTAKV_PATH\", \"full_attn_layers\": [$set]}" &
   done
   wait
@@ -142,7 +146,7 @@ lane_deltakv_sets() {  # one eval process per set, side by side
 LANES=${LANES:-base h2o omnikv layer kv_head deltakv deltakv_cal}
 case " $LANES " in *" deltakv_sets "*) [ -n "${DELTAKV_LAYER_SETS:-}" ] || { echo "lane deltakv_sets needs DELTAKV_LAYER_SETS"; exit 2; } ;; esac
 export -f ev merged calibrate wait_calibration lane_deltakv lane_deltakv_cal lane_deltakv_sets lane_base
-export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH DELTAKV_LAYER_SETS=${DELTAKV_LAYER_SETS:-} CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
+export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH DELTAKV_LAYER_SETS=${DELTAKV_LAYER_SETS:-} DELTAKV_SET_BUDGETS=${DELTAKV_SET_BUDGETS:-0.25} CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
 for lane in $LANES; do
   case $lane in
     base) timeout "$LANE_TIMEOUT" bash -c lane_base & ;;

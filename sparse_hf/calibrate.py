@@ -281,6 +281,10 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
                         "sensitive layers as filter layers (slower: one prefill per layer and prompt)")
     p.add_argument("--pin-sensitive", default=None, type=argtype(positive_int),
                    help="with --deltakv-path: how many of the most sensitive layers to pin (default: 1)")
+    p.add_argument("--save-compressor", default=None, metavar="DIR",
+                   help="with --deltakv-path: also save a copy of the compressor into the new folder DIR with the "
+                        "chosen filter layers recorded in its config (deltakv_path=DIR then serves with them unless "
+                        "full_attn_layers is given) and in its model card")
     p.add_argument("--seed", default=0, type=int, help="seed of the synthetic prompts (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     return p
@@ -335,6 +339,14 @@ def _check_args(args) -> None:
                          "fewer (every layer a filter layer leaves nothing sparse)")
     if args.pin_sensitive is not None and args.deltakv_path is None:
         raise UsageError("--pin-sensitive needs --deltakv-path (the compressor whose sensitivity is measured)")
+    if args.save_compressor is not None:
+        if args.deltakv_path is None:
+            raise UsageError("--save-compressor needs --deltakv-path (the compressor to save with the chosen layers)")
+        target = Path(args.save_compressor).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise UsageError(f"--save-compressor {args.save_compressor}: exists and is not an empty folder")
+        if not target.parent.is_dir():
+            raise UsageError(f"--save-compressor {args.save_compressor}: folder {target.parent} does not exist")
     if args.deltakv_path is not None:
         from .deltakv.demo import SHIPPED_COMPRESSORS
 
@@ -424,4 +436,8 @@ def run_calibrate_command(args) -> int:
     details = out.with_name(out.stem + ".agreement.json")
     details.write_text(json.dumps(dict(result, model=args.model, length=args.length), indent=1) + "\n")
     print(f"wrote {out} (use: --cache-config @{out}) and {details}")
+    if args.save_compressor is not None:
+        compressor.save_pretrained(args.save_compressor, full_attn_layers=result["full_attn_layers"])
+        print(f"saved the compressor with full_attn_layers={result['full_attn_layers']} to {args.save_compressor} "
+              f"(use: deltakv_path={args.save_compressor!r})")
     return 0

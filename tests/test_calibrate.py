@@ -139,12 +139,18 @@ def test_cli_writes_a_cache_config_every_entry_point_loads(saved, tmp_path, caps
     (["--pin-sensitive", "2"], "needs --deltakv-path"),
     (["--deltakv-path", "./no/such/compressor"], "no such compressor folder"),
     (["--deltakv-path", "demo", "--pin-sensitive", "0"], "--pin-sensitive"),
+    (["--save-compressor", "out"], "--save-compressor needs --deltakv-path"),
+    (["--deltakv-path", "demo", "--save-compressor", "/no/such/dir/out"], "does not exist"),
+    (["--deltakv-path", "demo", "--save-compressor", "NONEMPTY"], "not an empty folder"),
 ])
 def test_bad_arguments_are_one_line_errors(saved, tmp_path, capsys, monkeypatch, args, message):
     path, _ = saved
     import sparse_hf.models
 
     monkeypatch.setattr(sparse_hf.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    args = [str(tmp_path / "full") if a == "NONEMPTY" else a for a in args]
     full = ["calibrate", "--model", str(path), "--output", str(tmp_path / "c.json")] + args
     try:
         rc = main(full)

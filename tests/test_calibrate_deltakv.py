@@ -99,13 +99,20 @@ def test_cli_pins_the_sensitive_layer(saved, tmp_path, capsys):
     out = tmp_path / "calib.json"
     rc = main(["calibrate", "--model", str(path), "--output", str(out), "--num-prompts", "1", "--length", "200",
                "--window", "6", "--num-filter-layers", "2", "--tasks", "niah_multikey",
-               "--deltakv-path", str(comp_dir)])
+               "--deltakv-path", str(comp_dir), "--save-compressor", str(tmp_path / "calibrated")])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "deltakv KL when compressed alone" in captured.out and "(pinned)" in captured.out
     assert json.loads(out.read_text())["full_attn_layers"] == [0, 3]
     details = json.loads((tmp_path / "calib.agreement.json").read_text())
     assert set(details["deltakv_sensitivity"]) == {"1", "2", "3"} and details["pinned"] == [0, 3]
+    # --save-compressor: the same weights, with the chosen layers as its serving default and in its card
+    saved_comp = DeltaKVCompressor.from_pretrained(tmp_path / "calibrated")
+    assert saved_comp.config.full_attn_layers == [0, 3]
+    assert saved_comp.projections.serving_defaults()["full_attn_layers"] == (0, 3)
+    assert "| filter layers (serving default) | 0, 3 |" in (tmp_path / "calibrated" / "README.md").read_text()
+    original = DeltaKVCompressor.from_pretrained(comp_dir).state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in saved_comp.state_dict().items())
 
 
 def test_a_prompt_too_short_to_probe_is_a_clear_error(saved):

@@ -36,3 +36,20 @@ def resolve_compressor_path(path):
     unchanged."""
     shipped = SHIPPED_COMPRESSORS.get(str(path))
     return str(shipped) if shipped is not None else path
+
+
+def recorded_filter_layers(path) -> list[int] | None:
+    """The filter layers a local compressor folder (or shipped name) records as its serving default
+    (``full_attn_layers`` in its config.json, written by ``sparse-hf calibrate --deltakv-path ... --save-compressor``),
+    or ``None``: none recorded, a reference-format checkpoint, or not a local folder (a Hub id is not fetched here).
+    The eval writes them into each prediction's ``cache_config``, so that predictions made with other layers are
+    never resumed as these."""
+    import json
+
+    config = Path(resolve_compressor_path(path)).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    with open(config, encoding="utf-8") as f:
+        record = json.load(f)
+    layers = record.get("full_attn_layers") if record.get("model_type") == "deltakv_compressor" else None
+    return None if layers is None else sorted({int(i) for i in layers})

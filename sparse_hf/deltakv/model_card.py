@@ -20,6 +20,8 @@ QUALITY_FIELDS = (
     "needle-in-a-haystack accuracy",
 )
 NOT_MEASURED = "not measured"
+#: The filter-layer row of a compressor without calibrated filter layers.
+NOT_CALIBRATED = "not calibrated (the method's default; see `sparse-hf calibrate --deltakv-path`)"
 
 TEMPLATE = """\
 ---
@@ -51,6 +53,7 @@ before RoPE (Qwen3: before `k_norm`) and `ref` is the mean of the token's neares
 | up projection | $up |
 | bias | $bias |
 | parameters | $num_parameters |
+| filter layers (serving default) | $filter_layers |
 
 ## Training
 
@@ -108,5 +111,7 @@ def render_model_card(config: Any, num_parameters: int | None = None) -> str:
         down=_projection(config.down_type, config.hidden_size_for("down")),
         up=_projection(config.up_type, config.hidden_size_for("up")), bias=config.bias,
         num_parameters="unknown" if num_parameters is None else f"{num_parameters:,}",
+        filter_layers=(NOT_CALIBRATED if getattr(config, "full_attn_layers", None) is None
+                       else ", ".join(map(str, config.full_attn_layers))),
         training_data=_fmt(config.training_data or NOT_MEASURED.replace("measured", "recorded")),
         training_rows="".join(r + "\n" for r in training), quality_rows="".join(r + "\n" for r in rows))

@@ -78,18 +78,21 @@ class DeltaKVProjections(nn.Module):
         down_type, up_type: see :data:`PROJECTION_TYPES`; down_hidden, up_hidden: MLP hidden widths.
         training: the knobs it was trained with (``num_sink``, ``cluster_ratio``, ``neighbor_count``, ``metric``;
             see :data:`TRAINING_TO_SERVING`); serving takes them as defaults.
+        filter_layers: the filter layers calibrated for these projections (``None``: none); serving's default
+            ``full_attn_layers``.
 
     Inputs are cast to the projections' dtype, and outputs stay in it: callers cast back to their KV dtype.
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, latent: int, layer_indices: list[int],
                  down_type: str = "linear", up_type: str = "linear", down_hidden: int = 0, up_hidden: int = 0,
-                 bias: bool = True, training: dict | None = None):
+                 bias: bool = True, training: dict | None = None, filter_layers: list[int] | None = None):
         super().__init__()
         self.num_layers, self.kv_heads, self.head_dim = int(num_layers), int(kv_heads), int(head_dim)
         self.kv_dim, self.latent_size = 2 * self.kv_heads * self.head_dim, int(latent)
         self.layer_indices = [int(i) for i in layer_indices]
         self.training_knobs = dict(training or {})
+        self.filter_layers = None if filter_layers is None else [int(i) for i in filter_layers]
         self.layers = nn.ModuleDict({str(i): LayerCompressor(self.kv_dim, self.latent_size, down_type, up_type,
                                                              down_hidden, up_hidden, bias)
                                      for i in self.layer_indices})
@@ -145,7 +148,10 @@ class DeltaKVProjections(nn.Module):
                              f"this model: {'; '.join(problems)}. Use a compressor trained for this model.")
 
     def serving_defaults(self) -> dict[str, Any]:
-        """The serving knobs its training fixes (``{"num_sink_tokens": 16, "cluster_metric": "cosine", ...}``);
-        only the knobs the training record holds."""
-        return {serving: self.training_knobs[name] for name, serving in TRAINING_TO_SERVING.items()
-                if self.training_knobs.get(name) is not None}
+        """The serving knobs its training fixes (``{"num_sink_tokens": 16, "cluster_metric": "cosine", ...}``;
+        only the knobs the training record holds) and, when calibrated, ``full_attn_layers`` (a tuple)."""
+        out = {serving: self.training_knobs[name] for name, serving in TRAINING_TO_SERVING.items()
+               if self.training_knobs.get(name) is not None}
+        if self.filter_layers is not None:
+            out["full_attn_layers"] = tuple(self.filter_layers)
+        return out

@@ -26,7 +26,8 @@ def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra:
 
     ``full`` gets ``None`` (vanilla generate, no budget); a sparse method gets its own rule,
     ``knobs_for_budget(fraction, prompt_len)`` (the same one ``bench`` and the CLI use). ``extra`` (e.g.
-    ``{"deltakv_path": ...}``) is merged last; the result is validated by the method's config.
+    ``{"deltakv_path": ...}``) is merged last; the result is validated by the method's config. For deltakv, filter
+    layers the compressor records (and ``extra`` does not set) are written out, so a record says what served.
     """
     methods = parse_methods([method])
     method = methods[0]
@@ -37,6 +38,12 @@ def budget_to_cache_config(method: str, fraction: float, prompt_len: int, extra:
 
     method_class = get_method(method)
     config = dict(method_class.knobs_for_budget(fraction, prompt_len), **(extra or {}))
+    if method == "deltakv" and "full_attn_layers" not in config and isinstance(config.get("deltakv_path"), str):
+        from ..deltakv.demo import recorded_filter_layers
+
+        layers = recorded_filter_layers(config["deltakv_path"])   # the compressor's serving default, made explicit
+        if layers is not None:
+            config["full_attn_layers"] = layers
     method_class.build_config(config)  # unknown knobs / bad values raise here, before any generation
     return config
 

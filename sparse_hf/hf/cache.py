@@ -58,7 +58,8 @@ class SparseCache(Cache):
         self.sparse_config, self.runtime = method_class.build_config(sparse_config, **knobs)
         self.num_layers = text_config.num_hidden_layers
         self.model_config = text_config
-        self.method = method_class(self.sparse_config, self.num_layers)
+        self.method = self.serving_method(method_class(self.sparse_config, self.num_layers), sparse_config, knobs)
+        self.sparse_config = self.method.config
         super().__init__(layers=[self.make_layer(i) for i in range(self.num_layers)])
         self.prefill_target: int | None = None   # logical length at which the prompt is complete
         # CUDA-graph decode: None = automatic (on CUDA where safe), False = never; see integration.wants_cuda_graph.
@@ -68,6 +69,11 @@ class SparseCache(Cache):
         self.rollback_needed = False             # assisted generation: crop must work, so eviction is an error
         self.capturing = False                   # True while a CUDA graph records a decode step
         self.hooked = False                      # set by the attention pre-hook; checked in update
+
+    def serving_method(self, method, sparse_config, knobs: dict):
+        """The method this cache serves with, decided before its layers are made (``sparse_config`` and ``knobs``
+        as the caller passed them). The method as configured; DeltaKV's cache applies its compressor's defaults."""
+        return method
 
     def make_layer(self, layer_idx: int):
         if getattr(self.method, "accumulates_attention", False):

@@ -82,13 +82,6 @@ class CompressedCache(PromptFlush, SelectionCache):
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
-        run = self.runtime
-        self.method.check_runtime(run)
-        self.compressor, self.projections = resolve_compressor(run.compressor, run.deltakv_path, self.model_config)
-        # Serving follows the compressor's training unless the caller set a knob: a new config, the caller's
-        # stays as it was.
-        self.method = serving_method(self.method, self.projections, _explicit_knobs(sparse_config, knobs))
-        self.sparse_config = self.method.config
         self.clustering = self.method.clustering()
         self.obs_scores = None
         self.raw_keys: dict[int, torch.Tensor] = {}   # layer -> k_proj output of the current forward (hook-fed)
@@ -102,6 +95,15 @@ class CompressedCache(PromptFlush, SelectionCache):
         self._counts_memo = None                      # (length, padding, counts, answer): see _flush_counts
         self._forward = 0                             # + 1 at each forward's first layer (keys the flush plan)
         self._plan: _FlushPlan | None = None          # the latest flush's index work, see _flush_plan
+
+    def serving_method(self, method, sparse_config, knobs: dict):
+        """Resolve the compressor, then serve with its training knobs and calibrated filter layers unless the
+        caller set them (a new config: the caller's stays as it was). Runs before the layers are made, since the
+        filter layers decide which layers are compressed."""
+        run = self.runtime
+        method.check_runtime(run)
+        self.compressor, self.projections = resolve_compressor(run.compressor, run.deltakv_path, self.model_config)
+        return serving_method(method, self.projections, _explicit_knobs(sparse_config, knobs))
 
     # -- fixed capacity (CUDA graphs) --------------------------------------------------------------------------------
     def announce_new_tokens(self, max_new_tokens: int | None, prompt_length: int) -> None:
