@@ -47,6 +47,7 @@
 #   deltakv_sets deltakv (DELTAKV_PATH) @ DELTAKV_SET_BUDGETS (default 0.25; e.g. "0.1,0.25") with each filter-layer
 #            set of DELTAKV_LAYER_SETS side by side (sets split by spaces, layers by commas, e.g. "0,1,2,3,9,14,21
 #            0,1,2,4,9,14,21"), into deltakv_L0_1_2_3_9_14_21/ ...
+#   omnikv_sets  the same for omnikv: OMNIKV_LAYER_SETS at OMNIKV_SET_BUDGETS (default 0.25), into omnikv_L.../
 set -u
 MODEL=${MODEL:-demo}
 case $MODEL in demo|qwen-coder) DELTAKV_PATH=${DELTAKV_PATH:-$MODEL} ;; *) DELTAKV_PATH=${DELTAKV_PATH:-demo} ;; esac
@@ -143,10 +144,18 @@ lane_deltakv_sets() {  # one eval process per set, side by side
   done
   wait
 }
+lane_omnikv_sets() {   # the same for omnikv
+  for set in ${OMNIKV_LAYER_SETS:-}; do
+    ev "omnikv_L${set//,/_}" --methods omnikv --budgets "${OMNIKV_SET_BUDGETS:-0.25}" \
+        --cache-config "{\"full_attn_layers\": [$set]}" &
+  done
+  wait
+}
 LANES=${LANES:-base h2o omnikv layer kv_head deltakv deltakv_cal}
 case " $LANES " in *" deltakv_sets "*) [ -n "${DELTAKV_LAYER_SETS:-}" ] || { echo "lane deltakv_sets needs DELTAKV_LAYER_SETS"; exit 2; } ;; esac
-export -f ev merged calibrate wait_calibration lane_deltakv lane_deltakv_cal lane_deltakv_sets lane_base
-export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH DELTAKV_LAYER_SETS=${DELTAKV_LAYER_SETS:-} DELTAKV_SET_BUDGETS=${DELTAKV_SET_BUDGETS:-0.25} CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
+case " $LANES " in *" omnikv_sets "*) [ -n "${OMNIKV_LAYER_SETS:-}" ] || { echo "lane omnikv_sets needs OMNIKV_LAYER_SETS"; exit 2; } ;; esac
+export -f ev merged calibrate wait_calibration lane_deltakv lane_deltakv_cal lane_deltakv_sets lane_omnikv_sets lane_base
+export GRID RESULTS CAL DEVICE LANES MODEL DELTAKV_PATH DELTAKV_LAYER_SETS=${DELTAKV_LAYER_SETS:-} DELTAKV_SET_BUDGETS=${DELTAKV_SET_BUDGETS:-0.25} OMNIKV_LAYER_SETS=${OMNIKV_LAYER_SETS:-} OMNIKV_SET_BUDGETS=${OMNIKV_SET_BUDGETS:-0.25} CAL_ARGS=${CAL_ARGS:-} PYTHON=${PYTHON:-python3}
 for lane in $LANES; do
   case $lane in
     base) timeout "$LANE_TIMEOUT" bash -c lane_base & ;;
@@ -158,7 +167,8 @@ for lane in $LANES; do
     deltakv) timeout "$LANE_TIMEOUT" bash -c lane_deltakv & ;;
     deltakv_cal) timeout "$LANE_TIMEOUT" bash -c lane_deltakv_cal & ;;
     deltakv_sets) timeout "$LANE_TIMEOUT" bash -c lane_deltakv_sets & ;;
-    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv deltakv_cal deltakv_sets)"; exit 2 ;;
+    omnikv_sets) timeout "$LANE_TIMEOUT" bash -c lane_omnikv_sets & ;;
+    *) echo "unknown lane $lane (lanes: base h2o omnikv scored layer kv_head deltakv deltakv_cal deltakv_sets omnikv_sets)"; exit 2 ;;
   esac
 done
 wait

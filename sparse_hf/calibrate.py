@@ -262,6 +262,10 @@ def add_calibrate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="niah_multikey,ruler_vt",
                    help="synthetic eval tasks to build prompts from when no --prompts-file (default: "
                         "niah_multikey,ruler_vt)")
+    p.add_argument("--append-answers", action="store_true",
+                   help="with synthetic prompts: append each sample's reference answer, so that the scoring queries "
+                        "(the last --window tokens) are the answer's own tokens, the decode steps of a retrieval or "
+                        "copy task, rather than the prompt's last ones")
     p.add_argument("--num-prompts", default=4, type=argtype(positive_int), help="prompts per task, or texts read from --prompts-file (default: 4)")
     p.add_argument("--length", default="2048", type=argtype(lambda t: parse_lengths(t)[0]),
                    help="tokens per prompt (default: 2048)")
@@ -326,6 +330,8 @@ def _check_args(args) -> None:
         raise UsageError(f"--output {args.output}: folder {out.parent} does not exist")
     if args.prompts_file is not None and not Path(args.prompts_file).is_file():
         raise UsageError(f"--prompts-file {args.prompts_file}: no such file")
+    if args.append_answers and args.prompts_file is not None:
+        raise UsageError("--append-answers needs synthetic prompts (--tasks): a --prompts-file has no answers")
     if args.prompts_file is None:
         try:
             args.tasks = parse_tasks(args.tasks)
@@ -385,7 +391,10 @@ def _read_prompt_texts(path: str, limit: int) -> list[str]:
 
 
 def build_prompts(args, tokenizer) -> list:
-    """Token id tensors ``[1, <= length]``: the file's texts (truncated), or synthetic eval samples."""
+    """Token id tensors ``[1, <= length]``: the file's texts (truncated), or synthetic eval samples (with
+    ``--append-answers``, each followed by its reference answer's tokens)."""
+    import torch
+
     if args.prompts_file is not None:
         texts = _read_prompt_texts(args.prompts_file, args.num_prompts)
         return [tokenizer(t, return_tensors="pt")["input_ids"][:, :args.length] for t in texts]
@@ -396,7 +405,12 @@ def build_prompts(args, tokenizer) -> list:
     for task in args.tasks:
         samples = build_samples(task, tokenizer, args.length, args.num_prompts, args.seed,
                                 0.5 if is_needle(task) else None, allow_download=False)
-        prompts += [encode_sample(tokenizer, s, use_chat_template=False) for s in samples]
+        for s in samples:
+            ids = encode_sample(tokenizer, s, use_chat_template=False)
+            if getattr(args, "append_answers", False):     # teacher-forced: the window's queries are the answer's
+                answer = tokenizer(" " + ", ".join(s["answers"]), add_special_tokens=False, return_tensors="pt")
+                ids = torch.cat([ids, answer["input_ids"]], 1)
+            prompts.append(ids)
     return prompts
 
 

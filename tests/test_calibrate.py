@@ -140,6 +140,7 @@ def test_cli_writes_a_cache_config_every_entry_point_loads(saved, tmp_path, caps
     (["--deltakv-path", "./no/such/compressor"], "no such compressor folder"),
     (["--deltakv-path", "demo", "--pin-sensitive", "0"], "--pin-sensitive"),
     (["--save-compressor", "out"], "--save-compressor needs --deltakv-path"),
+    (["--append-answers", "--prompts-file", "PROMPTS"], "--append-answers needs synthetic prompts"),
     (["--deltakv-path", "demo", "--save-compressor", "/no/such/dir/out"], "does not exist"),
     (["--deltakv-path", "demo", "--save-compressor", "NONEMPTY"], "not an empty folder"),
 ])
@@ -150,7 +151,8 @@ def test_bad_arguments_are_one_line_errors(saved, tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(sparse_hf.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    args = [str(tmp_path / "full") if a == "NONEMPTY" else a for a in args]
+    (tmp_path / "p.txt").write_text("some text")
+    args = [{"NONEMPTY": str(tmp_path / "full"), "PROMPTS": str(tmp_path / "p.txt")}.get(a, a) for a in args]
     full = ["calibrate", "--model", str(path), "--output", str(tmp_path / "c.json")] + args
     try:
         rc = main(full)
@@ -171,3 +173,27 @@ def test_cli_include_layers_pins_them(saved, tmp_path, capsys):
                "--window", "8", "--num-filter-layers", "3", "--include-layers", "3", "--tasks", "niah_multikey"])
     layers = json.loads(out.read_text())["full_attn_layers"]
     assert rc == 0 and len(layers) == 3 and {0, 3} <= set(layers)
+
+
+def test_append_answers_puts_each_answer_in_the_scoring_window(saved):
+    """``--append-answers``: each synthetic prompt is the sample's prompt followed by its reference answer's tokens,
+    so the last ``--window`` queries (which score the tokens) include the answer's own decode steps."""
+    import argparse
+
+    from sparse_hf.calibrate import build_prompts
+    from sparse_hf.eval.runner import encode_sample
+    from sparse_hf.eval.tasks import build_samples
+    from transformers import AutoTokenizer
+
+    path, _ = saved
+    tok = AutoTokenizer.from_pretrained(path)
+    args = argparse.Namespace(prompts_file=None, tasks=["niah_single", "niah_multikey"], num_prompts=2, length=300,
+                              seed=3, append_answers=True)
+    got = build_prompts(args, tok)
+    plain = build_prompts(argparse.Namespace(**dict(vars(args), append_answers=False)), tok)
+    samples = [s for t in args.tasks for s in build_samples(t, tok, 300, 2, 3, 0.5, allow_download=False)]
+    assert len(got) == len(plain) == len(samples) == 4
+    for ids, base, sample in zip(got, plain, samples):
+        answer = tok(" " + ", ".join(sample["answers"]), add_special_tokens=False)["input_ids"]
+        assert torch.equal(base, encode_sample(tok, sample, use_chat_template=False))
+        assert ids[0].tolist() == base[0].tolist() + answer and len(answer) > 0

@@ -22,8 +22,8 @@ p.add_argument("folder", type=Path)
 p.add_argument("--prompts", type=int, required=True, help="prompts of a complete (method, budget) row")
 p.add_argument("--label", action="append", default=[], metavar="LANE=SUFFIX", help="a lane's suffix to its methods")
 args = p.parse_args()
-labels = dict(LABELS, **{d.name: " (layers " + ",".join(d.name[len("deltakv_L"):].split("_")) + ")"   # deltakv_sets
-                         for d in args.folder.iterdir() if d.name.startswith("deltakv_L")})
+labels = dict(LABELS, **{d.name: " (layers " + ",".join(d.name.split("_L", 1)[1].split("_")) + ")"   # the *_sets lanes
+                         for d in args.folder.iterdir() if d.name.startswith(("deltakv_L", "omnikv_L"))})
 labels.update(item.split("=", 1) for item in args.label)
 records = []
 for lane in sorted(d for d in args.folder.iterdir() if (d / "predictions.jsonl").exists()):

@@ -17,8 +17,8 @@ LANES = {"base": "", "omnikv": "", "omnikv_calibrated": " (calibrated)", "scope_
          "scope_kv_head": " (kv_head)", "scored": "", "h2o": "", "deltakv": "", "deltakv_calibrated": " (calibrated)",
          "deltakv_dcal": " (calibrated for deltakv)"}
 for sub in sorted(os.listdir(root)):          # deltakv_L0_1_2_.../: deltakv with that filter-layer set
-    if sub.startswith("deltakv_L"):
-        LANES[sub] = " (layers " + ",".join(sub[len("deltakv_L"):].split("_")) + ")"
+    if sub.startswith(("deltakv_L", "omnikv_L")):
+        LANES[sub] = " (layers " + ",".join(sub.split("_L", 1)[1].split("_")) + ")"
 rows = defaultdict(dict)
 for lane, suffix in LANES.items():
     path = os.path.join(root, lane, "predictions.jsonl")

@@ -16,8 +16,8 @@ TASKS = ["niah_single", "niah_multikey", "text_recall"]
 
 
 for sub in sorted(os.listdir(root)):          # deltakv_L0_1_2_.../: deltakv with that filter-layer set
-    if sub.startswith("deltakv_L"):
-        LANES[sub] = "layers " + ",".join(sub[len("deltakv_L"):].split("_"))
+    if sub.startswith(("deltakv_L", "omnikv_L")):
+        LANES[sub] = "layers " + ",".join(sub.split("_L", 1)[1].split("_"))
 rows = defaultdict(dict)
 for lane, scope in LANES.items():
     path = os.path.join(root, lane, "predictions.jsonl")
