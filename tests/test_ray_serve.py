@@ -3,6 +3,7 @@
 Skips when ``ray[serve]`` is not installed (the optional ``ray`` extra)."""
 
 import concurrent.futures
+import os
 
 import httpx
 import pytest
@@ -25,8 +26,19 @@ def ray_app(tmp_path_factory):
 
     path = save_tiny_chat_model(tmp_path_factory.mktemp("ray-tiny-model"), seed=3)
     port = free_port()
+    # On a loaded 2-core CI box the HTTP proxy actor can take longer to start than Serve's checks allow (seen once
+    # in a bare-Python CI run: the controller killed the proxy before it ran and serve.start failed). Give its
+    # ready and health checks (read by the controller, from the environment the local cluster inherits) and
+    # serve.start's own 60 s wait more time.
+    slow = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    for name, value in slow.items():
+        os.environ.setdefault(name, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", **slow}})
+    import ray.serve._private.api as serve_api
+
+    if hasattr(serve_api, "HTTP_PROXY_TIMEOUT"):
+        serve_api.HTTP_PROXY_TIMEOUT = max(serve_api.HTTP_PROXY_TIMEOUT, 300)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_deployment(path, num_replicas=2, num_cpus=0.5, served_model_name=MODEL,
