@@ -49,7 +49,8 @@ class DeltaKVCompressorConfig(PreTrainedConfig):
     card. ``full_attn_layers`` (``None``: not calibrated) are the filter layers chosen for this compressor
     (``sparse-hf calibrate --deltakv-path ... --save-compressor DIR``): serving uses them unless the caller sets
     ``full_attn_layers``, because which layers a compressor may compress depends on how well it rebuilds each one
-    (on Qwen2.5-Coder-0.5B, compressing layer 16 alone cost DeltaKV 0.15 of the full cache's score).
+    (on Qwen2.5-Coder-0.5B at a 0.25 budget: 0.78 of the full cache's score with OmniKV's calibrated layers, which
+    compress layer 16, and 0.99 with the set calibrated for DeltaKV, which keeps it raw).
     """
 
     model_type = "deltakv_compressor"
