@@ -13,7 +13,7 @@ from sparse_hf.deltakv import DeltaKVCompressor
 from sparse_hf.eval import budget_to_cache_config
 from sparse_hf.eval.report import summarize, to_markdown
 from sparse_hf.eval.runner import generate_with_use
-from sparse_hf.eval.stats import mcnemar_exact, mean_interval, score_interval, wilson_interval
+from sparse_hf.eval.stats import mcnemar_exact, mean_interval, paired_comparison, score_interval, wilson_interval
 from test_eval_runner import tok  # noqa: F401  (the toy tokenizer fixture)
 
 PROMPT, NEW, LAYERS = 200, 5, 4
@@ -127,3 +127,33 @@ def test_mcnemar_exact_against_the_binomial_distribution():
     assert abs(mcnemar_exact(8, 1) - 20 / 512) < 1e-15 and mcnemar_exact(1, 8) == mcnemar_exact(8, 1)
     assert mcnemar_exact(21, 0) == 2 / 2 ** 21                  # accuracy.md's omnikv (17 for 16): p = 9.5e-07
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0   # no evidence either way
+
+
+def test_paired_comparison_counts_discordant_prompts_as_a_loop_does(tmp_path):
+    """``paired_comparison`` against a plain loop, for 0/1 scores (higher better) and NLLs (lower better), ties
+    counted for neither side; ``scores_by_id`` reads the records a comparison pairs, filtered by field."""
+    import json
+    import random
+
+    from sparse_hf.eval.report import scores_by_id
+
+    rng = random.Random(0)
+    ids = [f"p{i}" for i in range(40)]
+    a = {i: rng.randint(0, 1) for i in ids}
+    b = {i: rng.randint(0, 1) for i in ids}
+    wins = sum(1 for i in ids if a[i] == 1 and b[i] == 0)
+    losses = sum(1 for i in ids if a[i] == 0 and b[i] == 1)
+    assert 0 < wins and 0 < losses and paired_comparison(a, b) == (wins, losses, mcnemar_exact(wins, losses))
+    nll_a, nll_b = {i: rng.random() for i in ids}, {i: rng.random() for i in ids}
+    nll_b[ids[0]] = nll_a[ids[0]]                                            # a tie
+    lower = sum(nll_a[i] < nll_b[i] for i in ids)
+    higher = sum(nll_a[i] > nll_b[i] for i in ids)
+    assert lower + higher == len(ids) - 1
+    assert paired_comparison(nll_a, nll_b, ids, lower_is_better=True) == (lower, higher, mcnemar_exact(lower, higher))
+    path = tmp_path / "predictions.jsonl"
+    records = [{"id": i, "method": m, "budget": 0.25, "length": n, "score": a[i]}
+               for i in ids for m in ("omnikv", "deltakv") for n in (2048, 4096)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert scores_by_id(path, method="omnikv", length=4096, budget=0.25) == a
+    assert scores_by_id(path, method="omnikv", length=4096, budget=0.1) == {}
+    assert scores_by_id(path, method="omnikv", length=None, budget=None) == a

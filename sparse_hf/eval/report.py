@@ -36,6 +36,14 @@ def read_predictions(path: Path) -> list[dict]:
     return records
 
 
+def scores_by_id(path, **match) -> dict:
+    """``{prompt id: score}`` of the records of a ``predictions.jsonl`` whose fields equal ``match`` (e.g.
+    ``method="omnikv", budget=0.25, length=4096``; a ``None`` value matches anything): what paired comparisons of two
+    runs read."""
+    return {r["id"]: r["score"] for r in read_predictions(Path(path))
+            if all(v is None or r.get(k) == v for k, v in match.items())}
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")

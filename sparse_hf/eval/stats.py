@@ -48,3 +48,15 @@ def mcnemar_exact(wins: int, losses: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
+
+
+def paired_comparison(first: dict, second: dict, ids=None, lower_is_better: bool = False) -> tuple[int, int, float]:
+    """``(wins, losses, p)`` of two runs on the same prompts (``{prompt id: value}``, over ``ids`` or the ids both
+    hold): ``wins`` prompts where ``first`` is better, ``losses`` where ``second`` is (ties count for neither), and
+    :func:`mcnemar_exact`'s p. Scores (0/1 answers) are better higher; with ``lower_is_better`` (e.g. answer NLL) the
+    same counts are the sign test's."""
+    ids = sorted(set(first) & set(second)) if ids is None else list(ids)
+    sign = -1 if lower_is_better else 1
+    wins = sum(sign * (first[i] - second[i]) > 0 for i in ids)
+    losses = sum(sign * (first[i] - second[i]) < 0 for i in ids)
+    return wins, losses, mcnemar_exact(wins, losses)

@@ -2,35 +2,18 @@
 (needles_4k_balanced_pca.jsonl, this folder) against the shipped trained one and OmniKV (same prompts and layers,
 ../../accuracy/omnikv_text_recall_2026-12-03/l17_4k/) and the full cache (the H200 grid of 2026-12-03).
 Usage: python3 needles_table.py [this folder]"""
-import json
 import os
 import sys
 
-from sparse_hf.eval.stats import mcnemar_exact
-
 here = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
-acc = os.path.join(here, "..", "..", "accuracy")
-
-
-def load(path, method, budget=None):
-    rows = (json.loads(line) for line in open(path))
-    return {r["id"]: r["score"] for r in rows
-            if r["length"] == 4096 and r["method"] == method and (budget is None or r["budget"] == budget)}
-
+sys.path.insert(0, os.path.join(here, ".."))
+from study_tables import FULL_4K, L17_4K, needles, print_needles  # noqa: E402
 
 runs = {
-    "full": load(os.path.join(acc, "smollm2_h200_engine_2026-12-03", "base", "predictions.jsonl"), "full"),
-    "omnikv": load(os.path.join(acc, "omnikv_text_recall_2026-12-03", "l17_4k", "omnikv_0.25.jsonl"), "omnikv"),
-    "deltakv shipped (plain init, 650 steps)": load(
-        os.path.join(acc, "omnikv_text_recall_2026-12-03", "l17_4k", "deltakv_trained_0.25.jsonl"), "deltakv"),
-    "deltakv balanced PCA-only": load(os.path.join(here, "needles_4k_balanced_pca.jsonl"), "deltakv"),
+    "full": needles(FULL_4K, "full"),
+    "omnikv": needles(os.path.join(L17_4K, "omnikv_0.25.jsonl"), "omnikv", 0.25),
+    "deltakv shipped (plain init, 650 steps)": needles(os.path.join(L17_4K, "deltakv_trained_0.25.jsonl"), "deltakv"),
+    "deltakv balanced PCA-only": needles(os.path.join(here, "needles_4k_balanced_pca.jsonl"), "deltakv"),
 }
-ids = sorted(set.intersection(*(set(r) for r in runs.values())))
-print(f"| cache ({len(ids)} prompts at 4K, 0.25) | niah_single | niah_multikey | all |")
-print("|---|---|---|---|")
-for name, r in runs.items():
-    cells = [sum(r[i] for i in ids if i.startswith(t)) for t in ("niah_single", "niah_multikey")]
-    print(f"| {name} | {cells[0]:.0f} | {cells[1]:.0f} | {sum(cells):.0f} |")
-a, b = runs["deltakv balanced PCA-only"], runs["deltakv shipped (plain init, 650 steps)"]
-wins, losses = sum(a[i] > b[i] for i in ids), sum(a[i] < b[i] for i in ids)
-print(f"\nbalanced PCA-only against shipped: {wins} vs {losses} discordant, McNemar p = {mcnemar_exact(wins, losses):.2g}")
+print_needles(runs, [("deltakv balanced PCA-only", "deltakv shipped (plain init, 650 steps)",
+                      "balanced PCA-only against shipped")])
