@@ -407,7 +407,7 @@ def build_prompts(args, tokenizer) -> list:
                                 0.5 if is_needle(task) else None, allow_download=False)
         for s in samples:
             ids = encode_sample(tokenizer, s, use_chat_template=False)
-            if getattr(args, "append_answers", False):     # teacher-forced: the window's queries are the answer's
+            if args.append_answers:                         # teacher-forced: the window's queries are the answer's
                 answer = tokenizer(" " + ", ".join(s["answers"]), add_special_tokens=False, return_tensors="pt")
                 ids = torch.cat([ids, answer["input_ids"]], 1)
             prompts.append(ids)

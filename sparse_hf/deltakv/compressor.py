@@ -37,6 +37,11 @@ def model_kv_shape(model_config: Any) -> tuple[int, int, int]:
     return int(cfg.num_hidden_layers), int(kv_heads), int(head_dim)
 
 
+def _layer_set(layers) -> list[int] | None:
+    """A layer list as the config stores it: sorted, without repeats (``None`` stays ``None``)."""
+    return None if layers is None else sorted({int(i) for i in layers})
+
+
 @strict
 class DeltaKVCompressorConfig(PreTrainedConfig):
     """Shape and provenance of a DeltaKV compressor.
@@ -79,10 +84,8 @@ class DeltaKVCompressorConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:  # the reference writes -1 for "unset"
                 setattr(self, name, None)
-        if self.compressed_layers is not None:
-            self.compressed_layers = sorted({int(i) for i in self.compressed_layers})
-        if self.full_attn_layers is not None:
-            self.full_attn_layers = sorted({int(i) for i in self.full_attn_layers})
+        self.compressed_layers = _layer_set(self.compressed_layers)
+        self.full_attn_layers = _layer_set(self.full_attn_layers)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -236,7 +239,7 @@ class DeltaKVCompressor(PreTrainedModel):
         if training is not None:
             self.config.training = dict(training)
         if full_attn_layers is not None:
-            self.config.full_attn_layers = sorted({int(i) for i in full_attn_layers})
+            self.config.full_attn_layers = _layer_set(full_attn_layers)
             self.config.validate_architecture()
         push = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))

@@ -44,12 +44,10 @@ def recorded_filter_layers(path) -> list[int] | None:
     or ``None``: none recorded, a reference-format checkpoint, or not a local folder (a Hub id is not fetched here).
     The eval writes them into each prediction's ``cache_config``, so that predictions made with other layers are
     never resumed as these."""
-    import json
+    from .reference_format import _read_config
 
-    config = Path(resolve_compressor_path(path)).expanduser() / "config.json"
-    if not config.is_file():
+    local = Path(resolve_compressor_path(path)).expanduser()
+    if not (local / "config.json").is_file():
         return None
-    with open(config, encoding="utf-8") as f:
-        record = json.load(f)
-    layers = record.get("full_attn_layers") if record.get("model_type") == "deltakv_compressor" else None
-    return None if layers is None else sorted({int(i) for i in layers})
+    record = _read_config(str(local))
+    return record.get("full_attn_layers") if record.get("model_type") == "deltakv_compressor" else None

@@ -43,17 +43,14 @@ def plot_accuracy_vs_budget(summary: dict, path: Path) -> Path:
     for ax, task in zip(axes.flat, panels):
         cells = {k: sum(v) / len(v) for k, v in per_task[task].items()}
         budgets = sorted({b for (m, b) in cells if m != "full"}) or [1.0]
-        methods = list(dict.fromkeys(m for m, _ in cells if m != "full"))
-        for method in dict.fromkeys(m for m, _ in cells):
-            if method == "full":
-                ax.axhline(100 * cells[("full", 1.0)], color="black", linestyle="--", label="full")
-                continue
+        if ("full", 1.0) in cells:
+            ax.axhline(100 * cells[("full", 1.0)], color="black", linestyle="--", label="full")
+        for n, method in enumerate(dict.fromkeys(m for m, _ in cells if m != "full")):
             xs = [b for b in budgets if (method, b) in cells]
             # past ten methods the colours repeat: every method's marker and line style differ from the ten before
-            turn = methods.index(method) // 10
+            turn = n // 10
             line, = ax.plot(xs, [100 * cells[(method, b)] for b in xs], marker="osD^v"[turn % 5],
-                            linestyle=("-", "--", ":", "-.")[turn % 4], color=f"C{methods.index(method) % 10}",
-                            label=method)
+                            linestyle=("-", "--", ":", "-.")[turn % 4], color=f"C{n % 10}", label=method)
             ci = [intervals[task].get((method, b), []) for b in xs]
             if ci and all(len(c) == 1 for c in ci):          # one length: the cell's own interval
                 ax.fill_between(xs, [100 * c[0][0] for c in ci], [100 * c[0][1] for c in ci],
