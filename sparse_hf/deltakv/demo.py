@@ -44,10 +44,11 @@ def recorded_filter_layers(path) -> list[int] | None:
     or ``None``: none recorded, a reference-format checkpoint, or not a local folder (a Hub id is not fetched here).
     The eval writes them into each prediction's ``cache_config``, so that predictions made with other layers are
     never resumed as these."""
-    from .reference_format import _read_config
+    import json   # read here, not through reference_format: this module stays free of transformers (the core layer)
 
-    local = Path(resolve_compressor_path(path)).expanduser()
-    if not (local / "config.json").is_file():
+    config = Path(resolve_compressor_path(path)).expanduser() / "config.json"
+    if not config.is_file():
         return None
-    record = _read_config(str(local))
+    with open(config, encoding="utf-8") as f:
+        record = json.load(f)
     return record.get("full_attn_layers") if record.get("model_type") == "deltakv_compressor" else None
