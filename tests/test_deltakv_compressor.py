@@ -316,6 +316,9 @@ def test_missing_path_and_unknown_type_raise_clear_errors(tmp_path):
 #: (layers, KV heads, head_dim, latent) of each shipped compressor: its model's KV shape and its latent width
 SHIPPED = {"demo": (30, 3, 64, 96),          # SmolLM2-135M-Instruct
            "qwen-coder": (24, 2, 64, 64)}    # Qwen2.5-Coder-0.5B-Instruct
+#: The filter layers each shipped compressor records as its serving default, and where they were measured
+#: (docs/accuracy.md: "run W" for Qwen, "run Y" for the demo)
+SHIPPED_FILTER_LAYERS = {"demo": [0, 1, 2, 3, 8, 17, 22], "qwen-coder": [0, 4, 9, 10, 16, 17, 21]}
 
 
 def test_shipped_names_resolve_to_their_directories():
@@ -351,6 +354,7 @@ def test_shipped_compressor_loads_offline_in_float16(name, monkeypatch):
         assert torch.equal(comp.state_dict()[key], value)
     card = (SHIPPED_COMPRESSORS[name] / "README.md").read_text()
     assert f"base_model: {cfg.base_model}" in card and f'deltakv_path="{name}"' in card
+    assert cfg.full_attn_layers == SHIPPED_FILTER_LAYERS[name] and str(cfg.full_attn_layers) in card
 
 
 def test_qwen_coder_compressor_fits_the_converted_model_when_present():

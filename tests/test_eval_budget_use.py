@@ -157,3 +157,17 @@ def test_paired_comparison_counts_discordant_prompts_as_a_loop_does(tmp_path):
     assert scores_by_id(path, method="omnikv", length=4096, budget=0.25) == a
     assert scores_by_id(path, method="omnikv", length=4096, budget=0.1) == {}
     assert scores_by_id(path, method="omnikv", length=None, budget=None) == a
+
+
+def test_lane_label_names_each_grid_folder_as_the_tables_show_it():
+    """The lane folders of ``benchmarks/accuracy_grid.sh`` -> the label their rows carry in the tables and plots:
+    fixed lanes, filter-layer set lanes with and without a compressor tag, and folders that add nothing."""
+    from sparse_hf.eval.report import lane_label
+
+    assert lane_label("scope_layer") == "layer" and lane_label("scope_kv_head") == "kv_head"
+    assert lane_label("omnikv_calibrated") == "calibrated" and lane_label("deltakv_dcal") == "calibrated for deltakv"
+    assert lane_label("omnikv_L0_1_2_3_8_17_22") == "layers 0,1,2,3,8,17,22"
+    assert lane_label("deltakv_L0_4_9") == "layers 0,4,9"
+    assert lane_label("deltakv-balanced-pca_L0_1_2") == "balanced-pca, layers 0,1,2"
+    for plain in ("base", "scored", "deltakv", "omnikv", "deltakv_Lx", "omnikv_L", "deltakv_L1_a"):
+        assert lane_label(plain) == "", plain

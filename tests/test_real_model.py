@@ -65,9 +65,11 @@ def test_passkey_2k(demo, method, knobs):
         assert usage.ratio < 0.45, usage.summary()
 
 
-def test_demo_compressor_ships_and_finds_the_passkey(demo):
+@pytest.mark.parametrize("filter_layers", [None, "0,1,2,8,16"], ids=["recorded", "given"])
+def test_demo_compressor_ships_and_finds_the_passkey(demo, filter_layers):
     """``deltakv_path="demo"`` resolves to the compressor in the package (offline), fits the demo model, and DeltaKV
-    with it answers the 2K passkeys that the full cache answers, holding less KV memory than a full cache."""
+    with it answers the 2K passkeys that the full cache answers, holding less KV memory than a full cache: with the
+    filter layers the compressor records (its serving default) and with layers the caller gives."""
     from sparse_hf.deltakv import DeltaKVCompressor
     from sparse_hf.deltakv.demo import DEMO_COMPRESSOR_DIR
 
@@ -76,8 +78,9 @@ def test_demo_compressor_ships_and_finds_the_passkey(demo):
     comp = DeltaKVCompressor.from_pretrained("demo")
     assert comp.config.kv_compressed_size == 96 and comp.config.num_hidden_layers == model.config.num_hidden_layers
     batch, keys = passkey_batch(tok)
-    knobs = dict(deltakv_path="demo", num_top_tokens=0.25, full_attn_layers="0,1,2,8,16", num_recent_tokens=64,
-                 kv_quant_bits=8)
+    knobs = dict(deltakv_path="demo", num_top_tokens=0.25, num_recent_tokens=64, kv_quant_bits=8)
+    if filter_layers is not None:
+        knobs["full_attn_layers"] = filter_layers
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=10, do_sample=False, return_dict_in_generate=True,
                              pad_token_id=tok.pad_token_id, cache_implementation="deltakv", cache_config=knobs)

@@ -12,18 +12,14 @@ from collections import Counter
 from pathlib import Path
 
 from sparse_hf.eval.plots import plot_accuracy_vs_budget
-from sparse_hf.eval.report import summarize
-
-LABELS = {"scope_layer": " (layer)", "scope_kv_head": " (kv_head)", "omnikv_calibrated": " (calibrated)",
-          "deltakv_calibrated": " (calibrated)", "deltakv_dcal": " (calibrated for deltakv)"}
+from sparse_hf.eval.report import lane_label, summarize
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("folder", type=Path)
 p.add_argument("--prompts", type=int, required=True, help="prompts of a complete (method, budget) row")
 p.add_argument("--label", action="append", default=[], metavar="LANE=SUFFIX", help="a lane's suffix to its methods")
 args = p.parse_args()
-labels = dict(LABELS, **{d.name: " (layers " + ",".join(d.name.split("_L", 1)[1].split("_")) + ")"   # the *_sets lanes
-                         for d in args.folder.iterdir() if d.name.startswith(("deltakv_L", "omnikv_L"))})
+labels = {d.name: f" ({lane_label(d.name)})" for d in args.folder.iterdir() if lane_label(d.name)}
 labels.update(item.split("=", 1) for item in args.label)
 records = []
 for lane in sorted(d for d in args.folder.iterdir() if (d / "predictions.jsonl").exists()):

@@ -5,10 +5,12 @@
 :data:`SHIPPED_COMPRESSORS` gives for ``NAME``, so ``sparse-hf generate --model NAME --method deltakv`` works
 offline on a fresh install. Each name is also the ``--model`` name of the model it was trained for.
 
-- ``"demo"``: a linear latent-96 compressor trained 650 steps on an H200 from the PCA of the residuals
-  ``x - ref`` (``--init pca``) on Jane Austen's novels.
-- ``"qwen-coder"``: a linear latent-64 compressor trained 150 steps on an H200 (a short run) from the PCA of the
-  residuals with the K and V halves at equal variance (``--pca_balance kv``), on the same text.
+- ``"demo"``: a linear latent-96 compressor trained 150 steps on an H200 from the PCA of the residuals
+  ``x - ref`` with the K and V halves at equal variance (``--init pca --pca_balance kv``), on Jane Austen's novels;
+  it records the filter layers ``[0, 1, 2, 3, 8, 17, 22]`` as its serving default.
+- ``"qwen-coder"``: a linear latent-64 compressor trained 150 steps on an H200 (a short run) from the same kind of
+  init, on the same text; it records the filter layers ``[0, 4, 9, 10, 16, 17, 21]`` (``sparse-hf calibrate
+  --deltakv-path``).
 
 Each directory holds config.json, model.safetensors (float16) and a README.md model card that says how the
 compressor was made and what was measured.

@@ -60,9 +60,19 @@ def plot_accuracy_vs_budget(summary: dict, path: Path) -> Path:
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    legend = {}                                   # label -> handle, over every panel (a panel may lack a method)
+    for ax in list(axes.flat)[:len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if spare:          # an empty slot holds the legend, so that it covers no curve
+        spare[0].legend(legend.values(), legend.keys(), fontsize=8, loc="upper left", frameon=False)
+    elif len(legend) > 6:
+        fig.legend(legend.values(), legend.keys(), fontsize=8, loc="outside right upper")
+    else:
+        axes.flat[0].legend(legend.values(), legend.keys(), fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

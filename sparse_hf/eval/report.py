@@ -44,6 +44,22 @@ def scores_by_id(path, **match) -> dict:
             if all(v is None or r.get(k) == v for k, v in match.items())}
 
 
+#: What ``benchmarks/accuracy_grid.sh``'s fixed lane folders add to their rows' method names (the others add nothing).
+LANE_LABELS = {"scope_layer": "layer", "scope_kv_head": "kv_head", "omnikv_calibrated": "calibrated",
+               "deltakv_calibrated": "calibrated", "deltakv_dcal": "calibrated for deltakv"}
+
+
+def lane_label(folder: str) -> str:
+    """The label an engine grid's lane folder gives its rows, so that two lanes of one method stay apart in a table:
+    ``"scope_layer"`` -> ``"layer"``; a filter-layer set lane ``<method>[-<tag>]_L<layers>`` (the ``*_sets`` lanes;
+    the tag names a compressor) -> ``"layers 0,1,2"`` or ``"<tag>, layers 0,1,2"``; any other folder -> ``""``."""
+    head, sep, layers = folder.partition("_L")
+    if sep and layers and all(part.isdigit() for part in layers.split("_")):
+        tag = head.partition("-")[2]
+        return (f"{tag}, " if tag else "") + "layers " + layers.replace("_", ",")
+    return LANE_LABELS.get(folder, "")
+
+
 def _mean(values) -> float:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")

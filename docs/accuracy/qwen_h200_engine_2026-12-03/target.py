@@ -10,18 +10,13 @@ import os
 import sys
 from collections import defaultdict
 
+from sparse_hf.eval.report import lane_label
 from sparse_hf.eval.stats import mcnemar_exact
 
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
-LANES = {"base": "", "omnikv": "", "omnikv_calibrated": " (calibrated)", "scope_layer": " (layer)",
-         "scope_kv_head": " (kv_head)", "scored": "", "h2o": "", "deltakv": "", "deltakv_calibrated": " (calibrated)",
-         "deltakv_dcal": " (calibrated for deltakv)"}
-for sub in sorted(os.listdir(root)):          # deltakv_L0_1_2_.../: deltakv with that filter-layer set
-    if sub.startswith(("deltakv_L", "omnikv_L")):
-        LANES[sub] = " (layers " + ",".join(sub.split("_L", 1)[1].split("_")) + ")"
 rows = defaultdict(dict)
-for lane, suffix in LANES.items():
-    path = os.path.join(root, lane, "predictions.jsonl")
+for lane in sorted(os.listdir(root)):       # every lane folder; lane_label keeps two lanes of one method apart
+    path, suffix = os.path.join(root, lane, "predictions.jsonl"), f" ({lane_label(lane)})" if lane_label(lane) else ""
     if os.path.exists(path):
         for r in map(json.loads, open(path)):
             rows[(r["method"] + ("" if r["method"] == "full" else suffix), r["budget"])][r["id"]] = r

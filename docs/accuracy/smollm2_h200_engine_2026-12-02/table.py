@@ -3,24 +3,16 @@ budget: per task and length the samples done and the score; over every prompt do
 interval and, paired on the same prompts, how many of the full cache's correct answers the row also gets.
 Usage: python3 table.py [folder] (also the folder of run P's resumed grid, ../smollm2_h200_engine_2026-12-03, and
 run T's Qwen grid, ../qwen_h200_engine_2026-12-03)"""
+from sparse_hf.eval.report import lane_label
 from sparse_hf.eval.stats import wilson_interval as wilson
 import json, math, os, sys
 from collections import defaultdict
 
 root = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
-LANES = {"base": "", "scope_layer": "layer", "scope_kv_head": "kv_head", "scored": "", "deltakv": "", "omnikv": "",
-         "omnikv_calibrated": "calibrated", "deltakv_calibrated": "calibrated",
-         "deltakv_dcal": "calibrated for deltakv"}   # a lane without predictions is skipped
 TASKS = ["niah_single", "niah_multikey", "text_recall"]
-
-
-
-for sub in sorted(os.listdir(root)):          # deltakv_L0_1_2_.../: deltakv with that filter-layer set
-    if sub.startswith(("deltakv_L", "omnikv_L")):
-        LANES[sub] = "layers " + ",".join(sub.split("_L", 1)[1].split("_"))
 rows = defaultdict(dict)
-for lane, scope in LANES.items():
-    path = os.path.join(root, lane, "predictions.jsonl")
+for lane in sorted(os.listdir(root)):       # every lane folder; lane_label keeps two lanes of one method apart
+    path, scope = os.path.join(root, lane, "predictions.jsonl"), lane_label(lane)
     if not os.path.exists(path):
         continue
     for r in map(json.loads, open(path)):
