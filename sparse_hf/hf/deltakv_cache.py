@@ -72,13 +72,17 @@ class CompressedCache(PromptFlush, SelectionCache):
     ``offload_latents=True`` keeps the latents (and their int8/int4 scales) in pinned host memory
     (:mod:`sparse_hf.deltakv.offload`); father ids, centers, positions and the raw tokens stay on the GPU. The GPU
     reads the picked latents in place across PCIe, so eager and CUDA-graph decode (``cuda_graph=True``) both work
-    with it, unchanged: a static step gathers every compressed layer's picks on a side stream as soon as the first
-    compressed layer has the pick (``prefetch_offloaded``), and each layer waits on its own event. On CPU the
-    latents stay in ordinary memory, through the same code."""
+    with it, unchanged: each compressed layer's gather reads its picked latents from host memory in its own turn.
+    ``prefetch_offloaded = True`` instead gathers every compressed layer's picks on a side stream as soon as the
+    first compressed layer has the pick, each layer waiting on its own event; it is off because it measured slower
+    (H200, Qwen2.5-7B shape, 131072 x 1, int4 latents: 67.3 tok/s with it, 77.6 without, 88.0 with the latents on
+    the GPU; docs/benchmarks.md "Latents on the host"). On CPU the latents stay in ordinary memory, through the
+    same code."""
 
     needs_raw_keys = True
     static_decode = True   # one-token decode steps take the static-shape path (False: the concatenating one)
-    prefetch_offloaded = True   # offload_latents: gather a static step's picked latents on a side stream, ahead
+    prefetch_offloaded = False  # offload_latents: gather a static step's picked latents on a side stream, ahead
+                                # (off: slower on the H200, see above)
 
     def __init__(self, config, sparse_config=None, **knobs):
         super().__init__(config, sparse_config, **knobs)
