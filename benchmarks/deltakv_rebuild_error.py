@@ -12,7 +12,10 @@ For each eval prompt (``sparse_hf.eval`` samples, chat template, as ``sparse-hf 
    :func:`~sparse_hf.deltakv.clustering.nearest_centers`, compressor cast to float64, no quantisation): its error, and
    how many fathers agree with the cache's;
 4. the trainer's clustering of the same tokens (:func:`~sparse_hf.deltakv.clustering.cluster_reconstruct`, 16 sinks,
-   packed block from position 0) for comparison with the training loss.
+   packed block from position 0) for comparison with the training loss;
+5. the same errors on the prompt's answer tokens alone (the needle's digits, the text to recall: where the sample's
+   answer stands in the prompt), ``relK_ans``/``relV_ans``, and ``ans_pct``, the share of the other compressed
+   tokens whose own relative error is below the answer tokens' mean (1.0: the answer is the worst rebuilt).
 
 Usage (from the repository root or /tmp)::
 
@@ -29,6 +32,17 @@ import json
 import time
 
 import torch
+
+
+def answer_positions(ids: list[int], tok, answers: list[str]) -> set[int]:
+    """Prompt positions of the first answer whose tokens (with or without a leading space) stand in ``ids``."""
+    for answer in answers:
+        for text in (answer, " " + answer):
+            sub = tok(text, add_special_tokens=False)["input_ids"]
+            hits = [i for i in range(len(ids) - len(sub) + 1) if ids[i:i + len(sub)] == sub]
+            if sub and hits:
+                return {h + j for h in hits for j in range(len(sub))}
+    return set()
 
 
 def main(argv=None) -> dict:
@@ -104,6 +118,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             model(ids, past_key_values=ref_cache, use_cache=True)
         cl = cache.clustering
+        answer_at = answer_positions(ids[0].tolist(), tok, s.get("answers") or [])
         meta = {"num_sink": cl.num_sink, "step": cl.step, "neighbor_count": cl.neighbor_count, "metric": cl.metric,
                 "quant_bits": cl.quant_bits, "compressor_dtype": str(comp.projections.dtype),
                 "full_attn_layers": list(cache.method.full_layers),
@@ -153,6 +168,15 @@ def main(argv=None) -> dict:
                 oracle[r] = (rel(proj[:, :Hkv * D], x64[pos][lat][:, :Hkv * D]),
                              rel(proj[:, Hkv * D:], x64[pos][lat][:, Hkv * D:]))
             d = per_layer.setdefault(i, {})
+            ans = torch.tensor([int(q) in answer_at for q in pos.tolist()]) & lat       # answer tokens, compressed
+            if ans.any() and (lat & ~ans).any():
+                per_token = ((rec_t := torch.cat([k_r[0], v_r[0]], -1) - torch.cat([k_t, v_t], -1)).norm(dim=(0, 2))
+                             / torch.cat([k_t, v_t], -1).norm(dim=(0, 2)))             # [N] relative, per token
+                del rec_t
+                d.setdefault("relK_ans", []).append(rel(k_r[0][:, ans], k_t[:, ans]))
+                d.setdefault("relV_ans", []).append(rel(v_r[0][:, ans], v_t[:, ans]))
+                d.setdefault("ans_pct", []).append(float((per_token[lat & ~ans] < per_token[ans].mean())
+                                                         .float().mean()))
             for key, val in (
                 ("relK", rel(k_r[0], k_t)), ("relV", rel(v_r[0], v_t)),
                 ("relK_lat", rel(k_r[0][:, lat], k_t[:, lat])), ("relV_lat", rel(v_r[0][:, lat], v_t[:, lat])),
@@ -180,11 +204,12 @@ def main(argv=None) -> dict:
     cols = ["relK", "relV", "relK_lat", "relV_lat", "relK_ref", "relV_ref", "relK64", "relV64", "mse_x", "mse_x64",
             "mse_trainer", "mse_ref_only", "cache_vs_64", "father_agree", "pos_ok", "x_ms"]
     cols += [f"rel{kv}_pca{r}" for r in args.oracle_ranks for kv in "KV"]
+    cols += [c for c in ("relK_ans", "relV_ans", "ans_pct") if any(c in d for d in mean.values())]
     print("meta", json.dumps(meta))
     print("layer " + " ".join(f"{c:>10}" for c in cols))
     for i, d in mean.items():
-        print(f"{i:5d} " + " ".join(f"{d[c]:10.4g}" for c in cols))
-    avg = {c: sum(d[c] for d in mean.values()) / len(mean) for c in cols}
+        print(f"{i:5d} " + " ".join(f"{d.get(c, float('nan')):10.4g}" for c in cols))
+    avg = {c: sum(d[c] for d in mean.values() if c in d) / max(1, sum(c in d for d in mean.values())) for c in cols}
     print("mean  " + " ".join(f"{avg[c]:10.4g}" for c in cols))
     out = {"meta": meta, "prompts": [s["id"] for s in samples], "per_layer": mean, "mean": avg,
            "command_args": vars(args)}
