@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -170,9 +171,8 @@ def main(argv=None) -> dict:
             d = per_layer.setdefault(i, {})
             ans = torch.tensor([int(q) in answer_at for q in pos.tolist()]) & lat       # answer tokens, compressed
             if ans.any() and (lat & ~ans).any():
-                per_token = ((rec_t := torch.cat([k_r[0], v_r[0]], -1) - torch.cat([k_t, v_t], -1)).norm(dim=(0, 2))
+                per_token = (torch.cat([k_r[0] - k_t, v_r[0] - v_t], -1).norm(dim=(0, 2))
                              / torch.cat([k_t, v_t], -1).norm(dim=(0, 2)))             # [N] relative, per token
-                del rec_t
                 d.setdefault("relK_ans", []).append(rel(k_r[0][:, ans], k_t[:, ans]))
                 d.setdefault("relV_ans", []).append(rel(v_r[0][:, ans], v_t[:, ans]))
                 d.setdefault("ans_pct", []).append(float((per_token[lat & ~ans] < per_token[ans].mean())
@@ -209,7 +209,8 @@ def main(argv=None) -> dict:
     print("layer " + " ".join(f"{c:>10}" for c in cols))
     for i, d in mean.items():
         print(f"{i:5d} " + " ".join(f"{d.get(c, float('nan')):10.4g}" for c in cols))
-    avg = {c: sum(d[c] for d in mean.values() if c in d) / max(1, sum(c in d for d in mean.values())) for c in cols}
+    avg = {c: statistics.fmean(d[c] for d in mean.values() if c in d) for c in cols}   # the answer columns: the
+    # layers that had answer tokens to compress (every column has at least one)
     print("mean  " + " ".join(f"{avg[c]:10.4g}" for c in cols))
     out = {"meta": meta, "prompts": [s["id"] for s in samples], "per_layer": mean, "mean": avg,
            "command_args": vars(args)}
