@@ -50,7 +50,9 @@ def _naive_select(query, key, attention_mask, scaling, cfg):
             probs = torch.softmax(logits, 0)
             for c, p in zip(cands, probs.tolist()):
                 best[c] = max(best.get(c, 0.0), p)
-        chosen = sorted(cands, key=lambda c: -best[c])[:top]
+        r = cfg.get("pool_kernel_size", 1) // 2          # pooling: each candidate takes its neighbours' max
+        pooled = {c: max(best[d] for d in cands[max(0, t - r):t + r + 1]) for t, c in enumerate(cands)}
+        chosen = sorted(cands, key=lambda c: -pooled[c])[:top]
         selections.append(sorted(cols[:sink] + chosen + cols[len(cols) - recent:]))
     return selections
 
@@ -82,6 +84,25 @@ def test_small_budget_matches_naive_oracle(arch):
     full = greedy(model.set_attn_implementation("sdpa") or model, ids, mask, new_tokens=8,
                   return_dict_in_generate=True, output_logits=True)
     assert not torch.allclose(full.logits[-1], out.logits[-1], atol=1e-4), "the budget must really sparsify"
+
+
+@pytest.mark.parametrize("arch,kernel", [("llama", 3), ("qwen2", 5)])
+def test_pooled_selection_matches_naive_oracle(arch, kernel):
+    """``pool_kernel_size``: the observer's scores max-pooled over neighbouring candidates before the top-k, as
+    the loop oracle computes it (float64, per row); and the pooling changes the selection."""
+    model = tiny_model(arch, layers=4)
+    ids, mask = left_padded_batch((40, 29))
+    cfg = dict(SMALL, pool_kernel_size=kernel)
+    out = greedy(model, ids, mask, new_tokens=8, cache_implementation="omnikv", cache_config=cfg,
+                 return_dict_in_generate=True, output_logits=True)
+    ORACLE["cfg"] = cfg
+    model.set_attn_implementation("omnikv_oracle")
+    ref = greedy(model, ids, mask, new_tokens=8, return_dict_in_generate=True, output_logits=True)
+    assert_same_generation(out, ref, atol=2e-5, rtol=1e-4)
+    model.set_attn_implementation("sdpa")
+    plain = greedy(model, ids, mask, new_tokens=8, cache_implementation="omnikv", cache_config=SMALL,
+                   return_dict_in_generate=True, output_logits=True)
+    assert not torch.allclose(plain.logits[-1], out.logits[-1], atol=1e-4), "pooling must change the selection"
 
 
 def test_logical_masking_keeps_memory_and_fraction_budget():

@@ -288,7 +288,7 @@ class PoolAttention:
                                                    slots=tables)                       # K/V read in place
         valid = torch.arange(W, device=q.device).view(1, W) < lens.view(-1, 1)     # [B, W]
         selection = self.method.select_decode(logits, valid, lens, reduce_scores=self.reduce_scores,
-                                              scores=self.observation_scores(logits, lens))
+                                              scores=self.observation_scores(logits, lens), in_order=True)
         if selection is None:
             self.ctx.selection = None
         else:

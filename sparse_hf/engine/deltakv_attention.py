@@ -103,7 +103,9 @@ class DeltaKVAttention(PoolAttention):
         if scores is None:
             valid = torch.arange(tables.shape[1], device=q.device).view(1, -1) < lens.view(-1, 1)
             scores = self.method.decode_scores(logits, valid)                      # [B, W]
-        self.scores = self.reduce_scores(scores) if self.reduce_scores is not None else scores
+        if self.reduce_scores is not None:
+            scores = self.reduce_scores(scores)
+        self.scores = self.method.pool_scores(scores)
         self._picks = {}                                    # the layers after this one pick by the new scores
         return out
 

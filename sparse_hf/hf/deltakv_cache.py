@@ -207,7 +207,7 @@ class CompressedCache(PromptFlush, SelectionCache):
             self._flush(module, layer)
 
     def observe(self, logits, valid, length):
-        self.obs_scores = self.method.decode_scores(logits, valid)
+        self.obs_scores = self.method.pool_scores(self.method.decode_scores(logits, valid), present=valid)
         self.selection = None
 
     def _decode_full(self, module, layer, query, key, value, attention_mask, scaling, **kwargs):
@@ -220,7 +220,7 @@ class CompressedCache(PromptFlush, SelectionCache):
                 out, logits = decode_attention_with_scores(query[:, :, 0], *layer.buffers[:2],
                                                            valid=layer.full_valid(), scale=scaling)
                 if range_softmax_max_kernel_runs(logits):
-                    self.obs_scores = self.range_scores(layer, logits, start)
+                    self.obs_scores = self.method.pool_scores(self.range_scores(layer, logits, start))
                     self.selection = None
                     return out.unsqueeze(1)
                 self.observe(logits, layer.full_valid(), layer.seen)

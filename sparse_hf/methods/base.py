@@ -203,7 +203,7 @@ class SelectionMethod(SparseMethod):
         raise NotImplementedError
 
     def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, reduce_scores=None,
-                      scores: torch.Tensor | None = None):
+                      scores: torch.Tensor | None = None, in_order: bool = False):
         """An observer's selection at a decode step, with static shapes and no host-device sync.
 
         Args:
@@ -214,6 +214,8 @@ class SelectionMethod(SparseMethod):
                 against it).
             reduce_scores: ``[B, L] -> [B, L]`` applied to the scores before the top-k (tensor parallelism).
             scores: the ``[B, L]`` scores already computed by the caller (a fused kernel), or ``None``.
+            in_order: ``True`` when each row's valid slots are one run of its tokens in order (the engine's slot
+                tables), so a method that looks at neighbouring tokens need not pack the row first.
 
         Returns:
             ``(idx, ok)`` each ``[B, K]`` (slot indices, which entries are real), ``K`` fixed by ``L`` only; or

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import (DEFAULT_FULL_ATTN_LAYERS, TopTokensConfig, check_budget, check_flag, check_layer_list, knob,
-                      resolve_count, resolve_counts)
+from ..config import (DEFAULT_FULL_ATTN_LAYERS, TopTokensConfig, check_budget, check_flag, check_layer_list, check_odd,
+                      knob, resolve_count, resolve_counts)
 from .base import SelectionMethod
-from .selection import select_keep, select_keep_static, sink_recent_candidates
+from .selection import max_pool_scores, select_keep, select_keep_static, sink_recent_candidates
 
 
 def omnikv_decode_scores(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,8 @@ class OmniKVConfig(TopTokensConfig):
                                                     "filter layers, '0,1,2' or a list (None: the reference's)")
     chunk_prefill_accel_omnikv: bool = knob(False, check_flag, "sparse layers read a selection during prefill chunks")
     num_top_tokens_in_prefill: int | float = knob(8192, check_budget, "selection size for prefill chunks")
+    pool_kernel_size: int = knob(1, check_odd, "max-pool width over the observer's scores before the top-k (odd; "
+                                               "1 = none, the reference engine's)")
 
     def resolved_full_attn_layers(self, num_layers: int) -> tuple[int, ...]:
         """Filter layers for a model with ``num_layers`` layers (defaults: the reference's, cut to the depth)."""
@@ -92,7 +94,7 @@ class OmniKV(SelectionMethod):
         return resolve_count(budget, length)
 
     def select_decode(self, logits: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, reduce_scores=None,
-                      scores: torch.Tensor | None = None):
+                      scores: torch.Tensor | None = None, in_order: bool = False):
         """Selection of an observation layer at a decode step (see :meth:`SelectionMethod.select_decode`).
 
         The output size is fixed by the slot count ``L`` (a fraction budget resolves against ``L`` for it and
@@ -110,9 +112,22 @@ class OmniKV(SelectionMethod):
             scores = self.decode_scores(logits, valid)
         if reduce_scores is not None:
             scores = reduce_scores(scores)
+        scores = self.pool_scores(scores, present=None if in_order else valid)
         idx, ok = select_keep_static(valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens,
                                      c.num_recent_tokens, top, c.num_sink_tokens + c.num_recent_tokens + top_max)
         return idx[:, 0], ok[:, 0]
+
+    def pool_scores(self, scores: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L]`` observer scores, each candidate raised to the max of the ``pool_kernel_size`` tokens around it
+        (the reference HF path's optional pooling, as SnapKV's): a token next to a strongly read one is kept with it,
+        so a needle's digits are not picked one by one as decoding walks along them. Non-candidates (``-inf``:
+        sinks, recent, padding, empty slots) stay ``-inf``. Positions along ``L`` are the row's tokens in order;
+        ``present`` (``[B, L]`` bool, optional) marks the slots holding tokens where a row may have holes, so that
+        neighbours are the next tokens whatever lies between them. Static shapes, no host sync."""
+        k = self.config.pool_kernel_size
+        if k <= 1:
+            return scores
+        return torch.where(torch.isneginf(scores), scores, max_pool_scores(scores, k, present=present))
 
     def decode_scores(self, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The observer's scores of the candidates (neither sink nor recent): ``logits [B, H, L]``, ``valid
@@ -140,6 +155,7 @@ class OmniKV(SelectionMethod):
             return None
         _, _, cand = sink_recent_candidates(ctx_valid.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens)
         scores = omnikv_prefill_scores(logits[..., : ctx_valid.shape[1]], cand[:, 0], query_valid)
+        scores = self.pool_scores(scores, present=ctx_valid)
         idx, ok = select_keep(ctx_valid.unsqueeze(1), scores.unsqueeze(1), c.num_sink_tokens, c.num_recent_tokens,
                               tops)
         return idx[:, 0], ok[:, 0]
