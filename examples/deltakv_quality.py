@@ -3,7 +3,7 @@
 What it measures, on text the compressor never saw (``prepare_corpus.py``'s held-out novel):
 
 1. **Perplexity, decode path.** Each sample is a held-out chapter: its first ``--context`` tokens are prefilled
-   through ``model(..., past_key_values=cache)``, then the next ``--score`` tokens are fed ``--chunk`` at a time
+   through ``model(...)`` with the cache, then the next ``--score`` tokens are fed ``--chunk`` at a time
    (1 = real decode steps), so later tokens attend to compressed earlier ones. Caches: the full
    ``DynamicCache``; OmniKV with the same filter layers and budget (selection only, no compression: it
    separates the selection error from the compression error); DeltaKV rebuilding every compressed token
@@ -40,6 +40,8 @@ import sys
 import time
 
 import torch
+
+from sparse_hf.hf.compat import cache_argument
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -79,12 +81,12 @@ def passkey_prompt(tok, target_tokens: int, depth: float, rng: random.Random) ->
 @torch.inference_mode()
 def decode_nll(model, ids: torch.Tensor, context: int, cache, chunk: int) -> tuple[float, int]:
     """Summed NLL of ``ids[:, context:]``: ``ids[:, :context]`` prefilled, the rest fed ``chunk`` tokens at a time."""
-    out = model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids[:, :context], use_cache=True, logits_to_keep=1, **{cache_argument(model.forward): cache})
     logits = [out.logits[:, -1:]]
     pos = context
     while pos < ids.shape[1] - 1:
         end = min(pos + chunk, ids.shape[1] - 1)
-        out = model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, pos:end], use_cache=True, **{cache_argument(model.forward): cache})
         logits.append(out.logits)
         pos = end
     logits = torch.cat(logits, 1).float()
@@ -276,7 +278,7 @@ def measure(args, comp) -> dict:
             results["passkey"][f"{label} @ {n_tokens}"] = {"correct": hits, "total": len(prompts),
                                                            "prompt_tokens": int(ids.shape[1]),
                                                            "answers": answers, "seconds": time.time() - t0}
-            results["memory"][f"{label} passkey @ {int(ids.shape[1])}"] = usage_row(out.past_key_values)
+            results["memory"][f"{label} passkey @ {int(ids.shape[1])}"] = usage_row(getattr(out, "cache", None) or out.past_key_values)
             print(f"passkey {label} @ {n_tokens}: {hits}/{len(prompts)} {answers} "
                   f"mem {results['memory'][f'{label} passkey @ {int(ids.shape[1])}']['ratio']:.3f}", flush=True)
 

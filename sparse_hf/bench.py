@@ -19,6 +19,7 @@ import torch
 
 from .bench_cli import BASELINES, SHAPES, check_methods, parse_budgets, parse_cases  # noqa: F401  (parse_cases re-exported)
 from .deltakv.compressor import model_kv_shape
+from .hf.compat import cache_argument
 
 DELTAKV_LATENT_FRACTION = 4   # latent = concat(K, V) dim / 4, as the reference's 7B compressor (256 of 1024)
 
@@ -111,7 +112,8 @@ def _prefill(model, ids, cache, method, device) -> tuple[torch.Tensor, float]:
     _sync(device)
     t0 = time.perf_counter()
     extra = dict(cache_position=torch.arange(ids.shape[1], device=device)) if method == "hf-best" else {}
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+    extra[cache_argument(model.forward)] = cache
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     return token, time.perf_counter() - t0
@@ -171,8 +173,8 @@ def run_case(model, device, length, batch, method, budget, steps, bandwidth, ove
             if decoder is not None:
                 logits = decoder.step(token, pos)
             else:
-                logits = forward(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True,
-                                 **extra).logits[:, -1]
+                extra[cache_argument(model.forward)] = cache
+                logits = forward(input_ids=token, position_ids=pos, use_cache=True, **extra).logits[:, -1]
             token = logits.argmax(-1, keepdim=True).clone()
             _sync(device)
             times.append(time.perf_counter() - t)

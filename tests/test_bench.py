@@ -73,9 +73,11 @@ def test_run_case_warms_the_timed_prefill_at_its_shape(method, monkeypatch):
         return token, seconds
 
     monkeypatch.setattr(bench, "_prefill", spy)
+    from sparse_hf.hf.compat import cache_argument
+
+    key = cache_argument(model.forward)
     hook = model.register_forward_pre_hook(
-        lambda _m, _a, kw: forwards.append((tuple(kw["input_ids"].shape), id(kw["past_key_values"]))),
-        with_kwargs=True)
+        lambda _m, _a, kw: forwards.append((tuple(kw["input_ids"].shape), id(kw[key]))), with_kwargs=True)
     try:
         r = bench.run_case(model, torch.device("cpu"), 96, 2, method, 0.25, 2, None)
     finally:

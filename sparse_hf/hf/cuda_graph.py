@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from ..kernels.capture import capture_stream, no_collection_during_capture
+from .compat import cache_argument
 
 
 class GraphDecoder:
@@ -47,7 +48,8 @@ class GraphDecoder:
                 and (eager is None or eager() is None))
 
     def _eager(self, input_ids, position_ids):
-        out = self.forward(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        out = self.forward(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                           **{cache_argument(self.forward): self.cache})
         return out.logits[:, -1]
 
     @torch.inference_mode()
@@ -84,8 +86,8 @@ class GraphDecoder:
         self.cache.capturing = True
         try:
             with no_collection_during_capture(), torch.cuda.graph(graph):
-                out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos,
-                                   past_key_values=self.cache, use_cache=True)
+                out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos, use_cache=True,
+                                   **{cache_argument(self.forward): self.cache})
             self.static_logits = out.logits
         except Exception as e:  # pragma: no cover - depends on the model code
             warnings.warn(f"sparse-hf: CUDA-graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
