@@ -21,6 +21,8 @@ class ReplayWithoutCapture(DecodeGraphs):
     ("snapkv", dict(num_sink_tokens=2, num_recent_tokens=8, num_top_tokens=6, window_size=4)),
     ("streamingllm", dict(num_sink_tokens=2, num_recent_tokens=9)),
     ("omnikv", dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2")),
+    ("omnikv", dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2",
+                    pool_kernel_size=5)),
     ("h2o", dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=0.25)),
 ])
 @pytest.mark.parametrize("ahead", [False, True])

@@ -9,10 +9,10 @@ import torch
 import sparse_hf  # noqa: F401  (registers the HF-path caches)
 from engine_helpers import assert_greedy_equal, engine_tokens, hf_greedy_with_logits, random_prompts
 from helpers import tiny_model
-from sparse_hf.methods.omnikv import OmniKVConfig
 from sparse_hf.deltakv import DeltaKVCompressor
 from sparse_hf.engine import LLM
 from sparse_hf.methods import METHODS
+from sparse_hf.methods.omnikv import OmniKVConfig
 
 
 def omnikv(num_layers=4, **knobs):
@@ -109,3 +109,24 @@ def test_engine_equals_hf_path_for_pooled_deltakv(arch, budget):
     plain = engine_tokens(LLM(model, sparse_method="deltakv", compressor=comp, **ENGINE,
                               **dict(knobs, pool_kernel_size=1)), prompts, 30)
     assert ours != plain, "pooling changed nothing, so the test would prove nothing"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["omnikv", "deltakv"])
+def test_pooled_selection_under_cuda_graphs_gives_the_eager_tokens(method):
+    """HF path on CUDA: decode steps replayed from captured graphs (the pooling, with the sort that packs rows which
+    may hold holes, inside the capture) give eager decoding's tokens."""
+    from helpers import greedy, left_padded_batch
+
+    model = tiny_model("llama", layers=4).cuda()
+    ids, mask = left_padded_batch((50, 38))
+    knobs = dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2", pool_kernel_size=5)
+    if method == "deltakv":
+        torch.manual_seed(0)
+        knobs.update(compressor=DeltaKVCompressor.for_model(model.config, kv_compressed_size=16).cuda(),
+                     cluster_ratio=0.25, deltakv_neighbor_count=2)
+    kw = dict(new_tokens=60, cache_implementation=method, return_dict_in_generate=True)
+    eager = greedy(model, ids.cuda(), mask.cuda(), cache_config=dict(knobs, cuda_graph=False), **kw)
+    graph = greedy(model, ids.cuda(), mask.cuda(), cache_config=knobs, **kw)
+    assert torch.equal(eager.sequences, graph.sequences)
+    assert graph.past_key_values.graph_decoder.captures >= 1
