@@ -169,5 +169,6 @@ def test_lane_label_names_each_grid_folder_as_the_tables_show_it():
     assert lane_label("omnikv_L0_1_2_3_8_17_22") == "layers 0,1,2,3,8,17,22"
     assert lane_label("deltakv_L0_4_9") == "layers 0,4,9"
     assert lane_label("deltakv-balanced-pca_L0_1_2") == "balanced-pca, layers 0,1,2"
+    assert lane_label("omnikv-default-pool7") == "default-pool7"   # a tagged lane without a layer set stays apart
     for plain in ("base", "scored", "deltakv", "omnikv", "deltakv_Lx", "omnikv_L", "deltakv_L1_a"):
         assert lane_label(plain) == "", plain

@@ -229,7 +229,7 @@ def selection_oracle(name):
     lengths = valid_cols.sum(-1)
     for top in (5, 0.25):
         method = cls(cls.config_class(num_sink_tokens=SINK, num_recent_tokens=RECENT, num_top_tokens=top,
-                                      full_attn_layers="0,1"), 4)
+                                      full_attn_layers="0,1", pool_kernel_size=1), 4)   # pooled: test_omnikv_pooling
         assert method.is_full(0) and method.is_observer(1) and not method.is_full(2) and not method.is_observer(0)
         idx, ok = method.select_decode(logits, valid_cols, lengths)
         assert idx.shape[1] == SINK + RECENT + top_of(top, L)      # output size fixed by the slot count only

@@ -66,9 +66,29 @@ def test_a_neighbour_of_the_strongest_token_is_selected_with_it():
     idx, ok = method.select_decode(logits, valid, valid.sum(-1))
     chosen = set(idx[0][ok[0]].tolist()) - {0, 1, L - 2, L - 1}
     assert chosen == {14, 15, 16}
-    plain = omnikv(num_sink_tokens=2, num_recent_tokens=2, num_top_tokens=3)
+    plain = omnikv(num_sink_tokens=2, num_recent_tokens=2, num_top_tokens=3, pool_kernel_size=1)
     idx, ok = plain.select_decode(logits, valid, valid.sum(-1))
     assert set(idx[0][ok[0]].tolist()) - {0, 1, L - 2, L - 1} == {5, 15, 24}
+
+
+def test_deltakv_rebuild_picks_break_pooled_ties_by_token_order_in_any_batch_width():
+    """Pooling makes plateaus of equal scores; DeltaKV's rebuild pick (HF path, eager and static) gives a tie to
+    the earlier compressed token, so a row picks alike alone or beside a wider row (a plain ``topk``'s tie rule
+    may depend on the width); the picks are the first ``k`` of a stable descending sort."""
+    from sparse_hf.deltakv.compressor import DeltaKVCompressor  # noqa: F401  (the package's registry)
+    from sparse_hf.methods.deltakv import DeltaKVConfig
+
+    method = METHODS["deltakv"](DeltaKVConfig(full_attn_layers=[0, 2], num_top_tokens=4), 4)
+    g = torch.Generator().manual_seed(3)
+    row = torch.randint(0, 3, (1, 37), generator=g).float()       # few distinct values: many ties
+    row = method.pool_scores(row)
+    expected = torch.sort(row, dim=-1, descending=True, stable=True).indices[:, :4]
+    wide = torch.cat([torch.cat([row, torch.full((1, 64), float("-inf"))], -1),
+                      torch.randn(1, 37 + 64, generator=g)], 0)   # the row beside a wider one
+    assert torch.equal(method.pick(row, 37, 37), expected)
+    assert torch.equal(method.pick(wide, 37 + 64, 37)[:1], expected)
+    pick, keep = method.pick_static(wide, 4, torch.tensor([37]), torch.tensor([0, 0]))
+    assert torch.equal(pick[:1], expected) and bool(keep.all())
 
 
 @pytest.mark.parametrize("bad", [0, 2, 4, -1, 2.5, True])

@@ -76,7 +76,7 @@ def test_demo_compressor_ships_and_finds_the_passkey(demo, filter_layers):
     assert (DEMO_COMPRESSOR_DIR / "model.safetensors").is_file() and (DEMO_COMPRESSOR_DIR / "README.md").is_file()
     model, tok = demo
     comp = DeltaKVCompressor.from_pretrained("demo")
-    assert comp.config.kv_compressed_size == 96 and comp.config.num_hidden_layers == model.config.num_hidden_layers
+    assert comp.config.kv_compressed_size == 128 and comp.config.num_hidden_layers == model.config.num_hidden_layers
     batch, keys = passkey_batch(tok)
     knobs = dict(deltakv_path="demo", num_top_tokens=0.25, num_recent_tokens=64, kv_quant_bits=8)
     if filter_layers is not None:

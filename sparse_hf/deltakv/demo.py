@@ -5,9 +5,10 @@
 :data:`SHIPPED_COMPRESSORS` gives for ``NAME``, so ``sparse-hf generate --model NAME --method deltakv`` works
 offline on a fresh install. Each name is also the ``--model`` name of the model it was trained for.
 
-- ``"demo"``: a linear latent-96 compressor trained 150 steps on an H200 from the PCA of the residuals
+- ``"demo"``: a linear latent-128 compressor trained 150 steps on an H200 from the PCA of the residuals
   ``x - ref`` with the K and V halves at equal variance (``--init pca --pca_balance kv``), on Jane Austen's novels;
-  it records the filter layers ``[0, 1, 2, 3, 8, 17, 22]`` as its serving default.
+  it records the filter layers ``[0, 1, 2, 3, 8, 17, 22]`` as its serving default (until 2026-12-04 run Z: the same
+  recipe at latent 96).
 - ``"qwen-coder"``: a linear latent-64 compressor trained 150 steps on an H200 (a short run) from the same kind of
   init, on the same text; it records the filter layers ``[0, 4, 9, 10, 16, 17, 21]`` (``sparse-hf calibrate
   --deltakv-path``).
@@ -25,7 +26,7 @@ _ASSETS = Path(__file__).parent / "assets"
 #: Name -> directory of each shipped compressor (config.json, model.safetensors in float16, README.md model card).
 #: The names are the ``load_model`` / ``--model`` names of the models they fit.
 SHIPPED_COMPRESSORS = {
-    "demo": _ASSETS / "smollm2-135m-deltakv-96",
+    "demo": _ASSETS / "smollm2-135m-deltakv-128",
     "qwen-coder": _ASSETS / "qwen2.5-coder-0.5b-deltakv-64",
 }
 

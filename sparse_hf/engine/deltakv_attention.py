@@ -34,6 +34,7 @@ from sparse_hf.kernels import decode_attention_with_scores, sparse_decode_attent
 from sparse_hf.kernels.gather_slots import gather_kv_slots
 
 from ..config import resolve_counts
+from ..methods.selection import top_priority
 from ..deltakv.rope import unrotate
 from ..deltakv.state import flush, rebuild_kv
 from .attention import PoolAttention, pool_view
@@ -155,10 +156,8 @@ class DeltaKVAttention(PoolAttention):
             k, S, n = self.widths[b], self.pool.store.clustering.num_sink, self.pool.store.count(row)
             # compressed offset j holds position S + j (a flush takes the oldest buffer tokens), and the filter
             # layers' slot table is in position order: offset j's score is scores[b, S + j]
-            # a count budget reads every one of the k picks (k <= the count), so their order does not matter: no
-            # sort of the top-k (a fraction budget may read only the best ones of the k: sorted, best first)
-            ordered = not isinstance(self.method.config.num_top_tokens, int)
-            pick = self.scores[b, S:S + n].topk(k, sorted=ordered).indices.view(1, k)
+            # best first, ties to the earlier token: the HF path's rule (DeltaKV.pick), which pooled scores need
+            pick = top_priority(self.scores[b, S:S + n], k).view(1, k)
             got = self._picks[row] = (pick, self.rope(like, pick + S))
         return got
 

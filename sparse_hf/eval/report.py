@@ -52,12 +52,15 @@ LANE_LABELS = {"scope_layer": "layer", "scope_kv_head": "kv_head", "omnikv_calib
 def lane_label(folder: str) -> str:
     """The label an engine grid's lane folder gives its rows, so that two lanes of one method stay apart in a table:
     ``"scope_layer"`` -> ``"layer"``; a filter-layer set lane ``<method>[-<tag>]_L<layers>`` (the ``*_sets`` lanes;
-    the tag names a compressor) -> ``"layers 0,1,2"`` or ``"<tag>, layers 0,1,2"``; any other folder -> ``""``."""
+    the tag names a compressor) -> ``"layers 0,1,2"`` or ``"<tag>, layers 0,1,2"``; ``<method>-<tag>`` with no layer
+    set (``"omnikv-default-pool7"``) -> ``"<tag>"``; any other folder -> ``""`` (a plain method lane)."""
     head, sep, layers = folder.partition("_L")
     if sep and layers and all(part.isdigit() for part in layers.split("_")):
         tag = head.partition("-")[2]
         return (f"{tag}, " if tag else "") + "layers " + layers.replace("_", ",")
-    return LANE_LABELS.get(folder, "")
+    if folder in LANE_LABELS:
+        return LANE_LABELS[folder]
+    return folder.partition("-")[2]
 
 
 def _mean(values) -> float:

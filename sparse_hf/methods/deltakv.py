@@ -14,6 +14,7 @@ from ..deltakv.clustering import METRICS, center_step
 from ..deltakv.state import Clustering
 from .base import CompressionMethod
 from .omnikv import OmniKV, OmniKVConfig
+from .selection import top_priority
 
 
 def check_optional_metric(name: str, value) -> str | None:
@@ -135,7 +136,7 @@ class DeltaKV(OmniKV, CompressionMethod):
         top = self.top_count(length, prefill=False)
         if scores is None or top >= num_compressed:
             return None
-        return scores.topk(top, dim=-1).indices
+        return top_priority(scores, top)      # ties (pooled scores make plateaus) go to the earlier token, any batch
 
     def pick_static(self, scores: torch.Tensor, width: int, length: torch.Tensor, padding: torch.Tensor,
                     compressed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,12 +160,11 @@ class DeltaKV(OmniKV, CompressionMethod):
         budget = self.config.num_top_tokens
         if not isinstance(budget, float) and width <= budget:
             # a count budget covers every rank of every row (rank < width <= budget = each row's budget): the masks
-            # below would be all True; one fill instead of their ~6 launches per pick (4 picks a step, CUDA graph).
-            # No rank is masked, so the picks need no order: an unsorted top-k skips sorting its k results (on CUDA
-            # a segmented radix sort: run T's 128K profile, 16 sort launches a step, ~0.15 ms of 10 ms)
-            pick = scores.topk(width, dim=-1, sorted=False).indices
-            return pick, torch.ones(B, width, dtype=torch.bool, device=scores.device)
-        pick = scores.topk(width, dim=-1).indices                  # best first: the masks below keep leading ranks
+            # below would be all True; one fill instead of their ~6 launches per pick (4 picks a step, CUDA graph)
+            return top_priority(scores, width), torch.ones(B, width, dtype=torch.bool, device=scores.device)
+        # best first, ties to the earlier token (a plain topk's tie rule depends on the row's width in the batch,
+        # and pool_kernel_size makes ties common): the masks below keep leading ranks
+        pick = top_priority(scores, width)
         top = resolve_counts(budget, length.expand(B))                         # [B], the same in every row
         per_row = resolve_counts(budget, length - padding)                     # [B], each row's own budget
         rank = torch.arange(width, device=scores.device).view(1, width)
