@@ -8,6 +8,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import sparse_hf
 from helpers import ARCHS, assert_same_generation, greedy, left_padded_batch, tiny_model
+from sparse_hf.methods.omnikv import OmniKVConfig
 
 SMALL = dict(num_sink_tokens=2, num_recent_tokens=6, num_top_tokens=5, full_attn_layers="0,2")
 ORACLE: dict = {}
@@ -50,7 +51,8 @@ def _naive_select(query, key, attention_mask, scaling, cfg):
             probs = torch.softmax(logits, 0)
             for c, p in zip(cands, probs.tolist()):
                 best[c] = max(best.get(c, 0.0), p)
-        r = cfg.get("pool_kernel_size", 1) // 2          # pooling: each candidate takes its neighbours' max
+        kernel = cfg.get("pool_kernel_size", OmniKVConfig().pool_kernel_size)     # absent: the method's default
+        r = kernel // 2                                  # pooling: each candidate takes its neighbours' max
         pooled = {c: max(best[d] for d in cands[max(0, t - r):t + r + 1]) for t, c in enumerate(cands)}
         chosen = sorted(cands, key=lambda c: -pooled[c])[:top]
         selections.append(sorted(cols[:sink] + chosen + cols[len(cols) - recent:]))
@@ -71,28 +73,14 @@ def test_unlimited_budget_matches_dynamic_cache(arch):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_small_budget_matches_naive_oracle(arch):
+@pytest.mark.parametrize("arch,kernel", [(arch, None) for arch in ARCHS] + [("llama", 1), ("llama", 3), ("qwen2", 5)])
+def test_selection_matches_naive_oracle(arch, kernel):
+    """A small budget against the loop oracle (float64, per row), at the default ``pool_kernel_size`` (``None``) and
+    at explicit ones (the observer's scores max-pooled over neighbouring candidates before the top-k; 1: none); the
+    budget really sparsifies, and the pooling changes the selection."""
     model = tiny_model(arch, layers=4)
     ids, mask = left_padded_batch((40, 29))
-    out = greedy(model, ids, mask, new_tokens=8, cache_implementation="omnikv", cache_config=SMALL,
-                 return_dict_in_generate=True, output_logits=True)
-    ORACLE["cfg"] = SMALL
-    model.set_attn_implementation("omnikv_oracle")
-    ref = greedy(model, ids, mask, new_tokens=8, return_dict_in_generate=True, output_logits=True)
-    assert_same_generation(out, ref, atol=2e-5, rtol=1e-4)
-    full = greedy(model.set_attn_implementation("sdpa") or model, ids, mask, new_tokens=8,
-                  return_dict_in_generate=True, output_logits=True)
-    assert not torch.allclose(full.logits[-1], out.logits[-1], atol=1e-4), "the budget must really sparsify"
-
-
-@pytest.mark.parametrize("arch,kernel", [("llama", 3), ("qwen2", 5)])
-def test_pooled_selection_matches_naive_oracle(arch, kernel):
-    """``pool_kernel_size``: the observer's scores max-pooled over neighbouring candidates before the top-k, as
-    the loop oracle computes it (float64, per row); and the pooling changes the selection."""
-    model = tiny_model(arch, layers=4)
-    ids, mask = left_padded_batch((40, 29))
-    cfg = dict(SMALL, pool_kernel_size=kernel)
+    cfg = SMALL if kernel is None else dict(SMALL, pool_kernel_size=kernel)
     out = greedy(model, ids, mask, new_tokens=8, cache_implementation="omnikv", cache_config=cfg,
                  return_dict_in_generate=True, output_logits=True)
     ORACLE["cfg"] = cfg
@@ -100,9 +88,12 @@ def test_pooled_selection_matches_naive_oracle(arch, kernel):
     ref = greedy(model, ids, mask, new_tokens=8, return_dict_in_generate=True, output_logits=True)
     assert_same_generation(out, ref, atol=2e-5, rtol=1e-4)
     model.set_attn_implementation("sdpa")
-    plain = greedy(model, ids, mask, new_tokens=8, cache_implementation="omnikv", cache_config=SMALL,
-                   return_dict_in_generate=True, output_logits=True)
-    assert not torch.allclose(plain.logits[-1], out.logits[-1], atol=1e-4), "pooling must change the selection"
+    full = greedy(model, ids, mask, new_tokens=8, return_dict_in_generate=True, output_logits=True)
+    assert not torch.allclose(full.logits[-1], out.logits[-1], atol=1e-4), "the budget must really sparsify"
+    if kernel is not None and kernel > 1:
+        plain = greedy(model, ids, mask, new_tokens=8, cache_implementation="omnikv",
+                       cache_config=dict(SMALL, pool_kernel_size=1), return_dict_in_generate=True, output_logits=True)
+        assert not torch.allclose(plain.logits[-1], out.logits[-1], atol=1e-4), "pooling must change the selection"
 
 
 def test_logical_masking_keeps_memory_and_fraction_budget():
