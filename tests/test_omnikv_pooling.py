@@ -12,6 +12,7 @@ from helpers import tiny_model
 from sparse_hf.deltakv import DeltaKVCompressor
 from sparse_hf.engine import LLM
 from sparse_hf.methods import METHODS
+from sparse_hf.methods.deltakv import DeltaKVConfig
 from sparse_hf.methods.omnikv import OmniKVConfig
 
 
@@ -75,9 +76,6 @@ def test_deltakv_rebuild_picks_break_pooled_ties_by_token_order_in_any_batch_wid
     """Pooling makes plateaus of equal scores; DeltaKV's rebuild pick (HF path, eager and static) gives a tie to
     the earlier compressed token, so a row picks alike alone or beside a wider row (a plain ``topk``'s tie rule
     may depend on the width); the picks are the first ``k`` of a stable descending sort."""
-    from sparse_hf.deltakv.compressor import DeltaKVCompressor  # noqa: F401  (the package's registry)
-    from sparse_hf.methods.deltakv import DeltaKVConfig
-
     method = METHODS["deltakv"](DeltaKVConfig(full_attn_layers=[0, 2], num_top_tokens=4), 4)
     g = torch.Generator().manual_seed(3)
     row = torch.randint(0, 3, (1, 37), generator=g).float()       # few distinct values: many ties
